@@ -1,0 +1,224 @@
+"""Shared test helpers: keys from the vectors, a live server, HTTP and WebSocket clients."""
+
+from __future__ import annotations
+
+import base64
+import json
+import socket
+from pathlib import Path
+from typing import Any
+
+from treq.client import HTTPClient
+from autobahn.twisted.websocket import WebSocketClientFactory, WebSocketClientProtocol
+from nacl.signing import SigningKey
+from twisted.internet import defer, endpoints, reactor
+from twisted.internet.ssl import optionsForClientTLS
+from twisted.web.client import Agent, HTTPConnectionPool
+
+from wsserver.messages import signing_input
+from wsserver.tap import WsServerService, build_service
+
+HERE = Path(__file__).parent
+VECTORS = json.loads((HERE / "vectors.json").read_text("utf-8"))
+TIMEOUT = 10.0
+
+
+def vector_key(name: str) -> SigningKey:
+    """The signing key of a test-vector user (``alice`` or ``bob``)."""
+    return SigningKey(bytes.fromhex(VECTORS["users"][name]["secret_seed_hex"]))
+
+
+def b64(raw: bytes) -> str:
+    return base64.b64encode(raw).decode("ascii")
+
+
+def public_b64(key: SigningKey) -> str:
+    return b64(bytes(key.verify_key))
+
+
+def sign_message(key: SigningKey, sender: str, to: str, content: str, nonce: str | None) -> str:
+    """A client's signature of a message, per protocol section 4."""
+    return b64(key.sign(signing_input(sender, to, nonce, content)).signature)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def within(d: defer.Deferred, seconds: float = TIMEOUT) -> defer.Deferred:
+    return d.addTimeout(seconds, reactor)
+
+
+class LiveServer:
+    """A real ``WsServerService`` on a free loopback port, in this process."""
+
+    def __init__(self, testcase: Any, env: dict[str, str] | None = None) -> None:
+        self.testcase = testcase
+        self.db = env.get("DATABASE") if env and "DATABASE" in env else testcase.mktemp() + ".db"
+        settings = {"DATABASE": self.db, "SERVER_ADDR": "tcp:0:interface=127.0.0.1"}
+        settings.update(env or {})
+        self.service: WsServerService = build_service({}, settings)
+        self.service.privilegedStartService()
+        self.service.startService()
+        self.port = self.service.port.getHost().port
+        scheme = "https" if self.service.tls else "http"
+        self.base = f"{scheme}://127.0.0.1:{self.port}"
+        self.ws_base = f"{'wss' if self.service.tls else 'ws'}://127.0.0.1:{self.port}/ws"
+        self._stopped = False
+        testcase.addCleanup(self.stop)
+        self._pool = HTTPConnectionPool(reactor, persistent=True)
+        testcase.addCleanup(self._pool.closeCachedConnections)
+        self.tls_options = None
+
+    def http(self, tls_options: Any = None) -> HTTPClient:
+        """A treq client whose connections are closed at the end of the test."""
+        if tls_options is not None:
+            from twisted.web.client import BrowserLikePolicyForHTTPS
+
+            class Policy(BrowserLikePolicyForHTTPS):
+                def creatorForNetloc(self, hostname: bytes, port: int) -> Any:
+                    return tls_options
+
+            return HTTPClient(Agent(reactor, contextFactory=Policy(), pool=self._pool))
+        return HTTPClient(Agent(reactor, pool=self._pool))
+
+    @defer.inlineCallbacks
+    def stop(self) -> Any:
+        if not self._stopped:
+            self._stopped = True
+            yield self.service.stopService()
+
+    @defer.inlineCallbacks
+    def post(self, path: str, body: Any, client: Any = None) -> Any:
+        """POST JSON; fire with (status, parsed body)."""
+        client = client or self.http()
+        resp = yield within(client.post(self.base + path, json=body))
+        content = yield resp.content()
+        return resp.code, json.loads(content) if content else None
+
+    @defer.inlineCallbacks
+    def get(self, path: str, headers: dict | None = None, client: Any = None) -> Any:
+        client = client or self.http()
+        resp = yield within(client.get(self.base + path, headers=headers))
+        content = yield resp.content()
+        return resp.code, json.loads(content) if content else None
+
+    @defer.inlineCallbacks
+    def register(self, user_id: str, key: SigningKey | None = None, client: Any = None) -> Any:
+        """Register ``user_id`` (a fresh key unless given); fire with its key."""
+        key = key or SigningKey.generate()
+        code, body = yield self.post(
+            "/auth/register",
+            {"user_id": user_id, "username": user_id.title(), "public_key": public_b64(key)},
+            client,
+        )
+        assert code == 201, (code, body)
+        return key
+
+    @defer.inlineCallbacks
+    def login(self, user_id: str, key: SigningKey, client: Any = None) -> Any:
+        """The challenge-response login; fire with the token."""
+        code, body = yield self.post("/auth/login", {"user_id": user_id}, client)
+        assert code == 200, (code, body)
+        signature = b64(key.sign(body["challenge"].encode("utf-8")).signature)
+        code, body = yield self.post(
+            "/auth/login?verify=true", {"user_id": user_id, "signature": signature}, client
+        )
+        assert code == 200, (code, body)
+        return body["token"]
+
+    @defer.inlineCallbacks
+    def user(self, user_id: str, key: SigningKey | None = None) -> Any:
+        """Register and log in; fire with (key, token)."""
+        key = yield self.register(user_id, key)
+        token = yield self.login(user_id, key)
+        return key, token
+
+    def connect(self, token: str | None, **kwargs: Any) -> defer.Deferred:
+        return connect_ws(self.ws_base, token, **kwargs)
+
+
+class Client(WebSocketClientProtocol):
+    """A test WebSocket client: every frame it receives goes into a queue."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.frames: defer.DeferredQueue = defer.DeferredQueue()
+        self.received: list[dict] = []
+        self.closed: defer.Deferred = defer.Deferred()
+        self.close_code: int | None = None
+
+    def onOpen(self) -> None:
+        self.factory.opened.callback(self)
+
+    def onMessage(self, payload: bytes, isBinary: bool) -> None:
+        frame = json.loads(payload)
+        self.received.append(frame)
+        self.frames.put(frame)
+
+    def onClose(self, wasClean: bool, code: int | None, reason: str | None) -> None:
+        self.close_code = code
+        if not self.factory.opened.called:
+            self.factory.opened.errback(ConnectionError(f"refused: {code} {reason}"))
+        if not self.closed.called:
+            self.closed.callback(code)
+
+    def send_json(self, obj: dict) -> None:
+        self.sendMessage(json.dumps(obj).encode("utf-8"))
+
+    def next_frame(self, seconds: float = TIMEOUT) -> defer.Deferred:
+        return within(self.frames.get(), seconds)
+
+    @defer.inlineCallbacks
+    def next_of(self, kind: str, seconds: float = TIMEOUT) -> Any:
+        """The next frame of type ``kind``, skipping others."""
+        while True:
+            frame = yield self.next_frame(seconds)
+            if frame["type"] == kind:
+                return frame
+
+    def wait_closed(self, seconds: float = TIMEOUT) -> defer.Deferred:
+        d: defer.Deferred = defer.Deferred()
+        self.closed.addBoth(lambda r: (d.callback(r) if not d.called else None, r)[1])
+        return within(d, seconds)
+
+    @defer.inlineCallbacks
+    def close_and_wait(self) -> Any:
+        if self.close_code is None and not self.closed.called:
+            self.sendClose(1000)
+            yield self.wait_closed()
+
+
+def connect_ws(
+    url: str,
+    token: str | None,
+    since: int | None = None,
+    headers: dict[str, str] | None = None,
+    tls_options: Any = None,
+    testcase: Any = None,
+) -> defer.Deferred:
+    """Open a WebSocket (token in the Authorization header); fire with the ``Client``."""
+    if since is not None:
+        url += f"?since={since}"
+    all_headers = dict(headers or {})
+    if token is not None:
+        all_headers["Authorization"] = f"Bearer {token}"
+    factory = WebSocketClientFactory(url, headers=all_headers)
+    factory.protocol = Client
+    factory.opened = defer.Deferred()
+    factory.setProtocolOptions(autoPingInterval=0, failByDrop=False, maxFramePayloadSize=0)
+    host, port = factory.host, factory.port
+    endpoint: Any = endpoints.TCP4ClientEndpoint(reactor, host, port)
+    if factory.isSecure:
+        endpoint = endpoints.wrapClientTLS(tls_options or optionsForClientTLS(host), endpoint)
+    d = endpoint.connect(factory)
+    d.addCallback(lambda _: factory.opened)
+    if testcase is not None:
+        d.addCallback(lambda client: (testcase.addCleanup(client.close_and_wait), client)[1])
+    return within(d)
+
+
+def env_with(**values: Any) -> dict[str, str]:
+    return {k: str(v) for k, v in values.items()}

@@ -1,0 +1,239 @@
+"""The HTTP API over real TCP (protocol section 2): every answer and every refusal."""
+
+from __future__ import annotations
+
+import json
+
+from nacl.signing import SigningKey
+from twisted.internet import defer
+from twisted.trial import unittest
+
+from wsserver.web import access_log_line, redacted_uri
+
+from .support import VECTORS, LiveServer, b64, public_b64, vector_key, within
+
+ALICE_PUB = VECTORS["users"]["alice"]["public_key"]
+
+
+class HttpTests(unittest.TestCase):
+    def setUp(self):
+        self.server = LiveServer(self, {"AUTH_BURST_LIMIT": "1000"})
+
+    @defer.inlineCallbacks
+    def raw(self, method, path, body=b"", headers=None):
+        client = self.server.http()
+        resp = yield within(
+            client.request(method, self.server.base + path, data=body, headers=headers)
+        )
+        content = yield resp.content()
+        return resp, json.loads(content) if content else None
+
+    def assertError(self, code, body, expected_status, expected_code):
+        self.assertEqual((code, body["error"]["code"]), (expected_status, expected_code), body)
+        self.assertTrue(body["error"]["message"])
+
+    @defer.inlineCallbacks
+    def test_register_and_lookup(self):
+        """Register answers 201 with the stored user; the key directory shows it."""
+        code, body = yield self.server.post(
+            "/auth/register",
+            {
+                "user_id": "alice",
+                "username": "Jose\u0301",
+                "public_key": ALICE_PUB.rstrip("="),
+                "extra": "ignored",
+            },
+        )
+        self.assertEqual(code, 201)
+        self.assertEqual(body["username"], "Jos\u00e9")
+        self.assertEqual(body["public_key"], ALICE_PUB)
+        self.assertRegex(body["created_at"], r"^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z$")
+        code, body = yield self.server.get("/auth/users/alice")
+        self.assertEqual(code, 200)
+        self.assertEqual(
+            body, {"user_id": "alice", "username": "Jos\u00e9", "public_key": ALICE_PUB}
+        )
+
+    @defer.inlineCallbacks
+    def test_register_refusals_name_the_field_and_store_nothing(self):
+        """Each ill-formed field is 400 invalid_request naming it; a taken id is 409 and
+        the first registration is unchanged."""
+        good = {"user_id": "alice", "username": "Alice", "public_key": ALICE_PUB}
+        bad = [
+            ({"user_id": "has space"}, "user_id"),
+            ({"user_id": "broadcast"}, "user_id"),
+            ({"user_id": "system"}, "user_id"),
+            ({"user_id": None}, "user_id"),
+            ({"username": ""}, "username"),
+            ({"username": "a\x07"}, "username"),
+            ({"public_key": "AAAA"}, "public_key"),
+            ({"public_key": b64(b"\x01" + b"\x00" * 31)}, "public_key"),
+        ]
+        for change, field in bad:
+            code, body = yield self.server.post("/auth/register", {**good, **change})
+            self.assertError(code, body, 400, "invalid_request")
+            self.assertIn(field, body["error"]["message"])
+        code, body = yield self.server.post("/auth/register", good)
+        self.assertEqual(code, 201)
+        other = public_b64(SigningKey.generate())
+        code, body = yield self.server.post(
+            "/auth/register", {**good, "username": "Mallory", "public_key": other}
+        )
+        self.assertError(code, body, 409, "user_exists")
+        code, body = yield self.server.get("/auth/users/alice")
+        self.assertEqual((body["username"], body["public_key"]), ("Alice", ALICE_PUB))
+
+    @defer.inlineCallbacks
+    def test_body_refusals(self):
+        """Not JSON, not an object, duplicate keys: 400; wrong type: 415; over 16 KiB: 413."""
+        json_ct = {b"content-type": [b"application/json"]}
+        for body in (b"{", b"[1]", b'"x"', b'{"user_id": "a", "user_id": "b"}', b"", b"\xff"):
+            resp, out = yield self.raw("POST", "/auth/login", body, json_ct)
+            self.assertError(resp.code, out, 400, "invalid_request")
+        resp, out = yield self.raw(
+            "POST", "/auth/login", b'{"user_id":"a"}', {b"content-type": [b"text/plain"]}
+        )
+        self.assertError(resp.code, out, 415, "unsupported_media_type")
+        resp, out = yield self.raw("POST", "/auth/login", b'{"user_id":"a"}')
+        self.assertError(resp.code, out, 415, "unsupported_media_type")
+        big = json.dumps({"user_id": "a", "pad": "x" * 17000}).encode()
+        resp, out = yield self.raw("POST", "/auth/register", big, json_ct)
+        self.assertError(resp.code, out, 413, "request_too_large")
+        resp, out = yield self.raw(
+            "POST",
+            "/auth/login",
+            b'{"user_id": "a"}',
+            {b"content-type": [b"application/json; charset=utf-8"]},
+        )
+        self.assertError(resp.code, out, 404, "unknown_user")
+
+    @defer.inlineCallbacks
+    def test_unknown_paths_and_methods(self):
+        """Unknown paths are 404 not_found; wrong methods 405 with Allow."""
+        for path in (
+            "/nope",
+            "/auth",
+            "/auth/nope",
+            "/auth/users/",
+            "/auth/users/a/b",
+            "/auth/login/x",
+            "/ws/x",
+        ):
+            code, body = yield self.server.get(path)
+            self.assertError(code, body, 404, "not_found")
+        resp, body = yield self.raw("GET", "/auth/register")
+        self.assertError(resp.code, body, 405, "method_not_allowed")
+        self.assertEqual(resp.headers.getRawHeaders(b"allow"), [b"POST"])
+        resp, body = yield self.raw("DELETE", "/auth/users/alice")
+        self.assertError(resp.code, body, 405, "method_not_allowed")
+        resp, body = yield self.raw("POST", "/ws")
+        self.assertError(resp.code, body, 405, "method_not_allowed")
+
+    @defer.inlineCallbacks
+    def test_unknown_user_lookup(self):
+        """Looking up an id nobody registered is 404 unknown_user."""
+        for path in ("/auth/users/nobody", "/auth/users/bad%20id", "/auth/users/%FF"):
+            code, body = yield self.server.get(path)
+            self.assertError(code, body, 404, "unknown_user")
+
+    @defer.inlineCallbacks
+    def test_login_flow_with_the_vector_key(self):
+        """Challenge, sign with the vector key, get a JWT whose expiry is reported."""
+        yield self.server.register("alice", vector_key("alice"))
+        code, body = yield self.server.post("/auth/login", {"user_id": "alice"})
+        self.assertEqual(code, 200)
+        self.assertTrue(body["challenge"].startswith("wsserver-login-v1:alice:"))
+        self.assertTrue(body["expires_at"].endswith("Z"))
+        sig = b64(vector_key("alice").sign(body["challenge"].encode()).signature)
+        code, out = yield self.server.post(
+            "/auth/login?verify=true",
+            {"user_id": "alice", "signature": sig, "challenge": body["challenge"]},
+        )
+        self.assertEqual(code, 200)
+        self.assertEqual(out["token"].count("."), 2)
+        self.assertTrue(out["expires_at"].endswith("Z"))
+        # The challenge was used once.
+        code, out = yield self.server.post(
+            "/auth/login?verify=true", {"user_id": "alice", "signature": sig}
+        )
+        self.assertError(code, out, 401, "no_challenge")
+
+    @defer.inlineCallbacks
+    def test_login_refusals(self):
+        """A wrong key is 401 invalid_signature; unknown users 404; bad fields 400."""
+        yield self.server.register("alice", vector_key("alice"))
+        code, body = yield self.server.post("/auth/login", {"user_id": "alice"})
+        sig = b64(vector_key("bob").sign(body["challenge"].encode()).signature)
+        code, out = yield self.server.post(
+            "/auth/login?verify=true", {"user_id": "alice", "signature": sig}
+        )
+        self.assertError(code, out, 401, "invalid_signature")
+        code, out = yield self.server.post("/auth/login", {"user_id": "nobody"})
+        self.assertError(code, out, 404, "unknown_user")
+        code, out = yield self.server.post(
+            "/auth/login?verify=true", {"user_id": "nobody", "signature": sig}
+        )
+        self.assertError(code, out, 404, "unknown_user")
+        code, out = yield self.server.post("/auth/login?verify=true", {"user_id": "alice"})
+        self.assertError(code, out, 400, "invalid_request")
+        code, out = yield self.server.post("/auth/login?verify=maybe", {"user_id": "alice"})
+        self.assertError(code, out, 400, "invalid_request")
+
+    @defer.inlineCallbacks
+    def test_health_and_root(self):
+        """/health reports ok and the connection count; / names the server."""
+        code, body = yield self.server.get("/health")
+        self.assertEqual((code, body["status"], body["connections"]), (200, "ok", 0))
+        code, body = yield self.server.get("/")
+        self.assertEqual((code, body["name"], body["protocol"]), (200, "wsserver", 1))
+
+
+class AuthRateLimitTests(unittest.TestCase):
+    @defer.inlineCallbacks
+    def test_per_ip_limit_answers_429_with_retry_after(self):
+        """Past the burst, /auth/* answers 429 rate_limited with Retry-After; other paths
+        are not limited."""
+        server = LiveServer(self, {"AUTH_RATE_LIMIT": "0.01", "AUTH_BURST_LIMIT": "3"})
+        codes = []
+        for _ in range(3):
+            code, _ = yield server.get("/auth/users/nobody")
+            codes.append(code)
+        self.assertEqual(codes, [404, 404, 404])
+        client = server.http()
+        resp = yield within(client.get(server.base + "/auth/users/nobody"))
+        body = json.loads((yield resp.content()))
+        self.assertEqual((resp.code, body["error"]["code"]), (429, "rate_limited"))
+        self.assertGreaterEqual(int(resp.headers.getRawHeaders(b"retry-after")[0]), 1)
+        code, _ = yield server.post("/auth/register", {})
+        self.assertEqual(code, 429)
+        code, _ = yield server.get("/health")
+        self.assertEqual(code, 200)
+
+
+class AccessLogTests(unittest.TestCase):
+    def test_token_is_redacted(self):
+        """The access log never shows the token query value."""
+        self.assertEqual(
+            redacted_uri(b"/ws?token=abc.def.ghi&since=5"), b"/ws?token=<redacted>&since=5"
+        )
+        self.assertEqual(redacted_uri(b"/ws?since=5&token=abc"), b"/ws?since=5&token=<redacted>")
+
+        class FakeRequest:
+            method = b"GET"
+            uri = b"/ws?token=secret.jwt.value"
+            clientproto = b"HTTP/1.1"
+            code = 101
+            sentLength = 0
+
+            def getHeader(self, name):
+                return None
+
+            def getClientAddress(self):
+                class A:
+                    host = "127.0.0.1"
+
+                return A()
+
+        line = access_log_line("[now]", FakeRequest())
+        self.assertNotIn("secret", line)
+        self.assertIn("/ws?token=<redacted>", line)

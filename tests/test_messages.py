@@ -1,0 +1,183 @@
+"""The wire format: signing input, client-frame parsing and every refusal it decides."""
+
+from __future__ import annotations
+
+import json
+
+from twisted.trial import unittest
+
+from wsserver import messages as m
+
+from .support import VECTORS
+
+
+def frame(**fields) -> bytes:
+    return json.dumps(fields).encode("utf-8")
+
+
+class SigningInputTests(unittest.TestCase):
+    def test_signing_input_matches_every_vector(self):
+        """signing_input() gives the exact bytes of every known-answer vector."""
+        for vec in VECTORS["messages"] + VECTORS["invalid_messages"]:
+            got = m.signing_input(vec["from"], vec["to"], vec["nonce"] or None, vec["content"])
+            self.assertEqual(got.hex(), vec["signing_input_hex"], vec)
+
+    def test_absent_nonce_signs_as_empty_string(self):
+        """A message without a nonce signs the empty string in the nonce slot."""
+        self.assertEqual(m.signing_input("a", "b", None, "x"), m.signing_input("a", "b", "", "x"))
+        self.assertEqual(m.signing_input("a", "b", None, "x"), b"wsserver-msg-v1\na\nb\n\nx")
+
+
+class ParseTests(unittest.TestCase):
+    def parse(self, payload: bytes, limit: int = 65536) -> m.Draft:
+        return m.parse_client_frame(payload, "alice", limit)
+
+    def assertRefused(self, payload: bytes, code: str, limit: int = 65536) -> m.Refusal:
+        with self.assertRaises(m.Refusal) as ctx:
+            self.parse(payload, limit)
+        self.assertEqual(ctx.exception.code, code)
+        return ctx.exception
+
+    def test_well_formed_frame(self):
+        """A full frame parses into recipient, content, raw signature and nonce."""
+        sig = VECTORS["messages"][0]["signature"]
+        draft = self.parse(frame(to="bob", content="hi", signature=sig, nonce="c-1"))
+        self.assertEqual(draft.recipient, "bob")
+        self.assertEqual(draft.content, "hi")
+        self.assertEqual(len(draft.signature), 64)
+        self.assertEqual(draft.nonce, "c-1")
+
+    def test_server_fields_are_ignored_and_type_message_accepted(self):
+        """id, timestamp, status and verification from a client are ignored."""
+        draft = self.parse(
+            frame(
+                to="bob",
+                content="x",
+                id=5,
+                timestamp="t",
+                status="delivered",
+                verification="verified",
+                type="message",
+                **{"from": "alice"},
+            )
+        )
+        self.assertEqual((draft.recipient, draft.signature, draft.nonce), ("bob", None, None))
+
+    def test_absent_null_and_empty_nonce_and_signature_mean_none(self):
+        """nonce and signature: absent, null and "" all mean none."""
+        for value in (None, ""):
+            draft = self.parse(frame(to="bob", content="x", nonce=value, signature=value))
+            self.assertIsNone(draft.nonce)
+            self.assertIsNone(draft.signature)
+
+    def test_signature_padding_is_optional(self):
+        """A signature without base64 padding decodes the same."""
+        sig = VECTORS["messages"][0]["signature"]
+        a = self.parse(frame(to="bob", content="x", signature=sig))
+        b = self.parse(frame(to="bob", content="x", signature=sig.rstrip("=")))
+        self.assertEqual(a.signature, b.signature)
+
+    def test_invalid_message_cases(self):
+        """Not JSON, not an object, duplicate keys, deep nesting, missing or ill-typed
+        fields, a bad nonce and an unknown type are invalid_message."""
+        cases = [
+            b"not json",
+            b"[1, 2]",
+            b'"text"',
+            b'{"to": "bob", "to": "eve", "content": "x"}',
+            b"[" * 100000 + b"]" * 100000,
+            frame(content="x"),
+            frame(to="bob"),
+            frame(to=5, content="x"),
+            frame(to="bob", content=5),
+            frame(to="bob", content=None),
+            frame(to="bob", content="x", signature=5),
+            frame(to="bob", content="x", nonce="has space"),
+            frame(to="bob", content="x", nonce="n" * 65),
+            frame(to="bob", content="x", nonce=7),
+            frame(to="bob", content="x", type="ping"),
+            b"\xff\xfe",
+        ]
+        for payload in cases:
+            self.assertRefused(payload, "invalid_message")
+
+    def test_refusal_echoes_nonce(self):
+        """A refusal carries the refused frame's nonce when it had one."""
+        refusal = self.assertRefused(frame(to="bob", content=5, nonce="c-9"), "invalid_message")
+        self.assertEqual(refusal.nonce, "c-9")
+
+    def test_unknown_recipient_syntax(self):
+        """A recipient that cannot be a user_id, or is 'system', is unknown_recipient."""
+        for to in ("", "has space", "x" * 65, "system", "a/b"):
+            self.assertRefused(frame(to=to, content="x"), "unknown_recipient")
+        self.assertEqual(self.parse(frame(to=m.BROADCAST, content="x")).recipient, "broadcast")
+
+    def test_content_size_is_counted_in_utf8_bytes(self):
+        """The limit is on UTF-8 bytes: 'é' * n is 2n bytes."""
+        self.parse(frame(to="bob", content="a" * 10), limit=10)
+        self.assertRefused(frame(to="bob", content="a" * 11), "message_too_large", limit=10)
+        self.assertRefused(frame(to="bob", content="é" * 6), "message_too_large", limit=10)
+        self.parse(frame(to="bob", content="é" * 5), limit=10)
+
+    def test_from_must_be_the_sender(self):
+        """'from' naming someone else is from_mismatch."""
+        self.assertRefused(frame(to="bob", content="x", **{"from": "mallory"}), "from_mismatch")
+
+    def test_malformed_signatures(self):
+        """Bad base64 or a wrong length is invalid_signature."""
+        self.assertRefused(frame(to="bob", content="x", signature="!!!"), "invalid_signature")
+        self.assertRefused(frame(to="bob", content="x", signature="AAAA"), "invalid_signature")
+
+
+class FormatTests(unittest.TestCase):
+    def test_timestamp_is_rfc3339_milliseconds_utc(self):
+        """Timestamps look like 2026-11-25T12:34:56.789Z."""
+        self.assertEqual(m.format_timestamp(1795610096789), "2026-11-25T12:34:56.789Z")
+        self.assertEqual(m.format_timestamp(0), "1970-01-01T00:00:00.000Z")
+
+    def test_message_frame_and_ack(self):
+        """Frames carry every field; no nonce is null; the signature is padded base64."""
+        msg = m.Message(7, "alice", "bob", "hi", b"\x01" * 64, None, m.VERIFIED, m.PENDING, 0)
+        frame_ = json.loads(m.message_frame(msg))
+        self.assertEqual(frame_["type"], "message")
+        self.assertEqual(frame_["status"], "delivered")
+        self.assertIsNone(frame_["nonce"])
+        self.assertTrue(frame_["signature"].endswith("="))
+        ack = json.loads(m.ack_frame(msg))
+        self.assertEqual((ack["type"], ack["status"], ack["id"]), ("ack", "pending", 7))
+        self.assertEqual(set(ack) - {"type"}, set(frame_) - {"type"})
+
+    def test_system_frame_shape(self):
+        """A system frame is shaped like a message from 'system'."""
+        f = json.loads(m.system_frame("alice", "rate_limited", "slow down", 0, "c-1", 200))
+        self.assertEqual(f["from"], "system")
+        self.assertEqual(f["to"], "alice")
+        self.assertEqual(f["code"], "rate_limited")
+        self.assertEqual(f["retry_after_ms"], 200)
+        self.assertEqual(f["nonce"], "c-1")
+
+    def test_nonce_from_raw(self):
+        """The nonce of an unparsed frame is found without parsing it."""
+        self.assertEqual(m.nonce_from_raw(b'{"to":"b","nonce": "c-7"}'), "c-7")
+        self.assertIsNone(m.nonce_from_raw(b'{"to":"b"}'))
+
+
+class IdentityTests(unittest.TestCase):
+    def test_user_ids(self):
+        """user_id: 1-64 of A-Z a-z 0-9 _ . -, case-sensitive."""
+        for ok in ("a", "Alice_1.x-y", "x" * 64):
+            self.assertTrue(m.is_user_id(ok))
+        for bad in ("", "x" * 65, "a b", "ä", None, 5, "a\n"):
+            self.assertFalse(m.is_user_id(bad))
+
+    def test_username_is_nfc_normalised(self):
+        """A decomposed name is stored composed."""
+        self.assertEqual(m.normalize_username("Jose\u0301"), "Jos\u00e9")
+
+    def test_username_limits(self):
+        """Usernames: 1-128 code points, no Cc/Cf/Zl/Zp except the emoji joiner."""
+        self.assertEqual(m.normalize_username("👩\u200d💻"), "👩\u200d💻")
+        self.assertEqual(len(m.normalize_username("x" * 128)), 128)
+        for bad in ("", "x" * 129, "a\x00b", "a\u200bb", "a\u2028b", "a\u2029b", "a\nb", 5):
+            with self.assertRaises(ValueError):
+                m.normalize_username(bad)

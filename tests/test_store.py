@@ -1,0 +1,258 @@
+"""The store: one conformance suite any Store must pass, run here on SQLite,
+plus the SQLite schema versions and their upgrade path."""
+
+from __future__ import annotations
+
+import sqlite3
+
+from twisted.internet import defer, reactor
+from twisted.trial import unittest
+
+from wsserver import store as st
+from wsserver.messages import BROADCAST, PENDING, UNSIGNED, VERIFIED
+
+SECRET = b"k" * 32
+
+
+def new_message(sender="alice", to="bob", content="hi", nonce=None, ms=1000):
+    return st.NewMessage(sender, to, content, None, nonce, UNSIGNED, ms)
+
+
+class StoreContract:
+    """Behaviour every Store implementation must show.  Subclasses define make_store()."""
+
+    def make_store(self) -> st.Store:
+        raise NotImplementedError
+
+    @defer.inlineCallbacks
+    def setUp(self):
+        self.store = self.make_store()
+        for user_id in ("alice", "bob", "carol"):
+            added = yield self.store.add_user(st.User(user_id, user_id.title(), b"\x01" * 32, 5))
+            self.assertTrue(added)
+
+    @defer.inlineCallbacks
+    def test_users(self):
+        """Users are stored whole; a taken id is refused; unknown ids are None."""
+        user = yield self.store.get_user("alice")
+        self.assertEqual(user, st.User("alice", "Alice", b"\x01" * 32, 5))
+        again = yield self.store.add_user(st.User("alice", "Other", b"\x02" * 32, 6))
+        self.assertFalse(again)
+        user = yield self.store.get_user("alice")
+        self.assertEqual(user.username, "Alice")
+        missing = yield self.store.get_user("zed")
+        self.assertIsNone(missing)
+
+    @defer.inlineCallbacks
+    def test_group_commit_one_transaction_for_a_burst(self):
+        """Messages queued in one reactor turn are committed by one batch, ids in order."""
+        before = self.store.batches
+        results = yield defer.gatherResults(
+            [self.store.add_message(new_message(content=str(i))) for i in range(50)]
+        )
+        self.assertEqual(self.store.batches - before, 1)
+        ids = [msg.id for kind, msg in results]
+        self.assertEqual([kind for kind, _ in results], [st.STORED] * 50)
+        self.assertEqual(ids, sorted(ids))
+        self.assertEqual(len(set(ids)), 50)
+        count = yield self.store.count_messages()
+        self.assertEqual(count, 50)
+
+    @defer.inlineCallbacks
+    def test_stored_message_round_trips(self):
+        """Every field comes back as stored; status starts pending."""
+        new = st.NewMessage("alice", "bob", "héllo\n😀", b"\x07" * 64, "n-1", VERIFIED, 1234)
+        kind, msg = yield self.store.add_message(new)
+        self.assertEqual(kind, st.STORED)
+        got = yield self.store.get_message(msg.id)
+        self.assertEqual(got, msg)
+        self.assertEqual(
+            (got.content, got.signature, got.status), ("héllo\n😀", b"\x07" * 64, PENDING)
+        )
+
+    @defer.inlineCallbacks
+    def test_duplicate_nonce_returns_the_first(self):
+        """A second message with the sender's nonce is not stored; the first is returned."""
+        _, first = yield self.store.add_message(new_message(nonce="n-1", content="a"))
+        kind, dup = yield self.store.add_message(new_message(nonce="n-1", content="b"))
+        self.assertEqual(kind, st.DUPLICATE)
+        self.assertEqual((dup.id, dup.content), (first.id, "a"))
+        # Another sender may use the same nonce.
+        kind, _ = yield self.store.add_message(new_message(sender="carol", nonce="n-1"))
+        self.assertEqual(kind, st.STORED)
+        count = yield self.store.count_messages()
+        self.assertEqual(count, 2)
+
+    @defer.inlineCallbacks
+    def test_duplicates_within_one_batch(self):
+        """Two sends with one nonce in the same batch store one message."""
+        results = yield defer.gatherResults(
+            [self.store.add_message(new_message(nonce="same")) for _ in range(3)]
+        )
+        self.assertEqual([k for k, _ in results], [st.STORED, st.DUPLICATE, st.DUPLICATE])
+        self.assertEqual(len({m.id for _, m in results}), 1)
+
+    @defer.inlineCallbacks
+    def test_unknown_recipient_stores_nothing(self):
+        """A message to an unregistered user is refused, and nothing is stored."""
+        kind, msg = yield self.store.add_message(new_message(to="nobody"))
+        self.assertEqual((kind, msg), (st.NO_RECIPIENT, None))
+        count = yield self.store.count_messages()
+        self.assertEqual(count, 0)
+        kind, _ = yield self.store.add_message(new_message(to=BROADCAST))
+        self.assertEqual(kind, st.STORED)
+
+    @defer.inlineCallbacks
+    def test_pending_replay_and_delivery_marks(self):
+        """Pending direct messages replay in id order; delivered ones no longer do."""
+        ids = []
+        for i in range(5):
+            _, msg = yield self.store.add_message(new_message(content=str(i)))
+            ids.append(msg.id)
+        yield self.store.add_message(new_message(to="carol"))
+        yield self.store.add_message(new_message(to=BROADCAST))
+        page = yield self.store.replay_page("bob", None, 0, 100)
+        self.assertEqual([m.id for m in page], ids)
+        self.store.mark_delivered(ids[:2])
+        yield self.store.drain()
+        page = yield self.store.replay_page("bob", None, 0, 100)
+        self.assertEqual([m.id for m in page], ids[2:])
+        page = yield self.store.replay_page("bob", None, ids[2], 1)
+        self.assertEqual([m.id for m in page], [ids[3]])
+
+    @defer.inlineCallbacks
+    def test_since_replay(self):
+        """With since: pending ones whatever their id, then everything direct or broadcast
+        above since, in id order, never another user's direct messages."""
+        _, old_pending = yield self.store.add_message(new_message(content="old"))
+        _, old_done = yield self.store.add_message(new_message(content="done"))
+        self.store.mark_delivered([old_done.id])
+        _, mid = yield self.store.add_message(new_message(content="mid"))
+        self.store.mark_delivered([mid.id])
+        _, bcast = yield self.store.add_message(new_message(sender="bob", to=BROADCAST))
+        self.store.mark_broadcast(bcast.id, 3)
+        _, other = yield self.store.add_message(new_message(to="carol"))
+        _, late = yield self.store.add_message(new_message(content="late"))
+        yield self.store.drain()
+        page = yield self.store.replay_page("bob", old_done.id, 0, 100)
+        self.assertEqual([m.id for m in page], [old_pending.id, mid.id, bcast.id, late.id])
+        self.assertEqual(page[2].recipients, 3)
+        page = yield self.store.replay_page("bob", old_done.id, mid.id, 100)
+        self.assertEqual([m.id for m in page], [bcast.id, late.id])
+        self.assertNotIn(other.id, [m.id for m in page])
+
+    @defer.inlineCallbacks
+    def test_write_failure_fails_the_batch_and_the_store_recovers(self):
+        """When the database refuses writes every sender of the batch gets a failure,
+        nothing is stored, and later writes succeed again."""
+        yield self.make_read_only(True)
+        results = yield defer.DeferredList(
+            [self.store.add_message(new_message(content=str(i))) for i in range(3)],
+            consumeErrors=True,
+        )
+        self.assertEqual([ok for ok, _ in results], [False, False, False])
+        self.assertTrue(self.flushLoggedErrors())  # the failure is logged
+        yield self.make_read_only(False)
+        count = yield self.store.count_messages()
+        self.assertEqual(count, 0)
+        kind, _ = yield self.store.add_message(new_message())
+        self.assertEqual(kind, st.STORED)
+
+    @defer.inlineCallbacks
+    def test_drain_and_close(self):
+        """close() commits what is queued, then refuses new writes."""
+        d = self.store.add_message(new_message())
+        yield self.store.close()
+        kind, _ = yield d
+        self.assertEqual(kind, st.STORED)
+        with self.assertRaises(st.StoreClosed):
+            yield self.store.add_message(new_message())
+
+
+class SQLiteStoreTests(StoreContract, unittest.TestCase):
+    def make_store(self) -> st.Store:
+        self.path = self.mktemp()
+        st.prepare_database(self.path, lambda: SECRET)
+        store = st.Store(self.path, reactor)
+        self.addCleanup(lambda: store._closed or store.close())
+        return store
+
+    def make_read_only(self, on: bool):
+        return self.store._pool.runOperation(f"PRAGMA query_only = {int(on)}")
+
+    def test_pragmas(self):
+        """The file is in WAL mode and the schema is at the newest version."""
+        conn = sqlite3.connect(self.path)
+        self.addCleanup(conn.close)
+        self.assertEqual(conn.execute("PRAGMA journal_mode").fetchone()[0], "wal")
+        self.assertEqual(st.schema_version(conn), st.migrations()[-1][0])
+
+
+class SchemaTests(unittest.TestCase):
+    def test_secret_is_generated_once_and_kept(self):
+        """The first start stores a secret; later starts get the same one back."""
+        path = self.mktemp()
+        first = st.prepare_database(path, lambda: b"a" * 32)
+        second = st.prepare_database(path, lambda: b"b" * 32)
+        self.assertEqual(first, second)
+        self.assertEqual(first, b"a" * 32)
+
+    def test_upgrade_from_version_1_keeps_data(self):
+        """A version-1 database upgrades: users and messages survive, repeated nonces
+        keep their first owner, and the new unique index holds."""
+        path = self.mktemp()
+        conn = sqlite3.connect(path)
+        st.upgrade(conn, target=1)
+        self.assertEqual(st.schema_version(conn), 1)
+        conn.execute("INSERT INTO users VALUES ('alice', 'A', x'01', 1)")
+        rows = [
+            ("alice", "bob", "one", "n-1"),
+            ("alice", "bob", "two", "n-1"),
+            ("alice", "bob", "three", None),
+        ]
+        conn.executemany(
+            "INSERT INTO messages (sender, recipient, content, nonce, verification, created_ms)"
+            " VALUES (?, ?, ?, ?, 'unsigned', 1)",
+            rows,
+        )
+        conn.close()
+        st.prepare_database(path, lambda: SECRET)
+        conn = sqlite3.connect(path)
+        self.addCleanup(conn.close)
+        self.assertEqual(st.schema_version(conn), 2)
+        got = conn.execute("SELECT content, nonce, status, recipients FROM messages ORDER BY id")
+        self.assertEqual(
+            got.fetchall(),
+            [
+                ("one", "n-1", "pending", None),
+                ("two", None, "pending", None),
+                ("three", None, "pending", None),
+            ],
+        )
+        with self.assertRaises(sqlite3.IntegrityError):
+            conn.execute(
+                "INSERT INTO messages (sender, recipient, content, nonce, verification,"
+                " created_ms) VALUES ('alice', 'bob', 'x', 'n-1', 'unsigned', 1)"
+            )
+
+    def test_newer_schema_is_refused(self):
+        """A database from a newer server is not touched."""
+        path = self.mktemp()
+        st.prepare_database(path, lambda: SECRET)
+        conn = sqlite3.connect(path)
+        conn.execute("UPDATE schema_version SET version = 99")
+        conn.commit()
+        conn.close()
+        with self.assertRaises(st.DatabaseError):
+            st.prepare_database(path, lambda: SECRET)
+
+    def test_unopenable_database_is_a_clear_error(self):
+        """A path in a missing directory fails with DatabaseError naming the path."""
+        with self.assertRaises(st.DatabaseError) as ctx:
+            st.prepare_database("/nonexistent/dir/x.db", lambda: SECRET)
+        self.assertIn("/nonexistent/dir/x.db", str(ctx.exception))
+
+    def test_migrations_are_numbered_from_one(self):
+        """Shipped schema files are versions 1..N without gaps."""
+        versions = [v for v, _ in st.migrations()]
+        self.assertEqual(versions, list(range(1, len(versions) + 1)))

@@ -1,0 +1,163 @@
+"""Routing: which connections a stored message goes to, and delivery status.
+
+The broker knows every open connection by user.  After the store has
+committed a message it hands the frame (serialized once) to each recipient
+connection, records ``delivered`` and tells the sender.  When a connection
+opens it replays what the user missed, in id order, before live traffic.
+
+``IBroker`` is the seam for scale-out: a broker spanning processes (Redis
+pub/sub, say) implements the same interface and nothing else changes.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from typing import Any, Protocol
+
+from twisted.internet import defer
+from twisted.internet.interfaces import IReactorTime
+from twisted.logger import Logger
+from zope.interface import Interface, implementer
+
+from .messages import BROADCAST, DELIVERED, PENDING, Message, message_frame, status_frame
+from .store import Store
+
+_log = Logger()
+
+REPLAY_PAGE = 256
+
+
+class Connection(Protocol):
+    """What the broker needs of a connection (implemented in websocket.py)."""
+
+    user_id: str
+
+    def deliver(self, msg_id: int, frame: Any, replayed: bool = False) -> bool:
+        """Hand over a prepared ``message`` frame; True if it was taken."""
+
+    def notify(self, payload: bytes) -> None:
+        """Send a non-message frame (a ``status``) if the connection is open."""
+
+    def replay_finished(self) -> None:
+        """Replay is over: send what arrived live meanwhile, then go live."""
+
+    def writable(self) -> defer.Deferred:
+        """Fire when the connection can take more (its transport is not full)."""
+
+    @property
+    def live(self) -> bool:
+        """False once the connection is closing or closed."""
+
+
+class IBroker(Interface):
+    """Delivery to and from connections, wherever their users are."""
+
+    def attach(conn: Connection) -> bool:  # noqa: N805 (zope.interface style)
+        """Register an open connection; False when its user has too many."""
+
+    def detach(conn: Connection) -> None:  # noqa: N805
+        """Forget a connection that closed."""
+
+    def publish(sender: Connection | None, msg: Message) -> Message:  # noqa: N805
+        """Deliver a committed message; return it with its status now."""
+
+    def replay(conn: Connection, since: int | None) -> defer.Deferred:  # noqa: N805
+        """Send ``conn`` what its user missed (section 6), then let it go live."""
+
+    def connections() -> Iterator[Connection]:
+        """Every attached connection."""
+
+
+@implementer(IBroker)
+class LocalBroker:
+    """The broker of a single process."""
+
+    def __init__(
+        self,
+        store: Store,
+        clock: IReactorTime,
+        prepare: Callable[[bytes], Any] = lambda payload: payload,
+        max_per_user: int = 16,
+    ) -> None:
+        self._store = store
+        self._clock = clock
+        self._prepare = prepare
+        self._max_per_user = max_per_user
+        self._users: dict[str, list[Connection]] = {}
+
+    def _now_ms(self) -> int:
+        return int(self._clock.seconds() * 1000)
+
+    def attach(self, conn: Connection) -> bool:
+        conns = self._users.setdefault(conn.user_id, [])
+        if len(conns) >= self._max_per_user:
+            return False
+        conns.append(conn)
+        return True
+
+    def detach(self, conn: Connection) -> None:
+        conns = self._users.get(conn.user_id)
+        if conns and conn in conns:
+            conns.remove(conn)
+            if not conns:
+                del self._users[conn.user_id]
+
+    def connections(self) -> Iterator[Connection]:
+        for conns in list(self._users.values()):
+            yield from list(conns)
+
+    def count(self) -> int:
+        """The number of attached connections."""
+        return sum(len(c) for c in self._users.values())
+
+    def publish(self, sender: Connection | None, msg: Message) -> Message:
+        frame = self._prepare(message_frame(msg))
+        if msg.recipient == BROADCAST:
+            reached = 0
+            for conns in self._users.values():
+                for conn in conns:
+                    if conn is not sender and conn.deliver(msg.id, frame):
+                        reached += 1
+            msg.status = DELIVERED
+            msg.recipients = reached
+            self._store.mark_broadcast(msg.id, reached)
+            return msg
+        reached = 0
+        for conn in list(self._users.get(msg.recipient, ())):
+            if conn.deliver(msg.id, frame):
+                reached += 1
+        if reached:
+            msg.status = DELIVERED
+            self._store.mark_delivered([msg.id])
+        return msg
+
+    def _tell_senders(self, delivered: list[Message]) -> None:
+        now = self._now_ms()
+        for msg in delivered:
+            payload = None
+            for conn in self._users.get(msg.sender, ()):
+                payload = payload or status_frame(msg.id, DELIVERED, now)
+                conn.notify(payload)
+
+    @defer.inlineCallbacks
+    def replay(self, conn: Connection, since: int | None) -> Any:
+        after = 0
+        try:
+            while conn.live:
+                page = yield self._store.replay_page(conn.user_id, since, after, REPLAY_PAGE)
+                was_pending = []
+                for msg in page:
+                    if not conn.live:
+                        break
+                    taken = conn.deliver(msg.id, self._prepare(message_frame(msg)), replayed=True)
+                    if taken and msg.status == PENDING and msg.recipient == conn.user_id:
+                        was_pending.append(msg)
+                if was_pending:
+                    self._store.mark_delivered([m.id for m in was_pending])
+                    self._tell_senders(was_pending)
+                if len(page) < REPLAY_PAGE:
+                    break
+                after = page[-1].id
+                yield conn.writable()
+        finally:
+            conn.replay_finished()

@@ -1,0 +1,245 @@
+"""Configuration: command-line options and environment variables -> one ``Config``.
+
+Every setting of protocol section 10 is an environment variable and an
+option of ``twistd wsserver`` named after it (``MESSAGE_RATE_LIMIT`` is
+``--message-rate-limit``; ``SERVER_ADDR`` is ``--port``).  Options win.  A bad
+value raises ``ConfigError`` whose message starts with the variable's name.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, fields
+from typing import Any
+
+MIN_SECRET_BYTES = 32
+
+
+class ConfigError(ValueError):
+    """A setting that cannot be used; the message names it."""
+
+
+@dataclass(frozen=True, slots=True)
+class Config:
+    """Every setting of the server, validated."""
+
+    listen: str  # a Twisted server endpoint description
+    message_rate_limit: float
+    message_burst_limit: int
+    database: str
+    jwt_secret: bytes | None
+    token_ttl: int
+    challenge_ttl: int
+    tls_cert: str | None
+    tls_key: str | None
+    auth_rate_limit: float
+    auth_burst_limit: int
+    max_content_bytes: int
+    max_frame_bytes: int
+    max_connections_per_user: int
+    max_outbox_bytes: int
+    require_signatures: bool
+    shutdown_timeout: float
+    allowed_origins: frozenset[str]
+
+    @property
+    def tls(self) -> bool:
+        """True when the server speaks HTTPS/WSS only."""
+        return self.tls_cert is not None
+
+
+def parse_listen(value: str) -> str:
+    """Turn ``8080``, ``:8080``, ``host:8080``, ``[::1]:8080`` or an endpoint string
+    into a Twisted endpoint description."""
+    value = value.strip()
+    if re.fullmatch(r"\d+", value):
+        return f"tcp:{_port(value)}"
+    if m := re.fullmatch(r":(\d+)", value):
+        return f"tcp:{_port(m.group(1))}"
+    if m := re.fullmatch(r"\[([0-9A-Fa-f:.]+)\]:(\d+)", value):
+        host = m.group(1).replace(":", r"\:")
+        return f"tcp6:{_port(m.group(2))}:interface={host}"
+    if m := re.fullmatch(r"([A-Za-z0-9.\-]+):(\d+)", value):
+        return f"tcp:{_port(m.group(2))}:interface={m.group(1)}"
+    if re.fullmatch(r"(tcp6?|unix|systemd|ssl):.+", value):
+        return value
+    raise ValueError("use PORT, :PORT, HOST:PORT or a Twisted endpoint such as tcp:8080")
+
+
+def _port(text: str) -> int:
+    port = int(text)
+    if not 0 <= port <= 65535:
+        raise ValueError("port must be 0 to 65535")
+    return port
+
+
+def _number(kind: type, low: float, high: float) -> Callable[[str], Any]:
+    def parse(text: str) -> Any:
+        try:
+            value = kind(text.strip())
+        except ValueError:
+            raise ValueError(f"must be a {'whole ' if kind is int else ''}number") from None
+        if value != value or not low <= value <= high:  # NaN fails the first test
+            raise ValueError(f"must be between {low:g} and {high:g}")
+        return value
+
+    return parse
+
+
+def _bool(text: str) -> bool:
+    lowered = text.strip().lower()
+    if lowered in ("true", "1", "yes"):
+        return True
+    if lowered in ("false", "0", "no"):
+        return False
+    raise ValueError("must be true/false, 1/0 or yes/no")
+
+
+def _secret(text: str) -> bytes:
+    raw = text.encode("utf-8")
+    if len(raw) < MIN_SECRET_BYTES:
+        raise ValueError(f"must be at least {MIN_SECRET_BYTES} bytes")
+    return raw
+
+
+def _path(text: str) -> str:
+    if not text.strip():
+        raise ValueError("must not be empty")
+    return text
+
+
+def _origins(text: str) -> frozenset[str]:
+    found = set()
+    for item in text.split(","):
+        origin = item.strip().lower().rstrip("/")
+        if not origin:
+            continue
+        if not re.fullmatch(r"https?://[a-z0-9.\-\[\]:]+", origin):
+            raise ValueError(f"'{origin}' is not an origin like https://example.com:8443")
+        found.add(origin)
+    return frozenset(found)
+
+
+# (variable, option, default as text or None, parser, help)
+SETTINGS: list[tuple[str, str, str | None, Callable[[str], Any], str]] = [
+    (
+        "SERVER_ADDR",
+        "port",
+        ":8080",
+        parse_listen,
+        "where to listen: PORT, :PORT, HOST:PORT or a Twisted endpoint string",
+    ),
+    (
+        "MESSAGE_RATE_LIMIT",
+        "message-rate-limit",
+        "5.0",
+        _number(float, 0.001, 1e6),
+        "messages per second per user",
+    ),
+    (
+        "MESSAGE_BURST_LIMIT",
+        "message-burst-limit",
+        "10",
+        _number(int, 1, 1_000_000),
+        "token bucket capacity per user",
+    ),
+    ("DATABASE", "database", "wsserver.db", _path, "SQLite database file"),
+    (
+        "JWT_SECRET",
+        "jwt-secret",
+        None,
+        _secret,
+        "token signing secret, >= 32 bytes (default: generated, kept in the database)",
+    ),
+    ("TOKEN_TTL", "token-ttl", "3600", _number(int, 1, 10 * 365 * 86400), "seconds a token lives"),
+    (
+        "CHALLENGE_TTL",
+        "challenge-ttl",
+        "60",
+        _number(int, 1, 3600),
+        "seconds a login challenge lives",
+    ),
+    ("TLS_CERT", "tls-cert", None, _path, "PEM certificate (chain) file; needs --tls-key"),
+    ("TLS_KEY", "tls-key", None, _path, "PEM private key file; needs --tls-cert"),
+    (
+        "AUTH_RATE_LIMIT",
+        "auth-rate-limit",
+        "10",
+        _number(float, 0.001, 1e6),
+        "requests per second per IP on /auth/*",
+    ),
+    (
+        "AUTH_BURST_LIMIT",
+        "auth-burst-limit",
+        "20",
+        _number(int, 1, 1_000_000),
+        "burst per IP on /auth/*",
+    ),
+    (
+        "MAX_CONTENT_BYTES",
+        "max-content-bytes",
+        "65536",
+        _number(int, 1, 16 * 1024 * 1024),
+        "largest message content in UTF-8 bytes",
+    ),
+    (
+        "MAX_FRAME_BYTES",
+        "max-frame-bytes",
+        "524288",
+        _number(int, 1024, 128 * 1024 * 1024),
+        "largest WebSocket frame or message",
+    ),
+    (
+        "MAX_CONNECTIONS_PER_USER",
+        "max-connections-per-user",
+        "16",
+        _number(int, 1, 10_000),
+        "open connections per user",
+    ),
+    (
+        "MAX_OUTBOX_BYTES",
+        "max-outbox-bytes",
+        "1048576",
+        _number(int, 1024, 1024 * 1024 * 1024),
+        "unsent bytes per connection before it is closed with 1013",
+    ),
+    ("REQUIRE_SIGNATURES", "require-signatures", "false", _bool, "refuse unsigned messages"),
+    (
+        "SHUTDOWN_TIMEOUT",
+        "shutdown-timeout",
+        "10",
+        _number(float, 0, 3600),
+        "seconds to drain on shutdown",
+    ),
+    (
+        "ALLOWED_ORIGINS",
+        "allowed-origins",
+        "",
+        _origins,
+        "comma-separated browser origins allowed on /ws besides the server's own",
+    ),
+]
+
+
+def load(options: Mapping[str, str | None], environ: Mapping[str, str]) -> Config:
+    """Build the ``Config`` from option values (None: not given) and the environment."""
+    values: dict[str, Any] = {}
+    for variable, option, default, parse, _ in SETTINGS:
+        given = options.get(option)
+        text = given if given is not None else environ.get(variable, default)
+        name = "listen" if variable == "SERVER_ADDR" else variable.lower()
+        if text is None:
+            values[name] = None
+            continue
+        try:
+            values[name] = parse(text)
+        except ValueError as exc:
+            shown = f"{variable} (--{option})" if given is not None else variable
+            raise ConfigError(f"{shown}: {exc}") from None
+    if (values["tls_cert"] is None) != (values["tls_key"] is None):
+        raise ConfigError("TLS_CERT/TLS_KEY: set both or neither")
+    if values["max_frame_bytes"] < values["max_content_bytes"]:
+        raise ConfigError("MAX_FRAME_BYTES: must be at least MAX_CONTENT_BYTES")
+    assert set(values) == {f.name for f in fields(Config)}
+    return Config(**values)

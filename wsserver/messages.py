@@ -1,0 +1,298 @@
+"""The wire format of protocol v1: identifiers, client frames, server frames.
+
+Everything here is pure and synchronous (stdlib only), so every other module
+can lean on it and the tests can check it without a reactor.  See
+docs/protocol.md for the contract these functions implement.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import json
+import re
+import time
+import unicodedata
+from dataclasses import dataclass
+from typing import Any
+
+BROADCAST = "broadcast"
+SYSTEM = "system"
+RESERVED_IDS = frozenset({BROADCAST, SYSTEM})
+
+# Delivery status (section 5) and verification result (section 4).
+PENDING = "pending"
+DELIVERED = "delivered"
+VERIFIED = "verified"
+INVALID_SIGNATURE = "invalid_signature"
+UNVERIFIED = "unverified"
+UNSIGNED = "unsigned"
+
+_USER_ID = re.compile(r"[A-Za-z0-9_.\-]{1,64}")
+_NONCE = re.compile(r"[A-Za-z0-9_.:\-]{1,64}")
+# Used only to echo the nonce of a frame refused before it was parsed.
+_NONCE_IN_RAW = re.compile(rb'"nonce"\s*:\s*"([A-Za-z0-9_.:\-]{1,64})"')
+_USERNAME_MAX = 128
+_FORBIDDEN_CATEGORIES = frozenset({"Cc", "Cf", "Zl", "Zp"})
+_ZWJ = "\u200d"
+
+MSG_PREFIX = b"wsserver-msg-v1\n"
+LOGIN_PREFIX = "wsserver-login-v1:"
+
+
+class Refusal(Exception):
+    """A client frame the server will not accept; it becomes a ``system`` frame.
+
+    ``code`` is one of the stable codes of protocol section 3.2.
+    """
+
+    def __init__(self, code: str, message: str, nonce: str | None = None) -> None:
+        super().__init__(message)
+        self.code = code
+        self.message = message
+        self.nonce = nonce
+
+
+class InvalidJSON(ValueError):
+    """A body or frame that is not one well-formed JSON object."""
+
+
+def _unique_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    obj = dict(pairs)
+    if len(obj) != len(pairs):
+        raise InvalidJSON("duplicate key in JSON object")
+    return obj
+
+
+_decoder = json.JSONDecoder(object_pairs_hook=_unique_keys)
+_encoder = json.JSONEncoder(ensure_ascii=False, separators=(",", ":"))
+
+
+def loads_object(data: bytes | str) -> dict[str, Any]:
+    """Parse one JSON object, refusing duplicate keys and deep nesting."""
+    try:
+        text = data.decode("utf-8") if isinstance(data, bytes) else data
+        value = _decoder.decode(text)
+    except InvalidJSON:
+        raise
+    except (ValueError, RecursionError) as exc:
+        # RecursionError: a client can nest arrays deeply enough to hit it.
+        raise InvalidJSON("not valid JSON") from exc
+    if not isinstance(value, dict):
+        raise InvalidJSON("not a JSON object")
+    return value
+
+
+def dumps(obj: dict[str, Any]) -> bytes:
+    """Serialize a frame or body compactly as UTF-8."""
+    return _encoder.encode(obj).encode("utf-8")
+
+
+def is_user_id(value: object) -> bool:
+    """True for a syntactically valid user_id (reserved names included)."""
+    return isinstance(value, str) and _USER_ID.fullmatch(value) is not None
+
+
+def normalize_username(value: object) -> str:
+    """Return the NFC form of a valid username, or raise ``ValueError``."""
+    if not isinstance(value, str):
+        raise ValueError("username must be a string")
+    name = unicodedata.normalize("NFC", value)
+    if not 1 <= len(name) <= _USERNAME_MAX:
+        raise ValueError("username must be 1 to 128 characters")
+    for ch in name:
+        if ch != _ZWJ and unicodedata.category(ch) in _FORBIDDEN_CATEGORIES:
+            raise ValueError("username contains a control or format character")
+    return name
+
+
+def b64decode(value: str) -> bytes:
+    """Decode standard base64 with optional padding; ``ValueError`` otherwise."""
+    if not value.isascii():
+        raise ValueError("not base64")
+    padded = value + "=" * (-len(value) % 4)
+    try:
+        return base64.b64decode(padded, validate=True)
+    except binascii.Error as exc:
+        raise ValueError("not base64") from exc
+
+
+def b64encode(raw: bytes) -> str:
+    """Standard base64 with padding, as every server output uses."""
+    return base64.b64encode(raw).decode("ascii")
+
+
+def signing_input(sender: str, recipient: str, nonce: str | None, content: str) -> bytes:
+    """The exact bytes a message signature covers (protocol section 4)."""
+    return b"".join(
+        (
+            MSG_PREFIX,
+            sender.encode("utf-8"),
+            b"\n",
+            recipient.encode("utf-8"),
+            b"\n",
+            (nonce or "").encode("utf-8"),
+            b"\n",
+            content.encode("utf-8"),
+        )
+    )
+
+
+def format_timestamp(ms: int) -> str:
+    """RFC 3339 UTC with milliseconds, e.g. ``2026-11-25T12:34:56.789Z``."""
+    seconds, millis = divmod(ms, 1000)
+    return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(seconds)) + f".{millis:03d}Z"
+
+
+def nonce_from_raw(payload: bytes) -> str | None:
+    """Best-effort nonce of a frame that is refused before it is parsed."""
+    found = _NONCE_IN_RAW.search(payload)
+    return found.group(1).decode("ascii") if found else None
+
+
+@dataclass(frozen=True, slots=True)
+class Draft:
+    """A parsed, well-formed client message, not yet verified or stored."""
+
+    recipient: str
+    content: str
+    signature: bytes | None  # None: unsigned
+    nonce: str | None
+
+
+def parse_client_frame(payload: bytes, sender: str, max_content_bytes: int) -> Draft:
+    """Parse a text frame from ``sender`` into a ``Draft`` or raise ``Refusal``.
+
+    Checks everything that needs no database: shape, types, sizes, the
+    ``from`` claim, nonce syntax, signature encoding.  Whether the recipient
+    exists and whether the signature is valid are decided later.
+    """
+    try:
+        obj = loads_object(payload)
+    except InvalidJSON as exc:
+        raise Refusal("invalid_message", str(exc), nonce_from_raw(payload)) from None
+
+    raw_nonce = obj.get("nonce")
+    if raw_nonce is None or raw_nonce == "":
+        nonce = None
+    elif isinstance(raw_nonce, str) and _NONCE.fullmatch(raw_nonce):
+        nonce = raw_nonce
+    else:
+        raise Refusal("invalid_message", "nonce must be 1 to 64 characters of A-Z a-z 0-9 _ . : -")
+
+    def refuse(code: str, message: str) -> Refusal:
+        return Refusal(code, message, nonce)
+
+    kind = obj.get("type", "message")
+    if kind != "message":
+        raise refuse("invalid_message", "type must be 'message'")
+    recipient = obj.get("to")
+    if not isinstance(recipient, str):
+        raise refuse("invalid_message", "'to' must be a string")
+    if not is_user_id(recipient) or recipient == SYSTEM:
+        raise refuse("unknown_recipient", "no such recipient")
+    content = obj.get("content")
+    if not isinstance(content, str):
+        raise refuse("invalid_message", "'content' must be a string")
+    # Cheap bound first: a str of n code points has at least n UTF-8 bytes.
+    if len(content) > max_content_bytes or len(content.encode("utf-8")) > max_content_bytes:
+        raise refuse("message_too_large", f"content is larger than {max_content_bytes} bytes")
+    if "from" in obj and obj["from"] != sender:
+        raise refuse("from_mismatch", "'from' must be the authenticated user")
+
+    raw_sig = obj.get("signature")
+    if raw_sig is None or raw_sig == "":
+        signature = None
+    elif isinstance(raw_sig, str):
+        try:
+            signature = b64decode(raw_sig)
+        except ValueError:
+            raise refuse("invalid_signature", "signature is not valid base64") from None
+        if len(signature) != 64:
+            raise refuse("invalid_signature", "signature must be 64 bytes")
+    else:
+        raise refuse("invalid_message", "'signature' must be a base64 string")
+    return Draft(recipient, content, signature, nonce)
+
+
+@dataclass(slots=True)
+class Message:
+    """A stored message, as the store returns it and the frames show it."""
+
+    id: int
+    sender: str
+    recipient: str
+    content: str
+    signature: bytes | None
+    nonce: str | None
+    verification: str
+    status: str
+    created_ms: int
+    recipients: int | None = None  # broadcasts only: connections reached
+
+    def fields(self, kind: str) -> dict[str, Any]:
+        """The frame object of type ``kind`` (``message`` or ``ack``)."""
+        frame = {
+            "type": kind,
+            "id": self.id,
+            "from": self.sender,
+            "to": self.recipient,
+            "content": self.content,
+            "timestamp": format_timestamp(self.created_ms),
+            "status": self.status,
+            "verification": self.verification,
+            "signature": b64encode(self.signature) if self.signature is not None else None,
+            "nonce": self.nonce,
+        }
+        if self.recipients is not None:
+            frame["recipients"] = self.recipients
+        return frame
+
+
+def message_frame(msg: Message) -> bytes:
+    """The ``message`` frame a recipient receives (always ``delivered``)."""
+    frame = msg.fields("message")
+    frame["status"] = DELIVERED
+    frame.pop("recipients", None)
+    return dumps(frame)
+
+
+def ack_frame(msg: Message) -> bytes:
+    """The ``ack`` frame: the message as stored, status as it stands now."""
+    return dumps(msg.fields("ack"))
+
+
+def status_frame(msg_id: int, status: str, ms: int, recipients: int | None = None) -> bytes:
+    """A ``status`` frame: a later change of a message the user sent."""
+    frame: dict[str, Any] = {
+        "type": "status",
+        "id": msg_id,
+        "status": status,
+        "timestamp": format_timestamp(ms),
+    }
+    if recipients is not None:
+        frame["recipients"] = recipients
+    return dumps(frame)
+
+
+def system_frame(
+    to: str,
+    code: str,
+    content: str,
+    ms: int,
+    nonce: str | None = None,
+    retry_after_ms: int | None = None,
+) -> bytes:
+    """A ``system`` frame: a notice or a refusal, shaped like a message."""
+    frame: dict[str, Any] = {
+        "type": "system",
+        "from": SYSTEM,
+        "to": to,
+        "code": code,
+        "content": content,
+        "timestamp": format_timestamp(ms),
+        "nonce": nonce,
+    }
+    if retry_after_ms is not None:
+        frame["retry_after_ms"] = retry_after_ms
+    return dumps(frame)

@@ -1,0 +1,546 @@
+"""Persistence: the only module that speaks SQL.
+
+``prepare_database`` runs once, synchronously, before the reactor starts: it
+creates or upgrades the schema from the versioned files in ``schema/`` and
+returns the JWT signing secret kept in the database.  ``Store`` is what the
+running server uses: every call returns a Deferred and runs in the single
+thread of an adbapi pool, so SQLite sees one writer.
+
+Messages go through *group commit*: what arrives while a commit is in flight
+(or within one reactor turn) is written by the next ``runInteraction`` in one
+transaction, and each sender's Deferred fires only after that commit.
+"""
+
+from __future__ import annotations
+
+import re
+import sqlite3
+from collections.abc import Callable
+from dataclasses import dataclass
+from importlib import resources
+from typing import Any
+
+from twisted.enterprise import adbapi
+from twisted.internet import defer
+from twisted.internet.interfaces import IReactorTime
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+
+from .messages import BROADCAST, DELIVERED, PENDING, Message
+
+_log = Logger()
+
+BUSY_TIMEOUT_MS = 5000
+MAX_LIVE_CHALLENGES = 5
+
+# Outcomes of add_message.
+STORED = "stored"
+DUPLICATE = "duplicate"
+NO_RECIPIENT = "unknown_recipient"
+
+# Outcomes of consume_challenge.
+CHALLENGE_OK = "ok"
+CHALLENGE_NONE = "no_challenge"
+CHALLENGE_BAD = "invalid_signature"
+
+_MIGRATION_FILE = re.compile(r"(\d{3})_[a-z0-9_]+\.sql")
+
+
+class DatabaseError(Exception):
+    """The database cannot be opened or prepared; the message says why."""
+
+
+class StoreClosed(Exception):
+    """The store is shutting down and accepts no more writes."""
+
+
+@dataclass(frozen=True, slots=True)
+class User:
+    """A registered user."""
+
+    user_id: str
+    username: str
+    public_key: bytes
+    created_ms: int
+
+
+@dataclass(frozen=True, slots=True)
+class NewMessage:
+    """What the server has accepted and wants stored."""
+
+    sender: str
+    recipient: str
+    content: str
+    signature: bytes | None
+    nonce: str | None
+    verification: str
+    created_ms: int
+
+
+# ----------------------------------------------------------------------------
+# Schema
+
+
+def migrations() -> list[tuple[int, str]]:
+    """Every shipped schema file as (version, SQL), in version order."""
+    found = []
+    for entry in resources.files("wsserver").joinpath("schema").iterdir():
+        match = _MIGRATION_FILE.fullmatch(entry.name)
+        if match:
+            found.append((int(match.group(1)), entry.read_text("utf-8")))
+    found.sort()
+    return found
+
+
+def _statements(script: str) -> list[str]:
+    """Split a schema file into complete SQL statements."""
+    statements, buffer = [], ""
+    for line in script.splitlines(keepends=True):
+        buffer += line
+        if sqlite3.complete_statement(buffer):
+            if buffer.strip():
+                statements.append(buffer.strip())
+            buffer = ""
+    if buffer.strip() and not all(
+        ln.strip().startswith("--") or not ln.strip() for ln in buffer.splitlines()
+    ):
+        raise DatabaseError("incomplete statement in schema file")
+    return statements
+
+
+def _connect(path: str) -> sqlite3.Connection:
+    conn = sqlite3.connect(path, timeout=BUSY_TIMEOUT_MS / 1000, check_same_thread=False)
+    conn.execute(f"PRAGMA busy_timeout = {BUSY_TIMEOUT_MS}")
+    conn.execute("PRAGMA journal_mode = WAL")
+    conn.execute("PRAGMA synchronous = NORMAL")
+    return conn
+
+
+def schema_version(conn: sqlite3.Connection) -> int:
+    """The schema version recorded in the database; 0 when it has none."""
+    has_table = conn.execute(
+        "SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = 'schema_version'"
+    ).fetchone()
+    if not has_table:
+        return 0
+    row = conn.execute("SELECT version FROM schema_version").fetchone()
+    return row[0] if row else 0
+
+
+def upgrade(conn: sqlite3.Connection, target: int | None = None) -> int:
+    """Bring the schema up to ``target`` (default: newest); return the version.
+
+    Each version is applied in its own IMMEDIATE transaction, so processes
+    starting together on one file never apply a version twice.
+    """
+    steps = migrations()
+    newest = steps[-1][0] if steps else 0
+    target = newest if target is None else target
+    conn.isolation_level = None  # explicit transactions below
+    conn.execute("CREATE TABLE IF NOT EXISTS schema_version (version INTEGER NOT NULL)")
+    for version, script in steps:
+        if version > target:
+            break
+        conn.execute("BEGIN IMMEDIATE")
+        try:
+            current = schema_version(conn)
+            if current >= version:
+                conn.execute("ROLLBACK")
+                continue
+            for statement in _statements(script):
+                conn.execute(statement)
+            conn.execute("DELETE FROM schema_version")
+            conn.execute("INSERT INTO schema_version (version) VALUES (?)", (version,))
+            conn.execute("COMMIT")
+        except BaseException:
+            conn.execute("ROLLBACK")
+            raise
+    current = schema_version(conn)
+    if current > newest:
+        raise DatabaseError(
+            f"schema version {current} is newer than this server supports ({newest})"
+        )
+    return current
+
+
+def prepare_database(path: str, new_secret: Callable[[], bytes]) -> bytes:
+    """Create or upgrade the database at ``path``; return the kept JWT secret.
+
+    ``new_secret`` makes a secret when the database has none yet; the first
+    process to store one wins, so every process sharing the file agrees.
+    """
+    try:
+        conn = _connect(path)
+        try:
+            upgrade(conn)
+            conn.execute("BEGIN IMMEDIATE")
+            conn.execute(
+                "INSERT OR IGNORE INTO meta (key, value) VALUES ('jwt_secret', ?)",
+                (new_secret(),),
+            )
+            secret = conn.execute("SELECT value FROM meta WHERE key = 'jwt_secret'").fetchone()[0]
+            conn.execute("COMMIT")
+            return bytes(secret)
+        finally:
+            conn.close()
+    except sqlite3.Error as exc:
+        raise DatabaseError(f"cannot open {path}: {exc}") from exc
+
+
+# ----------------------------------------------------------------------------
+# The running store
+
+# Every query below is a constant: the column list is fixed text, every value a
+# "?" parameter (hence the S608 exemptions).
+_COLS = (
+    "id, sender, recipient, content, signature, nonce, verification, status, created_ms, recipients"
+)
+_SQL_BY_NONCE = f"SELECT {_COLS} FROM messages WHERE sender = ? AND nonce = ?"  # noqa: S608
+_SQL_BY_ID = f"SELECT {_COLS} FROM messages WHERE id = ?"  # noqa: S608
+_SQL_PENDING = (
+    f"SELECT {_COLS} FROM messages WHERE recipient = ? AND status = 'pending'"  # noqa: S608
+    " AND id > ? ORDER BY id LIMIT ?"
+)
+_SQL_SINCE = (
+    "SELECT * FROM ("  # noqa: S608
+    f" SELECT {_COLS} FROM messages WHERE recipient = ? AND status = 'pending'"
+    "  AND id > ? AND id <= ?"
+    f" UNION ALL SELECT {_COLS} FROM messages WHERE recipient = ? AND id > ?"
+    f" UNION ALL SELECT {_COLS} FROM messages WHERE recipient = ? AND id > ?"
+    ") ORDER BY id LIMIT ?"
+)
+
+
+def _to_message(row: tuple[Any, ...]) -> Message:
+    sig = row[4]
+    return Message(
+        row[0],
+        row[1],
+        row[2],
+        row[3],
+        bytes(sig) if sig is not None else None,
+        row[5],
+        row[6],
+        row[7],
+        row[8],
+        row[9],
+    )
+
+
+def _configure(conn: sqlite3.Connection) -> None:
+    conn.execute(f"PRAGMA busy_timeout = {BUSY_TIMEOUT_MS}")
+    conn.execute("PRAGMA synchronous = NORMAL")
+
+
+def _insert_message(txn: Any, new: NewMessage) -> tuple[str, Message | None]:
+    if new.recipient != BROADCAST:
+        txn.execute("SELECT 1 FROM users WHERE user_id = ?", (new.recipient,))
+        if txn.fetchone() is None:
+            return NO_RECIPIENT, None
+    try:
+        txn.execute(
+            "INSERT INTO messages (sender, recipient, content, signature, nonce,"
+            " verification, status, created_ms) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+            (
+                new.sender,
+                new.recipient,
+                new.content,
+                new.signature,
+                new.nonce,
+                new.verification,
+                PENDING,
+                new.created_ms,
+            ),
+        )
+    except sqlite3.IntegrityError:
+        if new.nonce is None:
+            raise
+        txn.execute(_SQL_BY_NONCE, (new.sender, new.nonce))
+        row = txn.fetchone()
+        if row is None:
+            raise
+        return DUPLICATE, _to_message(row)
+    return STORED, Message(
+        txn.lastrowid,
+        new.sender,
+        new.recipient,
+        new.content,
+        new.signature,
+        new.nonce,
+        new.verification,
+        PENDING,
+        new.created_ms,
+    )
+
+
+def _write_batch(txn: Any, ops: list[tuple[str, Any]]) -> list[Any]:
+    """Apply a batch of writes in one transaction; one result per op."""
+    results: list[Any] = []
+    for kind, arg in ops:
+        if kind == "message":
+            results.append(_insert_message(txn, arg))
+        elif kind == "delivered":
+            txn.executemany(
+                "UPDATE messages SET status = 'delivered' WHERE id = ? AND status = 'pending'",
+                [(i,) for i in arg],
+            )
+            results.append(None)
+        else:  # "broadcast": (id, recipients)
+            txn.execute(
+                "UPDATE messages SET status = 'delivered', recipients = ? WHERE id = ?",
+                (arg[1], arg[0]),
+            )
+            results.append(None)
+    return results
+
+
+class Store:
+    """Asynchronous access to the SQLite database, with group commit."""
+
+    def __init__(
+        self,
+        path: str,
+        clock: IReactorTime,
+        max_batch: int = 1024,
+        pool: adbapi.ConnectionPool | None = None,
+    ) -> None:
+        self.path = path
+        self._clock = clock
+        self._max_batch = max_batch
+        self._pool = pool or adbapi.ConnectionPool(
+            "sqlite3",
+            path,
+            timeout=BUSY_TIMEOUT_MS / 1000,
+            check_same_thread=False,
+            cp_min=1,
+            cp_max=1,
+            cp_openfun=_configure,
+            cp_noisy=False,
+        )
+        self._queue: list[tuple[str, Any, defer.Deferred | None]] = []
+        self._scheduled: Any = None
+        self._flushing = False
+        self._closed = False
+        self._drained: list[defer.Deferred] = []
+        self.batches = 0  # commits made by group commit, for tests and stats
+
+    # -- group commit ---------------------------------------------------------
+
+    def add_message(self, new: NewMessage) -> defer.Deferred:
+        """Store a message; fires with ``(outcome, Message | None)`` after commit.
+
+        Outcomes: ``STORED`` (the new message), ``DUPLICATE`` (the message that
+        already holds this sender's nonce), ``NO_RECIPIENT`` (nothing stored).
+        Fails when the database refused the write.
+        """
+        if self._closed:
+            return defer.fail(StoreClosed())
+        d: defer.Deferred = defer.Deferred()
+        self._enqueue("message", new, d)
+        return d
+
+    def mark_delivered(self, ids: list[int]) -> None:
+        """Record that these pending messages were handed to a connection."""
+        if ids and not self._closed:
+            self._enqueue("delivered", list(ids), None)
+
+    def mark_broadcast(self, msg_id: int, recipients: int) -> None:
+        """Record that a broadcast went out to ``recipients`` connections."""
+        if not self._closed:
+            self._enqueue("broadcast", (msg_id, recipients), None)
+
+    def _enqueue(self, kind: str, arg: Any, d: defer.Deferred | None) -> None:
+        self._queue.append((kind, arg, d))
+        if not self._flushing and self._scheduled is None:
+            self._scheduled = self._clock.callLater(0, self._flush)
+
+    def _flush(self) -> None:
+        self._scheduled = None
+        batch = self._queue[: self._max_batch]
+        del self._queue[: self._max_batch]
+        self._flushing = True
+        ops = [(kind, arg) for kind, arg, _ in batch]
+        d = self._pool.runInteraction(_write_batch, ops)
+        d.addBoth(self._flushed, batch)
+
+    def _flushed(self, result: list[Any] | Failure, batch: list[Any]) -> None:
+        self._flushing = False
+        self.batches += 1
+        if isinstance(result, Failure):
+            _log.failure("database write of {count} operations failed", result, count=len(batch))
+            for _, _, d in batch:
+                if d is not None:
+                    d.errback(result)
+        else:
+            for (_, _, d), outcome in zip(batch, result, strict=True):
+                if d is not None:
+                    d.callback(outcome)
+        if self._queue:
+            if self._scheduled is None:
+                self._scheduled = self._clock.callLater(0, self._flush)
+        else:
+            waiting, self._drained = self._drained, []
+            for d in waiting:
+                d.callback(None)
+
+    def drain(self) -> defer.Deferred:
+        """Fire once every write queued so far has been committed (or failed)."""
+        if not self._queue and not self._flushing:
+            return defer.succeed(None)
+        d: defer.Deferred = defer.Deferred()
+        self._drained.append(d)
+        return d
+
+    @defer.inlineCallbacks
+    def close(self) -> Any:
+        """Commit what is queued, refuse new writes, close the pool."""
+        yield self.drain()
+        self._closed = True
+        self._pool.close()
+
+    # -- users ----------------------------------------------------------------
+
+    def add_user(self, user: User) -> defer.Deferred:
+        """Insert a user; fires True, or False when the user_id is taken."""
+
+        def interaction(txn: Any) -> bool:
+            try:
+                txn.execute(
+                    "INSERT INTO users (user_id, username, public_key, created_ms)"
+                    " VALUES (?, ?, ?, ?)",
+                    (user.user_id, user.username, user.public_key, user.created_ms),
+                )
+            except sqlite3.IntegrityError:
+                return False
+            return True
+
+        return self._pool.runInteraction(interaction)
+
+    def get_user(self, user_id: str) -> defer.Deferred:
+        """Fire with the ``User`` or None."""
+
+        def interaction(txn: Any) -> User | None:
+            txn.execute(
+                "SELECT user_id, username, public_key, created_ms FROM users WHERE user_id = ?",
+                (user_id,),
+            )
+            row = txn.fetchone()
+            return User(row[0], row[1], bytes(row[2]), row[3]) if row else None
+
+        return self._pool.runInteraction(interaction)
+
+    # -- login challenges -------------------------------------------------------
+
+    def add_challenge(
+        self, user_id: str, challenge: str, now_ms: int, expires_ms: int
+    ) -> defer.Deferred:
+        """Keep a new challenge; forget expired ones and all but the newest five."""
+
+        def interaction(txn: Any) -> None:
+            txn.execute("DELETE FROM challenges WHERE expires_ms <= ?", (now_ms,))
+            txn.execute(
+                "INSERT INTO challenges (challenge, user_id, expires_ms) VALUES (?, ?, ?)",
+                (challenge, user_id, expires_ms),
+            )
+            txn.execute(
+                "DELETE FROM challenges WHERE user_id = ? AND rowid NOT IN"
+                " (SELECT rowid FROM challenges WHERE user_id = ?"
+                "  ORDER BY rowid DESC LIMIT ?)",
+                (user_id, user_id, MAX_LIVE_CHALLENGES),
+            )
+
+        return self._pool.runInteraction(interaction)
+
+    def consume_challenge(
+        self,
+        user_id: str,
+        challenge: str | None,
+        now_ms: int,
+        check: Callable[[str], bool],
+    ) -> defer.Deferred:
+        """Try ``check`` on the user's live challenges, newest first.
+
+        Every challenge tried is deleted (consumed), up to and including the
+        one that passes.  Fires ``CHALLENGE_OK``, ``CHALLENGE_BAD`` (tried,
+        none passed) or ``CHALLENGE_NONE`` (nothing live to try).  A challenge
+        another process consumed first is not counted as tried.
+        """
+
+        def interaction(txn: Any) -> str:
+            sql = "SELECT challenge FROM challenges WHERE user_id = ? AND expires_ms > ?"
+            args: tuple[Any, ...] = (user_id, now_ms)
+            if challenge is not None:
+                sql += " AND challenge = ?"
+                args += (challenge,)
+            txn.execute(sql + " ORDER BY rowid DESC", args)
+            live = [row[0] for row in txn.fetchall()]
+            tried = False
+            for candidate in live:
+                txn.execute("DELETE FROM challenges WHERE challenge = ?", (candidate,))
+                if txn.rowcount != 1:
+                    continue
+                tried = True
+                if check(candidate):
+                    return CHALLENGE_OK
+            return CHALLENGE_BAD if tried else CHALLENGE_NONE
+
+        return self._pool.runInteraction(interaction)
+
+    # -- delivery ---------------------------------------------------------------
+
+    def replay_page(
+        self, user_id: str, since: int | None, after: int, limit: int
+    ) -> defer.Deferred:
+        """Up to ``limit`` messages for ``user_id`` with id > ``after``, by id.
+
+        Without ``since``: the user's pending direct messages.  With it: those
+        too, plus every direct message to the user and every broadcast with an
+        id above ``since`` (protocol section 6).
+        """
+
+        def interaction(txn: Any) -> list[Message]:
+            if since is None:
+                txn.execute(_SQL_PENDING, (user_id, after, limit))
+            else:
+                floor = max(after, since)
+                args = (user_id, after, since, user_id, floor, BROADCAST, floor, limit)
+                txn.execute(_SQL_SINCE, args)
+            return [_to_message(row) for row in txn.fetchall()]
+
+        return self._pool.runInteraction(interaction)
+
+    def get_message(self, msg_id: int) -> defer.Deferred:
+        """Fire with the stored ``Message`` or None (for tests and tools)."""
+
+        def interaction(txn: Any) -> Message | None:
+            txn.execute(_SQL_BY_ID, (msg_id,))
+            row = txn.fetchone()
+            return _to_message(row) if row else None
+
+        return self._pool.runInteraction(interaction)
+
+    def count_messages(self) -> defer.Deferred:
+        """Fire with the number of stored messages."""
+
+        def interaction(txn: Any) -> int:
+            txn.execute("SELECT COUNT(*) FROM messages")
+            return txn.fetchone()[0]
+
+        return self._pool.runInteraction(interaction)
+
+
+__all__ = [
+    "CHALLENGE_BAD",
+    "CHALLENGE_NONE",
+    "CHALLENGE_OK",
+    "DELIVERED",
+    "DUPLICATE",
+    "NO_RECIPIENT",
+    "STORED",
+    "DatabaseError",
+    "NewMessage",
+    "Store",
+    "StoreClosed",
+    "User",
+    "prepare_database",
+]

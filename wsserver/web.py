@@ -1,0 +1,448 @@
+"""The HTTP side: a plain twisted.web ``Resource`` tree.
+
+``/auth/register``, ``/auth/login``, ``/auth/users/{id}``, ``/health``, and
+``/ws``, the gate that checks Origin, ``since`` and the token before handing
+the connection to Autobahn.  Every error is one JSON shape whose ``code`` maps
+to a status through ``ERROR_STATUS``.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from collections.abc import Callable
+from typing import Any
+
+from autobahn.twisted.resource import WebSocketResource
+from twisted.internet import defer
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+from twisted.web import http, server
+from twisted.web.resource import Resource
+
+from . import __version__
+from .auth import Authenticator, AuthError, public_user
+from .messages import InvalidJSON, dumps, format_timestamp, loads_object
+from .ratelimit import RateLimiter
+from .websocket import ServerFactory
+
+_log = Logger()
+
+MAX_BODY_BYTES = 16 * 1024
+
+ERROR_STATUS = {
+    "invalid_request": 400,
+    "unauthorized": 401,
+    "invalid_signature": 401,
+    "no_challenge": 401,
+    "forbidden_origin": 403,
+    "not_found": 404,
+    "unknown_user": 404,
+    "method_not_allowed": 405,
+    "user_exists": 409,
+    "request_too_large": 413,
+    "unsupported_media_type": 415,
+    "upgrade_required": 426,
+    "rate_limited": 429,
+    "internal_error": 500,
+}
+
+_PHRASES = {426: b"Upgrade Required"}  # Twisted knows the others
+_TOKEN_IN_URI = re.compile(rb"([?&]token=)[^&#]*")
+_TRUE = {b"true", b"1", b"yes"}
+_FALSE = {b"false", b"0", b"no"}
+
+
+class HttpError(Exception):
+    """An HTTP refusal: ``code`` from ``ERROR_STATUS`` and a message for people."""
+
+    def __init__(self, code: str, message: str, headers: dict[bytes, bytes] | None = None):
+        super().__init__(message)
+        self.code = code
+        self.message = message
+        self.headers = headers or {}
+
+
+class LimitedRequest(server.Request):
+    """A request that keeps at most ``MAX_BODY_BYTES`` of its body in memory."""
+
+    body_too_large = False
+    _body_seen = 0
+
+    def gotLength(self, length: int | None) -> None:
+        if length is not None and length > MAX_BODY_BYTES:
+            self.body_too_large = True
+            length = 0
+        super().gotLength(length)
+
+    def handleContentChunk(self, data: bytes) -> None:
+        self._body_seen += len(data)
+        if self._body_seen > MAX_BODY_BYTES:
+            self.body_too_large = True
+        if not self.body_too_large:
+            super().handleContentChunk(data)
+
+
+def redacted_uri(uri: bytes) -> bytes:
+    """The request URI with any ``token`` query value replaced."""
+    return _TOKEN_IN_URI.sub(rb"\1<redacted>", uri)
+
+
+def access_log_line(timestamp: str, request: http.Request) -> str:
+    """A combined-log-format line that never shows a token."""
+    referrer = request.getHeader(b"referer") or b"-"
+    agent = request.getHeader(b"user-agent") or b"-"
+    line = '"{ip}" - - {ts} "{method} {uri} {proto}" {code} {length} "{ref}" "{agent}"'.format(
+        ip=request.getClientAddress().host if request.getClientAddress() else "-",
+        ts=timestamp,
+        method=request.method.decode("ascii", "replace"),
+        uri=redacted_uri(request.uri).decode("ascii", "replace"),
+        proto=request.clientproto.decode("ascii", "replace"),
+        code=request.code,
+        length=request.sentLength or "-",
+        ref=referrer.decode("ascii", "replace").replace('"', "%22"),
+        agent=agent.decode("ascii", "replace").replace('"', "%22"),
+    )
+    return line
+
+
+def _finish(request: server.Request, status: int, body: dict, headers: dict | None = None) -> None:
+    if request.finished or request._disconnected:
+        return
+    request.setResponseCode(status, _PHRASES.get(status))
+    request.setHeader(b"content-type", b"application/json")
+    request.setHeader(b"cache-control", b"no-store")
+    request.setHeader(b"x-content-type-options", b"nosniff")
+    for name, value in (headers or {}).items():
+        request.setHeader(name, value)
+    request.write(dumps(body))
+    request.finish()
+
+
+def _finish_error(request: server.Request, code: str, message: str, headers: dict | None = None):
+    _finish(request, ERROR_STATUS[code], {"error": {"code": code, "message": message}}, headers)
+
+
+def _answer_failure(request: server.Request, failure: Failure) -> None:
+    if failure.check(HttpError):
+        err = failure.value
+        _finish_error(request, err.code, err.message, err.headers)
+    elif failure.check(AuthError):
+        _finish_error(request, failure.value.code, failure.value.message)
+    else:
+        _log.failure(
+            "unexpected error answering {method} {path}",
+            failure,
+            method=request.method,
+            path=redacted_uri(request.path),
+        )
+        _finish_error(request, "internal_error", "internal error")
+
+
+def read_json(request: LimitedRequest) -> dict[str, Any]:
+    """The request's JSON object body, or ``HttpError`` (413, 415, 400)."""
+    if request.body_too_large:
+        raise HttpError("request_too_large", f"the body is larger than {MAX_BODY_BYTES} bytes")
+    ctype = (request.getHeader(b"content-type") or b"").split(b";")[0].strip().lower()
+    if ctype != b"application/json":
+        raise HttpError("unsupported_media_type", "the body must be application/json")
+    request.content.seek(0)
+    try:
+        return loads_object(request.content.read())
+    except InvalidJSON as exc:
+        raise HttpError("invalid_request", f"the body is {exc}") from None
+
+
+class JsonResource(Resource):
+    """Dispatches on the method to ``GET``/``POST`` handlers returning a body or Deferred.
+
+    A handler returns ``(status, body)``; raising ``HttpError`` or
+    ``AuthError`` answers with the error shape.
+    """
+
+    isLeaf = True
+    handlers: dict[bytes, str] = {}
+
+    def getChild(self, path: bytes, request: server.Request) -> Resource:
+        return NotFound()
+
+    def render(self, request: server.Request) -> Any:
+        if self.isLeaf and request.postpath:
+            return NotFound().render(request)
+        method = b"GET" if request.method == b"HEAD" else request.method
+        name = self.handlers.get(method)
+        if name is None:
+            allowed = b", ".join(sorted(self.handlers))
+            _finish_error(
+                request, "method_not_allowed", f"use {allowed.decode()}", {b"allow": allowed}
+            )
+            return server.NOT_DONE_YET
+        d = defer.maybeDeferred(getattr(self, name), request)
+        d.addCallback(lambda result: _finish(request, result[0], result[1]))
+        d.addErrback(lambda failure: _answer_failure(request, failure))
+        return server.NOT_DONE_YET
+
+
+class NotFound(JsonResource):
+    """Every unknown path."""
+
+    def render(self, request: server.Request) -> Any:
+        _finish_error(request, "not_found", "no such resource")
+        return server.NOT_DONE_YET
+
+
+class _Refused(JsonResource):
+    """Answers one fixed error (used for the rate limit)."""
+
+    def __init__(self, error: HttpError) -> None:
+        super().__init__()
+        self._error = error
+
+    def render(self, request: server.Request) -> Any:
+        _finish_error(request, self._error.code, self._error.message, self._error.headers)
+        return server.NOT_DONE_YET
+
+
+class Info(JsonResource):
+    """GET /: what this server is."""
+
+    handlers = {b"GET": "get"}
+
+    def get(self, request: server.Request) -> tuple[int, dict]:
+        return 200, {"name": "wsserver", "version": __version__, "protocol": 1}
+
+
+class Health(JsonResource):
+    """GET /health: the process is up and serving."""
+
+    handlers = {b"GET": "get"}
+
+    def __init__(self, status: Callable[[], dict]) -> None:
+        super().__init__()
+        self._status = status
+
+    def get(self, request: server.Request) -> tuple[int, dict]:
+        return 200, {"status": "ok", **self._status()}
+
+
+class Register(JsonResource):
+    """POST /auth/register."""
+
+    handlers = {b"POST": "post"}
+
+    def __init__(self, auth: Authenticator) -> None:
+        super().__init__()
+        self._auth = auth
+
+    @defer.inlineCallbacks
+    def post(self, request: LimitedRequest) -> Any:
+        user = yield self._auth.register(read_json(request))
+        _log.info("registered {user}", user=user.user_id)
+        body = public_user(user)
+        body["created_at"] = format_timestamp(user.created_ms)
+        return 201, body
+
+
+class Login(JsonResource):
+    """POST /auth/login (a challenge) and POST /auth/login?verify=true (a token)."""
+
+    handlers = {b"POST": "post"}
+
+    def __init__(self, auth: Authenticator) -> None:
+        super().__init__()
+        self._auth = auth
+
+    @defer.inlineCallbacks
+    def post(self, request: LimitedRequest) -> Any:
+        flag = (request.args.get(b"verify") or [b"false"])[0].lower()
+        if flag not in _TRUE | _FALSE:
+            raise HttpError("invalid_request", "verify must be true or false")
+        body = read_json(request)
+        if flag in _TRUE:
+            try:
+                token, exp = yield self._auth.login(body)
+            except AuthError as err:
+                _log.info("login refused: {code}", code=err.code)
+                raise
+            _log.info("logged in {user}", user=body.get("user_id"))
+            return 200, {"token": token, "expires_at": format_timestamp(exp * 1000)}
+        challenge, expires_ms = yield self._auth.challenge(body)
+        return 200, {"challenge": challenge, "expires_at": format_timestamp(expires_ms)}
+
+
+class UserKey(JsonResource):
+    """GET /auth/users/{user_id}."""
+
+    handlers = {b"GET": "get"}
+
+    def __init__(self, auth: Authenticator, user_id: bytes) -> None:
+        super().__init__()
+        self._auth = auth
+        self._user_id = user_id
+
+    @defer.inlineCallbacks
+    def get(self, request: server.Request) -> Any:
+        try:
+            user_id = self._user_id.decode("utf-8")
+        except UnicodeDecodeError:
+            raise AuthError("unknown_user", "no such user") from None
+        user = yield self._auth.lookup(user_id)
+        return 200, public_user(user)
+
+
+class Users(Resource):
+    """/auth/users/: one child per user_id."""
+
+    def __init__(self, auth: Authenticator) -> None:
+        super().__init__()
+        self._auth = auth
+
+    def getChild(self, path: bytes, request: server.Request) -> Resource:
+        return UserKey(self._auth, path) if path else NotFound()
+
+    def render(self, request: server.Request) -> Any:
+        return NotFound().render(request)
+
+
+class AuthTree(Resource):
+    """/auth/: every request below it is rate limited per client IP."""
+
+    def __init__(self, auth: Authenticator, limiter: RateLimiter) -> None:
+        super().__init__()
+        self._limiter = limiter
+        self.putChild(b"register", Register(auth))
+        self.putChild(b"login", Login(auth))
+        self.putChild(b"users", Users(auth))
+
+    def getChildWithDefault(self, path: bytes, request: server.Request) -> Resource:
+        address = request.getClientAddress()
+        wait = self._limiter.take(getattr(address, "host", str(address)))
+        if wait:
+            retry = str(max(1, math.ceil(wait))).encode("ascii")
+            return _Refused(HttpError("rate_limited", "too many requests", {b"retry-after": retry}))
+        return super().getChildWithDefault(path, request)
+
+    def getChild(self, path: bytes, request: server.Request) -> Resource:
+        return NotFound()
+
+    def render(self, request: server.Request) -> Any:
+        return NotFound().render(request)
+
+
+def _header_token(request: server.Request) -> str | None:
+    raw = request.getHeader(b"authorization")
+    if raw is None:
+        return None
+    scheme, _, token = raw.decode("latin-1").strip().partition(" ")
+    if scheme.lower() != "bearer" or not token.strip():
+        raise HttpError("unauthorized", "the Authorization header must be 'Bearer <token>'")
+    return token.strip()
+
+
+class WebSocketGate(Resource):
+    """/ws: refuses bad Origin, ``since`` or token before the upgrade."""
+
+    isLeaf = True
+
+    def __init__(
+        self,
+        factory: ServerFactory,
+        auth: Authenticator,
+        allowed_origins: frozenset[str],
+        secure: bool,
+    ) -> None:
+        super().__init__()
+        self._factory = factory
+        self._auth = auth
+        self._origins = allowed_origins
+        self._scheme = "https" if secure else "http"
+        self._upgrade = WebSocketResource(factory)
+
+    def _check(self, request: server.Request) -> tuple[str, int | None]:
+        """Return (token, since) or raise ``HttpError``."""
+        if request.postpath:
+            raise HttpError("not_found", "no such resource")
+        if request.method != b"GET":
+            raise HttpError("method_not_allowed", "use GET", {b"allow": b"GET"})
+        raw_origin = request.getHeader(b"origin")
+        if raw_origin is not None:
+            origin = raw_origin.decode("latin-1").strip().lower()
+            host = (request.getHeader(b"host") or b"").decode("latin-1").strip().lower()
+            if origin not in self._origins and origin != f"{self._scheme}://{host}":
+                raise HttpError("forbidden_origin", "this Origin may not open a WebSocket here")
+        since = None
+        raw_since = request.args.get(b"since")
+        if raw_since is not None:
+            if len(raw_since) != 1 or not re.fullmatch(rb"[0-9]{1,18}", raw_since[0]):
+                raise HttpError("invalid_request", "since must be a non-negative integer")
+            since = int(raw_since[0])
+        token = _header_token(request)
+        if token is None:
+            tokens = request.args.get(b"token") or []
+            if len(tokens) != 1 or not tokens[0]:
+                raise HttpError("unauthorized", "a token is required")
+            token = tokens[0].decode("ascii", "replace")
+        return token, since
+
+    def render(self, request: server.Request) -> Any:
+        try:
+            token, since = self._check(request)
+        except HttpError as err:
+            _log.info("refused a WebSocket upgrade: {code}", code=err.code)
+            _finish_error(request, err.code, err.message, err.headers)
+            return server.NOT_DONE_YET
+        d = self._auth.session(token)
+        d.addCallback(self._admit, request, since)
+        d.addErrback(self._refuse, request)
+        return server.NOT_DONE_YET
+
+    def _admit(self, session: Any, request: server.Request, since: int | None) -> None:
+        if request._disconnected or request.channel is None or request.channel.transport is None:
+            return
+        if (request.getHeader(b"upgrade") or b"").strip().lower() != b"websocket":
+            _finish_error(
+                request,
+                "upgrade_required",
+                "this endpoint speaks WebSocket only",
+                {b"upgrade": b"websocket"},
+            )
+            return
+        result = self._factory.admit(session, since, lambda: self._upgrade.render(request))
+        if result is not server.NOT_DONE_YET and not request.finished:
+            request.write(result)
+            request.finish()
+
+    def _refuse(self, failure: Failure, request: server.Request) -> None:
+        if failure.check(AuthError):
+            _log.info("refused a WebSocket upgrade: unauthorized")
+            _finish_error(request, "unauthorized", failure.value.message)
+        else:
+            _answer_failure(request, failure)
+
+
+def build_root(
+    auth: Authenticator,
+    auth_limiter: RateLimiter,
+    ws_gate: WebSocketGate,
+    status: Callable[[], dict],
+) -> Resource:
+    """The whole resource tree."""
+    root = _Root()
+    root.putChild(b"", Info())
+    root.putChild(b"auth", AuthTree(auth, auth_limiter))
+    root.putChild(b"ws", ws_gate)
+    root.putChild(b"health", Health(status))
+    return root
+
+
+class _Root(Resource):
+    def getChild(self, path: bytes, request: server.Request) -> Resource:
+        return NotFound()
+
+
+def build_site(root: Resource, timeout: float = 60.0) -> server.Site:
+    """A Site with bounded bodies and an access log that hides tokens."""
+    site = server.Site(root, timeout=timeout, logFormatter=access_log_line)
+    site.requestFactory = LimitedRequest
+    site.displayTracebacks = False
+    return site

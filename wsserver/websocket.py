@@ -1,0 +1,406 @@
+"""The WebSocket side: one Autobahn protocol per connection, and its factory.
+
+A connection arrives already authenticated (web.py checks the token, the
+Origin and ``since`` before the upgrade and hands the ``Session`` over
+through ``ServerFactory.admit``).  Each text frame costs a rate-limit token,
+is parsed, has its signature checked, is stored, is routed by the broker,
+and is acknowledged only after the commit.
+"""
+
+from __future__ import annotations
+
+import heapq
+import math
+import weakref
+from collections.abc import Callable
+from typing import Any
+
+from autobahn.twisted.websocket import WebSocketServerFactory, WebSocketServerProtocol
+from autobahn.websocket.protocol import WebSocketProtocol
+from twisted.internet import defer
+from twisted.internet.interfaces import IPushProducer, IReactorTime
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+from zope.interface import implementer
+
+from .auth import Session, verification_of
+from .broker import IBroker
+from .messages import (
+    INVALID_SIGNATURE,
+    UNSIGNED,
+    Draft,
+    Refusal,
+    ack_frame,
+    nonce_from_raw,
+    parse_client_frame,
+    system_frame,
+)
+from .ratelimit import RateLimiter
+from .store import DUPLICATE, NO_RECIPIENT, NewMessage, Store
+
+_log = Logger()
+
+CLOSE_NORMAL = 1000
+CLOSE_GOING_AWAY = 1001
+CLOSE_UNSUPPORTED = 1003
+CLOSE_POLICY = 1008
+CLOSE_TOO_BIG = 1009
+CLOSE_INTERNAL = 1011
+CLOSE_TRY_LATER = 1013
+CLOSE_TOKEN_EXPIRED = 4001
+
+
+class ExpiryWatch:
+    """Closes connections whose token expired, with one timer for all of them."""
+
+    def __init__(self, clock: IReactorTime) -> None:
+        self._clock = clock
+        self._heap: list[tuple[float, int, weakref.ref]] = []
+        self._seq = 0
+        self._call: Any = None
+
+    def add(self, conn: ServerProtocol, at: float) -> None:
+        """Close ``conn`` with 4001 at ``at`` (reactor seconds) if still open."""
+        self._seq += 1
+        heapq.heappush(self._heap, (at, self._seq, weakref.ref(conn)))
+        if self._heap[0][1] == self._seq:
+            self._reschedule()
+
+    def _reschedule(self) -> None:
+        if self._call is not None and self._call.active():
+            self._call.cancel()
+        self._call = None
+        if self._heap:
+            delay = max(0.0, self._heap[0][0] - self._clock.seconds())
+            self._call = self._clock.callLater(delay, self._fire)
+
+    def _fire(self) -> None:
+        self._call = None
+        now = self._clock.seconds()
+        while self._heap and self._heap[0][0] <= now:
+            _, _, ref = heapq.heappop(self._heap)
+            conn = ref()
+            if conn is not None and conn.live:
+                conn.close(CLOSE_TOKEN_EXPIRED, "token expired")
+        self._reschedule()
+
+    def stop(self) -> None:
+        """Cancel the timer (at shutdown)."""
+        if self._call is not None and self._call.active():
+            self._call.cancel()
+        self._call = None
+
+
+@implementer(IPushProducer)
+class _Flow:
+    """Told by the transport when its send buffer is full and when it drained."""
+
+    def __init__(self, conn: ServerProtocol) -> None:
+        self._conn = conn
+
+    def pauseProducing(self) -> None:
+        self._conn._paused = True
+
+    def resumeProducing(self) -> None:
+        self._conn._resumed()
+
+    def stopProducing(self) -> None:
+        self._conn._paused = True
+
+
+class ServerProtocol(WebSocketServerProtocol):
+    """One client connection of an authenticated user."""
+
+    factory: ServerFactory
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.session: Session | None = None
+        self.since: int | None = None
+        self._attached = False
+        self._replaying = True
+        self._held: list[tuple[int, Any]] = []  # live frames that came during replay
+        self._last_id = 0  # highest message id written: ids only go up per connection
+        self._paused = False
+        self._unsent = 0  # bytes written while the transport said it was full
+        self._waiting: list[defer.Deferred] = []
+        self._closed = defer.Deferred()
+
+    # -- what the broker sees ---------------------------------------------------
+
+    @property
+    def user_id(self) -> str:
+        assert self.session is not None
+        return self.session.user_id
+
+    @property
+    def live(self) -> bool:
+        return self._attached and self.state == WebSocketProtocol.STATE_OPEN
+
+    def deliver(self, msg_id: int, frame: Any, replayed: bool = False) -> bool:
+        if not self.live:
+            return False
+        if self._replaying and not replayed:
+            self._held.append((msg_id, frame))
+            return True
+        if msg_id > self._last_id:
+            self._last_id = msg_id
+            self._send(frame.payloadHybi, prepared=frame)
+        return True
+
+    def notify(self, payload: bytes) -> None:
+        if self.live:
+            self._send(payload)
+
+    def replay_finished(self) -> None:
+        self._replaying = False
+        held, self._held = self._held, []
+        for msg_id, frame in held:
+            self.deliver(msg_id, frame)
+
+    def writable(self) -> defer.Deferred:
+        if not self._paused or not self.live:
+            return defer.succeed(None)
+        d: defer.Deferred = defer.Deferred()
+        self._waiting.append(d)
+        return d
+
+    def whenClosed(self) -> defer.Deferred:
+        """A Deferred that fires once this connection has closed."""
+        d: defer.Deferred = defer.Deferred()
+        if self._closed.called:
+            d.callback(None)
+        else:
+            self._closed.addBoth(lambda r: d.callback(None) or r)
+        return d
+
+    # -- sending ----------------------------------------------------------------
+
+    def _send(self, payload: bytes, prepared: Any = None) -> None:
+        if prepared is not None:
+            self.sendPreparedMessage(prepared)
+        else:
+            self.sendMessage(payload)
+        if self._paused:
+            self._unsent += len(payload)
+            if self._unsent > self.factory.max_outbox_bytes:
+                _log.info("closing slow connection of {user}", user=self.user_id)
+                self.close(CLOSE_TRY_LATER, "too slow: outbox full")
+
+    def _resumed(self) -> None:
+        self._paused = False
+        self._unsent = 0
+        waiting, self._waiting = self._waiting, []
+        for d in waiting:
+            d.callback(None)
+
+    def close(self, code: int, reason: str) -> None:
+        """Start the closing handshake with any close code (1001, 1008, ...)."""
+        if self.state == WebSocketProtocol.STATE_OPEN:
+            self.sendCloseFrame(code, reason.encode("utf-8"))
+        elif self.state != WebSocketProtocol.STATE_CLOSED:
+            self.dropConnection(abort=True)
+
+    def _refuse(self, refusal: Refusal, retry_after_ms: int | None = None) -> None:
+        _log.info("refused a message from {user}: {code}", user=self.user_id, code=refusal.code)
+        if self.live:
+            now_ms = int(self.factory.clock.seconds() * 1000)
+            frame = system_frame(
+                self.user_id, refusal.code, refusal.message, now_ms, refusal.nonce, retry_after_ms
+            )
+            self._send(frame)
+
+    # -- Autobahn callbacks -----------------------------------------------------
+
+    def onConnect(self, request: Any) -> None:
+        # Authorised before the upgrade (web.py); nothing is left to decide.
+        return None
+
+    def onOpen(self) -> None:
+        try:
+            self._start()
+        except Exception:
+            _log.failure("could not open a connection")
+            self.close(CLOSE_INTERNAL, "internal error")
+
+    def _start(self) -> None:
+        factory = self.factory
+        if self.session is None:
+            self.close(CLOSE_POLICY, "not authenticated")
+            return
+        if not factory.accepting:
+            self.close(CLOSE_GOING_AWAY, "server shutting down")
+            return
+        if not factory.broker.attach(self):
+            _log.info("refused a connection of {user}: too many", user=self.user_id)
+            self.close(CLOSE_POLICY, "too many connections for this user")
+            return
+        self._attached = True
+        # The HTTP channel registered itself as the producer; take its place,
+        # so the transport tells us when its send buffer fills up.
+        self.transport.unregisterProducer()
+        self.transport.registerProducer(_Flow(self), True)
+        factory.expiry.add(self, self.session.expires_at)
+        _log.info("connected: {user} from {peer}", user=self.user_id, peer=self.peer)
+        replay = factory.broker.replay(self, self.since)
+        replay.addErrback(self._replay_failed)
+
+    def _replay_failed(self, failure: Failure) -> None:
+        _log.failure("replay for {user} failed", failure, user=self.user_id)
+        self.close(CLOSE_INTERNAL, "internal error")
+
+    def onMessage(self, payload: bytes, isBinary: bool) -> None:
+        if not self.live:
+            return
+        if isBinary:
+            _log.info("closing {user}: binary frame", user=self.user_id)
+            self.close(CLOSE_UNSUPPORTED, "binary frames are not supported")
+            return
+        factory = self.factory
+        wait = factory.limiter.take(self.user_id)
+        if wait:
+            limiter = factory.limiter
+            text = (
+                f"rate limit exceeded: {limiter.rate:g} messages/s, burst {limiter.burst};"
+                " message not sent"
+            )
+            self._refuse(
+                Refusal("rate_limited", text, nonce_from_raw(payload)),
+                retry_after_ms=math.ceil(wait * 1000),
+            )
+            return
+        try:
+            draft = parse_client_frame(payload, self.user_id, factory.max_content_bytes)
+            verification = verification_of(self.user_id, draft, self.session.verify_key)
+            if verification == INVALID_SIGNATURE:
+                raise Refusal("invalid_signature", "the signature is not valid", draft.nonce)
+            if verification == UNSIGNED and factory.require_signatures:
+                raise Refusal("signature_required", "messages must be signed", draft.nonce)
+        except Refusal as refusal:
+            self._refuse(refusal)
+            return
+        new = NewMessage(
+            self.user_id,
+            draft.recipient,
+            draft.content,
+            draft.signature,
+            draft.nonce,
+            verification,
+            int(factory.clock.seconds() * 1000),
+        )
+        d = factory.store.add_message(new)
+        d.addCallbacks(self._stored, self._not_stored, (draft,), None, (draft,))
+        d.addErrback(self._failed_after_store)
+
+    def _stored(self, outcome: tuple[str, Any], draft: Draft) -> None:
+        kind, msg = outcome
+        if kind == NO_RECIPIENT:
+            self._refuse(Refusal("unknown_recipient", "no such recipient", draft.nonce))
+        elif kind == DUPLICATE:
+            if msg.recipient == draft.recipient and msg.content == draft.content:
+                if self.live:
+                    self._send(ack_frame(msg))
+            else:
+                self._refuse(
+                    Refusal("nonce_reused", "this nonce belongs to another message", draft.nonce)
+                )
+        else:
+            msg = self.factory.broker.publish(self, msg)
+            if self.live:
+                self._send(ack_frame(msg))
+
+    def _not_stored(self, failure: Failure, draft: Draft) -> None:
+        # The store has logged the cause; the sender learns it was not stored.
+        self._refuse(
+            Refusal(
+                "internal_error", "the message could not be stored; it was not sent", draft.nonce
+            )
+        )
+
+    def _failed_after_store(self, failure: Failure) -> None:
+        _log.failure("delivery after commit failed", failure)
+
+    def onClose(self, wasClean: bool, code: int | None, reason: str | None) -> None:
+        if self._attached:
+            self._attached = False
+            self.factory.broker.detach(self)
+            _log.info("closed: {user} code={code}", user=self.user_id, code=code)
+        waiting, self._waiting = self._waiting, []
+        for d in waiting:
+            d.callback(None)
+        if not self._closed.called:
+            self._closed.callback(None)
+
+
+class ServerFactory(WebSocketServerFactory):
+    """Builds ``ServerProtocol``s and holds what they share."""
+
+    protocol = ServerProtocol
+
+    def __init__(
+        self,
+        *,
+        store: Store,
+        limiter: RateLimiter,
+        clock: IReactorTime,
+        max_content_bytes: int,
+        max_frame_bytes: int,
+        max_outbox_bytes: int,
+        require_signatures: bool,
+        auto_ping_interval: float = 30.0,
+        auto_ping_timeout: float = 10.0,
+    ) -> None:
+        super().__init__(server="wsserver")
+        self.store = store
+        self.limiter = limiter
+        self.clock = clock
+        self.broker: IBroker | None = None  # set by the wiring (tap.py)
+        self.expiry = ExpiryWatch(clock)
+        self.max_content_bytes = max_content_bytes
+        self.max_outbox_bytes = max_outbox_bytes
+        self.require_signatures = require_signatures
+        self.accepting = True
+        self._admitting: tuple[Session, int | None] | None = None
+        self.setProtocolOptions(
+            maxFramePayloadSize=max_frame_bytes,
+            maxMessagePayloadSize=max_frame_bytes,
+            autoPingInterval=auto_ping_interval,
+            autoPingTimeout=auto_ping_timeout,
+            openHandshakeTimeout=10,
+            closeHandshakeTimeout=5,
+            utf8validateIncoming=True,
+            failByDrop=False,
+            perMessageCompressionAccept=lambda offers: None,
+            tcpNoDelay=True,
+        )
+
+    def admit(self, session: Session, since: int | None, upgrade: Callable[[], Any]) -> Any:
+        """Run ``upgrade`` (which builds the protocol) for this session."""
+        self._admitting = (session, since)
+        try:
+            return upgrade()
+        finally:
+            self._admitting = None
+
+    def buildProtocol(self, addr: Any) -> ServerProtocol:
+        proto = super().buildProtocol(addr)
+        if self._admitting is not None:
+            proto.session, proto.since = self._admitting
+        return proto
+
+    @defer.inlineCallbacks
+    def shut_down(self) -> Any:
+        """Stop taking frames, commit what was received, close every connection with 1001."""
+        self.accepting = False
+        self.expiry.stop()
+        conns = list(self.broker.connections()) if self.broker else []
+        for conn in conns:
+            conn.transport.pauseProducing()  # stop reading; writes still go out
+        yield self.store.drain()
+        closed = []
+        for conn in conns:
+            closed.append(conn.whenClosed())
+            conn.close(CLOSE_GOING_AWAY, "server shutting down")
+            if conn.transport is not None:
+                conn.transport.resumeProducing()  # to read the close replies
+        yield defer.DeferredList(closed)
