@@ -89,6 +89,7 @@ class LiveServer:
         if not self._stopped:
             self._stopped = True
             yield self.service.stopService()
+            cancel_batched_timers()
 
     @defer.inlineCallbacks
     def post(self, path: str, body: Any, client: Any = None) -> Any:
@@ -179,6 +180,15 @@ class Client(WebSocketClientProtocol):
             if frame["type"] == kind:
                 return frame
 
+    @defer.inlineCallbacks
+    def take(self, count: int, kind: str | None = None) -> Any:
+        """The next ``count`` frames (of type ``kind`` if given)."""
+        frames = []
+        for _ in range(count):
+            frame = yield (self.next_of(kind) if kind else self.next_frame())
+            frames.append(frame)
+        return frames
+
     def wait_closed(self, seconds: float = TIMEOUT) -> defer.Deferred:
         d: defer.Deferred = defer.Deferred()
         self.closed.addBoth(lambda r: (d.callback(r) if not d.called else None, r)[1])
@@ -222,3 +232,16 @@ def connect_ws(
 
 def env_with(**values: Any) -> dict[str, str]:
     return {k: str(v) for k, v in values.items()}
+
+
+def cancel_batched_timers() -> None:
+    """Cancel txaio's leftover timer buckets.
+
+    Autobahn schedules handshake timeouts through txaio batched timers; cancelling
+    a call leaves the bucket's own reactor call pending until it fires empty.  Once
+    every connection of a test is closed they do nothing, but trial would report
+    them as a dirty reactor.
+    """
+    for call in reactor.getDelayedCalls():
+        if getattr(call.func, "__name__", "") == "_notify_bucket" and call.active():
+            call.cancel()
