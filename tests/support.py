@@ -8,9 +8,9 @@ import socket
 from pathlib import Path
 from typing import Any
 
-from treq.client import HTTPClient
 from autobahn.twisted.websocket import WebSocketClientFactory, WebSocketClientProtocol
 from nacl.signing import SigningKey
+from treq.client import HTTPClient
 from twisted.internet import defer, endpoints, reactor
 from twisted.internet.ssl import optionsForClientTLS
 from twisted.web.client import Agent, HTTPConnectionPool
@@ -74,6 +74,7 @@ class LiveServer:
 
     def http(self, tls_options: Any = None) -> HTTPClient:
         """A treq client whose connections are closed at the end of the test."""
+        tls_options = tls_options or self.tls_options
         if tls_options is not None:
             from twisted.web.client import BrowserLikePolicyForHTTPS
 

@@ -212,7 +212,7 @@ class RecoveryTests(Base):
         alice.send_json({"to": "bob", "content": "live"})
         live_ack = yield alice.next_of("ack")
         got = yield bob2.take(4, "message")
-        self.assertEqual([g["id"] for g in got], sent + [live_ack["id"]])
+        self.assertEqual([g["id"] for g in got], [*sent, live_ack["id"]])
         self.assertEqual([g["content"] for g in got], ["d1", "b1", "d2", "live"])
 
     @defer.inlineCallbacks

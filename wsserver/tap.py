@@ -9,11 +9,12 @@ a log file.
 from __future__ import annotations
 
 import os
-import re
 import sys
 from typing import Any
 
 from autobahn.websocket import USES_NVX
+from cryptography import x509
+from cryptography.hazmat.primitives.serialization import load_pem_private_key
 from twisted.application import service
 from twisted.internet import defer, endpoints, ssl
 from twisted.internet.interfaces import IReactorCore, IReactorTime
@@ -31,8 +32,6 @@ from .web import WebSocketGate, build_root, build_site
 from .websocket import ServerFactory
 
 _log = Logger()
-
-_PEM_CERT = re.compile(rb"-----BEGIN CERTIFICATE-----.+?-----END CERTIFICATE-----", re.S)
 
 
 class Options(usage.Options):
@@ -61,21 +60,18 @@ def tls_options(cert_path: str, key_path: str) -> ssl.CertificateOptions:
             key_pem = f.read()
     except OSError as exc:
         raise ConfigError(f"TLS_KEY: cannot read {key_path}: {exc.strerror}") from None
-    blocks = _PEM_CERT.findall(cert_pem)
-    if not blocks:
-        raise ConfigError(f"TLS_CERT: no PEM certificate in {cert_path}")
     try:
-        chain = [ssl.Certificate.loadPEM(block) for block in blocks]
-    except Exception:
-        raise ConfigError(f"TLS_CERT: {cert_path} holds an unreadable certificate") from None
+        chain = x509.load_pem_x509_certificates(cert_pem)
+    except ValueError:
+        raise ConfigError(f"TLS_CERT: no readable PEM certificate in {cert_path}") from None
     try:
-        key = ssl.KeyPair.load(key_pem, ssl.crypto.FILETYPE_PEM)
-    except Exception:
-        raise ConfigError(f"TLS_KEY: no usable PEM private key in {key_path}") from None
+        key = load_pem_private_key(key_pem, password=None)
+    except (ValueError, TypeError):
+        raise ConfigError(f"TLS_KEY: no usable unencrypted PEM key in {key_path}") from None
     options = ssl.CertificateOptions(
-        privateKey=key.original,
-        certificate=chain[0].original,
-        extraCertChain=[c.original for c in chain[1:]],
+        privateKey=key,
+        certificate=chain[0],
+        extraCertChain=chain[1:],
         raiseMinimumTo=ssl.TLSVersion.TLSv1_2,
     )
     try:
@@ -149,7 +145,9 @@ class WsServerService(service.Service):
         outcome: list[Any] = []
         self.listen().addBoth(outcome.append)
         if outcome and isinstance(outcome[0], Failure):
-            sys.stderr.write(
+            # twistd has redirected sys.stderr into its log by now: write to
+            # the real terminal.
+            (sys.__stderr__ or sys.stderr).write(
                 f"wsserver: SERVER_ADDR: cannot listen on {self.config.listen}: "
                 f"{outcome[0].getErrorMessage()}\n"
             )

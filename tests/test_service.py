@@ -1,0 +1,267 @@
+"""The real thing: ``twistd wsserver`` in its own process, started as a user would,
+and in-process shutdown under traffic (protocol sections 8 and 10)."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import sqlite3
+import sys
+from pathlib import Path
+
+from twisted.internet import defer, error, protocol, reactor, task
+from twisted.trial import unittest
+
+from .support import LiveServer, connect_ws, free_port, within
+
+ROOT = Path(__file__).resolve().parents[1]
+TWISTD = [sys.executable, "-c", "from twisted.scripts.twistd import run; run()"]
+
+
+class _Collect(protocol.ProcessProtocol):
+    def __init__(self) -> None:
+        self.out = b""
+        self.err = b""
+        self.ended: defer.Deferred = defer.Deferred()
+
+    def outReceived(self, data: bytes) -> None:
+        self.out += data
+
+    def errReceived(self, data: bytes) -> None:
+        self.err += data
+
+    def processEnded(self, reason) -> None:
+        value = reason.value
+        if isinstance(value, error.ProcessTerminated):
+            result = ("signal", value.signal) if value.signal else ("exit", value.exitCode)
+        else:
+            result = ("exit", 0)
+        self.ended.callback(result)
+
+
+class Twistd:
+    """One ``twistd`` process of the working tree's wsserver."""
+
+    def __init__(self, testcase, args: list[str], env: dict | None = None) -> None:
+        self.proc = _Collect()
+        full_env = {k: v for k, v in os.environ.items() if not k.startswith(("MESSAGE_", "MAX_"))}
+        full_env.update(env or {})
+        self.transport = reactor.spawnProcess(
+            self.proc, sys.executable, TWISTD + args, env=full_env, path=str(ROOT)
+        )
+        testcase.addCleanup(self.kill)
+
+    def kill(self) -> defer.Deferred:
+        if not self.proc.ended.called:
+            with contextlib.suppress(error.ProcessExitedAlready):
+                self.transport.signalProcess("KILL")
+        return self.ended()
+
+    def ended(self, seconds: float = 20) -> defer.Deferred:
+        d: defer.Deferred = defer.Deferred()
+        self.proc.ended.addBoth(lambda r: (d.callback(r) if not d.called else None, r)[1])
+        return within(d, seconds)
+
+
+class RemoteServer:
+    """A LiveServer-like facade over a twistd process, for its HTTP helpers."""
+
+    def __init__(self, testcase, port: int) -> None:
+        self.port = port
+        self.base = f"http://127.0.0.1:{port}"
+        self.ws_base = f"ws://127.0.0.1:{port}/ws"
+        from twisted.web.client import HTTPConnectionPool
+
+        self._pool = HTTPConnectionPool(reactor, persistent=True)
+        testcase.addCleanup(self._pool.closeCachedConnections)
+
+    tls_options = None
+    http = LiveServer.http
+    post = LiveServer.post
+    get = LiveServer.get
+    register = LiveServer.register
+    login = LiveServer.login
+    user = LiveServer.user
+
+    @defer.inlineCallbacks
+    def wait_up(self, seconds: float = 20) -> defer.Deferred:
+        for _ in range(int(seconds * 10)):
+            try:
+                code, _ = yield self.get("/health")
+            except Exception:
+                yield task.deferLater(reactor, 0.1, lambda: None)
+                continue
+            if code == 200:
+                return
+        raise AssertionError("the server did not come up")
+
+
+def serve_args(port: int, db: str, *extra: str) -> list[str]:
+    return [
+        "-n",
+        "--pidfile=",
+        "wsserver",
+        "--port",
+        f"tcp:{port}:interface=127.0.0.1",
+        "--database",
+        db,
+        *extra,
+    ]
+
+
+class TwistdTests(unittest.TestCase):
+    timeout = 120
+
+    @defer.inlineCallbacks
+    def start(self, db: str, env: dict | None = None):
+        port = free_port()
+        proc = Twistd(self, serve_args(port, db), env)
+        server = RemoteServer(self, port)
+        yield server.wait_up()
+        return proc, server
+
+    @defer.inlineCallbacks
+    def test_sigterm_closes_1001_and_keeps_every_acked_message(self):
+        """Under traffic, SIGTERM closes every WebSocket with 1001, the process ends
+        cleanly, and every acknowledged message is in the database."""
+        db = self.mktemp() + ".db"
+        proc, server = yield self.start(db)
+        _, alice_token = yield server.user("alice")
+        _, bob_token = yield server.user("bob")
+        alice = yield connect_ws(server.ws_base, alice_token)
+        bob = yield connect_ws(server.ws_base, bob_token)
+        for i in range(200):
+            alice.send_json({"to": "bob", "content": f"m{i}", "nonce": f"t-{i}"})
+        yield alice.next_of("ack")
+        proc.transport.signalProcess("TERM")
+        codes = yield defer.gatherResults([alice.wait_closed(), bob.wait_closed()])
+        self.assertEqual(codes, [1001, 1001])
+        how = yield proc.ended()
+        self.assertIn(how, [("exit", 0), ("signal", signal.SIGTERM)], proc.proc.err)
+        acked = [f["id"] for f in alice.received if f["type"] == "ack"]
+        self.assertTrue(acked)
+        conn = sqlite3.connect(db)
+        self.addCleanup(conn.close)
+        stored = {row[0] for row in conn.execute("SELECT id FROM messages")}
+        self.assertLessEqual(set(acked), stored)
+        self.assertIn(b"shut down cleanly", proc.proc.out)
+
+    @defer.inlineCallbacks
+    def test_restart_keeps_users_messages_pending_and_tokens(self):
+        """After a restart on the same database: users are there, an old token still
+        works, and a message that was pending is delivered."""
+        db = self.mktemp() + ".db"
+        proc, server = yield self.start(db)
+        _, alice_token = yield server.user("alice")
+        _, bob_token = yield server.user("bob")
+        alice = yield connect_ws(server.ws_base, alice_token)
+        alice.send_json({"to": "bob", "content": "while you were away", "nonce": "p-1"})
+        ack = yield alice.next_of("ack")
+        self.assertEqual(ack["status"], "pending")
+        proc.transport.signalProcess("TERM")
+        yield alice.wait_closed()
+        yield proc.ended()
+
+        proc2, server2 = yield self.start(db)
+        code, _body = yield server2.get("/auth/users/alice")
+        self.assertEqual(code, 200)
+        bob = yield connect_ws(server2.ws_base, bob_token)
+        got = yield bob.next_of("message")
+        self.assertEqual((got["id"], got["content"]), (ack["id"], "while you were away"))
+        yield bob.close_and_wait()
+        proc2.transport.signalProcess("TERM")
+        yield proc2.ended()
+
+    @defer.inlineCallbacks
+    def test_bad_settings_stop_the_start_with_one_line(self):
+        """A bad variable, a bad option, a half TLS pair or a taken port: exit status 1
+        and one line naming the setting, no traceback."""
+        db = self.mktemp() + ".db"
+        port = free_port()
+        cases = [
+            ({"MESSAGE_RATE_LIMIT": "fast"}, [], "MESSAGE_RATE_LIMIT"),
+            ({}, ["--max-frame-bytes", "x"], "MAX_FRAME_BYTES"),
+            ({"TLS_CERT": "/nonexistent.pem"}, [], "TLS_CERT"),
+            ({"JWT_SECRET": "too short"}, [], "JWT_SECRET"),
+            ({}, ["--tls-cert", "/no.pem", "--tls-key", "/no.key"], "TLS_CERT"),
+        ]
+        for env, extra, name in cases:
+            proc = Twistd(self, serve_args(port, db, *extra), env)
+            how = yield proc.ended()
+            err = proc.proc.err.decode()
+            self.assertEqual(how, ("exit", 1), err)
+            self.assertIn(name, err)
+            self.assertNotIn("Traceback", err)
+            self.assertEqual(len(err.strip().splitlines()), 1, err)
+        blocker = reactor.listenTCP(0, protocol.Factory(), interface="127.0.0.1")
+        self.addCleanup(blocker.stopListening)
+        taken = blocker.getHost().port
+        proc = Twistd(self, serve_args(taken, db))
+        how = yield proc.ended()
+        self.assertEqual(how, ("exit", 1))
+        self.assertIn("SERVER_ADDR", proc.proc.err.decode())
+        self.assertNotIn("Traceback", proc.proc.err.decode())
+
+    @defer.inlineCallbacks
+    def test_daemonized_with_pidfile_and_logfile(self):
+        """Without -n, twistd daemonizes: a pidfile appears, the server answers, the log
+        goes to the logfile, and SIGTERM to the pid stops it and removes the pidfile."""
+        tmp = Path(self.mktemp())
+        tmp.mkdir()
+        pidfile, logfile = tmp / "wsserver.pid", tmp / "wsserver.log"
+        port = free_port()
+        args = [
+            f"--pidfile={pidfile}",
+            f"--logfile={logfile}",
+            "wsserver",
+            "--port",
+            f"tcp:{port}:interface=127.0.0.1",
+            "--database",
+            str(tmp / "db.sqlite"),
+        ]
+        launcher = Twistd(self, args)
+        how = yield launcher.ended()
+        self.assertEqual(how, ("exit", 0), launcher.proc.err)
+        server = RemoteServer(self, port)
+        yield server.wait_up()
+        pid = int(pidfile.read_text())
+        self.addCleanup(lambda: _kill_quietly(pid))
+        os.kill(pid, signal.SIGTERM)
+        for _ in range(100):
+            if not pidfile.exists():
+                break
+            yield task.deferLater(reactor, 0.1, lambda: None)
+        self.assertFalse(pidfile.exists())
+        self.assertIn("shut down cleanly", logfile.read_text())
+
+
+def _kill_quietly(pid: int) -> None:
+    with contextlib.suppress(ProcessLookupError):
+        os.kill(pid, signal.SIGKILL)
+
+
+class InProcessShutdownTests(unittest.TestCase):
+    @defer.inlineCallbacks
+    def test_stop_commits_then_closes_1001(self):
+        """Stopping the service with messages in flight: every ack that was sent is
+        committed, and the clients see 1001."""
+        server = LiveServer(self)
+        _, alice_token = yield server.user("alice")
+        _, bob_token = yield server.user("bob")
+        alice = yield server.connect(alice_token)
+        bob = yield server.connect(bob_token)
+        for i in range(100):
+            alice.send_json({"to": "bob", "content": f"m{i}"})
+        yield alice.next_of("ack")
+        db = server.db
+        yield server.stop()
+        codes = yield defer.gatherResults([alice.wait_closed(), bob.wait_closed()])
+        self.assertEqual(codes, [1001, 1001])
+        acked = {f["id"] for f in alice.received if f["type"] == "ack"}
+        conn = sqlite3.connect(db)
+        self.addCleanup(conn.close)
+        stored = {row[0] for row in conn.execute("SELECT id FROM messages")}
+        self.assertLessEqual(acked, stored)
+        delivered = {f["id"] for f in bob.received if f["type"] == "message"}
+        self.assertLessEqual(delivered, stored)
