@@ -265,3 +265,24 @@ class InProcessShutdownTests(unittest.TestCase):
         self.assertLessEqual(acked, stored)
         delivered = {f["id"] for f in bob.received if f["type"] == "message"}
         self.assertLessEqual(delivered, stored)
+
+
+class ExampleTests(unittest.TestCase):
+    @defer.inlineCallbacks
+    def test_readme_example_runs(self):
+        """examples/hello.py (shown in the README) registers, logs in, and gets its own
+        signed message back verified, with an ack."""
+        server = LiveServer(self)
+        proc = _Collect()
+        reactor.spawnProcess(
+            proc,
+            sys.executable,
+            [sys.executable, str(ROOT / "examples" / "hello.py"), server.base],
+            env=dict(os.environ),
+            path=str(ROOT),
+        )
+        how = yield within(proc.ended, 30)
+        self.assertEqual(how, ("exit", 0), proc.err)
+        lines = proc.out.decode().split("\n")
+        self.assertIn("message 1 delivered verified", lines)
+        self.assertIn("ack 1 delivered verified", lines)
