@@ -45,7 +45,7 @@ async def main(reactor, server="http://127.0.0.1:8080"):
     class Sender(WebSocketClientProtocol):
         def onOpen(self):
             content, nonce = "hello, world", "hello-1"
-            signed = f"wsserver-msg-v1\n{user}\n{user}\n{nonce}\n{content}".encode("utf-8")
+            signed = f"wsserver-msg-v1\n{user}\n{user}\n{nonce}\n{content}".encode()
             frame = {
                 "to": user,
                 "content": content,
