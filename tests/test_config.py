@@ -19,6 +19,7 @@ class ConfigTests(unittest.TestCase):
         self.assertEqual((c.auth_rate_limit, c.auth_burst_limit), (10.0, 20))
         self.assertEqual((c.max_content_bytes, c.max_frame_bytes), (65536, 524288))
         self.assertEqual((c.max_connections_per_user, c.max_outbox_bytes), (16, 1048576))
+        self.assertEqual((c.max_connections_per_ip, c.max_handshakes_per_ip), (4096, 128))
         self.assertFalse(c.require_signatures)
         self.assertEqual(c.shutdown_timeout, 10)
         self.assertEqual(c.allowed_origins, frozenset())
@@ -71,6 +72,8 @@ class ConfigTests(unittest.TestCase):
             "MAX_CONTENT_BYTES": "0",
             "MAX_FRAME_BYTES": "10",
             "MAX_CONNECTIONS_PER_USER": "many",
+            "MAX_CONNECTIONS_PER_IP": "0",
+            "MAX_HANDSHAKES_PER_IP": "-1",
             "MAX_OUTBOX_BYTES": "1",
             "REQUIRE_SIGNATURES": "maybe",
             "SHUTDOWN_TIMEOUT": "-5",

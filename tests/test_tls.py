@@ -117,6 +117,18 @@ class TLSTests(unittest.TestCase):
         self.assertEqual(got["content"], "over tls")
 
     @defer.inlineCallbacks
+    def test_shutdown_closes_wss_with_1001(self):
+        """Stopping the server closes WSS connections with 1001 too."""
+        _, token = yield self.server.user("alice")
+        url = f"wss://localhost:{self.server.port}/ws"
+        alice = yield connect_ws(url, token, tls_options=self.client_tls)
+        alice.send_json({"to": "alice", "content": "x"})
+        yield alice.next_of("ack")
+        yield self.server.stop()
+        code = yield alice.wait_closed()
+        self.assertEqual(code, 1001)
+
+    @defer.inlineCallbacks
     def test_wrong_host_name_is_rejected_by_the_client(self):
         """A client expecting another host name refuses the certificate."""
         other = optionsForClientTLS("example.org", trustRoot=self.ca)

@@ -38,6 +38,8 @@ class Config:
     max_content_bytes: int
     max_frame_bytes: int
     max_connections_per_user: int
+    max_connections_per_ip: int
+    max_handshakes_per_ip: int
     max_outbox_bytes: int
     require_signatures: bool
     shutdown_timeout: float
@@ -196,6 +198,20 @@ SETTINGS: list[tuple[str, str, str | None, Callable[[str], Any], str]] = [
         "16",
         _number(int, 1, 10_000),
         "open connections per user",
+    ),
+    (
+        "MAX_CONNECTIONS_PER_IP",
+        "max-connections-per-ip",
+        "4096",
+        _number(int, 1, 1_000_000),
+        "TCP connections per client address; more are closed at once",
+    ),
+    (
+        "MAX_HANDSHAKES_PER_IP",
+        "max-handshakes-per-ip",
+        "128",
+        _number(int, 1, 1_000_000),
+        "connections per client address not yet upgraded to a WebSocket",
     ),
     (
         "MAX_OUTBOX_BYTES",

@@ -26,6 +26,7 @@ from twisted.python.failure import Failure
 from .auth import Authenticator, Tokens, new_secret
 from .broker import LocalBroker
 from .config import SETTINGS, Config, ConfigError, load
+from .peers import PeerLimits
 from .ratelimit import RateLimiter
 from .store import DatabaseError, Store, prepare_database
 from .web import WebSocketGate, build_root, build_site
@@ -129,8 +130,11 @@ class WsServerService(service.Service):
         """Start listening; fires with the listening port."""
         factory: Any = self.site
         if self.tls is not None:
-            factory = TLSMemoryBIOFactory(self.tls, False, self.site)
-        d = self.endpoint.listen(factory)
+            factory = TLSMemoryBIOFactory(self.tls, False, factory)
+        self.peers = PeerLimits(
+            factory, self.config.max_connections_per_ip, self.config.max_handshakes_per_ip
+        )
+        d = self.endpoint.listen(self.peers)
 
         def listening(port: Any) -> Any:
             self.port = port

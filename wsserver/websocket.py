@@ -35,6 +35,7 @@ from .messages import (
     parse_client_frame,
     system_frame,
 )
+from .peers import mark_upgraded
 from .ratelimit import RateLimiter
 from .store import DUPLICATE, NO_RECIPIENT, NewMessage, Store
 
@@ -120,6 +121,7 @@ class ServerProtocol(WebSocketServerProtocol):
         self._attached = False
         self._replaying = True
         self._held: list[tuple[int, Any]] = []  # live frames that came during replay
+        self._held_bytes = 0
         self._last_id = 0  # highest message id written: ids only go up per connection
         self._paused = False
         self._unsent = 0  # bytes written while the transport said it was full
@@ -142,6 +144,11 @@ class ServerProtocol(WebSocketServerProtocol):
             return False
         if self._replaying and not replayed:
             self._held.append((msg_id, frame))
+            self._held_bytes += len(frame.payloadHybi)
+            if self._held_bytes > self.factory.max_outbox_bytes:
+                # Live traffic outgrew the outbox while the replay was still
+                # being written: like any slow reader, come back with since.
+                self.close(CLOSE_TRY_LATER, "too slow: outbox full")
             return True
         if msg_id > self._last_id:
             self._last_id = msg_id
@@ -155,6 +162,7 @@ class ServerProtocol(WebSocketServerProtocol):
     def replay_finished(self) -> None:
         self._replaying = False
         held, self._held = self._held, []
+        self._held_bytes = 0
         for msg_id, frame in held:
             self.deliver(msg_id, frame)
 
@@ -164,6 +172,18 @@ class ServerProtocol(WebSocketServerProtocol):
         d: defer.Deferred = defer.Deferred()
         self._waiting.append(d)
         return d
+
+    def reading(self, on: bool) -> None:
+        """Start or stop reading from the client (writes still go out)."""
+        transport = self.transport
+        # A TLS transport wraps the TCP one, which is what reads.
+        while transport is not None and not hasattr(transport, "pauseProducing"):
+            transport = getattr(transport, "transport", None)
+        if transport is not None:
+            if on:
+                transport.resumeProducing()
+            else:
+                transport.pauseProducing()
 
     def whenClosed(self) -> defer.Deferred:
         """A Deferred that fires once this connection has closed."""
@@ -236,6 +256,7 @@ class ServerProtocol(WebSocketServerProtocol):
             self.close(CLOSE_POLICY, "too many connections for this user")
             return
         self._attached = True
+        mark_upgraded(self.transport)
         # The HTTP channel registered itself as the producer; take its place,
         # so the transport tells us when its send buffer fills up.
         self.transport.unregisterProducer()
@@ -395,12 +416,11 @@ class ServerFactory(WebSocketServerFactory):
         self.expiry.stop()
         conns = list(self.broker.connections()) if self.broker else []
         for conn in conns:
-            conn.transport.pauseProducing()  # stop reading; writes still go out
+            conn.reading(False)
         yield self.store.drain()
         closed = []
         for conn in conns:
             closed.append(conn.whenClosed())
             conn.close(CLOSE_GOING_AWAY, "server shutting down")
-            if conn.transport is not None:
-                conn.transport.resumeProducing()  # to read the close replies
+            conn.reading(True)  # to read the close replies
         yield defer.DeferredList(closed)
