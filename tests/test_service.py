@@ -10,104 +10,20 @@ import sqlite3
 import sys
 from pathlib import Path
 
-from twisted.internet import defer, error, protocol, reactor, task
+from twisted.internet import defer, protocol, reactor, task
 from twisted.trial import unittest
 
-from .support import LiveServer, connect_ws, free_port, within
-
-ROOT = Path(__file__).resolve().parents[1]
-TWISTD = [sys.executable, "-c", "from twisted.scripts.twistd import run; run()"]
-
-
-class _Collect(protocol.ProcessProtocol):
-    def __init__(self) -> None:
-        self.out = b""
-        self.err = b""
-        self.ended: defer.Deferred = defer.Deferred()
-
-    def outReceived(self, data: bytes) -> None:
-        self.out += data
-
-    def errReceived(self, data: bytes) -> None:
-        self.err += data
-
-    def processEnded(self, reason) -> None:
-        value = reason.value
-        if isinstance(value, error.ProcessTerminated):
-            result = ("signal", value.signal) if value.signal else ("exit", value.exitCode)
-        else:
-            result = ("exit", 0)
-        self.ended.callback(result)
-
-
-class Twistd:
-    """One ``twistd`` process of the working tree's wsserver."""
-
-    def __init__(self, testcase, args: list[str], env: dict | None = None) -> None:
-        self.proc = _Collect()
-        full_env = {k: v for k, v in os.environ.items() if not k.startswith(("MESSAGE_", "MAX_"))}
-        full_env.update(env or {})
-        self.transport = reactor.spawnProcess(
-            self.proc, sys.executable, TWISTD + args, env=full_env, path=str(ROOT)
-        )
-        testcase.addCleanup(self.kill)
-
-    def kill(self) -> defer.Deferred:
-        if not self.proc.ended.called:
-            with contextlib.suppress(error.ProcessExitedAlready):
-                self.transport.signalProcess("KILL")
-        return self.ended()
-
-    def ended(self, seconds: float = 20) -> defer.Deferred:
-        d: defer.Deferred = defer.Deferred()
-        self.proc.ended.addBoth(lambda r: (d.callback(r) if not d.called else None, r)[1])
-        return within(d, seconds)
-
-
-class RemoteServer:
-    """A LiveServer-like facade over a twistd process, for its HTTP helpers."""
-
-    def __init__(self, testcase, port: int) -> None:
-        self.port = port
-        self.base = f"http://127.0.0.1:{port}"
-        self.ws_base = f"ws://127.0.0.1:{port}/ws"
-        from twisted.web.client import HTTPConnectionPool
-
-        self._pool = HTTPConnectionPool(reactor, persistent=True)
-        testcase.addCleanup(self._pool.closeCachedConnections)
-
-    tls_options = None
-    http = LiveServer.http
-    post = LiveServer.post
-    get = LiveServer.get
-    register = LiveServer.register
-    login = LiveServer.login
-    user = LiveServer.user
-
-    @defer.inlineCallbacks
-    def wait_up(self, seconds: float = 20) -> defer.Deferred:
-        for _ in range(int(seconds * 10)):
-            try:
-                code, _ = yield self.get("/health")
-            except Exception:
-                yield task.deferLater(reactor, 0.1, lambda: None)
-                continue
-            if code == 200:
-                return
-        raise AssertionError("the server did not come up")
-
-
-def serve_args(port: int, db: str, *extra: str) -> list[str]:
-    return [
-        "-n",
-        "--pidfile=",
-        "wsserver",
-        "--port",
-        f"tcp:{port}:interface=127.0.0.1",
-        "--database",
-        db,
-        *extra,
-    ]
+from .support import (
+    ROOT,
+    LiveServer,
+    RemoteServer,
+    Twistd,
+    _Collect,
+    connect_ws,
+    free_port,
+    serve_args,
+    within,
+)
 
 
 class TwistdTests(unittest.TestCase):

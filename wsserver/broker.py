@@ -152,12 +152,14 @@ class LocalBroker:
                     taken = conn.deliver(msg.id, self._prepare(message_frame(msg)), replayed=True)
                     if taken and msg.status == PENDING and msg.recipient == conn.user_id:
                         was_pending.append(msg)
+                    # Write no faster than the client reads: a replay never
+                    # fills the outbox by itself.
+                    yield conn.writable()
                 if was_pending:
                     self._store.mark_delivered([m.id for m in was_pending])
                     self._tell_senders(was_pending)
                 if len(page) < REPLAY_PAGE:
                     break
                 after = page[-1].id
-                yield conn.writable()
         finally:
             conn.replay_finished()

@@ -393,9 +393,9 @@ class Store:
 
     @defer.inlineCallbacks
     def close(self) -> Any:
-        """Commit what is queued, refuse new writes, close the pool."""
-        yield self.drain()
+        """Refuse new writes, commit what is queued, close the pool."""
         self._closed = True
+        yield self.drain()
         self._pool.close()
 
     # -- users ----------------------------------------------------------------

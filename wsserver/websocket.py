@@ -125,6 +125,7 @@ class ServerProtocol(WebSocketServerProtocol):
         self._last_id = 0  # highest message id written: ids only go up per connection
         self._paused = False
         self._unsent = 0  # bytes written while the transport said it was full
+        self._judging = False  # a slowness check is scheduled
         self._waiting: list[defer.Deferred] = []
         self._closed = defer.Deferred()
 
@@ -203,9 +204,18 @@ class ServerProtocol(WebSocketServerProtocol):
             self.sendMessage(payload)
         if self._paused:
             self._unsent += len(payload)
-            if self._unsent > self.factory.max_outbox_bytes:
-                _log.info("closing slow connection of {user}", user=self.user_id)
-                self.close(CLOSE_TRY_LATER, "too slow: outbox full")
+            if self._unsent > self.factory.max_outbox_bytes and not self._judging:
+                # Writes leave on a later reactor turn: judge the client only
+                # after the transport has had its chance to flush.
+                self._judging = True
+                clock = self.factory.clock
+                clock.callLater(0, clock.callLater, 0, self._judge_slow)
+
+    def _judge_slow(self) -> None:
+        self._judging = False
+        if self._paused and self._unsent > self.factory.max_outbox_bytes and self.live:
+            _log.info("closing slow connection of {user}", user=self.user_id)
+            self.close(CLOSE_TRY_LATER, "too slow: outbox full")
 
     def _resumed(self) -> None:
         self._paused = False

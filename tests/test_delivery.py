@@ -1,0 +1,149 @@
+"""Delivery guarantees in one process: slow readers, streams interrupted mid-way,
+messages in flight while a replay is written, and a locked database."""
+
+from __future__ import annotations
+
+import sqlite3
+
+from twisted.internet import defer, reactor, task
+from twisted.trial import unittest
+
+from .support import LiveServer
+
+BIG = "x" * 60_000
+
+
+def sleep(seconds: float) -> defer.Deferred:
+    return task.deferLater(reactor, seconds, lambda: None)
+
+
+def assert_in_order_once(testcase, frames):
+    """Message ids on one connection strictly increase (no duplicate, no reordering)."""
+    ids = [f["id"] for f in frames if f["type"] == "message"]
+    testcase.assertEqual(ids, sorted(set(ids)))
+    return ids
+
+
+class SlowConsumerTests(unittest.TestCase):
+    timeout = 120
+
+    @defer.inlineCallbacks
+    def test_slow_reader_is_closed_1013_without_delaying_others(self):
+        """A client that stops reading is closed with 1013 once its unsent bytes pass
+        MAX_OUTBOX_BYTES; meanwhile two other users keep exchanging without delay;
+        everything sent to the slow one arrives after it reconnects with since."""
+        server = LiveServer(
+            self,
+            {
+                "MAX_OUTBOX_BYTES": "262144",
+                "MESSAGE_RATE_LIMIT": "10000",
+                "MESSAGE_BURST_LIMIT": "10000",
+            },
+        )
+        tokens = {}
+        for name in ("alice", "bob", "carol", "dave"):
+            _, tokens[name] = yield server.user(name)
+        alice = yield server.connect(tokens["alice"], testcase=self)
+        bob = yield server.connect(tokens["bob"], testcase=self)
+        carol = yield server.connect(tokens["carol"], testcase=self)
+        dave = yield server.connect(tokens["dave"], testcase=self)
+        (bob_on_server,) = list(server.service.broker._users["bob"])
+        bob.transport.pauseProducing()  # bob stops reading
+
+        to_bob, latencies = [], []
+        for i in range(2000):
+            if bob_on_server.state == bob_on_server.STATE_CLOSED or bob_on_server.localCloseCode:
+                break
+            alice.send_json({"to": "bob", "content": BIG, "nonce": f"big-{i}"})
+            to_bob.append((yield alice.next_of("ack"))["id"])
+            if i % 5 == 0:
+                started = reactor.seconds()
+                carol.send_json({"to": "dave", "content": f"ping {i}"})
+                got = yield dave.next_of("message")
+                self.assertEqual(got["content"], f"ping {i}")
+                latencies.append(reactor.seconds() - started)
+        self.assertEqual(bob_on_server.localCloseCode, 1013)
+        self.assertLess(max(latencies), 5.0, latencies)
+        # Keep sending while bob is gone: these stay pending.
+        for i in range(3):
+            alice.send_json({"to": "bob", "content": f"later {i}"})
+            ack = yield alice.next_of("ack")
+            self.assertEqual(ack["status"], "pending")
+            to_bob.append(ack["id"])
+
+        bob.transport.resumeProducing()
+        yield bob.wait_closed(seconds=30)
+        seen = assert_in_order_once(self, bob.received)
+        since = seen[-1] if seen else 0
+        bob2 = yield server.connect(tokens["bob"], since=since, testcase=self)
+        missing = len([i for i in to_bob if i > since])
+        again = yield bob2.take(missing, "message")
+        got = set(seen) | set(assert_in_order_once(self, again))
+        self.assertLessEqual(set(to_bob), got)
+
+
+class InterruptedStreamTests(unittest.TestCase):
+    timeout = 120
+
+    @defer.inlineCallbacks
+    def test_reconnect_in_the_middle_of_a_stream(self):
+        """A recipient drops mid-stream while two senders keep sending; reconnecting
+        with since gives the whole sequence with no gap, duplicate or reordering,
+        including messages that arrive during the replay."""
+        server = LiveServer(self, {"MESSAGE_RATE_LIMIT": "10000", "MESSAGE_BURST_LIMIT": "10000"})
+        _, a_token = yield server.user("alice")
+        _, c_token = yield server.user("carol")
+        _, b_token = yield server.user("bob")
+        senders = yield defer.gatherResults(
+            [server.connect(t, testcase=self) for t in (a_token, c_token)]
+        )
+        bob = yield server.connect(b_token, testcase=self)
+        acked: list[int] = []
+        sending = True
+
+        @defer.inlineCallbacks
+        def stream(client, tag):
+            n = 0
+            while sending:
+                client.send_json({"to": "bob", "content": f"{tag}{n}", "nonce": f"{tag}-{n}"})
+                acked.append((yield client.next_of("ack"))["id"])
+                n += 1
+
+        runs = [stream(senders[0], "a"), stream(senders[1], "c")]
+        yield bob.take(50, "message")
+        bob.transport.abortConnection()  # drop without a goodbye
+        yield bob.wait_closed()
+        yield sleep(0.2)
+        seen = assert_in_order_once(self, bob.received)
+        bob2 = yield server.connect(b_token, since=seen[-1], testcase=self)
+        yield sleep(0.3)  # live traffic goes on during and after the replay
+        sending = False
+        yield defer.gatherResults(runs)
+        expected = sorted(i for i in acked if i > seen[-1])
+        rest = yield bob2.take(len(expected), "message")
+        ids = assert_in_order_once(self, rest)
+        self.assertEqual(ids, expected)
+        self.assertEqual(sorted(set(seen) | set(ids)), sorted(acked))
+
+
+class LockedDatabaseTests(unittest.TestCase):
+    @defer.inlineCallbacks
+    def test_locked_past_busy_timeout_answers_internal_error(self):
+        """When another process holds the write lock past busy_timeout, the sender gets
+        internal_error and no ack; once it is released, sending works again."""
+        server = LiveServer(self)
+        _, token = yield server.user("alice")
+        alice = yield server.connect(token, testcase=self)
+        yield server.service.store._pool.runOperation("PRAGMA busy_timeout = 200")
+        blocker = sqlite3.connect(server.db, timeout=0, isolation_level=None)
+        self.addCleanup(blocker.close)
+        blocker.execute("BEGIN EXCLUSIVE")
+        alice.send_json({"to": "alice", "content": "blocked", "nonce": "l-1"})
+        frame = yield alice.next_of("system")
+        self.assertEqual((frame["code"], frame["nonce"]), ("internal_error", "l-1"))
+        self.assertTrue(self.flushLoggedErrors(sqlite3.OperationalError))
+        blocker.execute("ROLLBACK")
+        alice.send_json({"to": "alice", "content": "free", "nonce": "l-2"})
+        ack = yield alice.next_of("ack")
+        self.assertEqual(ack["content"], "free")
+        self.assertEqual([f for f in alice.received if f["type"] == "ack"], [ack])
