@@ -1,0 +1,1 @@
+"""``wsserver-bench``: the project's benchmark (see docs/performance.md)."""

@@ -1,0 +1,687 @@
+"""``wsserver-bench``: start the server as a user would, drive it with client
+processes, measure it from /proc, print a table (and ``--json``, ``--plot``).
+
+    wsserver-bench WORKLOAD [--duration S] [--json FILE] [--plot FILE]
+    wsserver-bench all --quick
+
+Figures are per unit (CPU microseconds per message, RSS per connection) or
+ratios measured in the same run, because absolute times drift on a shared
+machine.  See docs/performance.md for the method and the targets.
+"""
+
+from __future__ import annotations
+
+import argparse
+import base64
+import http.client
+import json
+import os
+import platform
+import select
+import shutil
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from nacl.signing import SigningKey
+
+WORKLOADS = ("verify", "relay", "direct", "direct-unsigned", "latency", "broadcast", "idle",
+             "login")
+TICKS = os.sysconf("SC_CLK_TCK")
+OPEN_LIMITS = [
+    "--message-rate-limit", "1000000", "--message-burst-limit", "1000000",
+    "--auth-rate-limit", "1000000", "--auth-burst-limit", "1000000",
+    "--max-connections-per-ip", "20000", "--max-handshakes-per-ip", "20000",
+    "--max-connections-per-user", "64", "--max-outbox-bytes", "16777216",
+]
+
+
+def log(text: str) -> None:
+    sys.stderr.write(text + "\n")
+    sys.stderr.flush()
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def raise_fd_limit() -> None:
+    import resource
+
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+
+
+# -- processes measured from /proc ----------------------------------------------
+
+
+class Measured:
+    """A child process whose CPU and RSS are read from /proc."""
+
+    proc: subprocess.Popen
+
+    def cpu_seconds(self) -> float:
+        """utime + stime of the process (all its threads), in seconds."""
+        with open(f"/proc/{self.proc.pid}/stat") as f:
+            fields = f.read().rsplit(")", 1)[1].split()
+        return (int(fields[11]) + int(fields[12])) / TICKS
+
+    def rss_bytes(self) -> int:
+        with open(f"/proc/{self.proc.pid}/status") as f:
+            for line in f:
+                if line.startswith("VmRSS:"):
+                    return int(line.split()[1]) * 1024
+        return 0
+
+    def stop(self) -> int:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(30)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        return self.proc.returncode
+
+
+class Server(Measured):
+    """``twistd -n wsserver`` on a free loopback port with a fresh database."""
+
+    def __init__(self, workdir: Path, name: str, tls: tuple[Path, Path] | None = None):
+        self.port = free_port()
+        self.dir = workdir / name
+        self.dir.mkdir()
+        twistd = shutil.which("twistd", path=str(Path(sys.executable).parent)) or "twistd"
+        cmd = [twistd, "-n", "--pidfile=", "wsserver", "--port",
+               f"tcp:{self.port}:interface=127.0.0.1", "--database", str(self.dir / "db.sqlite"),
+               *OPEN_LIMITS]
+        if tls:
+            cmd += ["--tls-cert", str(tls[0]), "--tls-key", str(tls[1])]
+        self.scheme = "https" if tls else "http"
+        self.log = open(self.dir / "server.log", "wb")
+        self.proc = subprocess.Popen(cmd, stdout=self.log, stderr=subprocess.STDOUT,
+                                     cwd=self.dir, preexec_fn=raise_fd_limit)
+        self.http = self._wait_up(tls)
+
+    def _wait_up(self, tls: Any) -> Any:
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"the server exited: see {self.dir / 'server.log'}")
+            try:
+                with socket.create_connection(("127.0.0.1", self.port), timeout=1):
+                    pass
+                break
+            except OSError:
+                time.sleep(0.1)
+        if tls:
+            import ssl
+
+            ctx = ssl.create_default_context(cafile=str(tls[0]))
+            return lambda: http.client.HTTPSConnection("localhost", self.port, context=ctx)
+        return lambda: http.client.HTTPConnection("127.0.0.1", self.port)
+
+    @property
+    def ws_url(self) -> str:
+        host = "localhost" if self.scheme == "https" else "127.0.0.1"
+        return f"{'wss' if self.scheme == 'https' else 'ws'}://{host}:{self.port}/ws"
+
+
+class Relay(Measured):
+    def __init__(self) -> None:
+        self.port = free_port()
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "wsserver.bench.relay", str(self.port)],
+            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, preexec_fn=raise_fd_limit,
+        )
+        self.proc.stdout.readline()
+        self.ws_url = f"ws://127.0.0.1:{self.port}/ws"
+
+
+@dataclass
+class User:
+    user_id: str
+    seed: str
+    token: str
+
+
+def make_users(server: Server, prefix: str, count: int) -> list[User]:
+    """Register and log in ``count`` users over one keep-alive connection."""
+    conn = server.http()
+
+    def post(path: str, body: dict) -> dict:
+        conn.request("POST", path, json.dumps(body), {"Content-Type": "application/json"})
+        resp = conn.getresponse()
+        data = json.loads(resp.read())
+        if resp.status >= 300:
+            raise RuntimeError(f"{path}: {resp.status} {data}")
+        return data
+
+    users = []
+    for i in range(count):
+        key = SigningKey.generate()
+        user_id = f"{prefix}{i}"
+        pub = base64.b64encode(bytes(key.verify_key)).decode()
+        post("/auth/register", {"user_id": user_id, "username": user_id, "public_key": pub})
+        challenge = post("/auth/login", {"user_id": user_id})["challenge"]
+        sig = base64.b64encode(key.sign(challenge.encode()).signature).decode()
+        token = post("/auth/login?verify=true", {"user_id": user_id, "signature": sig})["token"]
+        users.append(User(user_id, bytes(key).hex(), token))
+    conn.close()
+    return users
+
+
+# -- client workers ------------------------------------------------------------
+
+
+class Workers:
+    """Client processes: each gets a job, says ready, waits for go, reports."""
+
+    def __init__(self, jobs: list[dict]) -> None:
+        self.procs = []
+        for job in jobs:
+            proc = subprocess.Popen(
+                [sys.executable, "-m", "wsserver.bench.worker"],
+                stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
+            )
+            proc.stdin.write(json.dumps(job) + "\n")
+            proc.stdin.flush()
+            self.procs.append(proc)
+
+    def wait_ready(self, label: str, timeout: float = 300) -> float:
+        started = time.monotonic()
+        for i, proc in enumerate(self.procs):
+            line = self._line(proc, started + timeout, label, f"connecting ({i}/{len(self.procs)})")
+            if line.strip() != "ready":
+                raise RuntimeError(f"worker failed to start: {line}")
+        return time.monotonic() - started
+
+    def go(self) -> None:
+        for proc in self.procs:
+            proc.stdin.write("go\n")
+            proc.stdin.flush()
+
+    def results(self, label: str, duration: float, timeout: float = 300) -> list[dict]:
+        started = time.monotonic()
+        out = []
+        for proc in self.procs:
+            line = self._line(proc, started + timeout, label, "running", started, duration)
+            result = json.loads(line)
+            if "error" in result:
+                raise RuntimeError(f"worker error: {result['error']}")
+            out.append(result)
+        return out
+
+    def finish(self) -> None:
+        for proc in self.procs:
+            if proc.poll() is None:
+                try:
+                    proc.stdin.write("bye\n")
+                    proc.stdin.flush()
+                except BrokenPipeError:
+                    pass
+        for proc in self.procs:
+            try:
+                proc.wait(30)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+
+    @staticmethod
+    def _line(proc: Any, deadline: float, label: str, what: str, since: float = 0,
+              duration: float = 0) -> str:
+        while True:
+            ready, _, _ = select.select([proc.stdout], [], [], 0.5)
+            if ready:
+                line = proc.stdout.readline()
+                if not line:
+                    raise RuntimeError("a worker exited early")
+                sys.stderr.write("\r" + " " * 70 + "\r")
+                return line
+            now = time.monotonic()
+            if now > deadline:
+                raise RuntimeError(f"{label}: a worker timed out while {what}")
+            shown = f"{now - since:5.1f}/{duration:.0f} s" if since else ""
+            sys.stderr.write(f"\r  {label}: {what} {shown}")
+            sys.stderr.flush()
+
+
+def split(items: list, parts: int) -> list[list]:
+    return [items[i::parts] for i in range(parts)]
+
+
+def percentile(values: list[float], p: float) -> float:
+    if not values:
+        return float("nan")
+    ordered = sorted(values)
+    k = min(len(ordered) - 1, max(0, round(p / 100 * (len(ordered) - 1))))
+    return ordered[k]
+
+
+def latency_figures(latencies_us: list[int]) -> dict:
+    ms = [v / 1000 for v in latencies_us]
+    return {"p50_ms": percentile(ms, 50), "p90_ms": percentile(ms, 90),
+            "p99_ms": percentile(ms, 99), "max_ms": max(ms) if ms else float("nan")}
+
+
+# -- workloads -----------------------------------------------------------------
+
+
+class Bench:
+    def __init__(self, args: argparse.Namespace) -> None:
+        self.args = args
+        self.quick = args.quick
+        self.workdir = Path(tempfile.mkdtemp(prefix="wsserver-bench-"))
+        self.results: dict[str, dict] = {}
+        self.samples: dict[str, list] = {}
+
+    def duration(self, default: float) -> float:
+        if self.args.duration:
+            return self.args.duration
+        return 3.0 if self.quick else default
+
+    def verify(self) -> dict:
+        key = SigningKey.generate()
+        data = b"wsserver-msg-v1\nalice\nbob\nn-1\n" + b"x" * 100
+        sig = key.sign(data).signature
+        vk = key.verify_key
+        runs = []
+        count = 500 if self.quick else 2000
+        for _ in range(7):
+            started = time.perf_counter()
+            for _ in range(count):
+                vk.verify(data, sig)
+            runs.append((time.perf_counter() - started) / count * 1e6)
+        return {"us_per_verify": statistics.median(runs)}
+
+    def _pairs(self, target: Any, label: str, signed: bool, rate: float | None,
+               relay: bool = False, server: Server | None = None) -> dict:
+        pairs = 20 if self.quick else self.args.pairs
+        if relay:
+            users = [User(f"u{i}", bytes(SigningKey.generate()).hex(), "x")
+                     for i in range(2 * pairs)]
+        else:
+            users = make_users(server, f"{label[:3]}", 2 * pairs)
+        specs = [
+            {"sender": users[2 * i].user_id, "seed": users[2 * i].seed,
+             "sender_token": users[2 * i].token, "receiver": users[2 * i + 1].user_id,
+             "receiver_token": users[2 * i + 1].token}
+            for i in range(pairs)
+        ]
+        duration = self.duration(10.0)
+        jobs = [{"kind": "pairs", "url": target.ws_url, "pairs": chunk, "signed": signed,
+                 "window": self.args.window, "rate": rate, "duration": duration,
+                 "relay": relay} for chunk in split(specs, self.args.clients)]
+        workers = Workers(jobs)
+        try:
+            workers.wait_ready(label)
+            cpu0, wall0 = target.cpu_seconds(), time.monotonic()
+            workers.go()
+            results = workers.results(label, duration)
+            cpu1, wall1 = target.cpu_seconds(), time.monotonic()
+        finally:
+            workers.finish()
+        received = sum(r["received"] for r in results)
+        latencies = [v for r in results for v in r["latencies_us"]]
+        self.samples[label] = latencies
+        figures = {
+            "pairs": pairs,
+            "client_processes": len(jobs),
+            "sent": sum(r["sent"] for r in results),
+            "delivered": received,
+            "msg_per_s": received / (wall1 - wall0),
+            "cpu_us_per_msg": (cpu1 - cpu0) * 1e6 / received if received else float("nan"),
+            "refused": sum(r["refused"] for r in results),
+            "closed_early": sum(r["closed_early"] for r in results),
+            "lost": sum(r["lost"] for r in results),
+            **latency_figures(latencies),
+        }
+        if rate:
+            figures["offered_per_s"] = rate * pairs
+        return figures
+
+    def relay(self) -> dict:
+        relay = Relay()
+        try:
+            return self._pairs(relay, "relay", signed=False, rate=None, relay=True)
+        finally:
+            relay.stop()
+
+    def _with_server(self, name: str, run: Any, tls: Any = None) -> dict:
+        server = Server(self.workdir, name, tls)
+        try:
+            figures = run(server)
+        finally:
+            code = server.stop()
+        figures["server_exit"] = code
+        return figures
+
+    def direct(self) -> dict:
+        return self._with_server("direct", lambda s: self._pairs(s, "direct", True, None,
+                                                                   server=s))
+
+    def direct_unsigned(self) -> dict:
+        return self._with_server("direct-unsigned",
+                                 lambda s: self._pairs(s, "direct-unsigned", False, None,
+                                                       server=s))
+
+    def latency(self) -> dict:
+        pairs = 20 if self.quick else self.args.pairs
+        rate = self.args.rate / pairs
+        return self._with_server("latency", lambda s: self._pairs(s, "latency", True, rate,
+                                                                    server=s))
+
+    def broadcast(self) -> dict:
+        receivers = 300 if self.quick else self.args.receivers
+
+        def run(server: Server) -> dict:
+            users = make_users(server, "b", receivers + 1)
+            duration = self.duration(10.0)
+            tokens = [u.token for u in users[1:]]
+            jobs = []
+            for i, chunk in enumerate(split(tokens, self.args.clients)):
+                job = {"kind": "broadcast", "url": server.ws_url, "receiver_tokens": chunk,
+                       "duration": duration, "rate": self.args.broadcast_rate}
+                if i == 0:
+                    job["sender_token"] = users[0].token
+                jobs.append(job)
+            workers = Workers(jobs)
+            try:
+                workers.wait_ready("broadcast")
+                cpu0, wall0 = server.cpu_seconds(), time.monotonic()
+                workers.go()
+                results = workers.results("broadcast", duration)
+                cpu1, wall1 = server.cpu_seconds(), time.monotonic()
+            finally:
+                workers.finish()
+            deliveries = sum(r["deliveries"] for r in results)
+            acked = set(results[0]["acked_ids"])
+            lost = sum(len(acked - set(r["common_ids"])) for r in results)
+            return {
+                "receivers": receivers,
+                "client_processes": len(jobs),
+                "broadcasts": results[0]["sent"],
+                "deliveries": deliveries,
+                "deliveries_per_s": deliveries / (wall1 - wall0),
+                "deliveries_per_cpu_s": deliveries / (cpu1 - cpu0) if cpu1 > cpu0 else 0,
+                "refused": sum(r["refused"] for r in results),
+                "closed_early": sum(r["closed_early"] for r in results),
+                "lost": lost,
+            }
+
+        return self._with_server("broadcast", run)
+
+    def idle(self) -> dict:
+        count = 2000 if self.quick else self.args.connections
+        out = {"plain": self._with_server("idle", lambda s: self._idle(s, count))}
+        cert, key = make_certificate(self.workdir)
+        out["tls"] = self._with_server("idle-tls", lambda s: self._idle(s, count, cert),
+                                       tls=(cert, key))
+        return out
+
+    def _idle(self, server: Server, count: int, cafile: Path | None = None) -> dict:
+        per_user = 10
+        users = make_users(server, "i", (count + per_user - 1) // per_user)
+        tokens = [u.token for u in users for _ in range(per_user)][:count]
+        time.sleep(0.5)
+        rss0 = server.rss_bytes()
+        jobs = [{"kind": "idle", "url": server.ws_url, "tokens": chunk, "duration": 0,
+                 "cafile": str(cafile) if cafile else None}
+                for chunk in split(tokens, max(2, self.args.clients))]
+        workers = Workers(jobs)
+        try:
+            seconds = workers.wait_ready("idle" + (" tls" if cafile else ""))
+            time.sleep(1.0)
+            rss1 = server.rss_bytes()
+            workers.go()
+            results = workers.results("idle", 0)
+        finally:
+            workers.finish()
+        connected = sum(r["connections"] for r in results)
+        return {
+            "connections": connected,
+            "client_processes": len(jobs),
+            "rss_before_mib": rss0 / 2**20,
+            "rss_after_mib": rss1 / 2**20,
+            "kib_per_connection": (rss1 - rss0) / 1024 / connected if connected else 0,
+            "connects_per_s": connected / seconds if seconds else 0,
+            "closed_early": sum(r["closed_early"] for r in results),
+        }
+
+    def login(self) -> dict:
+        def run(server: Server) -> dict:
+            duration = self.duration(10.0)
+            jobs = [{"kind": "login", "host": "127.0.0.1", "port": server.port,
+                     "prefix": f"l{i}", "duration": duration} for i in range(self.args.clients)]
+            workers = Workers(jobs)
+            try:
+                workers.wait_ready("login")
+                cpu0, wall0 = server.cpu_seconds(), time.monotonic()
+                workers.go()
+                results = workers.results("login", duration)
+                cpu1, wall1 = server.cpu_seconds(), time.monotonic()
+            finally:
+                workers.finish()
+            logins = sum(r["logins"] for r in results)
+            return {
+                "logins": logins,
+                "client_processes": len(jobs),
+                "logins_per_s": logins / (wall1 - wall0),
+                "cpu_us_per_login": (cpu1 - cpu0) * 1e6 / logins if logins else float("nan"),
+                "errors": sum(r["errors"] for r in results),
+            }
+
+        return self._with_server("login", run)
+
+    def run(self, names: list[str]) -> dict:
+        for name in names:
+            log(f"[{name}]")
+            started = time.monotonic()
+            self.results[name] = getattr(self, name.replace("-", "_"))()
+            self.results[name]["seconds"] = time.monotonic() - started
+        return self.results
+
+
+def make_certificate(directory: Path) -> tuple[Path, Path]:
+    """A self-signed certificate for localhost (the idle TLS workload)."""
+    import datetime
+
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import NameOID
+
+    key = ec.generate_private_key(ec.SECP256R1())
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "localhost")])
+    now = datetime.datetime.now(datetime.timezone.utc)
+    cert = (
+        x509.CertificateBuilder().subject_name(name).issuer_name(name)
+        .public_key(key.public_key()).serial_number(x509.random_serial_number())
+        .not_valid_before(now - datetime.timedelta(minutes=5))
+        .not_valid_after(now + datetime.timedelta(days=1))
+        .add_extension(x509.SubjectAlternativeName([x509.DNSName("localhost")]), False)
+        .sign(key, hashes.SHA256())
+    )
+    cert_path, key_path = directory / "cert.pem", directory / "key.pem"
+    cert_path.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    key_path.write_bytes(key.private_bytes(serialization.Encoding.PEM,
+                                           serialization.PrivateFormat.PKCS8,
+                                           serialization.NoEncryption()))
+    return cert_path, key_path
+
+
+# -- report --------------------------------------------------------------------
+
+
+def targets(r: dict) -> list[tuple[str, str, str, bool | None]]:
+    """(target, measured, limit, met) for every target whose figures were measured."""
+    rows: list[tuple[str, str, str, bool | None]] = []
+    if "direct" in r and "verify" in r:
+        ratio = r["direct"]["cpu_us_per_msg"] / r["verify"]["us_per_verify"]
+        rows.append(("T1 direct CPU/msg vs verify", f"{ratio:.2f}x", "<= 1.30x", ratio <= 1.3))
+    if "direct-unsigned" in r and "relay" in r:
+        ratio = r["direct-unsigned"]["cpu_us_per_msg"] / r["relay"]["cpu_us_per_msg"]
+        rows.append(("T2 unsigned CPU/msg vs relay", f"{ratio:.2f}x", "<= 2.00x", ratio <= 2.0))
+    if "latency" in r:
+        lat = r["latency"]
+        ok = lat["p99_ms"] <= 5.0 and lat["refused"] == 0 and lat["lost"] == 0
+        rows.append(("T3 latency p99 at offered rate", f"{lat['p99_ms']:.2f} ms", "<= 5 ms", ok))
+    if "broadcast" in r:
+        rate = r["broadcast"]["deliveries_per_cpu_s"]
+        rows.append(("T4 broadcast deliveries/CPU-s", f"{rate:,.0f}", ">= 200,000",
+                     rate >= 200_000))
+    if "idle" in r:
+        plain, tls = r["idle"]["plain"], r["idle"]["tls"]
+        rows.append(("T5 idle RSS/conn plain", f"{plain['kib_per_connection']:.1f} KiB",
+                     "<= 12 KiB", plain["kib_per_connection"] <= 12))
+        rows.append(("T5 idle RSS/conn TLS", f"{tls['kib_per_connection']:.1f} KiB",
+                     "<= 40 KiB", tls["kib_per_connection"] <= 40))
+    lost = sum(v.get("lost", 0) for v in r.values() if isinstance(v, dict))
+    unexpected = sum(v.get("refused", 0) + v.get("closed_early", 0) + v.get("errors", 0)
+                     for v in r.values() if isinstance(v, dict))
+    unexpected += sum(v.get("closed_early", 0) for v in r.get("idle", {}).values()
+                      if isinstance(v, dict))
+    rows.append(("T6 acked lost / unexpected refusals", f"{lost} / {unexpected}", "0 / 0",
+                 lost == 0 and unexpected == 0))
+    return rows
+
+
+def fmt(value: Any) -> str:
+    if isinstance(value, float):
+        return f"{value:,.2f}"
+    if isinstance(value, int):
+        return f"{value:,}"
+    return str(value)
+
+
+def print_report(results: dict) -> None:
+    print()
+    for name, figures in results.items():
+        if name == "idle":
+            for mode, sub in figures.items():
+                if isinstance(sub, dict):
+                    print(f"{name} ({mode})")
+                    for key, value in sub.items():
+                        print(f"    {key:24} {fmt(value)}")
+            continue
+        print(name)
+        for key, value in figures.items():
+            print(f"    {key:24} {fmt(value)}")
+    print()
+    print(f"{'target':40} {'measured':>14} {'limit':>12}  met")
+    for name, measured, limit, met in targets(results):
+        print(f"{name:40} {measured:>14} {limit:>12}  {'yes' if met else 'NO'}")
+
+
+def write_plot(path: str, results: dict, samples: dict) -> None:
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        log("--plot needs matplotlib: pip install 'wsserver[bench]'")
+        return
+    fig, (left, right) = plt.subplots(1, 2, figsize=(12, 4.5))
+    names, values, limits = [], [], []
+    if "verify" in results:
+        v = results["verify"]["us_per_verify"]
+        if "direct" in results:
+            names.append("direct\n(signed)")
+            values.append(results["direct"]["cpu_us_per_msg"])
+            limits.append(1.3 * v)
+    if "relay" in results and "direct-unsigned" in results:
+        names.append("direct\n(unsigned)")
+        values.append(results["direct-unsigned"]["cpu_us_per_msg"])
+        limits.append(2.0 * results["relay"]["cpu_us_per_msg"])
+    if names:
+        xs = range(len(names))
+        left.bar(xs, values, color="#4477aa", label="measured")
+        left.scatter(xs, limits, color="#cc3311", marker="_", s=2000, linewidths=3,
+                     label="target (T1: 1.3 x verify, T2: 2 x relay)")
+        left.set_xticks(list(xs), names)
+        left.set_ylabel("server CPU µs per delivered message")
+        left.legend(loc="upper left", fontsize=8)
+        left.set_title("Cost per message")
+    for label, lat in samples.items():
+        if lat and label != "relay":
+            ordered = sorted(v / 1000 for v in lat)
+            ys = [i / len(ordered) for i in range(len(ordered))]
+            right.plot(ordered, ys, label=label)
+    right.axvline(5.0, color="#cc3311", linestyle="--", label="T3: p99 <= 5 ms")
+    right.axhline(0.99, color="#999999", linewidth=0.5)
+    right.set_xscale("log")
+    right.set_xlabel("latency send -> receive (ms, log scale)")
+    right.set_ylabel("fraction of messages")
+    right.set_title("Latency distribution")
+    right.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+
+
+def machine() -> dict:
+    model = ""
+    try:
+        for line in open("/proc/cpuinfo"):
+            if line.startswith("model name"):
+                model = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    commit = ""
+    try:
+        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True,
+                                text=True, cwd=Path(__file__).parent, timeout=5).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        pass
+    return {"cpu": model, "cores": os.cpu_count(), "python": platform.python_version(),
+            "commit": commit}
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="wsserver-bench", description=__doc__.split("\n")[0])
+    parser.add_argument("workload", choices=("all", *WORKLOADS))
+    parser.add_argument("--quick", action="store_true", help="every workload briefly")
+    parser.add_argument("--duration", type=float, help="seconds per workload")
+    parser.add_argument("--json", help="write every figure to this file")
+    parser.add_argument("--plot", help="write a PNG (needs matplotlib)")
+    parser.add_argument("--pairs", type=int, default=50, help="direct/latency pairs")
+    parser.add_argument("--window", type=int, default=16, help="messages in flight per sender")
+    parser.add_argument("--rate", type=float, default=1000.0, help="latency: offered msg/s")
+    parser.add_argument("--receivers", type=int, default=1000, help="broadcast receivers")
+    parser.add_argument("--broadcast-rate", type=float, default=50.0,
+                        help="broadcasts per second")
+    parser.add_argument("--connections", type=int, default=10000, help="idle connections")
+    parser.add_argument("--clients", type=int, default=2, help="client processes")
+    args = parser.parse_args(argv)
+    raise_fd_limit()
+    names = list(WORKLOADS) if args.workload == "all" else [args.workload]
+    bench = Bench(args)
+    started = time.monotonic()
+    try:
+        results = bench.run(names)
+    finally:
+        shutil.rmtree(bench.workdir, ignore_errors=True)
+    print_report(results)
+    log(f"\n{len(names)} workloads in {time.monotonic() - started:.0f} s")
+    if args.json:
+        rows = [{"target": t, "measured": m, "limit": lim, "met": ok}
+                for t, m, lim, ok in targets(results)]
+        Path(args.json).write_text(json.dumps(
+            {"machine": machine(), "results": results, "targets": rows}, indent=2))
+    if args.plot:
+        write_plot(args.plot, results, bench.samples)
+    lost = sum(v.get("lost", 0) for v in results.values() if isinstance(v, dict))
+    return 1 if lost else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,404 @@
+"""A benchmark client process: ``python -m wsserver.bench.worker`` reads its job as
+one JSON line on stdin, prints ``ready`` when connected, waits for ``go``, runs,
+and prints its figures as one JSON line.
+
+Jobs: ``pairs`` (senders and their receivers: direct, direct-unsigned, latency,
+relay), ``broadcast``, ``idle``, ``login``.  The code that sends is the same for
+the real server and for the bare relay.
+"""
+
+from __future__ import annotations
+
+import base64
+import http.client
+import json
+import os
+import re
+import sys
+import time
+from typing import Any
+
+from autobahn.twisted.websocket import WebSocketClientFactory, WebSocketClientProtocol
+from nacl.signing import SigningKey
+from twisted.internet import defer, endpoints, reactor, task, threads
+from twisted.internet.ssl import Certificate, optionsForClientTLS
+from twisted.python.failure import Failure
+
+from ..messages import signing_input
+
+_ID = re.compile(rb'"id":(\d+)')
+_STAMP = re.compile(rb'"content":"(\d+) (\d+) ')
+_TYPE = re.compile(rb'"type":"(\w+)"')
+
+
+def now_ns() -> int:
+    return time.monotonic_ns()
+
+
+class Conn(WebSocketClientProtocol):
+    """A lean client: routes raw frames to its owner without parsing JSON."""
+
+    def onOpen(self) -> None:
+        self.factory.opened.callback(self)
+
+    def onMessage(self, payload: bytes, isBinary: bool) -> None:
+        self.factory.owner.frame(self, payload)
+
+    def onClose(self, wasClean: bool, code: int | None, reason: str | None) -> None:
+        if not self.factory.opened.called:
+            self.factory.opened.errback(ConnectionError(f"{code} {reason}"))
+        self.factory.owner.closed(self, code)
+
+
+def connect(job: dict, owner: Any, token: str, headers: dict | None = None) -> defer.Deferred:
+    url = job["url"]
+    all_headers = {"Authorization": f"Bearer {token}", **(headers or {})}
+    factory = WebSocketClientFactory(url, headers=all_headers)
+    factory.protocol = Conn
+    factory.owner = owner
+    factory.opened = defer.Deferred()
+    factory.setProtocolOptions(
+        autoPingInterval=0, utf8validateIncoming=False, maxFramePayloadSize=0,
+        openHandshakeTimeout=60,
+    )
+    endpoint: Any = endpoints.TCP4ClientEndpoint(reactor, factory.host, factory.port, timeout=60)
+    if factory.isSecure:
+        trust = Certificate.loadPEM(open(job["cafile"], "rb").read())
+        endpoint = endpoints.wrapClientTLS(optionsForClientTLS("localhost", trust), endpoint)
+    d = endpoint.connect(factory)
+    d.addCallback(lambda _: factory.opened)
+    return d
+
+
+class Pairs:
+    """Senders that each write to one receiver; window = sent but not yet received."""
+
+    def __init__(self, job: dict) -> None:
+        self.job = job
+        self.signed = job["signed"]
+        self.window = job["window"]
+        self.rate = job.get("rate")  # per sender, open loop; None: closed loop
+        self.pad = "p" * job.get("pad", 60)
+        self.latencies: list[int] = []
+        self.sent = 0
+        self.received = 0
+        self.refused = 0
+        self.closed_early = 0
+        self.acked: set[int] = set()
+        self.got: set[int] = set()
+        self.running = False
+        self.senders: dict[Any, dict] = {}
+        self.by_receiver: dict[Any, dict] = {}
+
+    @defer.inlineCallbacks
+    def setup(self) -> Any:
+        relay = self.job.get("relay", False)
+        for spec in self.job["pairs"]:
+            headers = {}
+            if relay:
+                headers = {"X-Bench-User": spec["receiver"], "X-Bench-Partner": spec["sender"]}
+            rx = yield connect(self.job, self, spec["receiver_token"], headers)
+            if relay:
+                headers = {"X-Bench-User": spec["sender"], "X-Bench-Partner": spec["receiver"]}
+            tx = yield connect(self.job, self, spec["sender_token"], headers)
+            state = {
+                "spec": spec,
+                "key": SigningKey(bytes.fromhex(spec["seed"])),
+                "in_flight": 0,
+                "seq": 0,
+                "tx": tx,
+            }
+            self.senders[tx] = state
+            self.by_receiver[rx] = state
+
+    def send_one(self, state: dict) -> None:
+        spec = state["spec"]
+        state["seq"] += 1
+        nonce = f"n{state['seq']}"
+        content = f"{state['seq']} {now_ns()} {self.pad}"
+        frame = {"to": spec["receiver"], "content": content, "nonce": nonce}
+        if self.signed:
+            data = signing_input(spec["sender"], spec["receiver"], nonce, content)
+            frame["signature"] = base64.b64encode(state["key"].sign(data).signature).decode()
+        state["in_flight"] += 1
+        self.sent += 1
+        state["tx"].sendMessage(json.dumps(frame, separators=(",", ":")).encode())
+
+    def start(self) -> None:
+        self.running = True
+        if self.rate:
+            interval = 1.0 / self.rate
+            for state in self.senders.values():
+                loop = task.LoopingCall(self._tick, state)
+                state["loop"] = loop
+                loop.start(interval, now=False)
+        else:
+            for state in self.senders.values():
+                for _ in range(self.window):
+                    self.send_one(state)
+
+    def _tick(self, state: dict) -> None:
+        if self.running:
+            self.send_one(state)
+
+    def stop(self) -> None:
+        self.running = False
+        for state in self.senders.values():
+            if "loop" in state and state["loop"].running:
+                state["loop"].stop()
+
+    def idle(self) -> bool:
+        return all(s["in_flight"] <= 0 for s in self.senders.values())
+
+    def frame(self, conn: Any, payload: bytes) -> None:
+        kind = _TYPE.search(payload)
+        kind = kind.group(1) if kind else b"message"  # the relay forwards client frames
+        if kind == b"ack":
+            self.acked.add(int(_ID.search(payload).group(1)))
+            return
+        if kind == b"system":
+            self.refused += 1
+            state = self.senders.get(conn)
+            if state:
+                state["in_flight"] -= 1
+            return
+        if kind != b"message":
+            return
+        state = self.by_receiver.get(conn)
+        if state is None:
+            return
+        stamp = _STAMP.search(payload)
+        self.latencies.append(now_ns() - int(stamp.group(2)))
+        found = _ID.search(payload)
+        if found:
+            self.got.add(int(found.group(1)))
+        self.received += 1
+        state["in_flight"] -= 1
+        if self.running and not self.rate:
+            self.send_one(state)
+
+    def closed(self, conn: Any, code: int | None) -> None:
+        if self.running:
+            self.closed_early += 1
+
+    def report(self) -> dict:
+        lost = len(self.acked - self.got) if not self.job.get("relay") else 0
+        return {
+            "sent": self.sent,
+            "received": self.received,
+            "refused": self.refused,
+            "closed_early": self.closed_early,
+            "acked": len(self.acked),
+            "lost": lost,
+            "latencies_us": [ns // 1000 for ns in self.latencies],
+        }
+
+
+class Broadcast:
+    """One sender (in the first worker) and receivers; counts deliveries."""
+
+    settle = 1.0  # seconds for the last broadcasts to arrive after the sender stops
+
+    def __init__(self, job: dict) -> None:
+        self.job = job
+        self.sender = None
+        self.state: dict = {}
+        self.counts: dict[Any, set[int]] = {}
+        self.acked: set[int] = set()
+        self.refused = 0
+        self.closed_early = 0
+        self.running = False
+        self.sent = 0
+
+    @defer.inlineCallbacks
+    def setup(self) -> Any:
+        tokens = self.job["receiver_tokens"]
+        batch = 100
+        for start in range(0, len(tokens), batch):
+            conns = yield defer.gatherResults(
+                [connect(self.job, self, t) for t in tokens[start : start + batch]]
+            )
+            for c in conns:
+                self.counts[c] = set()
+        if self.job.get("sender_token"):
+            self.sender = yield connect(self.job, self, self.job["sender_token"])
+
+    def start(self) -> None:
+        self.running = True
+        if self.sender is not None:
+            self.loop = task.LoopingCall(self._send)
+            self.loop.start(1.0 / self.job["rate"], now=True)
+
+    def _send(self) -> None:
+        self.sent += 1
+        content = f"{self.sent} {now_ns()} broadcast"
+        frame = {"to": "broadcast", "content": content}
+        self.sender.sendMessage(json.dumps(frame, separators=(",", ":")).encode())
+
+    def stop(self) -> None:
+        self.running = False
+        if self.sender is not None and self.loop.running:
+            self.loop.stop()
+
+    def idle(self) -> bool:
+        return True
+
+    def frame(self, conn: Any, payload: bytes) -> None:
+        kind = _TYPE.search(payload).group(1)
+        if kind == b"message":
+            self.counts[conn].add(int(_ID.search(payload).group(1)))
+        elif kind == b"ack":
+            self.acked.add(int(_ID.search(payload).group(1)))
+        elif kind == b"system":
+            self.refused += 1
+
+    def closed(self, conn: Any, code: int | None) -> None:
+        if self.running:
+            self.closed_early += 1
+
+    def report(self) -> dict:
+        sets = list(self.counts.values())
+        common = set.intersection(*sets) if sets else set()
+        return {
+            "deliveries": sum(len(s) for s in sets),
+            "receivers": len(sets),
+            "common_ids": sorted(common),
+            "acked_ids": sorted(self.acked),
+            "sent": self.sent,
+            "refused": self.refused,
+            "closed_early": self.closed_early,
+        }
+
+
+class Idle:
+    """Many authenticated connections that do nothing."""
+
+    def __init__(self, job: dict) -> None:
+        self.job = job
+        self.conns: list[Any] = []
+        self.closed_early = 0
+        self.connect_seconds = 0.0
+
+    @defer.inlineCallbacks
+    def setup(self) -> Any:
+        started = time.monotonic()
+        tokens = self.job["tokens"]
+        batch = self.job.get("batch", 50)
+        for start in range(0, len(tokens), batch):
+            conns = yield defer.gatherResults(
+                [connect(self.job, self, t) for t in tokens[start : start + batch]]
+            )
+            self.conns.extend(conns)
+        self.connect_seconds = time.monotonic() - started
+
+    def start(self) -> None:
+        pass
+
+    def stop(self) -> None:
+        pass
+
+    def idle(self) -> bool:
+        return True
+
+    def frame(self, conn: Any, payload: bytes) -> None:
+        pass
+
+    def closed(self, conn: Any, code: int | None) -> None:
+        self.closed_early += 1
+
+    def report(self) -> dict:
+        return {
+            "connections": len(self.conns),
+            "connect_seconds": self.connect_seconds,
+            "closed_early": self.closed_early,
+        }
+
+
+def run_twisted(job: dict, kind: type) -> None:
+    """Set up, say ready, wait for go, run for the duration, drain, report."""
+    runner = kind(job)
+
+    @defer.inlineCallbacks
+    def main() -> Any:
+        yield runner.setup()
+        print("ready", flush=True)
+        yield task.deferLater(reactor, 0, lambda: None)
+        yield _wait_for_go()
+        runner.start()
+        yield task.deferLater(reactor, job["duration"], lambda: None)
+        runner.stop()
+        yield task.deferLater(reactor, getattr(runner, "settle", 0.0), lambda: None)
+        deadline = time.monotonic() + job.get("drain", 5.0)
+        while not runner.idle() and time.monotonic() < deadline:
+            yield task.deferLater(reactor, 0.05, lambda: None)
+        print(json.dumps(runner.report()), flush=True)
+        if job.get("hold"):
+            yield _wait_for_go()
+
+    def done(result: Any) -> None:
+        if isinstance(result, Failure):
+            sys.stderr.write(result.getTraceback())
+            print(json.dumps({"error": result.getErrorMessage()}), flush=True)
+        reactor.stop()
+
+    reactor.callWhenRunning(lambda: main().addBoth(done))
+    reactor.run()
+
+
+def _wait_for_go() -> defer.Deferred:
+    """Fire when the orchestrator writes a line on stdin."""
+    return threads.deferToThread(sys.stdin.readline)
+
+
+def run_login(job: dict) -> None:
+    """Register + challenge + verify, sequentially on one keep-alive HTTP connection."""
+    host, port = job["host"], job["port"]
+    conn = http.client.HTTPConnection(host, port)
+    prefix = job["prefix"]
+    print("ready", flush=True)
+    sys.stdin.readline()
+
+    def post(path: str, body: dict) -> tuple[int, dict]:
+        conn.request("POST", path, json.dumps(body), {"Content-Type": "application/json"})
+        resp = conn.getresponse()
+        return resp.status, json.loads(resp.read())
+
+    done = errors = 0
+    end = time.monotonic() + job["duration"]
+    while time.monotonic() < end:
+        key = SigningKey.generate()
+        user = f"{prefix}-{done + errors}"
+        pub = base64.b64encode(bytes(key.verify_key)).decode()
+        s1, _ = post("/auth/register", {"user_id": user, "username": user, "public_key": pub})
+        s2, body = post("/auth/login", {"user_id": user})
+        if s1 != 201 or s2 != 200:
+            errors += 1
+            continue
+        sig = base64.b64encode(key.sign(body["challenge"].encode()).signature).decode()
+        s3, _ = post("/auth/login?verify=true", {"user_id": user, "signature": sig})
+        if s3 == 200:
+            done += 1
+        else:
+            errors += 1
+    print(json.dumps({"logins": done, "errors": errors}), flush=True)
+
+
+def main() -> None:
+    job = json.loads(sys.stdin.readline())
+    try:
+        import resource
+
+        soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+        resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+    except (ImportError, ValueError, OSError):
+        pass
+    kind = job["kind"]
+    if kind == "login":
+        run_login(job)
+    else:
+        run_twisted(job, {"pairs": Pairs, "broadcast": Broadcast, "idle": Idle}[kind])
+
+
+if __name__ == "__main__":
+    os.environ.setdefault("PYTHONUNBUFFERED", "1")
+    main()
