@@ -13,7 +13,7 @@ import json
 import re
 import time
 import unicodedata
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 BROADCAST = "broadcast"
@@ -138,10 +138,15 @@ def signing_input(sender: str, recipient: str, nonce: str | None, content: str) 
     )
 
 
+_last_second: list = [None, ""]  # (second, its formatted prefix): most stamps share one
+
+
 def format_timestamp(ms: int) -> str:
     """RFC 3339 UTC with milliseconds, e.g. ``2026-11-25T12:34:56.789Z``."""
     seconds, millis = divmod(ms, 1000)
-    return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(seconds)) + f".{millis:03d}Z"
+    if _last_second[0] != seconds:
+        _last_second[:] = [seconds, time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(seconds))]
+    return f"{_last_second[1]}.{millis:03d}Z"
 
 
 def nonce_from_raw(payload: bytes) -> str | None:
@@ -229,37 +234,48 @@ class Message:
     status: str
     created_ms: int
     recipients: int | None = None  # broadcasts only: connections reached
+    _encoded: bytes | None = field(default=None, repr=False, compare=False)
 
     def fields(self, kind: str) -> dict[str, Any]:
-        """The frame object of type ``kind`` (``message`` or ``ack``)."""
-        frame = {
-            "type": kind,
-            "id": self.id,
-            "from": self.sender,
-            "to": self.recipient,
-            "content": self.content,
-            "timestamp": format_timestamp(self.created_ms),
-            "status": self.status,
-            "verification": self.verification,
-            "signature": b64encode(self.signature) if self.signature is not None else None,
-            "nonce": self.nonce,
-        }
-        if self.recipients is not None:
-            frame["recipients"] = self.recipients
+        """The frame object of type ``kind`` (``message`` or ``ack``), for tools."""
+        frame = loads_object(ack_frame(self) if kind == "ack" else message_frame(self))
+        frame["type"] = kind
         return frame
+
+    def encoded(self) -> bytes:
+        """The fields every frame of this message shares, as one JSON object.
+
+        Encoded once per message: the recipients' ``message`` frame and the
+        sender's ``ack`` are this object with ``type`` and ``status`` in front.
+        """
+        if self._encoded is None:
+            self._encoded = dumps(
+                {
+                    "id": self.id,
+                    "from": self.sender,
+                    "to": self.recipient,
+                    "content": self.content,
+                    "timestamp": format_timestamp(self.created_ms),
+                    "verification": self.verification,
+                    "signature": b64encode(self.signature) if self.signature is not None else None,
+                    "nonce": self.nonce,
+                }
+            )
+        return self._encoded
 
 
 def message_frame(msg: Message) -> bytes:
     """The ``message`` frame a recipient receives (always ``delivered``)."""
-    frame = msg.fields("message")
-    frame["status"] = DELIVERED
-    frame.pop("recipients", None)
-    return dumps(frame)
+    return b'{"type":"message","status":"delivered",' + msg.encoded()[1:]
 
 
 def ack_frame(msg: Message) -> bytes:
     """The ``ack`` frame: the message as stored, status as it stands now."""
-    return dumps(msg.fields("ack"))
+    head = b'{"type":"ack","status":"' + msg.status.encode("ascii") + b'",'
+    body = msg.encoded()
+    if msg.recipients is not None:
+        body = body[:-1] + b',"recipients":' + str(msg.recipients).encode("ascii") + b"}"
+    return head + body[1:]
 
 
 def status_frame(msg_id: int, status: str, ms: int, recipients: int | None = None) -> bytes:

@@ -31,6 +31,8 @@ from .messages import BROADCAST, DELIVERED, PENDING, Message
 _log = Logger()
 
 BUSY_TIMEOUT_MS = 5000
+_KNOWN_USERS_MAX = 100_000
+_IN_CHUNK = 500  # ids per UPDATE ... IN (...): below SQLite's parameter limit
 MAX_LIVE_CHALLENGES = 5
 
 # Outcomes of add_message.
@@ -232,11 +234,12 @@ def _configure(conn: sqlite3.Connection) -> None:
     conn.execute("PRAGMA synchronous = NORMAL")
 
 
-def _insert_message(txn: Any, new: NewMessage) -> tuple[str, Message | None]:
-    if new.recipient != BROADCAST:
+def _insert_message(txn: Any, new: NewMessage, known_users: set[str]) -> tuple[str, Message | None]:
+    if new.recipient != BROADCAST and new.recipient not in known_users:
         txn.execute("SELECT 1 FROM users WHERE user_id = ?", (new.recipient,))
         if txn.fetchone() is None:
             return NO_RECIPIENT, None
+        _remember(known_users, new.recipient)
     try:
         txn.execute(
             "INSERT INTO messages (sender, recipient, content, signature, nonce,"
@@ -273,17 +276,23 @@ def _insert_message(txn: Any, new: NewMessage) -> tuple[str, Message | None]:
     )
 
 
-def _write_batch(txn: Any, ops: list[tuple[str, Any]]) -> list[Any]:
+def _remember(known_users: set[str], user_id: str) -> None:
+    # Users are never removed, so a user seen once exists for good; the set is
+    # only a cache of that, bounded, and touched only by the pool's thread.
+    if len(known_users) >= _KNOWN_USERS_MAX:
+        known_users.clear()
+    known_users.add(user_id)
+
+
+def _write_batch(txn: Any, ops: list[tuple[str, Any]], known_users: set[str]) -> list[Any]:
     """Apply a batch of writes in one transaction; one result per op."""
     results: list[Any] = []
+    delivered: list[int] = []
     for kind, arg in ops:
         if kind == "message":
-            results.append(_insert_message(txn, arg))
+            results.append(_insert_message(txn, arg, known_users))
         elif kind == "delivered":
-            txn.executemany(
-                "UPDATE messages SET status = 'delivered' WHERE id = ? AND status = 'pending'",
-                [(i,) for i in arg],
-            )
+            delivered.extend(arg)
             results.append(None)
         else:  # "broadcast": (id, recipients)
             txn.execute(
@@ -291,6 +300,14 @@ def _write_batch(txn: Any, ops: list[tuple[str, Any]]) -> list[Any]:
                 (arg[1], arg[0]),
             )
             results.append(None)
+    for start in range(0, len(delivered), _IN_CHUNK):
+        chunk = delivered[start : start + _IN_CHUNK]
+        marks = ",".join("?" * len(chunk))
+        txn.execute(
+            "UPDATE messages SET status = 'delivered'"  # noqa: S608 (only "?" marks)
+            f" WHERE status = 'pending' AND id IN ({marks})",
+            chunk,
+        )
     return results
 
 
@@ -323,6 +340,7 @@ class Store:
         self._closed = False
         self._drained: list[defer.Deferred] = []
         self.batches = 0  # commits made by group commit, for tests and stats
+        self._known_users: set[str] = set()  # used only in the pool's thread
 
     # -- group commit ---------------------------------------------------------
 
@@ -360,7 +378,7 @@ class Store:
         del self._queue[: self._max_batch]
         self._flushing = True
         ops = [(kind, arg) for kind, arg, _ in batch]
-        d = self._pool.runInteraction(_write_batch, ops)
+        d = self._pool.runInteraction(_write_batch, ops, self._known_users)
         d.addBoth(self._flushed, batch)
 
     def _flushed(self, result: list[Any] | Failure, batch: list[Any]) -> None:

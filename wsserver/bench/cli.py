@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import base64
+import contextlib
 import http.client
 import json
 import os
@@ -32,14 +33,34 @@ from typing import Any
 
 from nacl.signing import SigningKey
 
-WORKLOADS = ("verify", "relay", "direct", "direct-unsigned", "latency", "broadcast", "idle",
-             "login")
+WORKLOADS = (
+    "verify",
+    "relay",
+    "direct",
+    "direct-unsigned",
+    "latency",
+    "broadcast",
+    "idle",
+    "login",
+)
 TICKS = os.sysconf("SC_CLK_TCK")
 OPEN_LIMITS = [
-    "--message-rate-limit", "1000000", "--message-burst-limit", "1000000",
-    "--auth-rate-limit", "1000000", "--auth-burst-limit", "1000000",
-    "--max-connections-per-ip", "20000", "--max-handshakes-per-ip", "20000",
-    "--max-connections-per-user", "64", "--max-outbox-bytes", "16777216",
+    "--message-rate-limit",
+    "1000000",
+    "--message-burst-limit",
+    "1000000",
+    "--auth-rate-limit",
+    "1000000",
+    "--auth-burst-limit",
+    "1000000",
+    "--max-connections-per-ip",
+    "20000",
+    "--max-handshakes-per-ip",
+    "20000",
+    "--max-connections-per-user",
+    "64",
+    "--max-outbox-bytes",
+    "16777216",
 ]
 
 
@@ -57,7 +78,7 @@ def free_port() -> int:
 def raise_fd_limit() -> None:
     import resource
 
-    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    _soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
 
 
@@ -83,6 +104,13 @@ class Measured:
         return 0
 
     def stop(self) -> int:
+        code = self._stop()
+        log_file = getattr(self, "log", None)
+        if log_file is not None:
+            log_file.close()
+        return code
+
+    def _stop(self) -> int:
         if self.proc.poll() is None:
             self.proc.send_signal(signal.SIGTERM)
             try:
@@ -101,15 +129,24 @@ class Server(Measured):
         self.dir = workdir / name
         self.dir.mkdir()
         twistd = shutil.which("twistd", path=str(Path(sys.executable).parent)) or "twistd"
-        cmd = [twistd, "-n", "--pidfile=", "wsserver", "--port",
-               f"tcp:{self.port}:interface=127.0.0.1", "--database", str(self.dir / "db.sqlite"),
-               *OPEN_LIMITS]
+        cmd = [
+            twistd,
+            "-n",
+            "--pidfile=",
+            "wsserver",
+            "--port",
+            f"tcp:{self.port}:interface=127.0.0.1",
+            "--database",
+            str(self.dir / "db.sqlite"),
+            *OPEN_LIMITS,
+        ]
         if tls:
             cmd += ["--tls-cert", str(tls[0]), "--tls-key", str(tls[1])]
         self.scheme = "https" if tls else "http"
-        self.log = open(self.dir / "server.log", "wb")
-        self.proc = subprocess.Popen(cmd, stdout=self.log, stderr=subprocess.STDOUT,
-                                     cwd=self.dir, preexec_fn=raise_fd_limit)
+        self.log = open(self.dir / "server.log", "wb")  # noqa: SIM115 (closed in stop)
+        self.proc = subprocess.Popen(
+            cmd, stdout=self.log, stderr=subprocess.STDOUT, cwd=self.dir, preexec_fn=raise_fd_limit
+        )
         self.http = self._wait_up(tls)
 
     def _wait_up(self, tls: Any) -> Any:
@@ -141,7 +178,9 @@ class Relay(Measured):
         self.port = free_port()
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "wsserver.bench.relay", str(self.port)],
-            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, preexec_fn=raise_fd_limit,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            preexec_fn=raise_fd_limit,
         )
         self.proc.stdout.readline()
         self.ws_url = f"ws://127.0.0.1:{self.port}/ws"
@@ -191,7 +230,9 @@ class Workers:
         for job in jobs:
             proc = subprocess.Popen(
                 [sys.executable, "-m", "wsserver.bench.worker"],
-                stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
+                stdin=subprocess.PIPE,
+                stdout=subprocess.PIPE,
+                text=True,
             )
             proc.stdin.write(json.dumps(job) + "\n")
             proc.stdin.flush()
@@ -236,8 +277,9 @@ class Workers:
                 proc.kill()
 
     @staticmethod
-    def _line(proc: Any, deadline: float, label: str, what: str, since: float = 0,
-              duration: float = 0) -> str:
+    def _line(
+        proc: Any, deadline: float, label: str, what: str, since: float = 0, duration: float = 0
+    ) -> str:
         while True:
             ready, _, _ = select.select([proc.stdout], [], [], 0.5)
             if ready:
@@ -268,8 +310,12 @@ def percentile(values: list[float], p: float) -> float:
 
 def latency_figures(latencies_us: list[int]) -> dict:
     ms = [v / 1000 for v in latencies_us]
-    return {"p50_ms": percentile(ms, 50), "p90_ms": percentile(ms, 90),
-            "p99_ms": percentile(ms, 99), "max_ms": max(ms) if ms else float("nan")}
+    return {
+        "p50_ms": percentile(ms, 50),
+        "p90_ms": percentile(ms, 90),
+        "p99_ms": percentile(ms, 99),
+        "max_ms": max(ms) if ms else float("nan"),
+    }
 
 
 # -- workloads -----------------------------------------------------------------
@@ -302,24 +348,46 @@ class Bench:
             runs.append((time.perf_counter() - started) / count * 1e6)
         return {"us_per_verify": statistics.median(runs)}
 
-    def _pairs(self, target: Any, label: str, signed: bool, rate: float | None,
-               relay: bool = False, server: Server | None = None) -> dict:
+    def _pairs(
+        self,
+        target: Any,
+        label: str,
+        signed: bool,
+        rate: float | None,
+        relay: bool = False,
+        server: Server | None = None,
+    ) -> dict:
         pairs = 20 if self.quick else self.args.pairs
         if relay:
-            users = [User(f"u{i}", bytes(SigningKey.generate()).hex(), "x")
-                     for i in range(2 * pairs)]
+            users = [
+                User(f"u{i}", bytes(SigningKey.generate()).hex(), "x") for i in range(2 * pairs)
+            ]
         else:
             users = make_users(server, f"{label[:3]}", 2 * pairs)
         specs = [
-            {"sender": users[2 * i].user_id, "seed": users[2 * i].seed,
-             "sender_token": users[2 * i].token, "receiver": users[2 * i + 1].user_id,
-             "receiver_token": users[2 * i + 1].token}
+            {
+                "sender": users[2 * i].user_id,
+                "seed": users[2 * i].seed,
+                "sender_token": users[2 * i].token,
+                "receiver": users[2 * i + 1].user_id,
+                "receiver_token": users[2 * i + 1].token,
+            }
             for i in range(pairs)
         ]
         duration = self.duration(10.0)
-        jobs = [{"kind": "pairs", "url": target.ws_url, "pairs": chunk, "signed": signed,
-                 "window": self.args.window, "rate": rate, "duration": duration,
-                 "relay": relay} for chunk in split(specs, self.args.clients)]
+        jobs = [
+            {
+                "kind": "pairs",
+                "url": target.ws_url,
+                "pairs": chunk,
+                "signed": signed,
+                "window": self.args.window,
+                "rate": rate,
+                "duration": duration,
+                "relay": relay,
+            }
+            for chunk in split(specs, self.args.clients)
+        ]
         workers = Workers(jobs)
         try:
             workers.wait_ready(label)
@@ -365,19 +433,19 @@ class Bench:
         return figures
 
     def direct(self) -> dict:
-        return self._with_server("direct", lambda s: self._pairs(s, "direct", True, None,
-                                                                   server=s))
+        return self._with_server("direct", lambda s: self._pairs(s, "direct", True, None, server=s))
 
     def direct_unsigned(self) -> dict:
-        return self._with_server("direct-unsigned",
-                                 lambda s: self._pairs(s, "direct-unsigned", False, None,
-                                                       server=s))
+        return self._with_server(
+            "direct-unsigned", lambda s: self._pairs(s, "direct-unsigned", False, None, server=s)
+        )
 
     def latency(self) -> dict:
         pairs = 20 if self.quick else self.args.pairs
         rate = self.args.rate / pairs
-        return self._with_server("latency", lambda s: self._pairs(s, "latency", True, rate,
-                                                                    server=s))
+        return self._with_server(
+            "latency", lambda s: self._pairs(s, "latency", True, rate, server=s)
+        )
 
     def broadcast(self) -> dict:
         receivers = 300 if self.quick else self.args.receivers
@@ -388,8 +456,13 @@ class Bench:
             tokens = [u.token for u in users[1:]]
             jobs = []
             for i, chunk in enumerate(split(tokens, self.args.clients)):
-                job = {"kind": "broadcast", "url": server.ws_url, "receiver_tokens": chunk,
-                       "duration": duration, "rate": self.args.broadcast_rate}
+                job = {
+                    "kind": "broadcast",
+                    "url": server.ws_url,
+                    "receiver_tokens": chunk,
+                    "duration": duration,
+                    "rate": self.args.broadcast_rate,
+                }
                 if i == 0:
                     job["sender_token"] = users[0].token
                 jobs.append(job)
@@ -423,8 +496,9 @@ class Bench:
         count = 2000 if self.quick else self.args.connections
         out = {"plain": self._with_server("idle", lambda s: self._idle(s, count))}
         cert, key = make_certificate(self.workdir)
-        out["tls"] = self._with_server("idle-tls", lambda s: self._idle(s, count, cert),
-                                       tls=(cert, key))
+        out["tls"] = self._with_server(
+            "idle-tls", lambda s: self._idle(s, count, cert), tls=(cert, key)
+        )
         return out
 
     def _idle(self, server: Server, count: int, cafile: Path | None = None) -> dict:
@@ -433,9 +507,16 @@ class Bench:
         tokens = [u.token for u in users for _ in range(per_user)][:count]
         time.sleep(0.5)
         rss0 = server.rss_bytes()
-        jobs = [{"kind": "idle", "url": server.ws_url, "tokens": chunk, "duration": 0,
-                 "cafile": str(cafile) if cafile else None}
-                for chunk in split(tokens, max(2, self.args.clients))]
+        jobs = [
+            {
+                "kind": "idle",
+                "url": server.ws_url,
+                "tokens": chunk,
+                "duration": 0,
+                "cafile": str(cafile) if cafile else None,
+            }
+            for chunk in split(tokens, max(2, self.args.clients))
+        ]
         workers = Workers(jobs)
         try:
             seconds = workers.wait_ready("idle" + (" tls" if cafile else ""))
@@ -459,8 +540,16 @@ class Bench:
     def login(self) -> dict:
         def run(server: Server) -> dict:
             duration = self.duration(10.0)
-            jobs = [{"kind": "login", "host": "127.0.0.1", "port": server.port,
-                     "prefix": f"l{i}", "duration": duration} for i in range(self.args.clients)]
+            jobs = [
+                {
+                    "kind": "login",
+                    "host": "127.0.0.1",
+                    "port": server.port,
+                    "prefix": f"l{i}",
+                    "duration": duration,
+                }
+                for i in range(self.args.clients)
+            ]
             workers = Workers(jobs)
             try:
                 workers.wait_ready("login")
@@ -501,10 +590,13 @@ def make_certificate(directory: Path) -> tuple[Path, Path]:
 
     key = ec.generate_private_key(ec.SECP256R1())
     name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "localhost")])
-    now = datetime.datetime.now(datetime.timezone.utc)
+    now = datetime.datetime.now(datetime.UTC)
     cert = (
-        x509.CertificateBuilder().subject_name(name).issuer_name(name)
-        .public_key(key.public_key()).serial_number(x509.random_serial_number())
+        x509.CertificateBuilder()
+        .subject_name(name)
+        .issuer_name(name)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
         .not_valid_before(now - datetime.timedelta(minutes=5))
         .not_valid_after(now + datetime.timedelta(days=1))
         .add_extension(x509.SubjectAlternativeName([x509.DNSName("localhost")]), False)
@@ -512,9 +604,13 @@ def make_certificate(directory: Path) -> tuple[Path, Path]:
     )
     cert_path, key_path = directory / "cert.pem", directory / "key.pem"
     cert_path.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
-    key_path.write_bytes(key.private_bytes(serialization.Encoding.PEM,
-                                           serialization.PrivateFormat.PKCS8,
-                                           serialization.NoEncryption()))
+    key_path.write_bytes(
+        key.private_bytes(
+            serialization.Encoding.PEM,
+            serialization.PrivateFormat.PKCS8,
+            serialization.NoEncryption(),
+        )
+    )
     return cert_path, key_path
 
 
@@ -536,21 +632,44 @@ def targets(r: dict) -> list[tuple[str, str, str, bool | None]]:
         rows.append(("T3 latency p99 at offered rate", f"{lat['p99_ms']:.2f} ms", "<= 5 ms", ok))
     if "broadcast" in r:
         rate = r["broadcast"]["deliveries_per_cpu_s"]
-        rows.append(("T4 broadcast deliveries/CPU-s", f"{rate:,.0f}", ">= 200,000",
-                     rate >= 200_000))
+        rows.append(
+            ("T4 broadcast deliveries/CPU-s", f"{rate:,.0f}", ">= 200,000", rate >= 200_000)
+        )
     if "idle" in r:
         plain, tls = r["idle"]["plain"], r["idle"]["tls"]
-        rows.append(("T5 idle RSS/conn plain", f"{plain['kib_per_connection']:.1f} KiB",
-                     "<= 12 KiB", plain["kib_per_connection"] <= 12))
-        rows.append(("T5 idle RSS/conn TLS", f"{tls['kib_per_connection']:.1f} KiB",
-                     "<= 40 KiB", tls["kib_per_connection"] <= 40))
+        rows.append(
+            (
+                "T5 idle RSS/conn plain",
+                f"{plain['kib_per_connection']:.1f} KiB",
+                "<= 12 KiB",
+                plain["kib_per_connection"] <= 12,
+            )
+        )
+        rows.append(
+            (
+                "T5 idle RSS/conn TLS",
+                f"{tls['kib_per_connection']:.1f} KiB",
+                "<= 40 KiB",
+                tls["kib_per_connection"] <= 40,
+            )
+        )
     lost = sum(v.get("lost", 0) for v in r.values() if isinstance(v, dict))
-    unexpected = sum(v.get("refused", 0) + v.get("closed_early", 0) + v.get("errors", 0)
-                     for v in r.values() if isinstance(v, dict))
-    unexpected += sum(v.get("closed_early", 0) for v in r.get("idle", {}).values()
-                      if isinstance(v, dict))
-    rows.append(("T6 acked lost / unexpected refusals", f"{lost} / {unexpected}", "0 / 0",
-                 lost == 0 and unexpected == 0))
+    unexpected = sum(
+        v.get("refused", 0) + v.get("closed_early", 0) + v.get("errors", 0)
+        for v in r.values()
+        if isinstance(v, dict)
+    )
+    unexpected += sum(
+        v.get("closed_early", 0) for v in r.get("idle", {}).values() if isinstance(v, dict)
+    )
+    rows.append(
+        (
+            "T6 acked lost / unexpected refusals",
+            f"{lost} / {unexpected}",
+            "0 / 0",
+            lost == 0 and unexpected == 0,
+        )
+    )
     return rows
 
 
@@ -605,8 +724,15 @@ def write_plot(path: str, results: dict, samples: dict) -> None:
     if names:
         xs = range(len(names))
         left.bar(xs, values, color="#4477aa", label="measured")
-        left.scatter(xs, limits, color="#cc3311", marker="_", s=2000, linewidths=3,
-                     label="target (T1: 1.3 x verify, T2: 2 x relay)")
+        left.scatter(
+            xs,
+            limits,
+            color="#cc3311",
+            marker="_",
+            s=2000,
+            linewidths=3,
+            label="target (T1: 1.3 x verify, T2: 2 x relay)",
+        )
         left.set_xticks(list(xs), names)
         left.set_ylabel("server CPU µs per delivered message")
         left.legend(loc="upper left", fontsize=8)
@@ -629,21 +755,26 @@ def write_plot(path: str, results: dict, samples: dict) -> None:
 
 def machine() -> dict:
     model = ""
-    try:
-        for line in open("/proc/cpuinfo"):
+    with contextlib.suppress(OSError), open("/proc/cpuinfo") as f:
+        for line in f:
             if line.startswith("model name"):
                 model = line.split(":", 1)[1].strip()
                 break
-    except OSError:
-        pass
     commit = ""
-    try:
-        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True,
-                                text=True, cwd=Path(__file__).parent, timeout=5).stdout.strip()
-    except (OSError, subprocess.SubprocessError):
-        pass
-    return {"cpu": model, "cores": os.cpu_count(), "python": platform.python_version(),
-            "commit": commit}
+    with contextlib.suppress(OSError, subprocess.SubprocessError):
+        commit = subprocess.run(
+            ["git", "rev-parse", "--short", "HEAD"],
+            capture_output=True,
+            text=True,
+            cwd=Path(__file__).parent,
+            timeout=5,
+        ).stdout.strip()
+    return {
+        "cpu": model,
+        "cores": os.cpu_count(),
+        "python": platform.python_version(),
+        "commit": commit,
+    }
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -657,8 +788,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--window", type=int, default=16, help="messages in flight per sender")
     parser.add_argument("--rate", type=float, default=1000.0, help="latency: offered msg/s")
     parser.add_argument("--receivers", type=int, default=1000, help="broadcast receivers")
-    parser.add_argument("--broadcast-rate", type=float, default=50.0,
-                        help="broadcasts per second")
+    parser.add_argument("--broadcast-rate", type=float, default=50.0, help="broadcasts per second")
     parser.add_argument("--connections", type=int, default=10000, help="idle connections")
     parser.add_argument("--clients", type=int, default=2, help="client processes")
     args = parser.parse_args(argv)
@@ -673,10 +803,13 @@ def main(argv: list[str] | None = None) -> int:
     print_report(results)
     log(f"\n{len(names)} workloads in {time.monotonic() - started:.0f} s")
     if args.json:
-        rows = [{"target": t, "measured": m, "limit": lim, "met": ok}
-                for t, m, lim, ok in targets(results)]
-        Path(args.json).write_text(json.dumps(
-            {"machine": machine(), "results": results, "targets": rows}, indent=2))
+        rows = [
+            {"target": t, "measured": m, "limit": lim, "met": ok}
+            for t, m, lim, ok in targets(results)
+        ]
+        Path(args.json).write_text(
+            json.dumps({"machine": machine(), "results": results, "targets": rows}, indent=2)
+        )
     if args.plot:
         write_plot(args.plot, results, bench.samples)
     lost = sum(v.get("lost", 0) for v in results.values() if isinstance(v, dict))

@@ -16,6 +16,7 @@ import os
 import re
 import sys
 import time
+from pathlib import Path
 from typing import Any
 
 from autobahn.twisted.websocket import WebSocketClientFactory, WebSocketClientProtocol
@@ -58,12 +59,14 @@ def connect(job: dict, owner: Any, token: str, headers: dict | None = None) -> d
     factory.owner = owner
     factory.opened = defer.Deferred()
     factory.setProtocolOptions(
-        autoPingInterval=0, utf8validateIncoming=False, maxFramePayloadSize=0,
+        autoPingInterval=0,
+        utf8validateIncoming=False,
+        maxFramePayloadSize=0,
         openHandshakeTimeout=60,
     )
     endpoint: Any = endpoints.TCP4ClientEndpoint(reactor, factory.host, factory.port, timeout=60)
     if factory.isSecure:
-        trust = Certificate.loadPEM(open(job["cafile"], "rb").read())
+        trust = Certificate.loadPEM(Path(job["cafile"]).read_bytes())
         endpoint = endpoints.wrapClientTLS(optionsForClientTLS("localhost", trust), endpoint)
     d = endpoint.connect(factory)
     d.addCallback(lambda _: factory.opened)
@@ -388,7 +391,7 @@ def main() -> None:
     try:
         import resource
 
-        soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+        _soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
         resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
     except (ImportError, ValueError, OSError):
         pass
