@@ -256,3 +256,42 @@ class SchemaTests(unittest.TestCase):
         """Shipped schema files are versions 1..N without gaps."""
         versions = [v for v, _ in st.migrations()]
         self.assertEqual(versions, list(range(1, len(versions) + 1)))
+
+
+class GroupCommitSchedulingTests(unittest.TestCase):
+    """When the store flushes, on a fake clock (the writes themselves are real)."""
+
+    def setUp(self):
+        from twisted.internet.task import Clock
+
+        self.path = self.mktemp()
+        st.prepare_database(self.path, lambda: SECRET)
+        self.clock = Clock()
+        self.store = st.Store(self.path, self.clock)
+        self.addCleanup(self.store._pool.close)
+        self.addCleanup(self.store._checkpoints.close)
+
+    def delays(self):
+        return [round(c.getTime() - self.clock.seconds(), 3) for c in self.clock.getDelayedCalls()]
+
+    def test_lone_delivery_mark_waits(self):
+        """A delivery mark alone is flushed MARK_DELAY later, not at once."""
+        self.store.mark_delivered([1])
+        self.assertEqual(self.delays(), [st.MARK_DELAY])
+
+    def test_message_hurries_the_marks_along(self):
+        """A message queued after a mark makes one immediate flush that takes both."""
+        self.store.mark_delivered([1])
+        d = self.store.add_message(new_message(to=BROADCAST))
+        self.assertEqual(self.delays(), [0])
+        self.clock.advance(0)
+        self.assertEqual(len(self.store._queue), 0)  # both went into that batch
+        return d
+
+    def test_drain_hurries_a_lazy_flush(self):
+        """drain() does not wait MARK_DELAY for marks to be written."""
+        self.store.mark_delivered([1])
+        d = self.store.drain()
+        self.assertEqual(self.delays(), [0])
+        self.clock.advance(0)
+        return d

@@ -23,6 +23,7 @@ from typing import Any
 from twisted.enterprise import adbapi
 from twisted.internet import defer
 from twisted.internet.interfaces import IReactorTime
+from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
@@ -31,6 +32,7 @@ from .messages import BROADCAST, DELIVERED, PENDING, Message
 _log = Logger()
 
 BUSY_TIMEOUT_MS = 5000
+MARK_DELAY = 0.1  # seconds a lone delivery mark may wait for a batch to join
 _KNOWN_USERS_MAX = 100_000
 _IN_CHUNK = 500  # ids per UPDATE ... IN (...): below SQLite's parameter limit
 MAX_LIVE_CHALLENGES = 5
@@ -231,6 +233,7 @@ def _to_message(row: tuple[Any, ...]) -> Message:
 
 def _configure(conn: sqlite3.Connection) -> None:
     conn.execute(f"PRAGMA busy_timeout = {BUSY_TIMEOUT_MS}")
+    conn.execute("PRAGMA journal_mode = WAL")
     conn.execute("PRAGMA synchronous = NORMAL")
 
 
@@ -334,8 +337,26 @@ class Store:
             cp_openfun=_configure,
             cp_noisy=False,
         )
+        # Checkpoints copy the WAL into the database file and fsync it: a few
+        # milliseconds that would stall every commit behind them, so they run
+        # on a connection and thread of their own (see start()).
+        self._checkpoints = adbapi.ConnectionPool(
+            "sqlite3",
+            path,
+            timeout=BUSY_TIMEOUT_MS / 1000,
+            check_same_thread=False,
+            cp_min=1,
+            cp_max=1,
+            cp_openfun=_configure,
+            cp_noisy=False,
+        )
+        self._checkpoint_loop = LoopingCall(self._checkpoint)
+        self._checkpoint_loop.clock = clock
+        self._checkpointing = False
         self._queue: list[tuple[str, Any, defer.Deferred | None]] = []
+        self._waiting = 0  # queued operations a caller waits for
         self._scheduled: Any = None
+        self._scheduled_urgent = False
         self._flushing = False
         self._closed = False
         self._drained: list[defer.Deferred] = []
@@ -369,13 +390,32 @@ class Store:
 
     def _enqueue(self, kind: str, arg: Any, d: defer.Deferred | None) -> None:
         self._queue.append((kind, arg, d))
-        if not self._flushing and self._scheduled is None:
-            self._scheduled = self._clock.callLater(0, self._flush)
+        if d is not None:
+            self._waiting += 1
+        self._schedule()
+
+    def _schedule(self) -> None:
+        """Flush on the next reactor turn if a sender waits, else a little later.
+
+        Delivery marks wait no one, so they ride along with the next batch of
+        messages instead of costing a transaction (and a thread round trip
+        that messages would queue behind) of their own.
+        """
+        if self._flushing or not self._queue:
+            return
+        urgent = self._waiting > 0 or bool(self._drained)
+        if self._scheduled is not None:
+            if not urgent or self._scheduled_urgent:
+                return
+            self._scheduled.cancel()
+        self._scheduled_urgent = urgent
+        self._scheduled = self._clock.callLater(0 if urgent else MARK_DELAY, self._flush)
 
     def _flush(self) -> None:
         self._scheduled = None
         batch = self._queue[: self._max_batch]
         del self._queue[: self._max_batch]
+        self._waiting -= sum(1 for _, _, d in batch if d is not None)
         self._flushing = True
         ops = [(kind, arg) for kind, arg, _ in batch]
         d = self._pool.runInteraction(_write_batch, ops, self._known_users)
@@ -394,8 +434,7 @@ class Store:
                 if d is not None:
                     d.callback(outcome)
         if self._queue:
-            if self._scheduled is None:
-                self._scheduled = self._clock.callLater(0, self._flush)
+            self._schedule()
         else:
             waiting, self._drained = self._drained, []
             for d in waiting:
@@ -407,14 +446,36 @@ class Store:
             return defer.succeed(None)
         d: defer.Deferred = defer.Deferred()
         self._drained.append(d)
+        self._schedule()  # someone waits now: no lazy delay
         return d
+
+    def start(self, checkpoint_interval: float = 1.0) -> defer.Deferred:
+        """Checkpoint the WAL every ``checkpoint_interval`` seconds off the write path.
+
+        Until this is called SQLite checkpoints inside commits, as usual.
+        """
+        d = self._pool.runOperation("PRAGMA wal_autocheckpoint = 0")
+        if not self._checkpoint_loop.running:
+            self._checkpoint_loop.start(checkpoint_interval, now=False)
+        return d
+
+    def _checkpoint(self) -> None:
+        if self._checkpointing:
+            return
+        self._checkpointing = True
+        d = self._checkpoints.runOperation("PRAGMA wal_checkpoint(PASSIVE)")
+        d.addErrback(lambda f: _log.failure("WAL checkpoint failed", f))
+        d.addBoth(lambda _: setattr(self, "_checkpointing", False))
 
     @defer.inlineCallbacks
     def close(self) -> Any:
-        """Refuse new writes, commit what is queued, close the pool."""
+        """Refuse new writes, commit what is queued, close the pools."""
         self._closed = True
+        if self._checkpoint_loop.running:
+            self._checkpoint_loop.stop()
         yield self.drain()
         self._pool.close()
+        self._checkpoints.close()
 
     # -- users ----------------------------------------------------------------
 

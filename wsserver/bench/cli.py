@@ -92,9 +92,14 @@ class Measured:
 
     def cpu_seconds(self) -> float:
         """utime + stime of the process (all its threads), in seconds."""
+        user, system = self.cpu_split()
+        return user + system
+
+    def cpu_split(self) -> tuple[float, float]:
+        """(user, system) CPU seconds of the process."""
         with open(f"/proc/{self.proc.pid}/stat") as f:
             fields = f.read().rsplit(")", 1)[1].split()
-        return (int(fields[11]) + int(fields[12])) / TICKS
+        return int(fields[11]) / TICKS, int(fields[12]) / TICKS
 
     def rss_bytes(self) -> int:
         with open(f"/proc/{self.proc.pid}/status") as f:
@@ -375,6 +380,7 @@ class Bench:
             for i in range(pairs)
         ]
         duration = self.duration(10.0)
+        chunks = split(specs, self.args.clients)
         jobs = [
             {
                 "kind": "pairs",
@@ -383,18 +389,20 @@ class Bench:
                 "signed": signed,
                 "window": self.args.window,
                 "rate": rate,
+                "phase": i / len(chunks),  # workers interleave their ticks
                 "duration": duration,
                 "relay": relay,
             }
-            for chunk in split(specs, self.args.clients)
+            for i, chunk in enumerate(chunks)
         ]
         workers = Workers(jobs)
         try:
             workers.wait_ready(label)
-            cpu0, wall0 = target.cpu_seconds(), time.monotonic()
+            split0, wall0 = target.cpu_split(), time.monotonic()
             workers.go()
             results = workers.results(label, duration)
-            cpu1, wall1 = target.cpu_seconds(), time.monotonic()
+            split1, wall1 = target.cpu_split(), time.monotonic()
+            cpu0, cpu1 = sum(split0), sum(split1)
         finally:
             workers.finish()
         received = sum(r["received"] for r in results)
@@ -407,6 +415,7 @@ class Bench:
             "delivered": received,
             "msg_per_s": received / (wall1 - wall0),
             "cpu_us_per_msg": (cpu1 - cpu0) * 1e6 / received if received else float("nan"),
+            "cpu_system_share": (split1[1] - split0[1]) / (cpu1 - cpu0) if cpu1 > cpu0 else 0.0,
             "refused": sum(r["refused"] for r in results),
             "closed_early": sum(r["closed_early"] for r in results),
             "lost": sum(r["lost"] for r in results),

@@ -10,6 +10,7 @@ the real server and for the bare relay.
 from __future__ import annotations
 
 import base64
+import gc
 import http.client
 import json
 import os
@@ -130,15 +131,24 @@ class Pairs:
     def start(self) -> None:
         self.running = True
         if self.rate:
+            # A steady offered load: the senders' ticks are spread evenly over
+            # the interval (and over the workers), not fired all at once.
             interval = 1.0 / self.rate
-            for state in self.senders.values():
+            senders = list(self.senders.values())
+            phase = self.job.get("phase", 0.0)
+            for i, state in enumerate(senders):
                 loop = task.LoopingCall(self._tick, state)
                 state["loop"] = loop
-                loop.start(interval, now=False)
+                offset = interval * ((i + phase) / len(senders) % 1.0)
+                reactor.callLater(offset, self._start_loop, loop, interval)
         else:
             for state in self.senders.values():
                 for _ in range(self.window):
                     self.send_one(state)
+
+    def _start_loop(self, loop: task.LoopingCall, interval: float) -> None:
+        if self.running:
+            loop.start(interval, now=True)
 
     def _tick(self, state: dict) -> None:
         if self.running:
@@ -327,6 +337,10 @@ def run_twisted(job: dict, kind: type) -> None:
         print("ready", flush=True)
         yield task.deferLater(reactor, 0, lambda: None)
         yield _wait_for_go()
+        # The measuring client must not pause for garbage collection mid-run.
+        gc.collect()
+        gc.freeze()
+        gc.disable()
         runner.start()
         yield task.deferLater(reactor, job["duration"], lambda: None)
         runner.stop()
@@ -334,6 +348,7 @@ def run_twisted(job: dict, kind: type) -> None:
         deadline = time.monotonic() + job.get("drain", 5.0)
         while not runner.idle() and time.monotonic() < deadline:
             yield task.deferLater(reactor, 0.05, lambda: None)
+        gc.enable()
         print(json.dumps(runner.report()), flush=True)
         if job.get("hold"):
             yield _wait_for_go()
