@@ -153,7 +153,7 @@ class ServerProtocol(WebSocketServerProtocol):
             return True
         if msg_id > self._last_id:
             self._last_id = msg_id
-            self._send(frame.payloadHybi, prepared=frame)
+            self._write(frame.payloadHybi)
         return True
 
     def notify(self, payload: bytes) -> None:
@@ -197,13 +197,23 @@ class ServerProtocol(WebSocketServerProtocol):
 
     # -- sending ----------------------------------------------------------------
 
-    def _send(self, payload: bytes, prepared: Any = None) -> None:
-        if prepared is not None:
-            self.sendPreparedMessage(prepared)
+    def _send(self, payload: bytes) -> None:
+        """Send one text frame carrying ``payload``."""
+        self._write(self.factory.prepareMessage(payload).payloadHybi)
+
+    def _write(self, frame: bytes) -> None:
+        """Write a complete, prepared frame.
+
+        The same bytes as Autobahn's sendPreparedMessage, without its per-write
+        debug-log arguments and statistics, which cost more than the write
+        itself when one broadcast goes to thousands of connections.
+        """
+        if self.send_queue:
+            self.sendData(frame)  # keep order behind what Autobahn queued
         else:
-            self.sendMessage(payload)
+            self.transport.write(frame)
         if self._paused:
-            self._unsent += len(payload)
+            self._unsent += len(frame)
             if self._unsent > self.factory.max_outbox_bytes and not self._judging:
                 # Writes leave on a later reactor turn: judge the client only
                 # after the transport has had its chance to flush.

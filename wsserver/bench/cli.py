@@ -471,6 +471,8 @@ class Bench:
                     "receiver_tokens": chunk,
                     "duration": duration,
                     "rate": self.args.broadcast_rate,
+                    "window": self.args.broadcast_window,
+                    "drain": 30.0,
                 }
                 if i == 0:
                     job["sender_token"] = users[0].token
@@ -797,7 +799,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--window", type=int, default=16, help="messages in flight per sender")
     parser.add_argument("--rate", type=float, default=1000.0, help="latency: offered msg/s")
     parser.add_argument("--receivers", type=int, default=1000, help="broadcast receivers")
-    parser.add_argument("--broadcast-rate", type=float, default=50.0, help="broadcasts per second")
+    parser.add_argument(
+        "--broadcast-rate",
+        type=float,
+        default=0.0,
+        help="broadcasts per second (0: closed loop, --broadcast-window unacknowledged)",
+    )
+    parser.add_argument(
+        "--broadcast-window", type=int, default=16, help="broadcasts in flight (as direct)"
+    )
     parser.add_argument("--connections", type=int, default=10000, help="idle connections")
     parser.add_argument("--clients", type=int, default=2, help="client processes")
     args = parser.parse_args(argv)

@@ -210,7 +210,9 @@ class Pairs:
 class Broadcast:
     """One sender (in the first worker) and receivers; counts deliveries."""
 
-    settle = 1.0  # seconds for the last broadcasts to arrive after the sender stops
+    last_frame = 0.0
+    stopped_at = 0.0
+    loop: Any = None
 
     def __init__(self, job: dict) -> None:
         self.job = job
@@ -238,9 +240,16 @@ class Broadcast:
 
     def start(self) -> None:
         self.running = True
-        if self.sender is not None:
+        if self.sender is None:
+            return
+        rate = self.job.get("rate")
+        if rate:
             self.loop = task.LoopingCall(self._send)
-            self.loop.start(1.0 / self.job["rate"], now=True)
+            self.loop.start(1.0 / rate, now=True)
+        else:  # closed loop: keep `window` broadcasts unacknowledged
+            self.loop = None
+            for _ in range(self.job["window"]):
+                self._send()
 
     def _send(self) -> None:
         self.sent += 1
@@ -250,18 +259,23 @@ class Broadcast:
 
     def stop(self) -> None:
         self.running = False
-        if self.sender is not None and self.loop.running:
+        self.stopped_at = time.monotonic()
+        if self.loop is not None and self.loop.running:
             self.loop.stop()
 
     def idle(self) -> bool:
-        return True
+        # Receivers are done once nothing has arrived for a while.
+        return time.monotonic() - max(self.last_frame, self.stopped_at) > 0.5
 
     def frame(self, conn: Any, payload: bytes) -> None:
+        self.last_frame = time.monotonic()
         kind = _TYPE.search(payload).group(1)
         if kind == b"message":
             self.counts[conn].add(int(_ID.search(payload).group(1)))
         elif kind == b"ack":
             self.acked.add(int(_ID.search(payload).group(1)))
+            if self.running and self.loop is None:
+                self._send()
         elif kind == b"system":
             self.refused += 1
 
