@@ -100,12 +100,19 @@ def _decrement(counts: dict[str, int], host: str) -> None:
         counts.pop(host, None)
 
 
-def mark_upgraded(transport: Any) -> None:
-    """Tell the ``_Counted`` wrapper under ``transport`` (if any) it became a WebSocket."""
+def mark_upgraded(transport: Any) -> Any:
+    """Tell the ``_Counted`` wrapper under ``transport`` (if any) it became a WebSocket.
+
+    Returns what the WebSocket should write to: ``transport`` itself, or, when
+    that is the counting wrapper (plain TCP), the TCP transport under it, so
+    that every frame written skips a layer that only passes it on.
+    """
     seen = 0
-    while transport is not None and seen < 8:
-        if isinstance(transport, _Counted):
-            transport.mark_upgraded()
-            return
-        transport = transport.__dict__.get("transport")
+    current = transport
+    while current is not None and seen < 8:
+        if isinstance(current, _Counted):
+            current.mark_upgraded()
+            return current.transport if current is transport else transport
+        current = current.__dict__.get("transport")
         seen += 1
+    return transport

@@ -128,6 +128,7 @@ class ServerProtocol(WebSocketServerProtocol):
         self._judging = False  # a slowness check is scheduled
         self._waiting: list[defer.Deferred] = []
         self._closed = defer.Deferred()
+        self._out: Any = None  # what _write writes to (set when the connection opens)
 
     # -- what the broker sees ---------------------------------------------------
 
@@ -211,7 +212,7 @@ class ServerProtocol(WebSocketServerProtocol):
         if self.send_queue:
             self.sendData(frame)  # keep order behind what Autobahn queued
         else:
-            self.transport.write(frame)
+            self._out.write(frame)
         if self._paused:
             self._unsent += len(frame)
             if self._unsent > self.factory.max_outbox_bytes and not self._judging:
@@ -276,7 +277,7 @@ class ServerProtocol(WebSocketServerProtocol):
             self.close(CLOSE_POLICY, "too many connections for this user")
             return
         self._attached = True
-        mark_upgraded(self.transport)
+        self._out = mark_upgraded(self.transport)
         # The HTTP channel registered itself as the producer; take its place,
         # so the transport tells us when its send buffer fills up.
         self.transport.unregisterProducer()
