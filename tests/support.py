@@ -353,3 +353,13 @@ def serve_args(port: int, db: str, *extra: str) -> list[str]:
         db,
         *extra,
     ]
+
+
+@defer.inlineCallbacks
+def start_twistd(testcase: Any, db: str, env: dict | None = None) -> Any:
+    """``twistd -n wsserver`` on a free port and ``db``; fire with (Twistd, RemoteServer)."""
+    port = free_port()
+    proc = Twistd(testcase, serve_args(port, db), env)
+    server = RemoteServer(testcase, port)
+    yield server.wait_up()
+    return proc, server

@@ -18,11 +18,8 @@ from twisted.trial import unittest
 
 from .support import (
     ConnectionClosed,
-    RemoteServer,
-    Twistd,
     connect_ws,
-    free_port,
-    serve_args,
+    start_twistd,
 )
 
 SENDERS = ("s1", "s2", "s3")
@@ -76,18 +73,10 @@ class CrashTests(unittest.TestCase):
         self.rng = random.Random(self.seed)
 
     @defer.inlineCallbacks
-    def start(self, db):
-        port = free_port()
-        proc = Twistd(self, serve_args(port, db), FAST)
-        server = RemoteServer(self, port)
-        yield server.wait_up()
-        return proc, server
-
-    @defer.inlineCallbacks
     def one_run(self, kill_at: int):
         run = Run(kill_at)
         db = self.mktemp() + ".db"
-        proc, server = yield self.start(db)
+        proc, server = yield start_twistd(self, db, FAST)
         tokens = {}
         for name in SENDERS + RECIPIENTS:
             _, tokens[name] = yield server.user(name)
@@ -117,7 +106,7 @@ class CrashTests(unittest.TestCase):
 
         # Restart on the same file; clients resend what was not acknowledged
         # (same nonces), recipients come back with since.
-        proc2, server2 = yield self.start(db)
+        proc2, server2 = yield start_twistd(self, db, FAST)
         before = {
             r: [f["id"] for f in c.received if f["type"] == "message"] for r, c in receivers.items()
         }

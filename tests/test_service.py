@@ -22,6 +22,7 @@ from .support import (
     connect_ws,
     free_port,
     serve_args,
+    start_twistd,
     within,
 )
 
@@ -30,19 +31,11 @@ class TwistdTests(unittest.TestCase):
     timeout = 120
 
     @defer.inlineCallbacks
-    def start(self, db: str, env: dict | None = None):
-        port = free_port()
-        proc = Twistd(self, serve_args(port, db), env)
-        server = RemoteServer(self, port)
-        yield server.wait_up()
-        return proc, server
-
-    @defer.inlineCallbacks
     def test_sigterm_closes_1001_and_keeps_every_acked_message(self):
         """Under traffic, SIGTERM closes every WebSocket with 1001, the process ends
         cleanly, and every acknowledged message is in the database."""
         db = self.mktemp() + ".db"
-        proc, server = yield self.start(db)
+        proc, server = yield start_twistd(self, db)
         _, alice_token = yield server.user("alice")
         _, bob_token = yield server.user("bob")
         alice = yield connect_ws(server.ws_base, alice_token)
@@ -68,7 +61,7 @@ class TwistdTests(unittest.TestCase):
         """After a restart on the same database: users are there, an old token still
         works, and a message that was pending is delivered."""
         db = self.mktemp() + ".db"
-        proc, server = yield self.start(db)
+        proc, server = yield start_twistd(self, db)
         _, alice_token = yield server.user("alice")
         _, bob_token = yield server.user("bob")
         alice = yield connect_ws(server.ws_base, alice_token)
@@ -79,7 +72,7 @@ class TwistdTests(unittest.TestCase):
         yield alice.wait_closed()
         yield proc.ended()
 
-        proc2, server2 = yield self.start(db)
+        proc2, server2 = yield start_twistd(self, db)
         code, _body = yield server2.get("/auth/users/alice")
         self.assertEqual(code, 200)
         bob = yield connect_ws(server2.ws_base, bob_token)

@@ -237,6 +237,19 @@ def _configure(conn: sqlite3.Connection) -> None:
     conn.execute("PRAGMA synchronous = NORMAL")
 
 
+def _one_thread_pool(path: str) -> adbapi.ConnectionPool:
+    return adbapi.ConnectionPool(
+        "sqlite3",
+        path,
+        timeout=BUSY_TIMEOUT_MS / 1000,
+        check_same_thread=False,
+        cp_min=1,
+        cp_max=1,
+        cp_openfun=_configure,
+        cp_noisy=False,
+    )
+
+
 def _insert_message(txn: Any, new: NewMessage, known_users: set[str]) -> tuple[str, Message | None]:
     if new.recipient != BROADCAST and new.recipient not in known_users:
         txn.execute("SELECT 1 FROM users WHERE user_id = ?", (new.recipient,))
@@ -322,34 +335,15 @@ class Store:
         path: str,
         clock: IReactorTime,
         max_batch: int = 1024,
-        pool: adbapi.ConnectionPool | None = None,
     ) -> None:
         self.path = path
         self._clock = clock
         self._max_batch = max_batch
-        self._pool = pool or adbapi.ConnectionPool(
-            "sqlite3",
-            path,
-            timeout=BUSY_TIMEOUT_MS / 1000,
-            check_same_thread=False,
-            cp_min=1,
-            cp_max=1,
-            cp_openfun=_configure,
-            cp_noisy=False,
-        )
+        self._pool = _one_thread_pool(path)  # the only writer
         # Checkpoints copy the WAL into the database file and fsync it: a few
         # milliseconds that would stall every commit behind them, so they run
         # on a connection and thread of their own (see start()).
-        self._checkpoints = adbapi.ConnectionPool(
-            "sqlite3",
-            path,
-            timeout=BUSY_TIMEOUT_MS / 1000,
-            check_same_thread=False,
-            cp_min=1,
-            cp_max=1,
-            cp_openfun=_configure,
-            cp_noisy=False,
-        )
+        self._checkpoints = _one_thread_pool(path)
         self._checkpoint_loop = LoopingCall(self._checkpoint)
         self._checkpoint_loop.clock = clock
         self._checkpointing = False

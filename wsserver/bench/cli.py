@@ -90,13 +90,8 @@ class Measured:
 
     proc: subprocess.Popen
 
-    def cpu_seconds(self) -> float:
-        """utime + stime of the process (all its threads), in seconds."""
-        user, system = self.cpu_split()
-        return user + system
-
     def cpu_split(self) -> tuple[float, float]:
-        """(user, system) CPU seconds of the process."""
+        """(user, system) CPU seconds of the process, all its threads together."""
         with open(f"/proc/{self.proc.pid}/stat") as f:
             fields = f.read().rsplit(")", 1)[1].split()
         return int(fields[11]) / TICKS, int(fields[12]) / TICKS
@@ -305,6 +300,28 @@ class Workers:
             sys.stderr.flush()
 
 
+@dataclass
+class Run:
+    results: list[dict]
+    cpu: float  # server CPU seconds between go and the last report
+    system: float  # of which in the kernel
+    wall: float
+
+
+def run_measured(target: Measured, jobs: list[dict], label: str, duration: float) -> Run:
+    """Start the workers, wait until all are connected, then measure the run."""
+    workers = Workers(jobs)
+    try:
+        workers.wait_ready(label)
+        (user0, sys0), wall0 = target.cpu_split(), time.monotonic()
+        workers.go()
+        results = workers.results(label, duration)
+        (user1, sys1), wall1 = target.cpu_split(), time.monotonic()
+    finally:
+        workers.finish()
+    return Run(results, user1 + sys1 - user0 - sys0, sys1 - sys0, wall1 - wall0)
+
+
 def split(items: list, parts: int) -> list[list]:
     return [items[i::parts] for i in range(parts)]
 
@@ -399,16 +416,8 @@ class Bench:
             }
             for i, chunk in enumerate(chunks)
         ]
-        workers = Workers(jobs)
-        try:
-            workers.wait_ready(label)
-            split0, wall0 = target.cpu_split(), time.monotonic()
-            workers.go()
-            results = workers.results(label, duration)
-            split1, wall1 = target.cpu_split(), time.monotonic()
-            cpu0, cpu1 = sum(split0), sum(split1)
-        finally:
-            workers.finish()
+        run = run_measured(target, jobs, label, duration)
+        results = run.results
         received = sum(r["received"] for r in results)
         latencies = [v for r in results for v in r["latencies_us"]]
         self.samples[label] = latencies
@@ -417,9 +426,9 @@ class Bench:
             "client_processes": len(jobs),
             "sent": sum(r["sent"] for r in results),
             "delivered": received,
-            "msg_per_s": received / (wall1 - wall0),
-            "cpu_us_per_msg": (cpu1 - cpu0) * 1e6 / received if received else float("nan"),
-            "cpu_system_share": (split1[1] - split0[1]) / (cpu1 - cpu0) if cpu1 > cpu0 else 0.0,
+            "msg_per_s": received / run.wall,
+            "cpu_us_per_msg": run.cpu * 1e6 / received if received else float("nan"),
+            "cpu_system_share": run.system / run.cpu if run.cpu else 0.0,
             "refused": sum(r["refused"] for r in results),
             "closed_early": sum(r["closed_early"] for r in results),
             "lost": sum(r["lost"] for r in results),
@@ -481,15 +490,8 @@ class Bench:
                 if i == 0:
                     job["sender_token"] = users[0].token
                 jobs.append(job)
-            workers = Workers(jobs)
-            try:
-                workers.wait_ready("broadcast")
-                cpu0, wall0 = server.cpu_seconds(), time.monotonic()
-                workers.go()
-                results = workers.results("broadcast", duration)
-                cpu1, wall1 = server.cpu_seconds(), time.monotonic()
-            finally:
-                workers.finish()
+            measured = run_measured(server, jobs, "broadcast", duration)
+            results = measured.results
             deliveries = sum(r["deliveries"] for r in results)
             acked = set(results[0]["acked_ids"])
             lost = sum(len(acked - set(r["common_ids"])) for r in results)
@@ -498,8 +500,8 @@ class Bench:
                 "client_processes": len(jobs),
                 "broadcasts": results[0]["sent"],
                 "deliveries": deliveries,
-                "deliveries_per_s": deliveries / (wall1 - wall0),
-                "deliveries_per_cpu_s": deliveries / (cpu1 - cpu0) if cpu1 > cpu0 else 0,
+                "deliveries_per_s": deliveries / measured.wall,
+                "deliveries_per_cpu_s": deliveries / measured.cpu if measured.cpu else 0,
                 "refused": sum(r["refused"] for r in results),
                 "closed_early": sum(r["closed_early"] for r in results),
                 "lost": lost,
@@ -565,21 +567,14 @@ class Bench:
                 }
                 for i in range(self.args.clients)
             ]
-            workers = Workers(jobs)
-            try:
-                workers.wait_ready("login")
-                cpu0, wall0 = server.cpu_seconds(), time.monotonic()
-                workers.go()
-                results = workers.results("login", duration)
-                cpu1, wall1 = server.cpu_seconds(), time.monotonic()
-            finally:
-                workers.finish()
+            measured = run_measured(server, jobs, "login", duration)
+            results = measured.results
             logins = sum(r["logins"] for r in results)
             return {
                 "logins": logins,
                 "client_processes": len(jobs),
-                "logins_per_s": logins / (wall1 - wall0),
-                "cpu_us_per_login": (cpu1 - cpu0) * 1e6 / logins if logins else float("nan"),
+                "logins_per_s": logins / measured.wall,
+                "cpu_us_per_login": measured.cpu * 1e6 / logins if logins else float("nan"),
                 "errors": sum(r["errors"] for r in results),
             }
 
