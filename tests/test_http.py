@@ -160,7 +160,8 @@ class HttpTests(unittest.TestCase):
 
     @defer.inlineCallbacks
     def test_login_refusals(self):
-        """A wrong key is 401 invalid_signature; unknown users 404; bad fields 400."""
+        """A wrong key is 401 invalid_signature; unknown users 404; a missing or
+        ill-formed user_id, signature or verify flag 400 naming it."""
         yield self.server.register("alice", vector_key("alice"))
         code, body = yield self.server.post("/auth/login", {"user_id": "alice"})
         sig = b64(vector_key("bob").sign(body["challenge"].encode()).signature)
@@ -176,6 +177,11 @@ class HttpTests(unittest.TestCase):
         self.assertError(code, out, 404, "unknown_user")
         code, out = yield self.server.post("/auth/login?verify=true", {"user_id": "alice"})
         self.assertError(code, out, 400, "invalid_request")
+        for body in ({}, {"user_id": 5}, {"user_id": "bad id"}):
+            for path in ("/auth/login", "/auth/login?verify=true"):
+                code, out = yield self.server.post(path, {**body, "signature": sig})
+                self.assertError(code, out, 400, "invalid_request")
+                self.assertIn("user_id", out["error"]["message"])
         code, out = yield self.server.post("/auth/login?verify=maybe", {"user_id": "alice"})
         self.assertError(code, out, 400, "invalid_request")
 

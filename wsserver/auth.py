@@ -145,6 +145,16 @@ class Tokens:
         return sub, exp
 
 
+def _user_id_field(body: dict) -> str:
+    """The body's ``user_id``, or ``AuthError('invalid_request')`` naming the field."""
+    user_id = body.get("user_id")
+    if not is_user_id(user_id):
+        raise AuthError(
+            "invalid_request", "user_id must be 1 to 64 characters of A-Z a-z 0-9 _ . -"
+        )
+    return user_id
+
+
 class Authenticator:
     """Registration, the challenge-response login, token checks, key look-ups."""
 
@@ -164,11 +174,7 @@ class Authenticator:
     @defer.inlineCallbacks
     def register(self, body: dict) -> defer.Deferred:
         """Register ``{user_id, username, public_key}``; fire with the ``User``."""
-        user_id = body.get("user_id")
-        if not is_user_id(user_id):
-            raise AuthError(
-                "invalid_request", "user_id must be 1 to 64 characters of A-Z a-z 0-9 _ . -"
-            )
+        user_id = _user_id_field(body)
         if user_id in RESERVED_IDS:
             raise AuthError("invalid_request", f"user_id '{user_id}' is reserved")
         try:
@@ -196,7 +202,7 @@ class Authenticator:
     @defer.inlineCallbacks
     def challenge(self, body: dict) -> defer.Deferred:
         """Start a login: fire with (challenge, expiry in ms)."""
-        user = yield self.lookup(body.get("user_id"))
+        user = yield self.lookup(_user_id_field(body))
         nonce = base64.urlsafe_b64encode(os.urandom(32)).rstrip(b"=").decode("ascii")
         challenge = f"{LOGIN_PREFIX}{user.user_id}:{nonce}"
         now = self._now_ms()
@@ -207,7 +213,7 @@ class Authenticator:
     @defer.inlineCallbacks
     def login(self, body: dict) -> defer.Deferred:
         """Finish a login with a signed challenge: fire with (token, exp)."""
-        user = yield self.lookup(body.get("user_id"))
+        user = yield self.lookup(_user_id_field(body))
         challenge = body.get("challenge")
         if challenge is not None and not isinstance(challenge, str):
             raise AuthError("invalid_request", "challenge must be a string")
