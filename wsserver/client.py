@@ -1,0 +1,405 @@
+"""A Python client for wsserver (protocol v1), on Twisted and Autobahn.
+
+It does what a careful client must: keeps the Ed25519 key, logs in with the
+challenge, signs every message with a fresh nonce, checks the signature of
+every message it receives against the sender's published key (cached), and
+recovers: after a dropped connection it reconnects with ``since`` and resends
+what was not acknowledged with the original nonces (so nothing is lost or
+doubled); on close 4001 it logs in again first.
+
+    client = Client("https://chat.example:8443", "alice", load_key("alice.key"))
+    client.on_message = lambda frame, verified: print(frame["from"], frame["content"])
+    yield client.login()
+    yield client.connect()
+    ack = yield client.send("bob", "hi")
+"""
+
+from __future__ import annotations
+
+import base64
+import itertools
+import json
+import os
+import secrets
+from collections import OrderedDict, deque
+from collections.abc import Callable
+from io import BytesIO
+from typing import Any
+from urllib.parse import urlsplit
+
+from autobahn.twisted.websocket import WebSocketClientFactory, WebSocketClientProtocol
+from nacl.exceptions import BadSignatureError
+from nacl.signing import SigningKey, VerifyKey
+from twisted.internet import defer, endpoints
+from twisted.internet.ssl import Certificate, optionsForClientTLS
+from twisted.logger import Logger
+from twisted.web.client import Agent, BrowserLikePolicyForHTTPS, FileBodyProducer, readBody
+from twisted.web.http_headers import Headers
+
+from .messages import b64decode, signing_input
+
+_log = Logger()
+
+KEY_PREFIX = "wsserver-ed25519-seed:"
+RECONNECT_DELAYS = (0.2, 0.5, 1.0, 2.0, 5.0)
+SEEN_IDS = 10_000
+
+
+class ServerError(Exception):
+    """The server refused something: ``code`` is its stable error code."""
+
+    def __init__(self, code: str, message: str, status: int | None = None) -> None:
+        super().__init__(f"{code}: {message}")
+        self.code = code
+        self.message = message
+        self.status = status
+
+
+# -- keys ------------------------------------------------------------------------
+
+
+def generate_key() -> SigningKey:
+    """A new Ed25519 signing key."""
+    return SigningKey.generate()
+
+
+def save_key(key: SigningKey, path: str) -> None:
+    """Write the key's seed to a new file readable by its owner only (mode 0600).
+
+    Refuses to overwrite an existing file (``FileExistsError``).
+    """
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    with os.fdopen(fd, "w") as f:
+        f.write(KEY_PREFIX + base64.b64encode(bytes(key)).decode("ascii") + "\n")
+
+
+def load_key(path: str) -> SigningKey:
+    """Read a key written by ``save_key``."""
+    with open(path) as f:
+        text = f.read().strip()
+    if not text.startswith(KEY_PREFIX):
+        raise ValueError(f"{path} is not a wsserver key file")
+    seed = b64decode(text[len(KEY_PREFIX) :])
+    if len(seed) != 32:
+        raise ValueError(f"{path} does not hold a 32-byte seed")
+    return SigningKey(seed)
+
+
+def public_key_b64(key: SigningKey) -> str:
+    """The public key as the server wants it: standard base64."""
+    return base64.b64encode(bytes(key.verify_key)).decode("ascii")
+
+
+def check_signature(frame: dict, key: VerifyKey) -> bool | None:
+    """Verify a received ``message`` frame: True, False, or None when unsigned."""
+    signature = frame.get("signature")
+    if not signature:
+        return None
+    data = signing_input(frame["from"], frame["to"], frame.get("nonce"), frame["content"])
+    try:
+        key.verify(data, b64decode(signature))
+    except (BadSignatureError, ValueError):
+        return False
+    return True
+
+
+# -- the client ------------------------------------------------------------------
+
+
+class _Conn(WebSocketClientProtocol):
+    def onOpen(self) -> None:
+        self.factory.client._opened(self)
+
+    def onMessage(self, payload: bytes, isBinary: bool) -> None:
+        self.factory.client._frame(json.loads(payload))
+
+    def onClose(self, wasClean: bool, code: int | None, reason: str | None) -> None:
+        self.factory.client._closed(self, code)
+
+
+class Client:
+    """One user's connection to a wsserver, with login and recovery."""
+
+    def __init__(
+        self,
+        server: str,
+        user_id: str,
+        key: SigningKey,
+        *,
+        cafile: str | None = None,
+        reactor: Any = None,
+    ) -> None:
+        if reactor is None:
+            from twisted.internet import reactor as default_reactor
+
+            reactor = default_reactor
+        parts = urlsplit(server)
+        if parts.scheme not in ("http", "https") or not parts.hostname:
+            raise ValueError("server must be an http:// or https:// URL")
+        self.server = server.rstrip("/")
+        self.user_id = user_id
+        self.key = key
+        self.token: str | None = None
+        self._reactor = reactor
+        self._host = parts.hostname
+        self._port = parts.port or (443 if parts.scheme == "https" else 80)
+        self._secure = parts.scheme == "https"
+        self._tls = None
+        if self._secure:
+            trust = None
+            if cafile:
+                with open(cafile, "rb") as f:
+                    trust = Certificate.loadPEM(f.read())
+            self._tls = optionsForClientTLS(self._host, trustRoot=trust)
+        self._agent = Agent(reactor, contextFactory=_Policy(self._tls))
+        self._keys: dict[str, VerifyKey] = {}
+        self._unacked: OrderedDict[str, tuple[dict, defer.Deferred]] = OrderedDict()
+        self._nonces = itertools.count(1)
+        self._nonce_prefix = secrets.token_hex(4)
+        self._conn: _Conn | None = None
+        self._wanted = False  # connect() called and close() not since
+        self._connected: defer.Deferred | None = None
+        self._retrying: Any = None  # the pending reconnect, if any
+        self._inbox = defer.DeferredLock()  # received messages are handled in order
+        self.last_id = 0  # highest message id received: the next since
+        self._seen: set[int] = set()  # recent ids, to report each message once
+        self._seen_order: deque[int] = deque()
+        # Callbacks for the caller; each receives the frame (a dict).
+        self.on_message: Callable[[dict, bool | None], Any] | None = None
+        self.on_status: Callable[[dict], Any] | None = None
+        self.on_system: Callable[[dict], Any] | None = None
+        self.on_connect: Callable[[], Any] | None = None
+
+    # -- HTTP ---------------------------------------------------------------------
+
+    @defer.inlineCallbacks
+    def _request(self, method: bytes, path: str, body: dict | None = None) -> Any:
+        headers = Headers({b"accept": [b"application/json"]})
+        producer = None
+        if body is not None:
+            headers.addRawHeader(b"content-type", b"application/json")
+            producer = FileBodyProducer(BytesIO(json.dumps(body).encode("utf-8")))
+        response = yield self._agent.request(
+            method, (self.server + path).encode("ascii"), headers, producer
+        )
+        raw = yield readBody(response)
+        try:
+            data = json.loads(raw) if raw else {}
+        except ValueError:
+            data = {}
+        if response.code >= 400:
+            error = data.get("error") if isinstance(data, dict) else None
+            error = error if isinstance(error, dict) else {}
+            raise ServerError(
+                error.get("code", "http_error"),
+                error.get("message", f"HTTP {response.code}"),
+                response.code,
+            )
+        return data
+
+    def register(self, username: str) -> defer.Deferred:
+        """Register this user's public key under ``username``."""
+        return self._request(
+            b"POST",
+            "/auth/register",
+            {"user_id": self.user_id, "username": username, "public_key": public_key_b64(self.key)},
+        )
+
+    @defer.inlineCallbacks
+    def login(self) -> Any:
+        """The challenge-response login; fire with the token (also kept)."""
+        reply = yield self._request(b"POST", "/auth/login", {"user_id": self.user_id})
+        challenge = reply["challenge"]
+        signature = base64.b64encode(self.key.sign(challenge.encode("utf-8")).signature)
+        reply = yield self._request(
+            b"POST",
+            "/auth/login?verify=true",
+            {"user_id": self.user_id, "challenge": challenge, "signature": signature.decode()},
+        )
+        self.token = reply["token"]
+        return self.token
+
+    def lookup(self, user_id: str) -> defer.Deferred:
+        """The public record of ``user_id`` from the key directory."""
+        return self._request(b"GET", f"/auth/users/{user_id}")
+
+    @defer.inlineCallbacks
+    def verify_key(self, user_id: str) -> Any:
+        """The published key of ``user_id`` (cached: keys do not change)."""
+        key = self._keys.get(user_id)
+        if key is None:
+            record = yield self.lookup(user_id)
+            key = VerifyKey(b64decode(record["public_key"]))
+            self._keys[user_id] = key
+        return key
+
+    # -- WebSocket ----------------------------------------------------------------
+
+    def connect(self, since: int | None = None) -> defer.Deferred:
+        """Open the WebSocket (logging in first if needed) and keep it open.
+
+        Fires once connected.  Until ``close()``, a dropped connection is
+        reopened with ``since`` and unacknowledged messages are resent.
+        """
+        if since is not None:
+            self.last_id = max(self.last_id, since)
+        self._wanted = True
+        self._connected = defer.Deferred()
+        self._dial(use_since=since is not None)
+        return self._connected
+
+    @defer.inlineCallbacks
+    def _dial(self, use_since: bool = True, attempt: int = 0) -> Any:
+        self._retrying = None
+        if not self._wanted:
+            return
+        try:
+            if self.token is None:
+                yield self.login()
+            scheme = "wss" if self._secure else "ws"
+            url = f"{scheme}://{self._host}:{self._port}/ws"
+            if use_since:
+                url += f"?since={self.last_id}"
+            factory = WebSocketClientFactory(url, headers={"Authorization": f"Bearer {self.token}"})
+            factory.protocol = _Conn
+            factory.client = self
+            factory.setProtocolOptions(autoPingInterval=20, autoPingTimeout=10)
+            endpoint: Any = endpoints.HostnameEndpoint(self._reactor, self._host, self._port)
+            if self._tls is not None:
+                endpoint = endpoints.wrapClientTLS(self._tls, endpoint)
+            yield endpoint.connect(factory)
+        except ServerError as err:
+            if err.status in (400, 401, 404) and err.code != "rate_limited":
+                self._fail_connect(err)  # a login problem that waiting will not fix
+                return
+            self._retry(attempt)
+        except Exception as err:  # network trouble: try again, slower each time
+            _log.info("connect failed ({error}); retrying", error=str(err))
+            self._retry(attempt)
+
+    def _retry(self, attempt: int) -> None:
+        if self._wanted and self._retrying is None:
+            delay = RECONNECT_DELAYS[min(attempt, len(RECONNECT_DELAYS) - 1)]
+            self._retrying = self._reactor.callLater(delay, self._dial, True, attempt + 1)
+
+    def _fail_connect(self, err: Exception) -> None:
+        self._wanted = False
+        if self._connected is not None and not self._connected.called:
+            self._connected.errback(err)
+
+    def _opened(self, conn: _Conn) -> None:
+        self._conn = conn
+        for frame, _ in list(self._unacked.values()):
+            conn.sendMessage(json.dumps(frame).encode("utf-8"))  # same nonce: no double
+        if self._connected is not None and not self._connected.called:
+            self._connected.callback(None)
+        if self.on_connect:
+            self.on_connect()
+
+    def _closed(self, conn: Any, code: int | None) -> None:
+        if self._conn is conn:
+            self._conn = None
+        if not self._wanted:
+            return
+        if code == 4001:  # token expired: log in again, then come back
+            self.token = None
+        elif code == 1008:  # policy (too many connections): retrying will not help
+            self._fail_connect(ServerError("policy_violation", "connection refused (1008)"))
+            return
+        self._retry(0)
+
+    def send(self, to: str, content: str, nonce: str | None = None) -> defer.Deferred:
+        """Sign and send a message; fire with its ``ack`` frame.
+
+        Fails with ``ServerError`` if the server refuses it (a ``system`` frame
+        naming its nonce).  While the connection is down the message waits and
+        goes out, with the same nonce, when it is back.
+        """
+        nonce = nonce or f"{self._nonce_prefix}-{next(self._nonces)}"
+        data = signing_input(self.user_id, to, nonce, content)
+        frame = {
+            "to": to,
+            "content": content,
+            "nonce": nonce,
+            "signature": base64.b64encode(self.key.sign(data).signature).decode("ascii"),
+        }
+        d: defer.Deferred = defer.Deferred()
+        self._unacked[nonce] = (frame, d)
+        if self._conn is not None:
+            self._conn.sendMessage(json.dumps(frame).encode("utf-8"))
+        return d
+
+    def close(self) -> defer.Deferred:
+        """Close the WebSocket for good (no reconnect); fire when it is closed."""
+        self._wanted = False
+        if self._retrying is not None and self._retrying.active():
+            self._retrying.cancel()
+        self._retrying = None
+        conn, self._conn = self._conn, None
+        if conn is None:
+            return defer.succeed(None)
+        done: defer.Deferred = defer.Deferred()
+        original = self._closed
+
+        def closed(c: Any, code: int | None) -> None:
+            original(c, code)
+            if c is conn and not done.called:
+                done.callback(code)
+
+        self._closed = closed  # type: ignore[method-assign]
+        conn.sendClose(1000)
+        return done
+
+    # -- frames -------------------------------------------------------------------
+
+    def _frame(self, frame: dict) -> None:
+        kind = frame.get("type")
+        if kind == "message":
+            self._inbox.run(self._message, frame)
+        elif kind == "ack":
+            pending = self._unacked.pop(frame.get("nonce") or "", None)
+            if pending is not None:
+                pending[1].callback(frame)
+        elif kind == "status":
+            if self.on_status:
+                self.on_status(frame)
+        elif kind == "system":
+            pending = self._unacked.pop(frame.get("nonce") or "", None)
+            if pending is not None and frame.get("code") != "internal_error":
+                pending[1].errback(ServerError(frame["code"], frame.get("content", "")))
+            elif pending is not None:
+                # Not stored: try again on the next connection, same nonce.
+                self._unacked[frame["nonce"]] = pending
+            if self.on_system:
+                self.on_system(frame)
+
+    @defer.inlineCallbacks
+    def _message(self, frame: dict) -> Any:
+        msg_id = frame["id"]
+        if msg_id in self._seen:
+            return  # delivered again after a server crash: reported once only
+        self._seen.add(msg_id)
+        self._seen_order.append(msg_id)
+        if len(self._seen_order) > SEEN_IDS:
+            self._seen.discard(self._seen_order.popleft())
+        self.last_id = max(self.last_id, msg_id)
+        verified = None
+        if frame.get("signature"):
+            try:
+                key = yield self.verify_key(frame["from"])
+                verified = check_signature(frame, key)
+            except ServerError:
+                verified = False  # the sender's key cannot be found
+        if self.on_message:
+            self.on_message(frame, verified)
+
+
+class _Policy(BrowserLikePolicyForHTTPS):
+    """HTTPS with the client's own trust settings (a private CA, for example)."""
+
+    def __init__(self, tls: Any) -> None:
+        super().__init__()
+        self._tls = tls
+
+    def creatorForNetloc(self, hostname: bytes, port: int) -> Any:
+        return self._tls or super().creatorForNetloc(hostname, port)
