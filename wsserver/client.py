@@ -17,6 +17,7 @@ doubled); on close 4001 it logs in again first.
 from __future__ import annotations
 
 import base64
+import ipaddress
 import itertools
 import json
 import os
@@ -31,9 +32,10 @@ from autobahn.twisted.websocket import WebSocketClientFactory, WebSocketClientPr
 from nacl.exceptions import BadSignatureError
 from nacl.signing import SigningKey, VerifyKey
 from twisted.internet import defer, endpoints
+from twisted.internet.protocol import Protocol
 from twisted.internet.ssl import Certificate, optionsForClientTLS
 from twisted.logger import Logger
-from twisted.web.client import Agent, BrowserLikePolicyForHTTPS, FileBodyProducer, readBody
+from twisted.web.client import Agent, BrowserLikePolicyForHTTPS, FileBodyProducer, ResponseDone
 from twisted.web.http_headers import Headers
 
 from .messages import b64decode, signing_input
@@ -43,6 +45,7 @@ _log = Logger()
 KEY_PREFIX = "wsserver-ed25519-seed:"
 RECONNECT_DELAYS = (0.2, 0.5, 1.0, 2.0, 5.0)
 SEEN_IDS = 10_000
+MAX_RESPONSE_BYTES = 1 << 20  # the server's answers are small JSON objects
 
 
 class ServerError(Exception):
@@ -182,7 +185,7 @@ class Client:
         response = yield self._agent.request(
             method, (self.server + path).encode("ascii"), headers, producer
         )
-        raw = yield readBody(response)
+        raw = yield _read_body(response)
         try:
             data = json.loads(raw) if raw else {}
         except ValueError:
@@ -238,8 +241,9 @@ class Client:
     def connect(self, since: int | None = None) -> defer.Deferred:
         """Open the WebSocket (logging in first if needed) and keep it open.
 
-        Fires once connected.  Until ``close()``, a dropped connection is
-        reopened with ``since`` and unacknowledged messages are resent.
+        Fires once connected, or fails if the first attempt fails.  Until
+        ``close()``, a dropped connection is reopened with ``since`` (retried
+        with growing delays) and unacknowledged messages are resent.
         """
         if since is not None:
             self.last_id = max(self.last_id, since)
@@ -264,18 +268,29 @@ class Client:
             factory.protocol = _Conn
             factory.client = self
             factory.setProtocolOptions(autoPingInterval=20, autoPingTimeout=10)
-            endpoint: Any = endpoints.HostnameEndpoint(self._reactor, self._host, self._port)
+            endpoint = self._endpoint()
             if self._tls is not None:
                 endpoint = endpoints.wrapClientTLS(self._tls, endpoint)
             yield endpoint.connect(factory)
-        except ServerError as err:
-            if err.status in (400, 401, 404) and err.code != "rate_limited":
-                self._fail_connect(err)  # a login problem that waiting will not fix
+        except Exception as err:
+            first = self._connected is not None and not self._connected.called
+            hopeless = isinstance(err, ServerError) and err.status in (400, 401, 404)
+            if first or hopeless:
+                # connect() reports a server it cannot reach or a login the
+                # server refuses; once connected, drops are retried instead.
+                self._fail_connect(err)
                 return
+            _log.info("reconnect failed ({error}); retrying", error=str(err))
             self._retry(attempt)
-        except Exception as err:  # network trouble: try again, slower each time
-            _log.info("connect failed ({error}); retrying", error=str(err))
-            self._retry(attempt)
+
+    def _endpoint(self) -> Any:
+        try:
+            address = ipaddress.ip_address(self._host)
+        except ValueError:  # a name: resolve it, IPv6 and IPv4 both tried
+            return endpoints.HostnameEndpoint(self._reactor, self._host, self._port)
+        if address.version == 6:
+            return endpoints.TCP6ClientEndpoint(self._reactor, self._host, self._port)
+        return endpoints.TCP4ClientEndpoint(self._reactor, self._host, self._port)
 
     def _retry(self, attempt: int) -> None:
         if self._wanted and self._retrying is None:
@@ -355,7 +370,8 @@ class Client:
     def _frame(self, frame: dict) -> None:
         kind = frame.get("type")
         if kind == "message":
-            self._inbox.run(self._message, frame)
+            d = self._inbox.run(self._message, frame)
+            d.addErrback(lambda f: _log.failure("handling a message failed", f))
         elif kind == "ack":
             pending = self._unacked.pop(frame.get("nonce") or "", None)
             if pending is not None:
@@ -388,10 +404,41 @@ class Client:
             try:
                 key = yield self.verify_key(frame["from"])
                 verified = check_signature(frame, key)
-            except ServerError:
-                verified = False  # the sender's key cannot be found
+            except Exception as err:
+                # No key to check against (unknown sender, unreachable
+                # directory): never report such a message as verified.
+                _log.info(
+                    "cannot check a signature from {sender}: {error}",
+                    sender=frame["from"],
+                    error=str(err),
+                )
+                verified = False
         if self.on_message:
             self.on_message(frame, verified)
+
+
+class _Body(Protocol):
+    def __init__(self, done: defer.Deferred) -> None:
+        self._parts: list[bytes] = []
+        self._done = done
+
+    def dataReceived(self, data: bytes) -> None:
+        self._parts.append(data)
+        if sum(map(len, self._parts)) > MAX_RESPONSE_BYTES:
+            self.transport.stopProducing()
+
+    def connectionLost(self, reason: Any = None) -> None:
+        if reason is None or reason.check(ResponseDone):
+            self._done.callback(b"".join(self._parts))
+        else:
+            self._done.errback(reason)
+
+
+def _read_body(response: Any) -> defer.Deferred:
+    """The whole body of a (small, bounded) HTTP response."""
+    done: defer.Deferred = defer.Deferred()
+    response.deliverBody(_Body(done))
+    return done
 
 
 class _Policy(BrowserLikePolicyForHTTPS):
