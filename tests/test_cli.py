@@ -40,7 +40,7 @@ class CliTests(unittest.TestCase):
 
     def setUp(self):
         self.server = LiveServer(self)
-        self.dir = Path(self.mktemp())
+        self.dir = Path(self.mktemp()).resolve()
         self.dir.mkdir()
 
     def spawn(self, *args: str, user: str = "alice") -> _Proc:

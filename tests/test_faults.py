@@ -75,7 +75,7 @@ class CrashTests(unittest.TestCase):
     @defer.inlineCallbacks
     def one_run(self, kill_at: int):
         run = Run(kill_at)
-        db = self.mktemp() + ".db"
+        db = os.path.abspath(self.mktemp() + ".db")
         proc, server = yield start_twistd(self, db, FAST)
         tokens = {}
         for name in SENDERS + RECIPIENTS:

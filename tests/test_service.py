@@ -34,7 +34,7 @@ class TwistdTests(unittest.TestCase):
     def test_sigterm_closes_1001_and_keeps_every_acked_message(self):
         """Under traffic, SIGTERM closes every WebSocket with 1001, the process ends
         cleanly, and every acknowledged message is in the database."""
-        db = self.mktemp() + ".db"
+        db = os.path.abspath(self.mktemp() + ".db")
         proc, server = yield start_twistd(self, db)
         _, alice_token = yield server.user("alice")
         _, bob_token = yield server.user("bob")
@@ -60,7 +60,7 @@ class TwistdTests(unittest.TestCase):
     def test_restart_keeps_users_messages_pending_and_tokens(self):
         """After a restart on the same database: users are there, an old token still
         works, and a message that was pending is delivered."""
-        db = self.mktemp() + ".db"
+        db = os.path.abspath(self.mktemp() + ".db")
         proc, server = yield start_twistd(self, db)
         _, alice_token = yield server.user("alice")
         _, bob_token = yield server.user("bob")
@@ -86,7 +86,7 @@ class TwistdTests(unittest.TestCase):
     def test_bad_settings_stop_the_start_with_one_line(self):
         """A bad variable, a bad option, a half TLS pair or a taken port: exit status 1
         and one line naming the setting, no traceback."""
-        db = self.mktemp() + ".db"
+        db = os.path.abspath(self.mktemp() + ".db")
         port = free_port()
         cases = [
             ({"MESSAGE_RATE_LIMIT": "fast"}, [], "MESSAGE_RATE_LIMIT"),
@@ -116,7 +116,7 @@ class TwistdTests(unittest.TestCase):
     def test_daemonized_with_pidfile_and_logfile(self):
         """Without -n, twistd daemonizes: a pidfile appears, the server answers, the log
         goes to the logfile, and SIGTERM to the pid stops it and removes the pidfile."""
-        tmp = Path(self.mktemp())
+        tmp = Path(self.mktemp()).resolve()
         tmp.mkdir()
         pidfile, logfile = tmp / "wsserver.pid", tmp / "wsserver.log"
         port = free_port()
