@@ -133,6 +133,16 @@ class ClientTests(ClientBase):
         self.assertEqual(ctx.exception.code, "unknown_recipient")
 
     @defer.inlineCallbacks
+    def test_refused_upgrade_fails_connect(self):
+        """A first connection whose upgrade is refused (a forged token) fails
+        connect() instead of retrying forever."""
+        alice = yield self.make(self.server, "alice")
+        alice.token = "forged.token.value"
+        with self.assertRaises(wc.ServerError) as ctx:
+            yield alice.connect().addTimeout(10, reactor)
+        self.assertEqual(ctx.exception.code, "upgrade_refused")
+
+    @defer.inlineCallbacks
     def test_http_errors_carry_the_server_code(self):
         """Registering a taken id and logging in unknown fail with the server's codes."""
         yield self.make(self.server, "alice")

@@ -110,7 +110,11 @@ def check_signature(frame: dict, key: VerifyKey) -> bool | None:
 
 
 class _Conn(WebSocketClientProtocol):
+    was_open = False
+    closed_by_us: defer.Deferred | None = None
+
     def onOpen(self) -> None:
+        self.was_open = True
         self.factory.client._opened(self)
 
     def onMessage(self, payload: bytes, isBinary: bool) -> None:
@@ -314,8 +318,17 @@ class Client:
     def _closed(self, conn: Any, code: int | None) -> None:
         if self._conn is conn:
             self._conn = None
+        if conn.closed_by_us is not None and not conn.closed_by_us.called:
+            conn.closed_by_us.callback(code)
         if not self._wanted:
             return
+        if not conn.was_open:  # the server refused the upgrade itself
+            if self._connected is not None and not self._connected.called:
+                self._fail_connect(
+                    ServerError("upgrade_refused", f"the WebSocket upgrade failed ({code})")
+                )
+                return
+            self.token = None  # perhaps the token: log in again on the next try
         if code == 4001:  # token expired: log in again, then come back
             self.token = None
         elif code == 1008:  # policy (too many connections): retrying will not help
@@ -353,17 +366,9 @@ class Client:
         conn, self._conn = self._conn, None
         if conn is None:
             return defer.succeed(None)
-        done: defer.Deferred = defer.Deferred()
-        original = self._closed
-
-        def closed(c: Any, code: int | None) -> None:
-            original(c, code)
-            if c is conn and not done.called:
-                done.callback(code)
-
-        self._closed = closed  # type: ignore[method-assign]
+        conn.closed_by_us = defer.Deferred()
         conn.sendClose(1000)
-        return done
+        return conn.closed_by_us
 
     # -- frames -------------------------------------------------------------------
 
