@@ -28,6 +28,7 @@ from twisted.python.failure import Failure
 
 from ..messages import signing_input
 
+QUIET_SECONDS = 2.0  # broadcast receivers are done after this long without a frame
 _ID = re.compile(rb'"id":(\d+)')
 _STAMP = re.compile(rb'"content":"(\d+) (\d+) ')
 _TYPE = re.compile(rb'"type":"(\w+)"')
@@ -265,7 +266,7 @@ class Broadcast:
 
     def idle(self) -> bool:
         # Receivers are done once nothing has arrived for a while.
-        return time.monotonic() - max(self.last_frame, self.stopped_at) > 0.5
+        return time.monotonic() - max(self.last_frame, self.stopped_at) > QUIET_SECONDS
 
     def frame(self, conn: Any, payload: bytes) -> None:
         self.last_frame = time.monotonic()
@@ -359,7 +360,9 @@ def run_twisted(job: dict, kind: type) -> None:
         yield task.deferLater(reactor, job["duration"], lambda: None)
         runner.stop()
         yield task.deferLater(reactor, getattr(runner, "settle", 0.0), lambda: None)
-        deadline = time.monotonic() + job.get("drain", 5.0)
+        # Wait for what is still in flight (returns as soon as nothing is), so
+        # that a slow, shared machine is not mistaken for a lost message.
+        deadline = time.monotonic() + job.get("drain", 30.0)
         while not runner.idle() and time.monotonic() < deadline:
             yield task.deferLater(reactor, 0.05, lambda: None)
         gc.enable()
