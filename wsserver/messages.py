@@ -236,12 +236,6 @@ class Message:
     recipients: int | None = None  # broadcasts only: connections reached
     _encoded: bytes | None = field(default=None, repr=False, compare=False)
 
-    def fields(self, kind: str) -> dict[str, Any]:
-        """The frame object of type ``kind`` (``message`` or ``ack``), for tools."""
-        frame = loads_object(ack_frame(self) if kind == "ack" else message_frame(self))
-        frame["type"] = kind
-        return frame
-
     def encoded(self) -> bytes:
         """The fields every frame of this message shares, as one JSON object.
 

@@ -27,7 +27,7 @@ from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
-from .messages import BROADCAST, DELIVERED, PENDING, Message
+from .messages import BROADCAST, PENDING, Message
 
 _log = Logger()
 
@@ -606,7 +606,6 @@ __all__ = [
     "CHALLENGE_BAD",
     "CHALLENGE_NONE",
     "CHALLENGE_OK",
-    "DELIVERED",
     "DUPLICATE",
     "NO_RECIPIENT",
     "STORED",

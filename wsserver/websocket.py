@@ -150,7 +150,7 @@ class ServerProtocol(WebSocketServerProtocol):
             if self._held_bytes > self.factory.max_outbox_bytes:
                 # Live traffic outgrew the outbox while the replay was still
                 # being written: like any slow reader, come back with since.
-                self.close(CLOSE_TRY_LATER, "too slow: outbox full")
+                self._close_slow()
             return True
         if msg_id > self._last_id:
             self._last_id = msg_id
@@ -225,8 +225,11 @@ class ServerProtocol(WebSocketServerProtocol):
     def _judge_slow(self) -> None:
         self._judging = False
         if self._paused and self._unsent > self.factory.max_outbox_bytes and self.live:
-            _log.info("closing slow connection of {user}", user=self.user_id)
-            self.close(CLOSE_TRY_LATER, "too slow: outbox full")
+            self._close_slow()
+
+    def _close_slow(self) -> None:
+        _log.info("closing slow connection of {user}", user=self.user_id)
+        self.close(CLOSE_TRY_LATER, "too slow: outbox full")
 
     def _resumed(self) -> None:
         self._paused = False
