@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 
 from nacl.signing import SigningKey
 from twisted.internet import defer
@@ -186,12 +187,47 @@ class HttpTests(unittest.TestCase):
         self.assertError(code, out, 400, "invalid_request")
 
     @defer.inlineCallbacks
-    def test_health_and_root(self):
-        """/health reports ok and the connection count; / names the server."""
+    def test_health_and_info(self):
+        """/health reports ok and the connection count; /info names the server."""
         code, body = yield self.server.get("/health")
         self.assertEqual((code, body["status"], body["connections"]), (200, "ok", 0))
-        code, body = yield self.server.get("/")
+        code, body = yield self.server.get("/info")
         self.assertEqual((code, body["name"], body["protocol"]), (200, "wsserver", 1))
+
+    @defer.inlineCallbacks
+    def test_web_client_files(self):
+        """/ and /static/* serve the web client from package data with a
+        restrictive CSP; nothing else under /static/, and GET/HEAD only."""
+        client = self.server.http()
+        pages = {
+            "/": b"text/html",
+            "/static/app.js": b"text/javascript",
+            "/static/app.css": b"text/css",
+            "/static/icon.svg": b"image/svg+xml",
+        }
+        for path, kind in pages.items():
+            resp = yield within(client.get(self.server.base + path))
+            body = yield resp.content()
+            headers = resp.headers
+            self.assertEqual(resp.code, 200, path)
+            self.assertTrue(headers.getRawHeaders(b"content-type")[0].startswith(kind), path)
+            policy = headers.getRawHeaders(b"content-security-policy")[0]
+            for rule in (b"default-src 'none'", b"script-src 'self'", b"connect-src 'self'"):
+                self.assertIn(rule, policy)
+            self.assertEqual(headers.getRawHeaders(b"x-content-type-options"), [b"nosniff"])
+            self.assertEqual(resp.length, len(body))  # Twisted's client takes Content-Length
+            # No outside URLs: the page loads only itself (the SVG names its XML namespace).
+            outside = re.findall(rb"\b(?:https?|wss?)://[^\s\"'`]+", body)
+            self.assertEqual([u for u in outside if u != b"http://www.w3.org/2000/svg"], [])
+        index = yield (yield within(client.get(self.server.base + "/"))).content()
+        self.assertIn(b'src="/static/app.js"', index)
+        for path in ("/static/", "/static/index.html", "/static/app.js/x", "/static/../setup.cfg"):
+            resp, body = yield self.raw("GET", path)
+            self.assertError(resp.code, body, 404, "not_found")
+        resp, body = yield self.raw("POST", "/", b"{}", {b"content-type": [b"application/json"]})
+        self.assertError(resp.code, body, 405, "method_not_allowed")
+        resp = yield within(client.head(self.server.base + "/static/app.js"))
+        self.assertEqual(resp.code, 200)
 
 
 class AuthRateLimitTests(unittest.TestCase):

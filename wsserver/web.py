@@ -1,8 +1,9 @@
 """The HTTP side: a plain twisted.web ``Resource`` tree.
 
-``/auth/register``, ``/auth/login``, ``/auth/users/{id}``, ``/health``, and
-``/ws``, the gate that checks Origin, ``since`` and the token before handing
-the connection to Autobahn.  Every error is one JSON shape whose ``code`` maps
+``/`` and ``/static/*`` (the web client), ``/auth/register``, ``/auth/login``,
+``/auth/users/{id}``, ``/info``, ``/health``, and ``/ws``, the gate that
+checks Origin, ``since`` and the token before handing the connection to
+Autobahn.  Every error is one JSON shape whose ``code`` maps
 to a status through ``ERROR_STATUS``.
 """
 
@@ -11,6 +12,7 @@ from __future__ import annotations
 import math
 import re
 from collections.abc import Callable
+from importlib import resources
 from typing import Any
 
 from autobahn.twisted.resource import WebSocketResource
@@ -204,12 +206,77 @@ class _Refused(JsonResource):
 
 
 class Info(JsonResource):
-    """GET /: what this server is."""
+    """GET /info: what this server is."""
 
     handlers = {b"GET": "get"}
 
     def get(self, request: server.Request) -> tuple[int, dict]:
         return 200, {"name": "wsserver", "version": __version__, "protocol": 1}
+
+
+# The web client's files, served with a policy that lets the page load only
+# itself and talk only to this server (WebSocket included).
+PAGE_POLICY = (
+    b"default-src 'none'; script-src 'self'; style-src 'self'; img-src 'self'; "
+    b"connect-src 'self'; base-uri 'none'; form-action 'none'; frame-ancestors 'none'"
+)
+_STATIC_TYPES = {
+    ".html": b"text/html; charset=utf-8",
+    ".js": b"text/javascript; charset=utf-8",
+    ".css": b"text/css; charset=utf-8",
+    ".svg": b"image/svg+xml",
+}
+
+
+def load_static() -> dict[str, tuple[bytes, bytes]]:
+    """The web client's files (package data), by name: (content type, bytes)."""
+    files = {}
+    for entry in resources.files("wsserver").joinpath("static").iterdir():
+        suffix = "." + entry.name.rpartition(".")[2]
+        if suffix in _STATIC_TYPES:
+            files[entry.name] = (_STATIC_TYPES[suffix], entry.read_bytes())
+    return files
+
+
+class StaticFile(Resource):
+    """One file of the web client, held in memory (a few KiB in all)."""
+
+    isLeaf = True
+
+    def __init__(self, content_type: bytes, body: bytes) -> None:
+        super().__init__()
+        self._type = content_type
+        self._body = body
+
+    def render(self, request: server.Request) -> Any:
+        if request.postpath:
+            return NotFound().render(request)
+        if request.method not in (b"GET", b"HEAD"):
+            _finish_error(request, "method_not_allowed", "use GET", {b"allow": b"GET, HEAD"})
+            return server.NOT_DONE_YET
+        request.setHeader(b"content-type", self._type)
+        request.setHeader(b"content-security-policy", PAGE_POLICY)
+        request.setHeader(b"x-content-type-options", b"nosniff")
+        request.setHeader(b"referrer-policy", b"no-referrer")
+        request.setHeader(b"cache-control", b"no-cache")
+        request.setHeader(b"content-length", str(len(self._body)).encode("ascii"))
+        return self._body
+
+
+class StaticDir(Resource):
+    """/static/: the web client's script and style sheet, nothing else."""
+
+    def __init__(self, files: dict[str, tuple[bytes, bytes]]) -> None:
+        super().__init__()
+        for name, (content_type, body) in files.items():
+            if name != "index.html":
+                self.putChild(name.encode("ascii"), StaticFile(content_type, body))
+
+    def getChild(self, path: bytes, request: server.Request) -> Resource:
+        return NotFound()
+
+    def render(self, request: server.Request) -> Any:
+        return NotFound().render(request)
 
 
 class Health(JsonResource):
@@ -434,7 +501,10 @@ def build_root(
 ) -> Resource:
     """The whole resource tree."""
     root = _Root()
-    root.putChild(b"", Info())
+    files = load_static()
+    root.putChild(b"", StaticFile(*files["index.html"]))
+    root.putChild(b"static", StaticDir(files))
+    root.putChild(b"info", Info())
     root.putChild(b"auth", AuthTree(auth, auth_limiter))
     root.putChild(b"ws", ws_gate)
     root.putChild(b"health", Health(status))

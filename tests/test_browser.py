@@ -1,0 +1,428 @@
+"""The web client in a real browser.
+
+Two headless Chromium sessions (separate profiles) and the command-line
+client talk through ``twistd -n wsserver``: registration and login in the
+page, a conversation with signatures checked in the browser, pending then
+delivered, a dropped connection recovered with ``since``, and rate-limit
+notices.  Chromium is driven through Debian's chromedriver with Selenium.
+
+Needs ``/usr/bin/chromium`` and ``/usr/bin/chromedriver`` (Debian's
+``chromium`` and ``chromium-driver``; ``.ci/run`` installs them).  Without
+them the tests are skipped and say why, unless ``WSSERVER_REQUIRE_BROWSER=1``
+(set by ``.ci/run``) makes that a failure.  ``WSSERVER_SCREENSHOT=PATH``
+saves the conversation's screenshot there (docs/web-client.png is made so).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import selectors
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+import unittest
+import urllib.request
+from pathlib import Path
+
+from .support import ROOT, TWISTD, free_port, serve_args
+
+CHROMIUM = "/usr/bin/chromium"
+CHROMEDRIVER = "/usr/bin/chromedriver"
+CHROMIUM_FLAGS = [
+    "--headless",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+    "--no-first-run",
+    "--window-size=820,760",
+]
+WAIT = 20.0
+
+
+def _why_not() -> str | None:
+    missing = [path for path in (CHROMIUM, CHROMEDRIVER) if not os.access(path, os.X_OK)]
+    if missing:
+        return f"needs Debian's chromium and chromium-driver (missing: {', '.join(missing)})"
+    try:
+        import selenium  # noqa: F401
+    except ImportError:
+        return "needs selenium (pip install '.[test]')"
+    return None
+
+
+WHY_NOT = _why_not()
+if WHY_NOT and os.environ.get("WSSERVER_REQUIRE_BROWSER") == "1":
+    raise RuntimeError(f"WSSERVER_REQUIRE_BROWSER=1 but the browser tests cannot run: {WHY_NOT}")
+
+if not WHY_NOT:
+    from selenium import webdriver
+    from selenium.common.exceptions import TimeoutException
+    from selenium.webdriver.chrome.service import Service
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import WebDriverWait
+
+
+def mark_state(item) -> str:
+    """The verification the page worked out for a received message."""
+    return item.find_element(By.CSS_SELECTOR, ".mark").get_attribute("data-state")
+
+
+class CuttableProxy:
+    """A TCP forwarder on loopback whose connections the test can cut.
+
+    While cut it closes every forwarded connection and refuses new ones (it
+    accepts and closes them at once), which a browser sees as the network
+    going away; ``restore()`` lets connections through again.
+    """
+
+    def __init__(self, target_port: int) -> None:
+        self._target = ("127.0.0.1", target_port)
+        self._listener = socket.create_server(("127.0.0.1", 0))
+        self.port = self._listener.getsockname()[1]
+        self._lock = threading.Lock()
+        self._open: set[socket.socket] = set()
+        self._cut = False
+        self._closed = False
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def _accept(self) -> None:
+        while not self._closed:
+            try:
+                client, _ = self._listener.accept()
+            except OSError:
+                return
+            with self._lock:
+                refused = self._cut
+            if refused:
+                client.close()
+                continue
+            try:
+                upstream = socket.create_connection(self._target)
+            except OSError:
+                client.close()
+                continue
+            with self._lock:
+                self._open |= {client, upstream}
+            threading.Thread(target=self._pump, args=(client, upstream), daemon=True).start()
+
+    def _pump(self, a: socket.socket, b: socket.socket) -> None:
+        sel = selectors.DefaultSelector()
+        sel.register(a, selectors.EVENT_READ, b)
+        sel.register(b, selectors.EVENT_READ, a)
+        try:
+            while True:
+                for key, _ in sel.select():
+                    data = key.fileobj.recv(65536)
+                    if not data:
+                        return
+                    key.data.sendall(data)
+        except OSError:
+            return
+        finally:
+            sel.close()
+            with self._lock:
+                self._open -= {a, b}
+            for s in (a, b):
+                s.close()
+
+    def cut(self) -> None:
+        with self._lock:
+            self._cut = True
+            victims = list(self._open)
+        for s in victims:
+            with contextlib.suppress(OSError):
+                s.shutdown(socket.SHUT_RDWR)
+
+    def restore(self) -> None:
+        with self._lock:
+            self._cut = False
+
+    def close(self) -> None:
+        self._closed = True
+        self.cut()
+        self._listener.close()
+
+
+@unittest.skipIf(WHY_NOT, WHY_NOT or "")
+class BrowserCase(unittest.TestCase):
+    """Starts ``twistd -n wsserver`` (with ``env``) and drives headless Chromium."""
+
+    env: dict[str, str] = {}
+
+    def setUp(self) -> None:
+        self.dir = Path(tempfile.mkdtemp(prefix="wsserver-browser-"))
+        self.addCleanup(shutil.rmtree, self.dir, True)
+        self.port = free_port()
+        self.server_url = f"http://127.0.0.1:{self.port}"
+        env = {k: v for k, v in os.environ.items() if not k.startswith(("MESSAGE_", "MAX_"))}
+        env.update(self.env)
+        log = open(self.dir / "server.log", "wb")  # noqa: SIM115 (closed by cleanup)
+        self.addCleanup(log.close)
+        self.server = subprocess.Popen(
+            TWISTD + serve_args(self.port, str(self.dir / "db.sqlite")),
+            cwd=str(ROOT),
+            env=env,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+        )
+        self.addCleanup(self._stop_server)
+        self._wait_up()
+
+    def _stop_server(self) -> None:
+        if self.server.poll() is None:
+            self.server.send_signal(signal.SIGTERM)
+            try:
+                self.server.wait(20)
+            except subprocess.TimeoutExpired:
+                self.server.kill()
+                self.server.wait()
+
+    def _wait_up(self) -> None:
+        deadline = time.monotonic() + WAIT
+        while time.monotonic() < deadline:
+            try:
+                with urllib.request.urlopen(f"{self.server_url}/health", timeout=2) as r:
+                    if r.status == 200:
+                        return
+            except OSError:
+                time.sleep(0.1)
+        self.fail("the server did not come up:\n" + (self.dir / "server.log").read_text())
+
+    # -- browsers ------------------------------------------------------------------
+
+    def browser(self, name: str):
+        """A fresh headless Chromium with its own profile."""
+        options = webdriver.ChromeOptions()
+        options.binary_location = CHROMIUM
+        for flag in CHROMIUM_FLAGS:
+            options.add_argument(flag)
+        profile = self.dir / f"profile-{name}"
+        options.add_argument(f"--user-data-dir={profile}")
+        options.set_capability("goog:loggingPrefs", {"browser": "ALL"})
+        driver = webdriver.Chrome(options=options, service=Service(CHROMEDRIVER))
+        self.addCleanup(driver.quit)
+        driver.wsserver_name = name
+        return driver
+
+    def wait_for(self, driver, css: str, count: int = 1, text: str | None = None) -> list:
+        """The elements matching ``css`` (at least ``count``, with ``text`` in
+        one of them when given), or a failure that shows the page."""
+
+        def found(d):
+            elements = d.find_elements(By.CSS_SELECTOR, css)
+            if text is not None:
+                elements = [e for e in elements if text in e.text]
+            return elements if len(elements) >= count else False
+
+        try:
+            return WebDriverWait(driver, WAIT, poll_frequency=0.05).until(found)
+        except TimeoutException:
+            body = driver.find_element(By.TAG_NAME, "body").text
+            console = [entry["message"] for entry in driver.get_log("browser")]
+            wanted = f"{count} x {css!r} {text or ''}"
+            self.fail(f"{driver.wsserver_name}: no {wanted}\npage:\n{body}\nconsole: {console}")
+
+    def open_page(self, driver, base: str | None = None) -> None:
+        driver.get((base or self.server_url) + "/")
+        self.wait_for(driver, "body[data-ready=true]")
+
+    def register(self, driver, user_id: str, name: str, base: str | None = None) -> None:
+        self.open_page(driver, base)
+        driver.find_element(By.ID, "user-id").send_keys(user_id)
+        driver.find_element(By.ID, "username").send_keys(name)
+        driver.find_element(By.ID, "register").click()
+        self.wait_for(driver, "#conn[data-state=online]")
+        self.assertEqual(driver.find_element(By.ID, "who").text, f"signed in as {user_id}")
+
+    def say(self, driver, to: str, text: str) -> None:
+        field = driver.find_element(By.ID, "to")
+        field.clear()
+        field.send_keys(to)
+        driver.find_element(By.ID, "text").send_keys(text + "\n")
+
+    def incoming(self, driver, text: str):
+        """The incoming message item holding ``text``, once its mark is settled."""
+        (item,) = self.wait_for(driver, "#log li.msg.in", text=text)
+        WebDriverWait(driver, WAIT).until(lambda d: mark_state(item))
+        return item
+
+    def outgoing_status(self, driver, text: str, status: str) -> None:
+        self.wait_for(driver, f'#log li.msg.out:has(.status[data-state="{status}"])', text=text)
+
+    # -- the command-line client ------------------------------------------------------
+
+    def cli_env(self, user: str) -> dict[str, str]:
+        return {**os.environ, "WSSERVER_URL": self.server_url, "WSSERVER_USER": user}
+
+    def cli(self, user: str, *args: str) -> str:
+        done = subprocess.run(
+            [sys.executable, "-m", "wsserver.cli", *args],
+            cwd=self.dir,
+            env=self.cli_env(user),
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+        self.assertEqual(done.returncode, 0, done.stderr)
+        return done.stdout
+
+    def cli_process(self, user: str, *args: str) -> subprocess.Popen:
+        """``wsserver-client`` running in the background (killed at cleanup)."""
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "wsserver.cli", *args],
+            cwd=self.dir,
+            env=self.cli_env(user),
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+        )
+
+        def stop() -> None:
+            proc.kill()
+            proc.wait()
+            for pipe in (proc.stdin, proc.stdout):
+                pipe.close()
+
+        self.addCleanup(stop)
+        proc.buffer = b""
+        return proc
+
+    def read_line(self, proc: subprocess.Popen, wanted) -> str:
+        """The first line ``proc`` prints for which ``wanted(line)`` is true."""
+        deadline = time.monotonic() + WAIT
+        with selectors.DefaultSelector() as sel:
+            sel.register(proc.stdout, selectors.EVENT_READ)
+            while True:
+                while b"\n" in proc.buffer:
+                    raw, proc.buffer = proc.buffer.split(b"\n", 1)
+                    line = raw.decode("utf-8")
+                    if wanted(line):
+                        return line
+                left = deadline - time.monotonic()
+                chunk = os.read(proc.stdout.fileno(), 65536) if sel.select(max(left, 0)) else b""
+                if not chunk:
+                    self.fail(f"the CLI did not print the line wanted; left: {proc.buffer!r}")
+                proc.buffer += chunk
+
+
+class WebClientTests(BrowserCase):
+    """The page at / with the default settings."""
+
+    def test_conversation_between_two_browsers_and_the_cli(self):
+        """Two pages and the CLI: keys made in the browser, signatures checked on
+        both sides, pending then delivered, and a drop recovered with since."""
+        proxy = CuttableProxy(self.port)
+        self.addCleanup(proxy.close)
+        alice_url = f"http://127.0.0.1:{proxy.port}"  # alice's network can be cut
+        alice, bob = self.browser("alice"), self.browser("bob")
+        self.register(alice, "alice", "Alice", alice_url)
+        self.register(bob, "bob", "Bob")
+
+        # A conversation: each side checks the other's signature.
+        self.say(alice, "bob", "Hello Bob, this is signed in my browser.")
+        item = self.incoming(bob, "Hello Bob")
+        self.assertEqual(mark_state(item), "verified")
+        self.assertEqual(item.find_element(By.CSS_SELECTOR, ".mark").text, "✓ verified")
+        self.outgoing_status(alice, "Hello Bob", "delivered")
+        self.say(bob, "alice", "Hi Alice! Verified here too.")
+        self.assertEqual(mark_state(self.incoming(alice, "Hi Alice!")), "verified")
+
+        # The command-line client checks what the page signed, and chats with it.
+        self.cli("carol", "keygen")
+        self.cli("carol", "register", "--name", "Carol")
+        self.say(alice, "carol", "Are you there, Carol?")
+        self.outgoing_status(alice, "Are you there, Carol?", "pending")  # carol is away
+        listen = self.cli_process("carol", "listen", "--json")
+        frame = json.loads(self.read_line(listen, lambda line: '"message"' in line))
+        self.assertEqual((frame["from"], frame["content"]), ("alice", "Are you there, Carol?"))
+        self.assertIs(frame["verified_locally"], True)
+        self.outgoing_status(alice, "Are you there, Carol?", "delivered")  # the status frame
+        chat = self.cli_process("carol", "chat", "--to", "alice")
+        self.read_line(chat, lambda line: line.startswith("chatting with alice"))
+        chat.stdin.write(b"Carol here, from the command line.\n")
+        chat.stdin.flush()
+        self.assertRegex(self.read_line(chat, lambda line: "(#" in line), r"\(#\d+ delivered\)")
+        self.assertEqual(mark_state(self.incoming(alice, "Carol here")), "verified")
+        self.say(alice, "carol", "Got it, Carol.")
+        reply = self.read_line(chat, lambda line: "Got it, Carol." in line)
+        self.assertIn("alice [verified]", reply)
+        self.outgoing_status(alice, "Got it, Carol.", "delivered")
+
+        # Alice's network drops: she writes while offline, bob broadcasts.
+        proxy.cut()
+        self.wait_for(alice, "#conn[data-state=offline]")
+        self.say(alice, "bob", "Written while offline.")
+        self.outgoing_status(alice, "Written while offline.", "sending")
+        self.say(bob, "broadcast", "News for everyone while Alice is away.")
+        self.wait_for(bob, "#log li.msg.out:has(.status[data-state=delivered])", text="News for")
+        proxy.restore()
+        # Back online: the broadcast comes with since, the queued message goes out once.
+        self.wait_for(alice, "#conn[data-state=online]")
+        self.incoming(alice, "News for everyone")
+        self.outgoing_status(alice, "Written while offline.", "delivered")
+        self.incoming(bob, "Written while offline.")
+        time.sleep(0.5)  # anything doubled would arrive by now
+        texts = [e.text for e in bob.find_elements(By.CSS_SELECTOR, "#log li.msg.in .content")]
+        self.assertEqual(texts.count("Written while offline."), 1, texts)
+        texts = [e.text for e in alice.find_elements(By.CSS_SELECTOR, "#log li.msg.in .content")]
+        self.assertEqual(len(texts), len(set(texts)), texts)
+        self.assertEqual(len(texts), 3, texts)
+
+        shot = os.environ.get("WSSERVER_SCREENSHOT") or str(self.dir / "conversation.png")
+        self.assertTrue(alice.save_screenshot(shot))
+        self.assertEqual(Path(shot).read_bytes()[:8], b"\x89PNG\r\n\x1a\n")
+
+    def test_login_with_the_kept_key_and_refusals(self):
+        """A reload logs in with the key kept in IndexedDB; refusals are shown."""
+        page = self.browser("dave")
+        self.register(page, "dave", "Dave")
+        self.open_page(page)  # a reload: the page starts signed out
+        self.assertEqual(page.find_element(By.ID, "signin-error").text, "")  # WebCrypto is there
+        self.assertEqual(page.find_element(By.ID, "user-id").get_attribute("value"), "dave")
+        page.find_element(By.ID, "register").click()
+        self.wait_for(page, "#signin-error", text="already has a key for dave")
+        page.find_element(By.ID, "login").click()
+        self.wait_for(page, "#conn[data-state=online]")
+        self.say(page, "nobody", "hello?")
+        self.wait_for(page, "#log li.notice[data-code=unknown_recipient]")
+        self.outgoing_status(page, "hello?", "refused")
+        self.wait_for(page, "#log li.msg.out .status", text="unknown_recipient")
+        other = self.browser("eve")
+        self.open_page(other)
+        other.find_element(By.ID, "user-id").send_keys("dave")
+        other.find_element(By.ID, "login").click()
+        self.wait_for(other, "#signin-error", text="no key for dave")
+        other.find_element(By.ID, "username").send_keys("Not Dave")
+        other.find_element(By.ID, "register").click()
+        self.wait_for(other, "#signin-error", text="user_exists")
+
+
+class RateLimitedWebClientTests(BrowserCase):
+    """The page with a tight per-user limit."""
+
+    env = {"MESSAGE_RATE_LIMIT": "2", "MESSAGE_BURST_LIMIT": "3"}
+
+    def test_rate_limit_notice_and_retry(self):
+        """Over the limit the page shows the notice and sends again when allowed:
+        every message arrives once."""
+        frank, grace = self.browser("frank"), self.browser("grace")
+        self.register(frank, "frank", "Frank")
+        self.register(grace, "grace", "Grace")
+        for n in range(6):
+            self.say(frank, "grace", f"quick message {n}")
+        self.wait_for(frank, "#log li.notice[data-code=rate_limited]")
+        self.wait_for(grace, "#log li.msg.in", count=6)
+        for n in range(6):
+            self.outgoing_status(frank, f"quick message {n}", "delivered")
+        time.sleep(0.5)
+        texts = [e.text for e in grace.find_elements(By.CSS_SELECTOR, "#log li.msg.in .content")]
+        self.assertEqual(sorted(texts), [f"quick message {n}" for n in range(6)])
