@@ -363,3 +363,44 @@ def start_twistd(testcase: Any, db: str, env: dict | None = None) -> Any:
     server = RemoteServer(testcase, port)
     yield server.wait_up()
     return proc, server
+
+
+def spawn_twistd_sync(testcase: Any, args: list[str], env: dict | None, log: Path) -> Any:
+    """``twistd`` as a ``subprocess.Popen`` for synchronous (stdlib unittest) tests:
+    output to ``log``, SIGTERM then SIGKILL at cleanup."""
+    import signal
+    import subprocess
+
+    full_env = {k: v for k, v in os.environ.items() if not k.startswith(("MESSAGE_", "MAX_"))}
+    full_env.update(env or {})
+    out = open(log, "wb")  # noqa: SIM115 (closed at cleanup)
+    proc = subprocess.Popen(
+        TWISTD + args, cwd=str(ROOT), env=full_env, stdout=out, stderr=subprocess.STDOUT
+    )
+
+    def stop() -> None:
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGTERM)
+            try:
+                proc.wait(20)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+        out.close()
+
+    testcase.addCleanup(stop)
+    return proc
+
+
+def wait_listening(port: int, log: Path, seconds: float = 20) -> None:
+    """Block until something accepts TCP connections on 127.0.0.1:``port``."""
+    import time
+
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=1).close()
+            return
+        except OSError:
+            time.sleep(0.1)
+    raise AssertionError("the server did not come up:\n" + log.read_text(errors="replace"))

@@ -20,7 +20,6 @@ import json
 import os
 import selectors
 import shutil
-import signal
 import socket
 import subprocess
 import sys
@@ -28,10 +27,9 @@ import tempfile
 import threading
 import time
 import unittest
-import urllib.request
 from pathlib import Path
 
-from .support import ROOT, TWISTD, free_port, serve_args
+from .support import free_port, serve_args, spawn_twistd_sync, wait_listening
 
 CHROMIUM = "/usr/bin/chromium"
 CHROMEDRIVER = "/usr/bin/chromedriver"
@@ -163,39 +161,10 @@ class BrowserCase(unittest.TestCase):
         self.addCleanup(shutil.rmtree, self.dir, True)
         self.port = free_port()
         self.server_url = f"http://127.0.0.1:{self.port}"
-        env = {k: v for k, v in os.environ.items() if not k.startswith(("MESSAGE_", "MAX_"))}
-        env.update(self.env)
-        log = open(self.dir / "server.log", "wb")  # noqa: SIM115 (closed by cleanup)
-        self.addCleanup(log.close)
-        self.server = subprocess.Popen(
-            TWISTD + serve_args(self.port, str(self.dir / "db.sqlite")),
-            cwd=str(ROOT),
-            env=env,
-            stdout=log,
-            stderr=subprocess.STDOUT,
-        )
-        self.addCleanup(self._stop_server)
-        self._wait_up()
-
-    def _stop_server(self) -> None:
-        if self.server.poll() is None:
-            self.server.send_signal(signal.SIGTERM)
-            try:
-                self.server.wait(20)
-            except subprocess.TimeoutExpired:
-                self.server.kill()
-                self.server.wait()
-
-    def _wait_up(self) -> None:
-        deadline = time.monotonic() + WAIT
-        while time.monotonic() < deadline:
-            try:
-                with urllib.request.urlopen(f"{self.server_url}/health", timeout=2) as r:
-                    if r.status == 200:
-                        return
-            except OSError:
-                time.sleep(0.1)
-        self.fail("the server did not come up:\n" + (self.dir / "server.log").read_text())
+        log = self.dir / "server.log"
+        args = serve_args(self.port, str(self.dir / "db.sqlite"))
+        self.server = spawn_twistd_sync(self, args, self.env, log)
+        wait_listening(self.port, log)
 
     # -- browsers ------------------------------------------------------------------
 

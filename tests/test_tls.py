@@ -4,12 +4,20 @@ from __future__ import annotations
 
 import datetime
 import ipaddress
+import os
+import select
+import shutil
+import socket
+import tempfile
+import time
+import unittest as pyunit
 from pathlib import Path
 
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+from OpenSSL import SSL
 from twisted.internet import defer, protocol, reactor
 from twisted.internet.ssl import Certificate, optionsForClientTLS
 from twisted.trial import unittest
@@ -18,7 +26,15 @@ from twisted.web._newclient import ResponseNeverReceived
 from wsserver.config import ConfigError
 from wsserver.tap import tls_options
 
-from .support import LiveServer, connect_ws, within
+from .support import (
+    LiveServer,
+    connect_ws,
+    free_port,
+    serve_args,
+    spawn_twistd_sync,
+    wait_listening,
+    within,
+)
 
 
 def _name(common: str) -> x509.Name:
@@ -176,3 +192,48 @@ class TLSConfigTests(unittest.TestCase):
         options = ctx.set_options(0)
         for flag in (SSL.OP_NO_SSLv3, SSL.OP_NO_TLSv1, SSL.OP_NO_TLSv1_1):
             self.assertTrue(options & flag)
+
+
+class KeyExchangeTests(pyunit.TestCase):
+    """The TLS key exchange a client gets from ``twistd wsserver``, by default and
+    with examples/openssl-classical-kex.cnf (OPENSSL_CONF)."""
+
+    def negotiated_group(self, env: dict | None) -> str:
+        work = Path(tempfile.mkdtemp(prefix="wsserver-kex-"))
+        self.addCleanup(shutil.rmtree, work, True)
+        cert, key = make_certificate(work)
+        port = free_port()
+        args = serve_args(
+            port, str(work / "db.sqlite"), "--tls-cert", str(cert), "--tls-key", str(key)
+        )
+        spawn_twistd_sync(self, args, env, work / "server.log")
+        wait_listening(port, work / "server.log")
+        context = SSL.Context(SSL.TLS_CLIENT_METHOD)
+        context.load_verify_locations(str(cert.with_name("ca.pem")))
+        context.set_verify(SSL.VERIFY_PEER, lambda *args: args[-1])
+        with socket.create_connection(("127.0.0.1", port), timeout=10) as sock:
+            conn = SSL.Connection(context, sock)
+            conn.set_tlsext_host_name(b"localhost")
+            conn.set_connect_state()
+            deadline = time.monotonic() + 10
+            while True:
+                try:
+                    conn.do_handshake()
+                    return conn.get_group_name()
+                except SSL.WantReadError:
+                    left = deadline - time.monotonic()
+                    if left <= 0 or not select.select([sock], [], [], left)[0]:
+                        self.fail("no TLS handshake within 10 s")
+
+    def test_default_prefers_hybrid_post_quantum(self):
+        """With OpenSSL's defaults (3.5 and newer) the hybrid X25519MLKEM768 is chosen."""
+        version = SSL.OpenSSL_version(SSL.OPENSSL_VERSION).split()[1]
+        if tuple(int(part) for part in version.split(b".")[:2]) < (3, 5):
+            self.skipTest(f"OpenSSL {version.decode()} has no ML-KEM")
+        env = {"OPENSSL_CONF": os.devnull}  # OpenSSL's built-in defaults, whatever the host has
+        self.assertEqual(self.negotiated_group(env), "X25519MLKEM768")
+
+    def test_classical_configuration(self):
+        """OPENSSL_CONF=examples/openssl-classical-kex.cnf gives X25519."""
+        conf = Path(__file__).resolve().parent.parent / "examples" / "openssl-classical-kex.cnf"
+        self.assertEqual(self.negotiated_group({"OPENSSL_CONF": str(conf)}), "x25519")
