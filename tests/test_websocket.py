@@ -6,6 +6,7 @@ import base64
 import json
 import os
 import random
+import sqlite3
 
 import autobahn.websocket.protocol as autobahn_protocol
 import jwt
@@ -376,11 +377,16 @@ class RefusalTests(Base):
 
     @defer.inlineCallbacks
     def test_invalid_utf8_closes_1007(self):
-        """A text frame that is not UTF-8 closes with 1007 (RFC 6455)."""
+        """A text frame that is not UTF-8 closes with 1007 (RFC 6455), and a
+        message right behind it in the same write is not stored."""
         alice = yield self.connect(self.alice_token)
         alice.sendMessage(b'{"to":"bob","content":"\xff"}')
+        alice.sendMessage(b'{"to":"bob","content":"behind it"}')
         code = yield alice.wait_closed()
         self.assertEqual(code, 1007)
+        yield self.server.service.store.drain()
+        with sqlite3.connect(self.server.db) as db:
+            self.assertEqual(db.execute("SELECT COUNT(*) FROM messages").fetchone(), (0,))
 
     @defer.inlineCallbacks
     def test_database_refusing_writes_answers_internal_error(self):

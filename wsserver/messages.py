@@ -165,7 +165,7 @@ class Draft:
     nonce: str | None
 
 
-def parse_client_frame(payload: bytes, sender: str, max_content_bytes: int) -> Draft:
+def parse_client_frame(payload: bytes | str, sender: str, max_content_bytes: int) -> Draft:
     """Parse a text frame from ``sender`` into a ``Draft`` or raise ``Refusal``.
 
     Checks everything that needs no database: shape, types, sizes, the
@@ -175,7 +175,8 @@ def parse_client_frame(payload: bytes, sender: str, max_content_bytes: int) -> D
     try:
         obj = loads_object(payload)
     except InvalidJSON as exc:
-        raise Refusal("invalid_message", str(exc), nonce_from_raw(payload)) from None
+        raw = payload if isinstance(payload, bytes) else payload.encode("utf-8")
+        raise Refusal("invalid_message", str(exc), nonce_from_raw(raw)) from None
 
     raw_nonce = obj.get("nonce")
     if raw_nonce is None or raw_nonce == "":
