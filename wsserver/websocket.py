@@ -369,6 +369,13 @@ class ServerProtocol(WebSocketServerProtocol):
         _log.failure("replay for {user} failed", failure, user=self.user_id)
         self.close(CLOSE_INTERNAL, "internal error")
 
+    def onMessageEnd(self) -> None:
+        # Autobahn's version also fires an observer event ("message"), which
+        # costs two futures per frame; nothing here observes it.
+        if not self.failedByMe:
+            self._onMessage(b"".join(self.message_data), self.message_is_binary)
+        self.message_data = None
+
     def onMessage(self, payload: bytes, isBinary: bool) -> None:
         if not self.live:
             return
