@@ -171,7 +171,7 @@ class WsServerService(service.Service):
         # (tens of milliseconds) every so often in the middle of traffic.
         gc.collect()
         gc.freeze()
-        use_fast_unmasking()  # measured: ~5 µs less per received frame
+        use_fast_unmasking()  # measured: ~5 µs less per small received frame
         if self.port is None:
             self.listen().addErrback(self._listen_failed)
         self.store.start()
