@@ -13,7 +13,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, fields
 from typing import Any
 
-MIN_SECRET_BYTES = 32
+from .auth import MIN_SECRET_BYTES
 
 
 class ConfigError(ValueError):
