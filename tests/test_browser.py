@@ -218,6 +218,17 @@ class BrowserCase(unittest.TestCase):
         field.send_keys(to)
         driver.find_element(By.ID, "text").send_keys(text + "\n")
 
+    def say_exactly(self, driver, to: str, text: str) -> None:
+        """Like ``say`` for text that typing cannot produce (ChromeDriver types
+        only the Basic Multilingual Plane): set the field, then press Send."""
+        driver.execute_script(
+            "document.getElementById('to').value = arguments[0];"
+            "document.getElementById('text').value = arguments[1];",
+            to,
+            text,
+        )
+        driver.find_element(By.ID, "send").click()
+
     def incoming(self, driver, text: str):
         """The incoming message item holding ``text``, once its mark is settled."""
         (item,) = self.wait_for(driver, "#log li.msg.in", text=text)
@@ -361,6 +372,14 @@ class WebClientTests(BrowserCase):
         self.wait_for(page, "#signin-error", text="already has a key for dave")
         page.find_element(By.ID, "login").click()
         self.wait_for(page, "#conn[data-state=online]")
+        # A note to self comes back to the sending page, signature checked.
+        # UTF-8 beyond ASCII, and a frame long enough for the server's other
+        # unmasking path (1 KiB and more).
+        for text in ("Grüße, 你好, 👋🏽 and a joiner: 👩‍💻", "long " + "ß" * 1500 + " end"):
+            self.say_exactly(page, "dave", text)
+            item = self.incoming(page, text[:12])
+            self.assertEqual(item.find_element(By.CSS_SELECTOR, ".content").text, text)
+            self.assertEqual(mark_state(item), "verified")
         self.say(page, "nobody", "hello?")
         self.wait_for(page, "#log li.notice[data-code=unknown_recipient]")
         self.outgoing_status(page, "hello?", "refused")
