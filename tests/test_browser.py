@@ -414,3 +414,33 @@ class RateLimitedWebClientTests(BrowserCase):
         time.sleep(0.5)
         texts = [e.text for e in grace.find_elements(By.CSS_SELECTOR, "#log li.msg.in .content")]
         self.assertEqual(sorted(texts), [f"quick message {n}" for n in range(6)])
+
+
+class ShortSessionWebClientTests(BrowserCase):
+    """The page with tokens that live three seconds."""
+
+    env = {"TOKEN_TTL": "3"}
+
+    def server_log_count(self, text: str) -> int:
+        return (self.dir / "server.log").read_text(errors="replace").count(text)
+
+    def test_expired_session_logs_in_again(self):
+        """When the server closes with 4001 the page logs in again with its kept
+        key and reconnects with since: nothing is missed or shown twice."""
+        heidi, ivan = self.browser("heidi"), self.browser("ivan")
+        self.register(heidi, "heidi", "Heidi")
+        self.register(ivan, "ivan", "Ivan")
+        self.say(ivan, "heidi", "before the expiry")
+        self.incoming(heidi, "before the expiry")
+        deadline = time.monotonic() + WAIT
+        while self.server_log_count("closed: heidi code=4001") < 1:
+            self.assertLess(time.monotonic(), deadline, "no 4001 close for heidi")
+            time.sleep(0.1)
+        while self.server_log_count("logged in heidi") < 2:
+            self.assertLess(time.monotonic(), deadline, "heidi's page did not log in again")
+            time.sleep(0.1)
+        self.wait_for(heidi, "#conn[data-state=online]")
+        self.say(ivan, "heidi", "after the expiry")
+        self.assertEqual(mark_state(self.incoming(heidi, "after the expiry")), "verified")
+        texts = [e.text for e in heidi.find_elements(By.CSS_SELECTOR, "#log li.msg.in .content")]
+        self.assertEqual(texts, ["before the expiry", "after the expiry"])
