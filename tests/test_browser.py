@@ -401,7 +401,7 @@ class RateLimitedWebClientTests(BrowserCase):
 
     def test_rate_limit_notice_and_retry(self):
         """Over the limit the page shows the notice and sends again when allowed:
-        every message arrives once."""
+        every message arrives once, in the order written."""
         frank, grace = self.browser("frank"), self.browser("grace")
         self.register(frank, "frank", "Frank")
         self.register(grace, "grace", "Grace")
@@ -413,7 +413,9 @@ class RateLimitedWebClientTests(BrowserCase):
             self.outgoing_status(frank, f"quick message {n}", "delivered")
         time.sleep(0.5)
         texts = [e.text for e in grace.find_elements(By.CSS_SELECTOR, "#log li.msg.in .content")]
-        self.assertEqual(sorted(texts), [f"quick message {n}" for n in range(6)])
+        self.assertEqual(texts, [f"quick message {n}" for n in range(6)])
+        notices = frank.find_elements(By.CSS_SELECTOR, "#log li.notice[data-code=rate_limited]")
+        self.assertIn("sending again in", notices[-1].text)
 
 
 class ShortSessionWebClientTests(BrowserCase):

@@ -136,8 +136,11 @@ const session = {
   socket: null,
   lastId: 0, // the largest message id seen, for since=
   seen: new Set(), // message ids shown, so a replay never shows one twice
-  outbox: new Map(), // nonce -> {frame, item}: sent, not yet acknowledged
+  outbox: new Map(), // nonce -> {frame, item, held}: in send order, not yet acknowledged
   sentById: new Map(), // id -> item, for status frames
+  signing: Promise.resolve(), // sends are signed one after another, in order
+  holding: false, // the server's rate limit refused a message: new ones wait too
+  releaseTimer: null,
   retries: 0,
   timer: null,
 };
@@ -166,7 +169,9 @@ function connect() {
     opened = true;
     session.retries = 0;
     showConnection("online", "online");
-    for (const { frame } of session.outbox.values()) socket.send(JSON.stringify(frame));
+    for (const entry of session.outbox.values()) {
+      if (!entry.held) transmit(entry.frame);
+    }
   };
   socket.onmessage = (event) => {
     let frame;
@@ -215,19 +220,29 @@ function reconnectLater(relogin, why) {
   }, delay * 1000);
 }
 
+function transmit(frame) {
+  if (session.socket && session.socket.readyState === WebSocket.OPEN) {
+    session.socket.send(JSON.stringify(frame));
+  }
+}
+
 function send(to, content) {
   const from = session.user.user_id;
   const nonce = freshNonce();
-  return crypto.subtle.sign({ name: "Ed25519" }, session.user.privateKey, signingInput(from, to, nonce, content))
-    .then((signature) => {
-      const frame = { to, content, nonce, signature: toBase64(signature) };
-      const item = addMessage({ from, to, content, timestamp: null }, "out");
-      setStatus(item, "sending");
-      session.outbox.set(nonce, { frame, item });
-      if (session.socket && session.socket.readyState === WebSocket.OPEN) {
-        session.socket.send(JSON.stringify(frame));
-      }
-    });
+  const item = addMessage({ from, to, content, timestamp: null }, "out");
+  setStatus(item, "sending");
+  session.signing = session.signing.then(async () => {
+    try {
+      const data = signingInput(from, to, nonce, content);
+      const signature = await crypto.subtle.sign({ name: "Ed25519" }, session.user.privateKey, data);
+      const entry = { frame: { to, content, nonce, signature: toBase64(signature) }, item, held: session.holding };
+      session.outbox.set(nonce, entry);
+      if (entry.held) setStatus(item, "waiting", "rate limit");
+      else transmit(entry.frame);
+    } catch (err) {
+      setStatus(item, "refused", "could not sign");
+    }
+  });
 }
 
 function onFrame(frame) {
@@ -287,19 +302,36 @@ function recipientCount(frame) {
 function onSystem(frame) {
   const pending = frame.nonce ? session.outbox.get(frame.nonce) : undefined;
   if (pending && frame.code === "rate_limited") {
-    // Refused before it was stored: try again, with the same nonce, when the
-    // bucket has a token.
+    // Refused before it was stored: it goes out again, with the same nonce,
+    // when the bucket has a token; what is written meanwhile waits behind it,
+    // so the messages keep their order.
+    pending.held = true;
     setStatus(pending.item, "waiting", "rate limit");
-    setTimeout(() => {
-      if (session.outbox.has(frame.nonce) && session.socket && session.socket.readyState === WebSocket.OPEN) {
-        session.socket.send(JSON.stringify(pending.frame));
-      }
-    }, Math.max(frame.retry_after_ms || 200, 50));
-  } else if (pending && frame.code !== "internal_error") {
+    holdFor(frame.retry_after_ms || 200);
+    const seconds = ((frame.retry_after_ms || 200) / 1000).toFixed(1);
+    addNotice({ ...frame, content: `${frame.content.split(";")[0]}; sending again in ${seconds} s` });
+    return;
+  }
+  if (pending && frame.code !== "internal_error") {
     session.outbox.delete(frame.nonce); // refused for good
     setStatus(pending.item, "refused", frame.code);
   }
   addNotice(frame);
+}
+
+function holdFor(ms) {
+  session.holding = true;
+  clearTimeout(session.releaseTimer);
+  session.releaseTimer = setTimeout(() => {
+    session.holding = false;
+    for (const entry of session.outbox.values()) {
+      if (entry.held) {
+        entry.held = false;
+        setStatus(entry.item, "sending");
+        transmit(entry.frame);
+      }
+    }
+  }, Math.max(ms, 50));
 }
 
 // -- the page ----------------------------------------------------------------------
@@ -328,8 +360,12 @@ function addMessage(frame, direction) {
 }
 
 function addNotice(frame) {
-  const retry = frame.retry_after_ms ? ` (retry in ${frame.retry_after_ms} ms)` : "";
-  const item = element("li", "notice", `${frame.content}${retry}`);
+  const last = $("log").lastElementChild;
+  if (frame.code === "rate_limited" && last && last.dataset.code === "rate_limited") {
+    last.textContent = frame.content; // one notice for a burst, kept up to date
+    return;
+  }
+  const item = element("li", "notice", frame.content);
   item.dataset.code = frame.code;
   appendToLog(item);
 }
@@ -341,7 +377,7 @@ function appendToLog(item) {
   if (atBottom) item.scrollIntoView({ block: "end" });
 }
 
-// state: sending, waiting, pending, delivered or refused.
+// state: sending, waiting (held back by the rate limit), pending, delivered or refused.
 function setStatus(item, state, detail) {
   const node = item.querySelector(".status");
   node.dataset.state = state;
