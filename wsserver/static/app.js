@@ -435,9 +435,13 @@ async function onLogin() {
   await start(user);
 }
 
+let signingIn = false; // one registration or login at a time
+
 function guarded(action) {
   return async (event) => {
     event.preventDefault();
+    if (signingIn) return;
+    signingIn = true;
     showError(null);
     for (const button of document.querySelectorAll("#signin button")) button.disabled = true;
     try {
@@ -445,12 +449,24 @@ function guarded(action) {
     } catch (err) {
       showError(err);
     } finally {
+      signingIn = false;
       for (const button of document.querySelectorAll("#signin button")) button.disabled = false;
     }
   };
 }
 
-$("signin-form").addEventListener("submit", guarded(onRegister));
+// Enter in the form: log in when this browser keeps a key for the id, else register.
+async function onEnter() {
+  const userId = $("user-id").value.trim();
+  if (USER_ID.test(userId) && (await loadKey(userId))) await onLogin();
+  else await onRegister();
+}
+
+$("signin-form").addEventListener("keydown", (event) => {
+  // In a field only: Enter on a focused button already clicks it.
+  if (event.key === "Enter" && event.target.tagName === "INPUT") guarded(onEnter)(event);
+});
+$("register").addEventListener("click", guarded(onRegister));
 $("login").addEventListener("click", guarded(onLogin));
 $("send-form").addEventListener("submit", (event) => {
   event.preventDefault();
