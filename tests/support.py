@@ -6,8 +6,11 @@ import base64
 import contextlib
 import json
 import os
+import signal
 import socket
+import subprocess
 import sys
+import time
 from pathlib import Path
 from typing import Any
 
@@ -285,15 +288,21 @@ class _Collect(protocol.ProcessProtocol):
         self.ended.callback(result)
 
 
+def twistd_env(extra: dict | None) -> dict[str, str]:
+    """This process's environment without the limit settings a developer may
+    have exported (MESSAGE_*, MAX_*), plus ``extra``."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("MESSAGE_", "MAX_"))}
+    env.update(extra or {})
+    return env
+
+
 class Twistd:
     """One ``twistd`` process of the working tree's wsserver."""
 
     def __init__(self, testcase, args: list[str], env: dict | None = None) -> None:
         self.proc = _Collect()
-        full_env = {k: v for k, v in os.environ.items() if not k.startswith(("MESSAGE_", "MAX_"))}
-        full_env.update(env or {})
         self.transport = reactor.spawnProcess(
-            self.proc, sys.executable, TWISTD + args, env=full_env, path=str(ROOT)
+            self.proc, sys.executable, TWISTD + args, env=twistd_env(env), path=str(ROOT)
         )
         testcase.addCleanup(self.kill)
 
@@ -368,14 +377,9 @@ def start_twistd(testcase: Any, db: str, env: dict | None = None) -> Any:
 def spawn_twistd_sync(testcase: Any, args: list[str], env: dict | None, log: Path) -> Any:
     """``twistd`` as a ``subprocess.Popen`` for synchronous (stdlib unittest) tests:
     output to ``log``, SIGTERM then SIGKILL at cleanup."""
-    import signal
-    import subprocess
-
-    full_env = {k: v for k, v in os.environ.items() if not k.startswith(("MESSAGE_", "MAX_"))}
-    full_env.update(env or {})
     out = open(log, "wb")  # noqa: SIM115 (closed at cleanup)
     proc = subprocess.Popen(
-        TWISTD + args, cwd=str(ROOT), env=full_env, stdout=out, stderr=subprocess.STDOUT
+        TWISTD + args, cwd=str(ROOT), env=twistd_env(env), stdout=out, stderr=subprocess.STDOUT
     )
 
     def stop() -> None:
@@ -394,8 +398,6 @@ def spawn_twistd_sync(testcase: Any, args: list[str], env: dict | None, log: Pat
 
 def wait_listening(port: int, log: Path, seconds: float = 20) -> None:
     """Block until something accepts TCP connections on 127.0.0.1:``port``."""
-    import time
-
     deadline = time.monotonic() + seconds
     while time.monotonic() < deadline:
         try:
