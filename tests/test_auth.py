@@ -72,6 +72,22 @@ class VectorTests(unittest.TestCase):
         here = Path(__file__).with_name("vectors.json")
         self.assertEqual(shared.read_bytes(), here.read_bytes())
 
+    def test_published_protocol_is_in_step(self):
+        """docs/protocol.md is the shared PROTOCOL.md verbatim, followed only by
+        this implementation's decisions (when the shared copy is present)."""
+        from pathlib import Path
+
+        root = Path(__file__).resolve().parents[1]
+        shared = root.parent / "shared" / "PROTOCOL.md"
+        if not shared.exists():
+            raise unittest.SkipTest("../shared/PROTOCOL.md is not beside this clone")
+        contract = shared.read_text("utf-8").rstrip("\n")
+        published = (root / "docs" / "protocol.md").read_text("utf-8")
+        self.assertTrue(published.startswith(contract + "\n"))
+        rest = published[len(contract) :].strip()
+        self.assertTrue(rest.startswith("## 15. Decisions of this implementation"), rest[:80])
+        self.assertEqual(rest.count("\n## "), 0, "the decisions must be the last section")
+
 
 class PublicKeyTests(unittest.TestCase):
     def test_valid_keys_with_and_without_padding(self):
