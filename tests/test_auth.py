@@ -146,6 +146,43 @@ class TokenTests(unittest.TestCase):
                 self.tokens.check(token)
             self.assertEqual(ctx.exception.code, "unauthorized")
 
+    def test_not_before_in_the_future_refused(self):
+        """A token whose nbf is later than the reactor clock is refused until that
+        time comes (RFC 8725 section 3.10); at nbf it is accepted."""
+        now = int(self.clock.seconds())
+        claims = {"sub": "alice", "iat": now, "exp": now + 600, "iss": "wsserver", "jti": "x"}
+        token = jwt.encode({**claims, "nbf": now + 1}, SECRET, algorithm="HS256")
+        with self.assertRaises(auth.AuthError) as ctx:
+            self.tokens.check(token)
+        self.assertEqual(ctx.exception.code, "unauthorized")
+        self.clock.advance(1)
+        self.assertEqual(self.tokens.check(token), ("alice", now + 600))
+        for bad_nbf in ("soon", None, True, [1]):
+            token = jwt.encode({**claims, "nbf": bad_nbf}, SECRET, algorithm="HS256")
+            with self.assertRaises(auth.AuthError):
+                self.tokens.check(token)
+
+    def test_issued_in_the_future_beyond_the_leeway_refused(self):
+        """A token issued more than IAT_LEEWAY seconds ahead of the reactor clock is
+        refused; one within the leeway (clock skew between processes) is accepted;
+        an iat that is not a number is refused."""
+        now = int(self.clock.seconds())
+        leeway = auth.IAT_LEEWAY
+        self.assertTrue(0 < leeway <= 120)
+        claims = {"sub": "alice", "exp": now + 3600, "iss": "wsserver", "jti": "x"}
+        ahead = jwt.encode({**claims, "iat": now + leeway + 1}, SECRET, algorithm="HS256")
+        with self.assertRaises(auth.AuthError) as ctx:
+            self.tokens.check(ahead)
+        self.assertEqual(ctx.exception.code, "unauthorized")
+        within_leeway = jwt.encode({**claims, "iat": now + leeway}, SECRET, algorithm="HS256")
+        self.assertEqual(self.tokens.check(within_leeway), ("alice", now + 3600))
+        self.clock.advance(1)
+        self.assertEqual(self.tokens.check(ahead), ("alice", now + 3600))
+        for bad_iat in ("now", None, True, 1.5e300):
+            token = jwt.encode({**claims, "iat": bad_iat}, SECRET, algorithm="HS256")
+            with self.assertRaises(auth.AuthError):
+                self.tokens.check(token)
+
     def test_short_secret_refused(self):
         """A secret under 32 bytes cannot be used."""
         with self.assertRaises(ValueError):

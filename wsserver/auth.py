@@ -39,6 +39,9 @@ from .store import CHALLENGE_NONE, CHALLENGE_OK, Store, User
 ISSUER = "wsserver"
 ALGORITHM = "HS256"
 MIN_SECRET_BYTES = 32
+# Seconds a token's ``iat`` may lie ahead of this process's clock: processes
+# sharing a database (and its secret) may disagree on the time by that much.
+IAT_LEEWAY = 30
 _KEY_CACHE_SIZE = 10_000
 
 
@@ -137,12 +140,23 @@ class Tokens:
             )
         except jwt.PyJWTError:
             raise AuthError("unauthorized", "invalid token") from None
-        sub, exp = claims["sub"], claims["exp"]
-        if not is_user_id(sub) or not isinstance(exp, int):
+        sub, exp, iat = claims["sub"], claims["exp"], claims["iat"]
+        nbf = claims.get("nbf", 0)
+        if not is_user_id(sub) or not all(_is_int(v) for v in (exp, iat, nbf)):
             raise AuthError("unauthorized", "invalid token")
-        if exp <= self._clock.seconds():
+        now = self._clock.seconds()
+        # RFC 8725 section 3.10 / RFC 7519 4.1.4-4.1.6: not before nbf, not
+        # issued (much) later than now, not at or after exp.
+        if nbf > now or iat > now + IAT_LEEWAY:
+            raise AuthError("unauthorized", "token not valid yet")
+        if exp <= now:
             raise AuthError("unauthorized", "token expired")
         return sub, exp
+
+
+def _is_int(value: object) -> bool:
+    """True for a JSON integer (``bool`` is an ``int`` to Python, not to JSON)."""
+    return isinstance(value, int) and not isinstance(value, bool)
 
 
 def _user_id_field(body: dict) -> str:
