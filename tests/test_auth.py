@@ -129,7 +129,8 @@ class TokenTests(unittest.TestCase):
             self.tokens.check(token)
 
     def test_forged_and_other_algorithms_refused(self):
-        """Another secret, alg none, HS512, a missing claim, a wrong issuer and garbage fail."""
+        """Another secret, alg none, HS512, a missing claim, a wrong issuer and garbage
+        (a lone surrogate included) fail as unauthorized."""
         now = int(self.clock.seconds())
         claims = {"sub": "alice", "iat": now, "exp": now + 60, "iss": "wsserver", "jti": "x"}
         bad = [
@@ -140,6 +141,7 @@ class TokenTests(unittest.TestCase):
             jwt.encode({**claims, "iss": "other"}, SECRET, algorithm="HS256"),
             jwt.encode({**claims, "sub": "no spaces allowed"}, SECRET, algorithm="HS256"),
             "not-a-token",
+            "eyJhbGciOiJIUzI1NiJ9.\ud800.x",
         ]
         for token in bad:
             with self.assertRaises(auth.AuthError) as ctx:

@@ -181,3 +181,40 @@ class IdentityTests(unittest.TestCase):
         for bad in ("", "x" * 129, "a\x00b", "a\u200bb", "a\u2028b", "a\u2029b", "a\nb", 5):
             with self.assertRaises(ValueError):
                 m.normalize_username(bad)
+
+
+LONE = "\ud800"  # json.dumps writes it as the escape \ud800
+
+
+class InvalidUnicodeTests(unittest.TestCase):
+    """A JSON escape may spell a lone surrogate, which no UTF-8 text can hold."""
+
+    def test_lone_surrogates_are_refused_where_json_is_parsed(self):
+        """loads_object refuses a lone (high or low) surrogate in any string, a member
+        name or a nested value, naming the top-level field; proper pairs pass."""
+        for value in ("\ud800", "\udfff", "a\udc00b", "\ude00\ud83d"):
+            for body, field in (
+                ({"username": value}, "username"),
+                ({"user_id": "a", "x": [1, {"y": value}]}, "x"),
+                ({"ok": "fine", value: 1}, "a member name"),
+            ):
+                with self.assertRaises(m.InvalidJSON) as ctx:
+                    m.loads_object(json.dumps(body))
+                self.assertIn(field, str(ctx.exception))
+                self.assertIn("Unicode", str(ctx.exception))
+        self.assertEqual(m.loads_object(json.dumps({"c": "\U0001f600"}))["c"], "\U0001f600")
+        self.assertEqual(m.loads_object(b'{"c": "\\\\ud800"}')["c"], "\\ud800")
+
+    def test_every_frame_field_with_a_lone_surrogate_is_invalid_message(self):
+        """to, content, nonce, signature, type, from and ignored fields holding a lone
+        surrogate make the frame invalid_message (never a crash), echoing a valid nonce."""
+        good = {"to": "bob", "content": "x", "nonce": "c-1", "signature": None}
+        for name in ("to", "content", "nonce", "signature", "type", "from", "timestamp"):
+            payload = json.dumps({**good, name: "a" + LONE}).encode("ascii")
+            with self.assertRaises(m.Refusal) as ctx:
+                m.parse_client_frame(payload, "alice", 65536)
+            self.assertEqual(ctx.exception.code, "invalid_message", name)
+            self.assertIn(name, ctx.exception.message)
+            self.assertEqual(ctx.exception.nonce, None if name == "nonce" else "c-1")
+            # The refusal frame itself can be encoded (it holds no surrogate).
+            m.system_frame("alice", ctx.exception.code, ctx.exception.message, 0, None)

@@ -138,7 +138,8 @@ class Tokens:
                     "verify_nbf": False,
                 },
             )
-        except jwt.PyJWTError:
+        except (jwt.PyJWTError, UnicodeError):
+            # UnicodeError: a str that is no UTF-8 text (a lone surrogate).
             raise AuthError("unauthorized", "invalid token") from None
         sub, exp, iat = claims["sub"], claims["exp"], claims["iat"]
         nbf = claims.get("nbf", 0)

@@ -68,8 +68,42 @@ _decoder = json.JSONDecoder(object_pairs_hook=_unique_keys)
 _encoder = json.JSONEncoder(ensure_ascii=False, separators=(",", ":"))
 
 
+# A JSON escape of a UTF-16 surrogate (\uD800-\uDFFF): the only way a
+# surrogate gets into a parsed string, since the UTF-8 decoder refuses them.
+_SURROGATE_ESCAPE = re.compile(r"\\u[dD][89a-fA-F]")
+_SURROGATE = re.compile("[\ud800-\udfff]")
+_FIELD_NAME = re.compile(r"[A-Za-z0-9_]{1,32}")
+
+
+def _lone_surrogate_field(obj: dict[str, Any]) -> str | None:
+    """The top-level member of ``obj`` that holds a lone surrogate, if any.
+
+    Paired escapes were already joined into one code point by the decoder, so
+    any surrogate left in a string is a lone one, which no UTF-8 text (hence
+    no stored, signed or forwarded string) can hold.  Iterative, so nesting
+    as deep as the decoder accepts costs no recursion.
+    """
+    for key, value in obj.items():
+        if _SURROGATE.search(key):
+            return "a member name"
+        stack = [value]
+        while stack:
+            item = stack.pop()
+            if isinstance(item, str):
+                if _SURROGATE.search(item):
+                    return f"'{key}'" if _FIELD_NAME.fullmatch(key) else "a member"
+            elif isinstance(item, dict):
+                if any(_SURROGATE.search(k) for k in item):
+                    return f"'{key}'" if _FIELD_NAME.fullmatch(key) else "a member"
+                stack.extend(item.values())
+            elif isinstance(item, list):
+                stack.extend(item)
+    return None
+
+
 def loads_object(data: bytes | str) -> dict[str, Any]:
-    """Parse one JSON object, refusing duplicate keys and deep nesting."""
+    """Parse one JSON object, refusing duplicate keys, deep nesting and invalid
+    Unicode (a lone surrogate spelt as a ``\\uD800``-style escape)."""
     try:
         text = data.decode("utf-8") if isinstance(data, bytes) else data
         value = _decoder.decode(text)
@@ -80,6 +114,10 @@ def loads_object(data: bytes | str) -> dict[str, Any]:
         raise InvalidJSON("not valid JSON") from exc
     if not isinstance(value, dict):
         raise InvalidJSON("not a JSON object")
+    if _SURROGATE_ESCAPE.search(text) or _SURROGATE.search(text):
+        field = _lone_surrogate_field(value)
+        if field is not None:
+            raise InvalidJSON(f"not valid Unicode: {field} holds a lone surrogate")
     return value
 
 
