@@ -3,9 +3,12 @@ plus the SQLite schema versions and their upgrade path."""
 
 from __future__ import annotations
 
+import os
 import sqlite3
+import stat
 
 from twisted.internet import defer, reactor
+from twisted.logger import formatEvent, globalLogPublisher
 from twisted.trial import unittest
 
 from wsserver import store as st
@@ -295,3 +298,64 @@ class GroupCommitSchedulingTests(unittest.TestCase):
         self.assertEqual(self.delays(), [0])
         self.clock.advance(0)
         return d
+
+
+def mode_of(path: str) -> int:
+    return stat.S_IMODE(os.stat(path).st_mode)
+
+
+class FileModeTests(unittest.TestCase):
+    """The database holds the JWT secret: only its owner may read it."""
+
+    def with_umask(self, mask: int) -> None:
+        old = os.umask(mask)
+        self.addCleanup(os.umask, old)
+
+    def capture_log(self) -> list[str]:
+        lines: list[str] = []
+
+        def observe(event: dict) -> None:
+            lines.append(formatEvent(event))
+
+        globalLogPublisher.addObserver(observe)
+        self.addCleanup(globalLogPublisher.removeObserver, observe)
+        return lines
+
+    @defer.inlineCallbacks
+    def test_new_database_and_its_companions_are_owner_only_whatever_the_umask(self):
+        """Under a permissive umask (022, 000) and a strict one (277, which would
+        leave the owner unable to write), a new database file is created 0600, and
+        the -wal and -shm files SQLite makes beside it while the store runs are
+        0600 too; no warning is logged for them."""
+        for mask in (0o022, 0o000, 0o277):
+            path = self.mktemp()  # makes its directory: before the umask
+            self.with_umask(mask)
+            lines = self.capture_log()
+            st.prepare_database(path, lambda: SECRET)
+            self.assertEqual(mode_of(path), 0o600, oct(mask))
+            store = st.Store(path, reactor)
+            added = yield store.add_user(st.User("alice", "A", b"\x01" * 32, 1))
+            self.assertTrue(added)
+            for companion in (path + "-wal", path + "-shm"):
+                self.assertTrue(os.path.exists(companion), companion)
+                self.assertEqual(mode_of(companion), 0o600, (companion, oct(mask)))
+            yield store.close()
+            self.assertEqual([line for line in lines if "chmod" in line], [])
+
+    def test_existing_readable_database_gets_a_warning_naming_the_fix(self):
+        """An existing database file that group or others can read is opened (it is
+        the operator's file) with a warning naming the file and `chmod 600 <file>`;
+        an owner-only one gets no warning."""
+        path = os.path.abspath(self.mktemp())
+        st.prepare_database(path, lambda: SECRET)
+        os.chmod(path, 0o644)
+        lines = self.capture_log()
+        st.prepare_database(path, lambda: SECRET)
+        warnings = [line for line in lines if path in line]
+        self.assertEqual(len(warnings), 1, lines)
+        self.assertIn(f"chmod 600 {path}", warnings[0])
+        self.assertEqual(mode_of(path), 0o644)
+        os.chmod(path, 0o600)
+        del lines[:]
+        st.prepare_database(path, lambda: SECRET)
+        self.assertEqual([line for line in lines if path in line], [])

@@ -13,8 +13,10 @@ transaction, and each sender's Deferred fires only after that commit.
 
 from __future__ import annotations
 
+import os
 import re
 import sqlite3
+import stat
 from collections.abc import Callable
 from dataclasses import dataclass
 from importlib import resources
@@ -167,12 +169,57 @@ def upgrade(conn: sqlite3.Connection, target: int | None = None) -> int:
     return current
 
 
+OWNER_ONLY = 0o600
+_COMPANIONS = ("", "-wal", "-shm")  # the database file and what SQLite puts beside it
+
+
+def _create_owner_only(path: str) -> None:
+    """Create ``path`` empty and 0600 (whatever the umask) unless it exists.
+
+    SQLite takes an empty file for a new database, and gives the files it
+    creates beside it (``-wal``, ``-shm``, a rollback journal) the database
+    file's own mode, so they are owner-only too.  An existing file is left as
+    it is, with a warning for each of these files others may read.
+    """
+    try:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, OWNER_ONLY)
+    except FileExistsError:
+        _warn_if_exposed(path)
+        return
+    except OSError as exc:
+        raise DatabaseError(f"cannot open {path}: {exc.strerror}") from None
+    try:
+        os.fchmod(fd, OWNER_ONLY)  # the umask may have taken the owner's bits too
+    finally:
+        os.close(fd)
+
+
+def _warn_if_exposed(path: str) -> None:
+    for suffix in _COMPANIONS:
+        name = path + suffix
+        try:
+            mode = stat.S_IMODE(os.stat(name).st_mode)
+        except OSError:
+            continue
+        if mode & 0o077:
+            _log.warn(
+                "{name} (mode {mode:04o}) is open to other users, and the database"
+                " holds the JWT secret (whoever reads it can sign in as any user):"
+                " chmod 600 {name}",
+                name=os.path.abspath(name),
+                mode=mode,
+            )
+
+
 def prepare_database(path: str, new_secret: Callable[[], bytes]) -> bytes:
     """Create or upgrade the database at ``path``; return the kept JWT secret.
 
     ``new_secret`` makes a secret when the database has none yet; the first
-    process to store one wins, so every process sharing the file agrees.
+    process to store one wins, so every process sharing the file agrees.  A
+    new file is created owner-only; an existing one others can read is
+    warned about (it holds the secret).
     """
+    _create_owner_only(path)
     try:
         conn = _connect(path)
         try:
