@@ -3,12 +3,16 @@ its documented answer, nothing stored changes, and the logs stay clean."""
 
 from __future__ import annotations
 
+import base64
 import json
+import os
+import re
 
-from twisted.internet import defer
+from twisted.internet import defer, endpoints, protocol, reactor
+from twisted.logger import formatEvent, globalLogPublisher
 from twisted.trial import unittest
 
-from .support import LiveServer, b64, public_b64, vector_key, within
+from .support import LiveServer, b64, connect_ws, public_b64, vector_key, within
 
 LONE = "\ud800"  # json.dumps writes it as the escape \ud800, a lone surrogate
 
@@ -100,3 +104,171 @@ class InvalidUnicodeTests(unittest.TestCase):
             self.assertIn(name, out["error"]["message"])
         token = yield self.server.login("alice", self.alice_key)
         self.assertEqual(token.count("."), 2)
+
+
+class _Raw(protocol.Protocol):
+    """Sends one raw request; collects one response (its Content-Length, or up to
+    the close), then hangs up."""
+
+    def __init__(self, request: bytes) -> None:
+        self.request = request
+        self.data = b""
+        self.done: defer.Deferred = defer.Deferred()
+
+    def connectionMade(self) -> None:
+        self.transport.write(self.request)
+
+    def dataReceived(self, data: bytes) -> None:
+        self.data += data
+        head, sep, body = self.data.partition(b"\r\n\r\n")
+        if not sep:
+            return
+        found = re.search(rb"(?im)^content-length:\s*(\d+)\s*$", head)
+        if found:
+            complete = len(body) >= int(found.group(1))
+        elif re.search(rb"(?im)^transfer-encoding:\s*chunked\s*$", head):
+            complete = body.endswith(b"0\r\n\r\n")
+        else:
+            complete = head.startswith(b"HTTP/1.1 101")
+        if complete and not self.done.called:
+            self.done.callback(self.data)
+            self.transport.loseConnection()
+
+    def connectionLost(self, reason) -> None:
+        if not self.done.called:
+            self.done.callback(self.data)
+
+
+@defer.inlineCallbacks
+def raw_http(server: LiveServer, request: bytes):
+    """Send ``request`` as it is; fire with (status, headers, body) of the answer."""
+    proto = _Raw(request)
+    endpoint = endpoints.TCP4ClientEndpoint(reactor, "127.0.0.1", server.port)
+    yield within(endpoints.connectProtocol(endpoint, proto))
+    data = yield within(proto.done)
+    head, _, body = data.partition(b"\r\n\r\n")
+    if re.search(rb"(?im)^transfer-encoding:\s*chunked\s*$", head):
+        chunks, rest = [], body
+        while rest:
+            size, _, rest = rest.partition(b"\r\n")
+            chunks.append(rest[: int(size, 16)])
+            rest = rest[int(size, 16) + 2 :]
+        body = b"".join(chunks)
+    lines = head.split(b"\r\n")
+    headers: dict[bytes, list[bytes]] = {}
+    for line in lines[1:]:
+        name, _, value = line.partition(b":")
+        headers.setdefault(name.strip().lower(), []).append(value.strip())
+    return int(lines[0].split()[1]), headers, body
+
+
+def capture_log(testcase: unittest.TestCase) -> list[str]:
+    """Every log event from now to the end of the test, formatted, with its fields."""
+    lines: list[str] = []
+
+    def observe(event: dict) -> None:
+        lines.append(formatEvent(event) + " " + repr(event))
+
+    globalLogPublisher.addObserver(observe)
+    testcase.addCleanup(globalLogPublisher.removeObserver, observe)
+    return lines
+
+
+def ws_request(target: bytes, *extra: bytes) -> bytes:
+    """A complete RFC 6455 upgrade request for ``target``, plus ``extra`` header lines."""
+    return b"\r\n".join(
+        [
+            b"GET " + target + b" HTTP/1.1",
+            b"Host: 127.0.0.1",
+            b"Connection: Upgrade",
+            b"Upgrade: websocket",
+            b"Sec-WebSocket-Version: 13",
+            b"Sec-WebSocket-Key: " + base64.b64encode(os.urandom(16)),
+            *extra,
+            b"",
+            b"",
+        ]
+    )
+
+
+class TokenInTheLogTests(unittest.TestCase):
+    """The token never reaches a log, however the query string spells it."""
+
+    @defer.inlineCallbacks
+    def setUp(self):
+        self.server = LiveServer(self, {"AUTH_BURST_LIMIT": "1000"})
+        self.key, self.token = yield self.server.user("alice", vector_key("alice"))
+        self.signature_part = self.token.rsplit(".", 1)[1]
+
+    def assertNoToken(self, lines: list[str]) -> None:
+        leaks = [line[:300] for line in lines if self.signature_part in line]
+        self.assertEqual(leaks, [], "the token's signature is in these log lines")
+
+    def spellings(self) -> list[bytes]:
+        """Every way Twisted's query parser reads a ``token`` parameter."""
+        t = self.token.encode("ascii")
+        encoded = t.replace(b".", b"%2E")
+        return [
+            b"token=" + t,
+            b"since=0;token=" + t,
+            b"%74oken=" + t,
+            b"t%6Fk%65n=" + t,
+            b"token=" + encoded,
+            b"a=1&;&token=" + t + b";b=2",
+        ]
+
+    @defer.inlineCallbacks
+    def test_refused_upgrades_never_log_the_token(self):
+        """A /ws request carrying a live token in any spelling, refused for a bad
+        since, a repeated token, a foreign Origin or a missing upgrade, is answered
+        as documented and no log line shows the token; the access log shows the
+        request with token=<redacted>."""
+        lines = capture_log(self)
+        t = self.token.encode("ascii")
+        for query in self.spellings():
+            refusals = [
+                (b"/ws?since=x;" + query, (), 400),
+                (b"/ws?" + query + b"&token=" + t, (), 401),
+                (b"/ws?" + query, (b"Origin: https://evil.example",), 403),
+            ]
+            for target, extra, status in refusals:
+                code, _, body = yield raw_http(self.server, ws_request(target, *extra))
+                self.assertEqual(code, status, target)
+                self.assertNotIn(t, body)
+            plain = b"GET /ws?" + query + b" HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"
+            code, _, _ = yield raw_http(self.server, plain)
+            self.assertEqual(code, 426, query)
+        self.assertNoToken(lines)
+        self.assertTrue(any("/ws?since=x&token=<redacted>" in line for line in lines), lines)
+
+    @defer.inlineCallbacks
+    def test_accepted_upgrades_never_log_the_token(self):
+        """A WebSocket opened with the token in each spelling works, and no log line
+        shows the token."""
+        lines = capture_log(self)
+        for query in self.spellings():
+            url = f"{self.server.ws_base}?{query.decode('ascii')}"
+            client = yield connect_ws(url, None)
+            client.send_json({"to": "alice", "content": "hi"})
+            frame = yield client.next_of("ack")
+            self.assertEqual(frame["content"], "hi")
+            yield client.close_and_wait()
+        self.assertNoToken(lines)
+
+    @defer.inlineCallbacks
+    def test_other_paths_never_log_the_token(self):
+        """A token sent in the query of any other path (where it means nothing) is not
+        logged either, in any spelling; nor is one in the Referer header."""
+        lines = capture_log(self)
+        t = self.token.encode("ascii")
+        for query in self.spellings():
+            for path in (b"/auth/login", b"/nope", b"/health", b"/auth/users/alice"):
+                request = (
+                    b"GET " + path + b"?" + query + b" HTTP/1.1\r\nHost: x\r\n"
+                    b"Referer: http://127.0.0.1/?" + query + b"\r\nConnection: close\r\n\r\n"
+                )
+                code, _, body = yield raw_http(self.server, request)
+                self.assertIn(code, (200, 404, 405), path)
+                self.assertNotIn(t, body)
+        self.assertNoToken(lines)
+        self.assertTrue(any("/health?token=<redacted>" in line for line in lines))

@@ -14,6 +14,7 @@ import re
 from collections.abc import Callable
 from importlib import resources
 from typing import Any
+from urllib.parse import quote
 
 from autobahn.twisted.resource import WebSocketResource
 from twisted.internet import defer
@@ -50,7 +51,10 @@ ERROR_STATUS = {
 }
 
 _PHRASES = {426: b"Upgrade Required"}  # Twisted knows the others
-_TOKEN_IN_URI = re.compile(rb"([?&]token=)[^&#]*")
+# Query parameters whose values the access log shows; every other value (the
+# token's, however it is spelt) is replaced by REDACTED.
+_SHOWN_PARAMS = frozenset({b"since", b"verify"})
+REDACTED = "<redacted>"
 _TRUE = {b"true", b"1", b"yes"}
 _FALSE = {b"false", b"0", b"no"}
 
@@ -85,9 +89,24 @@ class LimitedRequest(server.Request):
             super().handleContentChunk(data)
 
 
-def redacted_uri(uri: bytes) -> bytes:
-    """The request URI with any ``token`` query value replaced."""
-    return _TOKEN_IN_URI.sub(rb"\1<redacted>", uri)
+def redacted_uri(uri: bytes) -> str:
+    """``uri`` as the logs show it: the path, and the query rebuilt from what
+    Twisted's parser makes of it (``&`` and ``;`` separators, percent-encoded
+    names), with only the values of ``since`` and ``verify`` shown.
+
+    So no spelling of a ``token`` parameter, nor any value the server does not
+    read, reaches a log; what cannot be parsed as ``name=value`` is left out.
+    """
+    path, sep, query = uri.partition(b"?")
+    shown = path.decode("ascii", "replace")
+    if sep:
+        pairs = []
+        for name, values in http.parse_qs(query, 1).items():
+            for value in values:
+                text = quote(value, safe="") if name in _SHOWN_PARAMS else REDACTED
+                pairs.append(f"{quote(name, safe='')}={text}")
+        shown += "?" + "&".join(pairs)
+    return shown
 
 
 def access_log_line(timestamp: str, request: http.Request) -> str:
@@ -98,11 +117,11 @@ def access_log_line(timestamp: str, request: http.Request) -> str:
         ip=request.getClientAddress().host if request.getClientAddress() else "-",
         ts=timestamp,
         method=request.method.decode("ascii", "replace"),
-        uri=redacted_uri(request.uri).decode("ascii", "replace"),
+        uri=redacted_uri(request.uri),
         proto=request.clientproto.decode("ascii", "replace"),
         code=request.code,
         length=request.sentLength or "-",
-        ref=referrer.decode("ascii", "replace").replace('"', "%22"),
+        ref=redacted_uri(referrer).replace('"', "%22"),
         agent=agent.decode("ascii", "replace").replace('"', "%22"),
     )
     return line
