@@ -272,3 +272,79 @@ class TokenInTheLogTests(unittest.TestCase):
                 self.assertNotIn(t, body)
         self.assertNoToken(lines)
         self.assertTrue(any("/health?token=<redacted>" in line for line in lines))
+
+
+HOSTILE = [
+    b"\x1b[31mred\x1b[0m",  # ESC: terminal escape sequences
+    b"a\rb",  # CR: rewrites the line on a terminal
+    b"nul\x00here",
+    b"del\x7f",
+    b"c1\x9b2J",  # C1 CSI as one byte
+    b"c1 \xc2\x9b2J",  # C1 CSI in UTF-8
+    b"caf\xc3\xa9",  # non-ASCII UTF-8
+    b'bell\x07 tab\t quote" backslash\\',
+]
+
+
+def only_printable_ascii(text: str) -> bool:
+    return all(" " <= ch <= "~" or ch == "\n" for ch in text)
+
+
+class ControlCharactersInTheLogTests(unittest.TestCase):
+    """Nothing a client sends can put a control character into a log line."""
+
+    def setUp(self):
+        self.server = LiveServer(self, {"AUTH_BURST_LIMIT": "1000"})
+        self.lines: list[str] = []
+
+        def observe(event: dict) -> None:
+            self.lines.append(formatEvent(event))
+
+        globalLogPublisher.addObserver(observe)
+        self.addCleanup(globalLogPublisher.removeObserver, observe)
+
+    def assertCleanLog(self) -> None:
+        dirty = [line[:300] for line in self.lines if not only_printable_ascii(line)]
+        self.assertEqual(dirty, [], "log lines with raw control or non-ASCII characters")
+
+    @defer.inlineCallbacks
+    def test_header_and_request_line_values_are_escaped_in_the_access_log(self):
+        """User-Agent, Referer, the path and the method carrying ESC, DEL, BEL, tab,
+        C1 controls and non-ASCII bytes are logged escaped (\\xHH), each request on
+        one line of printable ASCII (Twisted itself answers 400, unlogged, to CR and
+        NUL in a header and to controls in the method; LF ends a header line)."""
+        answered = 0
+        for value in HOSTILE:
+            requests = [
+                b"GET /health HTTP/1.1\r\nHost: x\r\nUser-Agent: " + value + b"\r\n",
+                b"GET /health HTTP/1.1\r\nHost: x\r\nReferer: http://x/" + value + b"\r\n",
+                b"GET /nope/" + value.replace(b" ", b"") + b" HTTP/1.1\r\nHost: x\r\n",
+                b"GET\x1b[2J /health HTTP/1.1\r\nHost: x\r\n",
+            ]
+            for request in requests:
+                code, _, _ = yield raw_http(self.server, request + b"Connection: close\r\n\r\n")
+                self.assertIn(code, (200, 400, 404, 405, 501), request)
+                answered += 1
+        access = [line for line in self.lines if '" - - [' in line]
+        self.assertTrue(any("\\x1b[31mred\\x1b[0m" in line for line in access), access)
+        self.assertTrue(any("caf\\xc3\\xa9" in line for line in access), access)
+        self.assertTrue(any("c1\\x9b2J" in line for line in access), access)
+        self.assertTrue(any("del\\x7f" in line for line in access), access)
+        self.assertEqual(len([line for line in access if "\n" in line.strip()]), 0)
+        self.assertCleanLog()
+
+    @defer.inlineCallbacks
+    def test_hostile_upgrade_headers_are_refused_before_autobahn_logs_them(self):
+        """An upgrade request whose WebSocket headers carry control or non-ASCII
+        bytes (which Autobahn would quote in its handshake-failure log line) is
+        refused 400 invalid_request by the /ws gate; nothing raw reaches the log."""
+        _, token = yield self.server.user("alice", vector_key("alice"))
+        auth = b"Authorization: Bearer " + token.encode("ascii")
+        for value in HOSTILE:
+            for header in (b"Sec-WebSocket-Key: ", b"Sec-WebSocket-Protocol: a, ", b"X-Any: "):
+                request = ws_request(b"/ws", auth, header + value)
+                code, _, body = yield raw_http(self.server, request)
+                self.assertEqual(code, 400, (header, value))
+                if b"\r" not in value and b"\x00" not in value:  # else Twisted's own 400
+                    self.assertEqual(json.loads(body)["error"]["code"], "invalid_request")
+        self.assertCleanLog()

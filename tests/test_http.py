@@ -9,7 +9,7 @@ from nacl.signing import SigningKey
 from twisted.internet import defer
 from twisted.trial import unittest
 
-from wsserver.web import access_log_line, redacted_uri
+from wsserver.web import access_log_line, log_safe, redacted_uri
 
 from .support import VECTORS, LiveServer, b64, public_b64, vector_key, within
 
@@ -290,3 +290,36 @@ class AccessLogTests(unittest.TestCase):
         line = access_log_line("[now]", FakeRequest())
         self.assertNotIn("secret", line)
         self.assertIn("/ws?token=<redacted>", line)
+
+    def test_every_client_value_is_escaped(self):
+        """Method, URI, protocol, Referer and User-Agent holding ESC, CR, LF, NUL, DEL,
+        BEL, tab, C1 controls (as bytes and as UTF-8), non-ASCII bytes, quotes and
+        backslashes come out as one line of printable ASCII, escaped as \\xHH, \\" and
+        \\\\; plain values are unchanged."""
+        hostile = b'\x1b[2J\r\n\x00\x7f\x07\t\x9b\xc2\x9b\xc3\xa9"\\'
+        escaped = '\\x1b[2J\\x0d\\x0a\\x00\\x7f\\x07\\x09\\x9b\\xc2\\x9b\\xc3\\xa9\\"\\\\'
+        self.assertEqual(log_safe(hostile), escaped)
+        self.assertEqual(log_safe("caf\u00e9\u009b"), "caf\\xc3\\xa9\\xc2\\x9b")
+        self.assertEqual(log_safe(b"Mozilla/5.0 (X11; Linux)"), "Mozilla/5.0 (X11; Linux)")
+
+        class FakeRequest:
+            method = b"GET" + hostile
+            uri = b"/ws" + hostile + b"?since=1&token=" + hostile
+            clientproto = b"HTTP/1.1" + hostile
+            code = 400
+            sentLength = 10
+
+            def getHeader(self, name):
+                return {b"referer": b"http://x/" + hostile, b"user-agent": hostile}.get(name)
+
+            def getClientAddress(self):
+                class A:
+                    host = "127.0.0.1"
+
+                return A()
+
+        line = access_log_line("[now]", FakeRequest())
+        self.assertTrue(all(" " <= ch <= "~" for ch in line), repr(line))
+        self.assertEqual(line.count(escaped), 5)  # method, path, protocol, Referer, agent
+        self.assertIn(f'"http://x/{escaped}"', line)
+        self.assertIn("?since=1&token=<redacted>", line)

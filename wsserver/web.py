@@ -89,6 +89,29 @@ class LimitedRequest(server.Request):
             super().handleContentChunk(data)
 
 
+# Bytes a log line may hold as they are: printable ASCII but the quote and the
+# backslash, which escape the rest (Apache's convention: \" \\ \xHH).
+_PLAIN_BYTES = re.compile(rb"[\x20\x21\x23-\x5b\x5d-\x7e]*")
+_BYTE_ESCAPES = [
+    chr(b) if _PLAIN_BYTES.fullmatch(bytes((b,))) else f"\\x{b:02x}" for b in range(256)
+]
+_BYTE_ESCAPES[0x22] = '\\"'
+_BYTE_ESCAPES[0x5C] = "\\\\"
+
+
+def log_safe(value: bytes | str) -> str:
+    """``value`` as one line of printable ASCII for a log: every control
+    character (C0, DEL, C1), every non-ASCII byte, ``"`` and ``\\`` escaped.
+
+    A ``str`` is escaped as its UTF-8 bytes.  Nothing a client sends can then
+    move a terminal's cursor, rewrite a line or forge another line.
+    """
+    raw = value.encode("utf-8", "backslashreplace") if isinstance(value, str) else value
+    if _PLAIN_BYTES.fullmatch(raw):
+        return raw.decode("ascii")
+    return "".join([_BYTE_ESCAPES[b] for b in raw])
+
+
 def redacted_uri(uri: bytes) -> str:
     """``uri`` as the logs show it: the path, and the query rebuilt from what
     Twisted's parser makes of it (``&`` and ``;`` separators, percent-encoded
@@ -98,7 +121,7 @@ def redacted_uri(uri: bytes) -> str:
     read, reaches a log; what cannot be parsed as ``name=value`` is left out.
     """
     path, sep, query = uri.partition(b"?")
-    shown = path.decode("ascii", "replace")
+    shown = log_safe(path)
     if sep:
         pairs = []
         for name, values in http.parse_qs(query, 1).items():
@@ -110,19 +133,20 @@ def redacted_uri(uri: bytes) -> str:
 
 
 def access_log_line(timestamp: str, request: http.Request) -> str:
-    """A combined-log-format line that never shows a token."""
+    """A combined-log-format line that never shows a token, and in which every
+    value the client chose is escaped by ``log_safe``."""
     referrer = request.getHeader(b"referer") or b"-"
     agent = request.getHeader(b"user-agent") or b"-"
     line = '"{ip}" - - {ts} "{method} {uri} {proto}" {code} {length} "{ref}" "{agent}"'.format(
         ip=request.getClientAddress().host if request.getClientAddress() else "-",
         ts=timestamp,
-        method=request.method.decode("ascii", "replace"),
+        method=log_safe(request.method),
         uri=redacted_uri(request.uri),
-        proto=request.clientproto.decode("ascii", "replace"),
+        proto=log_safe(request.clientproto),
         code=request.code,
         length=request.sentLength or "-",
-        ref=redacted_uri(referrer).replace('"', "%22"),
-        agent=agent.decode("ascii", "replace").replace('"', "%22"),
+        ref=redacted_uri(referrer),
+        agent=log_safe(agent),
     )
     return line
 
@@ -154,7 +178,7 @@ def _answer_failure(request: server.Request, failure: Failure) -> None:
         _log.failure(
             "unexpected error answering {method} {path}",
             failure,
-            method=request.method,
+            method=log_safe(request.method),
             path=redacted_uri(request.path),
         )
         _finish_error(request, "internal_error", "internal error")
@@ -429,6 +453,27 @@ def _header_token(request: server.Request) -> str | None:
     return token.strip()
 
 
+_PRINTABLE = re.compile(rb"[\x20-\x7e]*")
+
+
+def _check_printable(request: server.Request) -> None:
+    """Refuse an upgrade whose request target or any header holds a byte that is
+    not printable ASCII (``HttpError`` 400 naming it).
+
+    Autobahn parses the handshake again after this gate and quotes header values
+    in its own log lines when it fails one (a bad ``Sec-WebSocket-Key``, a
+    duplicate protocol, ...), unescaped; so those values must be harmless before
+    it sees them.  A WebSocket handshake has no use for anything else.
+    """
+    if not _PRINTABLE.fullmatch(request.uri):
+        raise HttpError("invalid_request", "the request target must be printable ASCII")
+    for name, values in request.requestHeaders.getAllRawHeaders():
+        for value in values:
+            if not _PRINTABLE.fullmatch(value):
+                header = log_safe(name)
+                raise HttpError("invalid_request", f"the {header} header must be printable ASCII")
+
+
 class WebSocketGate(Resource):
     """/ws: refuses bad Origin, ``since`` or token before the upgrade."""
 
@@ -454,6 +499,7 @@ class WebSocketGate(Resource):
             raise HttpError("not_found", "no such resource")
         if request.method != b"GET":
             raise HttpError("method_not_allowed", "use GET", {b"allow": b"GET"})
+        _check_printable(request)
         raw_origin = request.getHeader(b"origin")
         if raw_origin is not None:
             origin = raw_origin.decode("latin-1").strip().lower()
