@@ -230,6 +230,40 @@ class HttpTests(unittest.TestCase):
         self.assertEqual(resp.code, 200)
 
 
+class ServerHeaderTests(unittest.TestCase):
+    """No response says which Twisted (or Autobahn) version answers."""
+
+    @defer.inlineCallbacks
+    def test_every_response_says_server_wsserver_without_a_version(self):
+        """Normal answers (JSON, static page, HEAD), error answers (404, 405, 400, 413,
+        401 and 426 from /ws) and the 101 of a WebSocket upgrade all carry exactly
+        `Server: wsserver`."""
+        server = LiveServer(self)
+        _, token = yield server.user("alice")
+        client = server.http()
+        json_ct = {b"content-type": [b"application/json"]}
+        requests = [
+            ("GET", "/health", b"", None, 200),
+            ("GET", "/", b"", None, 200),
+            ("HEAD", "/static/app.js", b"", None, 200),
+            ("GET", "/nope", b"", None, 404),
+            ("DELETE", "/auth/register", b"", None, 405),
+            ("POST", "/auth/login", b"{", json_ct, 400),
+            ("POST", "/auth/register", b"x" * 20000, json_ct, 413),
+            ("GET", "/ws", b"", None, 401),
+            ("GET", "/ws", b"", {b"authorization": [b"Bearer " + token.encode()]}, 426),
+        ]
+        for method, path, body, headers, status in requests:
+            resp = yield within(
+                client.request(method, server.base + path, data=body or None, headers=headers)
+            )
+            yield resp.content()
+            self.assertEqual(resp.code, status, path)
+            self.assertEqual(resp.headers.getRawHeaders(b"server"), [b"wsserver"], path)
+        ws = yield server.connect(token, testcase=self)
+        self.assertEqual(ws.http_headers.get("server"), "wsserver")
+
+
 class AuthRateLimitTests(unittest.TestCase):
     @defer.inlineCallbacks
     def test_per_ip_limit_answers_429_with_retry_after(self):

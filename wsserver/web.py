@@ -69,11 +69,24 @@ class HttpError(Exception):
         self.headers = headers or {}
 
 
+# The Server header of every response (the WebSocket factory sends the same on
+# its 101): the name, never a version an attacker could match to a flaw.
+SERVER_HEADER = b"wsserver"
+
+
 class LimitedRequest(server.Request):
-    """A request that keeps at most ``MAX_BODY_BYTES`` of its body in memory."""
+    """A request that keeps at most ``MAX_BODY_BYTES`` of its body in memory,
+    and answers with ``Server: wsserver`` instead of Twisted's name and version."""
 
     body_too_large = False
     _body_seen = 0
+
+    def write(self, data: bytes) -> None:
+        # Every response's first write sends the headers (finish() writes b""
+        # when nothing was written), after Twisted set Server: TwistedWeb/x.y.
+        if not self.startedWriting:
+            self.setHeader(b"server", SERVER_HEADER)
+        super().write(data)
 
     def gotLength(self, length: int | None) -> None:
         if length is not None and length > MAX_BODY_BYTES:
