@@ -348,3 +348,69 @@ class ControlCharactersInTheLogTests(unittest.TestCase):
                 if b"\r" not in value and b"\x00" not in value:  # else Twisted's own 400
                     self.assertEqual(json.loads(body)["error"]["code"], "invalid_request")
         self.assertCleanLog()
+
+
+def versioned_request(token: str, *lines: bytes) -> bytes:
+    """An upgrade request with the token and exactly ``lines`` as its version headers."""
+    return b"\r\n".join(
+        [
+            b"GET /ws HTTP/1.1",
+            b"Host: 127.0.0.1",
+            b"Connection: Upgrade",
+            b"Upgrade: websocket",
+            b"Sec-WebSocket-Key: " + base64.b64encode(os.urandom(16)),
+            b"Authorization: Bearer " + token.encode("ascii"),
+            *lines,
+            b"",
+            b"",
+        ]
+    )
+
+
+class WebSocketVersionTests(unittest.TestCase):
+    """Only RFC 6455 (version 13) is spoken."""
+
+    @defer.inlineCallbacks
+    def setUp(self):
+        self.server = LiveServer(self)
+        _, self.token = yield self.server.user("alice")
+
+    @defer.inlineCallbacks
+    def assertUpgradeRequired(self, *lines: bytes):
+        code, headers, body = yield raw_http(self.server, versioned_request(self.token, *lines))
+        self.assertEqual(code, 426, lines)
+        self.assertEqual(json.loads(body)["error"]["code"], "upgrade_required")
+        self.assertEqual(headers.get(b"sec-websocket-version"), [b"13"])
+        self.assertEqual(headers.get(b"upgrade"), [b"websocket"])
+
+    @defer.inlineCallbacks
+    def test_versions_other_than_13_are_426(self):
+        """A handshake without Sec-WebSocket-Version, with 0, 7, 8, 12, 14, a list, a
+        repeated header or garbage is answered 426 upgrade_required with
+        Sec-WebSocket-Version: 13; version 13 still opens."""
+        cases = [
+            (),
+            (b"Sec-WebSocket-Version: 0",),
+            (b"Sec-WebSocket-Version: 7",),
+            (b"Sec-WebSocket-Version: 8",),
+            (b"Sec-WebSocket-Version: 12",),
+            (b"Sec-WebSocket-Version: 14",),
+            (b"Sec-WebSocket-Version: 13, 8",),
+            (b"Sec-WebSocket-Version: 13", b"Sec-WebSocket-Version: 8"),
+            (b"Sec-WebSocket-Version: thirteen",),
+        ]
+        for lines in cases:
+            yield self.assertUpgradeRequired(*lines)
+        code, headers, _ = yield raw_http(
+            self.server, versioned_request(self.token, b"Sec-WebSocket-Version: 13")
+        )
+        self.assertEqual(code, 101)
+        self.assertEqual(headers.get(b"server"), [b"wsserver"])
+
+    @defer.inlineCallbacks
+    def test_draft_handshake_with_a_foreign_origin_does_not_get_through(self):
+        """A draft-era handshake (version 8), whose Origin travels as
+        Sec-WebSocket-Origin and so escaped the Origin check, is refused 426."""
+        yield self.assertUpgradeRequired(
+            b"Sec-WebSocket-Version: 8", b"Sec-WebSocket-Origin: https://evil.example"
+        )

@@ -487,6 +487,24 @@ def _check_printable(request: server.Request) -> None:
                 raise HttpError("invalid_request", f"the {header} header must be printable ASCII")
 
 
+WEBSOCKET_VERSION = b"13"  # RFC 6455; the drafts before it are not spoken
+_UPGRADE_HEADERS = {b"upgrade": b"websocket", b"sec-websocket-version": WEBSOCKET_VERSION}
+
+
+def _upgrade_refusal(request: server.Request) -> str | None:
+    """Why this request is not an RFC 6455 upgrade (a 426), or None if it is.
+
+    Only version 13: the drafts before it carry the origin in
+    ``Sec-WebSocket-Origin``, which the Origin check above never sees.
+    """
+    if (request.getHeader(b"upgrade") or b"").strip().lower() != b"websocket":
+        return "this endpoint speaks WebSocket only"
+    versions = request.requestHeaders.getRawHeaders(b"sec-websocket-version") or []
+    if [v.strip() for v in versions] != [WEBSOCKET_VERSION]:
+        return "only WebSocket version 13 (RFC 6455) is supported"
+    return None
+
+
 class WebSocketGate(Resource):
     """/ws: refuses bad Origin, ``since`` or token before the upgrade."""
 
@@ -548,13 +566,9 @@ class WebSocketGate(Resource):
     def _admit(self, session: Any, request: server.Request, since: int | None) -> None:
         if request._disconnected or request.channel is None or request.channel.transport is None:
             return
-        if (request.getHeader(b"upgrade") or b"").strip().lower() != b"websocket":
-            _finish_error(
-                request,
-                "upgrade_required",
-                "this endpoint speaks WebSocket only",
-                {b"upgrade": b"websocket"},
-            )
+        refusal = _upgrade_refusal(request)
+        if refusal is not None:
+            _finish_error(request, "upgrade_required", refusal, _UPGRADE_HEADERS)
             return
         channel = request.channel
         result = self._factory.admit(session, since, lambda: self._upgrade.render(request))
