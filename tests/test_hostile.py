@@ -8,9 +8,12 @@ import json
 import os
 import re
 
+import jwt
 from twisted.internet import defer, endpoints, protocol, reactor
 from twisted.logger import formatEvent, globalLogPublisher
 from twisted.trial import unittest
+
+from wsserver.auth import IAT_LEEWAY
 
 from .support import LiveServer, b64, connect_ws, public_b64, vector_key, within
 
@@ -414,3 +417,25 @@ class WebSocketVersionTests(unittest.TestCase):
         yield self.assertUpgradeRequired(
             b"Sec-WebSocket-Version: 8", b"Sec-WebSocket-Origin: https://evil.example"
         )
+
+
+class TokenTimeTests(unittest.TestCase):
+    """The /ws gate applies the JWT time claims (auth.Tokens) to real upgrades."""
+
+    @defer.inlineCallbacks
+    def test_tokens_not_yet_valid_are_refused_at_the_gate(self):
+        """A correctly signed token whose nbf is in the future, or whose iat is beyond
+        the leeway ahead, is 401 unauthorized at /ws; the same claims without them
+        open a WebSocket."""
+        server = LiveServer(self)
+        yield server.user("alice")
+        tokens = server.service.auth.tokens
+        now = int(reactor.seconds())
+        claims = {"sub": "alice", "iat": now, "exp": now + 600, "iss": "wsserver", "jti": "j"}
+        secret = tokens._secret
+        for extra in ({"nbf": now + 300}, {"iat": now + IAT_LEEWAY + 300}):
+            token = jwt.encode({**claims, **extra}, secret, algorithm="HS256")
+            code, body = yield server.get("/ws", headers={"Authorization": f"Bearer {token}"})
+            self.assertEqual((code, body["error"]["code"]), (401, "unauthorized"), extra)
+        client = yield server.connect(jwt.encode(claims, secret, algorithm="HS256"), testcase=self)
+        self.assertIsNone(client.close_code)
