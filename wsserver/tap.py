@@ -104,8 +104,15 @@ class WsServerService(service.Service):
         self.auth_limiter = RateLimiter(config.auth_rate_limit, config.auth_burst_limit, clock)
         tokens = Tokens(config.jwt_secret or secret, config.token_ttl, clock)
         self.auth = Authenticator(self.store, tokens, clock, config.challenge_ttl)
+        self.broker = LocalBroker(
+            self.store,
+            clock,
+            prepare=text_frame,
+            max_per_user=config.max_connections_per_user,
+        )
         self.factory = ServerFactory(
             store=self.store,
+            broker=self.broker,
             limiter=self.limiter,
             clock=clock,
             max_content_bytes=config.max_content_bytes,
@@ -113,13 +120,6 @@ class WsServerService(service.Service):
             max_outbox_bytes=config.max_outbox_bytes,
             require_signatures=config.require_signatures,
         )
-        self.broker = LocalBroker(
-            self.store,
-            clock,
-            prepare=text_frame,
-            max_per_user=config.max_connections_per_user,
-        )
-        self.factory.broker = self.broker
         gate = WebSocketGate(
             self.factory, self.auth, config.allowed_origins, secure=self.tls is not None
         )
