@@ -6,22 +6,37 @@ and process-wide tuning that only a server process gets."""
 from __future__ import annotations
 
 import ast
+import configparser
 import importlib
 import importlib.metadata
 import inspect
+import os
 import pkgutil
+import struct
 import textwrap
+from pathlib import Path
 from typing import Any
 
 import autobahn.websocket.interfaces as autobahn_interfaces
+import autobahn.websocket.protocol as autobahn_protocol
 from autobahn.twisted.websocket import WebSocketServerFactory, WebSocketServerProtocol
+from autobahn.websocket.protocol import WebSocketProtocol
+from packaging.requirements import Requirement
+from packaging.version import Version
 from twisted.internet import reactor
+from twisted.internet.testing import StringTransport
+from twisted.python.failure import Failure
 from twisted.trial import unittest
+from twisted.web import server
+from twisted.web.resource import Resource
 from zope.interface import implementedBy
 
 import wsserver
-from wsserver import broker, web
-from wsserver.websocket import ServerFactory, ServerProtocol
+import wsserver.websocket as ws_module
+from wsserver import broker, internals, web
+from wsserver.websocket import UNMASK_NATIVE_FROM, ServerFactory, ServerProtocol, use_fast_unmasking
+
+from .support import ROOT
 
 FOREIGN = ("twisted", "autobahn")
 
@@ -217,3 +232,228 @@ class ShadowingTests(unittest.TestCase):
         }
         hooks = _declared_hooks(_ours(ServerProtocol)[1])
         self.assertEqual(methods - hooks, interface)
+
+
+def _private_names_of_ours(modules: list[Any]) -> set[str]:
+    """Every ``_name`` defined by wsserver itself: functions, classes,
+    attributes it assigns, methods and class attributes of its classes."""
+    names = set()
+    for module in modules:
+        tree = ast.parse(Path(module.__file__).read_text("utf-8"))
+        for node in ast.walk(tree):
+            if isinstance(node, ast.FunctionDef | ast.AsyncFunctionDef | ast.ClassDef):
+                names.add(node.name)
+            elif isinstance(node, ast.Name) and isinstance(node.ctx, ast.Store):
+                names.add(node.id)
+            elif isinstance(node, ast.Attribute) and isinstance(node.ctx, ast.Store):
+                names.add(node.attr)
+            elif isinstance(node, ast.arg):
+                names.add(node.arg)
+    return {n for n in names if n.startswith("_")}
+
+
+class PrivateAccessTests(unittest.TestCase):
+    def test_twisted_and_autobahn_privates_only_in_the_internals_helper(self):
+        """Outside ``wsserver/internals.py`` no module reads or writes a private
+        (``_name``) attribute that wsserver did not define itself, nor imports
+        from a private Twisted or Autobahn module (``twisted.web._newclient``)."""
+        modules = _wsserver_modules()
+        ours = _private_names_of_ours(modules)
+        problems = []
+        for module in modules:
+            if module is internals:
+                continue
+            path = Path(module.__file__)
+            for node in ast.walk(ast.parse(path.read_text("utf-8"))):
+                where = f"{path.relative_to(ROOT)}:{getattr(node, 'lineno', '?')}"
+                if isinstance(node, ast.Attribute):
+                    name = node.attr
+                    if (
+                        name.startswith("_")
+                        and not (name.startswith("__") and name.endswith("__"))
+                        and name not in ours
+                    ):
+                        problems.append(f"{where}: .{name}")
+                elif isinstance(node, ast.ImportFrom) and node.module:
+                    parts = node.module.split(".")
+                    if parts[0] in FOREIGN and any(p.startswith("_") for p in parts):
+                        problems.append(f"{where}: from {node.module}")
+        self.assertEqual(problems, [])
+
+    def test_release_upgraded_request_makes_the_channel_forget_it(self):
+        """Canary for the one Twisted internal used: a request held by its HTTP
+        channel (``HTTPChannel.requests``) is dropped by
+        ``release_upgraded_request``, so the channel no longer reaches it (the
+        channel's connectionLost no longer tells it)."""
+        held = []
+
+        class Hold(Resource):
+            isLeaf = True
+
+            def render(self, request):
+                held.append(request)
+                return server.NOT_DONE_YET
+
+        site = web.build_site(Hold())
+        connection = site.buildProtocol(None)
+        connection.makeConnection(StringTransport())
+        connection.dataReceived(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
+        (request,) = held
+        channel = request.channel
+        self.assertIn(request, channel.requests)
+        internals.release_upgraded_request(channel, request)
+        self.assertNotIn(request, channel.requests)
+        connection.connectionLost(Failure(ConnectionError("gone")))
+        self.assertFalse(request.gone)  # the channel did not reach it any more
+
+    def test_a_request_knows_its_client_left(self):
+        """A request whose connection closes before the answer is ``gone`` (through
+        the public ``notifyFinish``), and answering it then writes nothing and
+        raises nothing."""
+        held = []
+
+        class Hold(Resource):
+            isLeaf = True
+
+            def render(self, request):
+                held.append(request)
+                return server.NOT_DONE_YET
+
+        site = web.build_site(Hold())
+        channel = site.buildProtocol(None)
+        transport = StringTransport()
+        channel.makeConnection(transport)
+        channel.dataReceived(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
+        (request,) = held
+        self.assertFalse(request.gone)
+        channel.connectionLost(Failure(ConnectionError("gone")))
+        self.assertTrue(request.gone)
+        transport.clear()
+        web._finish(request, 200, {"ok": True})
+        self.assertEqual(transport.value(), b"")
+        self.assertFalse(request.finished)
+
+
+# -- Autobahn canaries ------------------------------------------------------------
+
+
+class _Recorder(ServerProtocol):
+    """ServerProtocol's receive path, with what reaches ``onMessage`` recorded."""
+
+    def onOpen(self) -> None:
+        self.factory.opened.append(self)
+
+    def onMessage(self, payload: bytes, isBinary: bool) -> None:
+        self.factory.got.append((payload, isBinary))
+
+
+def _open_recorder(testcase: unittest.TestCase) -> tuple[_Recorder, StringTransport]:
+    factory = WebSocketServerFactory("ws://localhost:9")
+    factory.protocol = _Recorder
+    factory.got = []
+    factory.opened = []
+    factory.setProtocolOptions(autoPingInterval=0, openHandshakeTimeout=0, closeHandshakeTimeout=0)
+    proto = factory.buildProtocol(None)
+    transport = StringTransport()
+    transport.registerProducer(proto, True)  # as the reactor's TCP transport has one
+    proto.makeConnection(transport)
+    proto.dataReceived(
+        b"GET / HTTP/1.1\r\nHost: localhost:9\r\nUpgrade: websocket\r\n"
+        b"Connection: Upgrade\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n"
+        b"Sec-WebSocket-Version: 13\r\n\r\n"
+    )
+    testcase.assertEqual(factory.opened, [proto], transport.value())
+    testcase.assertIn(b"101", transport.value())
+    return proto, transport
+
+
+def _masked_frame(payload: bytes, opcode: int = 1, fin: bool = True) -> bytes:
+    mask = os.urandom(4)
+    size = len(payload)
+    head = bytes((opcode | (0x80 if fin else 0),))
+    if size < 126:
+        head += bytes((0x80 | size,))
+    elif size < 65536:
+        head += bytes((0x80 | 126,)) + struct.pack("!H", size)
+    else:
+        head += bytes((0x80 | 127,)) + struct.pack("!Q", size)
+    body = bytes(b ^ mask[i % 4] for i, b in enumerate(payload))
+    return head + mask + body
+
+
+class AutobahnCanaryTests(unittest.TestCase):
+    def setUp(self):
+        original = autobahn_protocol.create_xor_masker
+        self.addCleanup(setattr, autobahn_protocol, "create_xor_masker", original)
+
+    def test_received_frames_go_through_our_unmasker(self):
+        """With ``use_fast_unmasking`` on, a real masked frame under
+        ``UNMASK_NATIVE_FROM`` bytes received by a protocol is unmasked by our
+        ``Unmasker`` (counted), and a longer one by Autobahn's own: the day
+        Autobahn stops building maskers through ``create_xor_masker``, this fails."""
+        made = []
+
+        class Counting(ws_module.Unmasker):
+            __slots__ = ()
+
+            def __init__(self, mask: bytes) -> None:
+                made.append(mask)
+                super().__init__(mask)
+
+        self.patch(ws_module, "Unmasker", Counting)
+        use_fast_unmasking()
+        proto, _ = _open_recorder(self)
+        small = "ünïcode ✓ small".encode()
+        proto.dataReceived(_masked_frame(small))
+        self.assertEqual(proto.factory.got, [(small, False)])
+        self.assertEqual(len(made), 1)
+        big = os.urandom(UNMASK_NATIVE_FROM + 7)
+        proto.dataReceived(_masked_frame(big, opcode=2))
+        self.assertEqual(proto.factory.got[1], (big, True))
+        self.assertEqual(len(made), 1)
+
+    def test_on_message_end_gets_what_autobahn_collected(self):
+        """Our ``onMessageEnd`` override (it skips Autobahn's per-message observer
+        event) hands over exactly the message Autobahn assembled, fragmented or
+        not, text or binary, and releases it; a message after a protocol error
+        is not handed over.  Fails the day Autobahn renames ``message_data``,
+        ``message_is_binary`` or ``failedByMe``."""
+        proto, _ = _open_recorder(self)
+        proto.dataReceived(_masked_frame(b"hello ", fin=False) + _masked_frame(b"world", 0))
+        proto.dataReceived(_masked_frame(b"\x00\x01", opcode=2))
+        self.assertEqual(proto.factory.got, [(b"hello world", False), (b"\x00\x01", True)])
+        self.assertIsNone(proto.message_data)
+        self.assertFalse(proto.failedByMe)
+        # A reserved opcode: Autobahn fails the connection; nothing more is handed over.
+        proto.dataReceived(_masked_frame(b"x", opcode=3))
+        self.assertTrue(proto.failedByMe)
+        proto.dataReceived(_masked_frame(b"late"))
+        self.assertEqual(len(proto.factory.got), 2)
+
+    def test_on_message_end_uses_only_what_autobahns_own_uses(self):
+        """Every name our ``onMessageEnd`` reads is one Autobahn's own
+        ``onMessageEnd`` reads too: if Autobahn's changes, ours is out of date."""
+        ours = set(ServerProtocol.onMessageEnd.__code__.co_names) - set(vars(ServerProtocol))
+        theirs = set(WebSocketProtocol.onMessageEnd.__code__.co_names)
+        self.assertLessEqual({"message_data", "message_is_binary", "failedByMe"}, ours)
+        self.assertEqual(ours - theirs, set())
+
+
+class AutobahnPinTests(unittest.TestCase):
+    def test_autobahn_is_pinned_below_its_next_major_version(self):
+        """setup.cfg allows the installed Autobahn and refuses its next major
+        version (year-numbered: 26.x now, 27.0 next), because websocket.py
+        replaces Autobahn internals that a major release may change."""
+        parser = configparser.ConfigParser()
+        parser.read(ROOT / "setup.cfg")
+        lines = parser["options"]["install_requires"].splitlines()
+        (spec,) = [
+            Requirement(line)
+            for line in lines
+            if line.strip() and not line.strip().startswith("#")
+            if Requirement(line).name == "autobahn"
+        ]
+        installed = Version(importlib.metadata.version("autobahn"))
+        self.assertIn(installed, spec.specifier)
+        self.assertNotIn(Version(f"{installed.major + 1}.0"), spec.specifier)
+        self.assertNotIn(Version(f"{installed.major + 1}.1.0"), spec.specifier)
