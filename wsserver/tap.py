@@ -1,9 +1,10 @@
 """``twistd wsserver``: options, and the one place that builds and wires everything.
 
-``makeService`` validates the configuration and prepares the database
-before twistd daemonizes, so a bad setting or an unusable database stops the
-start with one line on the terminal (exit status 1) instead of a traceback in
-a log file.
+``makeService`` does every start-up step that can fail (validate the
+configuration, prepare the database, load the TLS files, bind the listening
+port) before twistd daemonizes, so any failure stops the start with one line
+on the terminal (exit status 1) whether or not twistd was asked to daemonize,
+and no pidfile is left.
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ from cryptography import x509
 from cryptography.hazmat.primitives.serialization import load_pem_private_key
 from twisted.application import service
 from twisted.internet import defer, endpoints, ssl
-from twisted.internet.interfaces import IReactorCore, IReactorTime
+from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 from twisted.protocols.tls import TLSMemoryBIOFactory
 from twisted.python import usage
@@ -145,20 +146,37 @@ class WsServerService(service.Service):
 
         return d.addCallback(listening)
 
-    def privilegedStartService(self) -> None:
-        # Listen before twistd drops privileges or daemonizes, so that a port
-        # that cannot be had is reported on the terminal.
-        super().privilegedStartService()
+    def bind(self) -> None:
+        """Listen now, or raise ``ConfigError`` (SERVER_ADDR) saying why not.
+
+        ``makeService`` calls this, so that the port is had (or the failure
+        reported on the terminal) before twistd daemonizes: twistd calls
+        ``privilegedStartService`` only after it has forked, in a process
+        whose stderr is ``/dev/null``, and whose parent waits for a status
+        that a process ending with ``SystemExit`` never writes.
+        """
+        if self.port is not None:
+            return
         outcome: list[Any] = []
-        self.listen().addBoth(outcome.append)
-        if outcome and isinstance(outcome[0], Failure):
-            # twistd has redirected sys.stderr into its log by now: write to
-            # the real terminal.
-            (sys.__stderr__ or sys.stderr).write(
-                f"wsserver: SERVER_ADDR: cannot listen on {self.config.listen}: "
-                f"{outcome[0].getErrorMessage()}\n"
+        d = self.listen()
+        d.addBoth(outcome.append)
+        if not outcome:
+            d.cancel()
+            raise ConfigError(
+                f"SERVER_ADDR: {self.config.listen} does not listen at once; "
+                "use a tcp:, ssl: or unix: endpoint"
             )
-            raise SystemExit(1)
+        if isinstance(outcome[0], Failure):
+            raise ConfigError(
+                f"SERVER_ADDR: cannot listen on {self.config.listen}: "
+                f"{outcome[0].getErrorMessage()}"
+            )
+
+    def privilegedStartService(self) -> None:
+        super().privilegedStartService()
+        # Under twistd, makeService has bound already; in-process (tests) this
+        # listens, raising ConfigError for a port that cannot be had.
+        self.bind()
 
     def startService(self) -> None:
         super().startService()
@@ -172,8 +190,7 @@ class WsServerService(service.Service):
         gc.collect()
         gc.freeze()
         use_fast_unmasking()  # measured: ~5 µs less per small received frame
-        if self.port is None:
-            self.listen().addErrback(self._listen_failed)
+        self.bind()
         self.store.start()
         self.limiter.start()
         self.auth_limiter.start()
@@ -186,11 +203,6 @@ class WsServerService(service.Service):
             scheme="https/wss" if self.tls else "http/ws",
             db=self.config.database,
         )
-
-    def _listen_failed(self, failure: Failure) -> None:
-        _log.failure("cannot listen on {addr}", failure, addr=self.config.listen)
-        if IReactorCore.providedBy(self.reactor):
-            self.reactor.stop()
 
     def stopService(self) -> defer.Deferred:
         super().stopService()
@@ -235,12 +247,15 @@ def build_service(
 
 
 def makeService(options: Options) -> service.IService:
-    """Called by twistd: the server, or exit 1 with one line naming the bad setting."""
+    """Called by twistd, before it daemonizes: the server, bound to its port, or
+    exit 1 with one line naming the bad setting."""
     try:
-        return build_service(dict(options), dict(os.environ))
+        server = build_service(dict(options), dict(os.environ))
+        server.bind()
     except (ConfigError, DatabaseError) as exc:
         sys.stderr.write(f"wsserver: {exc}\n")
         raise SystemExit(1) from None
+    return server
 
 
 __all__ = ["Options", "WsServerService", "build_service", "makeService"]
