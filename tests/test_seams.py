@@ -7,12 +7,15 @@ from __future__ import annotations
 
 import ast
 import configparser
+import gc
 import importlib
 import importlib.metadata
 import inspect
+import json
 import os
 import pkgutil
 import struct
+import sys
 import textwrap
 from pathlib import Path
 from typing import Any
@@ -23,7 +26,7 @@ from autobahn.twisted.websocket import WebSocketServerFactory, WebSocketServerPr
 from autobahn.websocket.protocol import WebSocketProtocol
 from packaging.requirements import Requirement
 from packaging.version import Version
-from twisted.internet import reactor
+from twisted.internet import defer, reactor
 from twisted.internet.testing import StringTransport
 from twisted.python.failure import Failure
 from twisted.trial import unittest
@@ -36,7 +39,7 @@ import wsserver.websocket as ws_module
 from wsserver import broker, internals, web
 from wsserver.websocket import UNMASK_NATIVE_FROM, ServerFactory, ServerProtocol, use_fast_unmasking
 
-from .support import ROOT
+from .support import ROOT, LiveServer, _Collect, twistd_env, within
 
 FOREIGN = ("twisted", "autobahn")
 
@@ -457,3 +460,76 @@ class AutobahnPinTests(unittest.TestCase):
         self.assertIn(installed, spec.specifier)
         self.assertNotIn(Version(f"{installed.major + 1}.0"), spec.specifier)
         self.assertNotIn(Version(f"{installed.major + 1}.1.0"), spec.specifier)
+
+
+# -- process-wide tuning -------------------------------------------------------------
+
+
+_REPORT_TUNING = """
+import gc, json, sys
+import autobahn.websocket.protocol as p
+from twisted.plugins.wsserver_plugin import wsserver
+options = wsserver.options()
+options.parseOptions(sys.argv[1:])
+wsserver.makeService(options)
+print(json.dumps({
+    "switch": sys.getswitchinterval(),
+    "frozen": gc.get_freeze_count(),
+    "fast": bool(getattr(p.create_xor_masker, "wsserver_fast", False)),
+}))
+"""
+
+
+class ProcessTuningTests(unittest.TestCase):
+    timeout = 120
+
+    @defer.inlineCallbacks
+    def test_an_in_process_service_leaves_the_interpreter_alone(self):
+        """Building and starting a WsServerService in a process (as every
+        in-process test does) changes neither the GIL switch interval, nor the
+        gc freeze count, nor Autobahn's masker."""
+        masker = autobahn_protocol.create_xor_masker
+        self.addCleanup(setattr, autobahn_protocol, "create_xor_masker", masker)
+        interval = sys.getswitchinterval()
+        self.addCleanup(sys.setswitchinterval, interval)
+        frozen = gc.get_freeze_count()
+        if frozen:
+            self.addCleanup(gc.freeze)
+        gc.unfreeze()
+        sys.setswitchinterval(0.005)
+        native = autobahn_protocol.create_xor_masker = _native_masker()
+        server = LiveServer(self)
+        code, _ = yield server.get("/health")
+        self.assertEqual(code, 200)
+        self.assertEqual(sys.getswitchinterval(), 0.005)
+        self.assertEqual(gc.get_freeze_count(), 0)
+        self.assertIs(autobahn_protocol.create_xor_masker, native)
+        yield server.stop()
+
+    @defer.inlineCallbacks
+    def test_twistds_path_tunes_the_process(self):
+        """The plugin's ``makeService`` (what ``twistd wsserver`` calls) sets the
+        switch interval to 0.5 ms, freezes the start-up heap and installs the
+        fast unmasker, in a process of its own."""
+        proc = _Collect()
+        db = os.path.abspath(self.mktemp() + ".db")
+        args = ["--port", "tcp:0:interface=127.0.0.1", "--database", db]
+        reactor.spawnProcess(
+            proc,
+            sys.executable,
+            [sys.executable, "-c", _REPORT_TUNING, *args],
+            env=twistd_env(None),
+            path=str(ROOT),
+        )
+        how = yield within(proc.ended, 60)
+        self.assertEqual(how, ("exit", 0), proc.err)
+        report = json.loads(proc.out.decode().strip().splitlines()[-1])
+        self.assertEqual(report["switch"], 0.0005)
+        self.assertGreater(report["frozen"], 0)
+        self.assertTrue(report["fast"])
+
+
+def _native_masker() -> Any:
+    from autobahn.websocket.xormasker import create_xor_masker
+
+    return create_xor_masker

@@ -4,7 +4,9 @@
 configuration, prepare the database, load the TLS files, bind the listening
 port) before twistd daemonizes, so any failure stops the start with one line
 on the terminal (exit status 1) whether or not twistd was asked to daemonize,
-and no pidfile is left.
+and no pidfile is left.  It also sets the process-wide tuning
+(``tune_process``): only a server process gets it, never a test that builds
+a ``WsServerService`` in-process.
 """
 
 from __future__ import annotations
@@ -180,16 +182,6 @@ class WsServerService(service.Service):
 
     def startService(self) -> None:
         super().startService()
-        # The reactor thread and the database thread hand work to each other
-        # for every batch; with CPython's default 5 ms switch interval a busy
-        # reactor makes the finished commit wait that long for the GIL.
-        sys.setswitchinterval(GIL_SWITCH_INTERVAL)
-        # Everything built so far lives as long as the process: keep it out of
-        # the cyclic collector's full passes, which otherwise scan it all
-        # (tens of milliseconds) every so often in the middle of traffic.
-        gc.collect()
-        gc.freeze()
-        use_fast_unmasking()  # measured: ~5 µs less per small received frame
         self.bind()
         self.store.start()
         self.limiter.start()
@@ -246,16 +238,37 @@ def build_service(
         raise ConfigError(f"SERVER_ADDR: {exc}") from None
 
 
+def tune_process() -> None:
+    """Process-wide settings for a server process, measured in docs/performance.md.
+
+    They change the whole interpreter, so only ``makeService`` (twistd's
+    path) calls this; a test that builds a ``WsServerService`` in-process
+    keeps the interpreter as it was unless it calls this itself.
+    """
+    # The reactor thread and the database thread hand work to each other for
+    # every batch; with CPython's default 5 ms switch interval a busy reactor
+    # makes the finished commit wait that long for the GIL.
+    sys.setswitchinterval(GIL_SWITCH_INTERVAL)
+    use_fast_unmasking()  # measured: ~5 µs less per small received frame
+    # Everything built so far (modules, the service) lives as long as the
+    # process: keep it out of the cyclic collector's full passes, which
+    # otherwise scan it all (tens of milliseconds) every so often in the
+    # middle of traffic.  Frozen before twistd forks, as the gc module advises.
+    gc.collect()
+    gc.freeze()
+
+
 def makeService(options: Options) -> service.IService:
-    """Called by twistd, before it daemonizes: the server, bound to its port, or
-    exit 1 with one line naming the bad setting."""
+    """Called by twistd, before it daemonizes: the server, bound to its port and
+    with the process tuned, or exit 1 with one line naming the bad setting."""
     try:
         server = build_service(dict(options), dict(os.environ))
         server.bind()
     except (ConfigError, DatabaseError) as exc:
         sys.stderr.write(f"wsserver: {exc}\n")
         raise SystemExit(1) from None
+    tune_process()
     return server
 
 
-__all__ = ["Options", "WsServerService", "build_service", "makeService"]
+__all__ = ["Options", "WsServerService", "build_service", "makeService", "tune_process"]
