@@ -215,6 +215,33 @@ class DaemonizedStartFailureTests(unittest.TestCase):
             self.assertFalse(pidfile.exists(), name)
 
 
+class RundirTests(unittest.TestCase):
+    timeout = 120
+
+    @defer.inlineCallbacks
+    def test_a_relative_database_path_survives_twistds_rundir(self):
+        """``twistd --rundir=DIR`` changes directory after makeService: a relative
+        DATABASE still means the file next to where the command was given (the one
+        prepared at start), not an empty one in DIR that has no tables."""
+        tmp = Path(self.mktemp()).resolve()
+        (tmp / "elsewhere").mkdir(parents=True)
+        database = tmp / "here.db"
+        relative = os.path.relpath(database, ROOT)  # children start in ROOT
+        port = free_port()
+        args = [f"--rundir={tmp / 'elsewhere'}", *serve_args(port, relative)]
+        proc = Twistd(self, args)
+        server = RemoteServer(self, port)
+        yield server.wait_up()
+        yield server.register("alice")  # needs the prepared tables
+        proc.transport.signalProcess("TERM")
+        yield proc.ended()
+        conn = sqlite3.connect(database)
+        self.addCleanup(conn.close)
+        users = [row[0] for row in conn.execute("SELECT user_id FROM users")]
+        self.assertEqual(users, ["alice"])
+        self.assertFalse((tmp / "elsewhere" / relative).exists())
+
+
 def _kill_quietly(pid: int) -> None:
     with contextlib.suppress(ProcessLookupError):
         os.kill(pid, signal.SIGKILL)

@@ -11,6 +11,7 @@ a ``WsServerService`` in-process.
 
 from __future__ import annotations
 
+import dataclasses
 import gc
 import os
 import sys
@@ -229,6 +230,9 @@ def build_service(
     Raises ``ConfigError`` or ``DatabaseError`` naming what is wrong.
     """
     config = load(options, environ)
+    # twistd changes directory (--rundir) after makeService and before the
+    # database pool connects: a relative path means where the command was run.
+    config = dataclasses.replace(config, database=os.path.abspath(config.database))
     secret = prepare_database(config.database, new_secret)
     try:
         return WsServerService(config, secret, reactor)
