@@ -153,10 +153,11 @@ class WsServerService(service.Service):
         """Listen now, or raise ``ConfigError`` (SERVER_ADDR) saying why not.
 
         ``makeService`` calls this, so that the port is had (or the failure
-        reported on the terminal) before twistd daemonizes: twistd calls
-        ``privilegedStartService`` only after it has forked, in a process
-        whose stderr is ``/dev/null``, and whose parent waits for a status
-        that a process ending with ``SystemExit`` never writes.
+        reported on the terminal) before twistd daemonizes: when it
+        daemonizes, twistd calls ``privilegedStartService`` only after it has
+        forked, in a process whose stderr is ``/dev/null``, and whose parent
+        waits for a status that a process ending with ``SystemExit`` never
+        writes (it would wait for ever: docs/architecture.md, Start-up).
         """
         if self.port is not None:
             return
