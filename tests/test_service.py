@@ -145,6 +145,103 @@ class TwistdTests(unittest.TestCase):
         self.assertIn("shut down cleanly", logfile.read_text())
 
 
+class DaemonizedStartFailureTests(unittest.TestCase):
+    """Issue 9 item 8: a daemonized start that cannot succeed must say so and end."""
+
+    timeout = 300
+
+    @defer.inlineCallbacks
+    def test_every_start_failure_ends_a_daemonized_start_like_the_foreground(self):
+        """Without -n, a taken port, unreadable TLS files, an unusable database and
+        a bad setting each end twistd (within a generous deadline: it used to hang
+        for ever on a taken port) with exit status 1, the same single line on
+        stderr as ``twistd -n`` prints, no traceback, and no pidfile left."""
+        tmp = Path(self.mktemp()).resolve()
+        tmp.mkdir()
+        blocker = reactor.listenTCP(0, protocol.Factory(), interface="127.0.0.1")
+        self.addCleanup(blocker.stopListening)
+        taken = blocker.getHost().port
+        not_a_database = tmp / "not-a-database"
+        not_a_database.write_bytes(b"this is not an SQLite file\n" * 200)
+        good = str(tmp / "db.sqlite")
+        anywhere = "tcp:0:interface=127.0.0.1"
+        cases = {
+            "taken-port": (
+                ["--port", f"tcp:{taken}:interface=127.0.0.1", "--database", good],
+                {},
+                "SERVER_ADDR",
+            ),
+            "tls-files": (
+                [
+                    *("--port", anywhere, "--database", good),
+                    *("--tls-cert", str(tmp / "no.pem"), "--tls-key", str(tmp / "no.key")),
+                ],
+                {},
+                "TLS_CERT",
+            ),
+            "database": (
+                ["--port", anywhere, "--database", str(not_a_database)],
+                {},
+                str(not_a_database),
+            ),
+            "setting": (
+                ["--port", anywhere, "--database", good],
+                {"MESSAGE_RATE_LIMIT": "fast"},
+                "MESSAGE_RATE_LIMIT",
+            ),
+        }
+        runs = {}
+        for name, (args, env, _) in cases.items():
+            pidfile = tmp / f"{name}.pid"
+            foreground = Twistd(self, ["-n", "--pidfile=", "wsserver", *args], env)
+            daemon = Twistd(
+                self,
+                [f"--pidfile={pidfile}", f"--logfile={tmp / name}.log", "wsserver", *args],
+                env,
+            )
+            runs[name] = (foreground, daemon, pidfile)
+        for name, (foreground, daemon, pidfile) in runs.items():
+            expected = cases[name][2]
+            how = yield foreground.ended(120)
+            line = foreground.proc.err.decode()
+            self.assertEqual(how, ("exit", 1), (name, line))
+            self.assertEqual(len(line.strip().splitlines()), 1, (name, line))
+            self.assertIn(expected, line)
+            how = yield daemon.ended(120)
+            err = daemon.proc.err.decode()
+            self.assertEqual(how, ("exit", 1), (name, err))
+            self.assertEqual(err, line, name)
+            self.assertNotIn("Traceback", err)
+            self.assertFalse(pidfile.exists(), name)
+
+
+class RundirTests(unittest.TestCase):
+    timeout = 120
+
+    @defer.inlineCallbacks
+    def test_a_relative_database_path_survives_twistds_rundir(self):
+        """``twistd --rundir=DIR`` changes directory after makeService: a relative
+        DATABASE still means the file next to where the command was given (the one
+        prepared at start), not an empty one in DIR that has no tables."""
+        tmp = Path(self.mktemp()).resolve()
+        (tmp / "elsewhere").mkdir(parents=True)
+        database = tmp / "here.db"
+        relative = os.path.relpath(database, ROOT)  # children start in ROOT
+        port = free_port()
+        args = [f"--rundir={tmp / 'elsewhere'}", *serve_args(port, relative)]
+        proc = Twistd(self, args)
+        server = RemoteServer(self, port)
+        yield server.wait_up()
+        yield server.register("alice")  # needs the prepared tables
+        proc.transport.signalProcess("TERM")
+        yield proc.ended()
+        conn = sqlite3.connect(database)
+        self.addCleanup(conn.close)
+        users = [row[0] for row in conn.execute("SELECT user_id FROM users")]
+        self.assertEqual(users, ["alice"])
+        self.assertFalse((tmp / "elsewhere" / relative).exists())
+
+
 def _kill_quietly(pid: int) -> None:
     with contextlib.suppress(ProcessLookupError):
         os.kill(pid, signal.SIGKILL)

@@ -21,7 +21,7 @@ from OpenSSL import SSL
 from twisted.internet import defer, protocol, reactor
 from twisted.internet.ssl import Certificate, optionsForClientTLS
 from twisted.trial import unittest
-from twisted.web._newclient import ResponseNeverReceived
+from twisted.web.client import ResponseNeverReceived
 
 from wsserver.config import ConfigError
 from wsserver.tap import tls_options

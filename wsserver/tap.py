@@ -1,13 +1,17 @@
 """``twistd wsserver``: options, and the one place that builds and wires everything.
 
-``makeService`` validates the configuration and prepares the database
-before twistd daemonizes, so a bad setting or an unusable database stops the
-start with one line on the terminal (exit status 1) instead of a traceback in
-a log file.
+``makeService`` does every start-up step that can fail (validate the
+configuration, prepare the database, load the TLS files, bind the listening
+port) before twistd daemonizes, so any failure stops the start with one line
+on the terminal (exit status 1) whether or not twistd was asked to daemonize,
+and no pidfile is left.  It also sets the process-wide tuning
+(``tune_process``): only a server process gets it, never a test that builds
+a ``WsServerService`` in-process.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import gc
 import os
 import sys
@@ -18,7 +22,7 @@ from cryptography import x509
 from cryptography.hazmat.primitives.serialization import load_pem_private_key
 from twisted.application import service
 from twisted.internet import defer, endpoints, ssl
-from twisted.internet.interfaces import IReactorCore, IReactorTime
+from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 from twisted.protocols.tls import TLSMemoryBIOFactory
 from twisted.python import usage
@@ -104,8 +108,15 @@ class WsServerService(service.Service):
         self.auth_limiter = RateLimiter(config.auth_rate_limit, config.auth_burst_limit, clock)
         tokens = Tokens(config.jwt_secret or secret, config.token_ttl, clock)
         self.auth = Authenticator(self.store, tokens, clock, config.challenge_ttl)
+        self.broker = LocalBroker(
+            self.store,
+            clock,
+            prepare=text_frame,
+            max_per_user=config.max_connections_per_user,
+        )
         self.factory = ServerFactory(
             store=self.store,
+            broker=self.broker,
             limiter=self.limiter,
             clock=clock,
             max_content_bytes=config.max_content_bytes,
@@ -113,13 +124,6 @@ class WsServerService(service.Service):
             max_outbox_bytes=config.max_outbox_bytes,
             require_signatures=config.require_signatures,
         )
-        self.broker = LocalBroker(
-            self.store,
-            clock,
-            prepare=text_frame,
-            max_per_user=config.max_connections_per_user,
-        )
-        self.factory.broker = self.broker
         gate = WebSocketGate(
             self.factory, self.auth, config.allowed_origins, secure=self.tls is not None
         )
@@ -145,35 +149,42 @@ class WsServerService(service.Service):
 
         return d.addCallback(listening)
 
-    def privilegedStartService(self) -> None:
-        # Listen before twistd drops privileges or daemonizes, so that a port
-        # that cannot be had is reported on the terminal.
-        super().privilegedStartService()
+    def bind(self) -> None:
+        """Listen now, or raise ``ConfigError`` (SERVER_ADDR) saying why not.
+
+        ``makeService`` calls this, so that the port is had (or the failure
+        reported on the terminal) before twistd daemonizes: when it
+        daemonizes, twistd calls ``privilegedStartService`` only after it has
+        forked, in a process whose stderr is ``/dev/null``, and whose parent
+        waits for a status that a process ending with ``SystemExit`` never
+        writes (it would wait for ever: docs/architecture.md, Start-up).
+        """
+        if self.port is not None:
+            return
         outcome: list[Any] = []
-        self.listen().addBoth(outcome.append)
-        if outcome and isinstance(outcome[0], Failure):
-            # twistd has redirected sys.stderr into its log by now: write to
-            # the real terminal.
-            (sys.__stderr__ or sys.stderr).write(
-                f"wsserver: SERVER_ADDR: cannot listen on {self.config.listen}: "
-                f"{outcome[0].getErrorMessage()}\n"
+        d = self.listen()
+        d.addBoth(outcome.append)
+        if not outcome:
+            d.cancel()
+            raise ConfigError(
+                f"SERVER_ADDR: {self.config.listen} does not listen at once; "
+                "use a tcp:, ssl: or unix: endpoint"
             )
-            raise SystemExit(1)
+        if isinstance(outcome[0], Failure):
+            raise ConfigError(
+                f"SERVER_ADDR: cannot listen on {self.config.listen}: "
+                f"{outcome[0].getErrorMessage()}"
+            )
+
+    def privilegedStartService(self) -> None:
+        super().privilegedStartService()
+        # Under twistd, makeService has bound already; in-process (tests) this
+        # listens, raising ConfigError for a port that cannot be had.
+        self.bind()
 
     def startService(self) -> None:
         super().startService()
-        # The reactor thread and the database thread hand work to each other
-        # for every batch; with CPython's default 5 ms switch interval a busy
-        # reactor makes the finished commit wait that long for the GIL.
-        sys.setswitchinterval(GIL_SWITCH_INTERVAL)
-        # Everything built so far lives as long as the process: keep it out of
-        # the cyclic collector's full passes, which otherwise scan it all
-        # (tens of milliseconds) every so often in the middle of traffic.
-        gc.collect()
-        gc.freeze()
-        use_fast_unmasking()  # measured: ~5 µs less per small received frame
-        if self.port is None:
-            self.listen().addErrback(self._listen_failed)
+        self.bind()
         self.store.start()
         self.limiter.start()
         self.auth_limiter.start()
@@ -186,11 +197,6 @@ class WsServerService(service.Service):
             scheme="https/wss" if self.tls else "http/ws",
             db=self.config.database,
         )
-
-    def _listen_failed(self, failure: Failure) -> None:
-        _log.failure("cannot listen on {addr}", failure, addr=self.config.listen)
-        if IReactorCore.providedBy(self.reactor):
-            self.reactor.stop()
 
     def stopService(self) -> defer.Deferred:
         super().stopService()
@@ -225,6 +231,9 @@ def build_service(
     Raises ``ConfigError`` or ``DatabaseError`` naming what is wrong.
     """
     config = load(options, environ)
+    # twistd changes directory (--rundir) after makeService and before the
+    # database pool connects: a relative path means where the command was run.
+    config = dataclasses.replace(config, database=os.path.abspath(config.database))
     secret = prepare_database(config.database, new_secret)
     try:
         return WsServerService(config, secret, reactor)
@@ -234,13 +243,37 @@ def build_service(
         raise ConfigError(f"SERVER_ADDR: {exc}") from None
 
 
+def tune_process() -> None:
+    """Process-wide settings for a server process, measured in docs/performance.md.
+
+    They change the whole interpreter, so only ``makeService`` (twistd's
+    path) calls this; a test that builds a ``WsServerService`` in-process
+    keeps the interpreter as it was unless it calls this itself.
+    """
+    # The reactor thread and the database thread hand work to each other for
+    # every batch; with CPython's default 5 ms switch interval a busy reactor
+    # makes the finished commit wait that long for the GIL.
+    sys.setswitchinterval(GIL_SWITCH_INTERVAL)
+    use_fast_unmasking()  # measured: ~5 µs less per small received frame
+    # Everything built so far (modules, the service) lives as long as the
+    # process: keep it out of the cyclic collector's full passes, which
+    # otherwise scan it all (tens of milliseconds) every so often in the
+    # middle of traffic.  Frozen before twistd forks, as the gc module advises.
+    gc.collect()
+    gc.freeze()
+
+
 def makeService(options: Options) -> service.IService:
-    """Called by twistd: the server, or exit 1 with one line naming the bad setting."""
+    """Called by twistd, before it daemonizes: the server, bound to its port and
+    with the process tuned, or exit 1 with one line naming the bad setting."""
     try:
-        return build_service(dict(options), dict(os.environ))
+        server = build_service(dict(options), dict(os.environ))
+        server.bind()
     except (ConfigError, DatabaseError) as exc:
         sys.stderr.write(f"wsserver: {exc}\n")
         raise SystemExit(1) from None
+    tune_process()
+    return server
 
 
-__all__ = ["Options", "WsServerService", "build_service", "makeService"]
+__all__ = ["Options", "WsServerService", "build_service", "makeService", "tune_process"]

@@ -25,6 +25,7 @@ from twisted.web.resource import Resource
 
 from . import __version__
 from .auth import Authenticator, AuthError, public_user
+from .internals import release_upgraded_request
 from .messages import InvalidJSON, dumps, format_timestamp, loads_object
 from .ratelimit import RateLimiter
 from .websocket import ServerFactory
@@ -74,9 +75,26 @@ class HttpError(Exception):
 SERVER_HEADER = b"wsserver"
 
 
+class _Gone:
+    """Set when ``notifyFinish()`` fails: the client went away before the answer.
+
+    Holds no reference to the request, so a request that never finishes (a
+    WebSocket upgrade) is not kept alive by its own notification.
+    """
+
+    __slots__ = ("gone",)
+
+    def __init__(self) -> None:
+        self.gone = False
+
+    def __call__(self, failure: Failure) -> None:
+        self.gone = True
+
+
 class LimitedRequest(server.Request):
     """A request that keeps at most ``MAX_BODY_BYTES`` of its body in memory,
-    and answers with ``Server: wsserver`` instead of Twisted's name and version."""
+    answers with ``Server: wsserver`` instead of Twisted's name and version,
+    and knows (through the public ``notifyFinish``) when its client is gone."""
 
     body_too_large = False
     _body_seen = 0
@@ -87,6 +105,16 @@ class LimitedRequest(server.Request):
         if not self.startedWriting:
             self.setHeader(b"server", SERVER_HEADER)
         super().write(data)
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._gone = _Gone()
+        self.notifyFinish().addErrback(self._gone)
+
+    @property
+    def gone(self) -> bool:
+        """True once the connection closed before the response was finished."""
+        return self._gone.gone
 
     def gotLength(self, length: int | None) -> None:
         if length is not None and length > MAX_BODY_BYTES:
@@ -165,7 +193,7 @@ def access_log_line(timestamp: str, request: http.Request) -> str:
 
 
 def _finish(request: server.Request, status: int, body: dict, headers: dict | None = None) -> None:
-    if request.finished or request._disconnected:
+    if request.finished or (isinstance(request, LimitedRequest) and request.gone):
         return
     request.setResponseCode(status, _PHRASES.get(status))
     request.setHeader(b"content-type", b"application/json")
@@ -563,8 +591,8 @@ class WebSocketGate(Resource):
         d.addErrback(self._refuse, request)
         return server.NOT_DONE_YET
 
-    def _admit(self, session: Any, request: server.Request, since: int | None) -> None:
-        if request._disconnected or request.channel is None or request.channel.transport is None:
+    def _admit(self, session: Any, request: LimitedRequest, since: int | None) -> None:
+        if request.gone or request.channel is None or request.channel.transport is None:
             return
         refusal = _upgrade_refusal(request)
         if refusal is not None:
@@ -579,7 +607,7 @@ class WebSocketGate(Resource):
             # The WebSocket took the connection over: this request never
             # finishes, and with its channel it forms a reference cycle that
             # would wait (several KiB per connection) for the cyclic collector.
-            channel.requests = []
+            release_upgraded_request(channel, request)
 
     def _refuse(self, failure: Failure, request: server.Request) -> None:
         if failure.check(AuthError):

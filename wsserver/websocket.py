@@ -160,7 +160,7 @@ class ExpiryWatch:
             _, _, ref = heapq.heappop(self._heap)
             conn = ref()
             if conn is not None and conn.live:
-                conn.close(CLOSE_TOKEN_EXPIRED, "token expired")
+                conn._close(CLOSE_TOKEN_EXPIRED, "token expired")
         self._reschedule()
 
     def stop(self) -> None:
@@ -194,8 +194,8 @@ class ServerProtocol(WebSocketServerProtocol):
 
     def __init__(self) -> None:
         super().__init__()
-        self.session: Session | None = None
-        self.since: int | None = None
+        self._session: Session | None = None
+        self._since: int | None = None
         self._attached = False
         self._replaying = True
         self._held: list[tuple[int, Any]] = []  # live frames that came during replay
@@ -212,8 +212,8 @@ class ServerProtocol(WebSocketServerProtocol):
 
     @property
     def user_id(self) -> str:
-        assert self.session is not None
-        return self.session.user_id
+        assert self._session is not None
+        return self._session.user_id
 
     @property
     def live(self) -> bool:
@@ -225,7 +225,7 @@ class ServerProtocol(WebSocketServerProtocol):
         if self._replaying and not replayed:
             self._held.append((msg_id, frame))
             self._held_bytes += len(frame)
-            if self._held_bytes > self.factory.max_outbox_bytes:
+            if self._held_bytes > self.factory._max_outbox_bytes:
                 # Live traffic outgrew the outbox while the replay was still
                 # being written: like any slow reader, come back with since.
                 self._close_slow()
@@ -237,7 +237,7 @@ class ServerProtocol(WebSocketServerProtocol):
 
     def notify(self, payload: bytes) -> None:
         if self.live:
-            self._send(payload)
+            self._send_text(payload)
 
     def replay_finished(self) -> None:
         self._replaying = False
@@ -253,7 +253,7 @@ class ServerProtocol(WebSocketServerProtocol):
         self._waiting.append(d)
         return d
 
-    def reading(self, on: bool) -> None:
+    def _reading(self, on: bool) -> None:
         """Start or stop reading from the client (writes still go out)."""
         transport = self.transport
         # A TLS transport wraps the TCP one, which is what reads.
@@ -265,7 +265,7 @@ class ServerProtocol(WebSocketServerProtocol):
             else:
                 transport.pauseProducing()
 
-    def whenClosed(self) -> defer.Deferred:
+    def _when_closed(self) -> defer.Deferred:
         """A Deferred that fires once this connection has closed."""
         d: defer.Deferred = defer.Deferred()
         if self._closed.called:
@@ -276,7 +276,7 @@ class ServerProtocol(WebSocketServerProtocol):
 
     # -- sending ----------------------------------------------------------------
 
-    def _send(self, payload: bytes) -> None:
+    def _send_text(self, payload: bytes) -> None:
         """Send one text frame carrying ``payload``."""
         self._write(text_frame(payload))
 
@@ -285,29 +285,28 @@ class ServerProtocol(WebSocketServerProtocol):
 
         The same bytes as Autobahn's sendPreparedMessage, without its per-write
         debug-log arguments and statistics, which cost more than the write
-        itself when one broadcast goes to thousands of connections.
+        itself when one broadcast goes to thousands of connections.  Nothing
+        can be waiting in Autobahn's own send queue: it only queues writes
+        asked for with ``sync`` or ``chopsize``, and this server asks for none.
         """
-        if self.send_queue:
-            self.sendData(frame)  # keep order behind what Autobahn queued
-        else:
-            self._out.write(frame)
+        self._out.write(frame)
         if self._paused:
             self._unsent += len(frame)
-            if self._unsent > self.factory.max_outbox_bytes and not self._judging:
+            if self._unsent > self.factory._max_outbox_bytes and not self._judging:
                 # Writes leave on a later reactor turn: judge the client only
                 # after the transport has had its chance to flush.
                 self._judging = True
-                clock = self.factory.clock
+                clock = self.factory._clock
                 clock.callLater(0, clock.callLater, 0, self._judge_slow)
 
     def _judge_slow(self) -> None:
         self._judging = False
-        if self._paused and self._unsent > self.factory.max_outbox_bytes and self.live:
+        if self._paused and self._unsent > self.factory._max_outbox_bytes and self.live:
             self._close_slow()
 
     def _close_slow(self) -> None:
         _log.info("closing slow connection of {user}", user=self.user_id)
-        self.close(CLOSE_TRY_LATER, "too slow: outbox full")
+        self._close(CLOSE_TRY_LATER, "too slow: outbox full")
 
     def _resumed(self) -> None:
         self._paused = False
@@ -316,7 +315,7 @@ class ServerProtocol(WebSocketServerProtocol):
         for d in waiting:
             d.callback(None)
 
-    def close(self, code: int, reason: str) -> None:
+    def _close(self, code: int, reason: str) -> None:
         """Start the closing handshake with any close code (1001, 1008, ...)."""
         if self.state == WebSocketProtocol.STATE_OPEN:
             self.sendCloseFrame(code, reason.encode("utf-8"))
@@ -326,11 +325,11 @@ class ServerProtocol(WebSocketServerProtocol):
     def _refuse(self, refusal: Refusal, retry_after_ms: int | None = None) -> None:
         _log.info("refused a message from {user}: {code}", user=self.user_id, code=refusal.code)
         if self.live:
-            now_ms = int(self.factory.clock.seconds() * 1000)
+            now_ms = int(self.factory._clock.seconds() * 1000)
             frame = system_frame(
                 self.user_id, refusal.code, refusal.message, now_ms, refusal.nonce, retry_after_ms
             )
-            self._send(frame)
+            self._send_text(frame)
 
     # -- Autobahn callbacks -----------------------------------------------------
 
@@ -343,19 +342,19 @@ class ServerProtocol(WebSocketServerProtocol):
             self._start()
         except Exception:
             _log.failure("could not open a connection")
-            self.close(CLOSE_INTERNAL, "internal error")
+            self._close(CLOSE_INTERNAL, "internal error")
 
     def _start(self) -> None:
         factory = self.factory
-        if self.session is None:
-            self.close(CLOSE_POLICY, "not authenticated")
+        if self._session is None:
+            self._close(CLOSE_POLICY, "not authenticated")
             return
-        if not factory.accepting:
-            self.close(CLOSE_GOING_AWAY, "server shutting down")
+        if not factory._accepting:
+            self._close(CLOSE_GOING_AWAY, "server shutting down")
             return
-        if not factory.broker.attach(self):
+        if not factory._broker.attach(self):
             _log.info("refused a connection of {user}: too many", user=self.user_id)
-            self.close(CLOSE_POLICY, "too many connections for this user")
+            self._close(CLOSE_POLICY, "too many connections for this user")
             return
         self._attached = True
         self._out = mark_upgraded(self.transport)
@@ -363,20 +362,23 @@ class ServerProtocol(WebSocketServerProtocol):
         # so the transport tells us when its send buffer fills up.
         self.transport.unregisterProducer()
         self.transport.registerProducer(_Flow(self), True)
-        factory.expiry.add(self, self.session.expires_at)
+        factory._expiry.add(self, self._session.expires_at)
         _log.info("connected: {user} from {peer}", user=self.user_id, peer=self.peer)
-        replay = factory.broker.replay(self, self.since)
+        replay = factory._broker.replay(self, self._since)
         replay.addErrback(self._replay_failed)
 
     def _replay_failed(self, failure: Failure) -> None:
         _log.failure("replay for {user} failed", failure, user=self.user_id)
-        self.close(CLOSE_INTERNAL, "internal error")
+        self._close(CLOSE_INTERNAL, "internal error")
 
     def onMessageEnd(self) -> None:
         # Autobahn's version also fires an observer event ("message"), which
-        # costs two futures per frame; nothing here observes it.
+        # costs two futures per frame; nothing here observes it.  It reads
+        # Autobahn's message_data, message_is_binary and failedByMe, which is
+        # why setup.cfg pins Autobahn below its next major version
+        # (canaries: tests/test_seams.py AutobahnCanaryTests).
         if not self.failedByMe:
-            self._onMessage(b"".join(self.message_data), self.message_is_binary)
+            self.onMessage(b"".join(self.message_data), self.message_is_binary)
         self.message_data = None
 
     def onMessage(self, payload: bytes, isBinary: bool) -> None:
@@ -384,7 +386,7 @@ class ServerProtocol(WebSocketServerProtocol):
             return
         if isBinary:
             _log.info("closing {user}: binary frame", user=self.user_id)
-            self.close(CLOSE_UNSUPPORTED, "binary frames are not supported")
+            self._close(CLOSE_UNSUPPORTED, "binary frames are not supported")
             return
         try:
             # Autobahn's own incremental UTF-8 check is off: per frame it cost
@@ -392,12 +394,12 @@ class ServerProtocol(WebSocketServerProtocol):
             text = payload.decode("utf-8")
         except UnicodeDecodeError:
             _log.info("closing {user}: invalid UTF-8", user=self.user_id)
-            self.close(CLOSE_INVALID_PAYLOAD, "a text frame must be UTF-8")
+            self._close(CLOSE_INVALID_PAYLOAD, "a text frame must be UTF-8")
             return
         factory = self.factory
-        wait = factory.limiter.take(self.user_id)
+        wait = factory._limiter.take(self.user_id)
         if wait:
-            limiter = factory.limiter
+            limiter = factory._limiter
             text = (
                 f"rate limit exceeded: {limiter.rate:g} messages/s, burst {limiter.burst};"
                 " message not sent"
@@ -408,11 +410,11 @@ class ServerProtocol(WebSocketServerProtocol):
             )
             return
         try:
-            draft = parse_client_frame(text, self.user_id, factory.max_content_bytes)
-            verification = verification_of(self.user_id, draft, self.session.verify_key)
+            draft = parse_client_frame(text, self.user_id, factory._max_content_bytes)
+            verification = verification_of(self.user_id, draft, self._session.verify_key)
             if verification == INVALID_SIGNATURE:
                 raise Refusal("invalid_signature", "the signature is not valid", draft.nonce)
-            if verification == UNSIGNED and factory.require_signatures:
+            if verification == UNSIGNED and factory._require_signatures:
                 raise Refusal("signature_required", "messages must be signed", draft.nonce)
         except Refusal as refusal:
             self._refuse(refusal)
@@ -424,9 +426,9 @@ class ServerProtocol(WebSocketServerProtocol):
             draft.signature,
             draft.nonce,
             verification,
-            int(factory.clock.seconds() * 1000),
+            int(factory._clock.seconds() * 1000),
         )
-        d = factory.store.add_message(new)
+        d = factory._store.add_message(new)
         d.addCallbacks(self._stored, self._not_stored, (draft,), None, (draft,))
         d.addErrback(self._failed_after_store)
 
@@ -437,15 +439,15 @@ class ServerProtocol(WebSocketServerProtocol):
         elif kind == DUPLICATE:
             if msg.recipient == draft.recipient and msg.content == draft.content:
                 if self.live:
-                    self._send(ack_frame(msg))
+                    self._send_text(ack_frame(msg))
             else:
                 self._refuse(
                     Refusal("nonce_reused", "this nonce belongs to another message", draft.nonce)
                 )
         else:
-            msg = self.factory.broker.publish(self, msg)
+            msg = self.factory._broker.publish(self, msg)
             if self.live:
-                self._send(ack_frame(msg))
+                self._send_text(ack_frame(msg))
 
     def _not_stored(self, failure: Failure, draft: Draft) -> None:
         # The store has logged the cause; the sender learns it was not stored.
@@ -461,7 +463,7 @@ class ServerProtocol(WebSocketServerProtocol):
     def onClose(self, wasClean: bool, code: int | None, reason: str | None) -> None:
         if self._attached:
             self._attached = False
-            self.factory.broker.detach(self)
+            self.factory._broker.detach(self)
             _log.info("closed: {user} code={code}", user=self.user_id, code=code)
         waiting, self._waiting = self._waiting, []
         for d in waiting:
@@ -479,6 +481,7 @@ class ServerFactory(WebSocketServerFactory):
         self,
         *,
         store: Store,
+        broker: IBroker,
         limiter: RateLimiter,
         clock: IReactorTime,
         max_content_bytes: int,
@@ -489,15 +492,18 @@ class ServerFactory(WebSocketServerFactory):
         auto_ping_timeout: float = 10.0,
     ) -> None:
         super().__init__(server="wsserver")
-        self.store = store
-        self.limiter = limiter
-        self.clock = clock
-        self.broker: IBroker | None = None  # set by the wiring (tap.py)
-        self.expiry = ExpiryWatch(clock)
-        self.max_content_bytes = max_content_bytes
-        self.max_outbox_bytes = max_outbox_bytes
-        self.require_signatures = require_signatures
-        self.accepting = True
+        # Every attribute of ours is private: Autobahn's factory (and the
+        # protocol, which sees it as ``self.factory``) already uses plain names
+        # such as ``server`` and ``log``, and may add more.
+        self._store = store
+        self._broker = broker
+        self._limiter = limiter
+        self._clock = clock
+        self._expiry = ExpiryWatch(clock)
+        self._max_content_bytes = max_content_bytes
+        self._max_outbox_bytes = max_outbox_bytes
+        self._require_signatures = require_signatures
+        self._accepting = True
         self._admitting: tuple[Session, int | None] | None = None
         self.setProtocolOptions(
             maxFramePayloadSize=max_frame_bytes,
@@ -523,21 +529,21 @@ class ServerFactory(WebSocketServerFactory):
     def buildProtocol(self, addr: Any) -> ServerProtocol:
         proto = super().buildProtocol(addr)
         if self._admitting is not None:
-            proto.session, proto.since = self._admitting
+            proto._session, proto._since = self._admitting
         return proto
 
     @defer.inlineCallbacks
     def shut_down(self) -> Any:
         """Stop taking frames, commit what was received, close every connection with 1001."""
-        self.accepting = False
-        self.expiry.stop()
-        conns = list(self.broker.connections()) if self.broker else []
+        self._accepting = False
+        self._expiry.stop()
+        conns = list(self._broker.connections())
         for conn in conns:
-            conn.reading(False)
-        yield self.store.drain()
+            conn._reading(False)
+        yield self._store.drain()
         closed = []
         for conn in conns:
-            closed.append(conn.whenClosed())
-            conn.close(CLOSE_GOING_AWAY, "server shutting down")
-            conn.reading(True)  # to read the close replies
+            closed.append(conn._when_closed())
+            conn._close(CLOSE_GOING_AWAY, "server shutting down")
+            conn._reading(True)  # to read the close replies
         yield defer.DeferredList(closed)
