@@ -6,6 +6,7 @@ import base64
 import contextlib
 import json
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -48,6 +49,13 @@ def sign_message(key: SigningKey, sender: str, to: str, content: str, nonce: str
 
 
 def free_port() -> int:
+    """A port free now, for a client-side need.
+
+    Racy for a server: it is released before the server binds it, and another
+    process may take it in between. Servers bind port 0 and report the port
+    they got instead (``serve_args(0, ...)``, ``Twistd.listening``,
+    ``wait_listening(0, ...)``).
+    """
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
@@ -267,17 +275,52 @@ ROOT = HERE.parent
 TWISTD = [sys.executable, "-c", "from twisted.scripts.twistd import run; run()"]
 
 
+# The line ``WsServerService.startService`` logs once it listens.
+_LISTENING = re.compile(rb"wsserver listening on https?://(?:\[[^\]]*\]|[^:/\s]+):(\d+)/")
+
+
+def listening_port(output: bytes) -> int | None:
+    """The port in the server's start-up line within ``output``, if it is there."""
+    match = _LISTENING.search(output)
+    return int(match.group(1)) if match else None
+
+
 class _Collect(protocol.ProcessProtocol):
     def __init__(self) -> None:
         self.out = b""
         self.err = b""
         self.ended: defer.Deferred = defer.Deferred()
+        self.port: int | None = None  # from the start-up line, once logged
+        self._port_waiters: list[defer.Deferred] = []
 
     def outReceived(self, data: bytes) -> None:
         self.out += data
+        if self.port is None:
+            self.port = listening_port(self.out)
+            if self.port is not None:
+                waiters, self._port_waiters = self._port_waiters, []
+                for d in waiters:
+                    d.callback(self.port)
 
     def errReceived(self, data: bytes) -> None:
         self.err += data
+
+    def listening(self) -> defer.Deferred:
+        """Fire with the port the server logged it listens on; fail if the
+        process ends first."""
+        if self.port is not None:
+            return defer.succeed(self.port)
+        if self.ended.called:
+            return defer.fail(self._no_port())
+        d: defer.Deferred = defer.Deferred()
+        self._port_waiters.append(d)
+        return d
+
+    def _no_port(self) -> AssertionError:
+        return AssertionError(
+            "the server ended without listening:\n"
+            + (self.out + self.err).decode("utf-8", "replace")
+        )
 
     def processEnded(self, reason) -> None:
         value = reason.value
@@ -285,6 +328,9 @@ class _Collect(protocol.ProcessProtocol):
             result = ("signal", value.signal) if value.signal else ("exit", value.exitCode)
         else:
             result = ("exit", 0)
+        waiters, self._port_waiters = self._port_waiters, []
+        for d in waiters:
+            d.errback(self._no_port())
         self.ended.callback(result)
 
 
@@ -316,6 +362,11 @@ class Twistd:
         d: defer.Deferred = defer.Deferred()
         self.proc.ended.addBoth(lambda r: (d.callback(r) if not d.called else None, r)[1])
         return within(d, seconds)
+
+    def listening(self, seconds: float = 30) -> defer.Deferred:
+        """Fire with the port the server reports listening on (``twistd -n``
+        logs to stdout); fail if it ends first or says nothing in ``seconds``."""
+        return within(self.proc.listening(), seconds)
 
 
 class RemoteServer:
@@ -352,6 +403,8 @@ class RemoteServer:
 
 
 def serve_args(port: int, db: str, *extra: str) -> list[str]:
+    """``twistd -n wsserver`` on 127.0.0.1:``port`` and ``db``; pass port 0 and
+    read the port the server got from its start-up line."""
     return [
         "-n",
         "--pidfile=",
@@ -366,9 +419,10 @@ def serve_args(port: int, db: str, *extra: str) -> list[str]:
 
 @defer.inlineCallbacks
 def start_twistd(testcase: Any, db: str, env: dict | None = None) -> Any:
-    """``twistd -n wsserver`` on a free port and ``db``; fire with (Twistd, RemoteServer)."""
-    port = free_port()
-    proc = Twistd(testcase, serve_args(port, db), env)
+    """``twistd -n wsserver`` on port 0 and ``db``; fire with (Twistd, RemoteServer)
+    once it answers on the port it reported."""
+    proc = Twistd(testcase, serve_args(0, db), env)
+    port = yield proc.listening()
     server = RemoteServer(testcase, port)
     yield server.wait_up()
     return proc, server
@@ -396,13 +450,46 @@ def spawn_twistd_sync(testcase: Any, args: list[str], env: dict | None, log: Pat
     return proc
 
 
-def wait_listening(port: int, log: Path, seconds: float = 20) -> None:
-    """Block until something accepts TCP connections on 127.0.0.1:``port``."""
+def read_port(log: Path, seconds: float = 30) -> int:
+    """Block until the server's start-up line is in the file ``log``; its port."""
     deadline = time.monotonic() + seconds
+    while True:
+        port = listening_port(log.read_bytes()) if log.exists() else None
+        if port is not None:
+            return port
+        if time.monotonic() > deadline:
+            shown = log.read_text(errors="replace") if log.exists() else "(no log)"
+            raise AssertionError("the server did not report a port:\n" + shown)
+        time.sleep(0.05)
+
+
+@defer.inlineCallbacks
+def read_port_async(log: Path, seconds: float = 30) -> Any:
+    """``read_port`` for Twisted tests: fire with the port logged in ``log``."""
+    deadline = time.monotonic() + seconds
+    while True:
+        port = listening_port(log.read_bytes()) if log.exists() else None
+        if port is not None:
+            return port
+        if time.monotonic() > deadline:
+            shown = log.read_text(errors="replace") if log.exists() else "(no log)"
+            raise AssertionError("the server did not report a port:\n" + shown)
+        yield task.deferLater(reactor, 0.05, lambda: None)
+
+
+def wait_listening(port: int, log: Path, seconds: float = 30) -> int:
+    """Block until the server logging to ``log`` accepts TCP connections; its port.
+
+    With ``port`` 0 (the server was started with ``serve_args(0, ...)``) the
+    port is read from the server's start-up line in ``log``.
+    """
+    deadline = time.monotonic() + seconds
+    if port == 0:
+        port = read_port(log, seconds)
     while time.monotonic() < deadline:
         try:
             socket.create_connection(("127.0.0.1", port), timeout=1).close()
-            return
+            return port
         except OSError:
             time.sleep(0.1)
     raise AssertionError("the server did not come up:\n" + log.read_text(errors="replace"))

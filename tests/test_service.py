@@ -20,7 +20,7 @@ from .support import (
     Twistd,
     _Collect,
     connect_ws,
-    free_port,
+    read_port_async,
     serve_args,
     start_twistd,
     within,
@@ -87,7 +87,6 @@ class TwistdTests(unittest.TestCase):
         """A bad variable, a bad option, a half TLS pair or a taken port: exit status 1
         and one line naming the setting, no traceback."""
         db = os.path.abspath(self.mktemp() + ".db")
-        port = free_port()
         cases = [
             ({"MESSAGE_RATE_LIMIT": "fast"}, [], "MESSAGE_RATE_LIMIT"),
             ({}, ["--max-frame-bytes", "x"], "MAX_FRAME_BYTES"),
@@ -96,7 +95,7 @@ class TwistdTests(unittest.TestCase):
             ({}, ["--tls-cert", "/no.pem", "--tls-key", "/no.key"], "TLS_CERT"),
         ]
         for env, extra, name in cases:
-            proc = Twistd(self, serve_args(port, db, *extra), env)
+            proc = Twistd(self, serve_args(0, db, *extra), env)
             how = yield proc.ended()
             err = proc.proc.err.decode()
             self.assertEqual(how, ("exit", 1), err)
@@ -119,19 +118,19 @@ class TwistdTests(unittest.TestCase):
         tmp = Path(self.mktemp()).resolve()
         tmp.mkdir()
         pidfile, logfile = tmp / "wsserver.pid", tmp / "wsserver.log"
-        port = free_port()
         args = [
             f"--pidfile={pidfile}",
             f"--logfile={logfile}",
             "wsserver",
             "--port",
-            f"tcp:{port}:interface=127.0.0.1",
+            "tcp:0:interface=127.0.0.1",
             "--database",
             str(tmp / "db.sqlite"),
         ]
         launcher = Twistd(self, args)
         how = yield launcher.ended()
         self.assertEqual(how, ("exit", 0), launcher.proc.err)
+        port = yield read_port_async(logfile)
         server = RemoteServer(self, port)
         yield server.wait_up()
         pid = int(pidfile.read_text())

@@ -29,7 +29,6 @@ from wsserver.tap import tls_options
 from .support import (
     LiveServer,
     connect_ws,
-    free_port,
     serve_args,
     spawn_twistd_sync,
     wait_listening,
@@ -202,12 +201,11 @@ class KeyExchangeTests(pyunit.TestCase):
         work = Path(tempfile.mkdtemp(prefix="wsserver-kex-"))
         self.addCleanup(shutil.rmtree, work, True)
         cert, key = make_certificate(work)
-        port = free_port()
         args = serve_args(
-            port, str(work / "db.sqlite"), "--tls-cert", str(cert), "--tls-key", str(key)
+            0, str(work / "db.sqlite"), "--tls-cert", str(cert), "--tls-key", str(key)
         )
         spawn_twistd_sync(self, args, env, work / "server.log")
-        wait_listening(port, work / "server.log")
+        port = wait_listening(0, work / "server.log")
         context = SSL.Context(SSL.TLS_CLIENT_METHOD)
         context.load_verify_locations(str(cert.with_name("ca.pem")))
         context.set_verify(SSL.VERIFY_PEER, lambda *args: args[-1])

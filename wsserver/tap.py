@@ -85,6 +85,24 @@ def tls_options(cert_path: str, key_path: str) -> ssl.CertificateOptions:
     return options
 
 
+def open_url(address: Any, tls: bool) -> str | None:
+    """The URL a person opens to reach a server bound to ``address`` (None for
+    an address that is not TCP, such as a UNIX socket).
+
+    A wildcard bind (``0.0.0.0``, ``::``) is shown as the loopback address of
+    its family: the one address sure to reach the server from the machine it
+    runs on (from elsewhere, the host's own name or address).
+    """
+    host, port = getattr(address, "host", None), getattr(address, "port", None)
+    if not isinstance(host, str) or not isinstance(port, int):
+        return None
+    wildcard = {"0.0.0.0": "127.0.0.1", "": "127.0.0.1", "::": "::1"}  # noqa: S104 (read, not bound)
+    host = wildcard.get(host, host)
+    if ":" in host:
+        host = f"[{host}]"
+    return f"{'https' if tls else 'http'}://{host}:{port}/"
+
+
 class WsServerService(service.Service):
     """The whole server: database, broker, web site, listening port."""
 
@@ -179,12 +197,13 @@ class WsServerService(service.Service):
         self.auth_limiter.start()
         if not USES_NVX:
             _log.warn("Autobahn's NVX acceleration is not active: frames are processed in Python")
-        host = self.port.getHost() if self.port is not None else self.config.listen
+        where = self.config.listen
+        if self.port is not None:
+            where = open_url(self.port.getHost(), self.tls is not None) or where
         _log.info(
-            "wsserver listening on {host} ({scheme}), database {db}",
-            host=host,
-            scheme="https/wss" if self.tls else "http/ws",
-            db=self.config.database,
+            "wsserver listening on {where} (database {db})",
+            where=where,
+            db=os.path.abspath(self.config.database),
         )
 
     def _listen_failed(self, failure: Failure) -> None:
