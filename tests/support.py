@@ -15,6 +15,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from autobahn.twisted.testing import create_memory_agent, create_pumper
 from autobahn.twisted.websocket import WebSocketClientFactory, WebSocketClientProtocol
 from nacl.signing import SigningKey
 from treq.client import HTTPClient
@@ -22,6 +23,7 @@ from twisted.internet import defer, endpoints, error, protocol, reactor, task
 from twisted.internet.ssl import optionsForClientTLS
 from twisted.web.client import Agent, HTTPConnectionPool
 
+from wsserver.auth import Session
 from wsserver.messages import signing_input
 from wsserver.tap import WsServerService, build_service
 
@@ -267,6 +269,100 @@ def cancel_batched_timers() -> None:
     for call in reactor.getDelayedCalls():
         if getattr(call.func, "__name__", "") == "_notify_bucket" and call.active():
             call.cancel()
+
+
+# -- WebSocket clients in memory (no sockets) ------------------------------------
+
+DEADLINE = 30.0  # real seconds for an event that takes milliseconds on an idle machine
+
+
+@defer.inlineCallbacks
+def eventually(condition: Any, what: str, seconds: float = DEADLINE) -> Any:
+    """Wait on the real reactor (which runs pumps, sockets and the database
+    thread) until ``condition()`` is true; fail naming ``what`` after ``seconds``.
+
+    For an event that has no Deferred of its own; never a fixed sleep.
+    """
+    deadline = time.monotonic() + seconds
+    while not condition():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"not within {seconds:g} s: {what}")
+        yield task.deferLater(reactor, 0.01, lambda: None)
+
+
+class Recorder(WebSocketClientProtocol):
+    """An in-memory client that keeps every frame it receives and its close code.
+
+    ``deaf = True`` makes it ignore everything that arrives from then on (a
+    client that never answers the closing handshake).
+    """
+
+    deaf = False
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.frames: list[dict] = []
+        self.close_code: int | None = None
+        self.gone: defer.Deferred = defer.Deferred()
+
+    def dataReceived(self, data: bytes) -> None:
+        if not self.deaf:
+            super().dataReceived(data)
+
+    def onMessage(self, payload: bytes, isBinary: bool) -> None:
+        self.frames.append(json.loads(payload))
+
+    def onClose(self, wasClean: bool, code: int | None, reason: str | None) -> None:
+        self.close_code = code
+        if not self.gone.called:
+            self.gone.callback(code)
+
+    def send_json(self, obj: dict) -> None:
+        self.sendMessage(json.dumps(obj).encode("utf-8"))
+
+    def of(self, kind: str) -> list[dict]:
+        """The frames received of type ``kind``."""
+        return [f for f in self.frames if f["type"] == kind]
+
+
+class MemoryLink:
+    """Connects ``Recorder`` clients to a ``ServerFactory`` through Autobahn's
+    in-memory agent; ``clock`` is the clients' reactor."""
+
+    def __init__(self, testcase: Any, factory: Any, clock: Any) -> None:
+        self._testcase = testcase
+        self._factory = factory
+        self._clock = clock
+        self.pumper = create_pumper()
+        self.pumper.start()
+        testcase.addCleanup(self.pumper.stop)
+
+    @defer.inlineCallbacks
+    def connect(self, session: Session) -> Any:
+        """Open a connection for ``session``; fire with (client, server protocol)
+        once the server's (empty) replay is over and live traffic flows."""
+        factory = self._factory
+        servers = []
+
+        def server() -> Any:
+            proto = factory.admit(session, None, lambda: factory.buildProtocol(None))
+            servers.append(proto)
+            return proto
+
+        agent = create_memory_agent(self._clock, self.pumper, server)
+        opening = agent.open("ws://localhost:9000/ws", {}, protocol_class=Recorder)
+        client = yield within(opening, DEADLINE)
+        self._testcase.addCleanup(self.disconnect, client)
+        (proto,) = servers
+        yield eventually(lambda: not proto._replaying, "the replay ends")
+        return client, proto
+
+    @defer.inlineCallbacks
+    def disconnect(self, client: Recorder) -> Any:
+        if client.close_code is None and not client.deaf:
+            client.sendClose(1000)
+            yield within(client.gone, DEADLINE)
+        cancel_batched_timers()
 
 
 # -- the server as its own process ------------------------------------------------

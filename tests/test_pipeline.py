@@ -16,13 +16,10 @@ arrived when the answer has.
 
 from __future__ import annotations
 
-import json
 import sqlite3
 import time
 from typing import Any
 
-from autobahn.twisted.testing import create_memory_agent, create_pumper
-from autobahn.twisted.websocket import WebSocketClientProtocol
 from nacl.signing import SigningKey
 from twisted.internet import defer, reactor, task
 from twisted.internet.testing import MemoryReactorClock
@@ -34,45 +31,18 @@ from wsserver.ratelimit import RateLimiter
 from wsserver.store import Store, User, prepare_database
 from wsserver.websocket import ServerFactory, text_frame
 
-from .support import cancel_batched_timers, sign_message, vector_key, within
+from .support import (
+    DEADLINE,
+    MemoryLink,
+    Recorder,
+    cancel_batched_timers,
+    eventually,
+    sign_message,
+    vector_key,
+    within,
+)
 
-DEADLINE = 30.0  # seconds of real time for an event that should take milliseconds
 RATE, BURST = 1.0, 3
-
-
-@defer.inlineCallbacks
-def eventually(condition: Any, what: str, seconds: float = DEADLINE) -> Any:
-    """Wait (on the real reactor, which runs the pump and the database thread)
-    until ``condition()`` is true; fail naming ``what`` after ``seconds``."""
-    deadline = time.monotonic() + seconds
-    while not condition():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"not within {seconds:g} s: {what}")
-        yield task.deferLater(reactor, 0.01, lambda: None)
-
-
-class Recorder(WebSocketClientProtocol):
-    """A client that keeps every frame it receives and its close code."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.frames: list[dict] = []
-        self.close_code: int | None = None
-        self.gone: defer.Deferred = defer.Deferred()
-
-    def onMessage(self, payload: bytes, isBinary: bool) -> None:
-        self.frames.append(json.loads(payload))
-
-    def onClose(self, wasClean: bool, code: int | None, reason: str | None) -> None:
-        self.close_code = code
-        if not self.gone.called:
-            self.gone.callback(code)
-
-    def send_json(self, obj: dict) -> None:
-        self.sendMessage(json.dumps(obj).encode("utf-8"))
-
-    def of(self, kind: str) -> list[dict]:
-        return [f for f in self.frames if f["type"] == kind]
 
 
 class RecordingStore(Store):
@@ -112,9 +82,7 @@ class PipelineTests(unittest.TestCase):
             auto_ping_interval=0,
         )
         self.factory.broker = LocalBroker(self.store, self.clock, prepare=text_frame)
-        self.pumper = create_pumper()
-        self.pumper.start()
-        self.addCleanup(self.pumper.stop)
+        self.link = MemoryLink(self, self.factory, self.clock)
         self._marks = 0
 
     @defer.inlineCallbacks
@@ -143,29 +111,10 @@ class PipelineTests(unittest.TestCase):
     @defer.inlineCallbacks
     def connect(self, user_id: str, ttl: float = 3600.0) -> Any:
         """An open connection of ``user_id`` whose session ends ``ttl`` clock
-        seconds from now; fires with the client once the replay is over."""
+        seconds from now; fires with the client once live traffic flows."""
         session = Session(user_id, self.keys[user_id].verify_key, self.clock.seconds() + ttl)
-        servers = []
-
-        def server() -> Any:
-            proto = self.factory.admit(session, None, lambda: self.factory.buildProtocol(None))
-            servers.append(proto)
-            return proto
-
-        agent = create_memory_agent(self.clock, self.pumper, server)
-        opening = agent.open("ws://localhost:9000/ws", {}, protocol_class=Recorder)
-        client = yield within(opening, DEADLINE)
-        self.addCleanup(self.disconnect, client)
-        # Live traffic is held until the (empty) replay is over: wait for it.
-        (proto,) = servers
-        yield eventually(lambda: not proto._replaying, "the replay ends")
+        client, _ = yield self.link.connect(session)
         return client
-
-    @defer.inlineCallbacks
-    def disconnect(self, client: Recorder) -> Any:
-        if client.close_code is None:
-            client.sendClose(1000)
-        yield within(client.gone, DEADLINE)
 
     @defer.inlineCallbacks
     def mark(self, client: Recorder) -> Any:
