@@ -11,18 +11,27 @@ import sys
 from pathlib import Path
 
 from twisted.internet import defer, protocol, reactor, task
+from twisted.internet.testing import MemoryReactorClock
 from twisted.trial import unittest
 
+from wsserver.auth import Session
+from wsserver.store import User
+from wsserver.tap import build_service
+
 from .support import (
+    DEADLINE,
     ROOT,
     LiveServer,
+    MemoryLink,
     RemoteServer,
     Twistd,
     _Collect,
     connect_ws,
+    eventually,
     read_port_async,
     serve_args,
     start_twistd,
+    vector_key,
     within,
 )
 
@@ -173,6 +182,100 @@ class InProcessShutdownTests(unittest.TestCase):
         self.assertLessEqual(acked, stored)
         delivered = {f["id"] for f in bob.received if f["type"] == "message"}
         self.assertLessEqual(delivered, stored)
+
+
+class ClockedShutdownTests(unittest.TestCase):
+    """The whole ``WsServerService`` on a ``MemoryReactorClock`` (its listening
+    port, store commits and ``SHUTDOWN_TIMEOUT`` all on that clock), with
+    clients joined to its WebSocket factory in memory."""
+
+    timeout = 120
+    SHUTDOWN_TIMEOUT = 7.0
+
+    @defer.inlineCallbacks
+    def setUp(self):
+        self.clock = MemoryReactorClock()
+        settings = {
+            "DATABASE": self.mktemp() + ".db",
+            "SERVER_ADDR": "tcp:0:interface=127.0.0.1",
+            "SHUTDOWN_TIMEOUT": str(self.SHUTDOWN_TIMEOUT),
+        }
+        self.service = build_service({}, settings, reactor=self.clock)
+        self.service.privilegedStartService()
+        self.service.startService()
+        self.addCleanup(self.stop)
+        # Autobahn's own timers run on the real reactor: off, so that only the
+        # service's SHUTDOWN_TIMEOUT can end a closing handshake nobody answers.
+        self.service.factory.setProtocolOptions(closeHandshakeTimeout=0, autoPingInterval=0)
+        self.link = MemoryLink(self, self.service.factory, self.clock)
+        self.keys = {name: vector_key(name) for name in ("alice", "bob")}
+        for name, key in self.keys.items():
+            yield self.service.store.add_user(User(name, name.title(), bytes(key.verify_key), 0))
+
+    @defer.inlineCallbacks
+    def connect(self, user_id: str):
+        session = Session(user_id, self.keys[user_id].verify_key, self.clock.seconds() + 3600)
+        client, proto = yield self.link.connect(session)
+        return client, proto
+
+    def stop_service(self) -> defer.Deferred:
+        """Stop the service, running the store's commits (they wait on the
+        clock, without moving it) until it has stopped."""
+        stopping = self.service.stopService()
+        done: list = []
+        stopping.addBoth(lambda r: (done.append(r), r)[1])
+
+        @defer.inlineCallbacks
+        def commit_until_stopped():
+            while not done:
+                self.clock.advance(0)
+                yield task.deferLater(reactor, 0.01, lambda: None)
+
+        commit_until_stopped()
+        return stopping
+
+    @defer.inlineCallbacks
+    def stop(self):
+        if self.service.running:
+            yield within(self.stop_service(), DEADLINE)
+
+    @defer.inlineCallbacks
+    def test_shutdown_commits_and_acks_what_was_received_before_closing_1001(self):
+        """Messages received but not yet committed when shutdown starts are
+        committed and acked (and delivered) before the connections are closed
+        with 1001."""
+        alice, _ = yield self.connect("alice")
+        bob, _ = yield self.connect("bob")
+        for i in range(3):
+            alice.send_json({"to": "bob", "content": f"m{i}", "nonce": f"n-{i}"})
+        # Answered at once, after the three were handed to the store (frames of
+        # one connection are handled in order); their commit waits for the clock.
+        alice.send_json({"content": "marker", "nonce": "mark"})
+        yield eventually(lambda: alice.of("system"), "the marker's answer")
+        self.assertEqual(alice.of("ack"), [])
+        yield within(self.stop_service(), DEADLINE)
+        yield within(defer.gatherResults([alice.gone, bob.gone]), DEADLINE)
+        self.assertEqual((alice.close_code, bob.close_code), (1001, 1001))
+        self.assertEqual([a["nonce"] for a in alice.of("ack")], ["n-0", "n-1", "n-2"])
+        self.assertEqual([m["content"] for m in bob.of("message")], ["m0", "m1", "m2"])
+
+    @defer.inlineCallbacks
+    def test_connections_that_do_not_close_are_dropped_after_shutdown_timeout(self):
+        """A client that never answers the 1001 close keeps the shutdown waiting
+        until SHUTDOWN_TIMEOUT on the clock, not longer: then its connection is
+        dropped and the service finishes stopping."""
+        alice, proto = yield self.connect("alice")
+        alice.deaf = True
+        stopping = self.stop_service()
+        yield eventually(lambda: proto.localCloseCode == 1001, "the 1001 close is sent")
+        self.clock.advance(self.SHUTDOWN_TIMEOUT - 0.01)
+        self.assertFalse(stopping.called)
+        self.assertEqual(self.service.broker.count(), 1)
+        self.clock.advance(0.01)
+        yield within(stopping, DEADLINE)
+        yield within(alice.gone, DEADLINE)
+        yield eventually(lambda: self.service.broker.count() == 0, "the server lets go of it")
+        self.assertEqual(proto.state, proto.STATE_CLOSED)
 
 
 class ExampleTests(unittest.TestCase):

@@ -221,11 +221,13 @@ class WsServerService(service.Service):
         _log.info("shutting down: {n} connections", n=self.broker.count())
         if self.port is not None:
             yield defer.maybeDeferred(self.port.stopListening)
-        closing = self.factory.shut_down()
-        closing.addTimeout(self.config.shutdown_timeout, self.reactor)
-        try:
-            yield closing
-        except defer.TimeoutError:
+        # Wait for the closing handshakes, but at most SHUTDOWN_TIMEOUT. Not
+        # with addTimeout: cancelling shut_down cancels the Deferreds it waits
+        # on, which lets it finish "successfully" with connections still open.
+        in_time = yield _finished_within(
+            self.factory.shut_down(), self.config.shutdown_timeout, self.reactor
+        )
+        if not in_time:
             left = list(self.broker.connections())
             _log.warn("shutdown timed out; dropping {n} connections", n=len(left))
             for conn in left:
@@ -234,6 +236,25 @@ class WsServerService(service.Service):
         self.auth_limiter.stop()
         yield self.store.close()
         _log.info("shut down cleanly")
+
+
+def _finished_within(d: defer.Deferred, seconds: float, clock: IReactorTime) -> defer.Deferred:
+    """Fire True once ``d`` has finished, or False after ``seconds`` on
+    ``clock`` if it has not; ``d`` itself is never cancelled (a failure of it
+    is logged)."""
+    outcome: defer.Deferred = defer.Deferred()
+    timer = clock.callLater(seconds, lambda: outcome.called or outcome.callback(False))
+
+    def finished(result: Any) -> None:
+        if isinstance(result, Failure):
+            _log.failure("shutdown of the connections failed", result)
+        if timer.active():
+            timer.cancel()
+        if not outcome.called:
+            outcome.callback(True)
+
+    d.addBoth(finished)
+    return outcome
 
 
 def build_service(
