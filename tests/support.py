@@ -70,12 +70,25 @@ def within(d: defer.Deferred, seconds: float = TIMEOUT) -> defer.Deferred:
 class LiveServer:
     """A real ``WsServerService`` on a free loopback port, in this process."""
 
-    def __init__(self, testcase: Any, env: dict[str, str] | None = None) -> None:
+    def __init__(
+        self,
+        testcase: Any,
+        env: dict[str, str] | None = None,
+        service: WsServerService | None = None,
+    ) -> None:
+        """Build the service from ``env`` (settings by variable name), or start
+        the ``service`` given (built elsewhere, e.g. by the twistd plugin)."""
         self.testcase = testcase
-        self.db = env.get("DATABASE") if env and "DATABASE" in env else testcase.mktemp() + ".db"
-        settings = {"DATABASE": self.db, "SERVER_ADDR": "tcp:0:interface=127.0.0.1"}
-        settings.update(env or {})
-        self.service: WsServerService = build_service({}, settings)
+        if service is None:
+            self.db = (
+                env.get("DATABASE") if env and "DATABASE" in env else testcase.mktemp() + ".db"
+            )
+            settings = {"DATABASE": self.db, "SERVER_ADDR": "tcp:0:interface=127.0.0.1"}
+            settings.update(env or {})
+            service = build_service({}, settings)
+        else:
+            self.db = service.config.database
+        self.service: WsServerService = service
         self.service.privilegedStartService()
         self.service.startService()
         self.port = self.service.port.getHost().port
