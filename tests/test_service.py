@@ -11,12 +11,14 @@ import sys
 from pathlib import Path
 
 from twisted.internet import defer, protocol, reactor, task
+from twisted.internet.address import IPv4Address, IPv6Address, UNIXAddress
 from twisted.internet.testing import MemoryReactorClock
+from twisted.logger import formatEvent, globalLogPublisher
 from twisted.trial import unittest
 
 from wsserver.auth import Session
 from wsserver.store import User
-from wsserver.tap import build_service
+from wsserver.tap import build_service, open_url
 
 from .support import (
     DEADLINE,
@@ -276,6 +278,37 @@ class ClockedShutdownTests(unittest.TestCase):
         yield within(alice.gone, DEADLINE)
         yield eventually(lambda: self.service.broker.count() == 0, "the server lets go of it")
         self.assertEqual(proto.state, proto.STATE_CLOSED)
+
+
+class StartupLineTests(unittest.TestCase):
+    def test_open_url_names_an_address_a_person_can_open(self):
+        """The start-up URL: the bound address, a wildcard bind shown as the
+        loopback address of its family, https with TLS, none for a UNIX socket."""
+        cases = [
+            (IPv4Address("TCP", "0.0.0.0", 8080), False, "http://127.0.0.1:8080/"),
+            (IPv4Address("TCP", "192.0.2.5", 8443), True, "https://192.0.2.5:8443/"),
+            (IPv6Address("TCP", "::", 8080), False, "http://[::1]:8080/"),
+            (IPv6Address("TCP", "2001:db8::1", 80), True, "https://[2001:db8::1]:80/"),
+            (UNIXAddress(b"/run/wsserver.sock"), False, None),
+        ]
+        for address, tls, url in cases:
+            self.assertEqual(open_url(address, tls), url, address)
+
+    def test_start_logs_the_url_and_the_databases_absolute_path(self):
+        """Starting logs one line with the URL to open (the port actually bound)
+        and the database's absolute path, even when it was given relative."""
+        events: list[dict] = []
+        globalLogPublisher.addObserver(events.append)
+        self.addCleanup(globalLogPublisher.removeObserver, events.append)
+        relative = self.mktemp() + ".db"
+        self.assertFalse(os.path.isabs(relative))
+        server = LiveServer(self, {"DATABASE": relative})
+        lines = [formatEvent(e) for e in events if "listening" in (e.get("log_format") or "")]
+        expected = (
+            f"wsserver listening on http://127.0.0.1:{server.port}/ "
+            f"(database {os.path.abspath(relative)})"
+        )
+        self.assertEqual(lines, [expected])
 
 
 class ExampleTests(unittest.TestCase):
