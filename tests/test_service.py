@@ -147,11 +147,7 @@ class TwistdTests(unittest.TestCase):
         pid = int(pidfile.read_text())
         self.addCleanup(lambda: _kill_quietly(pid))
         os.kill(pid, signal.SIGTERM)
-        for _ in range(100):
-            if not pidfile.exists():
-                break
-            yield task.deferLater(reactor, 0.1, lambda: None)
-        self.assertFalse(pidfile.exists())
+        yield eventually(lambda: not pidfile.exists(), "the pidfile is removed")
         self.assertIn("shut down cleanly", logfile.read_text())
 
 
