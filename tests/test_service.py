@@ -216,26 +216,37 @@ class ClockedShutdownTests(unittest.TestCase):
         client, proto = yield self.link.connect(session)
         return client, proto
 
-    def stop_service(self) -> defer.Deferred:
-        """Stop the service, running the store's commits (they wait on the
-        clock, without moving it) until it has stopped."""
-        stopping = self.service.stopService()
+    def drive(self, d: defer.Deferred) -> defer.Deferred:
+        """Run the store's commits (they wait on the clock, without moving it)
+        until ``d`` has fired; return ``d``."""
         done: list = []
-        stopping.addBoth(lambda r: (done.append(r), r)[1])
+        d.addBoth(lambda r: (done.append(r), r)[1])
 
         @defer.inlineCallbacks
-        def commit_until_stopped():
+        def commit_until_done():
             while not done:
                 self.clock.advance(0)
                 yield task.deferLater(reactor, 0.01, lambda: None)
 
-        commit_until_stopped()
-        return stopping
+        commit_until_done()
+        return d
+
+    def stop_service(self) -> defer.Deferred:
+        """Stop the service; fire once it has stopped."""
+        stopping = self.service.stopService()
+        stopping.addCallback(lambda r: (setattr(self, "stopped", True), r)[1])
+        return self.drive(stopping)
+
+    stopped = False
 
     @defer.inlineCallbacks
     def stop(self):
         if self.service.running:
             yield within(self.stop_service(), DEADLINE)
+        elif not self.stopped:
+            # A test failed in the middle of the shutdown: close the store
+            # anyway, or its database threads outlive the test run.
+            yield within(self.drive(self.service.store.close()), DEADLINE)
 
     @defer.inlineCallbacks
     def test_shutdown_commits_and_acks_what_was_received_before_closing_1001(self):
