@@ -279,6 +279,8 @@ class HeadTests(unittest.TestCase):
             "/nope": 404,
             "/static/nope": 404,
             "/ws": 405,
+            "/auth/login": 405,
+            "/auth/register": 405,
         }
         for path, status in paths.items():
             head = f"HEAD {path} HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n".encode()
