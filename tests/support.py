@@ -6,6 +6,7 @@ import base64
 import contextlib
 import json
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -14,6 +15,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from autobahn.twisted.testing import create_memory_agent, create_pumper
 from autobahn.twisted.websocket import WebSocketClientFactory, WebSocketClientProtocol
 from nacl.signing import SigningKey
 from treq.client import HTTPClient
@@ -21,12 +23,13 @@ from twisted.internet import defer, endpoints, error, protocol, reactor, task
 from twisted.internet.ssl import optionsForClientTLS
 from twisted.web.client import Agent, HTTPConnectionPool
 
+from wsserver.auth import Session
 from wsserver.messages import signing_input
 from wsserver.tap import WsServerService, build_service
 
 HERE = Path(__file__).parent
 VECTORS = json.loads((HERE / "vectors.json").read_text("utf-8"))
-TIMEOUT = 10.0
+TIMEOUT = 30.0  # seconds: a generous deadline for any one event (the machine may be loaded)
 
 
 def vector_key(name: str) -> SigningKey:
@@ -48,6 +51,13 @@ def sign_message(key: SigningKey, sender: str, to: str, content: str, nonce: str
 
 
 def free_port() -> int:
+    """A port free now, for a client-side need.
+
+    Racy for a server: it is released before the server binds it, and another
+    process may take it in between. Servers bind port 0 and report the port
+    they got instead (``serve_args(0, ...)``, ``Twistd.listening``,
+    ``wait_listening(0, ...)``).
+    """
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
@@ -60,12 +70,25 @@ def within(d: defer.Deferred, seconds: float = TIMEOUT) -> defer.Deferred:
 class LiveServer:
     """A real ``WsServerService`` on a free loopback port, in this process."""
 
-    def __init__(self, testcase: Any, env: dict[str, str] | None = None) -> None:
+    def __init__(
+        self,
+        testcase: Any,
+        env: dict[str, str] | None = None,
+        service: WsServerService | None = None,
+    ) -> None:
+        """Build the service from ``env`` (settings by variable name), or start
+        the ``service`` given (built elsewhere, e.g. by the twistd plugin)."""
         self.testcase = testcase
-        self.db = env.get("DATABASE") if env and "DATABASE" in env else testcase.mktemp() + ".db"
-        settings = {"DATABASE": self.db, "SERVER_ADDR": "tcp:0:interface=127.0.0.1"}
-        settings.update(env or {})
-        self.service: WsServerService = build_service({}, settings)
+        if service is None:
+            self.db = (
+                env.get("DATABASE") if env and "DATABASE" in env else testcase.mktemp() + ".db"
+            )
+            settings = {"DATABASE": self.db, "SERVER_ADDR": "tcp:0:interface=127.0.0.1"}
+            settings.update(env or {})
+            service = build_service({}, settings)
+        else:
+            self.db = service.config.database
+        self.service: WsServerService = service
         self.service.privilegedStartService()
         self.service.startService()
         self.port = self.service.port.getHost().port
@@ -261,10 +284,114 @@ def cancel_batched_timers() -> None:
             call.cancel()
 
 
+# -- WebSocket clients in memory (no sockets) ------------------------------------
+
+DEADLINE = 30.0  # real seconds for an event that takes milliseconds on an idle machine
+
+
+@defer.inlineCallbacks
+def eventually(condition: Any, what: str, seconds: float = DEADLINE) -> Any:
+    """Wait on the real reactor (which runs pumps, sockets and the database
+    thread) until ``condition()`` is true; fail naming ``what`` after ``seconds``.
+
+    For an event that has no Deferred of its own; never a fixed sleep.
+    """
+    deadline = time.monotonic() + seconds
+    while not condition():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"not within {seconds:g} s: {what}")
+        yield task.deferLater(reactor, 0.01, lambda: None)
+
+
+class Recorder(WebSocketClientProtocol):
+    """An in-memory client that keeps every frame it receives and its close code.
+
+    ``deaf = True`` makes it ignore everything that arrives from then on (a
+    client that never answers the closing handshake).
+    """
+
+    deaf = False
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.frames: list[dict] = []
+        self.close_code: int | None = None
+        self.gone: defer.Deferred = defer.Deferred()
+
+    def dataReceived(self, data: bytes) -> None:
+        if not self.deaf:
+            super().dataReceived(data)
+
+    def onMessage(self, payload: bytes, isBinary: bool) -> None:
+        self.frames.append(json.loads(payload))
+
+    def onClose(self, wasClean: bool, code: int | None, reason: str | None) -> None:
+        self.close_code = code
+        if not self.gone.called:
+            self.gone.callback(code)
+
+    def send_json(self, obj: dict) -> None:
+        self.sendMessage(json.dumps(obj).encode("utf-8"))
+
+    def of(self, kind: str) -> list[dict]:
+        """The frames received of type ``kind``."""
+        return [f for f in self.frames if f["type"] == kind]
+
+
+class MemoryLink:
+    """Connects ``Recorder`` clients to a ``ServerFactory`` through Autobahn's
+    in-memory agent; ``clock`` is the clients' reactor."""
+
+    def __init__(self, testcase: Any, factory: Any, clock: Any) -> None:
+        self._testcase = testcase
+        self._factory = factory
+        self._clock = clock
+        self.pumper = create_pumper()
+        self.pumper.start()
+        testcase.addCleanup(self.pumper.stop)
+
+    @defer.inlineCallbacks
+    def connect(self, session: Session) -> Any:
+        """Open a connection for ``session``; fire with (client, server protocol)
+        once the server's (empty) replay is over and live traffic flows."""
+        factory = self._factory
+        servers = []
+
+        def server() -> Any:
+            proto = factory.admit(session, None, lambda: factory.buildProtocol(None))
+            servers.append(proto)
+            return proto
+
+        agent = create_memory_agent(self._clock, self.pumper, server)
+        opening = agent.open("ws://localhost:9000/ws", {}, protocol_class=Recorder)
+        client = yield within(opening, DEADLINE)
+        self._testcase.addCleanup(self.disconnect, client)
+        (proto,) = servers
+        yield eventually(lambda: not proto._replaying, "the replay ends")
+        return client, proto
+
+    @defer.inlineCallbacks
+    def disconnect(self, client: Recorder) -> Any:
+        if client.close_code is None and not client.deaf:
+            client.sendClose(1000)
+            yield within(client.gone, DEADLINE)
+        cancel_batched_timers()
+
+
 # -- the server as its own process ------------------------------------------------
 
 ROOT = HERE.parent
 TWISTD = [sys.executable, "-c", "from twisted.scripts.twistd import run; run()"]
+
+
+# The line ``WsServerService.startService`` logs once it listens.
+_LISTENING = re.compile(rb"wsserver listening on https?://(?:\[[^\]]*\]|[^:/\s]+):(\d+)/")
+
+
+def listening_port(output: bytes) -> int | None:
+    """The port in the server's start-up line within ``output``, if it is there."""
+    match = _LISTENING.search(output)
+    return int(match.group(1)) if match else None
 
 
 class _Collect(protocol.ProcessProtocol):
@@ -272,12 +399,37 @@ class _Collect(protocol.ProcessProtocol):
         self.out = b""
         self.err = b""
         self.ended: defer.Deferred = defer.Deferred()
+        self.port: int | None = None  # from the start-up line, once logged
+        self._port_waiters: list[defer.Deferred] = []
 
     def outReceived(self, data: bytes) -> None:
         self.out += data
+        if self.port is None:
+            self.port = listening_port(self.out)
+            if self.port is not None:
+                waiters, self._port_waiters = self._port_waiters, []
+                for d in waiters:
+                    d.callback(self.port)
 
     def errReceived(self, data: bytes) -> None:
         self.err += data
+
+    def listening(self) -> defer.Deferred:
+        """Fire with the port the server logged it listens on; fail if the
+        process ends first."""
+        if self.port is not None:
+            return defer.succeed(self.port)
+        if self.ended.called:
+            return defer.fail(self._no_port())
+        d: defer.Deferred = defer.Deferred()
+        self._port_waiters.append(d)
+        return d
+
+    def _no_port(self) -> AssertionError:
+        return AssertionError(
+            "the server ended without listening:\n"
+            + (self.out + self.err).decode("utf-8", "replace")
+        )
 
     def processEnded(self, reason) -> None:
         value = reason.value
@@ -285,6 +437,9 @@ class _Collect(protocol.ProcessProtocol):
             result = ("signal", value.signal) if value.signal else ("exit", value.exitCode)
         else:
             result = ("exit", 0)
+        waiters, self._port_waiters = self._port_waiters, []
+        for d in waiters:
+            d.errback(self._no_port())
         self.ended.callback(result)
 
 
@@ -312,10 +467,15 @@ class Twistd:
                 self.transport.signalProcess("KILL")
         return self.ended()
 
-    def ended(self, seconds: float = 20) -> defer.Deferred:
+    def ended(self, seconds: float = 30) -> defer.Deferred:
         d: defer.Deferred = defer.Deferred()
         self.proc.ended.addBoth(lambda r: (d.callback(r) if not d.called else None, r)[1])
         return within(d, seconds)
+
+    def listening(self, seconds: float = 30) -> defer.Deferred:
+        """Fire with the port the server reports listening on (``twistd -n``
+        logs to stdout); fail if it ends first or says nothing in ``seconds``."""
+        return within(self.proc.listening(), seconds)
 
 
 class RemoteServer:
@@ -339,19 +499,23 @@ class RemoteServer:
     user = LiveServer.user
 
     @defer.inlineCallbacks
-    def wait_up(self, seconds: float = 20) -> defer.Deferred:
-        for _ in range(int(seconds * 10)):
+    def wait_up(self, seconds: float = 30) -> defer.Deferred:
+        """Fire once ``/health`` answers 200 (within ``seconds``)."""
+        deadline = time.monotonic() + seconds
+        while time.monotonic() < deadline:
             try:
                 code, _ = yield self.get("/health")
             except Exception:
-                yield task.deferLater(reactor, 0.1, lambda: None)
-                continue
+                code = None
             if code == 200:
                 return
+            yield task.deferLater(reactor, 0.1, lambda: None)
         raise AssertionError("the server did not come up")
 
 
 def serve_args(port: int, db: str, *extra: str) -> list[str]:
+    """``twistd -n wsserver`` on 127.0.0.1:``port`` and ``db``; pass port 0 and
+    read the port the server got from its start-up line."""
     return [
         "-n",
         "--pidfile=",
@@ -366,9 +530,10 @@ def serve_args(port: int, db: str, *extra: str) -> list[str]:
 
 @defer.inlineCallbacks
 def start_twistd(testcase: Any, db: str, env: dict | None = None) -> Any:
-    """``twistd -n wsserver`` on a free port and ``db``; fire with (Twistd, RemoteServer)."""
-    port = free_port()
-    proc = Twistd(testcase, serve_args(port, db), env)
+    """``twistd -n wsserver`` on port 0 and ``db``; fire with (Twistd, RemoteServer)
+    once it answers on the port it reported."""
+    proc = Twistd(testcase, serve_args(0, db), env)
+    port = yield proc.listening()
     server = RemoteServer(testcase, port)
     yield server.wait_up()
     return proc, server
@@ -396,13 +561,46 @@ def spawn_twistd_sync(testcase: Any, args: list[str], env: dict | None, log: Pat
     return proc
 
 
-def wait_listening(port: int, log: Path, seconds: float = 20) -> None:
-    """Block until something accepts TCP connections on 127.0.0.1:``port``."""
+def read_port(log: Path, seconds: float = 30) -> int:
+    """Block until the server's start-up line is in the file ``log``; its port."""
     deadline = time.monotonic() + seconds
+    while True:
+        port = listening_port(log.read_bytes()) if log.exists() else None
+        if port is not None:
+            return port
+        if time.monotonic() > deadline:
+            shown = log.read_text(errors="replace") if log.exists() else "(no log)"
+            raise AssertionError("the server did not report a port:\n" + shown)
+        time.sleep(0.05)
+
+
+@defer.inlineCallbacks
+def read_port_async(log: Path, seconds: float = 30) -> Any:
+    """``read_port`` for Twisted tests: fire with the port logged in ``log``."""
+    deadline = time.monotonic() + seconds
+    while True:
+        port = listening_port(log.read_bytes()) if log.exists() else None
+        if port is not None:
+            return port
+        if time.monotonic() > deadline:
+            shown = log.read_text(errors="replace") if log.exists() else "(no log)"
+            raise AssertionError("the server did not report a port:\n" + shown)
+        yield task.deferLater(reactor, 0.05, lambda: None)
+
+
+def wait_listening(port: int, log: Path, seconds: float = 30) -> int:
+    """Block until the server logging to ``log`` accepts TCP connections; its port.
+
+    With ``port`` 0 (the server was started with ``serve_args(0, ...)``) the
+    port is read from the server's start-up line in ``log``.
+    """
+    deadline = time.monotonic() + seconds
+    if port == 0:
+        port = read_port(log, seconds)
     while time.monotonic() < deadline:
         try:
             socket.create_connection(("127.0.0.1", port), timeout=1).close()
-            return
+            return port
         except OSError:
             time.sleep(0.1)
     raise AssertionError("the server did not come up:\n" + log.read_text(errors="replace"))

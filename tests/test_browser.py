@@ -29,7 +29,7 @@ import time
 import unittest
 from pathlib import Path
 
-from .support import free_port, serve_args, spawn_twistd_sync, wait_listening
+from .support import serve_args, spawn_twistd_sync, wait_listening
 
 CHROMIUM = "/usr/bin/chromium"
 CHROMEDRIVER = "/usr/bin/chromedriver"
@@ -159,12 +159,11 @@ class BrowserCase(unittest.TestCase):
     def setUp(self) -> None:
         self.dir = Path(tempfile.mkdtemp(prefix="wsserver-browser-"))
         self.addCleanup(shutil.rmtree, self.dir, True)
-        self.port = free_port()
-        self.server_url = f"http://127.0.0.1:{self.port}"
         log = self.dir / "server.log"
-        args = serve_args(self.port, str(self.dir / "db.sqlite"))
+        args = serve_args(0, str(self.dir / "db.sqlite"))
         self.server = spawn_twistd_sync(self, args, self.env, log)
-        wait_listening(self.port, log)
+        self.port = wait_listening(0, log)
+        self.server_url = f"http://127.0.0.1:{self.port}"
 
     # -- browsers ------------------------------------------------------------------
 

@@ -2,9 +2,23 @@
 
 from __future__ import annotations
 
+import datetime
+import sqlite3
+import time
+from dataclasses import fields
+from pathlib import Path
+from typing import Any
+
+import jwt
+from twisted.internet import defer
+from twisted.internet.ssl import Certificate, optionsForClientTLS
 from twisted.trial import unittest
 
-from wsserver.config import SETTINGS, ConfigError, load, parse_listen
+from wsserver.config import SETTINGS, Config, ConfigError, load, parse_listen
+from wsserver.tap import Options, makeService
+
+from .support import LiveServer, b64, connect_ws, sign_message, vector_key
+from .test_tls import make_certificate
 
 
 class ConfigTests(unittest.TestCase):
@@ -121,9 +135,225 @@ class PluginTests(unittest.TestCase):
         self.assertEqual(makers[0].module, "wsserver.tap")
 
     def test_options_parse(self):
-        """The plugin's Options take every setting."""
+        """The plugin's Options take every setting, each named in the help with
+        its variable."""
         from wsserver.tap import Options
 
-        opts = Options()
-        opts.parseOptions(["--port", "8080", "--database", "x.db", "--require-signatures", "1"])
-        self.assertEqual(load(dict(opts), {}).listen, "tcp:8080")
+        help_text = str(Options())
+        for variable, option, *_ in SETTINGS:
+            opts = Options()
+            opts.parseOptions([f"--{option}", "a value"])
+            self.assertEqual(opts[option], "a value")
+            self.assertIn(f"--{option}", help_text)
+            self.assertIn(variable, help_text)
+
+
+def _ms(timestamp: str) -> int:
+    """Milliseconds since the epoch of an RFC 3339 ``...Z`` timestamp."""
+    parsed = datetime.datetime.fromisoformat(timestamp.replace("Z", "+00:00"))
+    return round(parsed.timestamp() * 1000)
+
+
+def _carried(obj: Any, name: str) -> Any:
+    """``obj``'s attribute ``name``, public or (once made private) ``_name``."""
+    return getattr(obj, "_" + name) if hasattr(obj, "_" + name) else getattr(obj, name)
+
+
+class EverySettingTests(unittest.TestCase):
+    """Every setting of the configuration table (protocol section 10, as
+    ``config.SETTINGS`` implements it) reaches the running server."""
+
+    timeout = 120
+
+    def chosen(self) -> dict[str, str]:
+        """A value other than the default for every setting."""
+        directory = Path(self.mktemp()).resolve()
+        cert, key = make_certificate(directory)
+        return {
+            "SERVER_ADDR": "tcp:0:interface=127.0.0.1",
+            "MESSAGE_RATE_LIMIT": "0.5",
+            "MESSAGE_BURST_LIMIT": "2",
+            "DATABASE": str(directory / "chosen.db"),
+            "JWT_SECRET": "a secret chosen by the operator, 40 bytes",
+            "TOKEN_TTL": "1234",
+            "CHALLENGE_TTL": "77",
+            "TLS_CERT": str(cert),
+            "TLS_KEY": str(key),
+            "AUTH_RATE_LIMIT": "0.001",
+            "AUTH_BURST_LIMIT": "9",
+            "MAX_CONTENT_BYTES": "2000",
+            "MAX_FRAME_BYTES": "4096",
+            "MAX_CONNECTIONS_PER_USER": "1",
+            "MAX_CONNECTIONS_PER_IP": "7",
+            "MAX_HANDSHAKES_PER_IP": "5",
+            "MAX_OUTBOX_BYTES": "4096",
+            "REQUIRE_SIGNATURES": "true",
+            "SHUTDOWN_TIMEOUT": "3.5",
+            "ALLOWED_ORIGINS": "https://app.example",
+        }
+
+    def test_each_chosen_value_differs_from_the_default(self):
+        """The values below cover SETTINGS exactly; given as variables or as
+        options they make the same Config, and every field of it differs from
+        the default."""
+        values = self.chosen()
+        self.assertEqual(set(values), {variable for variable, *_ in SETTINGS})
+        from_env = load({}, values)
+        from_options = load({option: values[variable] for variable, option, *_ in SETTINGS}, {})
+        self.assertEqual(from_env, from_options)
+        default = load({}, {})
+        for field in fields(Config):
+            self.assertNotEqual(
+                getattr(from_env, field.name), getattr(default, field.name), field.name
+            )
+
+    @defer.inlineCallbacks
+    def test_every_setting_reaches_the_running_server(self):
+        """Every setting, given as an option of the twistd plugin with a value
+        other than its default, changes what the running server does (or, for
+        MAX_OUTBOX_BYTES and SHUTDOWN_TIMEOUT, is carried by the objects that
+        act on it; their behaviour has tests of its own)."""
+        values = self.chosen()
+        args = []
+        for variable, option, *_ in SETTINGS:
+            args += [f"--{option}", values[variable]]
+        options = Options()
+        options.parseOptions(args)
+        service = makeService(options)
+        server = LiveServer(self, service=service)
+        checked: set[str] = set()
+        ca = Certificate.loadPEM(Path(values["TLS_CERT"]).with_name("ca.pem").read_bytes())
+        tls = optionsForClientTLS("localhost", trustRoot=ca)
+        server.tls_options = tls
+        server.base = f"https://localhost:{server.port}"
+        ws_url = f"wss://localhost:{server.port}/ws"
+        auth_requests = 0
+
+        # SERVER_ADDR: bound where asked (the default is every address, port 8080).
+        host = service.port.getHost()
+        self.assertEqual(host.host, "127.0.0.1")
+        self.assertNotEqual(host.port, 8080)
+        checked.add("SERVER_ADDR")
+
+        # TLS_CERT, TLS_KEY: HTTPS with this certificate, verified for localhost.
+        code, _ = yield server.get("/health")
+        self.assertEqual(code, 200)
+        checked.update({"TLS_CERT", "TLS_KEY"})
+
+        alice_key, bob_key = vector_key("alice"), vector_key("bob")
+        yield server.register("alice", alice_key)
+        yield server.register("bob", bob_key)
+        auth_requests += 2
+
+        # CHALLENGE_TTL: the challenge expires 77 s after it was made.
+        before = time.time() * 1000
+        code, body = yield server.post("/auth/login", {"user_id": "alice"})
+        after = time.time() * 1000
+        auth_requests += 1
+        expires = _ms(body["expires_at"])
+        self.assertTrue(before + 77_000 - 1 <= expires <= after + 77_000 + 1, body)
+        checked.add("CHALLENGE_TTL")
+        signature = b64(alice_key.sign(body["challenge"].encode()).signature)
+        code, body = yield server.post(
+            "/auth/login?verify=true", {"user_id": "alice", "signature": signature}
+        )
+        auth_requests += 1
+        alice_token = body["token"]
+        bob_token = yield server.login("bob", bob_key)
+        auth_requests += 2
+
+        # JWT_SECRET, TOKEN_TTL: the token is signed with the secret, lives 1234 s.
+        claims = jwt.decode(alice_token, values["JWT_SECRET"].encode(), algorithms=["HS256"])
+        self.assertEqual(claims["exp"] - claims["iat"], 1234)
+        checked.update({"JWT_SECRET", "TOKEN_TTL"})
+
+        # DATABASE: the users are in the file named.
+        with sqlite3.connect(values["DATABASE"]) as db:
+            users = {row[0] for row in db.execute("SELECT user_id FROM users")}
+        self.assertEqual(users, {"alice", "bob"})
+        checked.add("DATABASE")
+
+        # ALLOWED_ORIGINS: a listed browser origin may connect (by default only
+        # the server's own may).
+        alice = yield connect_ws(
+            ws_url, alice_token, headers={"Origin": "https://app.example"}, tls_options=tls
+        )
+        self.addCleanup(alice.close_and_wait)
+        checked.add("ALLOWED_ORIGINS")
+
+        # MAX_CONNECTIONS_PER_USER: a second connection of alice is closed 1008.
+        try:
+            extra = yield connect_ws(ws_url, alice_token, tls_options=tls)
+        except ConnectionError as exc:
+            self.assertIn("1008", str(exc))
+        else:
+            self.assertEqual((yield extra.wait_closed()), 1008)
+        checked.add("MAX_CONNECTIONS_PER_USER")
+
+        # REQUIRE_SIGNATURES: an unsigned message is refused (first token).
+        alice.send_json({"to": "bob", "content": "plain", "nonce": "c-1"})
+        frame = yield alice.next_of("system")
+        self.assertEqual((frame["code"], frame["nonce"]), ("signature_required", "c-1"))
+        checked.add("REQUIRE_SIGNATURES")
+
+        # MAX_CONTENT_BYTES: 2001 bytes are too many (second token).
+        big = "x" * 2001
+        sig = sign_message(alice_key, "alice", "bob", big, "c-2")
+        alice.send_json({"to": "bob", "content": big, "nonce": "c-2", "signature": sig})
+        frame = yield alice.next_of("system")
+        self.assertEqual((frame["code"], frame["nonce"]), ("message_too_large", "c-2"))
+
+        # MESSAGE_RATE_LIMIT, MESSAGE_BURST_LIMIT: the bucket of 2 is empty now.
+        sig = sign_message(alice_key, "alice", "bob", "third", "c-3")
+        alice.send_json({"to": "bob", "content": "third", "nonce": "c-3", "signature": sig})
+        frame = yield alice.next_of("system")
+        self.assertEqual((frame["code"], frame["nonce"]), ("rate_limited", "c-3"))
+        self.assertIn("0.5 messages/s, burst 2", frame["content"])
+        self.assertTrue(0 < frame["retry_after_ms"] <= 2000, frame)
+        checked.update({"MESSAGE_RATE_LIMIT", "MESSAGE_BURST_LIMIT"})
+
+        # MAX_CONTENT_BYTES: exactly 2000 bytes pass (bob's bucket is full).
+        bob = yield connect_ws(ws_url, bob_token, tls_options=tls)
+        self.addCleanup(bob.close_and_wait)
+        fits = "y" * 2000
+        sig = sign_message(bob_key, "bob", "alice", fits, "c-4")
+        bob.send_json({"to": "alice", "content": fits, "nonce": "c-4", "signature": sig})
+        ack = yield bob.next_of("ack")
+        self.assertEqual(ack["nonce"], "c-4")
+        checked.add("MAX_CONTENT_BYTES")
+
+        # MAX_FRAME_BYTES: a 5000-byte frame closes the connection with 1009.
+        bob.sendMessage(b'"' + b"z" * 5000 + b'"')
+        self.assertEqual((yield bob.wait_closed()), 1009)
+        checked.add("MAX_FRAME_BYTES")
+
+        # MAX_HANDSHAKES_PER_IP, MAX_CONNECTIONS_PER_IP: the caps the listening
+        # port applies, counted for an address of their own.
+        peers, other = service.peers, "192.0.2.1"
+        self.assertEqual([peers.admit(other) for _ in range(6)], [True] * 5 + [False])
+        for _ in range(5):
+            peers.upgraded(other)
+        self.assertEqual([peers.admit(other) for _ in range(3)], [True, True, False])
+        self.assertEqual(peers.counts(other), (7, 2))
+        checked.update({"MAX_HANDSHAKES_PER_IP", "MAX_CONNECTIONS_PER_IP"})
+
+        # MAX_OUTBOX_BYTES, SHUTDOWN_TIMEOUT: carried by what acts on them.
+        self.assertEqual(_carried(service.factory, "max_outbox_bytes"), 4096)
+        self.assertEqual(_carried(service, "config").shutdown_timeout, 3.5)
+        checked.update({"MAX_OUTBOX_BYTES", "SHUTDOWN_TIMEOUT"})
+
+        # AUTH_RATE_LIMIT, AUTH_BURST_LIMIT: 9 requests to /auth/* in all, then
+        # 429 with a wait of about 1/0.001 s.
+        while True:
+            client = server.http()
+            resp = yield client.get(server.base + "/auth/users/nobody")
+            yield resp.content()
+            if resp.code == 429:
+                break
+            auth_requests += 1
+            self.assertLessEqual(auth_requests, 9)
+        self.assertEqual(auth_requests, 9)
+        self.assertGreaterEqual(int(resp.headers.getRawHeaders(b"retry-after")[0]), 900)
+        checked.update({"AUTH_RATE_LIMIT", "AUTH_BURST_LIMIT"})
+
+        self.assertEqual(checked, {variable for variable, *_ in SETTINGS})

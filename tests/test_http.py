@@ -6,7 +6,8 @@ import json
 import re
 
 from nacl.signing import SigningKey
-from twisted.internet import defer
+from twisted.internet import defer, protocol, reactor
+from twisted.internet.endpoints import TCP4ClientEndpoint
 from twisted.trial import unittest
 
 from wsserver.web import access_log_line, log_safe, redacted_uri
@@ -262,6 +263,73 @@ class ServerHeaderTests(unittest.TestCase):
             self.assertEqual(resp.headers.getRawHeaders(b"server"), [b"wsserver"], path)
         ws = yield server.connect(token, testcase=self)
         self.assertEqual(ws.http_headers.get("server"), "wsserver")
+
+
+class _Wire(protocol.Protocol):
+    """Writes raw request bytes; keeps every byte of the answer until the close."""
+
+    def __init__(self, request: bytes) -> None:
+        self.request = request
+        self.data = b""
+        self.lost: defer.Deferred = defer.Deferred()
+
+    def connectionMade(self) -> None:
+        self.transport.write(self.request)
+
+    def dataReceived(self, data: bytes) -> None:
+        self.data += data
+
+    def connectionLost(self, reason) -> None:
+        self.lost.callback(self.data)
+
+
+class HeadTests(unittest.TestCase):
+    @defer.inlineCallbacks
+    def wire(self, server, request: bytes) -> defer.Deferred:
+        """The raw bytes the server sends for ``request`` until it closes."""
+        wire = _Wire(request)
+        endpoint = TCP4ClientEndpoint(reactor, "127.0.0.1", server.port)
+        yield within(endpoint.connect(protocol.Factory.forProtocol(lambda: wire)))
+        data = yield within(wire.lost, 30)
+        return data
+
+    @defer.inlineCallbacks
+    def test_head_answers_carry_no_body_on_the_wire(self):
+        """HEAD of every GET resource (web client files, JSON resources, errors)
+        sends the status line and headers only: the next response on the same
+        connection follows the blank line at once.  A static file's HEAD has its
+        GET's Content-Length."""
+        server = LiveServer(self, {"AUTH_BURST_LIMIT": "1000"})
+        yield server.register("alice", vector_key("alice"))
+        paths = {
+            "/": 200,
+            "/static/app.js": 200,
+            "/static/app.css": 200,
+            "/static/icon.svg": 200,
+            "/info": 200,
+            "/health": 200,
+            "/auth/users/alice": 200,
+            "/auth/users/nobody": 404,
+            "/nope": 404,
+            "/static/nope": 404,
+            "/ws": 405,
+            "/auth/login": 405,
+            "/auth/register": 405,
+        }
+        for path, status in paths.items():
+            head = f"HEAD {path} HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n".encode()
+            then = b"GET /health HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n"
+            data = yield self.wire(server, head + then)
+            headers, _, rest = data.partition(b"\r\n\r\n")
+            self.assertTrue(headers.startswith(b"HTTP/1.1 %d " % status), (path, headers))
+            self.assertTrue(rest.startswith(b"HTTP/1.1 200 "), (path, rest[:200]))
+            self.assertIn(b'"status":"ok"', rest.replace(b" ", b""), path)
+            if (path.startswith("/static/") and status == 200) or path == "/":
+                get = f"GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n".encode()
+                body = (yield self.wire(server, get)).partition(b"\r\n\r\n")[2]
+                length = re.search(rb"(?i)\r\ncontent-length: *(\d+)\r\n", headers + b"\r\n")
+                self.assertIsNotNone(length, (path, headers))
+                self.assertEqual(int(length.group(1)), len(body), path)
 
 
 class AuthRateLimitTests(unittest.TestCase):

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
-from twisted.internet import defer, protocol, reactor, task
+from twisted.internet import defer, protocol, reactor
 from twisted.internet.endpoints import TCP4ClientEndpoint
 from twisted.trial import unittest
 
-from .support import LiveServer, within
+from .support import LiveServer, eventually, within
+
+HEALTH = b"GET /health HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n"
 
 
 class _Idle(protocol.Protocol):
@@ -39,42 +41,60 @@ class PeerLimitTests(unittest.TestCase):
         return conn
 
     @defer.inlineCallbacks
+    def answered(self, conn):
+        """Proof that the server took ``conn``: it answers an HTTP request on it
+        (a refused connection is closed before anything is read)."""
+        conn.transport.write(HEALTH)
+        yield eventually(lambda: b"\r\n\r\n" in conn.data or conn.lost.called, "an answer")
+        self.assertTrue(conn.data.startswith(b"HTTP/1.1 200"), conn.data)
+
+    @defer.inlineCallbacks
     def test_handshakes_per_address_are_capped(self):
         """Past MAX_HANDSHAKES_PER_IP connections that are not WebSockets yet, a new
-        connection is closed at once without an answer; one closing makes room."""
+        connection is closed at once without an answer; one closing gives its
+        place back, so the next one is served."""
         server = LiveServer(self, {"MAX_HANDSHAKES_PER_IP": "2"})
+        peers = server.service.peers
         first = yield self.idle(server)
-        yield self.idle(server)
+        second = yield self.idle(server)
+        yield self.answered(second)
         third = yield self.idle(server)
-        yield within(third.lost, 5)
+        yield within(third.lost, 30)
         self.assertEqual(third.data, b"")
-        self.assertEqual(server.service.peers.counts("127.0.0.1"), (2, 2))
+        self.assertEqual(peers.counts("127.0.0.1"), (2, 2))
         first.transport.loseConnection()
         yield first.lost
+        yield eventually(lambda: peers.counts("127.0.0.1") == (1, 1), "the place is given back")
         fourth = yield self.idle(server)
-        self.assertFalse(fourth.lost.called)
-        self.assertEqual(server.service.peers.counts("127.0.0.1"), (2, 2))
+        yield self.answered(fourth)
+        self.assertEqual(peers.counts("127.0.0.1"), (2, 2))
 
     @defer.inlineCallbacks
     def test_websockets_leave_the_handshake_count(self):
         """Open WebSockets count against MAX_CONNECTIONS_PER_IP but not against the
-        handshake cap; past the connection cap new connections are closed."""
+        handshake cap; past the connection cap new connections are closed; a
+        WebSocket that closes gives its place back."""
         server = LiveServer(self, {"MAX_HANDSHAKES_PER_IP": "2", "MAX_CONNECTIONS_PER_IP": "4"})
+        peers = server.service.peers
         _, token = yield server.user("alice")
-        yield server.connect(token, testcase=self)
+        ws1 = yield server.connect(token, testcase=self)
         yield server.connect(token, testcase=self)
         yield server._pool.closeCachedConnections()
         # The server sees the HTTP connections close a moment later.
-        for _ in range(50):
-            if server.service.peers.counts("127.0.0.1") == (2, 0):
-                break
-            yield task.deferLater(reactor, 0.05, lambda: None)
-        self.assertEqual(server.service.peers.counts("127.0.0.1"), (2, 0))
-        yield self.idle(server)
+        yield eventually(lambda: peers.counts("127.0.0.1") == (2, 0), "the HTTP connections go")
+        idle = yield self.idle(server)
         yield self.idle(server)
         fifth = yield self.idle(server)
-        yield within(fifth.lost, 5)
-        self.assertEqual(server.service.peers.counts("127.0.0.1"), (4, 2))
+        yield within(fifth.lost, 30)
+        self.assertEqual(peers.counts("127.0.0.1"), (4, 2))
+        yield ws1.close_and_wait()
+        yield eventually(lambda: peers.counts("127.0.0.1") == (3, 2), "the WebSocket's place")
+        idle.transport.loseConnection()
+        yield eventually(lambda: peers.counts("127.0.0.1") == (2, 1), "the idle one's place")
+        sixth = yield server.connect(token, testcase=self)
+        sixth.send_json({"to": "alice", "content": "room again"})
+        ack = yield sixth.next_of("ack")
+        self.assertEqual(ack["content"], "room again")
 
 
 class UserLimitTests(unittest.TestCase):

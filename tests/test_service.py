@@ -11,18 +11,29 @@ import sys
 from pathlib import Path
 
 from twisted.internet import defer, protocol, reactor, task
+from twisted.internet.address import IPv4Address, IPv6Address, UNIXAddress
+from twisted.internet.testing import MemoryReactorClock
+from twisted.logger import formatEvent, globalLogPublisher
 from twisted.trial import unittest
 
+from wsserver.auth import Session
+from wsserver.store import User
+from wsserver.tap import build_service, open_url
+
 from .support import (
+    DEADLINE,
     ROOT,
     LiveServer,
+    MemoryLink,
     RemoteServer,
     Twistd,
     _Collect,
     connect_ws,
-    free_port,
+    eventually,
+    read_port_async,
     serve_args,
     start_twistd,
+    vector_key,
     within,
 )
 
@@ -87,7 +98,6 @@ class TwistdTests(unittest.TestCase):
         """A bad variable, a bad option, a half TLS pair or a taken port: exit status 1
         and one line naming the setting, no traceback."""
         db = os.path.abspath(self.mktemp() + ".db")
-        port = free_port()
         cases = [
             ({"MESSAGE_RATE_LIMIT": "fast"}, [], "MESSAGE_RATE_LIMIT"),
             ({}, ["--max-frame-bytes", "x"], "MAX_FRAME_BYTES"),
@@ -96,7 +106,7 @@ class TwistdTests(unittest.TestCase):
             ({}, ["--tls-cert", "/no.pem", "--tls-key", "/no.key"], "TLS_CERT"),
         ]
         for env, extra, name in cases:
-            proc = Twistd(self, serve_args(port, db, *extra), env)
+            proc = Twistd(self, serve_args(0, db, *extra), env)
             how = yield proc.ended()
             err = proc.proc.err.decode()
             self.assertEqual(how, ("exit", 1), err)
@@ -119,29 +129,25 @@ class TwistdTests(unittest.TestCase):
         tmp = Path(self.mktemp()).resolve()
         tmp.mkdir()
         pidfile, logfile = tmp / "wsserver.pid", tmp / "wsserver.log"
-        port = free_port()
         args = [
             f"--pidfile={pidfile}",
             f"--logfile={logfile}",
             "wsserver",
             "--port",
-            f"tcp:{port}:interface=127.0.0.1",
+            "tcp:0:interface=127.0.0.1",
             "--database",
             str(tmp / "db.sqlite"),
         ]
         launcher = Twistd(self, args)
         how = yield launcher.ended()
         self.assertEqual(how, ("exit", 0), launcher.proc.err)
+        port = yield read_port_async(logfile)
         server = RemoteServer(self, port)
         yield server.wait_up()
         pid = int(pidfile.read_text())
         self.addCleanup(lambda: _kill_quietly(pid))
         os.kill(pid, signal.SIGTERM)
-        for _ in range(100):
-            if not pidfile.exists():
-                break
-            yield task.deferLater(reactor, 0.1, lambda: None)
-        self.assertFalse(pidfile.exists())
+        yield eventually(lambda: not pidfile.exists(), "the pidfile is removed")
         self.assertIn("shut down cleanly", logfile.read_text())
 
 
@@ -227,9 +233,9 @@ class RundirTests(unittest.TestCase):
         (tmp / "elsewhere").mkdir(parents=True)
         database = tmp / "here.db"
         relative = os.path.relpath(database, ROOT)  # children start in ROOT
-        port = free_port()
-        args = [f"--rundir={tmp / 'elsewhere'}", *serve_args(port, relative)]
+        args = [f"--rundir={tmp / 'elsewhere'}", *serve_args(0, relative)]
         proc = Twistd(self, args)
+        port = yield proc.listening()
         server = RemoteServer(self, port)
         yield server.wait_up()
         yield server.register("alice")  # needs the prepared tables
@@ -271,6 +277,142 @@ class InProcessShutdownTests(unittest.TestCase):
         self.assertLessEqual(acked, stored)
         delivered = {f["id"] for f in bob.received if f["type"] == "message"}
         self.assertLessEqual(delivered, stored)
+
+
+class ClockedShutdownTests(unittest.TestCase):
+    """The whole ``WsServerService`` on a ``MemoryReactorClock`` (its listening
+    port, store commits and ``SHUTDOWN_TIMEOUT`` all on that clock), with
+    clients joined to its WebSocket factory in memory."""
+
+    timeout = 120
+    SHUTDOWN_TIMEOUT = 7.0
+
+    @defer.inlineCallbacks
+    def setUp(self):
+        self.clock = MemoryReactorClock()
+        settings = {
+            "DATABASE": self.mktemp() + ".db",
+            "SERVER_ADDR": "tcp:0:interface=127.0.0.1",
+            "SHUTDOWN_TIMEOUT": str(self.SHUTDOWN_TIMEOUT),
+        }
+        self.service = build_service({}, settings, reactor=self.clock)
+        self.service.privilegedStartService()
+        self.service.startService()
+        self.addCleanup(self.stop)
+        # Autobahn's own timers run on the real reactor: off, so that only the
+        # service's SHUTDOWN_TIMEOUT can end a closing handshake nobody answers.
+        self.service.factory.setProtocolOptions(closeHandshakeTimeout=0, autoPingInterval=0)
+        self.link = MemoryLink(self, self.service.factory, self.clock)
+        self.keys = {name: vector_key(name) for name in ("alice", "bob")}
+        for name, key in self.keys.items():
+            yield self.service.store.add_user(User(name, name.title(), bytes(key.verify_key), 0))
+
+    @defer.inlineCallbacks
+    def connect(self, user_id: str):
+        session = Session(user_id, self.keys[user_id].verify_key, self.clock.seconds() + 3600)
+        client, proto = yield self.link.connect(session)
+        return client, proto
+
+    def drive(self, d: defer.Deferred) -> defer.Deferred:
+        """Run the store's commits (they wait on the clock, without moving it)
+        until ``d`` has fired; return ``d``."""
+        done: list = []
+        d.addBoth(lambda r: (done.append(r), r)[1])
+
+        @defer.inlineCallbacks
+        def commit_until_done():
+            while not done:
+                self.clock.advance(0)
+                yield task.deferLater(reactor, 0.01, lambda: None)
+
+        commit_until_done()
+        return d
+
+    def stop_service(self) -> defer.Deferred:
+        """Stop the service; fire once it has stopped."""
+        stopping = self.service.stopService()
+        stopping.addCallback(lambda r: (setattr(self, "stopped", True), r)[1])
+        return self.drive(stopping)
+
+    stopped = False
+
+    @defer.inlineCallbacks
+    def stop(self):
+        if self.service.running:
+            yield within(self.stop_service(), DEADLINE)
+        elif not self.stopped:
+            # A test failed in the middle of the shutdown: close the store
+            # anyway, or its database threads outlive the test run.
+            yield within(self.drive(self.service.store.close()), DEADLINE)
+
+    @defer.inlineCallbacks
+    def test_shutdown_commits_and_acks_what_was_received_before_closing_1001(self):
+        """Messages received but not yet committed when shutdown starts are
+        committed and acked (and delivered) before the connections are closed
+        with 1001."""
+        alice, _ = yield self.connect("alice")
+        bob, _ = yield self.connect("bob")
+        for i in range(3):
+            alice.send_json({"to": "bob", "content": f"m{i}", "nonce": f"n-{i}"})
+        # Answered at once, after the three were handed to the store (frames of
+        # one connection are handled in order); their commit waits for the clock.
+        alice.send_json({"content": "marker", "nonce": "mark"})
+        yield eventually(lambda: alice.of("system"), "the marker's answer")
+        self.assertEqual(alice.of("ack"), [])
+        yield within(self.stop_service(), DEADLINE)
+        yield within(defer.gatherResults([alice.gone, bob.gone]), DEADLINE)
+        self.assertEqual((alice.close_code, bob.close_code), (1001, 1001))
+        self.assertEqual([a["nonce"] for a in alice.of("ack")], ["n-0", "n-1", "n-2"])
+        self.assertEqual([m["content"] for m in bob.of("message")], ["m0", "m1", "m2"])
+
+    @defer.inlineCallbacks
+    def test_connections_that_do_not_close_are_dropped_after_shutdown_timeout(self):
+        """A client that never answers the 1001 close keeps the shutdown waiting
+        until SHUTDOWN_TIMEOUT on the clock, not longer: then its connection is
+        dropped and the service finishes stopping."""
+        alice, proto = yield self.connect("alice")
+        alice.deaf = True
+        stopping = self.stop_service()
+        yield eventually(lambda: proto.localCloseCode == 1001, "the 1001 close is sent")
+        self.clock.advance(self.SHUTDOWN_TIMEOUT - 0.01)
+        self.assertFalse(stopping.called)
+        self.assertEqual(self.service.broker.count(), 1)
+        self.clock.advance(0.01)
+        yield within(stopping, DEADLINE)
+        yield within(alice.gone, DEADLINE)
+        yield eventually(lambda: self.service.broker.count() == 0, "the server lets go of it")
+        self.assertEqual(proto.state, proto.STATE_CLOSED)
+
+
+class StartupLineTests(unittest.TestCase):
+    def test_open_url_names_an_address_a_person_can_open(self):
+        """The start-up URL: the bound address, a wildcard bind shown as the
+        loopback address of its family, https with TLS, none for a UNIX socket."""
+        cases = [
+            (IPv4Address("TCP", "0.0.0.0", 8080), False, "http://127.0.0.1:8080/"),
+            (IPv4Address("TCP", "192.0.2.5", 8443), True, "https://192.0.2.5:8443/"),
+            (IPv6Address("TCP", "::", 8080), False, "http://[::1]:8080/"),
+            (IPv6Address("TCP", "2001:db8::1", 80), True, "https://[2001:db8::1]:80/"),
+            (UNIXAddress(b"/run/wsserver.sock"), False, None),
+        ]
+        for address, tls, url in cases:
+            self.assertEqual(open_url(address, tls), url, address)
+
+    def test_start_logs_the_url_and_the_databases_absolute_path(self):
+        """Starting logs one line with the URL to open (the port actually bound)
+        and the database's absolute path, even when it was given relative."""
+        events: list[dict] = []
+        globalLogPublisher.addObserver(events.append)
+        self.addCleanup(globalLogPublisher.removeObserver, events.append)
+        relative = self.mktemp() + ".db"
+        self.assertFalse(os.path.isabs(relative))
+        server = LiveServer(self, {"DATABASE": relative})
+        lines = [formatEvent(e) for e in events if "listening" in (e.get("log_format") or "")]
+        expected = (
+            f"wsserver listening on http://127.0.0.1:{server.port}/ "
+            f"(database {os.path.abspath(relative)})"
+        )
+        self.assertEqual(lines, [expected])
 
 
 class ExampleTests(unittest.TestCase):

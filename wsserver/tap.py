@@ -89,6 +89,24 @@ def tls_options(cert_path: str, key_path: str) -> ssl.CertificateOptions:
     return options
 
 
+def open_url(address: Any, tls: bool) -> str | None:
+    """The URL a person opens to reach a server bound to ``address`` (None for
+    an address that is not TCP, such as a UNIX socket).
+
+    A wildcard bind (``0.0.0.0``, ``::``) is shown as the loopback address of
+    its family: the one address sure to reach the server from the machine it
+    runs on (from elsewhere, the host's own name or address).
+    """
+    host, port = getattr(address, "host", None), getattr(address, "port", None)
+    if not isinstance(host, str) or not isinstance(port, int):
+        return None
+    wildcard = {"0.0.0.0": "127.0.0.1", "": "127.0.0.1", "::": "::1"}  # noqa: S104 (read, not bound)
+    host = wildcard.get(host, host)
+    if ":" in host:
+        host = f"[{host}]"
+    return f"{'https' if tls else 'http'}://{host}:{port}/"
+
+
 class WsServerService(service.Service):
     """The whole server: database, broker, web site, listening port."""
 
@@ -190,12 +208,13 @@ class WsServerService(service.Service):
         self.auth_limiter.start()
         if not USES_NVX:
             _log.warn("Autobahn's NVX acceleration is not active: frames are processed in Python")
-        host = self.port.getHost() if self.port is not None else self.config.listen
+        where = self.config.listen
+        if self.port is not None:
+            where = open_url(self.port.getHost(), self.tls is not None) or where
         _log.info(
-            "wsserver listening on {host} ({scheme}), database {db}",
-            host=host,
-            scheme="https/wss" if self.tls else "http/ws",
-            db=self.config.database,
+            "wsserver listening on {where} (database {db})",
+            where=where,
+            db=os.path.abspath(self.config.database),
         )
 
     def stopService(self) -> defer.Deferred:
@@ -208,11 +227,13 @@ class WsServerService(service.Service):
         _log.info("shutting down: {n} connections", n=self.broker.count())
         if self.port is not None:
             yield defer.maybeDeferred(self.port.stopListening)
-        closing = self.factory.shut_down()
-        closing.addTimeout(self.config.shutdown_timeout, self.reactor)
-        try:
-            yield closing
-        except defer.TimeoutError:
+        # Wait for the closing handshakes, but at most SHUTDOWN_TIMEOUT. Not
+        # with addTimeout: cancelling shut_down cancels the Deferreds it waits
+        # on, which lets it finish "successfully" with connections still open.
+        in_time = yield _finished_within(
+            self.factory.shut_down(), self.config.shutdown_timeout, self.reactor
+        )
+        if not in_time:
             left = list(self.broker.connections())
             _log.warn("shutdown timed out; dropping {n} connections", n=len(left))
             for conn in left:
@@ -221,6 +242,25 @@ class WsServerService(service.Service):
         self.auth_limiter.stop()
         yield self.store.close()
         _log.info("shut down cleanly")
+
+
+def _finished_within(d: defer.Deferred, seconds: float, clock: IReactorTime) -> defer.Deferred:
+    """Fire True once ``d`` has finished, or False after ``seconds`` on
+    ``clock`` if it has not; ``d`` itself is never cancelled (a failure of it
+    is logged)."""
+    outcome: defer.Deferred = defer.Deferred()
+    timer = clock.callLater(seconds, lambda: outcome.called or outcome.callback(False))
+
+    def finished(result: Any) -> None:
+        if isinstance(result, Failure):
+            _log.failure("shutdown of the connections failed", result)
+        if timer.active():
+            timer.cancel()
+        if not outcome.called:
+            outcome.callback(True)
+
+    d.addBoth(finished)
+    return outcome
 
 
 def build_service(
