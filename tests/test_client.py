@@ -8,7 +8,6 @@ from pathlib import Path
 
 from twisted.internet import defer, reactor, task
 from twisted.trial import unittest
-from twisted.web._newclient import RequestTransmissionFailed, ResponseNeverReceived
 
 from wsserver import client as wc
 
@@ -16,8 +15,23 @@ from .support import VECTORS, LiveServer, vector_key
 from .test_tls import make_certificate
 
 
-def sleep(seconds: float) -> defer.Deferred:
-    return task.deferLater(reactor, seconds, lambda: None)
+def _endpoint_timer(call) -> bool:
+    """A reactor call left by a HostnameEndpoint's connection attempts."""
+    owner = getattr(call.func, "__self__", None)
+    func = getattr(owner, "f", call.func)
+    return call.active() and getattr(func, "__module__", "") == "twisted.internet.endpoints"
+
+
+@defer.inlineCallbacks
+def endpoint_timers_done(seconds: float = 20):
+    """Wait until HostnameEndpoint's connection-attempt timers have ended (they
+    outlive a quick connect by a fraction of a second), so that trial finds a
+    clean reactor; polls, with a generous deadline."""
+    deadline = reactor.seconds() + seconds
+    while any(_endpoint_timer(c) for c in reactor.getDelayedCalls()):
+        if reactor.seconds() > deadline:
+            break
+        yield task.deferLater(reactor, 0.05, lambda: None)
 
 
 class Inbox:
@@ -95,8 +109,8 @@ class ClientBase(unittest.TestCase):
 
     def setUp(self):
         # twisted.web's Agent connects through HostnameEndpoint, whose
-        # connection-attempt timer outlives a quick connect by up to 0.3 s.
-        self.addCleanup(task.deferLater, reactor, 0.5, lambda: None)
+        # connection-attempt timer can outlive a quick connect.
+        self.addCleanup(endpoint_timers_done)
         self.cafile = None
         self.server = LiveServer(self, dict(self.env))
 
@@ -177,16 +191,53 @@ class ClientTests(ClientBase):
         self.assertEqual(ack["content"], "sent as the line dropped")
 
 
+class GiveUpTests(ClientBase):
+    @defer.inlineCallbacks
+    def test_gives_up_when_the_server_forgets_the_user(self):
+        """Reconnecting to a server restarted on an empty database: the login
+        answers unknown_user, so the client stops, tells on_give_up, and fails
+        the message still waiting for its ack."""
+        alice = yield self.make(self.server, "alice")
+        retries: list[str] = []
+        gave_up: defer.Deferred = defer.Deferred()
+        alice.on_retry = lambda delay, why: retries.append(why)
+        alice.on_give_up = gave_up.callback
+        yield alice.connect()
+        port = self.server.port
+        # Not LiveServer.stop(): its clean-up of txaio timers would also cancel
+        # this in-process client's, which Autobahn then cancels again.
+        self.server._stopped = True
+        yield self.server.service.stopService()
+        pending = alice.send("alice", "into the void")
+        LiveServer(
+            self, {"SERVER_ADDR": f"tcp:{port}:interface=127.0.0.1", "DATABASE": self.mktemp()}
+        )
+        err = yield gave_up.addTimeout(30, reactor)
+        self.assertIsInstance(err, wc.ServerError)
+        self.assertEqual(err.code, "unknown_user")
+        self.assertTrue(retries)
+        with self.assertRaises(wc.ServerError):
+            yield pending
+        self.assertIsNone(alice._conn)
+        self.assertIsNone(alice._retrying)
+
+
 class ExpiryTests(ClientBase):
-    env = {"TOKEN_TTL": "2"}
+    env = {"TOKEN_TTL": "6"}
 
     @defer.inlineCallbacks
     def test_logs_in_again_after_4001(self):
-        """When the token expires (close 4001) the client logs in again and goes on."""
+        """When the token expires (close 4001) the client says it is retrying, logs
+        in again and goes on."""
         alice = yield self.make(self.server, "alice")
+        retries: list[tuple[float, str]] = []
+        again: defer.Deferred = defer.Deferred()
+        alice.on_retry = lambda delay, why: retries.append((delay, why))
+        alice.on_connect = lambda: None if alice.token == first else again.callback(None)
         yield alice.connect()
         first = alice.token
-        yield sleep(3)
+        yield again.addTimeout(30, reactor)  # the expiry, then the new session
+        self.assertIn("session expired", retries[0][1])
         ack = yield alice.send("alice", "still here").addTimeout(20, reactor)
         self.assertEqual(ack["content"], "still here")
         self.assertNotEqual(alice.token, first)
@@ -196,8 +247,7 @@ class TLSClientTests(unittest.TestCase):
     @defer.inlineCallbacks
     def test_private_ca(self):
         """Over HTTPS/WSS with a private CA given as cafile, hostname verified."""
-        # HostnameEndpoint's connection-attempt timer (see ClientTests.setUp).
-        self.addCleanup(task.deferLater, reactor, 0.5, lambda: None)
+        self.addCleanup(endpoint_timers_done)  # see ClientBase.setUp
         cert, key = make_certificate(Path(self.mktemp()))
         server = LiveServer(self, {"TLS_CERT": str(cert), "TLS_KEY": str(key)})
         url = f"https://localhost:{server.port}"
@@ -208,6 +258,7 @@ class TLSClientTests(unittest.TestCase):
         ack = yield alice.send("alice", "over tls")
         self.assertEqual(ack["verification"], "verified")
         stranger = wc.Client(url, "bob", wc.generate_key())  # no cafile: untrusted
-        with self.assertRaises((ResponseNeverReceived, RequestTransmissionFailed)) as ctx:
+        with self.assertRaises(wc.ConnectionProblem) as ctx:
             yield stranger.register("Bob")
-        self.assertIn("certificate verify failed", str(ctx.exception.reasons[0].value))
+        self.assertEqual(ctx.exception.kind, "tls_untrusted")
+        self.assertIn(url, str(ctx.exception))
