@@ -471,9 +471,9 @@ class RateLimitedWebClientTests(BrowserCase):
 
 
 class ShortSessionWebClientTests(BrowserCase):
-    """The page with tokens that live three seconds."""
+    """The page with tokens that live eight seconds."""
 
-    env = {"TOKEN_TTL": "3"}
+    env = {"TOKEN_TTL": "8"}
 
     def server_log_count(self, text: str) -> int:
         return (self.dir / "server.log").read_text(errors="replace").count(text)
