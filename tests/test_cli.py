@@ -163,6 +163,10 @@ class CliTests(CliCase):
         code, _, err = yield self.cli("login", user="carol")
         self.assertEqual(code, 1)
         self.assertIn("keygen", err)
+        (self.dir / "raw.key").write_bytes(os.urandom(32))  # a raw seed: not our format
+        code, _, err = yield self.cli("--key", "raw.key", "login")
+        self.assertEqual(code, 1)
+        self.assertOneHumanLine(err, "raw.key is not a wsserver key file", "keygen")
         yield self.cli("keygen", user="dave")
         code, _, err = yield self.cli("login", user="dave")
         self.assertEqual(code, 1)

@@ -86,8 +86,10 @@ def make_client(args: argparse.Namespace) -> Client:
         key = load_key(path)
     except FileNotFoundError:
         raise UsageError(f"no key file {path}: run 'wsserver-client keygen' first") from None
-    except (ValueError, OSError) as exc:
-        raise UsageError(f"cannot use the key file {path}: {_os_text(exc)}") from None
+    except ValueError as exc:
+        raise UsageError(f"{exc}; 'wsserver-client keygen' makes one") from None
+    except OSError as exc:
+        raise UsageError(f"cannot read the key file {path}: {_os_text(exc)}") from None
     if args.cafile and not os.path.isfile(args.cafile):
         raise UsageError(f"--cafile {args.cafile}: no such file")
     try:
@@ -161,7 +163,8 @@ def cmd_login(args: argparse.Namespace, reactor: Any) -> Any:
 @defer.inlineCallbacks
 def cmd_send(args: argparse.Namespace, reactor: Any) -> Any:
     client = make_client(args)
-    _report_reconnects(client)
+    # Giving up fails the message itself, which is what is reported.
+    _report_reconnects(client).addErrback(lambda _: None)
     yield client.connect()
     try:
         ack = yield client.send(args.to, args.text)

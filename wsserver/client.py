@@ -177,8 +177,9 @@ def save_key(key: SigningKey, path: str) -> None:
 
 def load_key(path: str) -> SigningKey:
     """Read a key written by ``save_key``."""
-    with open(path) as f:
-        text = f.read().strip()
+    with open(path, "rb") as f:
+        raw = f.read(4096)
+    text = raw.decode("ascii", "replace").strip()
     if not text.startswith(KEY_PREFIX):
         raise ValueError(f"{path} is not a wsserver key file")
     seed = b64decode(text[len(KEY_PREFIX) :])
