@@ -218,18 +218,18 @@ _CLOSE_REASONS = {
 
 
 class _Conn(WebSocketClientProtocol):
-    was_open = False
-    closed_by_us: defer.Deferred | None = None
+    _was_open = False
+    _closed_by_us: defer.Deferred | None = None
 
     def onOpen(self) -> None:
-        self.was_open = True
-        self.factory.client._opened(self)
+        self._was_open = True
+        self.factory._wsclient._opened(self)
 
     def onMessage(self, payload: bytes, isBinary: bool) -> None:
-        self.factory.client._frame(json.loads(payload))
+        self.factory._wsclient._frame(json.loads(payload))
 
     def onClose(self, wasClean: bool, code: int | None, reason: str | None) -> None:
-        self.factory.client._closed(self, code)
+        self.factory._wsclient._closed(self, code)
 
 
 class Client:
@@ -395,7 +395,7 @@ class Client:
                 url += f"?since={self.last_id}"
             factory = WebSocketClientFactory(url, headers={"Authorization": f"Bearer {self.token}"})
             factory.protocol = _Conn
-            factory.client = self
+            factory._wsclient = self
             factory.setProtocolOptions(autoPingInterval=20, autoPingTimeout=10)
             endpoint = self._endpoint()
             if self._tls is not None:
@@ -456,11 +456,11 @@ class Client:
     def _closed(self, conn: Any, code: int | None) -> None:
         if self._conn is conn:
             self._conn = None
-        if conn.closed_by_us is not None and not conn.closed_by_us.called:
-            conn.closed_by_us.callback(code)
+        if conn._closed_by_us is not None and not conn._closed_by_us.called:
+            conn._closed_by_us.callback(code)
         if not self._wanted:
             return
-        if not conn.was_open:  # the server refused the upgrade itself
+        if not conn._was_open:  # the server refused the upgrade itself
             if self._connected is not None and not self._connected.called:
                 self._give_up(
                     ServerError("upgrade_refused", f"the WebSocket upgrade failed ({code})")
@@ -509,9 +509,9 @@ class Client:
         conn, self._conn = self._conn, None
         if conn is None or conn.state == _Conn.STATE_CLOSED:
             return defer.succeed(None)
-        conn.closed_by_us = defer.Deferred()
+        conn._closed_by_us = defer.Deferred()
         conn.sendClose(1000)
-        return conn.closed_by_us
+        return conn._closed_by_us
 
     # -- frames -------------------------------------------------------------------
 
