@@ -16,6 +16,7 @@ from twisted.web import resource, server
 from wsserver import client as wc
 
 from .support import ROOT, LiveServer, within
+from .test_client import reactor_quiet
 from .test_tls import make_certificate
 
 WAIT = 30  # seconds: generous, the machine is shared
@@ -67,6 +68,7 @@ class CliCase(unittest.TestCase):
     timeout = 120
 
     def setUp(self):
+        self.addCleanup(reactor_quiet)  # runs last: after the processes and servers
         self.dir = Path(self.mktemp()).resolve()
         self.dir.mkdir()
         self.url = ""

@@ -6,7 +6,7 @@ import os
 import stat
 from pathlib import Path
 
-from twisted.internet import defer, reactor, task
+from twisted.internet import defer, reactor, task, tcp
 from twisted.trial import unittest
 
 from wsserver import client as wc
@@ -22,13 +22,22 @@ def _endpoint_timer(call) -> bool:
     return call.active() and getattr(func, "__module__", "") == "twisted.internet.endpoints"
 
 
+def _connection(selectable) -> bool:
+    """An open TCP connection (not a listening port, not the reactor's waker)."""
+    return isinstance(selectable, tcp.Connection)
+
+
 @defer.inlineCallbacks
-def endpoint_timers_done(seconds: float = 20):
-    """Wait until HostnameEndpoint's connection-attempt timers have ended (they
-    outlive a quick connect by a fraction of a second), so that trial finds a
-    clean reactor; polls, with a generous deadline."""
+def reactor_quiet(seconds: float = 20):
+    """Wait until the connections of a test are closed on both sides and
+    HostnameEndpoint's connection-attempt timers have ended (they outlive a
+    quick connect), so that trial finds a clean reactor.  Polls, with a
+    generous deadline: closing takes a few reactor turns, more on a loaded
+    machine."""
     deadline = reactor.seconds() + seconds
-    while any(_endpoint_timer(c) for c in reactor.getDelayedCalls()):
+    while any(_endpoint_timer(c) for c in reactor.getDelayedCalls()) or any(
+        _connection(s) for s in reactor.getReaders() + reactor.getWriters()
+    ):
         if reactor.seconds() > deadline:
             break
         yield task.deferLater(reactor, 0.05, lambda: None)
@@ -108,9 +117,7 @@ class ClientBase(unittest.TestCase):
         return c
 
     def setUp(self):
-        # twisted.web's Agent connects through HostnameEndpoint, whose
-        # connection-attempt timer can outlive a quick connect.
-        self.addCleanup(endpoint_timers_done)
+        self.addCleanup(reactor_quiet)  # runs last: after the clients and the server
         self.cafile = None
         self.server = LiveServer(self, dict(self.env))
 
@@ -245,7 +252,10 @@ class ExpiryTests(ClientBase):
         first = alice.token
         yield again.addTimeout(30, reactor)  # the expiry, then the new session
         self.assertIn("session expired", retries[0][1])
-        ack = yield alice.send("alice", "still here").addTimeout(20, reactor)
+        inbox = Inbox(alice)
+        ack = yield alice.send("alice", "still here").addTimeout(30, reactor)
+        frame, verified = yield inbox.next()  # checked against the directory's key
+        self.assertEqual((frame["id"], verified), (ack["id"], True))
         self.assertEqual(ack["content"], "still here")
         self.assertNotEqual(alice.token, first)
 
@@ -254,7 +264,7 @@ class TLSClientTests(unittest.TestCase):
     @defer.inlineCallbacks
     def test_private_ca(self):
         """Over HTTPS/WSS with a private CA given as cafile, hostname verified."""
-        self.addCleanup(endpoint_timers_done)  # see ClientBase.setUp
+        self.addCleanup(reactor_quiet)  # see ClientBase.setUp
         cert, key = make_certificate(Path(self.mktemp()))
         server = LiveServer(self, {"TLS_CERT": str(cert), "TLS_KEY": str(key)})
         url = f"https://localhost:{server.port}"
