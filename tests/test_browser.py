@@ -44,7 +44,7 @@ CHROMIUM_FLAGS = [
     "--no-first-run",
     "--window-size=820,760",
 ]
-WAIT = 20.0
+WAIT = 30.0  # seconds: generous, the machine is shared
 
 
 def _why_not() -> str | None:

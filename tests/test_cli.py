@@ -344,6 +344,11 @@ class ConnectionErrorTests(CliCase):
             yield self.fails("connection refused", f"port {port}", url=f"http://127.0.0.1:{port}")
 
     @defer.inlineCallbacks
+    def test_not_a_url(self):
+        """A server address without http:// or https:// says what is expected."""
+        yield self.fails("must be an http:// or https:// URL", url="127.0.0.1:8080")
+
+    @defer.inlineCallbacks
     def test_unknown_host(self):
         """A host name that does not resolve is named."""
         yield self.fails(
