@@ -31,6 +31,7 @@ from urllib.parse import urlsplit
 from autobahn.twisted.websocket import WebSocketClientFactory, WebSocketClientProtocol
 from nacl.exceptions import BadSignatureError
 from nacl.signing import SigningKey, VerifyKey
+from service_identity import CertificateError, VerificationError
 from twisted.internet import defer, endpoints, error
 from twisted.internet.protocol import Protocol
 from twisted.internet.ssl import Certificate, optionsForClientTLS
@@ -93,7 +94,8 @@ def _innermost(err: Any) -> Any:
 
 # Cancelled: this client cancels a request only when it timed out.
 _TIMEOUTS = (error.TimeoutError, defer.TimeoutError, TimeoutError, defer.CancelledError)
-_NOT_TLS = ("wrong version number", "packet length too long", "record layer failure", "http")
+# OpenSSL's reasons when a plain-HTTP server answers a TLS handshake.
+_NOT_TLS = ("wrong version", "packet length too long", "record layer failure", "http request")
 
 
 def connection_problem(err: Any, server: str) -> ConnectionProblem:
@@ -106,12 +108,9 @@ def connection_problem(err: Any, server: str) -> ConnectionProblem:
     if isinstance(inner, error.DNSLookupError):
         host = urlsplit(server).hostname
         return ConnectionProblem("dns", server, f"the host name {host} cannot be resolved (DNS)")
-    # Cancelled: this client cancels a request only when it timed out.
-    if isinstance(
-        inner, error.TimeoutError | defer.TimeoutError | TimeoutError | defer.CancelledError
-    ):
+    if isinstance(inner, _TIMEOUTS):
         return ConnectionProblem("timeout", server, "no answer in time (timed out)")
-    if type(inner).__name__ in ("VerificationError", "CertificateError"):  # service_identity
+    if isinstance(inner, VerificationError | CertificateError):  # service_identity
         return ConnectionProblem(
             "tls_hostname",
             server,
