@@ -2,41 +2,58 @@
 
     python examples/hello.py [http://127.0.0.1:8080]
 
-Needs the project's test extra (treq) besides the server's own dependencies.
+Uses only what ``pip install .`` installs: Twisted's HTTP client (Agent),
+Autobahn and PyNaCl.  It registers a new user ``demo-<random>`` each time.
 """
 
 import base64
 import json
 import os
 import sys
+from io import BytesIO
 
-import treq
 from autobahn.twisted.websocket import WebSocketClientFactory, WebSocketClientProtocol
 from nacl.signing import SigningKey
 from twisted.internet import defer, endpoints, task
+from twisted.web.client import Agent, FileBodyProducer, readBody
+from twisted.web.http_headers import Headers
 
 
 def b64(raw: bytes) -> str:
     return base64.b64encode(raw).decode("ascii")
 
 
+async def post(agent, url, body):
+    """POST ``body`` as JSON; return the server's JSON answer."""
+    response = await agent.request(
+        b"POST",
+        url.encode("ascii"),
+        Headers({b"Content-Type": [b"application/json"]}),
+        FileBodyProducer(BytesIO(json.dumps(body).encode("utf-8"))),
+    )
+    answer = json.loads(await readBody(response))
+    if response.code >= 400:
+        raise SystemExit(f"{url}: {answer['error']['code']}: {answer['error']['message']}")
+    return answer
+
+
 async def main(reactor, server="http://127.0.0.1:8080"):
+    agent = Agent(reactor)
     key = SigningKey.generate()
     user = "demo-" + os.urandom(4).hex()
 
-    # 1. Register the public key.
-    await treq.post(
+    # 1. register the public key, 2. sign the login challenge, get a token
+    public_key = b64(bytes(key.verify_key))
+    await post(
+        agent,
         f"{server}/auth/register",
-        json={"user_id": user, "username": "Demo", "public_key": b64(bytes(key.verify_key))},
+        {"user_id": user, "username": "Demo", "public_key": public_key},
     )
-    # 2. Ask for a challenge, sign it, get a token.
-    reply = await (await treq.post(f"{server}/auth/login", json={"user_id": user})).json()
+    reply = await post(agent, f"{server}/auth/login", {"user_id": user})
     signature = b64(key.sign(reply["challenge"].encode("utf-8")).signature)
-    reply = await (
-        await treq.post(
-            f"{server}/auth/login?verify=true", json={"user_id": user, "signature": signature}
-        )
-    ).json()
+    reply = await post(
+        agent, f"{server}/auth/login?verify=true", {"user_id": user, "signature": signature}
+    )
     token = reply["token"]
 
     # 3. Connect and send a signed message (to ourselves, so it comes back too).
@@ -44,10 +61,11 @@ async def main(reactor, server="http://127.0.0.1:8080"):
 
     class Sender(WebSocketClientProtocol):
         def onOpen(self):
-            content, nonce = "hello, world", "hello-1"
-            signed = f"wsserver-msg-v1\n{user}\n{user}\n{nonce}\n{content}".encode()
+            to, content, nonce = user, "hello, world", "hello-1"
+            # signed over "wsserver-msg-v1\n" + from + "\n" + to + "\n" + nonce + "\n" + content
+            signed = f"wsserver-msg-v1\n{user}\n{to}\n{nonce}\n{content}".encode()
             frame = {
-                "to": user,
+                "to": to,
                 "content": content,
                 "nonce": nonce,
                 "signature": b64(key.sign(signed).signature),

@@ -1,19 +1,35 @@
-"""wsserver-client, run as a process against the real server."""
+"""wsserver-client, run as a process (the working tree's code) against the real server."""
 
 from __future__ import annotations
 
 import json
 import os
+import socket
 import stat
 import sys
 from pathlib import Path
 
-from twisted.internet import defer, protocol, reactor, task
+from twisted.internet import defer, protocol, reactor
 from twisted.trial import unittest
+from twisted.web import resource, server
 
 from wsserver import client as wc
 
-from .support import LiveServer, within
+from .support import ROOT, LiveServer, within
+from .test_client import reactor_quiet
+from .test_tls import make_certificate
+
+WAIT = 30  # seconds: generous, the machine is shared
+
+
+def tree_env(**extra: str) -> dict[str, str]:
+    """This environment with the working tree first on the import path, so a
+    child ``python -m wsserver.cli`` runs the code under test, not a copy
+    installed in site-packages."""
+    path = os.environ.get("PYTHONPATH")
+    env = {**os.environ, "PYTHONPATH": str(ROOT) + (os.pathsep + path if path else "")}
+    env.update(extra)
+    return env
 
 
 class _Proc(protocol.ProcessProtocol):
@@ -22,6 +38,7 @@ class _Proc(protocol.ProcessProtocol):
         self.err = b""
         self.ended: defer.Deferred = defer.Deferred()
         self.lines: defer.DeferredQueue = defer.DeferredQueue()
+        self.err_lines: defer.DeferredQueue = defer.DeferredQueue()
 
     def outReceived(self, data: bytes) -> None:
         self.out += data
@@ -30,28 +47,42 @@ class _Proc(protocol.ProcessProtocol):
 
     def errReceived(self, data: bytes) -> None:
         self.err += data
+        for line in data.decode().splitlines():
+            self.err_lines.put(line)
 
     def processEnded(self, reason) -> None:
         self.ended.callback(getattr(reason.value, "exitCode", 0))
 
+    @defer.inlineCallbacks
+    def err_line(self, text: str):
+        """The next stderr line containing ``text`` (others are skipped)."""
+        while True:
+            line = yield within(self.err_lines.get(), WAIT)
+            if text in line:
+                return line
 
-class CliTests(unittest.TestCase):
-    timeout = 60
+
+class CliCase(unittest.TestCase):
+    """Runs ``python -m wsserver.cli`` from the working tree in a temporary directory."""
+
+    timeout = 120
 
     def setUp(self):
-        self.server = LiveServer(self)
+        self.addCleanup(reactor_quiet)  # runs last: after the processes and servers
         self.dir = Path(self.mktemp()).resolve()
         self.dir.mkdir()
+        self.url = ""
 
-    def spawn(self, *args: str, user: str = "alice") -> _Proc:
+    def spawn(self, *args: str, user: str = "alice", url: str | None = None) -> _Proc:
+        return self.python("-m", "wsserver.cli", *args, user=user, url=url)
+
+    def python(self, *argv: str, user: str = "alice", url: str | None = None) -> _Proc:
         proc = _Proc()
-        env = {**os.environ, "WSSERVER_URL": self.server.base, "WSSERVER_USER": user}
+        env = tree_env(WSSERVER_URL=url or self.url, WSSERVER_USER=user)
+        env.pop("WSSERVER_CAFILE", None)
+        env.pop("WSSERVER_KEY", None)
         transport = reactor.spawnProcess(
-            proc,
-            sys.executable,
-            [sys.executable, "-m", "wsserver.cli", *args],
-            env=env,
-            path=str(self.dir),
+            proc, sys.executable, [sys.executable, *argv], env=env, path=str(self.dir)
         )
         proc.transport = transport
 
@@ -64,10 +95,39 @@ class CliTests(unittest.TestCase):
         return proc
 
     @defer.inlineCallbacks
-    def cli(self, *args: str, user: str = "alice"):
-        proc = self.spawn(*args, user=user)
-        code = yield within(proc.ended, 30)
+    def cli(self, *args: str, user: str = "alice", url: str | None = None):
+        proc = self.spawn(*args, user=user, url=url)
+        code = yield within(proc.ended, WAIT)
         return code, proc.out.decode(), proc.err.decode()
+
+    def assertOneHumanLine(self, err: str, *wanted: str) -> str:
+        """``err`` is one line, ``wsserver-client: ...``, holding every ``wanted``
+        text and nothing that looks like a Python repr or traceback."""
+        lines = err.strip().splitlines()
+        self.assertEqual(len(lines), 1, err)
+        line = lines[0]
+        self.assertTrue(line.startswith("wsserver-client: "), line)
+        for text in wanted:
+            self.assertIn(text, line)
+        for repr_mark in ("<", "Traceback", "Failure", "Error(", "[("):
+            self.assertNotIn(repr_mark, line)
+        return line
+
+
+class CliTests(CliCase):
+    def setUp(self):
+        super().setUp()
+        self.server = LiveServer(self)
+        self.url = self.server.base
+
+    @defer.inlineCallbacks
+    def test_runs_the_working_tree(self):
+        """The CLI processes these tests start import wsserver from the working tree
+        (a broken cli.py there must fail the tests, whatever copy is installed)."""
+        proc = self.python("-c", "import wsserver.cli as m; print(m.__file__)")
+        code = yield within(proc.ended, WAIT)
+        self.assertEqual(code, 0, proc.err)
+        self.assertEqual(Path(proc.out.decode().strip()), ROOT / "wsserver" / "cli.py")
 
     @defer.inlineCallbacks
     def test_keygen_register_login_send(self):
@@ -94,21 +154,61 @@ class CliTests(unittest.TestCase):
 
     @defer.inlineCallbacks
     def test_server_errors_are_one_line_and_exit_1(self):
-        """A refusal prints one line with the server's code and exits 1."""
+        """A refusal prints one line with the server's URL and code and exits 1."""
         yield self.cli("keygen")
         yield self.cli("register", "--name", "Alice")
-        code, _out, err = yield self.cli("register", "--name", "Again")
+        code, _, err = yield self.cli("send", "--to", "nobody", "x")
         self.assertEqual(code, 1)
         self.assertEqual(
-            err.strip(), "wsserver-client: user_exists: user_id 'alice' is already registered"
-        )
-        code, _, err = yield self.cli("send", "--to", "nobody", "x")
-        self.assertEqual(
-            (code, err.strip()), (1, "wsserver-client: unknown_recipient: no such recipient")
+            err.strip(), f"wsserver-client: {self.url}: unknown_recipient: no such recipient"
         )
         code, _, err = yield self.cli("login", user="carol")
         self.assertEqual(code, 1)
         self.assertIn("keygen", err)
+        (self.dir / "raw.key").write_bytes(os.urandom(32))  # a raw seed: not our format
+        code, _, err = yield self.cli("--key", "raw.key", "login")
+        self.assertEqual(code, 1)
+        self.assertOneHumanLine(err, "raw.key is not a wsserver key file", "keygen")
+        yield self.cli("keygen", user="dave")
+        code, _, err = yield self.cli("login", user="dave")
+        self.assertEqual(code, 1)
+        self.assertOneHumanLine(err, self.url, "unknown_user", "register")
+
+    @defer.inlineCallbacks
+    def test_register_twice(self):
+        """Registering again with the same key says so and exits 0 (nothing
+        changes); with another key it is one line naming the conflict, exit 1."""
+        yield self.cli("keygen")
+        code, _, _ = yield self.cli("register", "--name", "Alice")
+        self.assertEqual(code, 0)
+        code, out, err = yield self.cli("register", "--name", "Alice")
+        self.assertEqual(code, 0, err)
+        self.assertIn("already registered with this key", out)
+        yield self.cli("--key", "other.key", "keygen")
+        code, _, err = yield self.cli("--key", "other.key", "register", "--name", "Mallory")
+        self.assertEqual(code, 1)
+        self.assertOneHumanLine(err, self.url, "user_exists", "another key")
+        record = yield self.server.service.store.get_user("alice")
+        self.assertEqual(record.username, "Alice")
+
+    @defer.inlineCallbacks
+    def test_keygen_refuses_an_id_register_would_refuse(self):
+        """keygen checks the user id by the server's rule and writes nothing for a
+        bad one."""
+        for bad in ("has space", "x" * 65, "ünï"):
+            code, _, err = yield self.cli("keygen", user=bad)
+            self.assertEqual(code, 1, bad)
+            self.assertOneHumanLine(err, "not a user id")
+        self.assertEqual(list(self.dir.iterdir()), [])
+
+    @defer.inlineCallbacks
+    def test_keygen_into_a_missing_directory(self):
+        """--key in a directory that does not exist: one line naming it and how to
+        make it (keys are never written into directories made on the fly)."""
+        code, _, err = yield self.cli("--key", "keys/alice.key", "keygen")
+        self.assertEqual(code, 1)
+        self.assertOneHumanLine(err, "keys", "does not exist", "mkdir -m 700")
+        self.assertFalse((self.dir / "keys").exists())
 
     @defer.inlineCallbacks
     def test_listen_json_and_chat(self):
@@ -118,28 +218,179 @@ class CliTests(unittest.TestCase):
             yield self.cli("keygen", user=user)
             yield self.cli("register", "--name", user.title(), user=user)
         listen = self.spawn("listen", "--json", user="bob")
-        yield task.deferLater(reactor, 1.0, lambda: None)
         yield self.cli("send", "--to", "bob", "hello bob")
-        line = yield within(listen.lines.get(), 15)
+        line = yield within(listen.lines.get(), WAIT)
         frame = json.loads(line)
         self.assertEqual((frame["type"], frame["content"]), ("message", "hello bob"))
         self.assertIs(frame["verified_locally"], True)
 
         chat = self.spawn("chat", "--to", "alice", user="bob")
-        banner = yield within(chat.lines.get(), 15)
+        banner = yield within(chat.lines.get(), WAIT)
         self.assertIn("chatting with alice", banner)
         chat.transport.write(b"hi alice\n")
-        echo = yield within(chat.lines.get(), 15)
+        echo = yield within(chat.lines.get(), WAIT)
         self.assertRegex(echo, r"\(#\d+ (pending|delivered)\)")
         yield self.cli("send", "--to", "bob", "hi bob", user="alice")
         seen = []
         while not any("hi bob" in s for s in seen):
-            seen.append((yield within(chat.lines.get(), 15)))
+            seen.append((yield within(chat.lines.get(), WAIT)))
         reply = next(s for s in seen if "hi bob" in s)
         self.assertIn("alice", reply)
         self.assertIn("[verified]", reply)
         chat.transport.closeStdin()
-        code = yield within(chat.ended, 15)
+        code = yield within(chat.ended, WAIT)
         self.assertEqual(code, 0)
         stored = yield self.server.service.store.count_messages()
         self.assertEqual(stored, 3)  # hello bob, hi alice, hi bob
+
+
+class ReconnectTests(CliCase):
+    """listen and chat when the server goes away and comes back."""
+
+    @defer.inlineCallbacks
+    def restart(self, server: LiveServer, database: str) -> LiveServer:
+        """Stop ``server`` and start another on the same port with ``database``."""
+        port = server.port
+        yield server.stop()
+        return LiveServer(
+            self, {"SERVER_ADDR": f"tcp:{port}:interface=127.0.0.1", "DATABASE": database}
+        )
+
+    @defer.inlineCallbacks
+    def users(self, *names: str):
+        for user in names:
+            code, _, err = yield self.cli("keygen", user=user)
+            self.assertEqual(code, 0, err)
+            code, _, err = yield self.cli("register", "--name", user.title(), user=user)
+            self.assertEqual(code, 0, err)
+
+    @defer.inlineCallbacks
+    def test_gives_up_when_the_server_forgets_the_user(self):
+        """A server restarted on an empty database answers the reconnect's login
+        with unknown_user: listen and chat each say so in one line on stderr
+        (after saying they were reconnecting) and exit 1."""
+        first = LiveServer(self)
+        self.url = first.base
+        yield self.users("alice")
+        listen = self.spawn("listen")
+        yield listen.err_line("listening as alice")
+        chat = self.spawn("chat", "--to", "alice")
+        self.assertIn("chatting with alice", (yield within(chat.lines.get(), WAIT)))
+        yield self.restart(first, self.mktemp() + ".db")
+        for proc in (listen, chat):
+            line = yield proc.err_line("reconnecting in")
+            self.assertIn(self.url, line)
+            code = yield within(proc.ended, WAIT)
+            self.assertEqual(code, 1, proc.err)
+            last = proc.err.decode().strip().splitlines()[-1]
+            self.assertOneHumanLine(last, self.url, "unknown_user", "register")
+
+    @defer.inlineCallbacks
+    def test_retries_until_the_server_is_back(self):
+        """While the server is down listen says it is reconnecting and what it
+        waits for; once the server is back (same database) it says so and shows
+        the message sent meanwhile."""
+        first = LiveServer(self)
+        self.url = first.base
+        yield self.users("alice", "bob")
+        listen = self.spawn("listen")
+        yield listen.err_line("listening as alice")
+        database = first.db
+        port = first.port
+        yield first.stop()
+        line = yield listen.err_line("reconnecting in")
+        self.assertIn(self.url, line)
+        line = yield listen.err_line("connection refused")  # a later attempt, while down
+        self.assertIn("reconnecting in", line)
+        LiveServer(self, {"SERVER_ADDR": f"tcp:{port}:interface=127.0.0.1", "DATABASE": database})
+        yield listen.err_line("connected again")
+        code, _, err = yield self.cli("send", "--to", "alice", "welcome back", user="bob")
+        self.assertEqual(code, 0, err)
+        seen = []
+        while not any("welcome back" in s for s in seen):
+            seen.append((yield within(listen.lines.get(), WAIT)))
+        self.assertIn("bob [verified]", seen[-1])
+        self.assertFalse(listen.ended.called)
+
+
+class _NotWsserver(resource.Resource):
+    isLeaf = True
+
+    def render(self, request):
+        request.setResponseCode(404)
+        return b"<html>nothing here</html>"
+
+
+class ConnectionErrorTests(CliCase):
+    """Every way of failing to reach a server is one human line with the fix."""
+
+    @defer.inlineCallbacks
+    def fails(self, *wanted: str, url: str, args: tuple[str, ...] = ()) -> str:
+        code, _, err = yield self.cli(*args, "login", url=url)
+        self.assertEqual(code, 1, err)
+        return self.assertOneHumanLine(err, url, *wanted)
+
+    def setUp(self):
+        super().setUp()
+        key = wc.generate_key()
+        wc.save_key(key, str(self.dir / "alice.key"))
+
+    @defer.inlineCallbacks
+    def test_connection_refused(self):
+        """Nothing listening: 'connection refused' and the port to check."""
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]  # bound, never listening: connections are refused
+            yield self.fails("connection refused", f"port {port}", url=f"http://127.0.0.1:{port}")
+
+    @defer.inlineCallbacks
+    def test_not_a_url(self):
+        """A server address without http:// or https:// says what is expected."""
+        yield self.fails("must be an http:// or https:// URL", url="127.0.0.1:8080")
+
+    @defer.inlineCallbacks
+    def test_unknown_host(self):
+        """A host name that does not resolve is named."""
+        yield self.fails(
+            "no-such-host.invalid", "cannot be resolved", url="http://no-such-host.invalid:8080"
+        )
+
+    @defer.inlineCallbacks
+    def test_not_a_wsserver(self):
+        """A web server that is not wsserver: said so, without its HTML."""
+        port = reactor.listenTCP(0, server.Site(_NotWsserver()), interface="127.0.0.1")
+        self.addCleanup(port.stopListening)
+        url = f"http://127.0.0.1:{port.getHost().port}"
+        line = yield self.fails("is this a wsserver?", url=url)
+        self.assertNotIn("html", line)
+
+    @defer.inlineCallbacks
+    def test_https_url_at_a_plain_server(self):
+        """https:// at a plain-HTTP port: use http://."""
+        plain = LiveServer(self)
+        url = f"https://127.0.0.1:{plain.port}"
+        yield self.fails(
+            "does not speak TLS", "plain HTTP", f"use http://127.0.0.1:{plain.port}", url=url
+        )
+
+    @defer.inlineCallbacks
+    def test_tls_mistakes(self):
+        """Against a TLS server: http:// says use https://; no --cafile for a
+        private CA says to pass one; a host name the certificate is not for names
+        the names it is for; with everything right the login works."""
+        cert, key = make_certificate(Path(self.mktemp()).resolve(), names=("example.test",))
+        tls = LiveServer(self, {"TLS_CERT": str(cert), "TLS_KEY": str(key)})
+        ca = str(cert.with_name("ca.pem"))
+        port = tls.port
+        yield self.fails("use https://127.0.0.1:", url=f"http://127.0.0.1:{port}")
+        yield self.fails(
+            "not signed by a certificate authority", "--cafile", url=f"https://127.0.0.1:{port}"
+        )
+        yield self.fails(
+            "not for localhost",
+            "example.test",
+            f"https://example.test:{port}",
+            url=f"https://localhost:{port}",
+            args=("--cafile", ca),
+        )
+        yield self.fails("unknown_user", url=f"https://127.0.0.1:{port}", args=("--cafile", ca))

@@ -6,9 +6,8 @@ import os
 import stat
 from pathlib import Path
 
-from twisted.internet import defer, reactor, task
+from twisted.internet import defer, reactor, task, tcp
 from twisted.trial import unittest
-from twisted.web._newclient import RequestTransmissionFailed, ResponseNeverReceived
 
 from wsserver import client as wc
 
@@ -16,8 +15,32 @@ from .support import VECTORS, LiveServer, vector_key
 from .test_tls import make_certificate
 
 
-def sleep(seconds: float) -> defer.Deferred:
-    return task.deferLater(reactor, seconds, lambda: None)
+def _endpoint_timer(call) -> bool:
+    """A reactor call left by a HostnameEndpoint's connection attempts."""
+    owner = getattr(call.func, "__self__", None)
+    func = getattr(owner, "f", call.func)
+    return call.active() and getattr(func, "__module__", "") == "twisted.internet.endpoints"
+
+
+def _connection(selectable) -> bool:
+    """An open TCP connection (not a listening port, not the reactor's waker)."""
+    return isinstance(selectable, tcp.Connection)
+
+
+@defer.inlineCallbacks
+def reactor_quiet(seconds: float = 20):
+    """Wait until the connections of a test are closed on both sides and
+    HostnameEndpoint's connection-attempt timers have ended (they outlive a
+    quick connect), so that trial finds a clean reactor.  Polls, with a
+    generous deadline: closing takes a few reactor turns, more on a loaded
+    machine."""
+    deadline = reactor.seconds() + seconds
+    while any(_endpoint_timer(c) for c in reactor.getDelayedCalls()) or any(
+        _connection(s) for s in reactor.getReaders() + reactor.getWriters()
+    ):
+        if reactor.seconds() > deadline:
+            break
+        yield task.deferLater(reactor, 0.05, lambda: None)
 
 
 class Inbox:
@@ -35,7 +58,7 @@ class Inbox:
         self.arrived.put((frame, verified))
 
     def next(self) -> defer.Deferred:
-        return self.arrived.get().addTimeout(10, reactor)
+        return self.arrived.get().addTimeout(30, reactor)
 
 
 class KeyFileTests(unittest.TestCase):
@@ -94,9 +117,7 @@ class ClientBase(unittest.TestCase):
         return c
 
     def setUp(self):
-        # twisted.web's Agent connects through HostnameEndpoint, whose
-        # connection-attempt timer outlives a quick connect by up to 0.3 s.
-        self.addCleanup(task.deferLater, reactor, 0.5, lambda: None)
+        self.addCleanup(reactor_quiet)  # runs last: after the clients and the server
         self.cafile = None
         self.server = LiveServer(self, dict(self.env))
 
@@ -177,17 +198,64 @@ class ClientTests(ClientBase):
         self.assertEqual(ack["content"], "sent as the line dropped")
 
 
+class GiveUpTests(ClientBase):
+    @defer.inlineCallbacks
+    def test_gives_up_when_the_server_forgets_the_user(self):
+        """Reconnecting to a server restarted on an empty database: the login
+        answers unknown_user, so the client stops, tells on_give_up, and fails
+        the message still waiting for its ack."""
+        alice = yield self.make(self.server, "alice")
+        retries: list[str] = []
+        gave_up: defer.Deferred = defer.Deferred()
+        alice.on_retry = lambda delay, why: retries.append(why)
+        alice.on_give_up = gave_up.callback
+        yield alice.connect()
+        port = self.server.port
+        # Not LiveServer.stop(): its clean-up of txaio timers would also cancel
+        # this in-process client's, which Autobahn then cancels again.
+        self.server._stopped = True
+        yield self.server.service.stopService()
+        pending = alice.send("alice", "into the void")
+        LiveServer(
+            self, {"SERVER_ADDR": f"tcp:{port}:interface=127.0.0.1", "DATABASE": self.mktemp()}
+        )
+        err = yield gave_up.addTimeout(30, reactor)
+        self.assertIsInstance(err, wc.ServerError)
+        self.assertEqual(err.code, "unknown_user")
+        self.assertTrue(retries)
+        with self.assertRaises(wc.ServerError):
+            yield pending
+        self.assertIsNone(alice._conn)
+        self.assertIsNone(alice._retrying)
+
+
 class ExpiryTests(ClientBase):
-    env = {"TOKEN_TTL": "2"}
+    env = {"TOKEN_TTL": "6"}
 
     @defer.inlineCallbacks
     def test_logs_in_again_after_4001(self):
-        """When the token expires (close 4001) the client logs in again and goes on."""
+        """When the token expires (close 4001) the client says it is retrying, logs
+        in again and goes on."""
         alice = yield self.make(self.server, "alice")
+        retries: list[tuple[float, str]] = []
+        again: defer.Deferred = defer.Deferred()
+        alice.on_retry = lambda delay, why: retries.append((delay, why))
+        connects: list[str | None] = []
+
+        def connected() -> None:
+            connects.append(alice.token)
+            if len(connects) == 2:
+                again.callback(None)
+
+        alice.on_connect = connected
         yield alice.connect()
         first = alice.token
-        yield sleep(3)
-        ack = yield alice.send("alice", "still here").addTimeout(20, reactor)
+        yield again.addTimeout(30, reactor)  # the expiry, then the new session
+        self.assertIn("session expired", retries[0][1])
+        inbox = Inbox(alice)
+        ack = yield alice.send("alice", "still here").addTimeout(30, reactor)
+        frame, verified = yield inbox.next()  # checked against the directory's key
+        self.assertEqual((frame["id"], verified), (ack["id"], True))
         self.assertEqual(ack["content"], "still here")
         self.assertNotEqual(alice.token, first)
 
@@ -196,8 +264,7 @@ class TLSClientTests(unittest.TestCase):
     @defer.inlineCallbacks
     def test_private_ca(self):
         """Over HTTPS/WSS with a private CA given as cafile, hostname verified."""
-        # HostnameEndpoint's connection-attempt timer (see ClientTests.setUp).
-        self.addCleanup(task.deferLater, reactor, 0.5, lambda: None)
+        self.addCleanup(reactor_quiet)  # see ClientBase.setUp
         cert, key = make_certificate(Path(self.mktemp()))
         server = LiveServer(self, {"TLS_CERT": str(cert), "TLS_KEY": str(key)})
         url = f"https://localhost:{server.port}"
@@ -208,6 +275,7 @@ class TLSClientTests(unittest.TestCase):
         ack = yield alice.send("alice", "over tls")
         self.assertEqual(ack["verification"], "verified")
         stranger = wc.Client(url, "bob", wc.generate_key())  # no cafile: untrusted
-        with self.assertRaises((ResponseNeverReceived, RequestTransmissionFailed)) as ctx:
+        with self.assertRaises(wc.ConnectionProblem) as ctx:
             yield stranger.register("Bob")
-        self.assertIn("certificate verify failed", str(ctx.exception.reasons[0].value))
+        self.assertEqual(ctx.exception.kind, "tls_untrusted")
+        self.assertIn(url, str(ctx.exception))

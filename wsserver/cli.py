@@ -7,8 +7,9 @@
     wsserver-client --user bob chat --to alice
 
 Global options fall back to WSSERVER_URL, WSSERVER_USER, WSSERVER_KEY and
-WSSERVER_CAFILE.  Commands that need a token log in by themselves.  A refusal
-from the server is one line with the server's code, and exit status 1.
+WSSERVER_CAFILE.  Commands that need a token log in by themselves.  Every
+failure is one line on stderr naming the server and, where there is one, the
+fix, and exit status 1; listen and chat say on stderr when they reconnect.
 """
 
 from __future__ import annotations
@@ -16,15 +17,28 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import socket
+import ssl
 import sys
 from typing import Any
+from urllib.parse import urlsplit
 
 from twisted.internet import defer, task
 from twisted.internet.protocol import Protocol
 
-from .client import Client, ServerError, generate_key, load_key, public_key_b64, save_key
+from .client import (
+    Client,
+    ConnectionProblem,
+    ServerError,
+    generate_key,
+    load_key,
+    public_key_b64,
+    save_key,
+)
+from .messages import is_user_id
 
 DEFAULT_URL = "http://127.0.0.1:8080"
+TIMEOUT = 10.0  # seconds for each HTTP answer
 
 
 class UsageError(Exception):
@@ -34,6 +48,12 @@ class UsageError(Exception):
 def out(text: str) -> None:
     sys.stdout.write(text + "\n")
     sys.stdout.flush()
+
+
+def note(text: str) -> None:
+    """One line on stderr: what the client is doing (reconnecting, listening)."""
+    sys.stderr.write(f"wsserver-client: {text}\n")
+    sys.stderr.flush()
 
 
 def mark(verified: bool | None) -> str:
@@ -49,28 +69,62 @@ def describe(frame: dict, verified: bool | None) -> str:
     )
 
 
-def make_client(args: argparse.Namespace) -> Client:
+def _user(args: argparse.Namespace) -> str:
     if not args.user:
         raise UsageError("--user (or WSSERVER_USER) is required")
-    path = args.key or f"{args.user}.key"
+    if not is_user_id(args.user):
+        raise UsageError(
+            f"{args.user!r} is not a user id: 1 to 64 of the letters A-Z a-z, digits and _ . -"
+        )
+    return args.user
+
+
+def make_client(args: argparse.Namespace) -> Client:
+    user = _user(args)
+    path = args.key or f"{user}.key"
     try:
         key = load_key(path)
     except FileNotFoundError:
         raise UsageError(f"no key file {path}: run 'wsserver-client keygen' first") from None
     except ValueError as exc:
-        raise UsageError(str(exc)) from None
-    return Client(args.server, args.user, key, cafile=args.cafile)
+        raise UsageError(f"{exc}; 'wsserver-client keygen' makes one") from None
+    except OSError as exc:
+        raise UsageError(f"cannot read the key file {path}: {_os_text(exc)}") from None
+    if args.cafile and not os.path.isfile(args.cafile):
+        raise UsageError(f"--cafile {args.cafile}: no such file")
+    try:
+        return Client(args.server, user, key, cafile=args.cafile, timeout=TIMEOUT)
+    except ValueError as exc:
+        raise UsageError(f"--server {args.server}: {exc}") from None
+    except Exception as exc:  # an unreadable or malformed CA file
+        raise UsageError(
+            f"--cafile {args.cafile}: not a PEM certificate ({_os_text(exc)})"
+        ) from None
+
+
+def _os_text(exc: BaseException) -> str:
+    return getattr(exc, "strerror", None) or str(exc) or type(exc).__name__
 
 
 def cmd_keygen(args: argparse.Namespace, reactor: Any) -> Any:
     if not args.user and not args.key:
         raise UsageError("--user or --key (or WSSERVER_USER / WSSERVER_KEY) is required")
+    if args.user:
+        _user(args)  # refuse now an id that register would refuse later
     path = args.key or f"{args.user}.key"
     key = generate_key()
     try:
         save_key(key, path)
     except FileExistsError:
         raise UsageError(f"{path} already exists: not overwriting a key") from None
+    except FileNotFoundError:
+        folder = os.path.dirname(path) or "."
+        raise UsageError(
+            f"cannot write {path}: the directory {folder} does not exist "
+            f"(create it first, e.g. mkdir -m 700 {folder})"
+        ) from None
+    except OSError as exc:
+        raise UsageError(f"cannot write {path}: {_os_text(exc)}") from None
     out(public_key_b64(key))
     return defer.succeed(None)
 
@@ -78,7 +132,24 @@ def cmd_keygen(args: argparse.Namespace, reactor: Any) -> Any:
 @defer.inlineCallbacks
 def cmd_register(args: argparse.Namespace, reactor: Any) -> Any:
     client = make_client(args)
-    user = yield client.register(args.name)
+    try:
+        user = yield client.register(args.name)
+    except ServerError as err:
+        if err.code != "user_exists":
+            raise
+        # Registered already: with this key (a repeated command: fine), or
+        # with another one (someone else's id, or a lost key).
+        record = yield client.lookup(client.user_id)
+        if record.get("public_key") != public_key_b64(client.key):
+            raise ServerError(
+                "user_exists",
+                f"{client.user_id} is already registered with another key; choose another user id",
+            ) from None
+        out(
+            f"{client.user_id} is already registered with this key "
+            f"(as {record.get('username')}): nothing to do"
+        )
+        return
     out(f"registered {user['user_id']} ({user['username']}) with key {user['public_key']}")
 
 
@@ -92,6 +163,8 @@ def cmd_login(args: argparse.Namespace, reactor: Any) -> Any:
 @defer.inlineCallbacks
 def cmd_send(args: argparse.Namespace, reactor: Any) -> Any:
     client = make_client(args)
+    # Giving up fails the message itself, which is what is reported.
+    _report_reconnects(client).addErrback(lambda _: None)
     yield client.connect()
     try:
         ack = yield client.send(args.to, args.text)
@@ -120,12 +193,34 @@ def _print_frames(client: Client, as_json: bool) -> None:
     client.on_system = other
 
 
+def _report_reconnects(client: Client) -> defer.Deferred:
+    """Say on stderr when the connection drops and comes back; the Deferred
+    returned fails when the client gives up (it cannot go on)."""
+    gave_up: defer.Deferred = defer.Deferred()
+    connects = [0]
+
+    def retry(delay: float, why: str) -> None:
+        note(f"{client.server}: {why}; reconnecting in {delay:g} s")
+
+    def connected() -> None:
+        connects[0] += 1
+        if connects[0] > 1:
+            note(f"{client.server}: connected again")
+
+    client.on_retry = retry
+    client.on_connect = connected
+    client.on_give_up = gave_up.errback
+    return gave_up
+
+
 @defer.inlineCallbacks
 def cmd_listen(args: argparse.Namespace, reactor: Any) -> Any:
     client = make_client(args)
     _print_frames(client, args.json)
+    gave_up = _report_reconnects(client)
     yield client.connect(since=args.since)
-    yield defer.Deferred()  # until interrupted
+    note(f"listening as {client.user_id} on {client.server}; Ctrl-C ends")
+    yield gave_up  # runs until interrupted, or fails when the client gives up
 
 
 class _Lines(Protocol):
@@ -155,6 +250,7 @@ def cmd_chat(args: argparse.Namespace, reactor: Any) -> Any:
 
     client = make_client(args)
     _print_frames(client, as_json=False)
+    gave_up = _report_reconnects(client)
     yield client.connect()
     out(f"chatting with {args.to}; end with Ctrl-D")
     sending: list[defer.Deferred] = []
@@ -165,11 +261,17 @@ def cmd_chat(args: argparse.Namespace, reactor: Any) -> Any:
         d = client.send(args.to, text)
         d.addCallbacks(
             lambda ack: out(f"  (#{ack['id']} {ack['status']})"),
-            lambda f: out(f"  not sent: {f.value}"),
+            lambda f: out(f"  not sent: {failure_line(f.value, args)}"),
         )
         sending.append(d)
 
     ended: defer.Deferred = defer.Deferred()
+
+    def give_up(failure: Any) -> None:
+        if not ended.called:
+            ended.errback(failure)
+
+    gave_up.addErrback(give_up)
     StandardIO(_Lines(line, ended), reactor=reactor)
     yield ended
     yield defer.DeferredList(sending)
@@ -226,6 +328,102 @@ COMMANDS = {
 }
 
 
+def failure_line(err: BaseException, args: argparse.Namespace) -> str:
+    """One human line for any failure: never a Python repr."""
+    if isinstance(err, UsageError):
+        return str(err)
+    server = args.server.rstrip("/")
+    if isinstance(err, ServerError):
+        line = f"{server}: {err.code}: {err.message}"
+        if err.code == "unknown_user":
+            line += f" (register it first: wsserver-client --user {args.user} register --name NAME)"
+        elif err.code == "invalid_signature" and err.status == 401:
+            line += f" ({args.user} is registered there with another key)"
+        return line
+    if isinstance(err, ConnectionProblem):
+        fix = _fix(err, args)
+        if err.kind == "timeout" and "plain HTTP" in fix:  # what the timeout meant
+            return f"{err.server}: the server does not speak TLS here{fix}"
+        return f"{err}{fix}"
+    text = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+    return f"{server}: {text}"
+
+
+def _fix(err: ConnectionProblem, args: argparse.Namespace) -> str:
+    """The fix for a connection problem, as the end of its line ('' if none)."""
+    parts = urlsplit(err.server)
+    host, secure = parts.hostname or "", parts.scheme == "https"
+    port = parts.port or (443 if secure else 80)
+    where = f"{host}:{port}" if ":" not in host else f"[{host}]:{port}"
+    if err.kind == "refused":
+        return f": is the server running, on port {port}?"
+    if err.kind == "tls_untrusted":
+        if args.cafile:
+            return f": {args.cafile} does not hold the certificate authority that signed it"
+        return ": if a private certificate authority signed it, pass its certificate with --cafile"
+    if err.kind == "tls_not_tls" or (err.kind == "timeout" and secure and speaks_http(host, port)):
+        return f": it speaks plain HTTP, use http://{where}"
+    if err.kind == "tls_hostname":
+        names = certificate_names(host, port)
+        if names:
+            shown = ", ".join(names)
+            return f" (it is for {shown}): use such a name in the URL, https://{names[0]}:{port}"
+        return ""
+    if err.kind == "closed" and not secure and speaks_tls(host, port):
+        return f": it speaks HTTPS, use https://{where}"
+    return ""
+
+
+def certificate_names(host: str, port: int) -> list[str]:
+    """The names a server's certificate is for (read without verifying it),
+    to tell a user which host name to use; [] when they cannot be read."""
+    try:
+        from cryptography import x509
+
+        context = ssl.create_default_context()
+        context.check_hostname = False
+        context.verify_mode = ssl.CERT_NONE
+        with (
+            socket.create_connection((host, port), timeout=5) as raw,
+            context.wrap_socket(raw, server_hostname=host) as tls,
+        ):
+            der = tls.getpeercert(binary_form=True)
+        cert = x509.load_der_x509_certificate(der)
+        sans = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+        names = sans.get_values_for_type(x509.DNSName)
+        return names + [str(a) for a in sans.get_values_for_type(x509.IPAddress)]
+    except Exception:
+        return []
+
+
+def speaks_tls(host: str, port: int) -> bool:
+    """Whether ``host:port`` completes a TLS handshake (certificate not checked):
+    to tell an http:// URL pointed at an HTTPS server."""
+    try:
+        context = ssl.create_default_context()
+        context.check_hostname = False
+        context.verify_mode = ssl.CERT_NONE
+        with (
+            socket.create_connection((host, port), timeout=5) as raw,
+            context.wrap_socket(raw, server_hostname=host),
+        ):
+            return True
+    except (OSError, ssl.SSLError):
+        return False
+
+
+def speaks_http(host: str, port: int) -> bool:
+    """Whether ``host:port`` answers a plain HTTP request: to tell an https://
+    URL pointed at a plain-HTTP server (which may wait for a line that the TLS
+    handshake never sends)."""
+    try:
+        with socket.create_connection((host, port), timeout=5) as conn:
+            conn.sendall(b"GET /health HTTP/1.0\r\nHost: " + host.encode("idna") + b"\r\n\r\n")
+            return conn.recv(5) == b"HTTP/"
+    except (OSError, UnicodeError):
+        return False
+
+
 def main(argv: list[str] | None = None) -> None:
     args = parser().parse_args(argv)
 
@@ -233,13 +431,7 @@ def main(argv: list[str] | None = None) -> None:
         d = defer.maybeDeferred(COMMANDS[args.command], args, reactor)
 
         def failed(failure: Any) -> None:
-            if failure.check(ServerError):
-                err = failure.value
-                sys.stderr.write(f"wsserver-client: {err.code}: {err.message}\n")
-            elif failure.check(UsageError):
-                sys.stderr.write(f"wsserver-client: {failure.value}\n")
-            else:
-                sys.stderr.write(f"wsserver-client: {failure.getErrorMessage()}\n")
+            sys.stderr.write(f"wsserver-client: {failure_line(failure.value, args)}\n")
             raise SystemExit(1)
 
         return d.addErrback(failed)

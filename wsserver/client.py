@@ -31,10 +31,12 @@ from urllib.parse import urlsplit
 from autobahn.twisted.websocket import WebSocketClientFactory, WebSocketClientProtocol
 from nacl.exceptions import BadSignatureError
 from nacl.signing import SigningKey, VerifyKey
-from twisted.internet import defer, endpoints
+from service_identity import CertificateError, VerificationError
+from twisted.internet import defer, endpoints, error
 from twisted.internet.protocol import Protocol
 from twisted.internet.ssl import Certificate, optionsForClientTLS
 from twisted.logger import Logger
+from twisted.python.failure import Failure
 from twisted.web.client import Agent, BrowserLikePolicyForHTTPS, FileBodyProducer, ResponseDone
 from twisted.web.http_headers import Headers
 
@@ -58,6 +60,102 @@ class ServerError(Exception):
         self.status = status
 
 
+class ConnectionProblem(Exception):
+    """The server could not be reached or spoken to.
+
+    ``kind`` says why, for a caller that wants to suggest a fix: ``refused``,
+    ``dns``, ``timeout``, ``tls_untrusted`` (no trusted CA signed the
+    certificate), ``tls_hostname`` (the certificate is for another name),
+    ``tls_not_tls`` (an ``https://`` URL at a plain-HTTP port), ``closed``
+    (closed without an answer: an ``http://`` URL at a TLS port looks so),
+    ``not_wsserver`` (an answer that is not wsserver's JSON) or ``other``.
+    ``str()`` is one human line naming the server.
+    """
+
+    def __init__(self, kind: str, server: str, detail: str) -> None:
+        super().__init__(f"{server}: {detail}")
+        self.kind = kind
+        self.server = server
+        self.detail = detail
+
+
+def _innermost(err: Any) -> Any:
+    """The first underlying exception of Agent's wrappers (which carry ``reasons``)."""
+    for _ in range(10):
+        if isinstance(err, Failure):
+            err = err.value
+        reasons = getattr(err, "reasons", None)
+        if isinstance(reasons, list) and reasons:
+            err = reasons[0]
+            continue
+        return err
+    return err
+
+
+# Cancelled: this client cancels a request only when it timed out.
+_TIMEOUTS = (error.TimeoutError, defer.TimeoutError, TimeoutError, defer.CancelledError)
+# OpenSSL's reasons when a plain-HTTP server answers a TLS handshake.
+_NOT_TLS = ("wrong version", "packet length too long", "record layer failure", "http request")
+
+
+def connection_problem(err: Any, server: str) -> ConnectionProblem:
+    """Turn a network or TLS failure into a ``ConnectionProblem`` (never a repr)."""
+    inner = _innermost(err)
+    if isinstance(inner, ConnectionProblem):
+        return inner
+    if isinstance(inner, error.ConnectionRefusedError):
+        return ConnectionProblem("refused", server, "connection refused")
+    if isinstance(inner, error.DNSLookupError):
+        host = urlsplit(server).hostname
+        return ConnectionProblem("dns", server, f"the host name {host} cannot be resolved (DNS)")
+    if isinstance(inner, _TIMEOUTS):
+        return ConnectionProblem("timeout", server, "no answer in time (timed out)")
+    if isinstance(inner, VerificationError | CertificateError):  # service_identity
+        return ConnectionProblem(
+            "tls_hostname",
+            server,
+            f"the server's certificate is not for {urlsplit(server).hostname}",
+        )
+    text = _ssl_text(inner)
+    if text is not None:
+        if "certificate verify failed" in text:
+            return ConnectionProblem(
+                "tls_untrusted",
+                server,
+                "the server's certificate is not signed by a certificate authority trusted here",
+            )
+        if any(marker in text for marker in _NOT_TLS):
+            return ConnectionProblem("tls_not_tls", server, "the server does not speak TLS here")
+        return ConnectionProblem("other", server, f"TLS failed ({text})")
+    if isinstance(inner, error.ConnectionLost | error.ConnectionDone | error.ConnectionClosed):
+        return ConnectionProblem("closed", server, "the connection closed without an answer")
+    if isinstance(inner, error.ConnectError | OSError):
+        detail = getattr(inner, "osError", None) or inner
+        return ConnectionProblem("other", server, f"cannot connect ({_plain(detail)})")
+    return ConnectionProblem("other", server, _plain(inner))
+
+
+def _ssl_text(err: Any) -> str | None:
+    """The OpenSSL reason strings of a pyOpenSSL error, or None if it is not one."""
+    if type(err).__module__.split(".")[0] != "OpenSSL":
+        return None
+    parts = []
+    for item in getattr(err, "args", ()) or ():
+        if isinstance(item, list):
+            parts += [str(entry[-1]) for entry in item if isinstance(entry, tuple) and entry]
+        else:
+            parts.append(str(item))
+    return ", ".join(p for p in parts if p) or type(err).__name__
+
+
+def _plain(err: Any) -> str:
+    """A readable line for an exception: its message, else its class name."""
+    text = str(err).strip()
+    if not text or text.startswith("<") or text.startswith("["):
+        return type(err).__name__
+    return text.splitlines()[0]
+
+
 # -- keys ------------------------------------------------------------------------
 
 
@@ -78,8 +176,9 @@ def save_key(key: SigningKey, path: str) -> None:
 
 def load_key(path: str) -> SigningKey:
     """Read a key written by ``save_key``."""
-    with open(path) as f:
-        text = f.read().strip()
+    with open(path, "rb") as f:
+        raw = f.read(4096)
+    text = raw.decode("ascii", "replace").strip()
     if not text.startswith(KEY_PREFIX):
         raise ValueError(f"{path} is not a wsserver key file")
     seed = b64decode(text[len(KEY_PREFIX) :])
@@ -109,19 +208,27 @@ def check_signature(frame: dict, key: VerifyKey) -> bool | None:
 # -- the client ------------------------------------------------------------------
 
 
+_CLOSE_REASONS = {
+    1001: "the server is shutting down",
+    1006: "the connection was lost",
+    1013: "the server closed the connection: this client fell behind",
+    4001: "the session expired (logging in again)",
+}
+
+
 class _Conn(WebSocketClientProtocol):
-    was_open = False
-    closed_by_us: defer.Deferred | None = None
+    _was_open = False
+    _closed_by_us: defer.Deferred | None = None
 
     def onOpen(self) -> None:
-        self.was_open = True
-        self.factory.client._opened(self)
+        self._was_open = True
+        self.factory._wsclient._opened(self)
 
     def onMessage(self, payload: bytes, isBinary: bool) -> None:
-        self.factory.client._frame(json.loads(payload))
+        self.factory._wsclient._frame(json.loads(payload))
 
     def onClose(self, wasClean: bool, code: int | None, reason: str | None) -> None:
-        self.factory.client._closed(self, code)
+        self.factory._wsclient._closed(self, code)
 
 
 class Client:
@@ -135,6 +242,7 @@ class Client:
         *,
         cafile: str | None = None,
         reactor: Any = None,
+        timeout: float = 30.0,
     ) -> None:
         if reactor is None:
             from twisted.internet import reactor as default_reactor
@@ -148,6 +256,7 @@ class Client:
         self.key = key
         self.token: str | None = None
         self._reactor = reactor
+        self._timeout = timeout  # seconds for an HTTP answer (a TLS mismatch can hang)
         self._host = parts.hostname
         self._port = parts.port or (443 if parts.scheme == "https" else 80)
         self._secure = parts.scheme == "https"
@@ -176,6 +285,11 @@ class Client:
         self.on_status: Callable[[dict], Any] | None = None
         self.on_system: Callable[[dict], Any] | None = None
         self.on_connect: Callable[[], Any] | None = None
+        # on_retry(delay, why): a reconnect is scheduled in ``delay`` seconds.
+        self.on_retry: Callable[[float, str], Any] | None = None
+        # on_give_up(error): the client stopped reconnecting for good (not
+        # after close()); messages still unacknowledged have failed with it.
+        self.on_give_up: Callable[[Exception], Any] | None = None
 
     # -- HTTP ---------------------------------------------------------------------
 
@@ -186,21 +300,31 @@ class Client:
         if body is not None:
             headers.addRawHeader(b"content-type", b"application/json")
             producer = FileBodyProducer(BytesIO(json.dumps(body).encode("utf-8")))
-        response = yield self._agent.request(
-            method, (self.server + path).encode("ascii"), headers, producer
-        )
-        raw = yield _read_body(response)
+        try:
+            response = yield self._agent.request(
+                method, (self.server + path).encode("ascii"), headers, producer
+            ).addTimeout(self._timeout, self._reactor)
+            raw = yield _read_body(response).addTimeout(self._timeout, self._reactor)
+        except Exception as err:
+            raise connection_problem(err, self.server) from None
         try:
             data = json.loads(raw) if raw else {}
         except ValueError:
-            data = {}
+            data = None
         if response.code >= 400:
-            error = data.get("error") if isinstance(data, dict) else None
-            error = error if isinstance(error, dict) else {}
-            raise ServerError(
-                error.get("code", "http_error"),
-                error.get("message", f"HTTP {response.code}"),
-                response.code,
+            failure = data.get("error") if isinstance(data, dict) else None
+            if not isinstance(failure, dict) or not isinstance(failure.get("code"), str):
+                raise ConnectionProblem(
+                    "not_wsserver",
+                    self.server,
+                    f"HTTP {response.code} on {path.split('?')[0]}: is this a wsserver?",
+                )
+            raise ServerError(failure["code"], str(failure.get("message", "")), response.code)
+        if not isinstance(data, dict):
+            raise ConnectionProblem(
+                "not_wsserver",
+                self.server,
+                f"the answer to {path.split('?')[0]} is not JSON: is this a wsserver?",
             )
         return data
 
@@ -270,22 +394,26 @@ class Client:
                 url += f"?since={self.last_id}"
             factory = WebSocketClientFactory(url, headers={"Authorization": f"Bearer {self.token}"})
             factory.protocol = _Conn
-            factory.client = self
+            factory._wsclient = self
             factory.setProtocolOptions(autoPingInterval=20, autoPingTimeout=10)
             endpoint = self._endpoint()
             if self._tls is not None:
                 endpoint = endpoints.wrapClientTLS(self._tls, endpoint)
             yield endpoint.connect(factory)
         except Exception as err:
+            if not isinstance(err, ServerError | ConnectionProblem):
+                err = connection_problem(err, self.server)
             first = self._connected is not None and not self._connected.called
-            hopeless = isinstance(err, ServerError) and err.status in (400, 401, 404)
+            hopeless = isinstance(err, ServerError) and err.status in (400, 401, 403, 404)
             if first or hopeless:
                 # connect() reports a server it cannot reach or a login the
-                # server refuses; once connected, drops are retried instead.
-                self._fail_connect(err)
+                # server refuses; once connected, drops are retried instead,
+                # but a refused login (the user or its key is not known
+                # there any more) cannot get better by retrying.
+                self._give_up(err)
                 return
             _log.info("reconnect failed ({error}); retrying", error=str(err))
-            self._retry(attempt)
+            self._retry(attempt, err.detail if isinstance(err, ConnectionProblem) else str(err))
 
     def _endpoint(self) -> Any:
         try:
@@ -296,15 +424,24 @@ class Client:
             return endpoints.TCP6ClientEndpoint(self._reactor, self._host, self._port)
         return endpoints.TCP4ClientEndpoint(self._reactor, self._host, self._port)
 
-    def _retry(self, attempt: int) -> None:
+    def _retry(self, attempt: int, why: str) -> None:
         if self._wanted and self._retrying is None:
             delay = RECONNECT_DELAYS[min(attempt, len(RECONNECT_DELAYS) - 1)]
             self._retrying = self._reactor.callLater(delay, self._dial, True, attempt + 1)
+            if self.on_retry:
+                self.on_retry(delay, why)
 
-    def _fail_connect(self, err: Exception) -> None:
+    def _give_up(self, err: Exception) -> None:
+        """Stop for good: fail connect() if it is pending, else tell on_give_up;
+        fail every message still waiting for its ack."""
         self._wanted = False
         if self._connected is not None and not self._connected.called:
             self._connected.errback(err)
+        elif self.on_give_up:
+            self.on_give_up(err)
+        unacked, self._unacked = self._unacked, OrderedDict()
+        for _, d in unacked.values():
+            d.errback(err)
 
     def _opened(self, conn: _Conn) -> None:
         self._conn = conn
@@ -318,23 +455,27 @@ class Client:
     def _closed(self, conn: Any, code: int | None) -> None:
         if self._conn is conn:
             self._conn = None
-        if conn.closed_by_us is not None and not conn.closed_by_us.called:
-            conn.closed_by_us.callback(code)
+        if conn._closed_by_us is not None and not conn._closed_by_us.called:
+            conn._closed_by_us.callback(code)
         if not self._wanted:
             return
-        if not conn.was_open:  # the server refused the upgrade itself
+        if not conn._was_open:  # the server refused the upgrade itself
             if self._connected is not None and not self._connected.called:
-                self._fail_connect(
+                self._give_up(
                     ServerError("upgrade_refused", f"the WebSocket upgrade failed ({code})")
                 )
                 return
             self.token = None  # perhaps the token: log in again on the next try
+            self._retry(0, "the server refused the WebSocket upgrade (logging in again)")
+            return
         if code == 4001:  # token expired: log in again, then come back
             self.token = None
         elif code == 1008:  # policy (too many connections): retrying will not help
-            self._fail_connect(ServerError("policy_violation", "connection refused (1008)"))
+            self._give_up(
+                ServerError("policy_violation", "the server closed the connection (1008)")
+            )
             return
-        self._retry(0)
+        self._retry(0, _CLOSE_REASONS.get(code or 0, f"the connection closed ({code})"))
 
     def send(self, to: str, content: str, nonce: str | None = None) -> defer.Deferred:
         """Sign and send a message; fire with its ``ack`` frame.
@@ -353,8 +494,9 @@ class Client:
         }
         d: defer.Deferred = defer.Deferred()
         self._unacked[nonce] = (frame, d)
-        if self._conn is not None:
+        if self._conn is not None and self._conn.state == _Conn.STATE_OPEN:
             self._conn.sendMessage(json.dumps(frame).encode("utf-8"))
+        # else it goes out when the connection is (re)opened: see _opened
         return d
 
     def close(self) -> defer.Deferred:
@@ -364,11 +506,11 @@ class Client:
             self._retrying.cancel()
         self._retrying = None
         conn, self._conn = self._conn, None
-        if conn is None:
+        if conn is None or conn.state == _Conn.STATE_CLOSED:
             return defer.succeed(None)
-        conn.closed_by_us = defer.Deferred()
+        conn._closed_by_us = defer.Deferred()
         conn.sendClose(1000)
-        return conn.closed_by_us
+        return conn._closed_by_us
 
     # -- frames -------------------------------------------------------------------
 

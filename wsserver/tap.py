@@ -48,7 +48,11 @@ class Options(usage.Options):
     synopsis = "[options]"
     longdesc = (
         "Run the wsserver WebSocket messaging server. Every option can also be set "
-        "through the environment variable named in brackets; options win."
+        "through the environment variable named in brackets; options win. "
+        "twistd's own options go before 'wsserver', these after it: "
+        "twistd --pidfile=wsserver.pid --logfile=wsserver.log wsserver --port 8080 "
+        "runs it daemonized; 'twistd -n wsserver ...' in the foreground; "
+        "'twistd --help' lists twistd's options."
     )
     optParameters = [
         [option, None, None, f"{text} [{variable}, default: {default or 'unset'}]"]

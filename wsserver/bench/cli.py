@@ -1,4 +1,4 @@
-"""``wsserver-bench``: start the server as a user would, drive it with client
+"""wsserver-bench: start the server as a user would, drive it with client
 processes, measure it from /proc, print a table (and ``--json``, ``--plot``).
 
     wsserver-bench WORKLOAD [--duration S] [--json FILE] [--plot FILE]
@@ -67,6 +67,41 @@ OPEN_LIMITS = [
 def log(text: str) -> None:
     sys.stderr.write(text + "\n")
     sys.stderr.flush()
+
+
+class Progress:
+    """Progress on stderr: one line rewritten in place (``\\r``) on a terminal;
+    into a file or a pipe, a plain line each time the phase changes."""
+
+    def __init__(self, stream: Any = None) -> None:
+        self._stream = stream or sys.stderr
+        self._tty = self._stream.isatty()
+        self._last = ""
+        self._shown = False
+
+    def show(self, label: str, what: str, detail: str = "") -> None:
+        phase = f"  {label}: {what}"
+        if self._tty:
+            self._stream.write(f"\r{phase}{detail}")
+            self._shown = True
+        elif phase != self._last:
+            self._stream.write(phase + "\n")
+        self._last = phase
+        self._stream.flush()
+
+    def clear(self) -> None:
+        if self._tty and self._shown:
+            self._stream.write("\r" + " " * 70 + "\r")
+            self._stream.flush()
+            self._shown = False
+
+
+PROGRESS = Progress()
+
+
+def summary(count: int, seconds: float) -> str:
+    """The closing line: how many workloads ran, in how long."""
+    return f"{count} workload{'' if count == 1 else 's'} in {seconds:.0f} s"
 
 
 def free_port() -> int:
@@ -290,14 +325,13 @@ class Workers:
                 line = proc.stdout.readline()
                 if not line:
                     raise RuntimeError("a worker exited early")
-                sys.stderr.write("\r" + " " * 70 + "\r")
+                PROGRESS.clear()
                 return line
             now = time.monotonic()
             if now > deadline:
                 raise RuntimeError(f"{label}: a worker timed out while {what}")
-            shown = f"{now - since:5.1f}/{duration:.0f} s" if since else ""
-            sys.stderr.write(f"\r  {label}: {what} {shown}")
-            sys.stderr.flush()
+            shown = f" {now - since:5.1f}/{duration:.0f} s" if since else ""
+            PROGRESS.show(label, what, shown)
 
 
 @dataclass
@@ -706,8 +740,14 @@ def print_report(results: dict) -> None:
             print(f"    {key:24} {fmt(value)}")
     print()
     print(f"{'target':40} {'measured':>14} {'limit':>12}  met")
-    for name, measured, limit, met in targets(results):
+    rows = targets(results)
+    for name, measured, limit, met in rows:
         print(f"{name:40} {measured:>14} {limit:>12}  {'yes' if met else 'NO'}")
+    if not all(met for _, _, _, met in rows):
+        print(
+            "\nNO: a target not met.  docs/performance.md (section Targets, in the source "
+            "tree) explains each target and why the ones missed are missed."
+        )
 
 
 def write_plot(path: str, results: dict, samples: dict) -> None:
@@ -785,7 +825,7 @@ def write_plot(path: str, results: dict, samples: dict) -> None:
     goals.set_yticks([])
     goals.set_xticks([])
     goals.invert_yaxis()
-    goals.set_title("Targets (BENCHMARK.md)")
+    goals.set_title("Targets (docs/performance.md)")
     fig.tight_layout()
     fig.savefig(path, dpi=100)
 
@@ -814,8 +854,19 @@ def machine() -> dict:
     }
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="wsserver-bench", description=__doc__.split("\n")[0])
+def make_parser() -> argparse.ArgumentParser:
+    """The command line of wsserver-bench."""
+    parser = argparse.ArgumentParser(
+        prog="wsserver-bench",
+        description=(
+            "Start wsserver as a user would (twistd -n wsserver, fresh database), "
+            "drive it from client processes, measure its CPU and memory from /proc, "
+            "and print the figures against the targets T1-T6."
+        ),
+        epilog=(
+            "Workloads, method, targets and past figures: docs/performance.md in the source tree."
+        ),
+    )
     parser.add_argument("workload", choices=("all", *WORKLOADS))
     parser.add_argument("--quick", action="store_true", help="every workload briefly")
     parser.add_argument("--duration", type=float, help="seconds per workload")
@@ -836,7 +887,11 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--connections", type=int, default=10000, help="idle connections")
     parser.add_argument("--clients", type=int, default=2, help="client processes")
-    args = parser.parse_args(argv)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = make_parser().parse_args(argv)
     raise_fd_limit()
     names = list(WORKLOADS) if args.workload == "all" else [args.workload]
     bench = Bench(args)
@@ -846,7 +901,7 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         shutil.rmtree(bench.workdir, ignore_errors=True)
     print_report(results)
-    log(f"\n{len(names)} workloads in {time.monotonic() - started:.0f} s")
+    log("\n" + summary(len(names), time.monotonic() - started))
     if args.json:
         rows = [
             {"target": t, "measured": m, "limit": lim, "met": ok}

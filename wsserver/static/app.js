@@ -395,6 +395,7 @@ function rememberPeer(userId) {
 
 function showConnection(state, text) {
   const node = $("conn");
+  node.hidden = false; // hidden until someone signs in: no "offline" before that
   node.dataset.state = state;
   node.textContent = text;
 }
@@ -421,7 +422,17 @@ async function onRegister() {
   if (await loadKey(userId)) throw new Error(`this browser already has a key for ${userId}: log in`);
   const pair = await newKeyPair();
   const publicKey = toBase64(await crypto.subtle.exportKey("raw", pair.publicKey));
-  await api("POST", "/auth/register", { user_id: userId, username, public_key: publicKey });
+  try {
+    await api("POST", "/auth/register", { user_id: userId, username, public_key: publicKey });
+  } catch (err) {
+    if (err.code === "user_exists") {
+      throw new Error(
+        `${userId} is already registered elsewhere (another browser, or the command line), ` +
+          "and this browser has no key for it: choose another user id here",
+      );
+    }
+    throw err;
+  }
   const user = { user_id: userId, privateKey: pair.privateKey, public_key: publicKey };
   await saveKey(user);
   await start(user);
@@ -431,8 +442,26 @@ async function onLogin() {
   const userId = $("user-id").value.trim();
   if (!USER_ID.test(userId)) throw new Error("a user id is 1 to 64 of A-Z a-z 0-9 _ . -");
   const user = await loadKey(userId);
-  if (!user) throw new Error(`this browser has no key for ${userId}: register first`);
+  if (!user) throw await noKeyHere(userId);
   await start(user);
+}
+
+// Why this browser cannot log in as userId, which it has no key for: the id
+// is registered elsewhere (its key is in another browser or a key file), or
+// not registered at all.
+async function noKeyHere(userId) {
+  try {
+    await api("GET", `/auth/users/${encodeURIComponent(userId)}`);
+  } catch (err) {
+    if (err.code === "unknown_user" || err.code === "http_404") {
+      return new Error(`${userId} is not registered: register it`);
+    }
+    return err;
+  }
+  return new Error(
+    `${userId} is registered elsewhere (another browser, or the command line): ` +
+      "its key is not in this browser, so it cannot log in here; register another user id",
+  );
 }
 
 let signingIn = false; // one registration or login at a time
