@@ -29,7 +29,7 @@ from .broker import LocalBroker
 from .config import SETTINGS, Config, ConfigError, load
 from .peers import PeerLimits
 from .ratelimit import RateLimiter
-from .store import DatabaseError, Store, prepare_database
+from .store import DatabaseError, describe, open_store, prepare_database
 from .web import WebSocketGate, build_root, build_site
 from .websocket import ServerFactory, text_frame, use_fast_unmasking
 
@@ -99,7 +99,7 @@ class WsServerService(service.Service):
         clock: IReactorTime = reactor
         self.tls = tls_options(config.tls_cert, config.tls_key) if config.tls else None
         self.endpoint = endpoints.serverFromString(reactor, config.listen)
-        self.store = Store(config.database, clock)
+        self.store = open_store(config.database, clock)
         self.limiter = RateLimiter(config.message_rate_limit, config.message_burst_limit, clock)
         self.auth_limiter = RateLimiter(config.auth_rate_limit, config.auth_burst_limit, clock)
         tokens = Tokens(config.jwt_secret or secret, config.token_ttl, clock)
@@ -184,7 +184,7 @@ class WsServerService(service.Service):
             "wsserver listening on {host} ({scheme}), database {db}",
             host=host,
             scheme="https/wss" if self.tls else "http/ws",
-            db=self.config.database,
+            db=describe(self.config.database),
         )
 
     def _listen_failed(self, failure: Failure) -> None:
