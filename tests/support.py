@@ -21,6 +21,7 @@ from twisted.internet import defer, endpoints, error, protocol, reactor, task
 from twisted.internet.ssl import optionsForClientTLS
 from twisted.web.client import Agent, HTTPConnectionPool
 
+from tests.services import database_for_test
 from wsserver.messages import signing_input
 from wsserver.tap import WsServerService, build_service
 
@@ -62,7 +63,7 @@ class LiveServer:
 
     def __init__(self, testcase: Any, env: dict[str, str] | None = None) -> None:
         self.testcase = testcase
-        self.db = env.get("DATABASE") if env and "DATABASE" in env else testcase.mktemp() + ".db"
+        self.db = env.get("DATABASE") if env and "DATABASE" in env else database_for_test(testcase)
         settings = {"DATABASE": self.db, "SERVER_ADDR": "tcp:0:interface=127.0.0.1"}
         settings.update(env or {})
         self.service: WsServerService = build_service({}, settings)
