@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import gc
 import os
+import socket
 import sys
 from typing import Any
 
@@ -29,7 +30,7 @@ from .broker import LocalBroker
 from .config import SETTINGS, Config, ConfigError, load
 from .peers import PeerLimits
 from .ratelimit import RateLimiter
-from .store import DatabaseError, describe, open_store, prepare_database
+from .store import DatabaseError, NodeInfo, describe, open_store, prepare_database
 from .web import WebSocketGate, build_root, build_site
 from .websocket import ServerFactory, text_frame, use_fast_unmasking
 
@@ -88,7 +89,9 @@ def tls_options(cert_path: str, key_path: str) -> ssl.CertificateOptions:
 class WsServerService(service.Service):
     """The whole server: database, broker, web site, listening port."""
 
-    def __init__(self, config: Config, secret: bytes, reactor: Any = None) -> None:
+    def __init__(
+        self, config: Config, secret: bytes, reactor: Any = None, node: NodeInfo | None = None
+    ) -> None:
         if reactor is None:
             from twisted.internet import reactor as default_reactor
 
@@ -99,7 +102,7 @@ class WsServerService(service.Service):
         clock: IReactorTime = reactor
         self.tls = tls_options(config.tls_cert, config.tls_key) if config.tls else None
         self.endpoint = endpoints.serverFromString(reactor, config.listen)
-        self.store = open_store(config.database, clock)
+        self.store = open_store(config.database, clock, node)
         self.limiter = RateLimiter(config.message_rate_limit, config.message_burst_limit, clock)
         self.auth_limiter = RateLimiter(config.auth_rate_limit, config.auth_burst_limit, clock)
         tokens = Tokens(config.jwt_secret or secret, config.token_ttl, clock)
@@ -225,9 +228,12 @@ def build_service(
     Raises ``ConfigError`` or ``DatabaseError`` naming what is wrong.
     """
     config = load(options, environ)
-    secret = prepare_database(config.database, new_secret)
+    # Nodes sharing a database register there; without a broker (there is
+    # none yet) a second live node is refused instead of missing live traffic.
+    node = NodeInfo(f"{socket.gethostname()}:{os.getpid()}", has_broker=False)
+    secret = prepare_database(config.database, new_secret, node)
     try:
-        return WsServerService(config, secret, reactor)
+        return WsServerService(config, secret, reactor, node)
     except ValueError as exc:
         if isinstance(exc, ConfigError):
             raise

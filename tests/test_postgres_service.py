@@ -1,0 +1,152 @@
+"""``twistd wsserver`` on PostgreSQL: a database it cannot reach, and a second
+node on one database without a broker (issue 10 item 8, protocol section 11),
+with real processes; and the node registry those rely on."""
+
+from __future__ import annotations
+
+import signal
+
+from twisted.internet import defer, reactor
+from twisted.internet.task import Clock
+from twisted.trial import unittest
+
+from tests.services import fresh_postgres_database
+from tests.support import Twistd, free_port, serve_args, start_twistd
+from tests.test_store import SECRET
+from wsserver import store as st
+from wsserver.store import postgres as pg
+
+
+def one_line(err: bytes) -> str:
+    lines = err.decode("utf-8", "replace").strip().splitlines()
+    assert len(lines) == 1, lines
+    return lines[0]
+
+
+class StartRefusalTests(unittest.TestCase):
+    """What a node says and does when it cannot or must not start."""
+
+    timeout = 120
+
+    @defer.inlineCallbacks
+    def test_unreachable_postgresql_is_one_line_and_exit_1(self):
+        """DATABASE pointing at a closed port: exit status 1 and one line naming
+        DATABASE, without the password and without a traceback."""
+        url = f"postgresql://postgres:hunter2pw@127.0.0.1:{free_port()}/nothing"
+        proc = Twistd(self, serve_args(free_port(), url))
+        how = yield proc.ended()
+        self.assertEqual(how, ("exit", 1), proc.proc.err)
+        line = one_line(proc.proc.err)
+        self.assertTrue(line.startswith("wsserver: DATABASE: cannot use postgresql://"), line)
+        self.assertNotIn("hunter2pw", line + proc.proc.out.decode())
+        self.assertNotIn("Traceback", line)
+
+    @defer.inlineCallbacks
+    def test_second_node_without_broker_is_refused_until_the_first_stops(self):
+        """A node started on a database another live node uses, with no BROKER, exits
+        1 with one line naming DATABASE and BROKER; once the first node has stopped
+        cleanly (and unregistered) a node starts there again."""
+        url = fresh_postgres_database(self)
+        first, server = yield start_twistd(self, url)
+        yield server.user("alice")
+        second = Twistd(self, serve_args(free_port(), url))
+        how = yield second.ended()
+        self.assertEqual(how, ("exit", 1), second.proc.err)
+        line = one_line(second.proc.err)
+        self.assertTrue(line.startswith("wsserver: DATABASE: node "), line)
+        self.assertIn("BROKER", line)
+        code, _ = yield server.get("/health")  # the first node is not disturbed
+        self.assertEqual(code, 200)
+        first.transport.signalProcess("TERM")
+        how = yield first.ended()
+        self.assertIn(how, [("exit", 0), ("signal", signal.SIGTERM)])
+        third, server3 = yield start_twistd(self, url)
+        code, _ = yield server3.get("/auth/users/alice")
+        self.assertEqual(code, 200)
+        third.transport.signalProcess("TERM")
+        yield third.ended()
+
+
+class NodeRegistryTests(unittest.TestCase):
+    """Which registered nodes count as live."""
+
+    def setUp(self):
+        self.url = fresh_postgres_database(self)
+        st.prepare_database(self.url, lambda: SECRET)
+
+    def add_row(self, name: str, host: str, pid: int, age_s: int, broker: bool = False) -> None:
+        with pg.connect(self.url) as conn:
+            conn.execute(
+                "INSERT INTO nodes (name, host, pid, has_broker, heartbeat_at)"
+                " VALUES (%s, %s, %s, %s, now() - make_interval(secs => %s))",
+                (name, host, pid, broker, age_s),
+            )
+
+    def names(self) -> list[str]:
+        with pg.connect(self.url) as conn:
+            return [r[0] for r in conn.execute("SELECT name FROM nodes ORDER BY name")]
+
+    def prepare(self, name: str = "me", broker: bool = False) -> bytes:
+        return st.prepare_database(self.url, lambda: SECRET, st.NodeInfo(name, broker))
+
+    def test_a_live_node_elsewhere_refuses_a_node_without_broker(self):
+        """A node of another host with a fresh heartbeat makes registration fail,
+        naming it, BROKER and DATABASE; nothing is registered."""
+        self.add_row("other:1", "elsewhere", 1, 5)
+        with self.assertRaises(st.DatabaseError) as ctx:
+            self.prepare()
+        text = str(ctx.exception)
+        self.assertTrue(text.startswith("DATABASE: node other:1 "), text)
+        self.assertIn("BROKER", text)
+        self.assertEqual(self.names(), ["other:1"])
+
+    def test_both_with_a_broker_may_share(self):
+        """Nodes that both have a broker may share the database."""
+        self.add_row("other:1", "elsewhere", 1, 5, broker=True)
+        self.prepare(broker=True)
+        self.assertEqual(self.names(), ["me", "other:1"])
+
+    def test_a_stale_node_is_forgotten(self):
+        """A node whose last heartbeat is older than NODE_EXPIRY no longer counts."""
+        self.add_row("other:1", "elsewhere", 1, pg.NODE_EXPIRY + 1)
+        self.prepare()
+        self.assertEqual(self.names(), ["me"])
+
+    def test_a_dead_process_of_this_host_is_forgotten_at_once(self):
+        """A node of this host whose process no longer exists (killed outright) does
+        not hold the next start back for NODE_EXPIRY seconds."""
+        import socket
+
+        self.add_row("old", socket.gethostname(), 2**22 + 12345, 1)  # above pid_max
+        self.prepare()
+        self.assertEqual(self.names(), ["me"])
+
+    @defer.inlineCallbacks
+    def test_heartbeat_on_the_clock_and_unregister_at_close(self):
+        """A started store refreshes its node's heartbeat every HEARTBEAT_INTERVAL
+        of its clock, and its clean close removes the node."""
+        self.prepare()
+        with pg.connect(self.url) as conn:
+            conn.execute("UPDATE nodes SET heartbeat_at = now() - interval '1 hour'")
+        clock = Clock()
+        store = st.open_store(self.url, clock, st.NodeInfo("me", False))
+        self.addCleanup(lambda: store._closed or store.close())
+        yield store.start()
+        clock.advance(pg.HEARTBEAT_INTERVAL)
+        for _ in range(200):  # the heartbeat runs in the pool's thread
+            with pg.connect(self.url) as conn:
+                age = conn.execute(
+                    "SELECT extract(epoch FROM now() - heartbeat_at) FROM nodes"
+                ).fetchone()[0]
+            if age < 60:
+                break
+            yield deferLater(0.05)
+        self.assertLess(age, 60)
+        yield store.close()
+        self.assertEqual(self.names(), [])
+
+
+def deferLater(seconds: float) -> defer.Deferred:
+    from twisted.internet import task
+
+    return task.deferLater(reactor, seconds, lambda: None)
