@@ -5,13 +5,15 @@ with real processes; and the node registry those rely on."""
 from __future__ import annotations
 
 import signal
+import threading
 
-from twisted.internet import defer, reactor
+import psycopg
+from twisted.internet import defer, reactor, threads
 from twisted.internet.task import Clock
 from twisted.trial import unittest
 
 from tests.services import fresh_postgres_database
-from tests.support import Twistd, free_port, serve_args, start_twistd
+from tests.support import Twistd, connect_ws, free_port, serve_args, start_twistd
 from tests.test_store import SECRET
 from wsserver import store as st
 from wsserver.store import postgres as pg
@@ -65,6 +67,77 @@ class StartRefusalTests(unittest.TestCase):
         self.assertEqual(code, 200)
         third.transport.signalProcess("TERM")
         yield third.ended()
+
+
+class DatabaseFaultTests(unittest.TestCase):
+    """A real node whose database connection is terminated under it."""
+
+    timeout = 120
+
+    @defer.inlineCallbacks
+    def test_terminated_backend_fails_the_batch_in_flight_and_the_node_recovers(self):
+        """pg_terminate_backend on the connection writing a batch (and on the node's
+        idle connections): the sender gets internal_error with its nonce and no ack,
+        nothing is stored; then, with no restart, every request and send succeeds
+        and the resend with the same nonce is stored once and delivered."""
+        url = fresh_postgres_database(self)
+        proc, server = yield start_twistd(self, url)
+        _, alice_token = yield server.user("alice")
+        _, bob_token = yield server.user("bob")
+        alice = yield connect_ws(server.ws_base, alice_token, testcase=self)
+        bob = yield connect_ws(server.ws_base, bob_token, testcase=self)
+        # Hold the stream head so the node's next batch waits inside its transaction.
+        blocker = psycopg.connect(url)
+        self.addCleanup(blocker.close)
+        blocker.execute("SELECT last_id FROM stream_head FOR UPDATE")
+        alice.send_json({"to": "bob", "content": "in flight", "nonce": "t-1"})
+        name = psycopg.conninfo.conninfo_to_dict(url)["dbname"]
+
+        def terminate_node_backends() -> int:
+            # The one waiting in its batch, then the node's idle ones too (as a
+            # database restart would): each must be replaced by itself.
+            with psycopg.connect(url, autocommit=True) as conn:
+                for _ in range(300):
+                    waiting = conn.execute(
+                        "SELECT pg_terminate_backend(pid) FROM pg_stat_activity"
+                        " WHERE datname = %s AND wait_event_type = 'Lock'",
+                        (name,),
+                    ).fetchall()
+                    if waiting:
+                        break
+                    threading.Event().wait(0.1)
+                conn.execute(
+                    "SELECT pg_terminate_backend(pid) FROM pg_stat_activity"
+                    " WHERE datname = %s AND pid NOT IN (pg_backend_pid(), %s)",
+                    (name, blocker.info.backend_pid),
+                )
+            return len(waiting)
+
+        terminated = yield threads.deferToThread(terminate_node_backends)
+        self.assertEqual(terminated, 1)
+        blocker.rollback()
+        frame = yield alice.next_of("system")
+        self.assertEqual((frame["code"], frame["nonce"]), ("internal_error", "t-1"))
+        self.assertEqual([f for f in alice.received if f["type"] == "ack"], [])
+        with pg.connect(url) as conn:
+            self.assertEqual(conn.execute("SELECT count(*) FROM messages").fetchone(), (0,))
+        # Everything works again at once: reads, the resend, further sends.
+        for _ in range(2 * pg.POOL_SIZE):
+            code, _ = yield server.get("/auth/users/alice")
+            self.assertEqual(code, 200)
+        alice.send_json({"to": "bob", "content": "in flight", "nonce": "t-1"})
+        ack = yield alice.next_of("ack")
+        got = yield bob.next_of("message")
+        self.assertEqual((got["id"], got["content"]), (ack["id"], "in flight"))
+        for i in range(2 * pg.POOL_SIZE):
+            alice.send_json({"to": "bob", "content": f"after {i}", "nonce": f"a-{i}"})
+            yield alice.next_of("ack")
+        self.assertEqual([f for f in alice.received if f["type"] == "system"], [frame])
+        with pg.connect(url) as conn:
+            stored = conn.execute("SELECT count(*) FROM messages").fetchone()[0]
+        self.assertEqual(stored, 1 + 2 * pg.POOL_SIZE)
+        proc.transport.signalProcess("TERM")
+        yield proc.ended()
 
 
 class NodeRegistryTests(unittest.TestCase):

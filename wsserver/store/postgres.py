@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import os
 import re
+import select
 import socket
 from collections.abc import Callable
 from importlib import resources
@@ -363,6 +364,25 @@ def _write_batch(txn: Any, ops: list[tuple[str, Any]], known_users: set[str]) ->
     return results
 
 
+def _stale(conn: Any) -> bool:
+    """True when this idle connection cannot be used: closed, broken, or with
+    something to read (an idle connection is sent nothing unless the server
+    ended it: a restart, ``pg_terminate_backend``, an idle timeout)."""
+    if conn.closed or conn.broken:
+        return True
+    readable, _, _ = select.select([conn.fileno()], [], [], 0)
+    return bool(readable)
+
+
+def _on_live_connection(txn: Any, interaction: Callable[..., Any], *args: Any) -> Any:
+    """Run ``interaction`` after replacing the thread's connection if it died while
+    idle, so that a lost connection fails only what was in flight on it."""
+    if _stale(txn.connection):  # the DB-API cursor's connection
+        txn.reconnect()
+        txn.reopen()
+    return interaction(txn, *args)
+
+
 @implementer(IStore)
 class PostgresStore:
     """Asynchronous access to a PostgreSQL database, with group commit."""
@@ -405,8 +425,18 @@ class PostgresStore:
     def _closed(self) -> bool:
         return self._commits.closed
 
+    def _run(self, interaction: Callable[..., Any], *args: Any) -> defer.Deferred:
+        """``runInteraction`` on a connection known to be alive when it starts."""
+        return self._pool.runInteraction(_on_live_connection, interaction, *args)
+
+    def _execute(self, sql: str, args: tuple[Any, ...]) -> defer.Deferred:
+        def interaction(txn: Any) -> None:
+            txn.execute(sql, args)
+
+        return self._run(interaction)
+
     def _write(self, ops: list[tuple[str, Any]]) -> defer.Deferred:
-        return self._pool.runInteraction(_write_batch, ops, self._known_users)
+        return self._run(_write_batch, ops, self._known_users)
 
     def start(self) -> defer.Deferred:
         """Keep this node's registration alive (a heartbeat on the reactor clock)."""
@@ -419,7 +449,7 @@ class PostgresStore:
             return
         self._beating = True
         node = self._node
-        d = self._pool.runOperation(
+        d = self._execute(
             "INSERT INTO nodes (name, host, pid, has_broker) VALUES (%s, %s, %s, %s)"
             " ON CONFLICT (name) DO UPDATE SET heartbeat_at = now()",
             (node.name, socket.gethostname(), os.getpid(), node.has_broker),
@@ -435,9 +465,7 @@ class PostgresStore:
         yield self._commits.close()
         if self._node is not None:
             try:
-                yield self._pool.runOperation(
-                    "DELETE FROM nodes WHERE name = %s", (self._node.name,)
-                )
+                yield self._execute("DELETE FROM nodes WHERE name = %s", (self._node.name,))
             except Exception as exc:  # the database may be gone; the row expires
                 _log.warn("cannot unregister this node: {e}", e=str(exc))
         self._pool.close()
@@ -455,7 +483,7 @@ class PostgresStore:
             )
             return txn.rowcount == 1
 
-        return self._pool.runInteraction(interaction)
+        return self._run(interaction)
 
     def get_user(self, user_id: str) -> defer.Deferred:
         """Fire with the ``User`` or None."""
@@ -468,7 +496,7 @@ class PostgresStore:
             row = txn.fetchone()
             return User(row[0], row[1], bytes(row[2]), row[3]) if row else None
 
-        return self._pool.runInteraction(interaction)
+        return self._run(interaction)
 
     # -- login challenges -------------------------------------------------------
 
@@ -489,7 +517,7 @@ class PostgresStore:
                 (user_id, user_id, MAX_LIVE_CHALLENGES),
             )
 
-        return self._pool.runInteraction(interaction)
+        return self._run(interaction)
 
     def consume_challenge(
         self,
@@ -518,7 +546,7 @@ class PostgresStore:
                     return CHALLENGE_OK
             return CHALLENGE_BAD if tried else CHALLENGE_NONE
 
-        return self._pool.runInteraction(interaction)
+        return self._run(interaction)
 
     # -- delivery ---------------------------------------------------------------
 
@@ -537,7 +565,7 @@ class PostgresStore:
                 txn.execute(_SQL_SINCE, args)
             return [_to_message(row) for row in txn.fetchall()]
 
-        return self._pool.runInteraction(interaction)
+        return self._run(interaction)
 
     def get_message(self, msg_id: int) -> defer.Deferred:
         """Fire with the stored ``Message`` or None (for tests and tools)."""
@@ -547,7 +575,7 @@ class PostgresStore:
             row = txn.fetchone()
             return _to_message(row) if row else None
 
-        return self._pool.runInteraction(interaction)
+        return self._run(interaction)
 
     def count_messages(self) -> defer.Deferred:
         """Fire with the number of stored messages."""
@@ -556,7 +584,7 @@ class PostgresStore:
             txn.execute("SELECT COUNT(*) FROM messages")
             return txn.fetchone()[0]
 
-        return self._pool.runInteraction(interaction)
+        return self._run(interaction)
 
 
 __all__ = [
