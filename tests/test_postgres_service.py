@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import signal
 import threading
+from pathlib import Path
 
 import psycopg
 from twisted.internet import defer, reactor, threads
@@ -42,6 +43,24 @@ class StartRefusalTests(unittest.TestCase):
         self.assertTrue(line.startswith("wsserver: DATABASE: cannot use postgresql://"), line)
         self.assertNotIn("hunter2pw", line + proc.proc.out.decode())
         self.assertNotIn("Traceback", line)
+
+    @defer.inlineCallbacks
+    def test_unreachable_postgresql_daemonized_is_one_line_and_exit_1(self):
+        """Daemonized (no -n) the same: the line reaches the terminal, exit status 1,
+        and no daemon is left behind."""
+        tmp = Path(self.mktemp()).resolve()
+        tmp.mkdir()
+        pidfile, logfile = tmp / "wsserver.pid", tmp / "wsserver.log"
+        url = f"postgresql://postgres:hunter2pw@127.0.0.1:{free_port()}/nothing"
+        args = [f"--pidfile={pidfile}", f"--logfile={logfile}", *serve_args(free_port(), url)[2:]]
+        proc = Twistd(self, args)
+        how = yield proc.ended()
+        self.assertEqual(how, ("exit", 1), proc.proc.err)
+        line = one_line(proc.proc.err)
+        self.assertTrue(line.startswith("wsserver: DATABASE: cannot use postgresql://"), line)
+        self.assertFalse(pidfile.exists())
+        log = logfile.read_text() if logfile.exists() else ""
+        self.assertNotIn("hunter2pw", log)
 
     @defer.inlineCallbacks
     def test_second_node_without_broker_is_refused_until_the_first_stops(self):
