@@ -4,6 +4,8 @@ with real processes; and the node registry those rely on."""
 
 from __future__ import annotations
 
+import contextlib
+import os
 import signal
 import threading
 from pathlib import Path
@@ -14,7 +16,7 @@ from twisted.internet.task import Clock
 from twisted.trial import unittest
 
 from tests.services import fresh_postgres_database
-from tests.support import Twistd, connect_ws, free_port, serve_args, start_twistd
+from tests.support import RemoteServer, Twistd, connect_ws, free_port, serve_args, start_twistd
 from tests.test_store import SECRET
 from wsserver import store as st
 from wsserver.store import postgres as pg
@@ -86,6 +88,39 @@ class StartRefusalTests(unittest.TestCase):
         self.assertEqual(code, 200)
         third.transport.signalProcess("TERM")
         yield third.ended()
+
+    @defer.inlineCallbacks
+    def test_a_daemonized_node_is_seen_by_the_next_one(self):
+        """A node started daemonized (registered before the fork, serving after it)
+        holds the database: a second node on this host is refused while it runs."""
+        url = fresh_postgres_database(self)
+        tmp = Path(self.mktemp()).resolve()
+        tmp.mkdir()
+        pidfile, logfile = tmp / "wsserver.pid", tmp / "wsserver.log"
+        port = free_port()
+        args = [f"--pidfile={pidfile}", f"--logfile={logfile}", *serve_args(port, url)[2:]]
+        launcher = Twistd(self, args)
+        how = yield launcher.ended()
+        self.assertEqual(how, ("exit", 0), launcher.proc.err)
+        yield RemoteServer(self, port).wait_up()
+        pid = int(pidfile.read_text())
+        self.addCleanup(_stop_daemon, pid)
+        for _ in range(200):  # the serving process records itself at start
+            with pg.connect(url) as conn:
+                row = conn.execute("SELECT pid FROM nodes").fetchone()
+            if row == (pid,):
+                break
+            yield deferLater(0.05)
+        self.assertEqual(row, (pid,))
+        second = Twistd(self, serve_args(free_port(), url))
+        how = yield second.ended()
+        self.assertEqual(how, ("exit", 1), second.proc.err)
+        self.assertIn("BROKER", one_line(second.proc.err))
+
+
+def _stop_daemon(pid: int) -> None:
+    with contextlib.suppress(ProcessLookupError):
+        os.kill(pid, signal.SIGKILL)
 
 
 class DatabaseFaultTests(unittest.TestCase):
@@ -212,6 +247,27 @@ class NodeRegistryTests(unittest.TestCase):
         self.add_row("old", socket.gethostname(), 2**22 + 12345, 1)  # above pid_max
         self.prepare()
         self.assertEqual(self.names(), ["me"])
+
+    @defer.inlineCallbacks
+    def test_start_records_the_serving_process(self):
+        """twistd prepares (and registers) before it daemonizes, so the process that
+        serves is another: starting the store records its pid at once, so the node
+        is not taken for a dead process of this host by the next one to start."""
+        self.prepare()
+        with pg.connect(self.url) as conn:
+            conn.execute("UPDATE nodes SET pid = 2147483647")
+        store = st.open_store(self.url, Clock(), st.NodeInfo("me", False))
+        self.addCleanup(lambda: store._closed or store.close())
+        yield store.start()
+        for _ in range(200):  # the heartbeat runs in the pool's thread
+            with pg.connect(self.url) as conn:
+                pid = conn.execute("SELECT pid FROM nodes").fetchone()[0]
+            if pid == os.getpid():
+                break
+            yield deferLater(0.05)
+        self.assertEqual(pid, os.getpid())
+        with self.assertRaises(st.DatabaseError):
+            st.prepare_database(self.url, lambda: SECRET, st.NodeInfo("next", False))
 
     @defer.inlineCallbacks
     def test_heartbeat_on_the_clock_and_unregister_at_close(self):

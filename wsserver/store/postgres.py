@@ -439,9 +439,14 @@ class PostgresStore:
         return self._run(_write_batch, ops, self._known_users)
 
     def start(self) -> defer.Deferred:
-        """Keep this node's registration alive (a heartbeat on the reactor clock)."""
+        """Keep this node's registration alive (a heartbeat on the reactor clock).
+
+        The first beat is at once: twistd registers the node before it
+        daemonizes, so the serving process (whose pid the row must hold) may be
+        another one than the registering one.
+        """
         if self._node is not None and not self._heartbeat.running:
-            self._heartbeat.start(HEARTBEAT_INTERVAL, now=False)
+            self._heartbeat.start(HEARTBEAT_INTERVAL, now=True)
         return defer.succeed(None)
 
     def _beat(self) -> None:
@@ -451,7 +456,8 @@ class PostgresStore:
         node = self._node
         d = self._execute(
             "INSERT INTO nodes (name, host, pid, has_broker) VALUES (%s, %s, %s, %s)"
-            " ON CONFLICT (name) DO UPDATE SET heartbeat_at = now()",
+            " ON CONFLICT (name) DO UPDATE SET host = EXCLUDED.host, pid = EXCLUDED.pid,"
+            " heartbeat_at = now()",
             (node.name, socket.gethostname(), os.getpid(), node.has_broker),
         )
         d.addErrback(lambda f: _log.warn("node heartbeat failed: {e}", e=f.getErrorMessage()))
