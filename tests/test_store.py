@@ -56,6 +56,13 @@ class StoreContract:
         self.assertIsNone(missing)
 
     @defer.inlineCallbacks
+    def test_jwt_secret_is_the_prepared_one(self):
+        """The running store reads the JWT secret prepare_database kept, so every
+        process on the database signs and checks tokens with one secret."""
+        secret = yield self.store.jwt_secret()
+        self.assertEqual(secret, SECRET)
+
+    @defer.inlineCallbacks
     def test_challenges(self):
         """Challenges are tried newest first and consumed; expired ones and all but the
         newest five of a user are forgotten; a named challenge is tried alone."""

@@ -120,6 +120,10 @@ class IStore(Interface):
     def count_messages() -> Any:
         """Fire with the number of stored messages."""
 
+    def jwt_secret() -> Any:
+        """Fire with the JWT signing secret kept in the database (the one
+        ``prepare_database`` returned), or None before it was prepared."""
+
     def start() -> Any:
         """Begin the engine's background work (checkpoints, node heartbeat)."""
 

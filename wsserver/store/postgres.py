@@ -583,6 +583,16 @@ class PostgresStore:
 
         return self._run(interaction)
 
+    def jwt_secret(self) -> defer.Deferred:
+        """Fire with the JWT secret kept in the database, or None."""
+
+        def interaction(txn: Any) -> bytes | None:
+            txn.execute("SELECT value FROM meta WHERE key = 'jwt_secret'")
+            row = txn.fetchone()
+            return bytes(row[0]) if row else None
+
+        return self._run(interaction)
+
     def count_messages(self) -> defer.Deferred:
         """Fire with the number of stored messages."""
 
