@@ -136,6 +136,10 @@ class PostgresSchemaTests(unittest.TestCase):
             "postgresql://u:***@db.example:5433/chat?sslmode=require",
         )
         self.assertEqual(st.describe("postgres://u@h/d"), "postgres://u@h/d")
+        self.assertEqual(
+            st.describe("postgresql://u@h/d?sslmode=require&password=s3cr3t&x=1"),
+            "postgresql://u@h/d?sslmode=require&password=***&x=1",
+        )
         self.assertEqual(st.describe("/var/lib/wsserver.db"), "/var/lib/wsserver.db")
 
 

@@ -137,10 +137,12 @@ def is_postgres(database: str) -> bool:
 
 
 def describe(database: str) -> str:
-    """``DATABASE`` as it may be logged: a URL without its password."""
+    """``DATABASE`` as it may be logged: a URL without its password (in the
+    user part or as a ``password=`` parameter)."""
     if not is_postgres(database):
         return database
-    return re.sub(r"(://[^:/@]*):[^@/]*@", r"\1:***@", database, count=1)
+    shown = re.sub(r"(://[^:/@]*):[^@/]*@", r"\1:***@", database, count=1)
+    return re.sub(r"([?&]password=)[^&]*", r"\1***", shown, flags=re.IGNORECASE)
 
 
 @dataclass(frozen=True, slots=True)
