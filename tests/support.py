@@ -27,6 +27,8 @@ from wsserver.auth import Session
 from wsserver.messages import signing_input
 from wsserver.tap import WsServerService, build_service
 
+from .services import database_for_test
+
 HERE = Path(__file__).parent
 VECTORS = json.loads((HERE / "vectors.json").read_text("utf-8"))
 TIMEOUT = 30.0  # seconds: a generous deadline for any one event (the machine may be loaded)
@@ -81,7 +83,7 @@ class LiveServer:
         self.testcase = testcase
         if service is None:
             self.db = (
-                env.get("DATABASE") if env and "DATABASE" in env else testcase.mktemp() + ".db"
+                env.get("DATABASE") if env and "DATABASE" in env else database_for_test(testcase)
             )
             settings = {"DATABASE": self.db, "SERVER_ADDR": "tcp:0:interface=127.0.0.1"}
             settings.update(env or {})

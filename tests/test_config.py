@@ -357,3 +357,34 @@ class EverySettingTests(unittest.TestCase):
         checked.update({"AUTH_RATE_LIMIT", "AUTH_BURST_LIMIT"})
 
         self.assertEqual(checked, {variable for variable, *_ in SETTINGS})
+
+
+class DatabaseSettingTests(unittest.TestCase):
+    """DATABASE: a SQLite file or a PostgreSQL URL (protocol section 10)."""
+
+    def test_postgresql_urls_are_accepted_as_given(self):
+        """postgresql:// and postgres:// URLs in libpq's URI form are kept verbatim."""
+        for url in (
+            "postgresql://wsserver:secret@db.example:5433/chat",
+            "postgres://wsserver@127.0.0.1/chat?sslmode=require",
+            "postgresql:///chat",
+            "POSTGRESQL://u@h/d",
+        ):
+            self.assertEqual(load({}, {"DATABASE": url}).database, url)
+
+    def test_bad_postgresql_urls_name_database_and_hide_the_password(self):
+        """A PostgreSQL URL without a database name, with a bad port or with spaces is
+        refused at start with one line naming DATABASE, never showing the password."""
+        for url in (
+            "postgresql://u:hunter2@host:5432",
+            "postgresql://u:hunter2@host:5432/",
+            "postgresql://u:hunter2@host:port/db",
+            "postgresql://u:hunter2@host:99999/db",
+            "postgres://u:hunter2@host/a/b",
+            "postgresql://u:hunter2@host/d b",
+        ):
+            with self.assertRaises(ConfigError) as ctx:
+                load({}, {"DATABASE": url})
+            text = str(ctx.exception)
+            self.assertTrue(text.startswith("DATABASE: "), text)
+            self.assertNotIn("hunter2", text)

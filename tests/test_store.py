@@ -1,5 +1,6 @@
-"""The store: one conformance suite any Store must pass, run here on SQLite,
-plus the SQLite schema versions and their upgrade path."""
+"""The store: one conformance suite any ``IStore`` must pass (``StoreContract``),
+run here on SQLite and in test_store_postgres.py on PostgreSQL, plus the
+SQLite schema versions and their upgrade path."""
 
 from __future__ import annotations
 
@@ -22,10 +23,21 @@ def new_message(sender="alice", to="bob", content="hi", nonce=None, ms=1000):
 
 
 class StoreContract:
-    """Behaviour every Store implementation must show.  Subclasses define make_store()."""
+    """Behaviour every store engine must show.  Subclasses define make_store() (a
+    fresh, prepared, empty database's store) and make_read_only(on) (make the
+    database refuse writes, or accept them again)."""
 
-    def make_store(self) -> st.Store:
+    def make_store(self) -> st.IStore:
         raise NotImplementedError
+
+    def make_read_only(self, on: bool):
+        raise NotImplementedError
+
+    def test_provides_the_interface(self):
+        """The store provides IStore, so the rest of the server may rely on it."""
+        from zope.interface.verify import verifyObject
+
+        self.assertTrue(verifyObject(st.IStore, self.store))
 
     @defer.inlineCallbacks
     def setUp(self):
@@ -45,6 +57,40 @@ class StoreContract:
         self.assertEqual(user.username, "Alice")
         missing = yield self.store.get_user("zed")
         self.assertIsNone(missing)
+
+    @defer.inlineCallbacks
+    def test_jwt_secret_is_the_prepared_one(self):
+        """The running store reads the JWT secret prepare_database kept, so every
+        process on the database signs and checks tokens with one secret."""
+        secret = yield self.store.jwt_secret()
+        self.assertEqual(secret, SECRET)
+
+    @defer.inlineCallbacks
+    def test_challenges(self):
+        """Challenges are tried newest first and consumed; expired ones and all but the
+        newest five of a user are forgotten; a named challenge is tried alone."""
+        for i in range(7):
+            yield self.store.add_challenge("alice", f"c{i}", 100 + i, 1000)
+        yield self.store.add_challenge("bob", "b0", 100, 1000)
+        tried = []
+
+        def check(candidate):
+            tried.append(candidate)
+            return candidate == "c3"
+
+        outcome = yield self.store.consume_challenge("alice", None, 200, check)
+        self.assertEqual(outcome, st.CHALLENGE_OK)
+        self.assertEqual(tried, ["c6", "c5", "c4", "c3"])  # c0, c1 were forgotten
+        outcome = yield self.store.consume_challenge("alice", "c6", 200, lambda c: True)
+        self.assertEqual(outcome, st.CHALLENGE_NONE)  # consumed already
+        outcome = yield self.store.consume_challenge("alice", None, 200, lambda c: False)
+        self.assertEqual(outcome, st.CHALLENGE_BAD)  # c2 tried and consumed
+        outcome = yield self.store.consume_challenge("alice", None, 200, lambda c: True)
+        self.assertEqual(outcome, st.CHALLENGE_NONE)
+        outcome = yield self.store.consume_challenge("bob", None, 1000, lambda c: True)
+        self.assertEqual(outcome, st.CHALLENGE_NONE)  # expired
+        outcome = yield self.store.consume_challenge("bob", None, 999, lambda c: True)
+        self.assertEqual(outcome, st.CHALLENGE_OK)
 
     @defer.inlineCallbacks
     def test_group_commit_one_transaction_for_a_burst(self):
@@ -259,45 +305,6 @@ class SchemaTests(unittest.TestCase):
         """Shipped schema files are versions 1..N without gaps."""
         versions = [v for v, _ in st.migrations()]
         self.assertEqual(versions, list(range(1, len(versions) + 1)))
-
-
-class GroupCommitSchedulingTests(unittest.TestCase):
-    """When the store flushes, on a fake clock (the writes themselves are real)."""
-
-    def setUp(self):
-        from twisted.internet.task import Clock
-
-        self.path = self.mktemp()
-        st.prepare_database(self.path, lambda: SECRET)
-        self.clock = Clock()
-        self.store = st.Store(self.path, self.clock)
-        self.addCleanup(self.store._pool.close)
-        self.addCleanup(self.store._checkpoints.close)
-
-    def delays(self):
-        return [round(c.getTime() - self.clock.seconds(), 3) for c in self.clock.getDelayedCalls()]
-
-    def test_lone_delivery_mark_waits(self):
-        """A delivery mark alone is flushed MARK_DELAY later, not at once."""
-        self.store.mark_delivered([1])
-        self.assertEqual(self.delays(), [st.MARK_DELAY])
-
-    def test_message_hurries_the_marks_along(self):
-        """A message queued after a mark makes one immediate flush that takes both."""
-        self.store.mark_delivered([1])
-        d = self.store.add_message(new_message(to=BROADCAST))
-        self.assertEqual(self.delays(), [0])
-        self.clock.advance(0)
-        self.assertEqual(len(self.store._queue), 0)  # both went into that batch
-        return d
-
-    def test_drain_hurries_a_lazy_flush(self):
-        """drain() does not wait MARK_DELAY for marks to be written."""
-        self.store.mark_delivered([1])
-        d = self.store.drain()
-        self.assertEqual(self.delays(), [0])
-        self.clock.advance(0)
-        return d
 
 
 def mode_of(path: str) -> int:

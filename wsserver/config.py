@@ -12,6 +12,7 @@ import re
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, fields
 from typing import Any
+from urllib.parse import urlsplit
 
 from .auth import MIN_SECRET_BYTES
 
@@ -111,6 +112,31 @@ def _path(text: str) -> str:
     return text
 
 
+_POSTGRES_URL = re.compile(r"postgres(?:ql)?://", re.IGNORECASE)
+
+
+def _database(text: str) -> str:
+    """A SQLite file path, or a PostgreSQL URL in libpq's URI form:
+    ``postgresql://[user[:password]@][host][:port]/dbname[?param=value...]``.
+    Errors never repeat the URL (it may hold a password)."""
+    if not _POSTGRES_URL.match(text):
+        return _path(text)
+    form = "use postgresql://[user[:password]@][host][:port]/dbname"
+    if any(ch.isspace() for ch in text):
+        raise ValueError(f"a PostgreSQL URL has no spaces ({form})")
+    parts = urlsplit(text)
+    try:
+        port = parts.port
+    except ValueError:
+        port = -1
+    if port is not None and not 1 <= port <= 65535:
+        raise ValueError(f"the port must be a number from 1 to 65535 ({form})")
+    name = parts.path[1:]
+    if not name or "/" in name:
+        raise ValueError(f"a PostgreSQL URL needs one database name ({form})")
+    return text
+
+
 def _origins(text: str) -> frozenset[str]:
     found = set()
     for item in text.split(","):
@@ -146,7 +172,13 @@ SETTINGS: list[tuple[str, str, str | None, Callable[[str], Any], str]] = [
         _number(int, 1, 1_000_000),
         "token bucket capacity per user",
     ),
-    ("DATABASE", "database", "wsserver.db", _path, "SQLite database file"),
+    (
+        "DATABASE",
+        "database",
+        "wsserver.db",
+        _database,
+        "SQLite database file, or postgresql://user:password@host:port/dbname",
+    ),
     (
         "JWT_SECRET",
         "jwt-secret",

@@ -14,6 +14,7 @@ from __future__ import annotations
 import dataclasses
 import gc
 import os
+import socket
 import sys
 from typing import Any
 
@@ -33,7 +34,14 @@ from .broker import LocalBroker
 from .config import SETTINGS, Config, ConfigError, load
 from .peers import PeerLimits
 from .ratelimit import RateLimiter
-from .store import DatabaseError, Store, prepare_database
+from .store import (
+    DatabaseError,
+    NodeInfo,
+    describe,
+    is_postgres,
+    open_store,
+    prepare_database,
+)
 from .web import WebSocketGate, build_root, build_site
 from .websocket import ServerFactory, text_frame, use_fast_unmasking
 
@@ -114,7 +122,9 @@ def open_url(address: Any, tls: bool) -> str | None:
 class WsServerService(service.Service):
     """The whole server: database, broker, web site, listening port."""
 
-    def __init__(self, config: Config, secret: bytes, reactor: Any = None) -> None:
+    def __init__(
+        self, config: Config, secret: bytes, reactor: Any = None, node: NodeInfo | None = None
+    ) -> None:
         if reactor is None:
             from twisted.internet import reactor as default_reactor
 
@@ -125,7 +135,7 @@ class WsServerService(service.Service):
         clock: IReactorTime = reactor
         self.tls = tls_options(config.tls_cert, config.tls_key) if config.tls else None
         self.endpoint = endpoints.serverFromString(reactor, config.listen)
-        self.store = Store(config.database, clock)
+        self.store = open_store(config.database, clock, node)
         self.limiter = RateLimiter(config.message_rate_limit, config.message_burst_limit, clock)
         self.auth_limiter = RateLimiter(config.auth_rate_limit, config.auth_burst_limit, clock)
         tokens = Tokens(config.jwt_secret or secret, config.token_ttl, clock)
@@ -218,7 +228,7 @@ class WsServerService(service.Service):
         _log.info(
             "wsserver listening on {where} (database {db})",
             where=where,
-            db=os.path.abspath(self.config.database),
+            db=describe(self.config.database),
         )
 
     def stopService(self) -> defer.Deferred:
@@ -276,11 +286,16 @@ def build_service(
     """
     config = load(options, environ)
     # twistd changes directory (--rundir) after makeService and before the
-    # database pool connects: a relative path means where the command was run.
-    config = dataclasses.replace(config, database=os.path.abspath(config.database))
-    secret = prepare_database(config.database, new_secret)
+    # database pool connects: a relative SQLite path means where the command
+    # was run.
+    if not is_postgres(config.database):
+        config = dataclasses.replace(config, database=os.path.abspath(config.database))
+    # Nodes sharing a database register there; without a broker (there is
+    # none yet) a second live node is refused instead of missing live traffic.
+    node = NodeInfo(f"{socket.gethostname()}:{os.getpid()}", has_broker=False)
+    secret = prepare_database(config.database, new_secret, node)
     try:
-        return WsServerService(config, secret, reactor)
+        return WsServerService(config, secret, reactor, node)
     except ValueError as exc:
         if isinstance(exc, ConfigError):
             raise

@@ -1,14 +1,13 @@
-"""Persistence: the only module that speaks SQL.
+"""The SQLite engine: the embedded default, one file, one writer.
 
 ``prepare_database`` runs once, synchronously, before the reactor starts: it
-creates or upgrades the schema from the versioned files in ``schema/`` and
-returns the JWT signing secret kept in the database.  ``Store`` is what the
-running server uses: every call returns a Deferred and runs in the single
-thread of an adbapi pool, so SQLite sees one writer.
+creates or upgrades the schema from the versioned files in
+``schema/sqlite/`` and returns the JWT signing secret kept in the database.
+``Store`` is what the running server uses: every call returns a Deferred and
+runs in the single thread of an adbapi pool, so SQLite sees one writer.
 
-Messages go through *group commit*: what arrives while a commit is in flight
-(or within one reactor turn) is written by the next ``runInteraction`` in one
-transaction, and each sender's Deferred fires only after that commit.
+Messages go through group commit (``batching.GroupCommit``): this module
+only supplies ``_write_batch``, which applies one batch in one transaction.
 """
 
 from __future__ import annotations
@@ -18,7 +17,6 @@ import re
 import sqlite3
 import stat
 from collections.abc import Callable
-from dataclasses import dataclass
 from importlib import resources
 from typing import Any
 
@@ -27,60 +25,31 @@ from twisted.internet import defer
 from twisted.internet.interfaces import IReactorTime
 from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
-from twisted.python.failure import Failure
+from zope.interface import implementer
 
-from .messages import BROADCAST, PENDING, Message
+from ..messages import BROADCAST, PENDING, Message
+from . import (
+    CHALLENGE_BAD,
+    CHALLENGE_NONE,
+    CHALLENGE_OK,
+    DUPLICATE,
+    MAX_LIVE_CHALLENGES,
+    NO_RECIPIENT,
+    STORED,
+    DatabaseError,
+    IStore,
+    NewMessage,
+    User,
+)
+from .batching import BatchedWrites, GroupCommit
 
 _log = Logger()
 
 BUSY_TIMEOUT_MS = 5000
-MARK_DELAY = 0.1  # seconds a lone delivery mark may wait for a batch to join
 _KNOWN_USERS_MAX = 100_000
 _IN_CHUNK = 500  # ids per UPDATE ... IN (...): below SQLite's parameter limit
-MAX_LIVE_CHALLENGES = 5
-
-# Outcomes of add_message.
-STORED = "stored"
-DUPLICATE = "duplicate"
-NO_RECIPIENT = "unknown_recipient"
-
-# Outcomes of consume_challenge.
-CHALLENGE_OK = "ok"
-CHALLENGE_NONE = "no_challenge"
-CHALLENGE_BAD = "invalid_signature"
 
 _MIGRATION_FILE = re.compile(r"(\d{3})_[a-z0-9_]+\.sql")
-
-
-class DatabaseError(Exception):
-    """The database cannot be opened or prepared; the message says why."""
-
-
-class StoreClosed(Exception):
-    """The store is shutting down and accepts no more writes."""
-
-
-@dataclass(frozen=True, slots=True)
-class User:
-    """A registered user."""
-
-    user_id: str
-    username: str
-    public_key: bytes
-    created_ms: int
-
-
-@dataclass(frozen=True, slots=True)
-class NewMessage:
-    """What the server has accepted and wants stored."""
-
-    sender: str
-    recipient: str
-    content: str
-    signature: bytes | None
-    nonce: str | None
-    verification: str
-    created_ms: int
 
 
 # ----------------------------------------------------------------------------
@@ -90,7 +59,7 @@ class NewMessage:
 def migrations() -> list[tuple[int, str]]:
     """Every shipped schema file as (version, SQL), in version order."""
     found = []
-    for entry in resources.files("wsserver").joinpath("schema").iterdir():
+    for entry in resources.files(__package__).joinpath("schema", "sqlite").iterdir():
         match = _MIGRATION_FILE.fullmatch(entry.name)
         if match:
             found.append((int(match.group(1)), entry.read_text("utf-8")))
@@ -374,7 +343,8 @@ def _write_batch(txn: Any, ops: list[tuple[str, Any]], known_users: set[str]) ->
     return results
 
 
-class Store:
+@implementer(IStore)
+class Store(BatchedWrites):
     """Asynchronous access to the SQLite database, with group commit."""
 
     def __init__(
@@ -385,7 +355,6 @@ class Store:
     ) -> None:
         self.path = path
         self._clock = clock
-        self._max_batch = max_batch
         self._pool = _one_thread_pool(path)  # the only writer
         # Checkpoints copy the WAL into the database file and fsync it: a few
         # milliseconds that would stall every commit behind them, so they run
@@ -394,101 +363,15 @@ class Store:
         self._checkpoint_loop = LoopingCall(self._checkpoint)
         self._checkpoint_loop.clock = clock
         self._checkpointing = False
-        self._queue: list[tuple[str, Any, defer.Deferred | None]] = []
-        self._waiting = 0  # queued operations a caller waits for
-        self._scheduled: Any = None
-        self._scheduled_urgent = False
-        self._flushing = False
-        self._closed = False
-        self._drained: list[defer.Deferred] = []
-        self.batches = 0  # commits made by group commit, for tests and stats
         self._known_users: set[str] = set()  # used only in the pool's thread
+        self._commits = GroupCommit(clock, self._write, max_batch)
 
-    # -- group commit ---------------------------------------------------------
+    @property
+    def _closed(self) -> bool:
+        return self._commits.closed
 
-    def add_message(self, new: NewMessage) -> defer.Deferred:
-        """Store a message; fires with ``(outcome, Message | None)`` after commit.
-
-        Outcomes: ``STORED`` (the new message), ``DUPLICATE`` (the message that
-        already holds this sender's nonce), ``NO_RECIPIENT`` (nothing stored).
-        Fails when the database refused the write.
-        """
-        if self._closed:
-            return defer.fail(StoreClosed())
-        d: defer.Deferred = defer.Deferred()
-        self._enqueue("message", new, d)
-        return d
-
-    def mark_delivered(self, ids: list[int]) -> None:
-        """Record that these pending messages were handed to a connection."""
-        if ids and not self._closed:
-            self._enqueue("delivered", list(ids), None)
-
-    def mark_broadcast(self, msg_id: int, recipients: int) -> None:
-        """Record that a broadcast went out to ``recipients`` connections."""
-        if not self._closed:
-            self._enqueue("broadcast", (msg_id, recipients), None)
-
-    def _enqueue(self, kind: str, arg: Any, d: defer.Deferred | None) -> None:
-        self._queue.append((kind, arg, d))
-        if d is not None:
-            self._waiting += 1
-        self._schedule()
-
-    def _schedule(self) -> None:
-        """Flush on the next reactor turn if a sender waits, else a little later.
-
-        Delivery marks wait no one, so they ride along with the next batch of
-        messages instead of costing a transaction (and a thread round trip
-        that messages would queue behind) of their own.
-        """
-        if self._flushing or not self._queue:
-            return
-        urgent = self._waiting > 0 or bool(self._drained)
-        if self._scheduled is not None:
-            if not urgent or self._scheduled_urgent:
-                return
-            self._scheduled.cancel()
-        self._scheduled_urgent = urgent
-        self._scheduled = self._clock.callLater(0 if urgent else MARK_DELAY, self._flush)
-
-    def _flush(self) -> None:
-        self._scheduled = None
-        batch = self._queue[: self._max_batch]
-        del self._queue[: self._max_batch]
-        self._waiting -= sum(1 for _, _, d in batch if d is not None)
-        self._flushing = True
-        ops = [(kind, arg) for kind, arg, _ in batch]
-        d = self._pool.runInteraction(_write_batch, ops, self._known_users)
-        d.addBoth(self._flushed, batch)
-
-    def _flushed(self, result: list[Any] | Failure, batch: list[Any]) -> None:
-        self._flushing = False
-        self.batches += 1
-        if isinstance(result, Failure):
-            _log.failure("database write of {count} operations failed", result, count=len(batch))
-            for _, _, d in batch:
-                if d is not None:
-                    d.errback(result)
-        else:
-            for (_, _, d), outcome in zip(batch, result, strict=True):
-                if d is not None:
-                    d.callback(outcome)
-        if self._queue:
-            self._schedule()
-        else:
-            waiting, self._drained = self._drained, []
-            for d in waiting:
-                d.callback(None)
-
-    def drain(self) -> defer.Deferred:
-        """Fire once every write queued so far has been committed (or failed)."""
-        if not self._queue and not self._flushing:
-            return defer.succeed(None)
-        d: defer.Deferred = defer.Deferred()
-        self._drained.append(d)
-        self._schedule()  # someone waits now: no lazy delay
-        return d
+    def _write(self, ops: list[tuple[str, Any]]) -> defer.Deferred:
+        return self._pool.runInteraction(_write_batch, ops, self._known_users)
 
     def start(self, checkpoint_interval: float = 1.0) -> defer.Deferred:
         """Checkpoint the WAL every ``checkpoint_interval`` seconds off the write path.
@@ -511,10 +394,9 @@ class Store:
     @defer.inlineCallbacks
     def close(self) -> Any:
         """Refuse new writes, commit what is queued, close the pools."""
-        self._closed = True
         if self._checkpoint_loop.running:
             self._checkpoint_loop.stop()
-        yield self.drain()
+        yield self._commits.close()
         self._pool.close()
         self._checkpoints.close()
 
@@ -639,6 +521,16 @@ class Store:
 
         return self._pool.runInteraction(interaction)
 
+    def jwt_secret(self) -> defer.Deferred:
+        """Fire with the JWT secret kept in the database, or None."""
+
+        def interaction(txn: Any) -> bytes | None:
+            txn.execute("SELECT value FROM meta WHERE key = 'jwt_secret'")
+            row = txn.fetchone()
+            return bytes(row[0]) if row else None
+
+        return self._pool.runInteraction(interaction)
+
     def count_messages(self) -> defer.Deferred:
         """Fire with the number of stored messages."""
 
@@ -649,17 +541,4 @@ class Store:
         return self._pool.runInteraction(interaction)
 
 
-__all__ = [
-    "CHALLENGE_BAD",
-    "CHALLENGE_NONE",
-    "CHALLENGE_OK",
-    "DUPLICATE",
-    "NO_RECIPIENT",
-    "STORED",
-    "DatabaseError",
-    "NewMessage",
-    "Store",
-    "StoreClosed",
-    "User",
-    "prepare_database",
-]
+__all__ = ["Store", "migrations", "prepare_database", "schema_version", "upgrade"]

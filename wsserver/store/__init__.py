@@ -1,0 +1,221 @@
+"""Persistence: ``IStore``, its records, and the choice of engine.
+
+Everything the rest of the server needs from the database goes through
+``IStore``; the SQL of each engine lives in its own module (``sqlite.py``,
+``postgres.py``) with its own versioned schema files (``schema/<engine>/``),
+and the group-commit queue that both share is ``batching.py``.  No other
+module of wsserver speaks SQL.
+
+``DATABASE`` chooses the engine: a ``postgresql://`` or ``postgres://`` URL
+is PostgreSQL, anything else a SQLite file.  ``prepare_database`` runs once,
+synchronously, before the reactor starts (schema, JWT secret); ``open_store``
+builds the store the running server uses.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+from twisted.internet.interfaces import IReactorTime
+from zope.interface import Attribute, Interface
+
+MAX_LIVE_CHALLENGES = 5
+
+# Outcomes of add_message.
+STORED = "stored"
+DUPLICATE = "duplicate"
+NO_RECIPIENT = "unknown_recipient"
+
+# Outcomes of consume_challenge.
+CHALLENGE_OK = "ok"
+CHALLENGE_NONE = "no_challenge"
+CHALLENGE_BAD = "invalid_signature"
+
+_POSTGRES_URL = re.compile(r"postgres(?:ql)?://", re.IGNORECASE)
+
+
+class DatabaseError(Exception):
+    """The database cannot be opened or prepared; the message says why."""
+
+
+class StoreClosed(Exception):
+    """The store is shutting down and accepts no more writes."""
+
+
+@dataclass(frozen=True, slots=True)
+class User:
+    """A registered user."""
+
+    user_id: str
+    username: str
+    public_key: bytes
+    created_ms: int
+
+
+@dataclass(frozen=True, slots=True)
+class NewMessage:
+    """What the server has accepted and wants stored."""
+
+    sender: str
+    recipient: str
+    content: str
+    signature: bytes | None
+    nonce: str | None
+    verification: str
+    created_ms: int
+
+
+class IStore(Interface):
+    """Everything the server needs from persistence; every call returns a Deferred
+    (or nothing, for the delivery marks, which ride along with the next batch)."""
+
+    batches = Attribute("commits made by group commit so far, for tests and stats")
+
+    def add_user(user: User) -> Any:  # noqa: N805 (zope.interface style)
+        """Insert a user; fires True, or False when the user_id is taken."""
+
+    def get_user(user_id: str) -> Any:  # noqa: N805
+        """Fire with the ``User`` or None."""
+
+    def add_challenge(user_id: str, challenge: str, now_ms: int, expires_ms: int) -> Any:  # noqa: N805
+        """Keep a new challenge; forget expired ones and all but the newest
+        ``MAX_LIVE_CHALLENGES`` of the user."""
+
+    def consume_challenge(
+        user_id: str,  # noqa: N805
+        challenge: str | None,
+        now_ms: int,
+        check: Callable[[str], bool],
+    ) -> Any:
+        """Try ``check`` on the user's live challenges, newest first, deleting each
+        one tried; fire ``CHALLENGE_OK``, ``CHALLENGE_BAD`` or ``CHALLENGE_NONE``.
+        A challenge another node consumed first is not counted as tried."""
+
+    def add_message(new: NewMessage) -> Any:  # noqa: N805
+        """Store a message by group commit; fires with ``(outcome, Message | None)``
+        after the commit: ``STORED``, ``DUPLICATE`` (the message already holding the
+        sender's nonce) or ``NO_RECIPIENT``.  Fails when the database refused the
+        batch, and with ``StoreClosed`` after ``close``."""
+
+    def mark_delivered(ids: list[int]) -> None:  # noqa: N805
+        """Record that these pending messages were handed to a connection."""
+
+    def mark_broadcast(msg_id: int, recipients: int) -> None:  # noqa: N805
+        """Record that a broadcast went out to ``recipients`` connections."""
+
+    def drain() -> Any:
+        """Fire once every write queued so far has been committed (or failed)."""
+
+    def replay_page(user_id: str, since: int | None, after: int, limit: int) -> Any:  # noqa: N805
+        """Up to ``limit`` messages for ``user_id`` with id > ``after``, by id: the
+        user's pending direct messages, and with ``since`` also every direct message
+        to the user and every broadcast above ``since`` (protocol section 6)."""
+
+    def get_message(msg_id: int) -> Any:  # noqa: N805
+        """Fire with the stored ``Message`` or None."""
+
+    def count_messages() -> Any:
+        """Fire with the number of stored messages."""
+
+    def jwt_secret() -> Any:
+        """Fire with the JWT signing secret kept in the database (the one
+        ``prepare_database`` returned), or None before it was prepared."""
+
+    def start() -> Any:
+        """Begin the engine's background work (checkpoints, node heartbeat)."""
+
+    def close() -> Any:
+        """Refuse new writes, commit what is queued, release the connections."""
+
+
+def is_postgres(database: str) -> bool:
+    """True when ``DATABASE`` names a PostgreSQL database rather than a SQLite file."""
+    return bool(_POSTGRES_URL.match(database))
+
+
+def describe(database: str) -> str:
+    """``DATABASE`` as it may be logged: a URL without its password (in the
+    user part or as a ``password=`` parameter)."""
+    if not is_postgres(database):
+        return database
+    shown = re.sub(r"(://[^:/@]*):[^@/]*@", r"\1:***@", database, count=1)
+    return re.sub(r"([?&]password=)[^&]*", r"\1***", shown, flags=re.IGNORECASE)
+
+
+@dataclass(frozen=True, slots=True)
+class NodeInfo:
+    """What a node registers about itself in a shared database."""
+
+    name: str
+    has_broker: bool
+
+
+def prepare_database(
+    database: str, new_secret: Callable[[], bytes], node: NodeInfo | None = None
+) -> bytes:
+    """Create or upgrade the database; return the JWT secret kept in it.
+
+    Synchronous (before the reactor runs).  ``node``, for a shared
+    (PostgreSQL) database, registers this node and refuses to start beside
+    another live one when either lacks a broker.  Raises ``DatabaseError``
+    with a message that starts with ``DATABASE``.
+    """
+    if is_postgres(database):
+        from . import postgres
+
+        return postgres.prepare_database(database, new_secret, node)
+    from . import sqlite
+
+    return sqlite.prepare_database(database, new_secret)
+
+
+def open_store(database: str, clock: IReactorTime, node: NodeInfo | None = None) -> Any:
+    """The ``IStore`` for ``DATABASE`` (after ``prepare_database``)."""
+    if is_postgres(database):
+        from . import postgres
+
+        return postgres.PostgresStore(database, clock, node)
+    from . import sqlite
+
+    return sqlite.Store(database, clock)
+
+
+_SQLITE_NAMES = ("Store", "migrations", "schema_version", "upgrade")
+
+
+def __getattr__(name: str) -> Any:
+    # Names this package had when it was one SQLite module, for code and tests
+    # written against it: ``Store`` is the SQLite store.
+    if name in _SQLITE_NAMES:
+        from . import sqlite
+
+        return getattr(sqlite, name)
+    if name == "MARK_DELAY":
+        from .batching import MARK_DELAY
+
+        return MARK_DELAY
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+__all__ = [
+    "CHALLENGE_BAD",
+    "CHALLENGE_NONE",
+    "CHALLENGE_OK",
+    "DUPLICATE",
+    "MAX_LIVE_CHALLENGES",
+    "NO_RECIPIENT",
+    "STORED",
+    "DatabaseError",
+    "IStore",
+    "NewMessage",
+    "NodeInfo",
+    "StoreClosed",
+    "User",
+    "describe",
+    "is_postgres",
+    "open_store",
+    "prepare_database",
+]

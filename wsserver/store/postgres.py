@@ -1,0 +1,605 @@
+"""The PostgreSQL engine: one database shared by every node of a cluster.
+
+psycopg 3 through ``twisted.enterprise.adbapi`` (``ConnectionPool("psycopg",
+...)``), each pool thread holding its own connection; ``cp_reconnect`` makes
+a pool replace a connection that broke (a restarted server, a terminated
+backend), so only the interaction in flight fails and the node recovers by
+itself.
+
+Message ids are not a sequence: each batch takes ``stream_head`` under its
+row lock inside its transaction and uses the next ids, so ids become
+visible in the order they were committed, on every node (with a sequence a
+reader tailing the stream would see a small id commit after a larger one and
+``since`` would skip it for good).  Group commit keeps the lock's cost per
+message small.
+
+Schema files are ``schema/postgres/NNN_*.sql``; each version is applied in
+its own transaction under an advisory lock, so nodes starting together
+apply it once.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import select
+import socket
+from collections.abc import Callable
+from importlib import resources
+from typing import Any
+
+import psycopg
+from twisted.enterprise import adbapi
+from twisted.internet import defer
+from twisted.internet.interfaces import IReactorTime
+from twisted.internet.task import LoopingCall
+from twisted.logger import Logger
+from zope.interface import implementer
+
+from ..messages import BROADCAST, PENDING, Message
+from . import (
+    CHALLENGE_BAD,
+    CHALLENGE_NONE,
+    CHALLENGE_OK,
+    DUPLICATE,
+    MAX_LIVE_CHALLENGES,
+    NO_RECIPIENT,
+    STORED,
+    DatabaseError,
+    IStore,
+    NewMessage,
+    NodeInfo,
+    User,
+    describe,
+)
+from .batching import BatchedWrites, GroupCommit
+
+_log = Logger()
+
+CONNECT_TIMEOUT = 10  # seconds to wait for the server when connecting
+POOL_SIZE = 4  # connections (and threads) per node: one writes batches, the rest read
+HEARTBEAT_INTERVAL = 10.0  # seconds between a node's heartbeats
+NODE_EXPIRY = 30  # seconds after its last heartbeat a node counts as gone
+# Advisory lock keys (any constant bigint; these spell "wsschema"/"wsnodes").
+SCHEMA_LOCK = 0x7773736368656D61
+NODES_LOCK = 0x77736E6F646573
+_KNOWN_USERS_MAX = 100_000
+
+_MIGRATION_FILE = re.compile(r"(\d{3})_[a-z0-9_]+\.sql")
+
+
+# ----------------------------------------------------------------------------
+# Schema, the JWT secret and node registration (synchronous, before the reactor)
+
+
+def migrations() -> list[tuple[int, str]]:
+    """Every shipped PostgreSQL schema file as (version, SQL), in version order."""
+    found = []
+    for entry in resources.files(__package__).joinpath("schema", "postgres").iterdir():
+        match = _MIGRATION_FILE.fullmatch(entry.name)
+        if match:
+            found.append((int(match.group(1)), entry.read_text("utf-8")))
+    found.sort()
+    return found
+
+
+def connect(url: str) -> psycopg.Connection:
+    """A plain (blocking) connection to ``url``, for preparing and for tools."""
+    return psycopg.connect(url, connect_timeout=CONNECT_TIMEOUT)
+
+
+def schema_version(conn: psycopg.Connection) -> int:
+    """The schema version recorded in the database; 0 when it has none."""
+    row = conn.execute("SELECT to_regclass('schema_version') IS NOT NULL").fetchone()
+    if not row or not row[0]:
+        return 0
+    row = conn.execute("SELECT version FROM schema_version").fetchone()
+    return row[0] if row else 0
+
+
+def upgrade(conn: psycopg.Connection, target: int | None = None) -> int:
+    """Bring the schema up to ``target`` (default: newest); return the version.
+
+    Each version is applied in its own transaction holding an advisory lock,
+    so nodes starting together apply every version exactly once.
+    """
+    steps = migrations()
+    newest = steps[-1][0] if steps else 0
+    target = newest if target is None else target
+    for version, script in steps:
+        if version > target:
+            break
+        with conn.transaction():
+            conn.execute("SELECT pg_advisory_xact_lock(%s)", (SCHEMA_LOCK,))
+            conn.execute("CREATE TABLE IF NOT EXISTS schema_version (version INTEGER NOT NULL)")
+            if schema_version(conn) >= version:
+                continue
+            conn.execute(script.encode("utf-8"))  # several statements, no parameters
+            conn.execute("DELETE FROM schema_version")
+            conn.execute("INSERT INTO schema_version (version) VALUES (%s)", (version,))
+    current = schema_version(conn)
+    if current > newest:
+        raise DatabaseError(
+            f"DATABASE: schema version {current} is newer than this server supports ({newest})"
+        )
+    return current
+
+
+def _one_line(exc: BaseException, url: str) -> str:
+    text = " ".join(str(exc).split()) or type(exc).__name__
+    password = psycopg.conninfo.conninfo_to_dict(url).get("password")
+    return text.replace(str(password), "***") if password else text
+
+
+def prepare_database(
+    url: str, new_secret: Callable[[], bytes], node: NodeInfo | None = None
+) -> bytes:
+    """Create or upgrade the database at ``url``; return the kept JWT secret.
+
+    The first node to store a secret wins, so every node agrees.  With
+    ``node``, register it (see ``register_node``).
+    """
+    try:
+        psycopg.conninfo.conninfo_to_dict(url)
+    except psycopg.Error:
+        raise DatabaseError(f"DATABASE: not a usable PostgreSQL URL: {describe(url)}") from None
+    try:
+        with connect(url) as conn:
+            upgrade(conn)
+            with conn.transaction():
+                conn.execute(
+                    "INSERT INTO meta (key, value) VALUES ('jwt_secret', %s)"
+                    " ON CONFLICT (key) DO NOTHING",
+                    (new_secret(),),
+                )
+                row = conn.execute("SELECT value FROM meta WHERE key = 'jwt_secret'").fetchone()
+            if node is not None:
+                register_node(conn, node)
+            return bytes(row[0])
+    except psycopg.Error as exc:
+        reason = _one_line(exc, url)
+        raise DatabaseError(f"DATABASE: cannot use {describe(url)}: {reason}") from None
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def register_node(conn: psycopg.Connection, node: NodeInfo) -> None:
+    """Record ``node`` as live on this database, or refuse with ``DatabaseError``.
+
+    Nodes without a broker would silently miss each other's live traffic, so
+    a node refuses to start while another live node is registered unless both
+    have one.  A node is live while its heartbeat is younger than
+    ``NODE_EXPIRY`` seconds; a node of this host whose process is gone (killed
+    outright) is forgotten at once.  Registration runs under an advisory lock,
+    so two nodes starting together cannot both miss each other.
+    """
+    host, pid = socket.gethostname(), os.getpid()
+    with conn.transaction():
+        conn.execute("SELECT pg_advisory_xact_lock(%s)", (NODES_LOCK,))
+        conn.execute(
+            "DELETE FROM nodes WHERE heartbeat_at < now() - make_interval(secs => %s)",
+            (NODE_EXPIRY,),
+        )
+        rows = conn.execute(
+            "SELECT name, host, pid, has_broker,"
+            " extract(epoch FROM now() - heartbeat_at)::int FROM nodes WHERE name <> %s"
+            " ORDER BY heartbeat_at DESC",
+            (node.name,),
+        ).fetchall()
+        others = []
+        for name, other_host, other_pid, has_broker, age in rows:
+            if other_host == host and not _pid_alive(other_pid):
+                conn.execute("DELETE FROM nodes WHERE name = %s", (name,))
+            else:
+                others.append((name, has_broker, age))
+        for name, has_broker, age in others:
+            if not (node.has_broker and has_broker):
+                raise DatabaseError(
+                    f"DATABASE: node {name} is running on this database (heartbeat {age} s"
+                    f" ago) and {'it has' if node.has_broker else 'this node has'} no BROKER:"
+                    " nodes without a broker miss each other's live messages; set BROKER on"
+                    f" every node, or stop {name} (a node that died is forgotten"
+                    f" {NODE_EXPIRY} s after its last heartbeat)"
+                )
+        conn.execute(
+            "INSERT INTO nodes (name, host, pid, has_broker) VALUES (%s, %s, %s, %s)"
+            " ON CONFLICT (name) DO UPDATE SET host = EXCLUDED.host, pid = EXCLUDED.pid,"
+            " has_broker = EXCLUDED.has_broker, heartbeat_at = now()",
+            (node.name, host, pid, node.has_broker),
+        )
+
+
+# ----------------------------------------------------------------------------
+# The running store
+
+# Every query below is a constant: the column list is fixed text, every value a
+# "%s" parameter (hence the S608 exemptions).
+_COLS = (
+    "id, sender, recipient, content, signature, nonce, verification, status, created_ms, recipients"
+)
+_SQL_BY_NONCE = f"SELECT {_COLS} FROM messages WHERE sender = %s AND nonce = %s"  # noqa: S608
+_SQL_BY_ID = f"SELECT {_COLS} FROM messages WHERE id = %s"  # noqa: S608
+_SQL_PENDING = (
+    f"SELECT {_COLS} FROM messages WHERE recipient = %s AND status = 'pending'"  # noqa: S608
+    " AND id > %s ORDER BY id LIMIT %s"
+)
+_SQL_SINCE = (
+    "SELECT * FROM ("  # noqa: S608
+    f" SELECT {_COLS} FROM messages WHERE recipient = %s AND status = 'pending'"
+    "  AND id > %s AND id <= %s"
+    f" UNION ALL SELECT {_COLS} FROM messages WHERE recipient = %s AND id > %s"
+    f" UNION ALL SELECT {_COLS} FROM messages WHERE recipient = %s AND id > %s"
+    ") AS page ORDER BY id LIMIT %s"
+)
+# One statement for the whole batch: a row per array position.  A nonce its
+# sender already used is skipped by the unique index and reported as such.
+_SQL_INSERT = (
+    "INSERT INTO messages (id, sender, recipient, content, signature, nonce,"
+    " verification, status, created_ms)"
+    " SELECT id, sender, recipient, content, signature, nonce, verification, 'pending',"
+    " created_ms FROM unnest("
+    "%s::bigint[], %s::text[], %s::text[], %s::text[], %s::bytea[], %s::text[], %s::text[],"
+    " %s::bigint[]) AS batch (id, sender, recipient, content, signature, nonce,"
+    " verification, created_ms)"
+    " ON CONFLICT (sender, nonce) WHERE nonce IS NOT NULL DO NOTHING RETURNING id"
+)
+
+
+def _to_message(row: tuple[Any, ...]) -> Message:
+    sig = row[4]
+    return Message(
+        row[0],
+        row[1],
+        row[2],
+        row[3],
+        bytes(sig) if sig is not None else None,
+        row[5],
+        row[6],
+        row[7],
+        row[8],
+        row[9],
+    )
+
+
+def _remember(known_users: set[str], user_id: str) -> None:
+    # Users are never removed, so a user seen once exists for good; the set is
+    # only a cache of that, bounded.
+    if len(known_users) >= _KNOWN_USERS_MAX:
+        known_users.clear()
+    known_users.add(user_id)
+
+
+def _insert_messages(
+    txn: Any, ops: list[tuple[str, Any]], results: list[Any], known_users: set[str]
+) -> None:
+    """Store the batch's messages; fill in their results."""
+    messages = [(i, arg) for i, (kind, arg) in enumerate(ops) if kind == "message"]
+    unknown = {m.recipient for _, m in messages} - known_users - {BROADCAST}
+    if unknown:
+        txn.execute("SELECT user_id FROM users WHERE user_id = ANY(%s)", (sorted(unknown),))
+        for (user_id,) in txn.fetchall():
+            _remember(known_users, user_id)
+    candidates: list[tuple[int, NewMessage]] = []
+    first_of: dict[tuple[str, str], int] = {}
+    repeats: list[tuple[int, int]] = []  # (op, op of the first with its nonce)
+    for i, new in messages:
+        if new.recipient != BROADCAST and new.recipient not in known_users:
+            results[i] = (NO_RECIPIENT, None)
+        elif new.nonce is not None and (new.sender, new.nonce) in first_of:
+            repeats.append((i, first_of[(new.sender, new.nonce)]))
+        else:
+            if new.nonce is not None:
+                first_of[(new.sender, new.nonce)] = i
+            candidates.append((i, new))
+    if candidates:
+        # The row lock orders the writers: ids are handed out and committed in
+        # the same order, whichever node writes.
+        txn.execute("SELECT last_id FROM stream_head FOR UPDATE")
+        head = txn.fetchone()[0]
+        ids = list(range(head + 1, head + 1 + len(candidates)))
+        news = [new for _, new in candidates]
+        txn.execute(
+            _SQL_INSERT,
+            (
+                ids,
+                [n.sender for n in news],
+                [n.recipient for n in news],
+                [n.content for n in news],
+                [n.signature for n in news],
+                [n.nonce for n in news],
+                [n.verification for n in news],
+                [n.created_ms for n in news],
+            ),
+        )
+        inserted = {row[0] for row in txn.fetchall()}
+        txn.execute("UPDATE stream_head SET last_id = %s", (ids[-1],))
+        for (i, new), msg_id in zip(candidates, ids, strict=True):
+            if msg_id in inserted:
+                results[i] = (
+                    STORED,
+                    Message(
+                        msg_id,
+                        new.sender,
+                        new.recipient,
+                        new.content,
+                        new.signature,
+                        new.nonce,
+                        new.verification,
+                        PENDING,
+                        new.created_ms,
+                    ),
+                )
+            else:
+                txn.execute(_SQL_BY_NONCE, (new.sender, new.nonce))
+                results[i] = (DUPLICATE, _to_message(txn.fetchone()))
+    for i, first in repeats:
+        results[i] = (DUPLICATE, results[first][1])
+
+
+def _write_batch(txn: Any, ops: list[tuple[str, Any]], known_users: set[str]) -> list[Any]:
+    """Apply a batch of writes in one transaction; one result per op."""
+    results: list[Any] = [None] * len(ops)
+    delivered = sorted({msg_id for kind, arg in ops if kind == "delivered" for msg_id in arg})
+    if delivered:
+        txn.execute(
+            "UPDATE messages SET status = 'delivered' WHERE status = 'pending' AND id = ANY(%s)",
+            (delivered,),
+        )
+    for kind, arg in ops:
+        if kind == "broadcast":  # (id, recipients)
+            txn.execute(
+                "UPDATE messages SET status = 'delivered', recipients = %s WHERE id = %s",
+                (arg[1], arg[0]),
+            )
+    # Messages last: the stream head stays locked from here to the commit.
+    _insert_messages(txn, ops, results, known_users)
+    return results
+
+
+def _stale(conn: Any) -> bool:
+    """True when this idle connection cannot be used: closed, broken, or with
+    something to read (an idle connection is sent nothing unless the server
+    ended it: a restart, ``pg_terminate_backend``, an idle timeout)."""
+    if conn.closed or conn.broken:
+        return True
+    readable, _, _ = select.select([conn.fileno()], [], [], 0)
+    return bool(readable)
+
+
+def _on_live_connection(txn: Any, interaction: Callable[..., Any], *args: Any) -> Any:
+    """Run ``interaction`` after replacing the thread's connection if it died while
+    idle, so that a lost connection fails only what was in flight on it."""
+    if _stale(txn.connection):  # the DB-API cursor's connection
+        txn.reconnect()
+        txn.reopen()
+    return interaction(txn, *args)
+
+
+@implementer(IStore)
+class PostgresStore(BatchedWrites):
+    """Asynchronous access to a PostgreSQL database, with group commit."""
+
+    def __init__(
+        self,
+        url: str,
+        clock: IReactorTime,
+        node: NodeInfo | None = None,
+        max_batch: int = 1024,
+    ) -> None:
+        self.url = url
+        self._clock = clock
+        self._node = node
+        self._pool = adbapi.ConnectionPool(
+            "psycopg",
+            url,
+            connect_timeout=CONNECT_TIMEOUT,
+            cp_min=1,
+            cp_max=POOL_SIZE,
+            cp_reconnect=True,
+            cp_noisy=False,
+        )
+        self._known_users: set[str] = set()  # a cache; a stale miss only costs a query
+        self._commits = GroupCommit(clock, self._write, max_batch)
+        self._heartbeat = LoopingCall(self._beat)
+        self._heartbeat.clock = clock
+        self._beating = False
+
+    @property
+    def _closed(self) -> bool:
+        return self._commits.closed
+
+    def _run(self, interaction: Callable[..., Any], *args: Any) -> defer.Deferred:
+        """``runInteraction`` on a connection known to be alive when it starts."""
+        return self._pool.runInteraction(_on_live_connection, interaction, *args)
+
+    def _execute(self, sql: str, args: tuple[Any, ...]) -> defer.Deferred:
+        def interaction(txn: Any) -> None:
+            txn.execute(sql, args)
+
+        return self._run(interaction)
+
+    def _write(self, ops: list[tuple[str, Any]]) -> defer.Deferred:
+        return self._run(_write_batch, ops, self._known_users)
+
+    def start(self) -> defer.Deferred:
+        """Keep this node's registration alive (a heartbeat on the reactor clock).
+
+        The first beat is at once: twistd registers the node before it
+        daemonizes, so the serving process (whose pid the row must hold) may be
+        another one than the registering one.
+        """
+        if self._node is not None and not self._heartbeat.running:
+            self._heartbeat.start(HEARTBEAT_INTERVAL, now=True)
+        return defer.succeed(None)
+
+    def _beat(self) -> None:
+        if self._beating or self._node is None:
+            return
+        self._beating = True
+        node = self._node
+        d = self._execute(
+            "INSERT INTO nodes (name, host, pid, has_broker) VALUES (%s, %s, %s, %s)"
+            " ON CONFLICT (name) DO UPDATE SET host = EXCLUDED.host, pid = EXCLUDED.pid,"
+            " heartbeat_at = now()",
+            (node.name, socket.gethostname(), os.getpid(), node.has_broker),
+        )
+        d.addErrback(lambda f: _log.warn("node heartbeat failed: {e}", e=f.getErrorMessage()))
+        d.addBoth(lambda _: setattr(self, "_beating", False))
+
+    @defer.inlineCallbacks
+    def close(self) -> Any:
+        """Refuse new writes, commit what is queued, unregister, close the pool."""
+        if self._heartbeat.running:
+            self._heartbeat.stop()
+        yield self._commits.close()
+        if self._node is not None:
+            try:
+                yield self._execute("DELETE FROM nodes WHERE name = %s", (self._node.name,))
+            except Exception as exc:  # the database may be gone; the row expires
+                _log.warn("cannot unregister this node: {e}", e=str(exc))
+        self._pool.close()
+
+    # -- users ----------------------------------------------------------------
+
+    def add_user(self, user: User) -> defer.Deferred:
+        """Insert a user; fires True, or False when the user_id is taken."""
+
+        def interaction(txn: Any) -> bool:
+            txn.execute(
+                "INSERT INTO users (user_id, username, public_key, created_ms)"
+                " VALUES (%s, %s, %s, %s) ON CONFLICT (user_id) DO NOTHING",
+                (user.user_id, user.username, user.public_key, user.created_ms),
+            )
+            return txn.rowcount == 1
+
+        return self._run(interaction)
+
+    def get_user(self, user_id: str) -> defer.Deferred:
+        """Fire with the ``User`` or None."""
+
+        def interaction(txn: Any) -> User | None:
+            txn.execute(
+                "SELECT user_id, username, public_key, created_ms FROM users WHERE user_id = %s",
+                (user_id,),
+            )
+            row = txn.fetchone()
+            return User(row[0], row[1], bytes(row[2]), row[3]) if row else None
+
+        return self._run(interaction)
+
+    # -- login challenges -------------------------------------------------------
+
+    def add_challenge(
+        self, user_id: str, challenge: str, now_ms: int, expires_ms: int
+    ) -> defer.Deferred:
+        """Keep a new challenge; forget expired ones and all but the newest five."""
+
+        def interaction(txn: Any) -> None:
+            txn.execute("DELETE FROM challenges WHERE expires_ms <= %s", (now_ms,))
+            txn.execute(
+                "INSERT INTO challenges (challenge, user_id, expires_ms) VALUES (%s, %s, %s)",
+                (challenge, user_id, expires_ms),
+            )
+            txn.execute(
+                "DELETE FROM challenges WHERE user_id = %s AND seq NOT IN"
+                " (SELECT seq FROM challenges WHERE user_id = %s ORDER BY seq DESC LIMIT %s)",
+                (user_id, user_id, MAX_LIVE_CHALLENGES),
+            )
+
+        return self._run(interaction)
+
+    def consume_challenge(
+        self,
+        user_id: str,
+        challenge: str | None,
+        now_ms: int,
+        check: Callable[[str], bool],
+    ) -> defer.Deferred:
+        """Try ``check`` on the user's live challenges, newest first (see ``IStore``)."""
+
+        def interaction(txn: Any) -> str:
+            sql = "SELECT challenge FROM challenges WHERE user_id = %s AND expires_ms > %s"
+            args: tuple[Any, ...] = (user_id, now_ms)
+            if challenge is not None:
+                sql += " AND challenge = %s"
+                args += (challenge,)
+            txn.execute(sql + " ORDER BY seq DESC", args)
+            live = [row[0] for row in txn.fetchall()]
+            tried = False
+            for candidate in live:
+                txn.execute("DELETE FROM challenges WHERE challenge = %s", (candidate,))
+                if txn.rowcount != 1:
+                    continue
+                tried = True
+                if check(candidate):
+                    return CHALLENGE_OK
+            return CHALLENGE_BAD if tried else CHALLENGE_NONE
+
+        return self._run(interaction)
+
+    # -- delivery ---------------------------------------------------------------
+
+    def replay_page(
+        self, user_id: str, since: int | None, after: int, limit: int
+    ) -> defer.Deferred:
+        """Up to ``limit`` messages for ``user_id`` with id > ``after``, by id (see
+        ``IStore``)."""
+
+        def interaction(txn: Any) -> list[Message]:
+            if since is None:
+                txn.execute(_SQL_PENDING, (user_id, after, limit))
+            else:
+                floor = max(after, since)
+                args = (user_id, after, since, user_id, floor, BROADCAST, floor, limit)
+                txn.execute(_SQL_SINCE, args)
+            return [_to_message(row) for row in txn.fetchall()]
+
+        return self._run(interaction)
+
+    def get_message(self, msg_id: int) -> defer.Deferred:
+        """Fire with the stored ``Message`` or None (for tests and tools)."""
+
+        def interaction(txn: Any) -> Message | None:
+            txn.execute(_SQL_BY_ID, (msg_id,))
+            row = txn.fetchone()
+            return _to_message(row) if row else None
+
+        return self._run(interaction)
+
+    def jwt_secret(self) -> defer.Deferred:
+        """Fire with the JWT secret kept in the database, or None."""
+
+        def interaction(txn: Any) -> bytes | None:
+            txn.execute("SELECT value FROM meta WHERE key = 'jwt_secret'")
+            row = txn.fetchone()
+            return bytes(row[0]) if row else None
+
+        return self._run(interaction)
+
+    def count_messages(self) -> defer.Deferred:
+        """Fire with the number of stored messages."""
+
+        def interaction(txn: Any) -> int:
+            txn.execute("SELECT COUNT(*) FROM messages")
+            return txn.fetchone()[0]
+
+        return self._run(interaction)
+
+
+__all__ = [
+    "PostgresStore",
+    "connect",
+    "migrations",
+    "prepare_database",
+    "register_node",
+    "schema_version",
+    "upgrade",
+]
