@@ -190,6 +190,8 @@ class EverySettingTests(unittest.TestCase):
             "REQUIRE_SIGNATURES": "true",
             "SHUTDOWN_TIMEOUT": "3.5",
             "ALLOWED_ORIGINS": "https://app.example",
+            "WORKERS": "2",
+            "BROKER": "redis://127.0.0.1:6379/15",
         }
 
     def test_each_chosen_value_differs_from_the_default(self):
@@ -211,12 +213,15 @@ class EverySettingTests(unittest.TestCase):
     def test_every_setting_reaches_the_running_server(self):
         """Every setting, given as an option of the twistd plugin with a value
         other than its default, changes what the running server does (or, for
-        MAX_OUTBOX_BYTES and SHUTDOWN_TIMEOUT, is carried by the objects that
-        act on it; their behaviour has tests of its own)."""
+        MAX_OUTBOX_BYTES, SHUTDOWN_TIMEOUT and BROKER, is carried by the objects
+        that act on it; their behaviour has tests of its own).  WORKERS=2 makes
+        the plugin build the parent of tests/test_workers.py instead, checked
+        on its own here."""
         values = self.chosen()
         args = []
         for variable, option, *_ in SETTINGS:
-            args += [f"--{option}", values[variable]]
+            if variable != "WORKERS":
+                args += [f"--{option}", values[variable]]
         options = Options()
         options.parseOptions(args)
         service = makeService(options)
@@ -341,6 +346,18 @@ class EverySettingTests(unittest.TestCase):
         self.assertEqual(_carried(service.factory, "max_outbox_bytes"), 4096)
         self.assertEqual(_carried(service, "config").shutdown_timeout, 3.5)
         checked.update({"MAX_OUTBOX_BYTES", "SHUTDOWN_TIMEOUT"})
+
+        # BROKER: carried (nothing uses it until the Redis broker lands).
+        self.assertEqual(_carried(service, "config").broker, values["BROKER"])
+        checked.add("BROKER")
+
+        # WORKERS: the plugin builds the parent that runs that many children.
+        parent_options = Options()
+        parent_options.parseOptions([*args, "--workers", values["WORKERS"]])
+        parent = makeService(parent_options)
+        self.addCleanup(parent.port.stopListening)
+        self.assertEqual((type(parent).__name__, parent.count), ("WorkersService", 2))
+        checked.add("WORKERS")
 
         # AUTH_RATE_LIMIT, AUTH_BURST_LIMIT: 9 requests to /auth/* in all, then
         # 429 with a wait of about 1/0.001 s.

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import json
+import os
 import re
+import socket
 
 from nacl.signing import SigningKey
 from twisted.internet import defer, protocol, reactor
@@ -189,9 +191,11 @@ class HttpTests(unittest.TestCase):
 
     @defer.inlineCallbacks
     def test_health_and_info(self):
-        """/health reports ok and the connection count; /info names the server."""
+        """/health reports ok, the connection count and the node (host:pid) that
+        answered; /info names the server."""
         code, body = yield self.server.get("/health")
         self.assertEqual((code, body["status"], body["connections"]), (200, "ok", 0))
+        self.assertEqual(body["node"], f"{socket.gethostname()}:{os.getpid()}")
         code, body = yield self.server.get("/info")
         self.assertEqual((code, body["name"], body["protocol"]), (200, "wsserver", 1))
 

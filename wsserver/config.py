@@ -45,6 +45,8 @@ class Config:
     require_signatures: bool
     shutdown_timeout: float
     allowed_origins: frozenset[str]
+    workers: int
+    broker: str | None
 
     @property
     def tls(self) -> bool:
@@ -134,6 +136,32 @@ def _database(text: str) -> str:
     name = parts.path[1:]
     if not name or "/" in name:
         raise ValueError(f"a PostgreSQL URL needs one database name ({form})")
+    return text
+
+
+_BROKER_FORM = "use redis://[:password@]host[:port][/db]"
+
+
+def _broker(text: str) -> str:
+    """A Redis URL, ``redis://[:password@]host[:port][/db]``.  Errors never
+    repeat the URL (it may hold a password)."""
+    if any(ch.isspace() for ch in text):
+        raise ValueError(f"a Redis URL has no spaces ({_BROKER_FORM})")
+    parts = urlsplit(text)
+    if parts.scheme.lower() != "redis":
+        raise ValueError(f"must be a redis:// URL ({_BROKER_FORM})")
+    try:
+        port = parts.port
+    except ValueError:
+        port = -1
+    if port is not None and not 1 <= port <= 65535:
+        raise ValueError(f"the port must be a number from 1 to 65535 ({_BROKER_FORM})")
+    if not parts.hostname:
+        raise ValueError(f"a Redis URL needs a host ({_BROKER_FORM})")
+    if parts.path not in ("", "/") and not re.fullmatch(r"/\d{1,5}", parts.path):
+        raise ValueError(f"the database must be a number ({_BROKER_FORM})")
+    if parts.query or parts.fragment:
+        raise ValueError(f"a Redis URL takes no query or fragment ({_BROKER_FORM})")
     return text
 
 
@@ -267,6 +295,20 @@ SETTINGS: list[tuple[str, str, str | None, Callable[[str], Any], str]] = [
         _origins,
         "comma-separated browser origins allowed on /ws besides the server's own",
     ),
+    (
+        "WORKERS",
+        "workers",
+        "1",
+        _number(int, 1, 256),
+        "node processes run on one listening socket; more than 1 needs BROKER",
+    ),
+    (
+        "BROKER",
+        "broker",
+        None,
+        _broker,
+        "redis://[:password@]host[:port][/db]: the Redis shared by the nodes of a cluster",
+    ),
 ]
 
 
@@ -289,5 +331,10 @@ def load(options: Mapping[str, str | None], environ: Mapping[str, str]) -> Confi
         raise ConfigError("TLS_CERT/TLS_KEY: set both or neither")
     if values["max_frame_bytes"] < values["max_content_bytes"]:
         raise ConfigError("MAX_FRAME_BYTES: must be at least MAX_CONTENT_BYTES")
+    if values["workers"] > 1 and values["broker"] is None:
+        raise ConfigError(
+            f"WORKERS: {values['workers']} workers need BROKER (redis://host:port), "
+            "through which they exchange live traffic; set BROKER or WORKERS=1"
+        )
     assert set(values) == {f.name for f in fields(Config)}
     return Config(**values)

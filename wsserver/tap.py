@@ -44,6 +44,14 @@ from .store import (
 )
 from .web import WebSocketGate, build_root, build_site
 from .websocket import ServerFactory, text_frame, use_fast_unmasking
+from .workers import (
+    WorkersService,
+    become_child,
+    child_environment,
+    inherited_listener,
+    listen_shared,
+    socket_family,
+)
 
 _log = Logger()
 
@@ -132,6 +140,8 @@ class WsServerService(service.Service):
         self.config = config
         self.reactor = reactor
         self.port: Any = None
+        self._listen_fd: int | None = None  # a socket adopted from the --workers parent
+        self._node = node.name if node is not None else f"{socket.gethostname()}:{os.getpid()}"
         clock: IReactorTime = reactor
         self.tls = tls_options(config.tls_cert, config.tls_key) if config.tls else None
         self.endpoint = endpoints.serverFromString(reactor, config.listen)
@@ -163,7 +173,12 @@ class WsServerService(service.Service):
         self.site = build_site(root)
 
     def _status(self) -> dict:
-        return {"connections": self.broker.count()}
+        return {"connections": self.broker.count(), "node": self._node}
+
+    def adopt(self, fd: int) -> None:
+        """Serve on the listening socket ``fd`` (from the ``--workers`` parent)
+        instead of binding ``SERVER_ADDR``; ``bind`` adopts it."""
+        self._listen_fd = fd
 
     def listen(self) -> defer.Deferred:
         """Start listening; fires with the listening port."""
@@ -173,6 +188,16 @@ class WsServerService(service.Service):
         self.peers = PeerLimits(
             factory, self.config.max_connections_per_ip, self.config.max_handshakes_per_ip
         )
+        if self._listen_fd is not None:
+            fd, self._listen_fd = self._listen_fd, None
+            try:
+                port = self.reactor.adoptStreamPort(fd, socket_family(fd), self.peers)
+            except OSError as exc:
+                return defer.fail(exc)
+            finally:
+                os.close(fd)  # adoptStreamPort works on a duplicate
+            self.port = port
+            return defer.succeed(port)
         d = self.endpoint.listen(self.peers)
 
         def listening(port: Any) -> Any:
@@ -277,6 +302,36 @@ def _finished_within(d: defer.Deferred, seconds: float, clock: IReactorTime) -> 
     return outcome
 
 
+def _load(options: dict[str, Any], environ: dict[str, str]) -> Config:
+    config = load(options, environ)
+    # twistd changes directory (--rundir) after makeService and before the
+    # database pool connects: a relative SQLite path means where the command
+    # was run.
+    if not is_postgres(config.database):
+        config = dataclasses.replace(config, database=os.path.abspath(config.database))
+    return config
+
+
+def build_workers(
+    options: dict[str, Any], environ: dict[str, str], reactor: Any = None
+) -> WorkersService:
+    """The parent of ``--workers N`` (N > 1): validate, prepare the database
+    once (the children find it ready), check the TLS files, bind the shared
+    listening socket.  Raises ``ConfigError`` or ``DatabaseError``."""
+    if reactor is None:
+        from twisted.internet import reactor as default_reactor
+
+        reactor = default_reactor
+    config = _load(options, environ)
+    prepare_database(config.database, new_secret)  # the parent is not a node
+    if config.tls:
+        tls_options(config.tls_cert, config.tls_key)
+    port = listen_shared(reactor, config)
+    url = open_url(port.getHost(), config.tls) or config.listen
+    env = child_environment(options, environ, config)
+    return WorkersService(config, port, env, url, describe(config.database), reactor)
+
+
 def build_service(
     options: dict[str, Any], environ: dict[str, str], reactor: Any = None
 ) -> WsServerService:
@@ -284,12 +339,7 @@ def build_service(
 
     Raises ``ConfigError`` or ``DatabaseError`` naming what is wrong.
     """
-    config = load(options, environ)
-    # twistd changes directory (--rundir) after makeService and before the
-    # database pool connects: a relative SQLite path means where the command
-    # was run.
-    if not is_postgres(config.database):
-        config = dataclasses.replace(config, database=os.path.abspath(config.database))
+    config = _load(options, environ)
     # Nodes sharing a database register there; without a broker (there is
     # none yet) a second live node is refused instead of missing live traffic.
     node = NodeInfo(f"{socket.gethostname()}:{os.getpid()}", has_broker=False)
@@ -325,14 +375,31 @@ def tune_process() -> None:
 def makeService(options: Options) -> service.IService:
     """Called by twistd, before it daemonizes: the server, bound to its port and
     with the process tuned, or exit 1 with one line naming the bad setting."""
+    environ = dict(os.environ)
     try:
-        server = build_service(dict(options), dict(os.environ))
+        inherited = inherited_listener(environ)
+        if inherited is None and _load(dict(options), environ).workers > 1:
+            return build_workers(dict(options), environ)
+        server = build_service(dict(options), environ)
+        if inherited is not None:
+            server.adopt(inherited[0])
         server.bind()
     except (ConfigError, DatabaseError) as exc:
         sys.stderr.write(f"wsserver: {exc}\n")
         raise SystemExit(1) from None
+    if inherited is not None:
+        from twisted.internet import reactor
+
+        become_child(reactor, inherited[1])
     tune_process()
     return server
 
 
-__all__ = ["Options", "WsServerService", "build_service", "makeService", "tune_process"]
+__all__ = [
+    "Options",
+    "WsServerService",
+    "build_service",
+    "build_workers",
+    "makeService",
+    "tune_process",
+]
