@@ -19,11 +19,14 @@ import sqlite3
 from pathlib import Path
 
 from treq.client import HTTPClient
-from twisted.internet import defer, protocol, reactor
+from twisted.internet import defer, error, protocol, reactor, task
 from twisted.internet.ssl import Certificate, optionsForClientTLS
+from twisted.logger import formatEvent, globalLogPublisher
+from twisted.python.failure import Failure
 from twisted.trial import unittest
 from twisted.web.client import Agent, BrowserLikePolicyForHTTPS, HTTPConnectionPool
 
+from wsserver import workers as workers_module
 from wsserver.config import ConfigError, load
 from wsserver.tap import build_workers
 
@@ -225,6 +228,33 @@ class WorkersTests(unittest.TestCase):
             yield eventually(lambda pid=pid: not _alive(pid), f"child {pid} has ended")
 
     @defer.inlineCallbacks
+    def test_sigint_to_the_parent_stops_every_worker(self):
+        """SIGINT (a Ctrl-C) to the parent is forwarded too: every child shuts
+        down cleanly and the parent ends."""
+        db = os.path.abspath(self.mktemp() + ".db")
+        workers = yield start_workers(self, db)
+        workers.proc.transport.signalProcess("INT")
+        how = yield workers.proc.ended(60)
+        out = workers.proc.proc.out
+        self.assertIn(how, [("exit", 0), ("signal", signal.SIGINT)], out)
+        for index, pid in workers.pids.items():
+            line = f"worker {index}/2 (pid {pid}): [wsserver.tap#info] shut down cleanly"
+            self.assertIn(line.encode(), out)
+            yield eventually(lambda pid=pid: not _alive(pid), f"child {pid} has ended")
+        self.assertIn(b"shut down cleanly: every worker has ended", out)
+
+    @defer.inlineCallbacks
+    def test_children_stop_when_the_parent_is_killed_outright(self):
+        """SIGKILL to the parent (which can forward nothing): each child sees
+        its stdin pipe end and stops, so no orphan keeps serving the port."""
+        db = os.path.abspath(self.mktemp() + ".db")
+        workers = yield start_workers(self, db)
+        workers.proc.transport.signalProcess("KILL")
+        yield workers.proc.ended()
+        for pid in workers.pids.values():
+            yield eventually(lambda pid=pid: not _alive(pid), f"child {pid} has ended")
+
+    @defer.inlineCallbacks
     def test_tls_with_two_workers(self):
         """TLS_CERT/TLS_KEY with --workers 2: each child speaks HTTPS and WSS
         on the shared socket, verified for localhost."""
@@ -391,3 +421,144 @@ class WorkersConfigTests(unittest.TestCase):
             build_workers({}, settings)
         self.assertTrue(str(caught.exception).startswith("SERVER_ADDR"))
         self.assertIn("TLS_CERT", str(caught.exception))
+
+
+class _FakeTransport:
+    """What the supervisor sees of a child: its pid and the signals it got."""
+
+    def __init__(self, pid: int) -> None:
+        self.pid = pid
+        self.signals: list[str] = []
+
+    def signalProcess(self, name: str) -> None:
+        self.signals.append(name)
+
+
+class _ProcessClock(task.Clock):
+    """A ``Clock`` that records ``spawnProcess`` instead of running anything."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.spawned: list[tuple] = []
+
+    def spawnProcess(self, proto, executable, args, env=None, childFDs=None, **kwargs):
+        transport = _FakeTransport(1000 + len(self.spawned))
+        proto.makeConnection(transport)
+        self.spawned.append((proto, transport, env, childFDs))
+        return transport
+
+
+class _FakePort:
+    stopped = False
+
+    def fileno(self) -> int:
+        return 42
+
+    def stopListening(self) -> None:
+        self.stopped = True
+
+
+def _ends(proto, *, status: int | None = None, sig: int | None = None) -> None:
+    """Tell the supervisor that the child behind ``proto`` ended."""
+    if status == 0:
+        proto.processEnded(Failure(error.ProcessDone(0)))
+    else:
+        proto.processEnded(Failure(error.ProcessTerminated(status, sig)))
+
+
+class WorkersSupervisionTests(unittest.TestCase):
+    """The parent's supervision on a clock: restarts with backoff, SIGTERM
+    forwarded, the drain awaited, stragglers killed."""
+
+    SHUTDOWN_TIMEOUT = 5.0
+
+    def setUp(self):
+        self.clock = _ProcessClock()
+        self.port = _FakePort()
+        config = load(
+            {}, {"WORKERS": "2", "SHUTDOWN_TIMEOUT": str(self.SHUTDOWN_TIMEOUT), **BROKER}
+        )
+        self.service = workers_module.WorkersService(
+            config, self.port, {"DATABASE": "db"}, "http://127.0.0.1:1/", "db", self.clock
+        )
+        self.lines: list[str] = []
+        observer = lambda event: self.lines.append(formatEvent(event))  # noqa: E731
+        globalLogPublisher.addObserver(observer)
+        self.addCleanup(globalLogPublisher.removeObserver, observer)
+        self.service.startService()
+
+    def test_children_get_the_socket_and_their_worker_name(self):
+        """Each child gets the listening socket as descriptor 3, a pipe for
+        stdin, and its worker name in its environment."""
+        self.assertEqual(len(self.clock.spawned), 2)
+        for index, (_, _, env, fds) in enumerate(self.clock.spawned, start=1):
+            self.assertEqual(fds, {0: "w", 1: "r", 2: "r", 3: 42})
+            self.assertEqual(env[workers_module.WORKER_VARIABLE], f"{index}/2")
+            self.assertEqual(env["DATABASE"], "db")
+
+    def test_a_child_that_ends_is_restarted_with_a_growing_backoff(self):
+        """A child that ends is started again after 0.5 s, then 1, 2, ... up to
+        30 s while it keeps ending at once; one that ran 30 s is restarted after
+        0.5 s again.  Each end is logged with its status or signal."""
+        proto = self.clock.spawned[0][0]
+        waits = []
+        for attempt in range(9):
+            _ends(proto, sig=9) if attempt % 2 else _ends(proto, status=1)
+            before = len(self.clock.spawned)
+            delay = self.clock.getDelayedCalls()[0].getTime() - self.clock.seconds()
+            waits.append(round(delay, 6))
+            self.clock.advance(delay - 0.001)
+            self.assertEqual(len(self.clock.spawned), before)
+            self.clock.advance(0.002)
+            self.assertEqual(len(self.clock.spawned), before + 1)
+        self.assertEqual(waits, [0.5, 1, 2, 4, 8, 16, 30, 30, 30])
+        self.clock.advance(workers_module.STEADY)
+        _ends(proto, status=1)
+        delay = self.clock.getDelayedCalls()[0].getTime() - self.clock.seconds()
+        self.assertAlmostEqual(delay, 0.5)
+        self.assertTrue(
+            any("(pid 1000) exited with status 1; starting it again" in x for x in self.lines)
+        )
+        self.assertTrue(
+            any("(pid 1002) killed by signal 9; starting it again" in x for x in self.lines)
+        )
+        self.assertEqual(self.clock.spawned[1][1].signals, [])
+
+    def test_stop_forwards_sigterm_and_waits_for_every_child(self):
+        """Stopping the parent sends SIGTERM to every child and finishes only
+        once all have ended (then it closes its socket); none is restarted."""
+        stopping = self.service.stopService()
+        self.assertEqual([t.signals for _, t, _, _ in self.clock.spawned], [["TERM"], ["TERM"]])
+        _ends(self.clock.spawned[0][0], sig=15)
+        self.assertFalse(stopping.called)
+        self.assertFalse(self.port.stopped)
+        _ends(self.clock.spawned[1][0], status=0)
+        self.assertTrue(stopping.called)
+        self.assertTrue(self.port.stopped)
+        self.assertEqual(self.clock.getDelayedCalls(), [])
+        self.assertEqual(len(self.clock.spawned), 2)
+
+    def test_a_child_that_does_not_drain_is_killed(self):
+        """A child still running SHUTDOWN_TIMEOUT + 15 s after the SIGTERM is
+        sent SIGKILL; the parent finishes once it has ended."""
+        stopping = self.service.stopService()
+        _ends(self.clock.spawned[0][0], sig=15)
+        stuck = self.clock.spawned[1][1]
+        self.clock.advance(self.SHUTDOWN_TIMEOUT + workers_module.KILL_GRACE - 0.01)
+        self.assertEqual(stuck.signals, ["TERM"])
+        self.clock.advance(0.01)
+        self.assertEqual(stuck.signals, ["TERM", "KILL"])
+        self.assertFalse(stopping.called)
+        _ends(self.clock.spawned[1][0], sig=9)
+        self.assertTrue(stopping.called)
+
+    def test_stop_during_a_backoff_cancels_the_restart(self):
+        """A child waiting to be started again when the parent stops is not
+        started; the parent waits only for the child still running."""
+        _ends(self.clock.spawned[0][0], status=1)
+        stopping = self.service.stopService()
+        self.assertEqual(self.clock.spawned[1][1].signals, ["TERM"])
+        _ends(self.clock.spawned[1][0], sig=15)
+        self.assertTrue(stopping.called)
+        self.clock.advance(60)
+        self.assertEqual(len(self.clock.spawned), 2)

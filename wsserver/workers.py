@@ -145,7 +145,11 @@ class _ParentWatch:
 
     def __init__(self, reactor: Any) -> None:
         self._reactor = reactor
-        self._orphaned = False
+        self._stopping = False  # the reactor drops every reader as it stops
+        reactor.addSystemEventTrigger("before", "shutdown", self._reactor_stops)
+
+    def _reactor_stops(self) -> None:
+        self._stopping = True
 
     def fileno(self) -> int:
         return 0
@@ -158,17 +162,15 @@ class _ParentWatch:
             data = os.read(0, 4096)
         except OSError:
             data = b""
-        if data:
-            return None
-        self._orphaned = True
-        return main.CONNECTION_DONE
+        return None if data else main.CONNECTION_DONE
 
     def connectionLost(self, reason: Any) -> None:
-        if not self._orphaned:
-            return  # the reactor is stopping anyway (it drops every reader)
+        # The end of the pipe (epoll may report it as a hang-up, without a
+        # read), unless the reactor is stopping anyway.
+        if self._stopping:
+            return
         _log.warn("the workers' parent is gone: shutting down")
-        if self._reactor.running:
-            self._reactor.stop()
+        self._reactor.stop()
 
 
 def become_child(reactor: Any, worker: str) -> None:
