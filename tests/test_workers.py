@@ -15,6 +15,7 @@ import contextlib
 import os
 import re
 import signal
+import socket
 import sqlite3
 from pathlib import Path
 
@@ -407,20 +408,49 @@ class WorkersConfigTests(unittest.TestCase):
             with self.assertRaises(ConfigError, msg=bad):
                 load({}, {"WORKERS": bad, **BROKER})
 
-    def test_an_ssl_endpoint_cannot_be_shared(self):
-        """An ssl: SERVER_ADDR with --workers is refused naming SERVER_ADDR: the
-        children adopt a bare socket and would lose the endpoint's TLS (TLS for
-        workers is TLS_CERT/TLS_KEY)."""
+    def test_only_tcp_endpoints_can_be_shared(self):
+        """With --workers, an ssl:, unix: or systemd: SERVER_ADDR is refused naming
+        SERVER_ADDR before anything is bound: the children adopt a bare socket
+        and would lose an ssl: endpoint's TLS (TLS for workers is TLS_CERT and
+        TLS_KEY), and a child stopping on its own would unlink a UNIX socket's
+        path under the others."""
+        sock = os.path.abspath(self.mktemp() + ".sock")
+        for listen in (
+            "ssl:0:privateKey=key.pem:certKey=cert.pem",
+            f"unix:{sock}",
+            "systemd:domain=INET:index=0",
+        ):
+            settings = {
+                "SERVER_ADDR": listen,
+                "DATABASE": os.path.abspath(self.mktemp() + ".db"),
+                "WORKERS": "2",
+                **BROKER,
+            }
+            with self.assertRaises(ConfigError, msg=listen) as caught:
+                build_workers({}, settings)
+            self.assertTrue(str(caught.exception).startswith("SERVER_ADDR"), listen)
+            self.assertIn("TLS_CERT", str(caught.exception))
+        self.assertFalse(os.path.exists(sock))
+
+    def test_a_tcp6_endpoint_string_is_shared(self):
+        """A tcp6: endpoint string with an interface binds for the workers,
+        where the string says (the parent's reactor never accepts on it)."""
+        if not socket.has_ipv6:
+            raise unittest.SkipTest("no IPv6")
         settings = {
-            "SERVER_ADDR": "ssl:0:privateKey=key.pem:certKey=cert.pem",
+            "SERVER_ADDR": r"tcp6:0:interface=\:\:1",
             "DATABASE": os.path.abspath(self.mktemp() + ".db"),
             "WORKERS": "2",
             **BROKER,
         }
-        with self.assertRaises(ConfigError) as caught:
-            build_workers({}, settings)
-        self.assertTrue(str(caught.exception).startswith("SERVER_ADDR"))
-        self.assertIn("TLS_CERT", str(caught.exception))
+        try:
+            parent = build_workers({}, settings)
+        except ConfigError as exc:
+            raise unittest.SkipTest(f"::1 cannot be bound here: {exc}") from None
+        self.addCleanup(parent.port.stopListening)
+        self.assertEqual(parent.port.getHost().host, "::1")
+        self.assertNotIn(parent.port, reactor.getReaders())
+        self.assertTrue(parent.url.startswith("http://[::1]:"), parent.url)
 
 
 class _FakeTransport:

@@ -69,30 +69,23 @@ class _NotServed(protocol.Factory):
 def listen_shared(reactor: Any, config: Config) -> Any:
     """Bind the listening socket for the children, or raise ``ConfigError``
     (SERVER_ADDR) saying why not.  The parent's reactor does not read it."""
-    if config.listen.lower().startswith("ssl:"):
+    kind = config.listen.split(":", 1)[0].lower()
+    if kind not in ("tcp", "tcp6"):
         raise ConfigError(
-            "SERVER_ADDR: an ssl: endpoint cannot be shared by workers; "
-            "use tcp: with TLS_CERT and TLS_KEY"
+            f"SERVER_ADDR: workers share a TCP socket, not a {kind}: endpoint; "
+            "use HOST:PORT or tcp: (TLS comes from TLS_CERT and TLS_KEY)"
         )
     outcome: list[Any] = []
     d = endpoints.serverFromString(reactor, config.listen).listen(_NotServed())
     d.addBoth(outcome.append)
     if not outcome:
         d.cancel()
-        raise ConfigError(
-            f"SERVER_ADDR: {config.listen} does not listen at once; use a tcp: or unix: endpoint"
-        )
+        raise ConfigError(f"SERVER_ADDR: {config.listen} does not listen at once")
     if isinstance(outcome[0], Failure):
         raise ConfigError(
             f"SERVER_ADDR: cannot listen on {config.listen}: {outcome[0].getErrorMessage()}"
         )
     port = outcome[0]
-    if not hasattr(port, "fileno") or not hasattr(port, "stopReading"):
-        port.stopListening()
-        raise ConfigError(
-            f"SERVER_ADDR: {config.listen} cannot be shared by workers; "
-            "use a tcp: or unix: endpoint"
-        )
     port.stopReading()  # the children accept; the parent only holds the socket
     return port
 
