@@ -57,15 +57,6 @@ TWISTD = [sys.executable, "-c", "from twisted.scripts.twistd import run; run()"]
 _TIMESTAMP = re.compile(rb"^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d[+-]\d{4} ")
 
 
-class _NotServed(protocol.Factory):
-    """The parent's factory for the shared socket, which it never reads."""
-
-    noisy = False
-
-    def buildProtocol(self, addr: Any) -> None:
-        return None
-
-
 def listen_shared(reactor: Any, config: Config) -> Any:
     """Bind the listening socket for the children, or raise ``ConfigError``
     (SERVER_ADDR) saying why not.  The parent's reactor does not read it."""
@@ -76,7 +67,8 @@ def listen_shared(reactor: Any, config: Config) -> Any:
             "use HOST:PORT or tcp: (TLS comes from TLS_CERT and TLS_KEY)"
         )
     outcome: list[Any] = []
-    d = endpoints.serverFromString(reactor, config.listen).listen(_NotServed())
+    # A plain factory: the parent never reads the socket, so it builds nothing.
+    d = endpoints.serverFromString(reactor, config.listen).listen(protocol.Factory())
     d.addBoth(outcome.append)
     if not outcome:
         d.cancel()
