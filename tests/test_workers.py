@@ -259,7 +259,7 @@ class WorkersTests(unittest.TestCase):
     def test_tls_with_two_workers(self):
         """TLS_CERT/TLS_KEY with --workers 2: each child speaks HTTPS and WSS
         on the shared socket, verified for localhost."""
-        cert, key = make_certificate(Path(self.mktemp()))
+        cert, key = make_certificate(Path(self.mktemp()).resolve())
         tls = optionsForClientTLS(
             "localhost", trustRoot=Certificate.loadPEM(cert.with_name("ca.pem").read_bytes())
         )
