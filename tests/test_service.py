@@ -199,10 +199,13 @@ class DaemonizedStartFailureTests(unittest.TestCase):
         runs = {}
         for name, (args, env, _) in cases.items():
             pidfile = tmp / f"{name}.pid"
-            foreground = Twistd(self, ["-n", "--pidfile=", "wsserver", *args], env)
+            # Each run its own database: two servers on one file are refused.
+            fg_args = [str(tmp / f"{name}-fg.db") if a == good else a for a in args]
+            bg_args = [str(tmp / f"{name}-bg.db") if a == good else a for a in args]
+            foreground = Twistd(self, ["-n", "--pidfile=", "wsserver", *fg_args], env)
             daemon = Twistd(
                 self,
-                [f"--pidfile={pidfile}", f"--logfile={tmp / name}.log", "wsserver", *args],
+                [f"--pidfile={pidfile}", f"--logfile={tmp / name}.log", "wsserver", *bg_args],
                 env,
             )
             runs[name] = (foreground, daemon, pidfile)
@@ -382,6 +385,33 @@ class ClockedShutdownTests(unittest.TestCase):
         yield within(alice.gone, DEADLINE)
         yield eventually(lambda: self.service.broker.count() == 0, "the server lets go of it")
         self.assertEqual(proto.state, proto.STATE_CLOSED)
+
+
+class SharedSQLiteTests(unittest.TestCase):
+    timeout = 120
+
+    @defer.inlineCallbacks
+    def test_a_second_server_on_one_file_without_a_broker_is_refused(self):
+        """Two ``twistd wsserver`` on one SQLite file without BROKER would each
+        deliver live messages only to their own connections: the second stops
+        with one line naming DATABASE and BROKER (exit 1) while the first serves
+        on; once the first is killed outright (no clean shutdown), a new one
+        starts on the file."""
+        db = str(Path(self.mktemp()).resolve()) + ".db"
+        first, server = yield start_twistd(self, db)
+        second = Twistd(self, serve_args(0, db))
+        how = yield second.ended(60)
+        err = second.proc.err.decode()
+        self.assertEqual(how, ("exit", 1), err)
+        self.assertEqual(len(err.strip().splitlines()), 1, err)
+        self.assertTrue(err.startswith("wsserver: DATABASE: "), err)
+        self.assertIn("BROKER", err)
+        code, _ = yield server.get("/health")
+        self.assertEqual(code, 200)
+        yield first.kill()
+        _, server = yield start_twistd(self, db)
+        code, _ = yield server.get("/health")
+        self.assertEqual(code, 200)
 
 
 class StartupLineTests(unittest.TestCase):

@@ -366,3 +366,55 @@ class FileModeTests(unittest.TestCase):
         del lines[:]
         st.prepare_database(path, lambda: SECRET)
         self.assertEqual([line for line in lines if path in line], [])
+
+
+class FileClaimTests(unittest.TestCase):
+    """Servers sharing one SQLite file must all have a broker, or be alone."""
+
+    def setUp(self):
+        self.path = os.path.abspath(self.mktemp())
+        self.addCleanup(st.sqlite.release_file, self.path)
+
+    def second_claim(self, has_broker: bool) -> None:
+        """Claim the file as another process would: a lock file of its own
+        (the claim of this process is kept in a table, so forget it first)."""
+        held = st.sqlite._claims.pop(self.path)
+        self.addCleanup(os.close, held)
+        st.sqlite.claim_file(self.path, st.NodeInfo("other", has_broker))
+
+    def test_a_node_without_a_broker_is_alone(self):
+        """A node without a broker holds the file: a second one, with or without a
+        broker, is refused with one line naming DATABASE and BROKER; once the first
+        lets go, the file can be claimed again."""
+        st.prepare_database(self.path, lambda: SECRET, st.NodeInfo("one", False))
+        for has_broker in (False, True):
+            with self.assertRaises(st.DatabaseError) as ctx:
+                held = st.sqlite._claims.pop(self.path)
+                try:
+                    st.sqlite.claim_file(self.path, st.NodeInfo("two", has_broker))
+                finally:
+                    st.sqlite._claims[self.path] = held
+            text = str(ctx.exception)
+            self.assertTrue(text.startswith("DATABASE: "), text)
+            self.assertIn("BROKER", text)
+            self.assertEqual(len(text.splitlines()), 1)
+        st.sqlite.release_file(self.path)
+        st.sqlite.claim_file(self.path, st.NodeInfo("two", False))
+
+    def test_nodes_with_a_broker_share_the_file(self):
+        """Nodes that all have a broker share the file; one without is refused
+        beside them."""
+        st.prepare_database(self.path, lambda: SECRET, st.NodeInfo("one", True))
+        self.second_claim(True)
+        self.assertIn(self.path, st.sqlite._claims)
+        held = st.sqlite._claims.pop(self.path)
+        self.addCleanup(os.close, held)
+        with self.assertRaises(st.DatabaseError):
+            st.sqlite.claim_file(self.path, st.NodeInfo("three", False))
+
+    def test_preparing_without_a_node_claims_nothing(self):
+        """Tools and tests that only prepare the file (no node) leave it free."""
+        st.prepare_database(self.path, lambda: SECRET)
+        self.assertNotIn(self.path, st.sqlite._claims)
+        st.sqlite.claim_file(self.path, st.NodeInfo("one", False))
+        self.assertIn(self.path, st.sqlite._claims)

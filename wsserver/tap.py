@@ -340,9 +340,10 @@ def build_service(
     Raises ``ConfigError`` or ``DatabaseError`` naming what is wrong.
     """
     config = _load(options, environ)
-    # Nodes sharing a database register there; without a broker (there is
-    # none yet) a second live node is refused instead of missing live traffic.
-    node = NodeInfo(f"{socket.gethostname()}:{os.getpid()}", has_broker=False)
+    # Nodes sharing a database register there (PostgreSQL) or claim the file
+    # (SQLite); a node without a broker is refused beside another one, which
+    # would otherwise miss its live traffic.
+    node = NodeInfo(f"{socket.gethostname()}:{os.getpid()}", has_broker=config.broker is not None)
     secret = prepare_database(config.database, new_secret, node)
     try:
         return WsServerService(config, secret, reactor, node)

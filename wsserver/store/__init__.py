@@ -158,9 +158,10 @@ def prepare_database(
 ) -> bytes:
     """Create or upgrade the database; return the JWT secret kept in it.
 
-    Synchronous (before the reactor runs).  ``node``, for a shared
-    (PostgreSQL) database, registers this node and refuses to start beside
-    another live one when either lacks a broker.  Raises ``DatabaseError``
+    Synchronous (before the reactor runs).  ``node``, for a process that
+    will serve from the database, registers this node (PostgreSQL) or claims
+    the file (SQLite), and refuses to start beside another live one when
+    either lacks a broker.  Raises ``DatabaseError``
     with a message that starts with ``DATABASE``.
     """
     if is_postgres(database):
@@ -169,7 +170,7 @@ def prepare_database(
         return postgres.prepare_database(database, new_secret, node)
     from . import sqlite
 
-    return sqlite.prepare_database(database, new_secret)
+    return sqlite.prepare_database(database, new_secret, node)
 
 
 def open_store(database: str, clock: IReactorTime, node: NodeInfo | None = None) -> Any:

@@ -12,6 +12,7 @@ only supplies ``_write_batch``, which applies one batch in one transaction.
 
 from __future__ import annotations
 
+import fcntl
 import os
 import re
 import sqlite3
@@ -39,6 +40,7 @@ from . import (
     DatabaseError,
     IStore,
     NewMessage,
+    NodeInfo,
     User,
 )
 from .batching import BatchedWrites, GroupCommit
@@ -180,15 +182,20 @@ def _warn_if_exposed(path: str) -> None:
             )
 
 
-def prepare_database(path: str, new_secret: Callable[[], bytes]) -> bytes:
+def prepare_database(
+    path: str, new_secret: Callable[[], bytes], node: NodeInfo | None = None
+) -> bytes:
     """Create or upgrade the database at ``path``; return the kept JWT secret.
 
     ``new_secret`` makes a secret when the database has none yet; the first
     process to store one wins, so every process sharing the file agrees.  A
     new file is created owner-only; an existing one others can read is
-    warned about (it holds the secret).
+    warned about (it holds the secret).  ``node``, for a process that will
+    serve from the file, claims it (``claim_file``) until ``release_file``.
     """
     _create_owner_only(path)
+    if node is not None:
+        claim_file(path, node)
     try:
         conn = _connect(path)
         try:
@@ -204,7 +211,51 @@ def prepare_database(path: str, new_secret: Callable[[], bytes]) -> bytes:
         finally:
             conn.close()
     except sqlite3.Error as exc:
-        raise DatabaseError(f"cannot open {path}: {exc}") from exc
+        release_file(path)
+        raise DatabaseError(f"DATABASE: cannot open {path}: {exc}") from exc
+
+
+# Claims on database files, by absolute path: the open lock file of each.
+_claims: dict[str, int] = {}
+
+
+def claim_file(path: str, node: NodeInfo) -> None:
+    """Refuse a second server on ``path`` unless every one has a broker.
+
+    Processes serving from one file without a broker would each deliver
+    only to their own connections: a message to a user connected to the
+    other one would wait for a reconnect.  So a node without a broker holds
+    an exclusive ``flock`` on ``<path>-node.lock`` and nodes with one hold a
+    shared lock: the kernel drops it when the process ends, however it ends,
+    so a node killed outright never holds the file back.  (SQLite's own
+    locks are POSIX record locks, which ``flock`` does not touch.)
+    """
+    key = os.path.abspath(path)
+    if key in _claims:
+        return
+    lock_path = key + "-node.lock"
+    try:
+        fd = os.open(lock_path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, OWNER_ONLY)
+    except OSError as exc:
+        raise DatabaseError(f"DATABASE: cannot open {lock_path}: {exc.strerror}") from None
+    try:
+        fcntl.flock(fd, (fcntl.LOCK_SH if node.has_broker else fcntl.LOCK_EX) | fcntl.LOCK_NB)
+    except BlockingIOError:
+        os.close(fd)
+        raise DatabaseError(
+            f"DATABASE: {key} is served by another wsserver process"
+            + (" without a BROKER" if node.has_broker else "; this one has no BROKER")
+            + ": processes sharing a database deliver live messages to each other only"
+            " through a broker (set BROKER on every one, or give each its own DATABASE)"
+        ) from None
+    _claims[key] = fd
+
+
+def release_file(path: str) -> None:
+    """Give up this process's claim on ``path`` (at the store's close)."""
+    fd = _claims.pop(os.path.abspath(path), None)
+    if fd is not None:
+        os.close(fd)
 
 
 # ----------------------------------------------------------------------------
@@ -399,6 +450,7 @@ class Store(BatchedWrites):
         yield self._commits.close()
         self._pool.close()
         self._checkpoints.close()
+        release_file(self.path)
 
     # -- users ----------------------------------------------------------------
 
