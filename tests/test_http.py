@@ -12,7 +12,7 @@ from twisted.internet import defer, protocol, reactor
 from twisted.internet.endpoints import TCP4ClientEndpoint
 from twisted.trial import unittest
 
-from wsserver.web import access_log_line, log_safe, redacted_uri
+from wsserver.web import MAX_LOGGED_URI, access_log_line, log_safe, redacted_uri
 
 from .support import VECTORS, LiveServer, b64, public_b64, vector_key, within
 
@@ -360,22 +360,36 @@ class AuthRateLimitTests(unittest.TestCase):
 
 class AccessLogTests(unittest.TestCase):
     def test_token_is_redacted(self):
-        """The logged URI is rebuilt from the parsed query: since and verify values are
-        shown, every other value (the token's, in any spelling Twisted's parser
-        reads) is <redacted>, and what does not parse as name=value is left out."""
+        """The logged URI is rebuilt from the parsed query: a since of digits and a
+        verify flag are shown, every other value (the token's, in any spelling
+        Twisted's parser reads, or a token put in since) is <redacted>, names other
+        than since, verify and token are <other> (a name can carry a token too),
+        what does not parse as name=value is left out, and a long path or query is
+        cut to MAX_LOGGED_URI characters saying by how much."""
         cases = {
             b"/ws?token=abc.def.ghi&since=5": "/ws?token=<redacted>&since=5",
             b"/ws?since=5&token=abc": "/ws?since=5&token=<redacted>",
             b"/ws?since=5;token=abc": "/ws?since=5&token=<redacted>",
             b"/ws?%74oken=abc": "/ws?token=<redacted>",
             b"/ws?t%6Fken=a&token=b": "/ws?token=<redacted>&token=<redacted>",
-            b"/ws?abc.def.ghi&x=secret": "/ws?x=<redacted>",
+            b"/ws?abc.def.ghi&x=secret": "/ws?<other>=<redacted>",
+            b"/ws?since=abc.def.ghi": "/ws?since=<redacted>",
+            b"/ws?token%3Dabc.def.ghi=1": "/ws?<other>=<redacted>",
+            b"/auth/login?verify=abc.def": "/auth/login?verify=<redacted>",
+            b"/ws?" + b"a=&" * 5000: "/ws?" + "<other>=<redacted>&" * 26 + "<other>=<redacted>...(",
+            b"/x" * 300: "/x" * 256 + "...(88 more)",
             b"/auth/login?verify=true": "/auth/login?verify=true",
             b"/ws": "/ws",
             b"/ws?": "/ws?",
         }
         for uri, logged in cases.items():
-            self.assertEqual(redacted_uri(uri), logged, uri)
+            shown = redacted_uri(uri)
+            if logged.endswith("...("):
+                self.assertTrue(shown.startswith(logged), shown[:600])
+                self.assertTrue(shown.endswith(" more)"), shown[-40:])
+                self.assertLess(len(shown), 2 * MAX_LOGGED_URI)
+            else:
+                self.assertEqual(shown, logged, uri)
 
         class FakeRequest:
             method = b"GET"

@@ -372,7 +372,11 @@ class ClockedShutdownTests(unittest.TestCase):
     def test_connections_that_do_not_close_are_dropped_after_shutdown_timeout(self):
         """A client that never answers the 1001 close keeps the shutdown waiting
         until SHUTDOWN_TIMEOUT on the clock, not longer: then its connection is
-        dropped and the service finishes stopping."""
+        dropped and the service finishes stopping; its last log line says so
+        instead of claiming a clean shutdown."""
+        events: list[dict] = []
+        globalLogPublisher.addObserver(events.append)
+        self.addCleanup(globalLogPublisher.removeObserver, events.append)
         alice, proto = yield self.connect("alice")
         alice.deaf = True
         stopping = self.stop_service()
@@ -385,6 +389,14 @@ class ClockedShutdownTests(unittest.TestCase):
         yield within(alice.gone, DEADLINE)
         yield eventually(lambda: self.service.broker.count() == 0, "the server lets go of it")
         self.assertEqual(proto.state, proto.STATE_CLOSED)
+        said = [formatEvent(e) for e in events if "shut down" in (e.get("log_format") or "")]
+        self.assertEqual(
+            said,
+            [
+                "shut down: everything received was committed; 1 connections dropped"
+                " without their close handshake"
+            ],
+        )
 
 
 class SharedSQLiteTests(unittest.TestCase):

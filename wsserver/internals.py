@@ -21,8 +21,8 @@ def release_upgraded_request(channel: Any, request: Any) -> None:
     (several KiB per connection) that would wait for the cyclic collector.
     Twisted has no public call to drop a request that will never finish
     (``requestDone`` would also resume reading on a transport the channel no
-    longer owns), so this empties ``HTTPChannel.requests``, the queue it
-    keeps in that undocumented attribute.
+    longer owns), so this removes the request from ``HTTPChannel.requests``,
+    the queue it keeps in that undocumented attribute.
     """
     queue = channel.requests
     if request in queue:

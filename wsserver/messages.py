@@ -114,7 +114,8 @@ def loads_object(data: bytes | str) -> dict[str, Any]:
         raise InvalidJSON("not valid JSON") from exc
     if not isinstance(value, dict):
         raise InvalidJSON("not a JSON object")
-    if _SURROGATE_ESCAPE.search(text) or _SURROGATE.search(text):
+    # Decoded UTF-8 holds no surrogate, so for bytes only an escape can spell one.
+    if _SURROGATE_ESCAPE.search(text) or (not isinstance(data, bytes) and _SURROGATE.search(text)):
         field = _lone_surrogate_field(value)
         if field is not None:
             raise InvalidJSON(f"not valid Unicode: {field} holds a lone surrogate")

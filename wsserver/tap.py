@@ -272,15 +272,24 @@ class WsServerService(service.Service):
         in_time = yield _finished_within(
             self.factory.shut_down(), self.config.shutdown_timeout, self.reactor
         )
+        dropped = 0
         if not in_time:
             left = list(self.broker.connections())
-            _log.warn("shutdown timed out; dropping {n} connections", n=len(left))
+            dropped = len(left)
+            _log.warn("shutdown timed out; dropping {n} connections", n=dropped)
             for conn in left:
                 conn.dropConnection(abort=True)
         self.limiter.stop()
         self.auth_limiter.stop()
         yield self.store.close()
-        _log.info("shut down cleanly")
+        if dropped:
+            _log.info(
+                "shut down: everything received was committed; {n} connections dropped"
+                " without their close handshake",
+                n=dropped,
+            )
+        else:
+            _log.info("shut down cleanly")
 
 
 def _finished_within(d: defer.Deferred, seconds: float, clock: IReactorTime) -> defer.Deferred:

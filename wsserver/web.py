@@ -14,7 +14,6 @@ import re
 from collections.abc import Callable
 from importlib import resources
 from typing import Any
-from urllib.parse import quote
 
 from autobahn.twisted.resource import WebSocketResource
 from twisted.internet import defer
@@ -52,10 +51,20 @@ ERROR_STATUS = {
 }
 
 _PHRASES = {426: b"Upgrade Required"}  # Twisted knows the others
-# Query parameters whose values the access log shows; every other value (the
-# token's, however it is spelt) is replaced by REDACTED.
-_SHOWN_PARAMS = frozenset({b"since", b"verify"})
+# Query parameters the access log names, and the values it shows of them: a
+# ``since`` of digits, a ``verify`` flag.  Every other value (the token's,
+# however it is spelt, or a token put where a number belongs) is REDACTED,
+# and every other name is OTHER_PARAM (a name can hold a token too).
+_SHOWN_VALUES = {
+    b"since": re.compile(rb"[0-9]{1,18}"),
+    b"verify": re.compile(rb"(?i)true|false|1|0|yes|no"),
+}
+_NAMED_PARAMS = frozenset({*_SHOWN_VALUES, b"token"})
 REDACTED = "<redacted>"
+OTHER_PARAM = "<other>"
+# At most this many characters of a path and of a rebuilt query reach a log
+# line; a longer one is cut and says by how much.
+MAX_LOGGED_URI = 512
 _TRUE = {b"true", b"1", b"yes"}
 _FALSE = {b"false", b"0", b"no"}
 
@@ -156,21 +165,33 @@ def log_safe(value: bytes | str) -> str:
 def redacted_uri(uri: bytes) -> str:
     """``uri`` as the logs show it: the path, and the query rebuilt from what
     Twisted's parser makes of it (``&`` and ``;`` separators, percent-encoded
-    names), with only the values of ``since`` and ``verify`` shown.
+    names), naming only ``since``, ``verify`` and ``token`` and showing only
+    a ``since`` of digits and a ``verify`` flag; each part at most
+    ``MAX_LOGGED_URI`` characters.
 
-    So no spelling of a ``token`` parameter, nor any value the server does not
-    read, reaches a log; what cannot be parsed as ``name=value`` is left out.
+    So no spelling of a ``token`` parameter, nor any value or name the server
+    does not read, reaches a log; what cannot be parsed as ``name=value`` is
+    left out.
     """
     path, sep, query = uri.partition(b"?")
-    shown = log_safe(path)
+    shown = _cut(log_safe(path))
     if sep:
         pairs = []
         for name, values in http.parse_qs(query, 1).items():
+            shown_name = name.decode("ascii") if name in _NAMED_PARAMS else OTHER_PARAM
+            pattern = _SHOWN_VALUES.get(name)
             for value in values:
-                text = quote(value, safe="") if name in _SHOWN_PARAMS else REDACTED
-                pairs.append(f"{quote(name, safe='')}={text}")
-        shown += "?" + "&".join(pairs)
+                ok = pattern is not None and pattern.fullmatch(value)
+                text = value.decode("ascii") if ok else REDACTED
+                pairs.append(f"{shown_name}={text}")
+        shown += "?" + _cut("&".join(pairs))
     return shown
+
+
+def _cut(text: str) -> str:
+    if len(text) <= MAX_LOGGED_URI:
+        return text
+    return f"{text[:MAX_LOGGED_URI]}...({len(text) - MAX_LOGGED_URI} more)"
 
 
 def access_log_line(timestamp: str, request: http.Request) -> str:

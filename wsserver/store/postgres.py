@@ -53,6 +53,7 @@ from . import (
     describe,
 )
 from .batching import BatchedWrites, GroupCommit
+from .rows import MESSAGE_COLUMNS, message_from_row, remember_user
 
 _log = Logger()
 
@@ -63,7 +64,6 @@ NODE_EXPIRY = 30  # seconds after its last heartbeat a node counts as gone
 # Advisory lock keys (any constant bigint; these spell "wsschema"/"wsnodes").
 SCHEMA_LOCK = 0x7773736368656D61
 NODES_LOCK = 0x77736E6F646573
-_KNOWN_USERS_MAX = 100_000
 
 _MIGRATION_FILE = re.compile(r"(\d{3})_[a-z0-9_]+\.sql")
 
@@ -222,9 +222,7 @@ def register_node(conn: psycopg.Connection, node: NodeInfo) -> None:
 
 # Every query below is a constant: the column list is fixed text, every value a
 # "%s" parameter (hence the S608 exemptions).
-_COLS = (
-    "id, sender, recipient, content, signature, nonce, verification, status, created_ms, recipients"
-)
+_COLS = MESSAGE_COLUMNS
 _SQL_BY_NONCE = f"SELECT {_COLS} FROM messages WHERE sender = %s AND nonce = %s"  # noqa: S608
 _SQL_BY_ID = f"SELECT {_COLS} FROM messages WHERE id = %s"  # noqa: S608
 _SQL_PENDING = (
@@ -253,30 +251,6 @@ _SQL_INSERT = (
 )
 
 
-def _to_message(row: tuple[Any, ...]) -> Message:
-    sig = row[4]
-    return Message(
-        row[0],
-        row[1],
-        row[2],
-        row[3],
-        bytes(sig) if sig is not None else None,
-        row[5],
-        row[6],
-        row[7],
-        row[8],
-        row[9],
-    )
-
-
-def _remember(known_users: set[str], user_id: str) -> None:
-    # Users are never removed, so a user seen once exists for good; the set is
-    # only a cache of that, bounded.
-    if len(known_users) >= _KNOWN_USERS_MAX:
-        known_users.clear()
-    known_users.add(user_id)
-
-
 def _insert_messages(
     txn: Any, ops: list[tuple[str, Any]], results: list[Any], known_users: set[str]
 ) -> None:
@@ -286,7 +260,7 @@ def _insert_messages(
     if unknown:
         txn.execute("SELECT user_id FROM users WHERE user_id = ANY(%s)", (sorted(unknown),))
         for (user_id,) in txn.fetchall():
-            _remember(known_users, user_id)
+            remember_user(known_users, user_id)
     candidates: list[tuple[int, NewMessage]] = []
     first_of: dict[tuple[str, str], int] = {}
     repeats: list[tuple[int, int]] = []  # (op, op of the first with its nonce)
@@ -339,7 +313,7 @@ def _insert_messages(
                 )
             else:
                 txn.execute(_SQL_BY_NONCE, (new.sender, new.nonce))
-                results[i] = (DUPLICATE, _to_message(txn.fetchone()))
+                results[i] = (DUPLICATE, message_from_row(txn.fetchone()))
     for i, first in repeats:
         results[i] = (DUPLICATE, results[first][1])
 
@@ -560,7 +534,7 @@ class PostgresStore(BatchedWrites):
                 floor = max(after, since)
                 args = (user_id, after, since, user_id, floor, BROADCAST, floor, limit)
                 txn.execute(_SQL_SINCE, args)
-            return [_to_message(row) for row in txn.fetchall()]
+            return [message_from_row(row) for row in txn.fetchall()]
 
         return self._run(interaction)
 
@@ -570,7 +544,7 @@ class PostgresStore(BatchedWrites):
         def interaction(txn: Any) -> Message | None:
             txn.execute(_SQL_BY_ID, (msg_id,))
             row = txn.fetchone()
-            return _to_message(row) if row else None
+            return message_from_row(row) if row else None
 
         return self._run(interaction)
 

@@ -44,11 +44,11 @@ from . import (
     User,
 )
 from .batching import BatchedWrites, GroupCommit
+from .rows import MESSAGE_COLUMNS, message_from_row, remember_user
 
 _log = Logger()
 
 BUSY_TIMEOUT_MS = 5000
-_KNOWN_USERS_MAX = 100_000
 _IN_CHUNK = 500  # ids per UPDATE ... IN (...): below SQLite's parameter limit
 
 _MIGRATION_FILE = re.compile(r"(\d{3})_[a-z0-9_]+\.sql")
@@ -263,9 +263,7 @@ def release_file(path: str) -> None:
 
 # Every query below is a constant: the column list is fixed text, every value a
 # "?" parameter (hence the S608 exemptions).
-_COLS = (
-    "id, sender, recipient, content, signature, nonce, verification, status, created_ms, recipients"
-)
+_COLS = MESSAGE_COLUMNS
 _SQL_BY_NONCE = f"SELECT {_COLS} FROM messages WHERE sender = ? AND nonce = ?"  # noqa: S608
 _SQL_BY_ID = f"SELECT {_COLS} FROM messages WHERE id = ?"  # noqa: S608
 _SQL_PENDING = (
@@ -280,22 +278,6 @@ _SQL_SINCE = (
     f" UNION ALL SELECT {_COLS} FROM messages WHERE recipient = ? AND id > ?"
     ") ORDER BY id LIMIT ?"
 )
-
-
-def _to_message(row: tuple[Any, ...]) -> Message:
-    sig = row[4]
-    return Message(
-        row[0],
-        row[1],
-        row[2],
-        row[3],
-        bytes(sig) if sig is not None else None,
-        row[5],
-        row[6],
-        row[7],
-        row[8],
-        row[9],
-    )
 
 
 def _configure(conn: sqlite3.Connection) -> None:
@@ -322,7 +304,7 @@ def _insert_message(txn: Any, new: NewMessage, known_users: set[str]) -> tuple[s
         txn.execute("SELECT 1 FROM users WHERE user_id = ?", (new.recipient,))
         if txn.fetchone() is None:
             return NO_RECIPIENT, None
-        _remember(known_users, new.recipient)
+        remember_user(known_users, new.recipient)
     try:
         txn.execute(
             "INSERT INTO messages (sender, recipient, content, signature, nonce,"
@@ -345,7 +327,7 @@ def _insert_message(txn: Any, new: NewMessage, known_users: set[str]) -> tuple[s
         row = txn.fetchone()
         if row is None:
             raise
-        return DUPLICATE, _to_message(row)
+        return DUPLICATE, message_from_row(row)
     return STORED, Message(
         txn.lastrowid,
         new.sender,
@@ -357,14 +339,6 @@ def _insert_message(txn: Any, new: NewMessage, known_users: set[str]) -> tuple[s
         PENDING,
         new.created_ms,
     )
-
-
-def _remember(known_users: set[str], user_id: str) -> None:
-    # Users are never removed, so a user seen once exists for good; the set is
-    # only a cache of that, bounded, and touched only by the pool's thread.
-    if len(known_users) >= _KNOWN_USERS_MAX:
-        known_users.clear()
-    known_users.add(user_id)
 
 
 def _write_batch(txn: Any, ops: list[tuple[str, Any]], known_users: set[str]) -> list[Any]:
@@ -559,7 +533,7 @@ class Store(BatchedWrites):
                 floor = max(after, since)
                 args = (user_id, after, since, user_id, floor, BROADCAST, floor, limit)
                 txn.execute(_SQL_SINCE, args)
-            return [_to_message(row) for row in txn.fetchall()]
+            return [message_from_row(row) for row in txn.fetchall()]
 
         return self._pool.runInteraction(interaction)
 
@@ -569,7 +543,7 @@ class Store(BatchedWrites):
         def interaction(txn: Any) -> Message | None:
             txn.execute(_SQL_BY_ID, (msg_id,))
             row = txn.fetchone()
-            return _to_message(row) if row else None
+            return message_from_row(row) if row else None
 
         return self._pool.runInteraction(interaction)
 
