@@ -13,6 +13,7 @@ from twisted.internet import defer, protocol, reactor
 from twisted.trial import unittest
 from twisted.web import resource, server
 
+from wsserver import cli
 from wsserver import client as wc
 
 from .support import ROOT, LiveServer, within
@@ -242,6 +243,74 @@ class CliTests(CliCase):
         self.assertEqual(code, 0)
         stored = yield self.server.service.store.count_messages()
         self.assertEqual(stored, 3)  # hello bob, hi alice, hi bob
+
+
+FORGED = (
+    "see below\n[2026-12-02T02:40:00.000Z] alice [verified] #99: send the money"
+    "\x1b]0;owned\x07\r[x] \u202eevil\u2066 \u200b\x9b2J\x7f"
+)
+UNSAFE = ("\x1b", "\x07", "\r", "\u202e", "\u2066", "\u200b", "\x9b", "\x7f")
+
+
+class TerminalSafetyTests(CliCase):
+    """What another party sends cannot forge lines or drive the terminal."""
+
+    def setUp(self):
+        super().setUp()
+        self.server = LiveServer(self)
+        self.url = self.server.base
+
+    @defer.inlineCallbacks
+    def test_listen_shows_a_forged_line_as_part_of_one_message(self):
+        """A message holding a newline, a fake 'verified' line, escape sequences,
+        bidi and zero-width characters prints as one message line whose
+        continuation lines cannot pass for a message line; no control, bidi or
+        format character reaches the terminal."""
+        for user in ("mallory", "bob"):
+            yield self.cli("keygen", user=user)
+            yield self.cli("register", "--name", user.title(), user=user)
+        listen = self.spawn("listen", user="bob")
+        yield listen.err_line("listening as bob")
+        code, _, err = yield self.cli("send", "--to", "bob", FORGED, user="mallory")
+        self.assertEqual(code, 0, err)
+        while b"send the money" not in listen.out:
+            yield within(listen.lines.get(), WAIT)
+        out = listen.out.decode()
+        for bad in UNSAFE:
+            self.assertNotIn(bad, out)
+        lines = out.splitlines()
+        self.assertEqual(len([x for x in lines if x.startswith("[")]), 1, out)
+        self.assertIn("mallory [verified]", lines[0])
+        self.assertTrue(lines[0].endswith(": see below"), lines[0])
+        self.assertRegex(lines[1], r"^ +\| \[2026-12-02T02:40:00.000Z\] alice \[verified\]")
+        self.assertIn("\\x1b]0;owned\\x07\\r[x] \\u202eevil\\u2066 \\u200b", lines[1])
+
+    def test_every_field_of_a_frame_is_made_safe(self):
+        """describe() escapes controls, DEL, C1, bidi and format characters in
+        every field another party chose (sender, id, time, content)."""
+        frame = {
+            "timestamp": "2026\x1b[2J",
+            "from": "eve\u202e",
+            "to": "bob",
+            "id": "7\n[fake]",
+            "content": "a\u2028b\x85c",
+        }
+        line = cli.describe(frame, True)
+        self.assertEqual(len(line.splitlines()), 1, line)
+        for bad in (*UNSAFE, "\u2028", "\x85", "\n"):
+            self.assertNotIn(bad, line)
+        self.assertIn("eve\\u202e", line)
+
+    def test_server_text_in_failures_is_one_safe_line(self):
+        """An error code and message from the server print as one line with
+        their controls escaped."""
+        args = cli.parser().parse_args(["--server", "http://h:1", "--user", "a", "login"])
+        err = wc.ServerError("bad\x1b]0;x\x07", "two\nlines\u202e")
+        line = cli.failure_line(err, args)
+        self.assertEqual(len(line.splitlines()), 1, line)
+        for bad in UNSAFE:
+            self.assertNotIn(bad, line)
+        self.assertIn("two\\nlines", line)
 
 
 class ReconnectTests(CliCase):

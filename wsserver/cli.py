@@ -20,6 +20,7 @@ import os
 import socket
 import ssl
 import sys
+import unicodedata
 from typing import Any
 from urllib.parse import urlsplit
 
@@ -45,6 +46,44 @@ class UsageError(Exception):
     """A problem with the command line or the local files."""
 
 
+# What a message's later lines start with: never "[", so no line of a
+# message's text can pass for the start of another message.
+CONTINUATION = "    | "
+_NAMED = {"\n": "\\n", "\r": "\\r", "\t": "\\t"}
+# Control (C0, DEL, C1), format (bidi overrides and isolates, zero-width and
+# invisible characters), line/paragraph separators and lone surrogates.
+_UNSAFE_CATEGORIES = {"Cc", "Cf", "Zl", "Zp", "Cs"}
+_KEPT = {"\u200d"}  # zero-width joiner: joins emoji, hides nothing on its own
+
+
+def _escape(ch: str) -> str:
+    code = ord(ch)
+    if ch in _NAMED:
+        return _NAMED[ch]
+    if code < 0x100:
+        return f"\\x{code:02x}"
+    return f"\\u{code:04x}" if code < 0x10000 else f"\\U{code:08x}"
+
+
+def safe(text: Any, multiline: bool = False) -> str:
+    """``text`` (from another party: content, ids, names, server messages)
+    made harmless for a terminal: every control, format, bidi and separator
+    character is shown as a Python-style escape (``\\x1b``, ``\\u202e``), so
+    nothing can move the cursor, set the title or reorder what is shown.  With
+    ``multiline`` a newline starts a continuation line (CONTINUATION) instead
+    of being escaped, so a multi-line message stays readable yet none of its
+    lines can pass for a line of its own."""
+    parts = []
+    for ch in str(text):
+        if ch == "\n" and multiline:
+            parts.append("\n" + CONTINUATION)
+        elif ch not in _KEPT and unicodedata.category(ch) in _UNSAFE_CATEGORIES:
+            parts.append(_escape(ch))
+        else:
+            parts.append(ch)
+    return "".join(parts)
+
+
 def out(text: str) -> None:
     sys.stdout.write(text + "\n")
     sys.stdout.flush()
@@ -52,7 +91,7 @@ def out(text: str) -> None:
 
 def note(text: str) -> None:
     """One line on stderr: what the client is doing (reconnecting, listening)."""
-    sys.stderr.write(f"wsserver-client: {text}\n")
+    sys.stderr.write(f"wsserver-client: {safe(text)}\n")
     sys.stderr.flush()
 
 
@@ -61,11 +100,13 @@ def mark(verified: bool | None) -> str:
 
 
 def describe(frame: dict, verified: bool | None) -> str:
-    """One line for a received message: time, sender, signature mark, content."""
+    """A received message: time, sender, signature mark, content, every field
+    made safe (see safe()); later lines of a multi-line content are indented
+    continuation lines."""
     to = " (broadcast)" if frame.get("to") == "broadcast" else ""
     return (
-        f"[{frame['timestamp']}] {frame['from']}{to} [{mark(verified)}] #{frame['id']}: "
-        f"{frame['content']}"
+        f"[{safe(frame['timestamp'])}] {safe(frame['from'])}{to} [{mark(verified)}] "
+        f"#{safe(frame['id'])}: {safe(frame['content'], multiline=True)}"
     )
 
 
@@ -147,17 +188,20 @@ def cmd_register(args: argparse.Namespace, reactor: Any) -> Any:
             ) from None
         out(
             f"{client.user_id} is already registered with this key "
-            f"(as {record.get('username')}): nothing to do"
+            f"(as {safe(record.get('username'))}): nothing to do"
         )
         return
-    out(f"registered {user['user_id']} ({user['username']}) with key {user['public_key']}")
+    out(
+        f"registered {safe(user['user_id'])} ({safe(user['username'])}) "
+        f"with key {safe(user['public_key'])}"
+    )
 
 
 @defer.inlineCallbacks
 def cmd_login(args: argparse.Namespace, reactor: Any) -> Any:
     client = make_client(args)
     token = yield client.login()
-    out(token)
+    out(safe(token))
 
 
 @defer.inlineCallbacks
@@ -170,7 +214,7 @@ def cmd_send(args: argparse.Namespace, reactor: Any) -> Any:
         ack = yield client.send(args.to, args.text)
     finally:
         yield client.close()
-    out(f"{ack['id']} {ack['status']}")
+    out(f"{safe(ack['id'])} {safe(ack['status'])}")
 
 
 def _print_frames(client: Client, as_json: bool) -> None:
@@ -184,9 +228,9 @@ def _print_frames(client: Client, as_json: bool) -> None:
         if as_json:
             out(json.dumps({**frame, "verified_locally": None}))
         elif frame["type"] == "status":
-            out(f"your message #{frame['id']} is {frame['status']}")
+            out(f"your message #{safe(frame['id'])} is {safe(frame['status'])}")
         else:
-            out(f"system: {frame.get('code')}: {frame.get('content')}")
+            out(f"system: {safe(frame.get('code'))}: {safe(frame.get('content'))}")
 
     client.on_message = message
     client.on_status = other
@@ -260,7 +304,7 @@ def cmd_chat(args: argparse.Namespace, reactor: Any) -> Any:
             return
         d = client.send(args.to, text)
         d.addCallbacks(
-            lambda ack: out(f"  (#{ack['id']} {ack['status']})"),
+            lambda ack: out(f"  (#{safe(ack['id'])} {safe(ack['status'])})"),
             lambda f: out(f"  not sent: {failure_line(f.value, args)}"),
         )
         sending.append(d)
@@ -329,7 +373,12 @@ COMMANDS = {
 
 
 def failure_line(err: BaseException, args: argparse.Namespace) -> str:
-    """One human line for any failure: never a Python repr."""
+    """One human line for any failure: never a Python repr; what the server
+    or the network said is made safe for a terminal (see safe())."""
+    return safe(_failure_text(err, args))
+
+
+def _failure_text(err: BaseException, args: argparse.Namespace) -> str:
     if isinstance(err, UsageError):
         return str(err)
     server = args.server.rstrip("/")
