@@ -169,6 +169,9 @@ class ReadmeTests(unittest.TestCase):
         )
         out, err = done.stdout.decode(), done.stderr.decode()
         self.assertEqual(done.returncode, 0, f"{script}\nstdout: {out}\nstderr: {err}")
+        # The README shows no warnings: a step that writes to stderr (a
+        # DeprecationWarning, a traceback) is not the clean run it promises.
+        self.assertEqual(err, "", f"{script}\nwrote to stderr: {err}")
         return out
 
     def run_background_block(self, script: str, wanted: str) -> str:
@@ -209,7 +212,8 @@ class ReadmeTests(unittest.TestCase):
 
     def test_the_readme_steps_work_in_order(self):
         """Every shell step of the README runs, in the order written, on one server
-        from a fresh directory, and prints what the README shows."""
+        from a fresh directory, prints what the README shows and writes nothing
+        to stderr (no warning)."""
         self.assertIn(f"twistd -n wsserver --port {README_PORT}", self.text)
         page_user = re.search(r"register `([\w.-]+)` in the page", self.text).group(1)
         exports: list[str] = []
