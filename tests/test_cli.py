@@ -313,6 +313,30 @@ class TerminalSafetyTests(CliCase):
         self.assertIn("two\\nlines", line)
 
 
+class ChatRefusalTests(CliCase):
+    def setUp(self):
+        super().setUp()
+        self.server = LiveServer(self)
+        self.url = self.server.base
+
+    @defer.inlineCallbacks
+    def test_chat_to_an_unknown_recipient(self):
+        """chat to an id the server does not know prints the refusal once (no
+        second 'system:' line) and exits 1 once input ends."""
+        yield self.cli("keygen")
+        yield self.cli("register", "--name", "Alice")
+        chat = self.spawn("chat", "--to", "nobody")
+        self.assertIn("chatting with nobody", (yield within(chat.lines.get(), WAIT)))
+        chat.transport.write(b"anyone there?\n")
+        chat.transport.closeStdin()
+        code = yield within(chat.ended, WAIT)
+        out = chat.out.decode()
+        self.assertEqual(code, 1, out + chat.err.decode())
+        self.assertEqual(out.count("unknown_recipient"), 1, out)
+        self.assertIn("not sent: ", out)
+        self.assertNotIn("system:", out)
+
+
 class ReconnectTests(CliCase):
     """listen and chat when the server goes away and comes back."""
 
@@ -432,6 +456,45 @@ class ConnectionErrorTests(CliCase):
         url = f"http://127.0.0.1:{port.getHost().port}"
         line = yield self.fails("is this a wsserver?", url=url)
         self.assertNotIn("html", line)
+
+    @defer.inlineCallbacks
+    def test_bad_server_urls(self):
+        """A URL with a path, with credentials or with a port out of range is
+        refused before connecting, in one line naming the URL (never a
+        password) and what is expected."""
+        plain = LiveServer(self)
+        root = f"http://127.0.0.1:{plain.port}"
+        yield self.fails("must be the server's root", f"use {root}", url=root + "/sub/path")
+        code, _, err = yield self.cli("login", url=f"http://user:s3cret@127.0.0.1:{plain.port}")
+        self.assertEqual(code, 1)
+        line = self.assertOneHumanLine(err, "must not hold a user name or password", root)
+        self.assertNotIn("s3cret", line)
+        yield self.fails("port 99999", "1 to 65535", url="http://127.0.0.1:99999")
+
+    @defer.inlineCallbacks
+    def test_cafile_that_is_not_a_certificate(self):
+        """--cafile naming a private key: one line naming the file and the
+        server, saying a CA certificate in PEM was expected and what it holds."""
+        _, key = make_certificate(Path(self.mktemp()).resolve(), names=("example.test",))
+        url = "https://127.0.0.1:1"
+        line = yield self.fails(
+            f"--cafile {key}",
+            "not a PEM certificate",
+            "-----BEGIN CERTIFICATE-----",
+            "private key",
+            url=url,
+            args=("--cafile", str(key)),
+        )
+        self.assertNotIn("routines", line)
+
+    @defer.inlineCallbacks
+    def test_missing_key_file_names_the_keygen_to_run(self):
+        """A missing --key file: the keygen command suggested carries that --key."""
+        code, _, err = yield self.cli("--key", "x.key", "login", url="http://127.0.0.1:1")
+        self.assertEqual(code, 1)
+        self.assertOneHumanLine(err, "no key file x.key", "wsserver-client --key x.key keygen")
+        code, _, err = yield self.cli("login", user="zed", url="http://127.0.0.1:1")
+        self.assertOneHumanLine(err, "no key file zed.key", "wsserver-client --user zed keygen")
 
     @defer.inlineCallbacks
     def test_https_url_at_a_plain_server(self):

@@ -123,10 +123,11 @@ def _user(args: argparse.Namespace) -> str:
 def make_client(args: argparse.Namespace) -> Client:
     user = _user(args)
     path = args.key or f"{user}.key"
+    keygen = f"wsserver-client {f'--key {path}' if args.key else f'--user {user}'} keygen"
     try:
         key = load_key(path)
     except FileNotFoundError:
-        raise UsageError(f"no key file {path}: run 'wsserver-client keygen' first") from None
+        raise UsageError(f"no key file {path}: run '{keygen}' first") from None
     except ValueError as exc:
         raise UsageError(f"{exc}; 'wsserver-client keygen' makes one") from None
     except OSError as exc:
@@ -136,11 +137,34 @@ def make_client(args: argparse.Namespace) -> Client:
     try:
         return Client(args.server, user, key, cafile=args.cafile, timeout=TIMEOUT)
     except ValueError as exc:
-        raise UsageError(f"--server {args.server}: {exc}") from None
-    except Exception as exc:  # an unreadable or malformed CA file
-        raise UsageError(
-            f"--cafile {args.cafile}: not a PEM certificate ({_os_text(exc)})"
-        ) from None
+        raise UsageError(f"--server {shown_url(args.server)}: {exc}") from None
+    except OSError as exc:
+        raise UsageError(f"cannot read --cafile {args.cafile}: {_os_text(exc)}") from None
+    except Exception:  # OpenSSL's error for a file that is not a PEM certificate
+        raise UsageError(_not_a_certificate(args.cafile, args.server)) from None
+
+
+def _not_a_certificate(cafile: str, server: str) -> str:
+    """Why ``cafile`` cannot be used to trust ``server``, in one line."""
+    try:
+        with open(cafile, "rb") as f:
+            holds = f.read(1 << 20)
+    except OSError:
+        holds = b""
+    what = ""
+    if b"PRIVATE KEY-----" in holds:
+        what = " (it holds a private key)"
+    return (
+        f"--cafile {cafile}: not a PEM certificate{what}: expected the certificate of "
+        f"the authority that signed {shown_url(server)}'s certificate, a file starting "
+        f"-----BEGIN CERTIFICATE-----"
+    )
+
+
+def shown_url(url: str) -> str:
+    """``url`` without any user name or password, to print."""
+    parts = urlsplit(url)
+    return parts._replace(netloc=parts.netloc.rpartition("@")[2]).geturl()
 
 
 def _os_text(exc: BaseException) -> str:
@@ -298,15 +322,17 @@ def cmd_chat(args: argparse.Namespace, reactor: Any) -> Any:
     yield client.connect()
     out(f"chatting with {args.to}; end with Ctrl-D")
     sending: list[defer.Deferred] = []
+    refused: list[BaseException] = []
+
+    def not_sent(failure: Any) -> None:
+        refused.append(failure.value)
+        out(f"  not sent: {failure_line(failure.value, args)}")
 
     def line(text: str) -> None:
         if not text.strip():
             return
         d = client.send(args.to, text)
-        d.addCallbacks(
-            lambda ack: out(f"  (#{safe(ack['id'])} {safe(ack['status'])})"),
-            lambda f: out(f"  not sent: {failure_line(f.value, args)}"),
-        )
+        d.addCallbacks(lambda ack: out(f"  (#{safe(ack['id'])} {safe(ack['status'])})"), not_sent)
         sending.append(d)
 
     ended: defer.Deferred = defer.Deferred()
@@ -320,6 +346,8 @@ def cmd_chat(args: argparse.Namespace, reactor: Any) -> Any:
     yield ended
     yield defer.DeferredList(sending)
     yield client.close()
+    if refused:  # each was shown as it happened; the status tells a script
+        raise UsageError(f"{len(refused)} of {len(sending)} messages not sent")
 
 
 def parser() -> argparse.ArgumentParser:
@@ -381,7 +409,7 @@ def failure_line(err: BaseException, args: argparse.Namespace) -> str:
 def _failure_text(err: BaseException, args: argparse.Namespace) -> str:
     if isinstance(err, UsageError):
         return str(err)
-    server = args.server.rstrip("/")
+    server = shown_url(args.server).rstrip("/")
     if isinstance(err, ServerError):
         line = f"{server}: {err.code}: {err.message}"
         if err.code == "unknown_user":
