@@ -265,6 +265,38 @@ class ReadmeTests(unittest.TestCase):
         self.assertEqual(extra, set(), "examples/hello.py needs more than `pip install .`")
 
 
+class GitignoreTests(unittest.TestCase):
+    def test_what_the_readme_leaves_behind_is_ignored(self):
+        """The files the README's steps leave in a working tree (the private
+        keys of the users it makes, the pid and log files of the daemon with
+        their rotated logs, the database and its side files) are all in
+        .gitignore, so ``git add -A`` cannot commit them."""
+        if not (ROOT / ".git").exists():
+            self.skipTest("not a git checkout")
+        text = README.read_text("utf-8")
+        keys = {f"{u}.key" for u in re.findall(r"--user ([\w.-]+) keygen", text)}
+        pid = re.findall(r"--pidfile=(\S+)", text)
+        log = re.findall(r"--logfile=(\S+)", text)
+        database = re.search(r"\| `DATABASE` \| `([^`]+)`", text).group(1)
+        self.assertTrue(keys and pid and log, "the README names its keys, pid and log files")
+        left = sorted(
+            {*keys, *pid, *log, *(f + ".1" for f in log)}
+            | {database + side for side in ("", "-wal", "-shm", "-journal")}
+        )
+        done = subprocess.run(
+            ["git", "check-ignore", "--no-index", "--verbose", "--non-matching", *left],
+            cwd=ROOT,
+            capture_output=True,
+            text=True,
+            timeout=WAIT,
+        )
+        self.assertIn(done.returncode, (0, 1), done.stderr)
+        not_ignored = [
+            line.split("\t")[-1] for line in done.stdout.splitlines() if line.startswith("::")
+        ]
+        self.assertEqual(not_ignored, [], "not in .gitignore")
+
+
 class TwistdHelpTests(unittest.TestCase):
     def test_help_says_where_twistd_options_go(self):
         """``twistd wsserver --help`` says that twistd's own options (--pidfile,
