@@ -7,6 +7,7 @@ import os
 import socket
 import stat
 import sys
+import threading
 from pathlib import Path
 
 from twisted.internet import defer, protocol, reactor
@@ -115,12 +116,16 @@ class CliCase(unittest.TestCase):
         return line
 
 
-class CliTests(CliCase):
+class ServedCase(CliCase):
+    """A CliCase with one live server at self.url (no tests of its own)."""
+
     def setUp(self):
         super().setUp()
         self.server = LiveServer(self)
         self.url = self.server.base
 
+
+class CliTests(ServedCase):
     @defer.inlineCallbacks
     def test_runs_the_working_tree(self):
         """The CLI processes these tests start import wsserver from the working tree
@@ -252,13 +257,8 @@ FORGED = (
 UNSAFE = ("\x1b", "\x07", "\r", "\u202e", "\u2066", "\u200b", "\x9b", "\x7f")
 
 
-class TerminalSafetyTests(CliCase):
+class TerminalSafetyTests(ServedCase):
     """What another party sends cannot forge lines or drive the terminal."""
-
-    def setUp(self):
-        super().setUp()
-        self.server = LiveServer(self)
-        self.url = self.server.base
 
     @defer.inlineCallbacks
     def test_listen_shows_a_forged_line_as_part_of_one_message(self):
@@ -284,6 +284,10 @@ class TerminalSafetyTests(CliCase):
         self.assertTrue(lines[0].endswith(": see below"), lines[0])
         self.assertRegex(lines[1], r"^ +\| \[2026-12-02T02:40:00.000Z\] alice \[verified\]")
         self.assertIn("\\x1b]0;owned\\x07\\r[x] \\u202eevil\\u2066 \\u200b", lines[1])
+
+
+class SafeTextTests(unittest.TestCase):
+    """cli's own formatting of text another party chose."""
 
     def test_every_field_of_a_frame_is_made_safe(self):
         """describe() escapes controls, DEL, C1, bidi and format characters in
@@ -313,12 +317,36 @@ class TerminalSafetyTests(CliCase):
         self.assertIn("two\\nlines", line)
 
 
-class ChatRefusalTests(CliCase):
-    def setUp(self):
-        super().setUp()
-        self.server = LiveServer(self)
-        self.url = self.server.base
+class ProbeTests(unittest.TestCase):
+    """The look after a connection failure that names the fix."""
 
+    @defer.inlineCallbacks
+    def test_probes_run_off_the_reactor_thread(self):
+        """The TLS probes that name the fix (a handshake for http:// at a TLS
+        port, the certificate's names for a wrong host name) run in a thread,
+        never blocking the reactor, and each opens one connection with the
+        probe timeout."""
+        calls = []
+
+        def create_connection(address, timeout=None):
+            calls.append((threading.current_thread(), address, timeout))
+            raise ConnectionRefusedError("refused")
+
+        self.patch(cli.socket, "create_connection", create_connection)
+        args = cli.parser().parse_args(["--server", "http://127.0.0.1:1", "--user", "a", "login"])
+        for kind, url in (("closed", "http://127.0.0.1:1"), ("tls_hostname", "https://h:2")):
+            err = wc.ConnectionProblem(kind, url, "the connection closed without an answer")
+            line = yield cli.explain(err, args)
+            self.assertEqual(line, f"{url}: the connection closed without an answer")
+        self.assertEqual(
+            [(a, t) for _, a, t in calls],
+            [(("127.0.0.1", 1), cli.PROBE_TIMEOUT), (("h", 2), cli.PROBE_TIMEOUT)],
+        )
+        for thread, _, _ in calls:
+            self.assertIsNot(thread, threading.main_thread())
+
+
+class ChatRefusalTests(ServedCase):
     @defer.inlineCallbacks
     def test_chat_to_an_unknown_recipient(self):
         """chat to an id the server does not know prints the refusal once (no

@@ -24,7 +24,7 @@ import unicodedata
 from typing import Any
 from urllib.parse import urlsplit
 
-from twisted.internet import defer, task
+from twisted.internet import defer, task, threads
 from twisted.internet.protocol import Protocol
 
 from .client import (
@@ -40,6 +40,7 @@ from .messages import is_user_id
 
 DEFAULT_URL = "http://127.0.0.1:8080"
 TIMEOUT = 10.0  # seconds for each HTTP answer
+PROBE_TIMEOUT = 5.0  # seconds for each look that names a fix (in a thread)
 
 
 class UsageError(Exception):
@@ -324,9 +325,9 @@ def cmd_chat(args: argparse.Namespace, reactor: Any) -> Any:
     sending: list[defer.Deferred] = []
     refused: list[BaseException] = []
 
-    def not_sent(failure: Any) -> None:
+    def not_sent(failure: Any) -> defer.Deferred:
         refused.append(failure.value)
-        out(f"  not sent: {failure_line(failure.value, args)}")
+        return explain(failure.value, args).addCallback(lambda line: out(f"  not sent: {line}"))
 
     def line(text: str) -> None:
         if not text.strip():
@@ -406,6 +407,13 @@ def failure_line(err: BaseException, args: argparse.Namespace) -> str:
     return safe(_failure_text(err, args))
 
 
+def explain(err: BaseException, args: argparse.Namespace) -> defer.Deferred:
+    """failure_line(), run in a thread: naming the fix for a connection
+    problem may take blocking looks at the server (a TLS handshake, a plain
+    GET), which must not stall the reactor."""
+    return threads.deferToThread(failure_line, err, args)
+
+
 def _failure_text(err: BaseException, args: argparse.Namespace) -> str:
     if isinstance(err, UsageError):
         return str(err)
@@ -451,42 +459,44 @@ def _fix(err: ConnectionProblem, args: argparse.Namespace) -> str:
     return ""
 
 
+def _tls_certificate(host: str, port: int) -> bytes | None:
+    """The certificate (DER) ``host:port`` presents in a TLS handshake, read
+    without verifying it; None when no handshake completes.  Blocking (up to
+    PROBE_TIMEOUT): run it off the reactor thread, as explain() does."""
+    context = ssl.create_default_context()
+    context.check_hostname = False
+    context.verify_mode = ssl.CERT_NONE
+    try:
+        with (
+            socket.create_connection((host, port), timeout=PROBE_TIMEOUT) as raw,
+            context.wrap_socket(raw, server_hostname=host) as tls,
+        ):
+            return tls.getpeercert(binary_form=True)
+    except (OSError, ssl.SSLError, UnicodeError):
+        return None
+
+
 def certificate_names(host: str, port: int) -> list[str]:
     """The names a server's certificate is for (read without verifying it),
     to tell a user which host name to use; [] when they cannot be read."""
+    der = _tls_certificate(host, port)
+    if der is None:
+        return []
     try:
         from cryptography import x509
 
-        context = ssl.create_default_context()
-        context.check_hostname = False
-        context.verify_mode = ssl.CERT_NONE
-        with (
-            socket.create_connection((host, port), timeout=5) as raw,
-            context.wrap_socket(raw, server_hostname=host) as tls,
-        ):
-            der = tls.getpeercert(binary_form=True)
         cert = x509.load_der_x509_certificate(der)
         sans = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
-        names = sans.get_values_for_type(x509.DNSName)
-        return names + [str(a) for a in sans.get_values_for_type(x509.IPAddress)]
-    except Exception:
+    except (ValueError, x509.ExtensionNotFound):
         return []
+    names = sans.get_values_for_type(x509.DNSName)
+    return names + [str(a) for a in sans.get_values_for_type(x509.IPAddress)]
 
 
 def speaks_tls(host: str, port: int) -> bool:
     """Whether ``host:port`` completes a TLS handshake (certificate not checked):
     to tell an http:// URL pointed at an HTTPS server."""
-    try:
-        context = ssl.create_default_context()
-        context.check_hostname = False
-        context.verify_mode = ssl.CERT_NONE
-        with (
-            socket.create_connection((host, port), timeout=5) as raw,
-            context.wrap_socket(raw, server_hostname=host),
-        ):
-            return True
-    except (OSError, ssl.SSLError):
-        return False
+    return _tls_certificate(host, port) is not None
 
 
 def speaks_http(host: str, port: int) -> bool:
@@ -494,7 +504,7 @@ def speaks_http(host: str, port: int) -> bool:
     URL pointed at a plain-HTTP server (which may wait for a line that the TLS
     handshake never sends)."""
     try:
-        with socket.create_connection((host, port), timeout=5) as conn:
+        with socket.create_connection((host, port), timeout=PROBE_TIMEOUT) as conn:
             conn.sendall(b"GET /health HTTP/1.0\r\nHost: " + host.encode("idna") + b"\r\n\r\n")
             return conn.recv(5) == b"HTTP/"
     except (OSError, UnicodeError):
@@ -507,9 +517,12 @@ def main(argv: list[str] | None = None) -> None:
     def run(reactor: Any) -> defer.Deferred:
         d = defer.maybeDeferred(COMMANDS[args.command], args, reactor)
 
-        def failed(failure: Any) -> None:
-            sys.stderr.write(f"wsserver-client: {failure_line(failure.value, args)}\n")
-            raise SystemExit(1)
+        def failed(failure: Any) -> defer.Deferred:
+            def report(line: str) -> None:
+                sys.stderr.write(f"wsserver-client: {line}\n")
+                raise SystemExit(1)
+
+            return explain(failure.value, args).addCallback(report)
 
         return d.addErrback(failed)
 
