@@ -22,7 +22,7 @@ import ssl
 import sys
 import unicodedata
 from typing import Any
-from urllib.parse import urlsplit
+from urllib.parse import urlsplit, urlunsplit
 
 from twisted.internet import defer, task, threads
 from twisted.internet.protocol import Protocol
@@ -165,7 +165,8 @@ def _not_a_certificate(cafile: str, server: str) -> str:
 def shown_url(url: str) -> str:
     """``url`` without any user name or password, to print."""
     parts = urlsplit(url)
-    return parts._replace(netloc=parts.netloc.rpartition("@")[2]).geturl()
+    netloc = parts.netloc.rpartition("@")[2]
+    return urlunsplit((parts.scheme, netloc, parts.path, parts.query, parts.fragment))
 
 
 def _os_text(exc: BaseException) -> str:
