@@ -14,13 +14,37 @@ from io import BytesIO
 
 from autobahn.twisted.websocket import WebSocketClientFactory, WebSocketClientProtocol
 from nacl.signing import SigningKey
-from twisted.internet import defer, endpoints, task
-from twisted.web.client import Agent, FileBodyProducer, readBody
+from twisted.internet import defer, endpoints, protocol, task
+from twisted.web.client import Agent, FileBodyProducer, ResponseDone
 from twisted.web.http_headers import Headers
 
 
 def b64(raw: bytes) -> str:
     return base64.b64encode(raw).decode("ascii")
+
+
+class Body(protocol.Protocol):
+    """Collects a response body.  (Twisted's readBody warns, with a
+    DeprecationWarning, about the transport Agent gives it for a body that
+    has already arrived, so the body is read here.)"""
+
+    def __init__(self, done):
+        self.done, self.parts = done, []
+
+    def dataReceived(self, data):
+        self.parts.append(data)
+
+    def connectionLost(self, reason):
+        if reason.check(ResponseDone):
+            self.done.callback(b"".join(self.parts))
+        else:
+            self.done.errback(reason)
+
+
+def read_body(response):
+    done = defer.Deferred()
+    response.deliverBody(Body(done))
+    return done
 
 
 async def post(agent, url, body):
@@ -31,7 +55,7 @@ async def post(agent, url, body):
         Headers({b"Content-Type": [b"application/json"]}),
         FileBodyProducer(BytesIO(json.dumps(body).encode("utf-8"))),
     )
-    answer = json.loads(await readBody(response))
+    answer = json.loads(await read_body(response))
     if response.code >= 400:
         raise SystemExit(f"{url}: {answer['error']['code']}: {answer['error']['message']}")
     return answer

@@ -7,12 +7,14 @@ import os
 import socket
 import stat
 import sys
+import threading
 from pathlib import Path
 
 from twisted.internet import defer, protocol, reactor
 from twisted.trial import unittest
 from twisted.web import resource, server
 
+from wsserver import cli
 from wsserver import client as wc
 
 from .support import ROOT, LiveServer, within
@@ -114,12 +116,16 @@ class CliCase(unittest.TestCase):
         return line
 
 
-class CliTests(CliCase):
+class ServedCase(CliCase):
+    """A CliCase with one live server at self.url (no tests of its own)."""
+
     def setUp(self):
         super().setUp()
         self.server = LiveServer(self)
         self.url = self.server.base
 
+
+class CliTests(ServedCase):
     @defer.inlineCallbacks
     def test_runs_the_working_tree(self):
         """The CLI processes these tests start import wsserver from the working tree
@@ -244,6 +250,121 @@ class CliTests(CliCase):
         self.assertEqual(stored, 3)  # hello bob, hi alice, hi bob
 
 
+FORGED = (
+    "see below\n[2026-12-02T02:40:00.000Z] alice [verified] #99: send the money"
+    "\x1b]0;owned\x07\r[x] \u202eevil\u2066 \u200b\x9b2J\x7f"
+)
+UNSAFE = ("\x1b", "\x07", "\r", "\u202e", "\u2066", "\u200b", "\x9b", "\x7f")
+
+
+class TerminalSafetyTests(ServedCase):
+    """What another party sends cannot forge lines or drive the terminal."""
+
+    @defer.inlineCallbacks
+    def test_listen_shows_a_forged_line_as_part_of_one_message(self):
+        """A message holding a newline, a fake 'verified' line, escape sequences,
+        bidi and zero-width characters prints as one message line whose
+        continuation lines cannot pass for a message line; no control, bidi or
+        format character reaches the terminal."""
+        for user in ("mallory", "bob"):
+            yield self.cli("keygen", user=user)
+            yield self.cli("register", "--name", user.title(), user=user)
+        listen = self.spawn("listen", user="bob")
+        yield listen.err_line("listening as bob")
+        code, _, err = yield self.cli("send", "--to", "bob", FORGED, user="mallory")
+        self.assertEqual(code, 0, err)
+        while b"send the money" not in listen.out:
+            yield within(listen.lines.get(), WAIT)
+        out = listen.out.decode()
+        for bad in UNSAFE:
+            self.assertNotIn(bad, out)
+        lines = out.splitlines()
+        self.assertEqual(len([x for x in lines if x.startswith("[")]), 1, out)
+        self.assertIn("mallory [verified]", lines[0])
+        self.assertTrue(lines[0].endswith(": see below"), lines[0])
+        self.assertRegex(lines[1], r"^ +\| \[2026-12-02T02:40:00.000Z\] alice \[verified\]")
+        self.assertIn("\\x1b]0;owned\\x07\\r[x] \\u202eevil\\u2066 \\u200b", lines[1])
+
+
+class SafeTextTests(unittest.TestCase):
+    """cli's own formatting of text another party chose."""
+
+    def test_every_field_of_a_frame_is_made_safe(self):
+        """describe() escapes controls, DEL, C1, bidi and format characters in
+        every field another party chose (sender, id, time, content)."""
+        frame = {
+            "timestamp": "2026\x1b[2J",
+            "from": "eve\u202e",
+            "to": "bob",
+            "id": "7\n[fake]",
+            "content": "a\u2028b\x85c",
+        }
+        line = cli.describe(frame, True)
+        self.assertEqual(len(line.splitlines()), 1, line)
+        for bad in (*UNSAFE, "\u2028", "\x85", "\n"):
+            self.assertNotIn(bad, line)
+        self.assertIn("eve\\u202e", line)
+
+    def test_server_text_in_failures_is_one_safe_line(self):
+        """An error code and message from the server print as one line with
+        their controls escaped."""
+        args = cli.parser().parse_args(["--server", "http://h:1", "--user", "a", "login"])
+        err = wc.ServerError("bad\x1b]0;x\x07", "two\nlines\u202e")
+        line = cli.failure_line(err, args)
+        self.assertEqual(len(line.splitlines()), 1, line)
+        for bad in UNSAFE:
+            self.assertNotIn(bad, line)
+        self.assertIn("two\\nlines", line)
+
+
+class ProbeTests(unittest.TestCase):
+    """The look after a connection failure that names the fix."""
+
+    @defer.inlineCallbacks
+    def test_probes_run_off_the_reactor_thread(self):
+        """The TLS probes that name the fix (a handshake for http:// at a TLS
+        port, the certificate's names for a wrong host name) run in a thread,
+        never blocking the reactor, and each opens one connection with the
+        probe timeout."""
+        calls = []
+
+        def create_connection(address, timeout=None):
+            calls.append((threading.current_thread(), address, timeout))
+            raise ConnectionRefusedError("refused")
+
+        self.patch(cli.socket, "create_connection", create_connection)
+        args = cli.parser().parse_args(["--server", "http://127.0.0.1:1", "--user", "a", "login"])
+        for kind, url in (("closed", "http://127.0.0.1:1"), ("tls_hostname", "https://h:2")):
+            err = wc.ConnectionProblem(kind, url, "the connection closed without an answer")
+            line = yield cli.explain(err, args)
+            self.assertEqual(line, f"{url}: the connection closed without an answer")
+        self.assertEqual(
+            [(a, t) for _, a, t in calls],
+            [(("127.0.0.1", 1), cli.PROBE_TIMEOUT), (("h", 2), cli.PROBE_TIMEOUT)],
+        )
+        for thread, _, _ in calls:
+            self.assertIsNot(thread, threading.main_thread())
+
+
+class ChatRefusalTests(ServedCase):
+    @defer.inlineCallbacks
+    def test_chat_to_an_unknown_recipient(self):
+        """chat to an id the server does not know prints the refusal once (no
+        second 'system:' line) and exits 1 once input ends."""
+        yield self.cli("keygen")
+        yield self.cli("register", "--name", "Alice")
+        chat = self.spawn("chat", "--to", "nobody")
+        self.assertIn("chatting with nobody", (yield within(chat.lines.get(), WAIT)))
+        chat.transport.write(b"anyone there?\n")
+        chat.transport.closeStdin()
+        code = yield within(chat.ended, WAIT)
+        out = chat.out.decode()
+        self.assertEqual(code, 1, out + chat.err.decode())
+        self.assertEqual(out.count("unknown_recipient"), 1, out)
+        self.assertIn("not sent: ", out)
+        self.assertNotIn("system:", out)
+
+
 class ReconnectTests(CliCase):
     """listen and chat when the server goes away and comes back."""
 
@@ -363,6 +484,45 @@ class ConnectionErrorTests(CliCase):
         url = f"http://127.0.0.1:{port.getHost().port}"
         line = yield self.fails("is this a wsserver?", url=url)
         self.assertNotIn("html", line)
+
+    @defer.inlineCallbacks
+    def test_bad_server_urls(self):
+        """A URL with a path, with credentials or with a port out of range is
+        refused before connecting, in one line naming the URL (never a
+        password) and what is expected."""
+        plain = LiveServer(self)
+        root = f"http://127.0.0.1:{plain.port}"
+        yield self.fails("must be the server's root", f"use {root}", url=root + "/sub/path")
+        code, _, err = yield self.cli("login", url=f"http://user:s3cret@127.0.0.1:{plain.port}")
+        self.assertEqual(code, 1)
+        line = self.assertOneHumanLine(err, "must not hold a user name or password", root)
+        self.assertNotIn("s3cret", line)
+        yield self.fails("port 99999", "1 to 65535", url="http://127.0.0.1:99999")
+
+    @defer.inlineCallbacks
+    def test_cafile_that_is_not_a_certificate(self):
+        """--cafile naming a private key: one line naming the file and the
+        server, saying a CA certificate in PEM was expected and what it holds."""
+        _, key = make_certificate(Path(self.mktemp()).resolve(), names=("example.test",))
+        url = "https://127.0.0.1:1"
+        line = yield self.fails(
+            f"--cafile {key}",
+            "not a PEM certificate",
+            "-----BEGIN CERTIFICATE-----",
+            "private key",
+            url=url,
+            args=("--cafile", str(key)),
+        )
+        self.assertNotIn("routines", line)
+
+    @defer.inlineCallbacks
+    def test_missing_key_file_names_the_keygen_to_run(self):
+        """A missing --key file: the keygen command suggested carries that --key."""
+        code, _, err = yield self.cli("--key", "x.key", "login", url="http://127.0.0.1:1")
+        self.assertEqual(code, 1)
+        self.assertOneHumanLine(err, "no key file x.key", "wsserver-client --key x.key keygen")
+        code, _, err = yield self.cli("login", user="zed", url="http://127.0.0.1:1")
+        self.assertOneHumanLine(err, "no key file zed.key", "wsserver-client --user zed keygen")
 
     @defer.inlineCallbacks
     def test_https_url_at_a_plain_server(self):

@@ -146,12 +146,16 @@ class ClientTests(ClientBase):
 
     @defer.inlineCallbacks
     def test_refusal_fails_the_send(self):
-        """A refused message fails its Deferred with the server's code."""
+        """A refused message fails its Deferred with the server's code, and only
+        that: on_system is not called for the refusal as well."""
         alice = yield self.make(self.server, "alice")
+        system = []
+        alice.on_system = system.append
         yield alice.connect()
         with self.assertRaises(wc.ServerError) as ctx:
             yield alice.send("nobody", "hello?")
         self.assertEqual(ctx.exception.code, "unknown_recipient")
+        self.assertEqual(system, [])  # reported once: by the send, not on_system too
 
     @defer.inlineCallbacks
     def test_refused_upgrade_fails_connect(self):
@@ -196,6 +200,25 @@ class ClientTests(ClientBase):
         stored = yield self.server.service.store.count_messages()
         self.assertEqual(stored, 3)
         self.assertEqual(ack["content"], "sent as the line dropped")
+
+
+class ServerUrlTests(unittest.TestCase):
+    def test_server_url_must_be_a_bare_root(self):
+        """Client refuses a server URL with a path, query, credentials or a bad
+        port, saying what is expected (never repeating a password)."""
+        key = wc.generate_key()
+        for url, wanted in (
+            ("http://h:8080/sub/path", "root"),
+            ("http://h:8080/?x=1", "root"),
+            ("http://user:s3cret@h:8080", "user name or password"),
+            ("http://h:99999", "1 to 65535"),
+            ("http://h:0", "1 to 65535"),
+        ):
+            with self.assertRaises(ValueError, msg=url) as ctx:
+                wc.Client(url, "alice", key)
+            self.assertIn(wanted, str(ctx.exception))
+            self.assertNotIn("s3cret", str(ctx.exception))
+        self.assertEqual(wc.Client("http://h:8080/", "alice", key).server, "http://h:8080")
 
 
 class GiveUpTests(ClientBase):

@@ -169,6 +169,9 @@ class ReadmeTests(unittest.TestCase):
         )
         out, err = done.stdout.decode(), done.stderr.decode()
         self.assertEqual(done.returncode, 0, f"{script}\nstdout: {out}\nstderr: {err}")
+        # The README shows no warnings: a step that writes to stderr (a
+        # DeprecationWarning, a traceback) is not the clean run it promises.
+        self.assertEqual(err, "", f"{script}\nwrote to stderr: {err}")
         return out
 
     def run_background_block(self, script: str, wanted: str) -> str:
@@ -209,7 +212,8 @@ class ReadmeTests(unittest.TestCase):
 
     def test_the_readme_steps_work_in_order(self):
         """Every shell step of the README runs, in the order written, on one server
-        from a fresh directory, and prints what the README shows."""
+        from a fresh directory, prints what the README shows and writes nothing
+        to stderr (no warning)."""
         self.assertIn(f"twistd -n wsserver --port {README_PORT}", self.text)
         page_user = re.search(r"register `([\w.-]+)` in the page", self.text).group(1)
         exports: list[str] = []
@@ -259,6 +263,38 @@ class ReadmeTests(unittest.TestCase):
                 modules.add(node.module.split(".")[0])
         extra = modules - INSTALLED - set(sys.stdlib_module_names)
         self.assertEqual(extra, set(), "examples/hello.py needs more than `pip install .`")
+
+
+class GitignoreTests(unittest.TestCase):
+    def test_what_the_readme_leaves_behind_is_ignored(self):
+        """The files the README's steps leave in a working tree (the private
+        keys of the users it makes, the pid and log files of the daemon with
+        their rotated logs, the database and its side files) are all in
+        .gitignore, so ``git add -A`` cannot commit them."""
+        if not (ROOT / ".git").exists():
+            self.skipTest("not a git checkout")
+        text = README.read_text("utf-8")
+        keys = {f"{u}.key" for u in re.findall(r"--user ([\w.-]+) keygen", text)}
+        pid = re.findall(r"--pidfile=(\S+)", text)
+        log = re.findall(r"--logfile=(\S+)", text)
+        database = re.search(r"\| `DATABASE` \| `([^`]+)`", text).group(1)
+        self.assertTrue(keys and pid and log, "the README names its keys, pid and log files")
+        left = sorted(
+            {*keys, *pid, *log, *(f + ".1" for f in log)}
+            | {database + side for side in ("", "-wal", "-shm", "-journal")}
+        )
+        done = subprocess.run(
+            ["git", "check-ignore", "--no-index", "--verbose", "--non-matching", *left],
+            cwd=ROOT,
+            capture_output=True,
+            text=True,
+            timeout=WAIT,
+        )
+        self.assertIn(done.returncode, (0, 1), done.stderr)
+        not_ignored = [
+            line.split("\t")[-1] for line in done.stdout.splitlines() if line.startswith("::")
+        ]
+        self.assertEqual(not_ignored, [], "not in .gitignore")
 
 
 class TwistdHelpTests(unittest.TestCase):

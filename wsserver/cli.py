@@ -20,10 +20,11 @@ import os
 import socket
 import ssl
 import sys
+import unicodedata
 from typing import Any
-from urllib.parse import urlsplit
+from urllib.parse import urlsplit, urlunsplit
 
-from twisted.internet import defer, task
+from twisted.internet import defer, task, threads
 from twisted.internet.protocol import Protocol
 
 from .client import (
@@ -39,10 +40,49 @@ from .messages import is_user_id
 
 DEFAULT_URL = "http://127.0.0.1:8080"
 TIMEOUT = 10.0  # seconds for each HTTP answer
+PROBE_TIMEOUT = 5.0  # seconds for each look that names a fix (in a thread)
 
 
 class UsageError(Exception):
     """A problem with the command line or the local files."""
+
+
+# What a message's later lines start with: never "[", so no line of a
+# message's text can pass for the start of another message.
+CONTINUATION = "    | "
+_NAMED = {"\n": "\\n", "\r": "\\r", "\t": "\\t"}
+# Control (C0, DEL, C1), format (bidi overrides and isolates, zero-width and
+# invisible characters), line/paragraph separators and lone surrogates.
+_UNSAFE_CATEGORIES = {"Cc", "Cf", "Zl", "Zp", "Cs"}
+_KEPT = {"\u200d"}  # zero-width joiner: joins emoji, hides nothing on its own
+
+
+def _escape(ch: str) -> str:
+    code = ord(ch)
+    if ch in _NAMED:
+        return _NAMED[ch]
+    if code < 0x100:
+        return f"\\x{code:02x}"
+    return f"\\u{code:04x}" if code < 0x10000 else f"\\U{code:08x}"
+
+
+def safe(text: Any, multiline: bool = False) -> str:
+    """``text`` (from another party: content, ids, names, server messages)
+    made harmless for a terminal: every control, format, bidi and separator
+    character is shown as a Python-style escape (``\\x1b``, ``\\u202e``), so
+    nothing can move the cursor, set the title or reorder what is shown.  With
+    ``multiline`` a newline starts a continuation line (CONTINUATION) instead
+    of being escaped, so a multi-line message stays readable yet none of its
+    lines can pass for a line of its own."""
+    parts = []
+    for ch in str(text):
+        if ch == "\n" and multiline:
+            parts.append("\n" + CONTINUATION)
+        elif ch not in _KEPT and unicodedata.category(ch) in _UNSAFE_CATEGORIES:
+            parts.append(_escape(ch))
+        else:
+            parts.append(ch)
+    return "".join(parts)
 
 
 def out(text: str) -> None:
@@ -52,7 +92,7 @@ def out(text: str) -> None:
 
 def note(text: str) -> None:
     """One line on stderr: what the client is doing (reconnecting, listening)."""
-    sys.stderr.write(f"wsserver-client: {text}\n")
+    sys.stderr.write(f"wsserver-client: {safe(text)}\n")
     sys.stderr.flush()
 
 
@@ -61,11 +101,13 @@ def mark(verified: bool | None) -> str:
 
 
 def describe(frame: dict, verified: bool | None) -> str:
-    """One line for a received message: time, sender, signature mark, content."""
+    """A received message: time, sender, signature mark, content, every field
+    made safe (see safe()); later lines of a multi-line content are indented
+    continuation lines."""
     to = " (broadcast)" if frame.get("to") == "broadcast" else ""
     return (
-        f"[{frame['timestamp']}] {frame['from']}{to} [{mark(verified)}] #{frame['id']}: "
-        f"{frame['content']}"
+        f"[{safe(frame['timestamp'])}] {safe(frame['from'])}{to} [{mark(verified)}] "
+        f"#{safe(frame['id'])}: {safe(frame['content'], multiline=True)}"
     )
 
 
@@ -82,10 +124,11 @@ def _user(args: argparse.Namespace) -> str:
 def make_client(args: argparse.Namespace) -> Client:
     user = _user(args)
     path = args.key or f"{user}.key"
+    keygen = f"wsserver-client {f'--key {path}' if args.key else f'--user {user}'} keygen"
     try:
         key = load_key(path)
     except FileNotFoundError:
-        raise UsageError(f"no key file {path}: run 'wsserver-client keygen' first") from None
+        raise UsageError(f"no key file {path}: run '{keygen}' first") from None
     except ValueError as exc:
         raise UsageError(f"{exc}; 'wsserver-client keygen' makes one") from None
     except OSError as exc:
@@ -95,11 +138,35 @@ def make_client(args: argparse.Namespace) -> Client:
     try:
         return Client(args.server, user, key, cafile=args.cafile, timeout=TIMEOUT)
     except ValueError as exc:
-        raise UsageError(f"--server {args.server}: {exc}") from None
-    except Exception as exc:  # an unreadable or malformed CA file
-        raise UsageError(
-            f"--cafile {args.cafile}: not a PEM certificate ({_os_text(exc)})"
-        ) from None
+        raise UsageError(f"--server {shown_url(args.server)}: {exc}") from None
+    except OSError as exc:
+        raise UsageError(f"cannot read --cafile {args.cafile}: {_os_text(exc)}") from None
+    except Exception:  # OpenSSL's error for a file that is not a PEM certificate
+        raise UsageError(_not_a_certificate(args.cafile, args.server)) from None
+
+
+def _not_a_certificate(cafile: str, server: str) -> str:
+    """Why ``cafile`` cannot be used to trust ``server``, in one line."""
+    try:
+        with open(cafile, "rb") as f:
+            holds = f.read(1 << 20)
+    except OSError:
+        holds = b""
+    what = ""
+    if b"PRIVATE KEY-----" in holds:
+        what = " (it holds a private key)"
+    return (
+        f"--cafile {cafile}: not a PEM certificate{what}: expected the certificate of "
+        f"the authority that signed {shown_url(server)}'s certificate, a file starting "
+        f"-----BEGIN CERTIFICATE-----"
+    )
+
+
+def shown_url(url: str) -> str:
+    """``url`` without any user name or password, to print."""
+    parts = urlsplit(url)
+    netloc = parts.netloc.rpartition("@")[2]
+    return urlunsplit((parts.scheme, netloc, parts.path, parts.query, parts.fragment))
 
 
 def _os_text(exc: BaseException) -> str:
@@ -147,17 +214,20 @@ def cmd_register(args: argparse.Namespace, reactor: Any) -> Any:
             ) from None
         out(
             f"{client.user_id} is already registered with this key "
-            f"(as {record.get('username')}): nothing to do"
+            f"(as {safe(record.get('username'))}): nothing to do"
         )
         return
-    out(f"registered {user['user_id']} ({user['username']}) with key {user['public_key']}")
+    out(
+        f"registered {safe(user['user_id'])} ({safe(user['username'])}) "
+        f"with key {safe(user['public_key'])}"
+    )
 
 
 @defer.inlineCallbacks
 def cmd_login(args: argparse.Namespace, reactor: Any) -> Any:
     client = make_client(args)
     token = yield client.login()
-    out(token)
+    out(safe(token))
 
 
 @defer.inlineCallbacks
@@ -170,7 +240,7 @@ def cmd_send(args: argparse.Namespace, reactor: Any) -> Any:
         ack = yield client.send(args.to, args.text)
     finally:
         yield client.close()
-    out(f"{ack['id']} {ack['status']}")
+    out(f"{safe(ack['id'])} {safe(ack['status'])}")
 
 
 def _print_frames(client: Client, as_json: bool) -> None:
@@ -184,9 +254,9 @@ def _print_frames(client: Client, as_json: bool) -> None:
         if as_json:
             out(json.dumps({**frame, "verified_locally": None}))
         elif frame["type"] == "status":
-            out(f"your message #{frame['id']} is {frame['status']}")
+            out(f"your message #{safe(frame['id'])} is {safe(frame['status'])}")
         else:
-            out(f"system: {frame.get('code')}: {frame.get('content')}")
+            out(f"system: {safe(frame.get('code'))}: {safe(frame.get('content'))}")
 
     client.on_message = message
     client.on_status = other
@@ -254,15 +324,17 @@ def cmd_chat(args: argparse.Namespace, reactor: Any) -> Any:
     yield client.connect()
     out(f"chatting with {args.to}; end with Ctrl-D")
     sending: list[defer.Deferred] = []
+    refused: list[BaseException] = []
+
+    def not_sent(failure: Any) -> defer.Deferred:
+        refused.append(failure.value)
+        return explain(failure.value, args).addCallback(lambda line: out(f"  not sent: {line}"))
 
     def line(text: str) -> None:
         if not text.strip():
             return
         d = client.send(args.to, text)
-        d.addCallbacks(
-            lambda ack: out(f"  (#{ack['id']} {ack['status']})"),
-            lambda f: out(f"  not sent: {failure_line(f.value, args)}"),
-        )
+        d.addCallbacks(lambda ack: out(f"  (#{safe(ack['id'])} {safe(ack['status'])})"), not_sent)
         sending.append(d)
 
     ended: defer.Deferred = defer.Deferred()
@@ -276,6 +348,8 @@ def cmd_chat(args: argparse.Namespace, reactor: Any) -> Any:
     yield ended
     yield defer.DeferredList(sending)
     yield client.close()
+    if refused:  # each was shown as it happened; the status tells a script
+        raise UsageError(f"{len(refused)} of {len(sending)} messages not sent")
 
 
 def parser() -> argparse.ArgumentParser:
@@ -329,10 +403,22 @@ COMMANDS = {
 
 
 def failure_line(err: BaseException, args: argparse.Namespace) -> str:
-    """One human line for any failure: never a Python repr."""
+    """One human line for any failure: never a Python repr; what the server
+    or the network said is made safe for a terminal (see safe())."""
+    return safe(_failure_text(err, args))
+
+
+def explain(err: BaseException, args: argparse.Namespace) -> defer.Deferred:
+    """failure_line(), run in a thread: naming the fix for a connection
+    problem may take blocking looks at the server (a TLS handshake, a plain
+    GET), which must not stall the reactor."""
+    return threads.deferToThread(failure_line, err, args)
+
+
+def _failure_text(err: BaseException, args: argparse.Namespace) -> str:
     if isinstance(err, UsageError):
         return str(err)
-    server = args.server.rstrip("/")
+    server = shown_url(args.server).rstrip("/")
     if isinstance(err, ServerError):
         line = f"{server}: {err.code}: {err.message}"
         if err.code == "unknown_user":
@@ -374,42 +460,44 @@ def _fix(err: ConnectionProblem, args: argparse.Namespace) -> str:
     return ""
 
 
+def _tls_certificate(host: str, port: int) -> bytes | None:
+    """The certificate (DER) ``host:port`` presents in a TLS handshake, read
+    without verifying it; None when no handshake completes.  Blocking (up to
+    PROBE_TIMEOUT): run it off the reactor thread, as explain() does."""
+    context = ssl.create_default_context()
+    context.check_hostname = False
+    context.verify_mode = ssl.CERT_NONE
+    try:
+        with (
+            socket.create_connection((host, port), timeout=PROBE_TIMEOUT) as raw,
+            context.wrap_socket(raw, server_hostname=host) as tls,
+        ):
+            return tls.getpeercert(binary_form=True)
+    except (OSError, ssl.SSLError, UnicodeError):
+        return None
+
+
 def certificate_names(host: str, port: int) -> list[str]:
     """The names a server's certificate is for (read without verifying it),
     to tell a user which host name to use; [] when they cannot be read."""
+    der = _tls_certificate(host, port)
+    if der is None:
+        return []
     try:
         from cryptography import x509
 
-        context = ssl.create_default_context()
-        context.check_hostname = False
-        context.verify_mode = ssl.CERT_NONE
-        with (
-            socket.create_connection((host, port), timeout=5) as raw,
-            context.wrap_socket(raw, server_hostname=host) as tls,
-        ):
-            der = tls.getpeercert(binary_form=True)
         cert = x509.load_der_x509_certificate(der)
         sans = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
-        names = sans.get_values_for_type(x509.DNSName)
-        return names + [str(a) for a in sans.get_values_for_type(x509.IPAddress)]
-    except Exception:
+    except (ValueError, x509.ExtensionNotFound):
         return []
+    names = sans.get_values_for_type(x509.DNSName)
+    return names + [str(a) for a in sans.get_values_for_type(x509.IPAddress)]
 
 
 def speaks_tls(host: str, port: int) -> bool:
     """Whether ``host:port`` completes a TLS handshake (certificate not checked):
     to tell an http:// URL pointed at an HTTPS server."""
-    try:
-        context = ssl.create_default_context()
-        context.check_hostname = False
-        context.verify_mode = ssl.CERT_NONE
-        with (
-            socket.create_connection((host, port), timeout=5) as raw,
-            context.wrap_socket(raw, server_hostname=host),
-        ):
-            return True
-    except (OSError, ssl.SSLError):
-        return False
+    return _tls_certificate(host, port) is not None
 
 
 def speaks_http(host: str, port: int) -> bool:
@@ -417,7 +505,7 @@ def speaks_http(host: str, port: int) -> bool:
     URL pointed at a plain-HTTP server (which may wait for a line that the TLS
     handshake never sends)."""
     try:
-        with socket.create_connection((host, port), timeout=5) as conn:
+        with socket.create_connection((host, port), timeout=PROBE_TIMEOUT) as conn:
             conn.sendall(b"GET /health HTTP/1.0\r\nHost: " + host.encode("idna") + b"\r\n\r\n")
             return conn.recv(5) == b"HTTP/"
     except (OSError, UnicodeError):
@@ -430,9 +518,12 @@ def main(argv: list[str] | None = None) -> None:
     def run(reactor: Any) -> defer.Deferred:
         d = defer.maybeDeferred(COMMANDS[args.command], args, reactor)
 
-        def failed(failure: Any) -> None:
-            sys.stderr.write(f"wsserver-client: {failure_line(failure.value, args)}\n")
-            raise SystemExit(1)
+        def failed(failure: Any) -> defer.Deferred:
+            def report(line: str) -> None:
+                sys.stderr.write(f"wsserver-client: {line}\n")
+                raise SystemExit(1)
+
+            return explain(failure.value, args).addCallback(report)
 
         return d.addErrback(failed)
 

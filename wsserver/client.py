@@ -231,6 +231,34 @@ class _Conn(WebSocketClientProtocol):
         self.factory._wsclient._closed(self, code)
 
 
+def _server_url(server: str) -> Any:
+    """``server`` split (urlsplit), if it is a server's root URL: http:// or
+    https://, a host, an optional port from 1 to 65535, no user name or
+    password (wsserver logs in with a key), no path, query or fragment (the
+    protocol's paths are fixed, from the root).  ValueError says what is
+    expected, never repeating a password."""
+    parts = urlsplit(server)
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        raise ValueError("server must be an http:// or https:// URL")
+    netloc = parts.netloc.rpartition("@")[2]
+    root = f"{parts.scheme}://{netloc}"
+    if "@" in parts.netloc:
+        raise ValueError(
+            f"the server URL must not hold a user name or password (user:password@): "
+            f"use {root}; you log in with your key"
+        )
+    try:
+        port = parts.port
+    except ValueError:
+        port = -1
+    if port is not None and not 1 <= port <= 65535:
+        shown = netloc.rpartition(":")[2]
+        raise ValueError(f"port {shown} is not a port number (1 to 65535)")
+    if parts.path not in ("", "/") or parts.query or parts.fragment:
+        raise ValueError(f"the server URL must be the server's root, without a path: use {root}")
+    return parts
+
+
 class Client:
     """One user's connection to a wsserver, with login and recovery."""
 
@@ -248,9 +276,7 @@ class Client:
             from twisted.internet import reactor as default_reactor
 
             reactor = default_reactor
-        parts = urlsplit(server)
-        if parts.scheme not in ("http", "https") or not parts.hostname:
-            raise ValueError("server must be an http:// or https:// URL")
+        parts = _server_url(server)
         self.server = server.rstrip("/")
         self.user_id = user_id
         self.key = key
@@ -529,8 +555,10 @@ class Client:
         elif kind == "system":
             pending = self._unacked.pop(frame.get("nonce") or "", None)
             if pending is not None and frame.get("code") != "internal_error":
+                # A refusal of a send: reported once, by failing that send.
                 pending[1].errback(ServerError(frame["code"], frame.get("content", "")))
-            elif pending is not None:
+                return
+            if pending is not None:
                 # Not stored: try again on the next connection, same nonce.
                 self._unacked[frame["nonce"]] = pending
             if self.on_system:
