@@ -499,6 +499,7 @@ class RemoteServer:
     register = LiveServer.register
     login = LiveServer.login
     user = LiveServer.user
+    connect = LiveServer.connect
 
     @defer.inlineCallbacks
     def wait_up(self, seconds: float = 30) -> defer.Deferred:
