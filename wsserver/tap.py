@@ -30,6 +30,7 @@ from twisted.python.failure import Failure
 
 from .auth import Authenticator, Tokens, new_secret
 from .broker import LocalBroker
+from .broker.limits import SharedRateLimiter
 from .broker.redis import RedisBroker, check_broker
 from .config import SETTINGS, Config, ConfigError, load
 from .peers import PeerLimits
@@ -164,10 +165,13 @@ class WsServerService(service.Service):
                 prepare=text_frame,
                 max_per_user=config.max_connections_per_user,
             )
+        message_limiter: Any = self.limiter
+        if isinstance(self.broker, RedisBroker):
+            message_limiter = SharedRateLimiter(self.limiter, self.broker)
         self.factory = ServerFactory(
             store=self.store,
             broker=self.broker,
-            limiter=self.limiter,
+            limiter=message_limiter,
             clock=clock,
             max_content_bytes=config.max_content_bytes,
             max_frame_bytes=config.max_frame_bytes,

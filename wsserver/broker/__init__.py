@@ -33,6 +33,10 @@ class Connection(Protocol):
     def replay_finished(self) -> None:
         """Replay is over: send what arrived live meanwhile, then go live."""
 
+    def over_cap(self) -> None:
+        """The cluster-wide ``MAX_CONNECTIONS_PER_USER`` refused this connection
+        after it opened (the answer comes from Redis): close it with 1008."""
+
     def writable(self) -> defer.Deferred:
         """Fire when the connection can take more (its transport is not full)."""
 

@@ -45,6 +45,7 @@ from ..config import BrokerAddress, ConfigError, describe_broker, parse_broker
 from ..messages import BROADCAST, DELIVERED, PENDING, Message, message_frame, status_frame
 from ..store import Store
 from . import Connection, IBroker
+from .limits import LEASE_REFRESH, ask_lease, refresh_leases
 from .local import LocalBroker
 from .stream import StreamApplier
 
@@ -176,6 +177,10 @@ class RedisBroker(LocalBroker):
         self._poller = LoopingCall(self._poll)
         self._poller.clock = clock
         self._warned = False
+        self._leases: dict[Connection, tuple[str, str]] = {}
+        self._leaser = LoopingCall(self._refresh_leases)
+        self._leaser.clock = clock
+        self._cap_local = False
 
     # -- life -------------------------------------------------------------------
 
@@ -199,12 +204,15 @@ class RedisBroker(LocalBroker):
         self._subscriber = _SubscriberFactory(self, password)
         self._subscriber.startConnecting(self._endpoint())
         self._poller.start(POLL_INTERVAL, now=True)
+        self._leaser.start(LEASE_REFRESH, now=False)
 
     @defer.inlineCallbacks
     def stop(self) -> Any:
         """Stop polling and close the Redis connections."""
         if self._poller.running:
             self._poller.stop()
+        if self._leaser.running:
+            self._leaser.stop()
         if self._flush_call is not None and self._flush_call.active():
             self._flush_call.cancel()
             self._flush()
@@ -287,6 +295,59 @@ class RedisBroker(LocalBroker):
             self._applier.poll().addErrback(lambda f: None)
 
     # -- what connections see -----------------------------------------------------
+
+    def attach(self, conn: Connection) -> bool:
+        """Attach when this node's own count allows; the cluster-wide count is
+        asked of Redis at once and a connection over it is closed with 1008
+        (``over_cap``).  While Redis is away only this node's count applies."""
+        if not super().attach(conn):
+            return False
+        key = f"{self.prefix}conns:{conn.user_id}"
+        member = f"{self._node}/{id(conn)}"
+        self._leases[conn] = (key, member)
+        redis = self.command_connection()
+        if redis is None:
+            self._local_cap("Redis is unreachable")
+            return True
+        d = ask_lease(redis, key, member, self._clock.seconds(), self._max_per_user)
+
+        def answered(granted: bool) -> None:
+            if self._cap_local:
+                self._cap_local = False
+                _log.info("cluster-wide connection cap back")
+            if not granted and conn in self._leases:
+                _log.info("refused a connection of {user}: too many", user=conn.user_id)
+                self.detach(conn)
+                conn.over_cap()
+
+        def failed(f: Failure) -> None:
+            self._local_cap(f.getErrorMessage())
+
+        d.addCallbacks(answered, failed)
+        return True
+
+    def detach(self, conn: Connection) -> None:
+        super().detach(conn)
+        lease = self._leases.pop(conn, None)
+        redis = self.command_connection()
+        if lease is not None and redis is not None:
+            redis.zrem(*lease).addErrback(lambda f: None)
+
+    def _local_cap(self, why: str) -> None:
+        if not self._cap_local:
+            self._cap_local = True
+            _log.warn(
+                "cluster-wide connection cap unavailable ({why}): each node counts its own"
+                " connections until Redis is back",
+                why=why,
+            )
+
+    def _refresh_leases(self) -> None:
+        redis = self.command_connection()
+        if redis is None:
+            return
+        d = refresh_leases(redis, list(self._leases.values()), self._clock.seconds())
+        d.addErrback(lambda f: self._local_cap(f.getErrorMessage()))
 
     def publish(self, sender: Connection | None, msg: Message) -> Message:
         self._publishing = msg.id
