@@ -12,7 +12,7 @@ from twisted.trial import unittest
 from wsserver.messages import BROADCAST
 
 from .cluster import OwnRedis, ready, start_node, two_nodes, wait_for
-from .services import fresh_postgres_database, redis_url, require_redis
+from .services import fresh_postgres_database, fresh_redis_prefix, redis_url, require_redis
 from .support import LiveServer, RemoteServer, Twistd, free_port
 
 
@@ -103,6 +103,31 @@ class TwoNodeTests(unittest.TestCase):
         got = yield bob.next_of("message")
         self.assertEqual((got["id"], got["content"]), (ack["id"], "lost on the wire"))
         self.assertTrue(heard, "node b should have been sent the publication it dropped")
+
+    @defer.inlineCallbacks
+    def test_two_nodes_on_one_sqlite_file_with_a_broker(self):
+        """Two nodes sharing one SQLite file through a broker deliver each
+        other's messages in id order (SQLite hands out ids in commit order)."""
+        db = self.mktemp() + ".db"
+        prefix = fresh_redis_prefix(self)
+        a = start_node(self, db, prefix, "lite-a")
+        b = start_node(self, db, prefix, "lite-b")
+        yield ready(a)
+        yield ready(b)
+        _, alice_token = yield a.user("alice")
+        _, bob_token = yield b.user("bob")
+        _, carol_token = yield b.user("carol")
+        alice = yield a.connect(alice_token, testcase=self)
+        bob = yield b.connect(bob_token, testcase=self)
+        carol = yield b.connect(carol_token, testcase=self)
+        for i in range(5):
+            alice.send_json({"to": "carol", "content": f"a{i}", "nonce": f"a-{i}"})
+            bob.send_json({"to": "carol", "content": f"b{i}", "nonce": f"b-{i}"})
+        acks = (yield alice.take(5, "ack")) + (yield bob.take(5, "ack"))
+        got = yield carol.take(10, "message")
+        ids = [m["id"] for m in got]
+        self.assertEqual(ids, sorted(ids))
+        self.assertEqual(set(ids), {ack["id"] for ack in acks})
 
 
 class ReadyTests(unittest.TestCase):

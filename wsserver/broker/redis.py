@@ -402,6 +402,9 @@ class RedisBroker(LocalBroker):
             self._store.mark_delivered([msg.id])
             if self._publishing != msg.id:
                 # Not answered by this commit's ack: a status frame says it.
+                # The mark is written at once rather than with the next batch:
+                # until it is, a reconnect to another node replays it again.
+                self._store.drain().addErrback(lambda f: None)
                 self._delivered(msg)
                 return
         if self._publishing == msg.id:
