@@ -213,11 +213,11 @@ class RedisBroker(LocalBroker):
             self._poller.stop()
         if self._leaser.running:
             self._leaser.stop()
-        if self._flush_call is not None and self._flush_call.active():
-            self._flush_call.cancel()
-            self._flush()
         for tally in list(self._tallies.values()):
             tally.finish()
+        if self._flush_call is not None and self._flush_call.active():
+            self._flush_call.cancel()
+        self._flush()
         for factory in (self._subscriber, self._commands):
             if factory is not None:
                 yield factory.disconnect()
