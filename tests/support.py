@@ -102,9 +102,12 @@ class LiveServer:
                 # Redis; WebSocket clients go to each in turn.
                 prefix = fresh_redis_prefix(testcase)
                 settings["BROKER"] = redis_url(0)
-                self.others.append(
-                    build_service({}, {**settings, "NODE_NAME": "test-2"}, broker_prefix=prefix)
-                )
+                second = {
+                    **settings,
+                    "NODE_NAME": "test-2",
+                    "SERVER_ADDR": "tcp:0:interface=127.0.0.1",
+                }
+                self.others.append(build_service({}, second, broker_prefix=prefix))
                 settings["NODE_NAME"] = "test-1"
                 service = build_service({}, settings, broker_prefix=prefix)
             else:
@@ -127,6 +130,7 @@ class LiveServer:
         ]
         self._turn = 0
         self._stopped = False
+        testcase.addCleanup(self._stop_others)
         testcase.addCleanup(self.stop)
         self._pool = HTTPConnectionPool(reactor, persistent=True)
         testcase.addCleanup(self._pool.closeCachedConnections)
@@ -149,10 +153,17 @@ class LiveServer:
     def stop(self) -> Any:
         if not self._stopped:
             self._stopped = True
-            yield defer.gatherResults(
-                [defer.maybeDeferred(s.stopService) for s in [self.service, *self.others]]
-            )
+            yield self.service.stopService()
+            yield self._stop_others()
             cancel_batched_timers()
+
+    @defer.inlineCallbacks
+    def _stop_others(self) -> Any:
+        """Stop the test cluster's other nodes (also when a test stopped the
+        first node itself)."""
+        others, self.others = self.others, []
+        for other in others:
+            yield other.stopService()
 
     @defer.inlineCallbacks
     def post(self, path: str, body: Any, client: Any = None) -> Any:
