@@ -85,3 +85,88 @@ def database_for_test(testcase: Any) -> str:
     if os.environ.get("WSSERVER_TEST_DATABASE", "sqlite") == "postgresql":
         return fresh_postgres_database(testcase)
     return testcase.mktemp() + ".db"
+
+
+# -- Redis -----------------------------------------------------------------------
+
+REDIS_HOST = os.environ.get("WSSERVER_TEST_REDIS_HOST", "127.0.0.1")
+REDIS_PORT = int(os.environ.get("WSSERVER_TEST_REDIS_PORT", "6379"))
+_redis_why_not: list[str | None] = []
+
+
+def redis_command(*args: str, port: int | None = None) -> Any:
+    """Send one command to the test Redis and return its reply (simple RESP
+    parsing: status, error, integer, bulk string, array of bulk strings)."""
+    import socket
+
+    with socket.create_connection((REDIS_HOST, port or REDIS_PORT), timeout=10) as sock:
+        raw = f"*{len(args)}\r\n" + "".join(f"${len(a.encode())}\r\n{a}\r\n" for a in args)
+        sock.sendall(raw.encode())
+        reader = sock.makefile("rb")
+        return _read_reply(reader)
+
+
+def _read_reply(reader: Any) -> Any:
+    line = reader.readline()
+    if not line:
+        raise ConnectionError("Redis closed the connection")
+    kind, rest = line[:1], line[1:-2]
+    if kind == b"+":
+        return rest.decode()
+    if kind == b"-":
+        raise RuntimeError(rest.decode())
+    if kind == b":":
+        return int(rest)
+    if kind == b"$":
+        size = int(rest)
+        if size < 0:
+            return None
+        data = reader.read(size + 2)[:-2]
+        return data.decode("utf-8", "replace")
+    if kind == b"*":
+        count = int(rest)
+        return None if count < 0 else [_read_reply(reader) for _ in range(count)]
+    raise RuntimeError(f"unexpected Redis reply {line!r}")
+
+
+def redis_unavailable() -> str | None:
+    """Why Redis cannot be used by the tests, or None when it can (checked once)."""
+    if not _redis_why_not:
+        try:
+            reply = redis_command("PING")
+            _redis_why_not.append(None if reply == "PONG" else f"PING answered {reply!r}")
+        except Exception as exc:
+            _redis_why_not.append(
+                f"Redis at {REDIS_HOST}:{REDIS_PORT} is not reachable: {exc or type(exc).__name__}"
+            )
+    return _redis_why_not[0]
+
+
+def require_redis() -> None:
+    """Skip the calling test when Redis is absent, or fail when CI requires it."""
+    why = redis_unavailable()
+    if why is None:
+        return
+    if os.environ.get("WSSERVER_REQUIRE_SERVICES") == "1":
+        raise AssertionError(f"{why} (and WSSERVER_REQUIRE_SERVICES=1)")
+    raise unittest.SkipTest(why)
+
+
+def redis_url(db: int = 0) -> str:
+    """The BROKER URL of the test Redis."""
+    return f"redis://{REDIS_HOST}:{REDIS_PORT}/{db}"
+
+
+def fresh_redis_prefix(testcase: Any) -> str:
+    """A key and channel prefix of the calling test's own (use it with
+    ``redis_url(0)``); its keys are deleted when the test ends."""
+    require_redis()
+    prefix = f"wstest:{uuid.uuid4().hex[:12]}:"
+
+    def clean() -> None:
+        keys = redis_command("KEYS", f"{prefix}*") or []
+        for key in keys:
+            redis_command("DEL", key)
+
+    testcase.addCleanup(clean)
+    return prefix

@@ -27,7 +27,12 @@ from wsserver.auth import Session
 from wsserver.messages import signing_input
 from wsserver.tap import WsServerService, build_service
 
-from .services import database_for_test
+from .services import (
+    database_for_test,
+    fresh_postgres_database,
+    fresh_redis_prefix,
+    redis_url,
+)
 
 HERE = Path(__file__).parent
 VECTORS = json.loads((HERE / "vectors.json").read_text("utf-8"))
@@ -81,23 +86,51 @@ class LiveServer:
         """Build the service from ``env`` (settings by variable name), or start
         the ``service`` given (built elsewhere, e.g. by the twistd plugin)."""
         self.testcase = testcase
+        self.others: list[WsServerService] = []
         if service is None:
-            self.db = (
-                env.get("DATABASE") if env and "DATABASE" in env else database_for_test(testcase)
-            )
+            cluster = os.environ.get("WSSERVER_TEST_CLUSTER") == "1" and "BROKER" not in (env or {})
+            if env and "DATABASE" in env:
+                self.db = env["DATABASE"]
+            elif cluster:
+                self.db = fresh_postgres_database(testcase)
+            else:
+                self.db = database_for_test(testcase)
             settings = {"DATABASE": self.db, "SERVER_ADDR": "tcp:0:interface=127.0.0.1"}
             settings.update(env or {})
-            service = build_service({}, settings)
+            if cluster:
+                # WSSERVER_TEST_CLUSTER=1: two nodes on one database and one
+                # Redis; WebSocket clients go to each in turn.
+                prefix = fresh_redis_prefix(testcase)
+                settings["BROKER"] = redis_url(0)
+                second = {
+                    **settings,
+                    "NODE_NAME": "test-2",
+                    "SERVER_ADDR": "tcp:0:interface=127.0.0.1",
+                }
+                self.others.append(build_service({}, second, broker_prefix=prefix))
+                settings["NODE_NAME"] = "test-1"
+                service = build_service({}, settings, broker_prefix=prefix)
+            else:
+                service = build_service({}, settings)
         else:
             self.db = service.config.database
         self.service: WsServerService = service
         self.service.privilegedStartService()
         self.service.startService()
+        for other in self.others:
+            other.privilegedStartService()
+            other.startService()
         self.port = self.service.port.getHost().port
         scheme = "https" if self.service.tls else "http"
         self.base = f"{scheme}://127.0.0.1:{self.port}"
-        self.ws_base = f"{'wss' if self.service.tls else 'ws'}://127.0.0.1:{self.port}/ws"
+        ws = "wss" if self.service.tls else "ws"
+        self.ws_base = f"{ws}://127.0.0.1:{self.port}/ws"
+        self._ws_bases = [self.ws_base] + [
+            f"{ws}://127.0.0.1:{other.port.getHost().port}/ws" for other in self.others
+        ]
+        self._turn = 0
         self._stopped = False
+        testcase.addCleanup(self._stop_others)
         testcase.addCleanup(self.stop)
         self._pool = HTTPConnectionPool(reactor, persistent=True)
         testcase.addCleanup(self._pool.closeCachedConnections)
@@ -121,7 +154,16 @@ class LiveServer:
         if not self._stopped:
             self._stopped = True
             yield self.service.stopService()
+            yield self._stop_others()
             cancel_batched_timers()
+
+    @defer.inlineCallbacks
+    def _stop_others(self) -> Any:
+        """Stop the test cluster's other nodes (also when a test stopped the
+        first node itself)."""
+        others, self.others = self.others, []
+        for other in others:
+            yield other.stopService()
 
     @defer.inlineCallbacks
     def post(self, path: str, body: Any, client: Any = None) -> Any:
@@ -170,7 +212,10 @@ class LiveServer:
         return key, token
 
     def connect(self, token: str | None, **kwargs: Any) -> defer.Deferred:
-        return connect_ws(self.ws_base, token, **kwargs)
+        """Open a WebSocket (to each node in turn in a test cluster)."""
+        bases = getattr(self, "_ws_bases", None) or [self.ws_base]
+        self._turn = getattr(self, "_turn", 0) + 1
+        return connect_ws(bases[(self._turn - 1) % len(bases)], token, **kwargs)
 
 
 class ConnectionClosed(Exception):
@@ -499,6 +544,7 @@ class RemoteServer:
     register = LiveServer.register
     login = LiveServer.login
     user = LiveServer.user
+    connect = LiveServer.connect
 
     @defer.inlineCallbacks
     def wait_up(self, seconds: float = 30) -> defer.Deferred:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import datetime
+import random
 import sqlite3
 import time
 from dataclasses import fields
@@ -17,6 +18,7 @@ from twisted.trial import unittest
 from wsserver.config import SETTINGS, Config, ConfigError, load, parse_listen
 from wsserver.tap import Options, makeService
 
+from .services import redis_url, require_redis
 from .support import LiveServer, b64, connect_ws, sign_message, vector_key
 from .test_tls import make_certificate
 
@@ -191,7 +193,8 @@ class EverySettingTests(unittest.TestCase):
             "SHUTDOWN_TIMEOUT": "3.5",
             "ALLOWED_ORIGINS": "https://app.example",
             "WORKERS": "2",
-            "BROKER": "redis://127.0.0.1:6379/15",
+            "BROKER": redis_url(random.randint(1, 15)),
+            "NODE_NAME": "node-chosen",
         }
 
     def test_each_chosen_value_differs_from_the_default(self):
@@ -217,6 +220,7 @@ class EverySettingTests(unittest.TestCase):
         that act on it; their behaviour has tests of its own).  WORKERS=2 makes
         the plugin build the parent of tests/test_workers.py instead, checked
         on its own here."""
+        require_redis()
         values = self.chosen()
         args = []
         for variable, option, *_ in SETTINGS:
@@ -347,10 +351,6 @@ class EverySettingTests(unittest.TestCase):
         self.assertEqual(_carried(service, "config").shutdown_timeout, 3.5)
         checked.update({"MAX_OUTBOX_BYTES", "SHUTDOWN_TIMEOUT"})
 
-        # BROKER: carried (nothing uses it until the Redis broker lands).
-        self.assertEqual(_carried(service, "config").broker, values["BROKER"])
-        checked.add("BROKER")
-
         # WORKERS: the plugin builds the parent that runs that many children.
         parent_options = Options()
         parent_options.parseOptions([*args, "--workers", values["WORKERS"]])
@@ -372,6 +372,15 @@ class EverySettingTests(unittest.TestCase):
         self.assertEqual(auth_requests, 9)
         self.assertGreaterEqual(int(resp.headers.getRawHeaders(b"retry-after")[0]), 900)
         checked.update({"AUTH_RATE_LIMIT", "AUTH_BURST_LIMIT"})
+
+        # BROKER, NODE_NAME: the node is subscribed to that Redis and says its name.
+        code, body = yield server.get("/ready")
+        self.assertEqual(body["node"], "node-chosen")
+        self.assertIn("broker", body["checks"])
+        self.assertEqual(
+            _carried(service, "broker").prefix, f"wsserver:{values['BROKER'].rsplit('/', 1)[1]}:"
+        )
+        checked.update({"BROKER", "NODE_NAME"})
 
         self.assertEqual(checked, {variable for variable, *_ in SETTINGS})
 
@@ -405,3 +414,51 @@ class DatabaseSettingTests(unittest.TestCase):
             text = str(ctx.exception)
             self.assertTrue(text.startswith("DATABASE: "), text)
             self.assertNotIn("hunter2", text)
+
+
+class BrokerSettingTests(unittest.TestCase):
+    """BROKER and NODE_NAME (protocol section 10)."""
+
+    def test_redis_urls_are_accepted(self):
+        """redis://[:password@]host[:port][/db] URLs are kept verbatim and parsed."""
+        from wsserver.config import parse_broker
+
+        for url, parsed in (
+            ("redis://127.0.0.1", ("127.0.0.1", 6379, 0, None)),
+            ("redis://:s3cret@cache.example:6380/3", ("cache.example", 6380, 3, "s3cret")),
+            ("redis://[::1]:6379/1", ("::1", 6379, 1, None)),
+        ):
+            self.assertEqual(load({}, {"BROKER": url}).broker, url)
+            address = parse_broker(url)
+            self.assertEqual((address.host, address.port, address.db, address.password), parsed)
+        self.assertIsNone(load({}, {}).broker)
+
+    def test_bad_broker_urls_name_broker_and_hide_the_password(self):
+        """Another scheme, a bad port or database, a user name or parameters are
+        refused with one line naming BROKER that never shows the password."""
+        for url in (
+            "http://:hunter2@host",
+            "redis://:hunter2@host:0",
+            "redis://:hunter2@host:port",
+            "redis://:hunter2@host/x",
+            "redis://user:hunter2@host",
+            "redis://:hunter2@host/0?timeout=1",
+            "redis://:hunter2@",
+            "redis://:hunter2@host/ 1",
+        ):
+            with self.assertRaises(ConfigError) as ctx:
+                load({}, {"BROKER": url})
+            text = str(ctx.exception)
+            self.assertTrue(text.startswith("BROKER: "), text)
+            self.assertNotIn("hunter2", text)
+
+    def test_node_name_defaults_to_host_and_pid(self):
+        """NODE_NAME is <hostname>:<pid> unless given; a bad one names NODE_NAME."""
+        import os
+        import socket
+
+        self.assertEqual(load({}, {}).node_name, f"{socket.gethostname()}:{os.getpid()}")
+        self.assertEqual(load({}, {"NODE_NAME": "eu-1"}).node_name, "eu-1")
+        with self.assertRaises(ConfigError) as ctx:
+            load({}, {"NODE_NAME": "has space"})
+        self.assertTrue(str(ctx.exception).startswith("NODE_NAME: "))

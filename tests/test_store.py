@@ -191,6 +191,26 @@ class StoreContract:
         self.assertNotIn(other.id, [m.id for m in page])
 
     @defer.inlineCallbacks
+    def test_messages_between_and_stream_head(self):
+        """messages_between reads every message (any recipient, broadcasts too) with
+        after < id <= upto, by id and up to the limit; stream_head is the largest id."""
+        head = yield self.store.stream_head()
+        self.assertEqual(head, 0)
+        ids = []
+        for to in ("bob", "carol", BROADCAST, "bob"):
+            _, msg = yield self.store.add_message(new_message(to=to, content=to))
+            ids.append(msg.id)
+        head = yield self.store.stream_head()
+        self.assertEqual(head, ids[-1])
+        page = yield self.store.messages_between(ids[0], ids[3], 100)
+        self.assertEqual([m.id for m in page], ids[1:])
+        self.assertEqual([m.recipient for m in page], ["carol", BROADCAST, "bob"])
+        page = yield self.store.messages_between(0, ids[2], 2)
+        self.assertEqual([m.id for m in page], ids[:2])
+        page = yield self.store.messages_between(ids[3], ids[3] + 10, 100)
+        self.assertEqual(page, [])
+
+    @defer.inlineCallbacks
     def test_write_failure_fails_the_batch_and_the_store_recovers(self):
         """When the database refuses writes every sender of the batch gets a failure,
         nothing is stored, and later writes succeed again."""

@@ -525,6 +525,23 @@ class WorkersSupervisionTests(unittest.TestCase):
             self.assertEqual(fds, {0: "w", 1: "r", 2: "r", 3: 42})
             self.assertEqual(env[workers_module.WORKER_VARIABLE], f"{index}/2")
             self.assertEqual(env["DATABASE"], "db")
+            self.assertNotIn("NODE_NAME", env)  # each takes <hostname>:<its pid>
+
+    def test_a_node_name_given_to_the_parent_is_one_per_worker(self):
+        """NODE_NAME given to the parent reaches worker I as NODE_NAME-I: nodes
+        must not share a name (the PostgreSQL node registry, /ready)."""
+        service = workers_module.WorkersService(
+            self.service.config,
+            _FakePort(),
+            {"DATABASE": "db", "NODE_NAME": "eu"},
+            "http://127.0.0.1:1/",
+            "db",
+            self.clock,
+        )
+        before = len(self.clock.spawned)
+        service.startService()
+        names = [env["NODE_NAME"] for _, _, env, _ in self.clock.spawned[before:]]
+        self.assertEqual(names, ["eu-1", "eu-2"])
 
     def test_a_child_that_ends_is_restarted_with_a_growing_backoff(self):
         """A child that ends is started again after 0.5 s, then 1, 2, ... up to

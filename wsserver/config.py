@@ -46,7 +46,8 @@ class Config:
     shutdown_timeout: float
     allowed_origins: frozenset[str]
     workers: int
-    broker: str | None
+    broker: str | None  # redis://... (protocol section 11), or None: in-process
+    node_name: str
 
     @property
     def tls(self) -> bool:
@@ -139,17 +140,30 @@ def _database(text: str) -> str:
     return text
 
 
+@dataclass(frozen=True, slots=True)
+class BrokerAddress:
+    """Where the cluster's Redis is (``BROKER``)."""
+
+    host: str
+    port: int
+    db: int
+    password: str | None
+
+
 _BROKER_FORM = "use redis://[:password@]host[:port][/db]"
 
 
-def _broker(text: str) -> str:
-    """A Redis URL, ``redis://[:password@]host[:port][/db]``.  Errors never
-    repeat the URL (it may hold a password)."""
+def parse_broker(text: str) -> BrokerAddress:
+    """``redis://[:password@]host[:port][/db]`` as a ``BrokerAddress``.
+
+    Errors never repeat the URL (it may hold a password)."""
+    if not re.match(r"redis://", text, re.IGNORECASE):
+        raise ValueError(f"only Redis is supported ({_BROKER_FORM})")
     if any(ch.isspace() for ch in text):
         raise ValueError(f"a Redis URL has no spaces ({_BROKER_FORM})")
     parts = urlsplit(text)
-    if parts.scheme.lower() != "redis":
-        raise ValueError(f"must be a redis:// URL ({_BROKER_FORM})")
+    if parts.query or parts.fragment:
+        raise ValueError(f"a Redis URL takes no parameters ({_BROKER_FORM})")
     try:
         port = parts.port
     except ValueError:
@@ -158,11 +172,37 @@ def _broker(text: str) -> str:
         raise ValueError(f"the port must be a number from 1 to 65535 ({_BROKER_FORM})")
     if not parts.hostname:
         raise ValueError(f"a Redis URL needs a host ({_BROKER_FORM})")
-    if parts.path not in ("", "/") and not re.fullmatch(r"/\d{1,5}", parts.path):
+    if parts.username:
+        raise ValueError(f"give only a password, before an @ and after a colon ({_BROKER_FORM})")
+    db_text = parts.path[1:] if parts.path else ""
+    if db_text and not re.fullmatch(r"\d{1,5}", db_text):
         raise ValueError(f"the database must be a number ({_BROKER_FORM})")
-    if parts.query or parts.fragment:
-        raise ValueError(f"a Redis URL takes no query or fragment ({_BROKER_FORM})")
+    password = parts.password if parts.password else None
+    return BrokerAddress(parts.hostname, port or 6379, int(db_text or 0), password)
+
+
+def describe_broker(text: str) -> str:
+    """``BROKER`` as it may be logged: the URL without its password."""
+    return re.sub(r"(redis://[^@/]*?):[^@/]*@", r"\1:***@", text, count=1, flags=re.IGNORECASE)
+
+
+def _broker(text: str) -> str:
+    parse_broker(text)
     return text
+
+
+def _node_name(text: str) -> str:
+    if not re.fullmatch(r"[A-Za-z0-9._:@\-]{1,128}", text):
+        raise ValueError("use 1-128 letters, digits and . _ : @ -")
+    return text
+
+
+def default_node_name() -> str:
+    """``<hostname>:<pid>``, the name of a node that was given none."""
+    import os
+    import socket
+
+    return f"{socket.gethostname()}:{os.getpid()}"
 
 
 def _origins(text: str) -> frozenset[str]:
@@ -307,7 +347,14 @@ SETTINGS: list[tuple[str, str, str | None, Callable[[str], Any], str]] = [
         "broker",
         None,
         _broker,
-        "redis://[:password@]host[:port][/db]: the Redis shared by the nodes of a cluster",
+        "redis://[:password@]host[:port][/db]: the Redis of a cluster (default: in-process)",
+    ),
+    (
+        "NODE_NAME",
+        "node-name",
+        None,
+        _node_name,
+        "this node's name in logs and /ready (default: <hostname>:<pid>)",
     ),
 ]
 
@@ -329,6 +376,8 @@ def load(options: Mapping[str, str | None], environ: Mapping[str, str]) -> Confi
             raise ConfigError(f"{shown}: {exc}") from None
     if (values["tls_cert"] is None) != (values["tls_key"] is None):
         raise ConfigError("TLS_CERT/TLS_KEY: set both or neither")
+    if values["node_name"] is None:
+        values["node_name"] = default_node_name()
     if values["max_frame_bytes"] < values["max_content_bytes"]:
         raise ConfigError("MAX_FRAME_BYTES: must be at least MAX_CONTENT_BYTES")
     if values["workers"] > 1 and values["broker"] is None:

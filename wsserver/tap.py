@@ -14,7 +14,6 @@ from __future__ import annotations
 import dataclasses
 import gc
 import os
-import socket
 import sys
 from typing import Any
 
@@ -31,6 +30,8 @@ from twisted.python.failure import Failure
 
 from .auth import Authenticator, Tokens, new_secret
 from .broker import LocalBroker
+from .broker.limits import SharedRateLimiter
+from .broker.redis import RedisBroker, check_broker
 from .config import SETTINGS, Config, ConfigError, load
 from .peers import PeerLimits
 from .ratelimit import RateLimiter
@@ -131,7 +132,12 @@ class WsServerService(service.Service):
     """The whole server: database, broker, web site, listening port."""
 
     def __init__(
-        self, config: Config, secret: bytes, reactor: Any = None, node: NodeInfo | None = None
+        self,
+        config: Config,
+        secret: bytes,
+        reactor: Any = None,
+        node: NodeInfo | None = None,
+        broker_prefix: str = "wsserver:",
     ) -> None:
         if reactor is None:
             from twisted.internet import reactor as default_reactor
@@ -141,7 +147,7 @@ class WsServerService(service.Service):
         self.reactor = reactor
         self.port: Any = None
         self._listen_fd: int | None = None  # a socket adopted from the --workers parent
-        self._node = node.name if node is not None else f"{socket.gethostname()}:{os.getpid()}"
+        self._node = node.name if node is not None else config.node_name
         clock: IReactorTime = reactor
         self.tls = tls_options(config.tls_cert, config.tls_key) if config.tls else None
         self.endpoint = endpoints.serverFromString(reactor, config.listen)
@@ -150,16 +156,32 @@ class WsServerService(service.Service):
         self.auth_limiter = RateLimiter(config.auth_rate_limit, config.auth_burst_limit, clock)
         tokens = Tokens(config.jwt_secret or secret, config.token_ttl, clock)
         self.auth = Authenticator(self.store, tokens, clock, config.challenge_ttl)
-        self.broker = LocalBroker(
-            self.store,
-            clock,
-            prepare=text_frame,
-            max_per_user=config.max_connections_per_user,
-        )
+        self.broker: LocalBroker
+        if config.broker is not None:
+            self.broker = RedisBroker(
+                self.store,
+                clock,
+                config.broker,
+                config.node_name,
+                prepare=text_frame,
+                max_per_user=config.max_connections_per_user,
+                prefix=broker_prefix,
+                reactor=reactor,
+            )
+        else:
+            self.broker = LocalBroker(
+                self.store,
+                clock,
+                prepare=text_frame,
+                max_per_user=config.max_connections_per_user,
+            )
+        message_limiter: Any = self.limiter
+        if isinstance(self.broker, RedisBroker):
+            message_limiter = SharedRateLimiter(self.limiter, self.broker)
         self.factory = ServerFactory(
             store=self.store,
             broker=self.broker,
-            limiter=self.limiter,
+            limiter=message_limiter,
             clock=clock,
             max_content_bytes=config.max_content_bytes,
             max_frame_bytes=config.max_frame_bytes,
@@ -169,7 +191,7 @@ class WsServerService(service.Service):
         gate = WebSocketGate(
             self.factory, self.auth, config.allowed_origins, secure=self.tls is not None
         )
-        root = build_root(self.auth, self.auth_limiter, gate, self._status)
+        root = build_root(self.auth, self.auth_limiter, gate, self._status, self.ready_checks)
         self.site = build_site(root)
 
     def _status(self) -> dict:
@@ -179,6 +201,21 @@ class WsServerService(service.Service):
         """Serve on the listening socket ``fd`` (from the ``--workers`` parent)
         instead of binding ``SERVER_ADDR``; ``bind`` adopts it."""
         self._listen_fd = fd
+
+    @defer.inlineCallbacks
+    def ready_checks(self) -> Any:
+        """(NODE_NAME, checks) for ``GET /ready``: the database answers, and in a
+        cluster the broker's subscription is live and caught up."""
+        checks = {}
+        try:
+            yield self.store.stream_head().addTimeout(5.0, self.reactor)
+            checks["database"] = "ok"
+        except Exception:
+            checks["database"] = "the database does not answer"
+        if isinstance(self.broker, RedisBroker):
+            ok, why = self.broker.ready
+            checks["broker"] = "ok" if ok else why
+        return self.config.node_name, checks
 
     def listen(self) -> defer.Deferred:
         """Start listening; fires with the listening port."""
@@ -243,6 +280,8 @@ class WsServerService(service.Service):
         super().startService()
         self.bind()
         self.store.start()
+        if isinstance(self.broker, RedisBroker):
+            self.broker.start()
         self.limiter.start()
         self.auth_limiter.start()
         if not USES_NVX:
@@ -281,6 +320,8 @@ class WsServerService(service.Service):
                 conn.dropConnection(abort=True)
         self.limiter.stop()
         self.auth_limiter.stop()
+        if isinstance(self.broker, RedisBroker):
+            yield self.broker.stop()
         yield self.store.close()
         if dropped:
             _log.info(
@@ -332,6 +373,7 @@ def build_workers(
 
         reactor = default_reactor
     config = _load(options, environ)
+    check_broker(config.broker)  # WORKERS > 1 needs one: it must answer before the fork
     prepare_database(config.database, new_secret)  # the parent is not a node
     if config.tls:
         tls_options(config.tls_cert, config.tls_key)
@@ -342,20 +384,27 @@ def build_workers(
 
 
 def build_service(
-    options: dict[str, Any], environ: dict[str, str], reactor: Any = None
+    options: dict[str, Any],
+    environ: dict[str, str],
+    reactor: Any = None,
+    broker_prefix: str = "wsserver:",
 ) -> WsServerService:
-    """Validate, prepare the database, build the service.
+    """Validate, prepare the database, reach the broker, build the service.
 
     Raises ``ConfigError`` or ``DatabaseError`` naming what is wrong.
+    ``broker_prefix`` starts every Redis key and channel name (tests give
+    each cluster one of its own).
     """
     config = _load(options, environ)
     # Nodes sharing a database register there (PostgreSQL) or claim the file
     # (SQLite); a node without a broker is refused beside another one, which
     # would otherwise miss its live traffic.
-    node = NodeInfo(f"{socket.gethostname()}:{os.getpid()}", has_broker=config.broker is not None)
+    if config.broker is not None:
+        check_broker(config.broker)
+    node = NodeInfo(config.node_name, has_broker=config.broker is not None)
     secret = prepare_database(config.database, new_secret, node)
     try:
-        return WsServerService(config, secret, reactor, node)
+        return WsServerService(config, secret, reactor, node, broker_prefix)
     except ValueError as exc:
         if isinstance(exc, ConfigError):
             raise

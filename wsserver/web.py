@@ -401,6 +401,24 @@ class Health(JsonResource):
         return 200, {"status": "ok", **self._status()}
 
 
+class Ready(JsonResource):
+    """GET /ready (protocol section 11): 200 when this node can serve, else 503
+    naming the failing check.  ``checks`` fires with (node name, {check: "ok" or
+    why not})."""
+
+    handlers = {b"GET": "get"}
+
+    def __init__(self, checks: Callable[[], defer.Deferred]) -> None:
+        super().__init__()
+        self._checks = checks
+
+    @defer.inlineCallbacks
+    def get(self, request: server.Request) -> Any:
+        node, checks = yield self._checks()
+        ready = all(value == "ok" for value in checks.values())
+        return (200 if ready else 503), {"ready": ready, "node": node, "checks": checks}
+
+
 class Register(JsonResource):
     """POST /auth/register."""
 
@@ -643,6 +661,7 @@ def build_root(
     auth_limiter: RateLimiter,
     ws_gate: WebSocketGate,
     status: Callable[[], dict],
+    ready: Callable[[], defer.Deferred] | None = None,
 ) -> Resource:
     """The whole resource tree."""
     root = _Root()
@@ -653,6 +672,8 @@ def build_root(
     root.putChild(b"auth", AuthTree(auth, auth_limiter))
     root.putChild(b"ws", ws_gate)
     root.putChild(b"health", Health(status))
+    if ready is not None:
+        root.putChild(b"ready", Ready(ready))
     return root
 
 

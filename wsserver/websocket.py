@@ -207,6 +207,7 @@ class ServerProtocol(WebSocketServerProtocol):
         self._waiting: list[defer.Deferred] = []
         self._closed = defer.Deferred()
         self._out: Any = None  # what _write writes to (set when the connection opens)
+        self._taking: defer.Deferred | None = None  # frames waiting for the shared bucket
 
     # -- what the broker sees ---------------------------------------------------
 
@@ -245,6 +246,10 @@ class ServerProtocol(WebSocketServerProtocol):
         self._held_bytes = 0
         for msg_id, frame in held:
             self.deliver(msg_id, frame)
+
+    def over_cap(self) -> None:
+        if self.live:
+            self._close(CLOSE_POLICY, "too many connections for this user")
 
     def writable(self) -> defer.Deferred:
         if not self._paused or not self.live:
@@ -396,8 +401,41 @@ class ServerProtocol(WebSocketServerProtocol):
             _log.info("closing {user}: invalid UTF-8", user=self.user_id)
             self._close(CLOSE_INVALID_PAYLOAD, "a text frame must be UTF-8")
             return
+        taken = self.factory._limiter.take(self.user_id)
+        if isinstance(taken, defer.Deferred) or self._taking is not None:
+            self._take_in_turn(taken, payload, text)
+            return
+        self._after_take(taken, payload, text)
+
+    def _take_in_turn(self, taken: Any, payload: bytes, text: str) -> None:
+        """Handle the frame once its token's answer is in and every earlier
+        frame was handled: the cluster's shared bucket answers later
+        (broker/limits.py), and frames still go on in the order they came."""
+        previous = self._taking
+        mine: defer.Deferred = defer.Deferred()
+        self._taking = mine
+
+        def run(_: Any) -> None:
+            d = taken if isinstance(taken, defer.Deferred) else defer.succeed(taken)
+            d.addCallback(self._after_take, payload, text)
+            d.addErrback(lambda f: _log.failure("handling a frame failed", f))
+            d.addBoth(lambda _: mine.callback(None))
+
+        def finished(_: Any) -> None:
+            if self._taking is mine:
+                self._taking = None
+
+        mine.addCallback(finished)
+        if previous is None:
+            run(None)
+        else:
+            previous.addCallback(run)
+
+    def _after_take(self, wait: float, payload: bytes, text: str) -> None:
+        """Handle a frame once its rate-limit token was asked for."""
+        if not self.live:
+            return
         factory = self.factory
-        wait = factory._limiter.take(self.user_id)
         if wait:
             limiter = factory._limiter
             text = (

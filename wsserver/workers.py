@@ -191,6 +191,10 @@ class _Worker(protocol.ProcessProtocol):
         self._partial = {1: b"", 2: b""}
         env = dict(self.parent.env)
         env[WORKER_VARIABLE] = self.name
+        if env.get("NODE_NAME"):
+            # Nodes must not share a name (the PostgreSQL node registry, /ready):
+            # a name given to the parent becomes one per worker.
+            env["NODE_NAME"] = f"{env['NODE_NAME']}-{self.name.split('/')[0]}"
         self.started = self.parent.reactor.seconds()
         transport = self.parent.reactor.spawnProcess(
             self,

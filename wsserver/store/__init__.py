@@ -117,6 +117,14 @@ class IStore(Interface):
     def get_message(msg_id: int) -> Any:  # noqa: N805
         """Fire with the stored ``Message`` or None."""
 
+    def messages_between(after: int, upto: int, limit: int) -> Any:  # noqa: N805
+        """Up to ``limit`` stored messages (any recipient) with ``after < id <= upto``,
+        by id: what a cluster node reads back when it missed part of the stream."""
+
+    def stream_head() -> Any:
+        """Fire with the largest message id committed so far (0 when none): a
+        node polls it to notice messages whose publication it missed."""
+
     def count_messages() -> Any:
         """Fire with the number of stored messages."""
 

@@ -225,6 +225,10 @@ def register_node(conn: psycopg.Connection, node: NodeInfo) -> None:
 _COLS = MESSAGE_COLUMNS
 _SQL_BY_NONCE = f"SELECT {_COLS} FROM messages WHERE sender = %s AND nonce = %s"  # noqa: S608
 _SQL_BY_ID = f"SELECT {_COLS} FROM messages WHERE id = %s"  # noqa: S608
+_SQL_BETWEEN = (
+    f"SELECT {_COLS} FROM messages WHERE id > %s AND id <= %s"  # noqa: S608
+    " ORDER BY id LIMIT %s"
+)
 _SQL_PENDING = (
     f"SELECT {_COLS} FROM messages WHERE recipient = %s AND status = 'pending'"  # noqa: S608
     " AND id > %s ORDER BY id LIMIT %s"
@@ -545,6 +549,24 @@ class PostgresStore(BatchedWrites):
             txn.execute(_SQL_BY_ID, (msg_id,))
             row = txn.fetchone()
             return message_from_row(row) if row else None
+
+        return self._run(interaction)
+
+    def messages_between(self, after: int, upto: int, limit: int) -> defer.Deferred:
+        """Up to ``limit`` messages with ``after < id <= upto``, by id (see ``IStore``)."""
+
+        def interaction(txn: Any) -> list[Message]:
+            txn.execute(_SQL_BETWEEN, (after, upto, limit))
+            return [message_from_row(row) for row in txn.fetchall()]
+
+        return self._run(interaction)
+
+    def stream_head(self) -> defer.Deferred:
+        """Fire with the largest committed message id (0 when none)."""
+
+        def interaction(txn: Any) -> int:
+            txn.execute("SELECT last_id FROM stream_head")
+            return int(txn.fetchone()[0])
 
         return self._run(interaction)
 

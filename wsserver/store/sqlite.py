@@ -266,6 +266,10 @@ def release_file(path: str) -> None:
 _COLS = MESSAGE_COLUMNS
 _SQL_BY_NONCE = f"SELECT {_COLS} FROM messages WHERE sender = ? AND nonce = ?"  # noqa: S608
 _SQL_BY_ID = f"SELECT {_COLS} FROM messages WHERE id = ?"  # noqa: S608
+_SQL_BETWEEN = (
+    f"SELECT {_COLS} FROM messages WHERE id > ? AND id <= ?"  # noqa: S608
+    " ORDER BY id LIMIT ?"
+)
 _SQL_PENDING = (
     f"SELECT {_COLS} FROM messages WHERE recipient = ? AND status = 'pending'"  # noqa: S608
     " AND id > ? ORDER BY id LIMIT ?"
@@ -544,6 +548,24 @@ class Store(BatchedWrites):
             txn.execute(_SQL_BY_ID, (msg_id,))
             row = txn.fetchone()
             return message_from_row(row) if row else None
+
+        return self._pool.runInteraction(interaction)
+
+    def messages_between(self, after: int, upto: int, limit: int) -> defer.Deferred:
+        """Up to ``limit`` messages with ``after < id <= upto``, by id (see ``IStore``)."""
+
+        def interaction(txn: Any) -> list[Message]:
+            txn.execute(_SQL_BETWEEN, (after, upto, limit))
+            return [message_from_row(row) for row in txn.fetchall()]
+
+        return self._pool.runInteraction(interaction)
+
+    def stream_head(self) -> defer.Deferred:
+        """Fire with the largest committed message id (0 when none)."""
+
+        def interaction(txn: Any) -> int:
+            txn.execute("SELECT COALESCE(MAX(id), 0) FROM messages")
+            return int(txn.fetchone()[0])
 
         return self._pool.runInteraction(interaction)
 

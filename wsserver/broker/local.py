@@ -1,72 +1,31 @@
-"""Routing: which connections a stored message goes to, and delivery status.
+"""The broker of a single process: routing inside one node.
 
 The broker knows every open connection by user.  After the store has
 committed a message it hands the frame (serialized once) to each recipient
 connection, records ``delivered`` and tells the sender.  When a connection
 opens it replays what the user missed, in id order, before live traffic.
 
-``IBroker`` is the seam for scale-out: a broker spanning processes (Redis
-pub/sub, say) implements the same interface and nothing else changes.
+The cluster's broker (``redis.py``) builds on it for the connections of its
+own node.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator
-from typing import Any, Protocol
+from typing import Any
 
 from twisted.internet import defer
 from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
-from zope.interface import Interface, implementer
+from zope.interface import implementer
 
-from .messages import BROADCAST, DELIVERED, PENDING, Message, message_frame, status_frame
-from .store import Store
+from ..messages import BROADCAST, DELIVERED, PENDING, Message, message_frame, status_frame
+from ..store import Store
+from . import Connection, IBroker
 
 _log = Logger()
 
 REPLAY_PAGE = 256
-
-
-class Connection(Protocol):
-    """What the broker needs of a connection (implemented in websocket.py)."""
-
-    user_id: str
-
-    def deliver(self, msg_id: int, frame: bytes, replayed: bool = False) -> bool:
-        """Hand over a ``message`` frame, made once for every connection by the
-        broker's ``prepare``; True if it was taken."""
-
-    def notify(self, payload: bytes) -> None:
-        """Send a non-message frame (a ``status``) if the connection is open."""
-
-    def replay_finished(self) -> None:
-        """Replay is over: send what arrived live meanwhile, then go live."""
-
-    def writable(self) -> defer.Deferred:
-        """Fire when the connection can take more (its transport is not full)."""
-
-    @property
-    def live(self) -> bool:
-        """False once the connection is closing or closed."""
-
-
-class IBroker(Interface):
-    """Delivery to and from connections, wherever their users are."""
-
-    def attach(conn: Connection) -> bool:  # noqa: N805 (zope.interface style)
-        """Register an open connection; False when its user has too many."""
-
-    def detach(conn: Connection) -> None:  # noqa: N805
-        """Forget a connection that closed."""
-
-    def publish(sender: Connection | None, msg: Message) -> Message:  # noqa: N805
-        """Deliver a committed message; return it with its status now."""
-
-    def replay(conn: Connection, since: int | None) -> defer.Deferred:  # noqa: N805
-        """Send ``conn`` what its user missed (section 6), then let it go live."""
-
-    def connections() -> Iterator[Connection]:
-        """Every attached connection."""
 
 
 @implementer(IBroker)

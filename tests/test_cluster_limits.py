@@ -1,0 +1,182 @@
+"""Limits shared by the nodes of a cluster (protocol section 11): one token
+bucket per user, and MAX_CONNECTIONS_PER_USER counted on every node, as
+leases that a dead node's connections outlive by at most 30 s."""
+
+from __future__ import annotations
+
+import time
+
+from twisted.internet import defer, reactor
+from twisted.internet.task import Clock
+from twisted.trial import unittest
+
+from wsserver.broker.limits import LEASE_REFRESH, LEASE_TTL
+from wsserver.broker.redis import RedisBroker
+
+from .cluster import OwnRedis, ready, start_node, two_nodes
+from .services import fresh_redis_prefix, redis_command, redis_url, require_redis
+from .support import eventually
+
+
+class SharedBucketTests(unittest.TestCase):
+    """One token bucket per user across the cluster."""
+
+    timeout = 120
+
+    @defer.inlineCallbacks
+    def test_reconnecting_to_another_node_does_not_refill_the_bucket(self):
+        """A user who spent the burst on one node is refused on the other
+        (rate_limited with retry_after_ms), and in order with its acks."""
+        env = {"MESSAGE_BURST_LIMIT": "2", "MESSAGE_RATE_LIMIT": "0.001"}
+        a, b = yield two_nodes(self, env)
+        _, alice_token = yield a.user("alice")
+        yield b.register("bob")
+        on_a = yield a.connect(alice_token, testcase=self)
+        for i in range(2):
+            on_a.send_json({"to": "bob", "content": str(i), "nonce": f"n-{i}"})
+        acks = yield on_a.take(2, "ack")
+        self.assertEqual([ack["nonce"] for ack in acks], ["n-0", "n-1"])
+        yield on_a.close_and_wait()
+        on_b = yield b.connect(alice_token, testcase=self)
+        on_b.send_json({"to": "bob", "content": "more", "nonce": "n-2"})
+        frame = yield on_b.next_of("system")
+        self.assertEqual((frame["code"], frame["nonce"]), ("rate_limited", "n-2"))
+        self.assertGreater(frame["retry_after_ms"], 0)
+
+    @defer.inlineCallbacks
+    def test_without_redis_each_node_limits_on_its_own(self):
+        """While Redis is away the node-local bucket (same rate and burst) still
+        limits: messages within the burst are stored, the next is refused."""
+        require_redis()
+        own = OwnRedis(self)
+        own.start()
+        env = {"MESSAGE_BURST_LIMIT": "2", "MESSAGE_RATE_LIMIT": "0.001"}
+        node = start_node(self, self.mktemp() + ".db", "wstest:", "solo", own.url, env)
+        yield ready(node)
+        _, alice_token = yield node.user("alice")
+        yield node.register("bob")
+        alice = yield node.connect(alice_token, testcase=self)
+        own.stop()
+        yield eventually(lambda: node.service.broker.command_connection() is None, "Redis gone")
+        for i in range(3):
+            alice.send_json({"to": "bob", "content": str(i), "nonce": f"n-{i}"})
+        frames = yield alice.take(3)  # the refusal may come before the acks
+        acks = [f["nonce"] for f in frames if f["type"] == "ack"]
+        refusals = [(f["code"], f["nonce"]) for f in frames if f["type"] == "system"]
+        self.assertEqual((acks, refusals), (["n-0", "n-1"], [("rate_limited", "n-2")]))
+
+
+class ConnectionCapTests(unittest.TestCase):
+    """MAX_CONNECTIONS_PER_USER counts the user's connections on every node."""
+
+    timeout = 120
+
+    @defer.inlineCallbacks
+    def test_the_cap_counts_connections_on_both_nodes(self):
+        """With a cap of 1, a second connection of the user on the other node is
+        closed with 1008; once the first closes, a new one is accepted."""
+        a, b = yield two_nodes(self, {"MAX_CONNECTIONS_PER_USER": "1"})
+        _, alice_token = yield a.user("alice")
+        first = yield a.connect(alice_token, testcase=self)
+        try:
+            second = yield b.connect(alice_token)
+        except ConnectionError as exc:
+            self.assertIn("1008", str(exc))
+        else:
+            self.assertEqual((yield second.wait_closed()), 1008)
+        yield first.close_and_wait()
+        yield eventually(lambda: a.service.broker.count() == 0, "the first to be detached")
+        prefix = b.service.broker.prefix
+        yield eventually(
+            lambda: redis_command("ZCARD", f"{prefix}conns:alice") == 0, "the lease to go"
+        )
+        yield b.connect(alice_token, testcase=self)
+        yield eventually(
+            lambda: redis_command("ZCARD", f"{prefix}conns:alice") == 1, "the new lease"
+        )
+        self.assertEqual(b.service.broker.count(), 1, "the new connection was refused")
+
+
+class FakeConnection:
+    """What the broker needs of a connection, recording a refusal."""
+
+    def __init__(self, user_id: str) -> None:
+        self.user_id = user_id
+        self.refused = False
+        self.live = True
+
+    def over_cap(self) -> None:
+        self.refused = True
+
+
+class NoStore:
+    """The broker's applier is never polled here (the Clock is not advanced
+    past a poll that would need the database)."""
+
+    def stream_head(self) -> defer.Deferred:
+        return defer.succeed(0)
+
+    def messages_between(self, after: int, upto: int, limit: int) -> defer.Deferred:
+        return defer.succeed([])
+
+
+class LeaseExpiryTests(unittest.TestCase):
+    """A killed node's connections stop counting within LEASE_TTL (30 s)."""
+
+    timeout = 120
+
+    def broker(self, clock: Clock, prefix: str, name: str) -> RedisBroker:
+        broker = RedisBroker(
+            NoStore(), clock, redis_url(0), name, max_per_user=2, prefix=prefix, reactor=reactor
+        )
+        broker.start()
+        self.addCleanup(broker.stop)
+        return broker
+
+    @defer.inlineCallbacks
+    def test_leases_of_a_dead_node_expire_and_live_ones_are_refreshed(self):
+        """Node a holds the user's two leases; node b's connection is refused.
+        While a refreshes, its leases outlive LEASE_TTL; once a stops refreshing
+        (killed), b is refused until LEASE_TTL has passed, then accepted."""
+        require_redis()
+        prefix = fresh_redis_prefix(self)
+        clock = Clock()
+        clock.advance(time.time())
+        a = self.broker(clock, prefix, "node-a")
+        b = self.broker(clock, prefix, "node-b")
+        yield eventually(
+            lambda: a.command_connection() is not None and b.command_connection() is not None,
+            "both brokers to reach Redis",
+        )
+        key = f"{a.prefix}conns:alice"
+        held = [FakeConnection("alice"), FakeConnection("alice")]
+        for conn in held:
+            self.assertTrue(a.attach(conn))
+        yield eventually(lambda: redis_command("ZCARD", key) == 2, "a's two leases")
+
+        def refused_on_b() -> FakeConnection:
+            conn = FakeConnection("alice")
+            self.assertTrue(b.attach(conn))  # the node's own count allows it
+            return conn
+
+        early = refused_on_b()
+        yield eventually(lambda: early.refused, "b to refuse a third connection")
+        self.assertEqual(b.count(), 0)
+        # a refreshes its leases: they outlive the first LEASE_TTL.
+        for _ in range(int(LEASE_TTL // LEASE_REFRESH) + 1):
+            clock.advance(LEASE_REFRESH)
+        after_refresh = refused_on_b()
+        yield eventually(lambda: after_refresh.refused, "refusal while a refreshes")
+        # a is killed: it neither refreshes nor removes its leases.
+        a._leaser.stop()
+        clock.advance(LEASE_TTL - 1)
+        still = refused_on_b()
+        yield eventually(lambda: still.refused, "refusal before the leases expire")
+        clock.advance(2)
+        late = FakeConnection("alice")
+        self.assertTrue(b.attach(late))
+        yield eventually(
+            lambda: redis_command("ZSCORE", key, f"node-b/{id(late)}") is not None, "b's lease"
+        )
+        self.assertFalse(late.refused)
+        self.assertEqual(b.count(), 1)

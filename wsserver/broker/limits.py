@@ -1,0 +1,180 @@
+"""Limits shared by the nodes of a cluster, kept in Redis (protocol section 11).
+
+- ``SharedRateLimiter``: one token bucket per user across the cluster, taken
+  by one atomic Lua script on Redis's own clock.  The bucket's key expires
+  when it would be full again, so it lives exactly as long as the debt: a
+  client that reconnects to another node finds the same empty bucket.
+- ``LEASE_SCRIPT``: the per-user connection cap as leases, a sorted set per
+  user of ``node/connection`` members scored by their expiry time.  A node
+  refreshes the leases of its connections every ``LEASE_REFRESH`` seconds
+  and removes them when they close; a node that dies stops counting once its
+  leases expire (``LEASE_TTL``, 30 s).
+
+While Redis is away each falls back to what the node knows alone: the
+node-local bucket (the same rate and burst, per node), and the node-local
+connection cap.  The switch is logged once each way.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+from twisted.internet import defer
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+
+from ..ratelimit import RateLimiter
+
+_log = Logger()
+
+LEASE_TTL = 30.0  # seconds a connection's lease outlives its node's last refresh
+LEASE_REFRESH = 10.0  # seconds between two refreshes of a node's leases
+
+# KEYS[1]: the user's bucket; ARGV: rate (tokens/s), burst.  Returns the
+# milliseconds until a token is there (0: one was taken).
+BUCKET_SCRIPT = """
+local rate = tonumber(ARGV[1])
+local burst = tonumber(ARGV[2])
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+local b = redis.call('HMGET', KEYS[1], 'tokens', 'at')
+local tokens = tonumber(b[1])
+local at = tonumber(b[2])
+if tokens == nil or at == nil then
+  tokens = burst
+  at = now
+end
+if now > at then
+  tokens = math.min(burst, tokens + (now - at) * rate / 1000)
+end
+local wait = 0
+if tokens >= 1 then
+  tokens = tokens - 1
+else
+  wait = math.ceil((1 - tokens) * 1000 / rate)
+end
+redis.call('HSET', KEYS[1], 'tokens', tostring(tokens), 'at', tostring(now))
+redis.call('PEXPIRE', KEYS[1], math.max(1, math.ceil((burst - tokens) * 1000 / rate)))
+return wait
+"""
+
+# KEYS[1]: the user's leases; ARGV: member, now (ms), expiry (ms), max.
+# Returns 1 when the lease was granted, 0 when the user has max already.
+LEASE_SCRIPT = """
+redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', ARGV[2])
+if redis.call('ZSCORE', KEYS[1], ARGV[1]) == false
+   and redis.call('ZCARD', KEYS[1]) >= tonumber(ARGV[4]) then
+  return 0
+end
+redis.call('ZADD', KEYS[1], ARGV[3], ARGV[1])
+redis.call('PEXPIREAT', KEYS[1], ARGV[3])
+return 1
+"""
+
+# KEYS: users' lease sets; ARGV: expiry (ms), then one member per key.  A
+# connection that opened while Redis was away gets its lease here.
+REFRESH_SCRIPT = """
+for i, key in ipairs(KEYS) do
+  redis.call('ZADD', key, ARGV[1], ARGV[i + 1])
+  if redis.call('PTTL', key) < tonumber(ARGV[1]) then
+    redis.call('PEXPIREAT', key, ARGV[1])
+  end
+end
+return #KEYS
+"""
+
+
+def _checked(reply: Any) -> Any:
+    # txredisapi hands some error replies over as values.
+    if isinstance(reply, Exception):
+        raise reply
+    return reply
+
+
+class SharedRateLimiter:
+    """The cluster-wide per-user token bucket, with the node-local one as fallback.
+
+    ``take`` returns a Deferred firing with the seconds to wait (0.0: the
+    token was taken) while Redis is there, else the local bucket's answer.
+    """
+
+    def __init__(self, local: RateLimiter, broker: Any) -> None:
+        self._local = local
+        self._broker = broker
+        self.rate = local.rate
+        self.burst = local.burst
+        self._falling_back = False
+
+    def _fall_back(self, why: str) -> None:
+        if not self._falling_back:
+            self._falling_back = True
+            _log.warn(
+                "shared rate limit unavailable ({why}): each node limits on its own until"
+                " Redis is back",
+                why=why,
+            )
+
+    def take(self, key: str) -> Any:
+        """Spend one token of ``key``'s bucket (see the class)."""
+        conn = self._broker.command_connection()
+        if conn is None:
+            self._fall_back("Redis is unreachable")
+            return self._local.take(key)
+        d = conn.eval(
+            BUCKET_SCRIPT, [f"{self._broker.prefix}bucket:{key}"], [repr(self.rate), self.burst]
+        )
+
+        def taken(reply: Any) -> float:
+            wait_ms = int(_checked(reply))
+            if self._falling_back:
+                self._falling_back = False
+                _log.info("shared rate limit back")
+            return wait_ms / 1000.0
+
+        def failed(failure: Failure) -> float:
+            self._fall_back(failure.getErrorMessage())
+            return self._local.take(key)
+
+        return d.addCallback(taken).addErrback(failed)
+
+    def sweep(self) -> None:
+        self._local.sweep()
+
+    def __len__(self) -> int:
+        return len(self._local)
+
+    def start(self) -> None:
+        self._local.start()
+
+    def stop(self) -> None:
+        self._local.stop()
+
+
+def lease_expiry_ms(now: float) -> int:
+    """The expiry (ms) of a lease granted or refreshed at ``now`` (seconds)."""
+    return math.ceil((now + LEASE_TTL) * 1000)
+
+
+def ask_lease(conn: Any, key: str, member: str, now: float, limit: int) -> defer.Deferred:
+    """Fire True when the lease is granted (the user has fewer than ``limit``)."""
+    d = conn.eval(LEASE_SCRIPT, [key], [member, int(now * 1000), lease_expiry_ms(now), limit])
+    return d.addCallback(lambda reply: bool(int(_checked(reply))))
+
+
+def refresh_leases(conn: Any, leases: list[tuple[str, str]], now: float) -> defer.Deferred:
+    """Extend the leases (key, member) to ``now`` + ``LEASE_TTL``."""
+    if not leases:
+        return defer.succeed(0)
+    keys = [key for key, _ in leases]
+    args = [lease_expiry_ms(now), *[member for _, member in leases]]
+    return conn.eval(REFRESH_SCRIPT, keys, args).addCallback(_checked)
+
+
+__all__ = [
+    "LEASE_REFRESH",
+    "LEASE_TTL",
+    "SharedRateLimiter",
+    "ask_lease",
+    "refresh_leases",
+]
