@@ -169,11 +169,11 @@ class Load:
 
 @defer.inlineCallbacks
 def pump(client: Any, messages: list[dict], load: Load) -> Any:
-    """Send ``messages`` with up to WINDOW unacknowledged. An ``internal_error``
-    answer means not stored: the same message (same nonce) goes again. Each
-    send gets exactly one answer; an ack after an internal_error for the same
-    attempt would be a second answer and fails the check on the DB count.
+    """Send ``messages`` with up to WINDOW unacknowledged; record every ack.
 
+    Each message sent gets one answer: an ack (its id must not change if it
+    comes again) or ``internal_error`` (not stored, so no ack was sent before
+    it: the same message, same nonce, goes again). Any other refusal fails.
     Stops quietly when the connection closes (its node was killed); the
     caller resends what is not acknowledged on another node.
     """
@@ -254,19 +254,21 @@ class ClusterBase(unittest.TestCase):
         self.addCleanup(lambda: device.client.close_and_wait())
         return device
 
-    def assert_all_received(self, devices: list[Device], load: Load) -> None:
-        """Every acknowledged message is in every device of its recipient, and
-        ids only grow on each connection."""
+    def assert_order(self, devices: list[Device]) -> None:
+        """Ids only grow on each connection of each device."""
         for device in devices:
             for ids in device.connections:
                 self.assertEqual(ids, sorted(set(ids)), f"order on a {device.user} connection")
 
     def wanted(self, load: Load, user: str) -> set[int]:
+        """The ids of the acknowledged messages addressed to ``user``."""
         by_nonce = {m["nonce"]: m for ms in load.plan.values() for m in ms}
         return {i for nonce, i in load.acked.items() if by_nonce[nonce]["to"] == user}
 
     @defer.inlineCallbacks
     def all_delivered(self, devices: list[Device], load: Load, seconds: float = 30) -> Any:
+        """Wait until every acknowledged message is in every device of its
+        recipient (over its connections), then check the order on each."""
         for device in devices:
             want = self.wanted(load, device.user)
             yield eventually(
@@ -274,9 +276,11 @@ class ClusterBase(unittest.TestCase):
                 f"every acknowledged message reaches a device of {device.user}",
                 seconds,
             )
-        self.assert_all_received(devices, load)
+        self.assert_order(devices)
 
     def stored_once(self, load: Load) -> None:
+        """Every planned message is acknowledged with an id of its own and
+        stored exactly once (the probe's round trips aside)."""
         total = sum(len(ms) for ms in load.plan.values())
         self.assertEqual(len(load.acked), total)
         self.assertEqual(len(set(load.acked.values())), total)
@@ -408,7 +412,7 @@ class ClusterFaultTests(ClusterBase):
         ack = yield clients["sa"].next_of("ack")
         yield eventually(lambda: ack["id"] in on_b.got(), "a live message crosses nodes", 10)
         live = time.monotonic() - sent
-        self.assert_all_received(devices, load)
+        self.assert_order(devices)
         self.note(
             f"(b) pub/sub killed after {marks[0]} acks, Redis stopped after {marks[1]}, "
             f"started after {marks[2]}: every acked message delivered {caught_up:.2f} s "
