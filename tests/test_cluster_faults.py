@@ -543,7 +543,8 @@ class ReconnectStormTests(ClusterBase):
         """Kill node A with 1,000 open connections (50 users x 20); while they
         are away each user is sent 10 messages; then every connection reconnects
         at once with its since, half to node B and half to node C. Each gets
-        exactly what it missed, in order; a probe client on C keeps getting its
+        what it missed, in order, and nothing else but the pre-kill message if
+        that is still pending (section 6); a probe client on C keeps getting its
         round trips answered (within 10 s each) during the storm; the time until
         every connection has its replay is measured."""
         a, b, c = yield self.nodes("node-a", "node-b", "node-c")
@@ -614,11 +615,19 @@ class ReconnectStormTests(ClusterBase):
         replayed = time.monotonic() - began
         storm["done"] = True
         yield probing_done
+        again = 0
         for d in devices:
             first, second = d.connections
             self.assertEqual(len(first), 1)
             self.assertEqual(second, sorted(set(second)))
-            self.assertEqual(len(second), self.MISSED, "more or less than what was missed")
+            missed = {load.acked[f"missed-{d.user}-{k}"] for k in range(self.MISSED)}
+            self.assertLessEqual(missed, set(second))
+            # The one message before the kill may come again: section 6 replays
+            # a message still pending whatever its id, and the killed node may
+            # have died before writing its delivered mark.
+            extra = set(second) - missed
+            self.assertLessEqual(extra, set(first), f"{d.user} was sent more than it missed")
+            again += bool(extra)
         self.stored_once(load)
         self.assertTrue(rtts, "the probe got no round trip through during the storm")
         rtts.sort()
@@ -626,5 +635,6 @@ class ReconnectStormTests(ClusterBase):
             f"(d) {len(devices)} connections reconnected in {connected:.2f} s, all replayed "
             f"({self.MISSED} each) {replayed:.2f} s after the storm began; probe round trips "
             f"during it: {len(rtts)}, median {rtts[len(rtts) // 2] * 1000:.0f} ms, "
-            f"max {rtts[-1] * 1000:.0f} ms"
+            f"max {rtts[-1] * 1000:.0f} ms; {again} connections were sent their "
+            "pre-kill message again (still pending)"
         )
