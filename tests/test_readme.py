@@ -275,8 +275,8 @@ class GitignoreTests(unittest.TestCase):
             self.skipTest("not a git checkout")
         text = README.read_text("utf-8")
         keys = {f"{u}.key" for u in re.findall(r"--user ([\w.-]+) keygen", text)}
-        pid = re.findall(r"--pidfile=(\S+)", text)
-        log = re.findall(r"--logfile=(\S+)", text)
+        pid = re.findall(r"--pidfile=([\w./-]+)", text)
+        log = re.findall(r"--logfile=([\w./-]+)", text)
         database = re.search(r"\| `DATABASE` \| `([^`]+)`", text).group(1)
         self.assertTrue(keys and pid and log, "the README names its keys, pid and log files")
         left = sorted(
