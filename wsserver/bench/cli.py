@@ -658,7 +658,10 @@ class Bench:
                 )
             node_a, node_b = nodes
 
+            activity: list[dict[str, int]] = []  # PostgreSQL's counters at each reading
+
             def meter() -> dict:
+                activity.append(postgres.activity())
                 parts = {f"node_{n.dir.name[-1]}:": n.cpu_split() for n in nodes}
                 for pid in postgres.backends():
                     cpu = services.pid_cpu(pid)
@@ -678,6 +681,10 @@ class Bench:
                 receiver_target=node_b,
                 meter=meter,
             )
+            # What PostgreSQL did per delivered message in the direct phase.
+            delivered = direct["delivered"] or 1
+            for key, value in activity[1].items():
+                direct[f"pg_{key}_per_msg"] = (value - activity[0].get(key, 0)) / delivered
             receivers = 300 if self.quick else self.args.receivers
             broadcast = self._broadcast(
                 node_a,

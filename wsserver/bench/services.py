@@ -144,6 +144,18 @@ class Postgres:
     def drop(self) -> None:
         self._execute(f'DROP DATABASE IF EXISTS "{self.name}" WITH (FORCE)')
 
+    def activity(self) -> dict[str, int]:
+        """The database's counters from ``pg_stat_database`` (transactions and
+        rows): what the backends did, to explain their CPU.  PostgreSQL
+        updates them about once a second, so a difference is approximate."""
+        columns = ("xact_commit", "tup_inserted", "tup_updated", "tup_returned", "blks_hit")
+        rows = self._execute(
+            "SELECT xact_commit, tup_inserted, tup_updated, tup_returned, blks_hit"
+            " FROM pg_stat_database WHERE datname = %s",
+            (self.name,),
+        )
+        return dict(zip(columns, rows[0], strict=True)) if rows else {}
+
     def backends(self) -> list[int]:
         """The pids of the backends connected to the benchmark's database."""
         rows = self._execute(
