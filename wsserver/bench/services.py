@@ -21,7 +21,7 @@ import os
 import socket
 import uuid
 from typing import Any
-from urllib.parse import urlsplit
+from urllib.parse import urlsplit, urlunsplit
 
 from ..config import parse_broker
 
@@ -136,7 +136,8 @@ class Postgres:
     @property
     def url(self) -> str:
         """The URL of the benchmark's database (the admin URL, another dbname)."""
-        return urlsplit(self.admin_url)._replace(path=f"/{self.name}").geturl()
+        parts = urlsplit(self.admin_url)
+        return urlunsplit((parts.scheme, parts.netloc, f"/{self.name}", parts.query, ""))
 
     def create(self) -> None:
         self._execute(f'CREATE DATABASE "{self.name}"')
