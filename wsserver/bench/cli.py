@@ -33,6 +33,8 @@ from typing import Any
 
 from nacl.signing import SigningKey
 
+from . import services
+
 WORKLOADS = (
     "verify",
     "relay",
@@ -42,7 +44,10 @@ WORKLOADS = (
     "broadcast",
     "idle",
     "login",
+    "cluster",
+    "workers",
 )
+SERVICE_WORKLOADS = ("cluster", "workers")  # in ``all`` only when their services answer
 TICKS = os.sysconf("SC_CLK_TCK")
 OPEN_LIMITS = [
     "--message-rate-limit",
@@ -159,7 +164,15 @@ class Measured:
 class Server(Measured):
     """``twistd -n wsserver`` on a free loopback port with a fresh database."""
 
-    def __init__(self, workdir: Path, name: str, tls: tuple[Path, Path] | None = None):
+    def __init__(
+        self,
+        workdir: Path,
+        name: str,
+        tls: tuple[Path, Path] | None = None,
+        database: str | None = None,
+        extra: list[str] | None = None,
+        env: dict[str, str] | None = None,
+    ):
         self.port = free_port()
         self.dir = workdir / name
         self.dir.mkdir()
@@ -176,15 +189,21 @@ class Server(Measured):
             "--port",
             f"tcp:{self.port}:interface=127.0.0.1",
             "--database",
-            str(self.dir / "db.sqlite"),
+            database or str(self.dir / "db.sqlite"),
             *OPEN_LIMITS,
+            *(extra or []),
         ]
         if tls:
             cmd += ["--tls-cert", str(tls[0]), "--tls-key", str(tls[1])]
         self.scheme = "https" if tls else "http"
         self.log = open(self.dir / "server.log", "wb")  # noqa: SIM115 (closed in stop)
         self.proc = subprocess.Popen(
-            cmd, stdout=self.log, stderr=subprocess.STDOUT, cwd=self.dir, preexec_fn=raise_fd_limit
+            cmd,
+            stdout=self.log,
+            stderr=subprocess.STDOUT,
+            cwd=self.dir,
+            preexec_fn=raise_fd_limit,
+            env={**os.environ, **(env or {})},
         )
         self.http = self._wait_up(tls)
 
@@ -340,20 +359,50 @@ class Run:
     cpu: float  # server CPU seconds between go and the last report
     system: float  # of which in the kernel
     wall: float
+    parts: dict[str, float] | None = None  # CPU seconds per group of processes (a Meter's)
+    gone: int = 0  # processes measured at the start that had ended by the end
 
 
-def run_measured(target: Measured, jobs: list[dict], label: str, duration: float) -> Run:
-    """Start the workers, wait until all are connected, then measure the run."""
+# A meter reads the CPU of every process a run counts: {"group:key": (user, system)}.
+Meter = Any
+
+
+def run_measured(
+    target: Measured, jobs: list[dict], label: str, duration: float, meter: Meter = None
+) -> Run:
+    """Start the workers, wait until all are connected, then measure the run.
+
+    By default the CPU counted is the target's; a ``meter`` counts several
+    processes (a cluster's nodes, PostgreSQL backends, Redis) and the run
+    reports them per group (the part of each key before ``:``)."""
+    meter = meter or (lambda: {"server": target.cpu_split()})
     workers = Workers(jobs)
     try:
         workers.wait_ready(label)
-        (user0, sys0), wall0 = target.cpu_split(), time.monotonic()
+        before, wall0 = meter(), time.monotonic()
         workers.go()
         results = workers.results(label, duration)
-        (user1, sys1), wall1 = target.cpu_split(), time.monotonic()
+        after, wall1 = meter(), time.monotonic()
     finally:
         workers.finish()
-    return Run(results, user1 + sys1 - user0 - sys0, sys1 - sys0, wall1 - wall0)
+    cpu, system, parts, gone = cpu_delta(before, after)
+    return Run(results, cpu, system, wall1 - wall0, parts, gone)
+
+
+def cpu_delta(before: dict, after: dict) -> tuple[float, float, dict[str, float], int]:
+    """(CPU seconds, of which system, CPU per group, processes gone) between two
+    meter readings.  A process only in ``after`` started during the run and is
+    counted whole; one only in ``before`` ended and cannot be read (counted in
+    ``gone``)."""
+    parts: dict[str, float] = {}
+    cpu = system = 0.0
+    for key, (user1, sys1) in after.items():
+        user0, sys0 = before.get(key, (0.0, 0.0))
+        group = key.split(":", 1)[0]
+        parts[group] = parts.get(group, 0.0) + user1 + sys1 - user0 - sys0
+        cpu += user1 + sys1 - user0 - sys0
+        system += sys1 - sys0
+    return cpu, system, parts, len(set(before) - set(after))
 
 
 def split(items: list, parts: int) -> list[list]:
@@ -376,6 +425,16 @@ def latency_figures(latencies_us: list[int]) -> dict:
         "p99_ms": percentile(ms, 99),
         "max_ms": max(ms) if ms else float("nan"),
     }
+
+
+def cpu_parts(run: Run, delivered: int) -> dict:
+    """CPU µs per delivered message of each group of processes a meter counted."""
+    out = {
+        f"cpu_us_{group}": seconds * 1e6 / delivered if delivered else float("nan")
+        for group, seconds in sorted((run.parts or {}).items())
+    }
+    out["processes_ended"] = run.gone
+    return out
 
 
 # -- workloads -----------------------------------------------------------------
@@ -416,7 +475,11 @@ class Bench:
         rate: float | None,
         relay: bool = False,
         server: Server | None = None,
+        receiver_target: Any = None,
+        meter: Meter = None,
     ) -> dict:
+        """Pairs of a sender and a receiver (on ``receiver_target`` when given,
+        e.g. a cluster's other node); CPU from ``meter`` when given."""
         pairs = 20 if self.quick else self.args.pairs
         if relay:
             users = [
@@ -431,6 +494,7 @@ class Bench:
                 "sender_token": users[2 * i].token,
                 "receiver": users[2 * i + 1].user_id,
                 "receiver_token": users[2 * i + 1].token,
+                **({"receiver_url": receiver_target.ws_url} if receiver_target else {}),
             }
             for i in range(pairs)
         ]
@@ -450,7 +514,7 @@ class Bench:
             }
             for i, chunk in enumerate(chunks)
         ]
-        run = run_measured(target, jobs, label, duration)
+        run = run_measured(target, jobs, label, duration, meter)
         results = run.results
         received = sum(r["received"] for r in results)
         latencies = [v for r in results for v in r["latencies_us"]]
@@ -470,6 +534,8 @@ class Bench:
         }
         if rate:
             figures["offered_per_s"] = rate * pairs
+        if meter is not None:
+            figures.update(cpu_parts(run, received))
         return figures
 
     def relay(self) -> dict:
@@ -505,43 +571,198 @@ class Bench:
 
     def broadcast(self) -> dict:
         receivers = 300 if self.quick else self.args.receivers
+        return self._with_server("broadcast", lambda s: self._broadcast(s, receivers))
 
-        def run(server: Server) -> dict:
-            users = make_users(server, "b", receivers + 1)
-            duration = self.duration(10.0)
-            tokens = [u.token for u in users[1:]]
-            jobs = []
-            for i, chunk in enumerate(split(tokens, self.args.clients)):
-                job = {
-                    "kind": "broadcast",
-                    "url": server.ws_url,
-                    "receiver_tokens": chunk,
-                    "duration": duration,
-                    "rate": self.args.broadcast_rate,
-                    "window": self.args.broadcast_window,
-                    "drain": 30.0,
-                }
-                if i == 0:
-                    job["sender_token"] = users[0].token
-                jobs.append(job)
-            measured = run_measured(server, jobs, "broadcast", duration)
-            results = measured.results
-            deliveries = sum(r["deliveries"] for r in results)
-            acked = set(results[0]["acked_ids"])
-            lost = sum(len(acked - set(r["common_ids"])) for r in results)
-            return {
-                "receivers": receivers,
-                "client_processes": len(jobs),
-                "broadcasts": results[0]["sent"],
-                "deliveries": deliveries,
-                "deliveries_per_s": deliveries / measured.wall,
-                "deliveries_per_cpu_s": deliveries / measured.cpu if measured.cpu else 0,
-                "refused": sum(r["refused"] for r in results),
-                "closed_early": sum(r["closed_early"] for r in results),
-                "lost": lost,
+    def _broadcast(
+        self,
+        server: Server,
+        receivers: int,
+        receiver_urls: list[str] | None = None,
+        meter: Meter = None,
+        label: str = "broadcast",
+    ) -> dict:
+        """One sender on ``server``; receivers on ``receiver_urls`` in turn
+        (default: the same server)."""
+        users = make_users(server, label[:1], receivers + 1)
+        duration = self.duration(10.0)
+        tokens = [u.token for u in users[1:]]
+        jobs = []
+        for i, chunk in enumerate(split(tokens, self.args.clients)):
+            job = {
+                "kind": "broadcast",
+                "url": server.ws_url,
+                "receiver_tokens": chunk,
+                "duration": duration,
+                "rate": self.args.broadcast_rate,
+                "window": self.args.broadcast_window,
+                "drain": 30.0,
             }
+            if receiver_urls:
+                job["receiver_urls"] = receiver_urls
+            if i == 0:
+                job["sender_token"] = users[0].token
+            jobs.append(job)
+        measured = run_measured(server, jobs, label, duration, meter)
+        results = measured.results
+        deliveries = sum(r["deliveries"] for r in results)
+        acked = set(results[0]["acked_ids"])
+        lost = sum(len(acked - set(r["common_ids"])) for r in results)
+        figures = {
+            "receivers": receivers,
+            "client_processes": len(jobs),
+            "broadcasts": results[0]["sent"],
+            "deliveries": deliveries,
+            "deliveries_per_s": deliveries / measured.wall,
+            "deliveries_per_cpu_s": deliveries / measured.cpu if measured.cpu else 0,
+            "refused": sum(r["refused"] for r in results),
+            "closed_early": sum(r["closed_early"] for r in results),
+            "lost": lost,
+        }
+        if meter is not None:
+            figures.update(cpu_parts(measured, deliveries))
+        return figures
 
-        return self._with_server("broadcast", run)
+    # -- cluster and workers (need PostgreSQL and/or Redis) ----------------------
+
+    def _single_unsigned(self) -> float:
+        """Single-node direct-unsigned CPU µs per message of this run (measured
+        now unless the run already has it): the yardstick of T7 and workers."""
+        if "direct-unsigned" not in self.results:
+            log("  (single-node direct-unsigned, the yardstick)")
+            self.results["direct-unsigned"] = self.direct_unsigned()
+        return self.results["direct-unsigned"]["cpu_us_per_msg"]
+
+    def cluster(self) -> dict:
+        """Two nodes on one PostgreSQL database and one Redis: every sender on
+        node A, its receiver on node B; then broadcast with receivers on both."""
+        database = self.args.database or services.DEFAULT_DATABASE
+        broker = self.args.broker or services.DEFAULT_BROKER
+        why = services.unavailable(database, broker)
+        if why:
+            raise RuntimeError(f"cluster: {why} (--database, --broker)")
+        single = self._single_unsigned()
+        postgres, redis = services.Postgres(database), services.Redis(broker)
+        redis_pid = redis.pid()
+        redis.clear()
+        postgres.create()
+        nodes: list[Server] = []
+        try:
+            for name in ("a", "b"):
+                nodes.append(
+                    Server(
+                        self.workdir,
+                        f"cluster-{name}",
+                        database=postgres.url,
+                        env={"BROKER": broker, "NODE_NAME": f"bench-{name}"},
+                    )
+                )
+            node_a, node_b = nodes
+
+            activity: list[dict[str, int]] = []  # PostgreSQL's counters at each reading
+
+            def meter() -> dict:
+                activity.append(postgres.activity())
+                parts = {f"node_{n.dir.name[-1]}:": n.cpu_split() for n in nodes}
+                for pid in postgres.backends():
+                    cpu = services.pid_cpu(pid)
+                    if cpu:
+                        parts[f"postgres:{pid}"] = cpu
+                cpu = services.pid_cpu(redis_pid) if redis_pid else None
+                if cpu:
+                    parts["redis:"] = cpu
+                return parts
+
+            direct = self._pairs(
+                node_a,
+                "cluster",
+                False,
+                None,
+                server=node_a,
+                receiver_target=node_b,
+                meter=meter,
+            )
+            # What PostgreSQL did per delivered message in the direct phase.
+            delivered = direct["delivered"] or 1
+            for key, value in activity[1].items():
+                direct[f"pg_{key}_per_msg"] = (value - activity[0].get(key, 0)) / delivered
+            receivers = 300 if self.quick else self.args.receivers
+            broadcast = self._broadcast(
+                node_a,
+                receivers,
+                [node_a.ws_url, node_b.ws_url],
+                meter,
+                label="cluster-broadcast",
+            )
+        finally:
+            codes = [node.stop() for node in nodes]
+            postgres.drop()
+            redis.clear()
+        figures = dict(direct)
+        figures["single_node_cpu_us_per_msg"] = single
+        figures["redis_measured"] = redis_pid is not None
+        figures["database"] = postgres.name
+        for key in ("deliveries_per_s", "deliveries_per_cpu_s", "lost"):
+            figures[f"broadcast_{key}"] = broadcast[key]
+        for group in ("node_a", "node_b", "postgres", "redis"):
+            figures[f"broadcast_cpu_us_{group}"] = broadcast.get(f"cpu_us_{group}", 0.0)
+        for key in ("lost", "refused", "closed_early"):
+            figures[key] = direct[key] + broadcast[key]
+        figures["node_exits"] = codes
+        return figures
+
+    def workers(self) -> dict:
+        """``--workers 2`` on one socket with BROKER against ``--workers 1`` (the
+        same BROKER and SQLite), the direct-unsigned load, in the same run."""
+        broker = self.args.broker or services.DEFAULT_BROKER
+        why = services.broker_unavailable(broker)
+        if why:
+            raise RuntimeError(f"workers: {why} (--broker)")
+        redis = services.Redis(broker)
+        redis_pid = redis.pid()
+        out: dict[str, Any] = {}
+        for count in (1, 2):
+            redis.clear()
+            server = Server(
+                self.workdir,
+                f"workers-{count}",
+                extra=["--workers", str(count)],
+                env={"BROKER": broker},
+            )
+
+            def meter(server: Server = server) -> dict:
+                # The parent and every worker process it runs, and Redis.
+                parts = {"parent:": server.cpu_split()}
+                for pid in services.children(server.proc.pid):
+                    cpu = services.pid_cpu(pid)
+                    if cpu:
+                        parts[f"workers:{pid}"] = cpu
+                cpu = services.pid_cpu(redis_pid) if redis_pid else None
+                if cpu:
+                    parts["redis:"] = cpu
+                return parts
+
+            try:
+                figures = self._pairs(
+                    server, f"workers-{count}", False, None, server=server, meter=meter
+                )
+            finally:
+                out[f"exit_{count}"] = server.stop()
+            for key in (
+                "msg_per_s",
+                "cpu_us_per_msg",
+                "cpu_us_parent",
+                "cpu_us_workers",
+                "cpu_us_redis",
+            ):
+                out[f"{key}_{count}"] = figures.get(key, 0.0)
+            out[f"p99_ms_{count}"] = figures["p99_ms"]
+            for key in ("lost", "refused", "closed_early"):
+                out[key] = out.get(key, 0) + figures[key]
+        redis.clear()
+        out["msg_per_s_ratio"] = out["msg_per_s_2"] / out["msg_per_s_1"]
+        out["cpu_per_msg_ratio"] = out["cpu_us_per_msg_2"] / out["cpu_us_per_msg_1"]
+        out["redis_measured"] = redis_pid is not None
+        return out
 
     def idle(self) -> dict:
         count = 2000 if self.quick else self.args.connections
@@ -696,6 +917,12 @@ def targets(r: dict) -> list[tuple[str, str, str, bool | None]]:
                 "<= 40 KiB",
                 tls["kib_per_connection"] <= 40,
             )
+        )
+    if "cluster" in r:
+        c = r["cluster"]
+        ratio = c["cpu_us_per_msg"] / c["single_node_cpu_us_per_msg"]
+        rows.append(
+            ("T7 cluster CPU/msg vs single node", f"{ratio:.2f}x", "<= 2.50x", ratio <= 2.5)
         )
     lost = sum(v.get("lost", 0) for v in r.values() if isinstance(v, dict))
     unexpected = sum(
@@ -861,7 +1088,7 @@ def make_parser() -> argparse.ArgumentParser:
         description=(
             "Start wsserver as a user would (twistd -n wsserver, fresh database), "
             "drive it from client processes, measure its CPU and memory from /proc, "
-            "and print the figures against the targets T1-T6."
+            "and print the figures against the targets T1-T7."
         ),
         epilog=(
             "Workloads, method, targets and past figures: docs/performance.md in the source tree."
@@ -887,13 +1114,46 @@ def make_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--connections", type=int, default=10000, help="idle connections")
     parser.add_argument("--clients", type=int, default=2, help="client processes")
+    parser.add_argument(
+        "--database",
+        help=(
+            "cluster: PostgreSQL URL of a role that may create databases; the benchmark "
+            f"creates and drops a database of its own there (default {services.DEFAULT_DATABASE})"
+        ),
+    )
+    parser.add_argument(
+        "--broker",
+        help=(
+            "cluster, workers: the Redis (its keys wsserver:<db>:* are cleared before and "
+            f"after; default {services.DEFAULT_BROKER})"
+        ),
+    )
     return parser
+
+
+def all_workloads(args: argparse.Namespace) -> list[str]:
+    """The workloads of ``all``: cluster and workers only when their services
+    answer (given with --database/--broker, or the local defaults)."""
+    names = [n for n in WORKLOADS if n not in SERVICE_WORKLOADS]
+    database = args.database or services.DEFAULT_DATABASE
+    broker = args.broker or services.DEFAULT_BROKER
+    why = services.unavailable(database, broker)
+    if why is None:
+        names.append("cluster")
+    else:
+        log(f"cluster left out: {why}")
+    why = services.broker_unavailable(broker)
+    if why is None:
+        names.append("workers")
+    else:
+        log(f"workers left out: {why}")
+    return names
 
 
 def main(argv: list[str] | None = None) -> int:
     args = make_parser().parse_args(argv)
     raise_fd_limit()
-    names = list(WORKLOADS) if args.workload == "all" else [args.workload]
+    names = all_workloads(args) if args.workload == "all" else [args.workload]
     bench = Bench(args)
     started = time.monotonic()
     try:

@@ -53,8 +53,11 @@ class Conn(WebSocketClientProtocol):
         self.factory.owner.closed(self, code)
 
 
-def connect(job: dict, owner: Any, token: str, headers: dict | None = None) -> defer.Deferred:
-    url = job["url"]
+def connect(
+    job: dict, owner: Any, token: str, headers: dict | None = None, url: str | None = None
+) -> defer.Deferred:
+    """A WebSocket connection to ``url`` (default: the job's ``url``)."""
+    url = url or job["url"]
     all_headers = {"Authorization": f"Bearer {token}", **(headers or {})}
     factory = WebSocketClientFactory(url, headers=all_headers)
     factory.protocol = Conn
@@ -102,7 +105,10 @@ class Pairs:
             headers = {}
             if relay:
                 headers = {"X-Bench-User": spec["receiver"], "X-Bench-Partner": spec["sender"]}
-            rx = yield connect(self.job, self, spec["receiver_token"], headers)
+            # A cluster puts each receiver on another node than its sender.
+            rx = yield connect(
+                self.job, self, spec["receiver_token"], headers, spec.get("receiver_url")
+            )
             if relay:
                 headers = {"X-Bench-User": spec["sender"], "X-Bench-Partner": spec["receiver"]}
             tx = yield connect(self.job, self, spec["sender_token"], headers)
@@ -229,10 +235,15 @@ class Broadcast:
     @defer.inlineCallbacks
     def setup(self) -> Any:
         tokens = self.job["receiver_tokens"]
+        # A cluster spreads the receivers over its nodes, in turn.
+        urls = self.job.get("receiver_urls") or [self.job["url"]]
         batch = 100
         for start in range(0, len(tokens), batch):
             conns = yield defer.gatherResults(
-                [connect(self.job, self, t) for t in tokens[start : start + batch]]
+                [
+                    connect(self.job, self, t, url=urls[(start + i) % len(urls)])
+                    for i, t in enumerate(tokens[start : start + batch])
+                ]
             )
             for c in conns:
                 self.counts[c] = set()
