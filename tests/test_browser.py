@@ -445,9 +445,11 @@ class ReadmeWebClientTests(BrowserCase):
 
 
 class RateLimitedWebClientTests(BrowserCase):
-    """The page with a tight per-user limit."""
+    """The page with a tight per-user limit: one message every 5 s after a burst
+    of 3, so however slowly a loaded machine types the six messages (it would
+    have to take over 15 s), the fourth is over the limit."""
 
-    env = {"MESSAGE_RATE_LIMIT": "2", "MESSAGE_BURST_LIMIT": "3"}
+    env = {"MESSAGE_RATE_LIMIT": "0.2", "MESSAGE_BURST_LIMIT": "3"}
 
     def test_rate_limit_notice_and_retry(self):
         """Over the limit the page shows the notice and sends again when allowed:
