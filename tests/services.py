@@ -14,6 +14,8 @@ from typing import Any
 
 from twisted.trial import unittest
 
+from wsserver.broker import resp
+
 ADMIN_URL = os.environ.get(
     "WSSERVER_TEST_POSTGRES", "postgresql://postgres@127.0.0.1:5432/postgres"
 )
@@ -95,38 +97,11 @@ _redis_why_not: list[str | None] = []
 
 
 def redis_command(*args: str, port: int | None = None) -> Any:
-    """Send one command to the test Redis and return its reply (simple RESP
-    parsing: status, error, integer, bulk string, array of bulk strings)."""
+    """Send one command to the test Redis and return its reply."""
     import socket
 
     with socket.create_connection((REDIS_HOST, port or REDIS_PORT), timeout=10) as sock:
-        raw = f"*{len(args)}\r\n" + "".join(f"${len(a.encode())}\r\n{a}\r\n" for a in args)
-        sock.sendall(raw.encode())
-        reader = sock.makefile("rb")
-        return _read_reply(reader)
-
-
-def _read_reply(reader: Any) -> Any:
-    line = reader.readline()
-    if not line:
-        raise ConnectionError("Redis closed the connection")
-    kind, rest = line[:1], line[1:-2]
-    if kind == b"+":
-        return rest.decode()
-    if kind == b"-":
-        raise RuntimeError(rest.decode())
-    if kind == b":":
-        return int(rest)
-    if kind == b"$":
-        size = int(rest)
-        if size < 0:
-            return None
-        data = reader.read(size + 2)[:-2]
-        return data.decode("utf-8", "replace")
-    if kind == b"*":
-        count = int(rest)
-        return None if count < 0 else [_read_reply(reader) for _ in range(count)]
-    raise RuntimeError(f"unexpected Redis reply {line!r}")
+        return resp.command(sock, sock.makefile("rb"), *args)
 
 
 def redis_unavailable() -> str | None:

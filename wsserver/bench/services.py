@@ -23,6 +23,7 @@ import uuid
 from typing import Any
 from urllib.parse import urlsplit, urlunsplit
 
+from ..broker import resp
 from ..config import parse_broker
 
 TICKS = os.sysconf("SC_CLK_TCK")
@@ -65,36 +66,9 @@ class Redis:
         with socket.create_connection((self.host, self.port), timeout=5) as sock:
             reader = sock.makefile("rb")
             if self.password:
-                self._send(sock, "AUTH", self.password)
-                self._reply(reader)
-            self._send(sock, "SELECT", str(self.db))
-            self._reply(reader)
-            self._send(sock, *args)
-            return self._reply(reader)
-
-    @staticmethod
-    def _send(sock: socket.socket, *args: str) -> None:
-        raw = f"*{len(args)}\r\n" + "".join(f"${len(a.encode())}\r\n{a}\r\n" for a in args)
-        sock.sendall(raw.encode())
-
-    def _reply(self, reader: Any) -> Any:
-        line = reader.readline()
-        if not line:
-            raise ConnectionError("Redis closed the connection")
-        kind, rest = line[:1], line[1:-2]
-        if kind == b"+":
-            return rest.decode()
-        if kind == b"-":
-            raise RuntimeError(rest.decode())
-        if kind == b":":
-            return int(rest)
-        if kind == b"$":
-            size = int(rest)
-            return None if size < 0 else reader.read(size + 2)[:-2].decode("utf-8", "replace")
-        if kind == b"*":
-            count = int(rest)
-            return None if count < 0 else [self._reply(reader) for _ in range(count)]
-        raise RuntimeError(f"unexpected Redis reply {line!r}")
+                resp.command(sock, reader, "AUTH", self.password)
+            resp.command(sock, reader, "SELECT", str(self.db))
+            return resp.command(sock, reader, *args)
 
     def pid(self) -> int | None:
         """The redis-server's process id, when it runs on this machine."""

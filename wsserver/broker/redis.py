@@ -44,7 +44,7 @@ from zope.interface import implementer
 from ..config import BrokerAddress, ConfigError, describe_broker, parse_broker
 from ..messages import BROADCAST, DELIVERED, PENDING, Message, message_frame, status_frame
 from ..store import Store
-from . import Connection, IBroker
+from . import Connection, IBroker, resp
 from .limits import LEASE_REFRESH, ask_lease, refresh_leases
 from .local import LocalBroker
 from .stream import StreamApplier
@@ -97,20 +97,13 @@ def check_broker(url: str, timeout: float = 10.0) -> None:
     commands += [["SELECT", str(address.db)], ["PING"]]
     try:
         with socket.create_connection((address.host, address.port), timeout=timeout) as sock:
+            reader = sock.makefile("rb")
             for command in commands:
-                raw = f"*{len(command)}\r\n" + "".join(
-                    f"${len(part.encode())}\r\n{part}\r\n" for part in command
-                )
-                sock.sendall(raw.encode())
-                reply = b""
-                while not reply.endswith(b"\r\n"):
-                    chunk = sock.recv(4096)
-                    if not chunk:
-                        raise OSError("the connection was closed")
-                    reply += chunk
-                if reply.startswith(b"-"):
-                    what = reply[1:].decode("utf-8", "replace").strip().split(" ")[0]
-                    raise ConfigError(f"BROKER: {shown} refused {command[0]}: {what}")
+                try:
+                    resp.command(sock, reader, *command)
+                except resp.RedisError as exc:
+                    what = str(exc).strip().split(" ")[0]
+                    raise ConfigError(f"BROKER: {shown} refused {command[0]}: {what}") from None
     except OSError as exc:
         reason = exc.strerror or str(exc) or type(exc).__name__
         raise ConfigError(f"BROKER: cannot reach Redis at {shown}: {reason}") from None
