@@ -70,22 +70,30 @@ class LocalBroker:
         """The number of attached connections."""
         return sum(len(c) for c in self._users.values())
 
-    def publish(self, sender: Connection | None, msg: Message) -> Message:
+    def _hand_out(self, sender: Connection | None, msg: Message) -> int:
+        """Hand ``msg`` (its frame made once) to this process's connections of
+        its recipients (every one but ``sender``'s for a broadcast); return how
+        many took it."""
         frame = self._prepare(message_frame(msg))
+        reached = 0
         if msg.recipient == BROADCAST:
-            reached = 0
             for conns in self._users.values():
                 for conn in conns:
                     if conn is not sender and conn.deliver(msg.id, frame):
                         reached += 1
+        else:
+            for conn in list(self._users.get(msg.recipient, ())):
+                if conn.deliver(msg.id, frame):
+                    reached += 1
+        return reached
+
+    def publish(self, sender: Connection | None, msg: Message) -> Message:
+        reached = self._hand_out(sender, msg)
+        if msg.recipient == BROADCAST:
             msg.status = DELIVERED
             msg.recipients = reached
             self._store.mark_broadcast(msg.id, reached)
             return msg
-        reached = 0
-        for conn in list(self._users.get(msg.recipient, ())):
-            if conn.deliver(msg.id, frame):
-                reached += 1
         if reached:
             msg.status = DELIVERED
             self._store.mark_delivered([msg.id])

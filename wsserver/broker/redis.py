@@ -42,7 +42,7 @@ from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from ..config import BrokerAddress, ConfigError, describe_broker, parse_broker
-from ..messages import BROADCAST, DELIVERED, PENDING, Message, message_frame, status_frame
+from ..messages import BROADCAST, DELIVERED, PENDING, Message, status_frame
 from ..store import Store
 from . import Connection, IBroker, resp
 from .limits import LEASE_REFRESH, ask_lease, refresh_leases
@@ -368,13 +368,8 @@ class RedisBroker(LocalBroker):
 
     def _apply(self, msg: Message, sender: Any) -> None:
         """Hand one message of the stream to this node's connections."""
-        frame = self._prepare(message_frame(msg))
+        reached = self._hand_out(sender, msg)
         if msg.recipient == BROADCAST:
-            reached = 0
-            for conns in self._users.values():
-                for conn in conns:
-                    if conn is not sender and conn.deliver(msg.id, frame):
-                        reached += 1
             tally = self._tallies.get(msg.id)
             if tally is not None or self._publishing == msg.id:
                 if tally is None:
@@ -384,10 +379,6 @@ class RedisBroker(LocalBroker):
                 self._outgoing.append({"t": "c", "id": msg.id, "n": reached})
                 self._schedule_flush()
             return
-        reached = 0
-        for conn in list(self._users.get(msg.recipient, ())):
-            if conn.deliver(msg.id, frame):
-                reached += 1
         if not reached:
             return
         if msg.status == PENDING:
