@@ -195,6 +195,8 @@ class EverySettingTests(unittest.TestCase):
             "WORKERS": "2",
             "BROKER": redis_url(random.randint(1, 15)),
             "NODE_NAME": "node-chosen",
+            "MESSAGE_RETENTION_DAYS": "30",
+            "PENDING_RETENTION_DAYS": "90.5",
         }
 
     def test_each_chosen_value_differs_from_the_default(self):
@@ -381,6 +383,12 @@ class EverySettingTests(unittest.TestCase):
             _carried(service, "broker").prefix, f"wsserver:{values['BROKER'].rsplit('/', 1)[1]}:"
         )
         checked.update({"BROKER", "NODE_NAME"})
+
+        # MESSAGE_RETENTION_DAYS, PENDING_RETENTION_DAYS: carried by the retention
+        # loop (tests/test_retention.py runs it).
+        retention = _carried(service, "retention")
+        self.assertEqual((retention.message_days, retention.pending_days), (30, 90.5))
+        checked.update({"MESSAGE_RETENTION_DAYS", "PENDING_RETENTION_DAYS"})
 
         self.assertEqual(checked, {variable for variable, *_ in SETTINGS})
 

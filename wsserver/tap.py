@@ -33,8 +33,10 @@ from .broker import LocalBroker
 from .broker.limits import SharedRateLimiter
 from .broker.redis import RedisBroker, check_broker
 from .config import SETTINGS, Config, ConfigError, load
+from .events import DELETED, AccountEvents, DeletedUsers
 from .peers import PeerLimits
 from .ratelimit import RateLimiter
+from .retention import Retention
 from .store import (
     DatabaseError,
     NodeInfo,
@@ -44,7 +46,7 @@ from .store import (
     prepare_database,
 )
 from .web import WebSocketGate, build_root, build_site
-from .websocket import ServerFactory, text_frame, use_fast_unmasking
+from .websocket import CLOSE_KEY_REVOKED, ServerFactory, text_frame, use_fast_unmasking
 from .workers import (
     WorkersService,
     become_child,
@@ -193,6 +195,15 @@ class WsServerService(service.Service):
         )
         root = build_root(self.auth, self.auth_limiter, gate, self._status, self.ready_checks)
         self.site = build_site(root)
+        # Operations (protocol section 14): retention, and the account events
+        # that wsserver-admin records for every node to act on.
+        self.retention = Retention(
+            self.store, clock, config.message_retention_days, config.pending_retention_days
+        )
+        self.account_events = AccountEvents(self.store, clock)
+        self.account_events.on(
+            DELETED, DeletedUsers(self.store, self.auth, self.factory, CLOSE_KEY_REVOKED)
+        )
 
     def _status(self) -> dict:
         return {"connections": self.broker.count(), "node": self._node}
@@ -284,6 +295,8 @@ class WsServerService(service.Service):
             self.broker.start()
         self.limiter.start()
         self.auth_limiter.start()
+        self.retention.start()
+        self.account_events.start()
         if not USES_NVX:
             _log.warn("Autobahn's NVX acceleration is not active: frames are processed in Python")
         where = self.config.listen
@@ -320,6 +333,8 @@ class WsServerService(service.Service):
                 conn.dropConnection(abort=True)
         self.limiter.stop()
         self.auth_limiter.stop()
+        self.account_events.stop()
+        yield self.retention.stop()
         if isinstance(self.broker, RedisBroker):
             yield self.broker.stop()
         yield self.store.close()
