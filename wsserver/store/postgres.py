@@ -727,11 +727,11 @@ def admin_delete_user(conn: psycopg.Connection, user_id: str, now_ms: int) -> in
             "SELECT id FROM messages WHERE sender = %s OR recipient = %s", (user_id, user_id)
         ).fetchall()
     ]
+    removed = 0
     for start in range(0, len(ids), DELETE_CHUNK):
-        conn.execute(
-            "DELETE FROM messages WHERE id = ANY(%s)", (ids[start : start + DELETE_CHUNK],)
-        )
-    return len(ids)
+        chunk = ids[start : start + DELETE_CHUNK]
+        removed += conn.execute("DELETE FROM messages WHERE id = ANY(%s)", (chunk,)).rowcount
+    return removed
 
 
 def admin_stats(conn: psycopg.Connection) -> dict[str, int]:

@@ -86,9 +86,21 @@ def _statements(script: str) -> list[str]:
     return statements
 
 
+def _incremental_vacuum_if_new(conn: sqlite3.Connection) -> None:
+    """Give a new (empty) database ``auto_vacuum = INCREMENTAL``, so that the
+    pages retention frees go back to the file system (``reclaim_space``).
+
+    SQLite takes this setting only before the first table exists; an older
+    database keeps its mode (``NONE``) until an operator runs ``VACUUM`` on it
+    once with the setting (docs/operations.md, Retention)."""
+    if conn.execute("SELECT COUNT(*) FROM sqlite_master").fetchone()[0] == 0:
+        conn.execute("PRAGMA auto_vacuum = INCREMENTAL")
+
+
 def _connect(path: str) -> sqlite3.Connection:
     conn = sqlite3.connect(path, timeout=BUSY_TIMEOUT_MS / 1000, check_same_thread=False)
     conn.execute(f"PRAGMA busy_timeout = {BUSY_TIMEOUT_MS}")
+    _incremental_vacuum_if_new(conn)  # before WAL: SQLite takes it only then
     conn.execute("PRAGMA journal_mode = WAL")
     conn.execute("PRAGMA synchronous = NORMAL")
     return conn
@@ -139,17 +151,6 @@ def upgrade(conn: sqlite3.Connection, target: int | None = None) -> int:
             f"schema version {current} is newer than this server supports ({newest})"
         )
     return current
-
-
-def _incremental_vacuum_if_new(conn: sqlite3.Connection) -> None:
-    """Give a new (empty) database ``auto_vacuum = INCREMENTAL``, so that the
-    pages retention frees go back to the file system (``reclaim_space``).
-
-    SQLite takes this setting only before the first table exists; an older
-    database keeps its mode (``NONE``) until an operator runs ``VACUUM`` on it
-    once with the setting (docs/operations.md, Retention)."""
-    if conn.execute("SELECT COUNT(*) FROM sqlite_master").fetchone()[0] == 0:
-        conn.execute("PRAGMA auto_vacuum = INCREMENTAL")
 
 
 OWNER_ONLY = 0o600
@@ -211,7 +212,6 @@ def prepare_database(
     try:
         conn = _connect(path)
         try:
-            _incremental_vacuum_if_new(conn)
             upgrade(conn)
             conn.execute("BEGIN IMMEDIATE")
             conn.execute(
@@ -622,8 +622,9 @@ class Store(BatchedWrites):
             rows = txn.fetchall()
             if not rows:
                 return 0, None
-            _delete_ids(txn, [row[0] for row in rows])
-            return len(rows), rows[-1][1]
+            # Another process may have deleted some of them since the SELECT:
+            # count what this one deleted.
+            return _delete_ids(txn, [row[0] for row in rows]), rows[-1][1]
 
         return self._pool.runInteraction(interaction)
 
@@ -635,8 +636,9 @@ class Store(BatchedWrites):
         def interaction(txn: Any) -> int:
             txn.execute("PRAGMA freelist_count")
             before = int(txn.fetchone()[0])
-            txn.execute(f"PRAGMA incremental_vacuum({int(pages)})")
-            txn.fetchall()  # the pragma runs step by step, as its rows are read
+            # executescript steps the pragma to its end (execute would step it
+            # once: one page); it is a transaction of its own.
+            txn.executescript(f"PRAGMA incremental_vacuum({int(pages)})")
             txn.execute("PRAGMA freelist_count")
             return before - int(txn.fetchone()[0])
 
@@ -690,18 +692,20 @@ class Store(BatchedWrites):
                 "SELECT id FROM messages WHERE id > ? AND (sender = ? OR recipient = ?)",
                 (after_id, user_id, user_id),
             )
-            ids = [row[0] for row in txn.fetchall()]
-            _delete_ids(txn, ids)
-            return len(ids)
+            return _delete_ids(txn, [row[0] for row in txn.fetchall()])
 
         return self._pool.runInteraction(interaction)
 
 
-def _delete_ids(txn: Any, ids: list[int]) -> None:
+def _delete_ids(txn: Any, ids: list[int]) -> int:
+    """Delete these messages; return how many were still there."""
+    deleted = 0
     for start in range(0, len(ids), _IN_CHUNK):
         chunk = ids[start : start + _IN_CHUNK]
         marks = ",".join("?" * len(chunk))
         txn.execute(f"DELETE FROM messages WHERE id IN ({marks})", chunk)  # noqa: S608
+        deleted += txn.rowcount
+    return deleted
 
 
 # ----------------------------------------------------------------------------
@@ -778,15 +782,16 @@ def admin_delete_user(conn: sqlite3.Connection, user_id: str, now_ms: int) -> in
             "SELECT id FROM messages WHERE sender = ? OR recipient = ?", (user_id, user_id)
         ).fetchall()
     ]
+    removed = 0
     for start in range(0, len(ids), _IN_CHUNK):
         conn.execute("BEGIN IMMEDIATE")
         try:
-            _delete_ids(conn.cursor(), ids[start : start + _IN_CHUNK])
+            removed += _delete_ids(conn.cursor(), ids[start : start + _IN_CHUNK])
             conn.execute("COMMIT")
         except BaseException:
             conn.execute("ROLLBACK")
             raise
-    return len(ids)
+    return removed
 
 
 def admin_stats(conn: sqlite3.Connection, path: str) -> dict[str, int]:
