@@ -8,6 +8,7 @@ from __future__ import annotations
 import io
 import json
 import os
+import shutil
 import sqlite3
 import stat
 import subprocess
@@ -18,7 +19,7 @@ from twisted.trial import unittest
 
 from tests.cluster import two_nodes
 from tests.services import fresh_postgres_database
-from tests.support import LiveServer, public_b64, start_twistd
+from tests.support import ROOT, LiveServer, RemoteServer, Twistd, public_b64, start_twistd
 from tests.test_store import SECRET, new_message
 from wsserver import admin
 from wsserver import store as st
@@ -346,3 +347,86 @@ class BackupTests(unittest.TestCase):
         got = yield bob.take(20, "message")
         self.assertEqual([m["id"] for m in got], [a["id"] for a in acks])
         self.assertEqual([m["content"] for m in got], [f"m-{i}" for i in range(20)])
+
+
+UNIT = ROOT / "examples" / "wsserver.service"
+
+
+def unit_settings(text: str) -> dict[str, dict[str, list[str]]]:
+    """A systemd unit file as {section: {key: [values, in order]}} (keys repeat)."""
+    sections: dict[str, dict[str, list[str]]] = {}
+    current = None
+    for raw in text.splitlines():
+        line = raw.strip()
+        if not line or line.startswith(("#", ";")):
+            continue
+        if line.startswith("[") and line.endswith("]"):
+            current = sections.setdefault(line[1:-1], {})
+            continue
+        key, sep, value = line.partition("=")
+        assert sep and current is not None, f"not a unit file line: {raw!r}"
+        current.setdefault(key.strip(), []).append(value.strip())
+    return sections
+
+
+class SystemdUnitTests(unittest.TestCase):
+    """examples/wsserver.service (docs/operations.md, Running under systemd)."""
+
+    timeout = 60
+
+    def setUp(self):
+        self.unit = unit_settings(UNIT.read_text("utf-8"))
+        self.service = {k: v[-1] for k, v in self.unit["Service"].items()}
+
+    def test_sandboxing_options(self):
+        """A dedicated user, no new privileges, a read-only system but the
+        database's directory, a private /tmp, no capabilities."""
+        expected = {
+            "User": "wsserver",
+            "NoNewPrivileges": "yes",
+            "ProtectSystem": "strict",
+            "ProtectHome": "yes",
+            "PrivateTmp": "yes",
+            "PrivateDevices": "yes",
+            "CapabilityBoundingSet": "",
+            "UMask": "0077",
+        }
+        self.assertEqual({k: self.service.get(k) for k in expected}, expected)
+        environment = dict(v.split("=", 1) for v in self.unit["Service"]["Environment"])
+        db_dir = os.path.dirname(environment["DATABASE"])
+        self.assertIn(db_dir, self.service["ReadWritePaths"].split())
+        self.assertEqual(self.service["WorkingDirectory"], db_dir)
+        self.assertEqual(f"/var/lib/{self.service['StateDirectory']}", db_dir)
+
+    def test_systemd_analyze_verify_finds_nothing(self):
+        """systemd-analyze verify (where installed) reports nothing about the
+        unit (twistd's path pointed at this environment's)."""
+        tool = shutil.which("systemd-analyze")
+        if tool is None:
+            raise unittest.SkipTest("systemd-analyze is not installed")
+        twistd = os.path.join(os.path.dirname(sys.executable), "twistd")
+        directory = self.mktemp()
+        os.makedirs(directory)
+        copy = os.path.join(directory, "wsserver.service")
+        with open(copy, "w") as f:
+            f.write(UNIT.read_text("utf-8").replace("/opt/wsserver/bin/twistd", twistd))
+        done = subprocess.run([tool, "verify", copy], capture_output=True, text=True, timeout=60)
+        said = [ln for ln in (done.stdout + done.stderr).splitlines() if "wsserver" in ln]
+        self.assertEqual((done.returncode, said), (0, []))
+
+    @defer.inlineCallbacks
+    def test_its_command_line_serves_and_stops_cleanly_on_sigterm(self):
+        """ExecStart's twistd arguments, with the unit's environment (DATABASE
+        moved to a temporary directory), start a server that answers, and
+        SIGTERM (systemd's stop) ends it with status 0."""
+        argv = self.service["ExecStart"].split()
+        self.assertTrue(argv[0].endswith("/twistd"))
+        env = dict(v.split("=", 1) for v in self.unit["Service"]["Environment"])
+        env.update(DATABASE=self.mktemp() + ".db", SERVER_ADDR="tcp:0:interface=127.0.0.1")
+        proc = Twistd(self, argv[1:], env)
+        port = yield proc.listening()
+        server = RemoteServer(self, port)
+        yield server.wait_up()
+        proc.transport.signalProcess("TERM")
+        ended = yield proc.ended()
+        self.assertEqual(ended, ("exit", 0))
