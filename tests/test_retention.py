@@ -12,7 +12,7 @@ from twisted.internet import defer, reactor, task
 from twisted.trial import unittest
 
 from tests.services import fresh_postgres_database
-from tests.support import LiveServer
+from tests.support import LiveServer, eventually
 from tests.test_store import SECRET, new_message
 from wsserver import store as st
 from wsserver.messages import BROADCAST, DELIVERED
@@ -121,19 +121,33 @@ class RetentionContract:
 
     @defer.inlineCallbacks
     def test_runs_every_interval_on_its_clock(self):
-        """Started, it runs a pass each ``interval`` seconds of its clock (the
-        first one an interval after the start), and stops when told."""
+        """Started, it runs a first pass ``first_delay`` seconds later, then one
+        each ``interval`` seconds of its clock, and none once stopped."""
         retention = Retention(self.store, self.clock, message_days=1, pending_days=0, interval=60)
-        retention.start()
+        retention.start(first_delay=10)
         self.addCleanup(retention.stop)
         yield self.add(5, delivered=True)
+        self.clock.advance(9.9)
         self.assertEqual(retention.passes, 0)
-        self.clock.advance(60)
-        yield retention.stop()  # waits for the pass the clock started
-        self.assertEqual(retention.passes, 1)
+        self.clock.advance(0.1)
+        yield eventually(lambda: retention.passes == 1, "the first pass")
         self.assertEqual(retention.deleted[DELIVERED], 1)
-        self.clock.advance(600)
+        yield self.add(5, delivered=True)
+        self.clock.advance(59)
         self.assertEqual(retention.passes, 1)
+        self.clock.advance(1)
+        yield eventually(lambda: retention.passes == 2, "the second pass")
+        self.assertEqual(retention.deleted[DELIVERED], 2)
+        yield retention.stop()
+        self.clock.advance(600)
+        self.assertEqual(retention.passes, 2)
+
+    def test_stopped_before_the_first_pass_runs_none(self):
+        """Stopped before its first pass, it leaves nothing scheduled."""
+        retention = Retention(self.store, self.clock, 1, 0)
+        retention.start()
+        retention.stop()
+        self.assertEqual(self.clock.getDelayedCalls(), [])
 
     @defer.inlineCallbacks
     def test_two_nodes_running_together_delete_each_row_once(self):

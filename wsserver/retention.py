@@ -31,6 +31,7 @@ _log = Logger()
 
 DAY_MS = 86_400_000
 INTERVAL = 60.0  # seconds between passes
+FIRST_PASS_DELAY = 10.0  # seconds from start to the first pass
 BATCH = 500  # messages per delete transaction
 VACUUM_PAGES = 256  # pages per incremental-vacuum step (1 MiB at 4 KiB pages)
 EVENTS_KEPT_MS = DAY_MS  # account events older than this are forgotten
@@ -60,19 +61,30 @@ class Retention:
         self._interval = interval
         self._current: defer.Deferred | None = None
         self._stopped = False
+        self._first: Any = None  # the call that begins the loop
         self.deleted = {DELIVERED: 0, PENDING: 0}  # messages deleted so far, by status
         self.passes = 0
 
-    def start(self) -> None:
-        """Run a pass every ``interval`` seconds, the first one ``interval`` from now."""
-        if not self._loop.running:
-            self._loop.start(self._interval, now=False).addErrback(
+    def start(self, first_delay: float = FIRST_PASS_DELAY) -> None:
+        """Run a pass ``first_delay`` seconds from now (a restart does not wait
+        a whole interval), then every ``interval`` seconds."""
+        if self._loop.running or self._first is not None or self._stopped:
+            return
+        self._first = self._clock.callLater(first_delay, self._begin)
+
+    def _begin(self) -> None:
+        self._first = None
+        if not self._stopped:
+            self._loop.start(self._interval, now=True).addErrback(
                 lambda f: _log.failure("retention stopped", f)
             )
 
     def stop(self) -> defer.Deferred:
         """Stop the loop; fires when a pass in progress has ended its batch."""
         self._stopped = True
+        if self._first is not None:
+            self._first.cancel()
+            self._first = None
         if self._loop.running:
             self._loop.stop()
         current = self._current
@@ -111,10 +123,11 @@ class Retention:
         if sum(counts):
             freed = yield self._reclaim()
             _log.info(
-                "retention: deleted {delivered} delivered and {pending} pending messages,"
-                " gave {freed} pages back",
+                "retention: deleted {delivered} delivered and {pending} pending messages"
+                " in {seconds:.1f} s, gave {freed} pages back",
                 delivered=counts[0],
                 pending=counts[1],
+                seconds=self._clock.seconds() - now / 1000,
                 freed=freed,
             )
         yield self._store.prune_account_events(now - EVENTS_KEPT_MS)
@@ -143,4 +156,4 @@ class Retention:
         return freed
 
 
-__all__ = ["BATCH", "DAY_MS", "INTERVAL", "Retention"]
+__all__ = ["BATCH", "DAY_MS", "FIRST_PASS_DELAY", "INTERVAL", "Retention"]

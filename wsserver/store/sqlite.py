@@ -816,6 +816,27 @@ def admin_stats(conn: sqlite3.Connection, path: str) -> dict[str, int]:
     }
 
 
+def add_delivered_messages(path: str, count: int, created_ms: int, content: str) -> None:
+    """Store ``count`` delivered messages created at ``created_ms`` (between two
+    users that need not exist), in large transactions: what ``wsserver-bench
+    latency --expire N`` gives retention to delete.  Not for a live database."""
+    conn = sqlite3.connect(path)
+    try:
+        step = 50_000
+        for start in range(0, count, step):
+            rows = [
+                ("old-a", "old-b", content, created_ms) for _ in range(min(step, count - start))
+            ]
+            conn.executemany(
+                "INSERT INTO messages (sender, recipient, content, verification, status,"
+                " created_ms) VALUES (?, ?, ?, 'unsigned', 'delivered', ?)",
+                rows,
+            )
+            conn.commit()
+    finally:
+        conn.close()
+
+
 def backup(path: str, target: str) -> None:
     """Copy the database at ``path`` to a new file ``target`` (0600) with
     SQLite's online backup API, consistent while a server writes to it, and
