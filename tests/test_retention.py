@@ -67,14 +67,14 @@ class RetentionContract:
         older_pending = yield self.add(40, delivered=False)
         young_delivered = yield self.add(2, delivered=True)
         young_pending = yield self.add(2, delivered=False)
-        retention = Retention(self.store, self.clock, message_days=7, pending_days=0)
+        retention = Retention(self.store, self.clock, message_days=7, pending_days=0, pause=0)
         counts = yield retention.run_pass()
         self.assertEqual(counts, (2, 0))
         left = yield self.remaining()
         self.assertEqual(left, sorted([old_pending, older_pending, young_delivered, young_pending]))
         self.assertNotIn(old_delivered, left)
         self.assertNotIn(old_broadcast, left)
-        retention = Retention(self.store, self.clock, message_days=7, pending_days=30)
+        retention = Retention(self.store, self.clock, message_days=7, pending_days=30, pause=0)
         counts = yield retention.run_pass()
         self.assertEqual(counts, (0, 1))
         left = yield self.remaining()
@@ -86,7 +86,7 @@ class RetentionContract:
         for age in (1, 100, 399):
             yield self.add(age, delivered=True)
             yield self.add(age, delivered=False)
-        counts = yield Retention(self.store, self.clock, 0, 0).run_pass()
+        counts = yield Retention(self.store, self.clock, 0, 0, pause=0).run_pass()
         self.assertEqual(counts, (0, 0))
         left = yield self.remaining()
         self.assertEqual(len(left), 6)
@@ -109,7 +109,9 @@ class RetentionContract:
             return d
 
         self.store.expire_batch = spy
-        retention = Retention(self.store, self.clock, message_days=1, pending_days=0, batch=5)
+        retention = Retention(
+            self.store, self.clock, message_days=1, pending_days=0, batch=5, pause=0
+        )
         counts = yield retention.run_pass()
         self.assertEqual(counts, (23, 0))
         self.assertEqual([c[3] for c in calls], [5, 5, 5, 5, 3])
@@ -120,10 +122,39 @@ class RetentionContract:
         self.assertGreater(starts[1], 0)
 
     @defer.inlineCallbacks
+    def test_rests_between_batches_on_its_clock(self):
+        """Between two batches the pass waits ``pause`` seconds of its clock: a
+        large deletion leaves the writer free part of the time."""
+        for i in range(12):
+            yield self.add(30 - i * 0.1, delivered=True)
+        retention = Retention(self.store, self.clock, 1, 0, batch=5, pause=0.5)
+        done = retention.run_pass()
+        yield eventually(
+            lambda: retention.deleted[DELIVERED] == 0 and self.clock.getDelayedCalls(),
+            "the first rest",
+        )
+        left = yield self.remaining()
+        self.assertEqual(len(left), 7)  # one batch done, resting
+        self.clock.advance(0.49)
+        left = yield self.remaining()
+        self.assertEqual(len(left), 7)
+        self.clock.advance(0.01)
+        yield eventually(
+            lambda: len(self.clock.getDelayedCalls()) == 1 and not done.called, "the second rest"
+        )
+        left = yield self.remaining()
+        self.assertEqual(len(left), 2)
+        self.clock.advance(0.5)
+        counts = yield done
+        self.assertEqual(counts, (12, 0))
+
+    @defer.inlineCallbacks
     def test_runs_every_interval_on_its_clock(self):
         """Started, it runs a first pass ``first_delay`` seconds later, then one
         each ``interval`` seconds of its clock, and none once stopped."""
-        retention = Retention(self.store, self.clock, message_days=1, pending_days=0, interval=60)
+        retention = Retention(
+            self.store, self.clock, message_days=1, pending_days=0, interval=60, pause=0
+        )
         retention.start(first_delay=10)
         self.addCleanup(retention.stop)
         yield self.add(5, delivered=True)
@@ -144,7 +175,7 @@ class RetentionContract:
 
     def test_stopped_before_the_first_pass_runs_none(self):
         """Stopped before its first pass, it leaves nothing scheduled."""
-        retention = Retention(self.store, self.clock, 1, 0)
+        retention = Retention(self.store, self.clock, 1, 0, pause=0)
         retention.start()
         retention.stop()
         self.assertEqual(self.clock.getDelayedCalls(), [])
@@ -157,8 +188,8 @@ class RetentionContract:
             yield self.add(10 + i / 100, delivered=True)
         kept = yield self.add(1, delivered=True)
         other = self.second_store()
-        first = Retention(self.store, self.clock, 5, 0, batch=7)
-        second = Retention(other, self.clock, 5, 0, batch=7)
+        first = Retention(self.store, self.clock, 5, 0, batch=7, pause=0)
+        second = Retention(other, self.clock, 5, 0, batch=7, pause=0)
         results = yield defer.gatherResults([first.run_pass(), second.run_pass()])
         self.assertEqual(results[0][0] + results[1][0], 60)
         left = yield self.remaining()
@@ -171,7 +202,7 @@ class RetentionContract:
         gone = yield self.add(10, delivered=True)
         pending = yield self.add(10, delivered=False)
         young = yield self.add(1, delivered=True)
-        yield Retention(self.store, self.clock, message_days=7, pending_days=0).run_pass()
+        yield Retention(self.store, self.clock, message_days=7, pending_days=0, pause=0).run_pass()
         page = yield self.store.replay_page("bob", 0, 0, 100)
         self.assertEqual([m.id for m in page], [pending, young])
         page = yield self.store.replay_page("bob", gone - 1, 0, 100)
@@ -202,7 +233,7 @@ class SQLiteRetentionTests(RetentionContract, unittest.TestCase):
             yield self.add(10, delivered=True, content="z" * 4000)
         yield self.add(1, delivered=True)
         before = conn.execute("PRAGMA page_count").fetchone()[0]
-        counts = yield Retention(self.store, self.clock, 7, 0, vacuum_pages=50).run_pass()
+        counts = yield Retention(self.store, self.clock, 7, 0, vacuum_pages=50, pause=0).run_pass()
         self.assertEqual(counts, (300, 0))
         after = conn.execute("PRAGMA page_count").fetchone()[0]
         self.assertEqual(conn.execute("PRAGMA freelist_count").fetchone()[0], 0)
@@ -230,7 +261,7 @@ class SQLiteRetentionTests(RetentionContract, unittest.TestCase):
         for _ in range(100):
             yield self.add(10, delivered=True, content="z" * 4000)
         before = conn.execute("PRAGMA page_count").fetchone()[0]
-        yield Retention(self.store, self.clock, 7, 0).run_pass()
+        yield Retention(self.store, self.clock, 7, 0, pause=0).run_pass()
         self.assertEqual(conn.execute("PRAGMA page_count").fetchone()[0], before)
         self.assertGreater(conn.execute("PRAGMA freelist_count").fetchone()[0], 50)
         yield self.store.close()

@@ -6,10 +6,11 @@ pending are (protocol sections 10 and 14); 0 keeps them for ever.  A
 ``LoopingCall`` on the reactor's clock runs a pass every ``interval``
 seconds: it asks the store to delete at most ``batch`` messages at a time,
 oldest first, each batch its own short transaction (``IStore.expire_batch``),
-so a group commit waits for at most one batch, and walks on from where the
-previous batch ended (the created_ms cursor) so rows it keeps are not read
-again.  After deleting it gives the freed pages back to the file system
-(``IStore.reclaim_space``: SQLite's incremental vacuum, a step at a time).
+so a group commit waits for at most one batch, resting ``pause`` seconds
+between two batches, and walks on from where the previous batch ended (the
+created_ms cursor) so rows it keeps are not read again.  After deleting it
+gives the freed pages back to the file system (``IStore.reclaim_space``:
+SQLite's incremental vacuum, a step at a time).
 
 In a cluster every node runs it: deleting what is already gone deletes
 nothing, and PostgreSQL's ``SKIP LOCKED`` keeps two nodes from waiting on the
@@ -34,6 +35,10 @@ INTERVAL = 60.0  # seconds between passes
 FIRST_PASS_DELAY = 10.0  # seconds from start to the first pass
 BATCH = 500  # messages per delete transaction
 VACUUM_PAGES = 256  # pages per incremental-vacuum step (1 MiB at 4 KiB pages)
+# Seconds between two batches (and two vacuum steps): a large deletion takes
+# at most about half of the writer's time and CPU, not all of it
+# (docs/performance.md, Retention while serving).
+PAUSE = 0.02
 EVENTS_KEPT_MS = DAY_MS  # account events older than this are forgotten
 
 
@@ -49,6 +54,7 @@ class Retention:
         interval: float = INTERVAL,
         batch: int = BATCH,
         vacuum_pages: int = VACUUM_PAGES,
+        pause: float = PAUSE,
     ) -> None:
         self._store = store
         self._clock = clock
@@ -56,6 +62,7 @@ class Retention:
         self.pending_days = pending_days
         self._batch = batch
         self._vacuum_pages = vacuum_pages
+        self._pause = pause
         self._loop = task.LoopingCall(self.run_pass)
         self._loop.clock = clock
         self._interval = interval
@@ -143,7 +150,14 @@ class Retention:
             if count < self._batch or newest is None:
                 break
             cursor = newest
+            yield self._rest()
         return total
+
+    def _rest(self) -> defer.Deferred:
+        """Wait ``pause`` seconds of the clock between two steps."""
+        if self._pause <= 0:
+            return defer.succeed(None)
+        return task.deferLater(self._clock, self._pause, lambda: None)
 
     @defer.inlineCallbacks
     def _reclaim(self) -> Any:
@@ -153,6 +167,7 @@ class Retention:
             freed += step
             if step < self._vacuum_pages:
                 break
+            yield self._rest()
         return freed
 
 

@@ -602,7 +602,7 @@ class PostgresStore(BatchedWrites):
     def expire_batch(self, status: str, before_ms: int, from_ms: int, limit: int) -> defer.Deferred:
         """Delete up to ``limit`` messages of ``status`` created before
         ``before_ms`` (and not before ``from_ms``), oldest first, in one short
-        transaction on a reading connection (the batch writer is not held up).
+        transaction on a pool connection (the batch writer is not held up).
         Fires with (rows deleted, created_ms of the newest deleted or None).
         Nodes running it together delete disjoint or already-gone rows."""
 
