@@ -25,7 +25,6 @@ from collections.abc import Callable
 from typing import Any
 
 from prometheus_client import (
-    CONTENT_TYPE_LATEST,
     CollectorRegistry,
     Counter,
     Gauge,
@@ -62,6 +61,9 @@ LOGIN_OUTCOMES = (
 )
 LOOP_INTERVAL = 0.5  # seconds between two measurements of the reactor's delay
 
+# The classic text format (what generate_latest writes for names like ours),
+# which every Prometheus version reads; newer clients call theirs 1.0.0.
+CONTENT_TYPE = b"text/plain; version=0.0.4; charset=utf-8"
 _SECONDS_FAST = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5)
 _SECONDS_SLOW = (0.001, 0.005, 0.01, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
 _BATCH_SIZES = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024)
@@ -283,7 +285,9 @@ class _Exposition(Resource):
 
     def render_GET(self, request: server.Request) -> bytes:
         # In the reactor thread, on purpose: see the module's docstring.
-        request.setHeader(b"content-type", CONTENT_TYPE_LATEST.encode("ascii"))
+        if request.postpath:  # /metrics/anything
+            return pages.notFound().render(request)
+        request.setHeader(b"content-type", CONTENT_TYPE)
         request.setHeader(b"cache-control", b"no-store")
         return self._metrics.render()
 
