@@ -193,6 +193,32 @@ class TrafficTests(unittest.TestCase):
 
         yield wait_for(ticked, "two measurements of the loop delay", state)
 
+    @defer.inlineCallbacks
+    def test_slow_consumer_close_is_counted(self):
+        """A client that stops reading is closed with 1013: counted once."""
+        env = {
+            **self.env(),
+            "MAX_OUTBOX_BYTES": "65536",
+            "MESSAGE_RATE_LIMIT": "10000",
+            "MESSAGE_BURST_LIMIT": "10000",
+        }
+        server = LiveServer(self, env)
+        _, alice_token = yield server.user("alice")
+        _, bob_token = yield server.user("bob")
+        alice = yield server.connect(alice_token, testcase=self)
+        bob = yield server.connect(bob_token, testcase=self)
+        (bob_on_server,) = [c for c in server.service.broker.connections() if c.user_id == "bob"]
+        bob.transport.pauseProducing()  # bob stops reading
+        for i in range(2000):
+            if bob_on_server.localCloseCode:
+                break
+            alice.send_json({"to": "bob", "content": "x" * 60_000, "nonce": f"big-{i}"})
+            yield alice.next_of("ack")
+        self.assertEqual(bob_on_server.localCloseCode, 1013)
+        _, _, text = yield scrape(server, metrics_port(server))
+        self.assertEqual(value(samples(text), "wsserver_slow_consumer_closes_total"), 1)
+        bob.transport.resumeProducing()
+
 
 class PostgresTrafficTests(TrafficTests):
     """The same on PostgreSQL."""
