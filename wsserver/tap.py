@@ -529,7 +529,11 @@ def makeService(options: Options) -> service.IService:
         raise SystemExit(1) from None
     if config.log_format == "json":
         # twistd asks its application for a log observer before making its own.
-        server.log_observer = twistd_json_observer(options.parent)
+        try:
+            server.log_observer = twistd_json_observer(options.parent)
+        except OSError as exc:
+            sys.stderr.write(f"wsserver: LOG_FORMAT: cannot open the log file: {exc.strerror}\n")
+            raise SystemExit(1) from None
     if isinstance(server, WorkersService):
         return server
     if inherited is not None:
