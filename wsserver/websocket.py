@@ -394,7 +394,7 @@ class ServerProtocol(WebSocketServerProtocol):
     def onMessage(self, payload: bytes, isBinary: bool) -> None:
         if not self.live:
             return
-        self.factory._metrics.received.inc()
+        self.factory._metrics.received += 1
         if isBinary:
             _log.info("closing {user}: binary frame", user=self.user_id)
             self._close(CLOSE_UNSUPPORTED, "binary frames are not supported")

@@ -92,7 +92,7 @@ class LocalBroker:
             for conn in list(self._users.get(msg.recipient, ())):
                 if conn.deliver(msg.id, frame):
                     reached += 1
-        self.metrics.delivered_live.inc(reached)
+        self.metrics.delivered_live += reached
         return reached
 
     def publish(self, sender: Connection | None, msg: Message) -> Message:
@@ -126,7 +126,7 @@ class LocalBroker:
                     if not conn.live:
                         break
                     taken = conn.deliver(msg.id, self._prepare(message_frame(msg)), replayed=True)
-                    self.metrics.delivered_replay.inc(taken)
+                    self.metrics.delivered_replay += taken
                     if taken and msg.status == PENDING and msg.recipient == conn.user_id:
                         was_pending.append(msg)
                     # Write no faster than the client reads: a replay never
