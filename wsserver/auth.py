@@ -34,6 +34,7 @@ from .messages import (
     normalize_username,
     signing_input,
 )
+from .metrics import DISCARD, Metrics
 from .store import CHALLENGE_NONE, CHALLENGE_OK, Store, User
 
 ISSUER = "wsserver"
@@ -172,6 +173,8 @@ def _user_id_field(body: dict) -> str:
 
 class Authenticator:
     """Registration, the challenge-response login, token checks, key look-ups."""
+
+    metrics: Metrics = DISCARD  # the node's metrics (set by tap.py; web.py counts logins)
 
     def __init__(
         self, store: Store, tokens: Tokens, clock: IReactorTime, challenge_ttl: int

@@ -36,6 +36,7 @@ from .messages import (
     parse_client_frame,
     system_frame,
 )
+from .metrics import DISCARD, Metrics
 from .peers import mark_upgraded
 from .ratelimit import RateLimiter
 from .store import DUPLICATE, NO_RECIPIENT, NewMessage, Store
@@ -312,6 +313,7 @@ class ServerProtocol(WebSocketServerProtocol):
             self._close_slow()
 
     def _close_slow(self) -> None:
+        self.factory._metrics.slow_closes.inc()
         _log.info("closing slow connection of {user}", user=self.user_id)
         self._close(CLOSE_TRY_LATER, "too slow: outbox full")
 
@@ -331,6 +333,7 @@ class ServerProtocol(WebSocketServerProtocol):
 
     def _refuse(self, refusal: Refusal, retry_after_ms: int | None = None) -> None:
         _log.info("refused a message from {user}: {code}", user=self.user_id, code=refusal.code)
+        self.factory._metrics.refused(refusal.code)
         if self.live:
             now_ms = int(self.factory._clock.seconds() * 1000)
             frame = system_frame(
@@ -371,7 +374,9 @@ class ServerProtocol(WebSocketServerProtocol):
         self.transport.registerProducer(_Flow(self), True)
         factory._expiry.add(self, self._session.expires_at)
         _log.info("connected: {user} from {peer}", user=self.user_id, peer=self.peer)
+        factory._metrics.connections_opened.inc()
         replay = factory._broker.replay(self, self._since)
+        factory._metrics.time_replay(replay, factory._clock)
         replay.addErrback(self._replay_failed)
 
     def _replay_failed(self, failure: Failure) -> None:
@@ -391,6 +396,7 @@ class ServerProtocol(WebSocketServerProtocol):
     def onMessage(self, payload: bytes, isBinary: bool) -> None:
         if not self.live:
             return
+        self.factory._metrics.received += 1
         if isBinary:
             _log.info("closing {user}: binary frame", user=self.user_id)
             self._close(CLOSE_UNSUPPORTED, "binary frames are not supported")
@@ -485,6 +491,7 @@ class ServerProtocol(WebSocketServerProtocol):
                     Refusal("nonce_reused", "this nonce belongs to another message", draft.nonce)
                 )
         else:
+            self.factory._metrics.stored(msg.recipient)
             msg = self.factory._broker.publish(self, msg)
             if self.live:
                 self._send_text(ack_frame(msg))
@@ -528,6 +535,7 @@ class ServerFactory(WebSocketServerFactory):
         max_frame_bytes: int,
         max_outbox_bytes: int,
         require_signatures: bool,
+        metrics: Metrics = DISCARD,
         auto_ping_interval: float = 30.0,
         auto_ping_timeout: float = 10.0,
     ) -> None:
@@ -543,6 +551,7 @@ class ServerFactory(WebSocketServerFactory):
         self._max_content_bytes = max_content_bytes
         self._max_outbox_bytes = max_outbox_bytes
         self._require_signatures = require_signatures
+        self._metrics = metrics
         self._accepting = True
         self._admitting: tuple[Session, int | None] | None = None
         self.setProtocolOptions(

@@ -20,6 +20,7 @@ from twisted.logger import Logger
 from zope.interface import implementer
 
 from ..messages import BROADCAST, DELIVERED, PENDING, Message, message_frame, status_frame
+from ..metrics import DISCARD, Metrics
 from ..store import Store
 from . import Connection, IBroker
 
@@ -31,6 +32,8 @@ REPLAY_PAGE = 256
 @implementer(IBroker)
 class LocalBroker:
     """The broker of a single process."""
+
+    metrics: Metrics = DISCARD  # the node's metrics (set by tap.py)
 
     def __init__(
         self,
@@ -70,6 +73,10 @@ class LocalBroker:
         """The number of attached connections."""
         return sum(len(c) for c in self._users.values())
 
+    def users(self) -> int:
+        """The number of users with an attached connection."""
+        return len(self._users)
+
     def _hand_out(self, sender: Connection | None, msg: Message) -> int:
         """Hand ``msg`` (its frame made once) to this process's connections of
         its recipients (every one but ``sender``'s for a broadcast); return how
@@ -85,6 +92,7 @@ class LocalBroker:
             for conn in list(self._users.get(msg.recipient, ())):
                 if conn.deliver(msg.id, frame):
                     reached += 1
+        self.metrics.delivered_live += reached
         return reached
 
     def publish(self, sender: Connection | None, msg: Message) -> Message:
@@ -118,6 +126,7 @@ class LocalBroker:
                     if not conn.live:
                         break
                     taken = conn.deliver(msg.id, self._prepare(message_frame(msg)), replayed=True)
+                    self.metrics.delivered_replay += taken
                     if taken and msg.status == PENDING and msg.recipient == conn.user_id:
                         was_pending.append(msg)
                     # Write no faster than the client reads: a replay never

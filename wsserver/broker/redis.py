@@ -262,6 +262,7 @@ class RedisBroker(LocalBroker):
         self._caught_up = False
         if not self._warned and self._poller.running:
             self._warned = True
+            self.metrics.broker_reconnects.inc()
             _log.warn(
                 "broker {url} unreachable: live traffic between nodes falls back to"
                 " reading the database every {s:g} s until it is back",
@@ -369,6 +370,8 @@ class RedisBroker(LocalBroker):
     def _apply(self, msg: Message, sender: Any) -> None:
         """Hand one message of the stream to this node's connections."""
         reached = self._hand_out(sender, msg)
+        if self._publishing != msg.id:  # another node's message: how late it is here
+            self.metrics.applied(msg.created_ms, self._clock.seconds())
         if msg.recipient == BROADCAST:
             tally = self._tallies.get(msg.id)
             if tally is not None or self._publishing == msg.id:
