@@ -196,6 +196,8 @@ class EverySettingTests(unittest.TestCase):
             "WORKERS": "2",
             "BROKER": redis_url(random.randint(1, 15)),
             "NODE_NAME": "node-chosen",
+            "MESSAGE_RETENTION_DAYS": "30",
+            "PENDING_RETENTION_DAYS": "90.5",
             "METRICS_ADDR": "tcp:0:interface=127.0.0.1",
             "LOG_FORMAT": "json",
         }
@@ -386,6 +388,12 @@ class EverySettingTests(unittest.TestCase):
             _carried(service, "broker").prefix, f"wsserver:{values['BROKER'].rsplit('/', 1)[1]}:"
         )
         checked.update({"BROKER", "NODE_NAME"})
+
+        # MESSAGE_RETENTION_DAYS, PENDING_RETENTION_DAYS: carried by the retention
+        # loop (tests/test_retention.py runs it).
+        retention = _carried(service, "retention")
+        self.assertEqual((retention.message_days, retention.pending_days), (30, 90.5))
+        checked.update({"MESSAGE_RETENTION_DAYS", "PENDING_RETENTION_DAYS"})
 
         # METRICS_ADDR: /metrics on a listener of its own, which counted the
         # logins above (the public port has no /metrics: tests/test_metrics.py).

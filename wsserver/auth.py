@@ -265,6 +265,11 @@ class Authenticator:
             raise AuthError("unauthorized", "the token's user does not exist")
         return Session(user_id, key, float(exp))
 
+    def forget(self, user_id: str) -> None:
+        """Drop the cached key of ``user_id`` (the user was deleted): its tokens
+        are refused from now on, since the user is no longer found."""
+        self._keys.pop(user_id, None)
+
     @defer.inlineCallbacks
     def verify_key(self, user_id: str) -> defer.Deferred:
         """Fire with the user's ``VerifyKey`` (cached), or None if no such user."""

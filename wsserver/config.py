@@ -48,6 +48,8 @@ class Config:
     workers: int
     broker: str | None  # redis://... (protocol section 11), or None: in-process
     node_name: str
+    message_retention_days: float  # 0: keep delivered messages for ever
+    pending_retention_days: float  # 0: keep pending messages for ever
     metrics_addr: str | None  # a Twisted endpoint for /metrics, or None: not served
     log_format: str  # "text" or "json"
 
@@ -373,6 +375,20 @@ SETTINGS: list[tuple[str, str, str | None, Callable[[str], Any], str]] = [
         None,
         _node_name,
         "this node's name in logs and /ready (default: <hostname>:<pid>)",
+    ),
+    (
+        "MESSAGE_RETENTION_DAYS",
+        "message-retention-days",
+        "0",
+        _number(float, 0, 36500),
+        "delete delivered messages older than this many days (0: keep for ever)",
+    ),
+    (
+        "PENDING_RETENTION_DAYS",
+        "pending-retention-days",
+        "0",
+        _number(float, 0, 36500),
+        "delete messages still pending older than this many days (0: keep for ever)",
     ),
     (
         "METRICS_ADDR",

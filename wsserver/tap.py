@@ -33,10 +33,12 @@ from .broker import LocalBroker
 from .broker.limits import SharedRateLimiter
 from .broker.redis import RedisBroker, check_broker
 from .config import SETTINGS, Config, ConfigError, load
+from .events import DELETED, AccountEvents, DeletedUsers
 from .logs import ChoosesLogObserver, twistd_json_observer
 from .metrics import Metrics, metrics_site, worker_address
 from .peers import PeerLimits
 from .ratelimit import RateLimiter
+from .retention import Retention
 from .store import (
     DatabaseError,
     NodeInfo,
@@ -46,7 +48,7 @@ from .store import (
     prepare_database,
 )
 from .web import WebSocketGate, build_root, build_site
-from .websocket import ServerFactory, text_frame, use_fast_unmasking
+from .websocket import CLOSE_KEY_REVOKED, ServerFactory, text_frame, use_fast_unmasking
 from .workers import (
     WorkersService,
     become_child,
@@ -200,6 +202,15 @@ class WsServerService(ChoosesLogObserver):
         )
         root = build_root(self.auth, self.auth_limiter, gate, self._status, self.ready_checks)
         self.site = build_site(root)
+        # Operations (protocol section 14): retention, and the account events
+        # that wsserver-admin records for every node to act on.
+        self.retention = Retention(
+            self.store, clock, config.message_retention_days, config.pending_retention_days
+        )
+        self.account_events = AccountEvents(self.store, clock)
+        self.account_events.on(
+            DELETED, DeletedUsers(self.store, self.auth, self.factory, CLOSE_KEY_REVOKED)
+        )
 
     def _wire_metrics(self) -> None:
         """Give the store, the broker and the authenticator this node's metrics."""
@@ -340,6 +351,8 @@ class WsServerService(ChoosesLogObserver):
             self.broker.start()
         self.limiter.start()
         self.auth_limiter.start()
+        self.retention.start()
+        self.account_events.start()
         self.metrics.start(self.reactor)
         if not USES_NVX:
             _log.warn("Autobahn's NVX acceleration is not active: frames are processed in Python")
@@ -383,6 +396,8 @@ class WsServerService(ChoosesLogObserver):
                 conn.dropConnection(abort=True)
         self.limiter.stop()
         self.auth_limiter.stop()
+        self.account_events.stop()
+        yield self.retention.stop()
         self.metrics.stop()
         if self.metrics_port is not None:
             yield defer.maybeDeferred(self.metrics_port.stopListening)

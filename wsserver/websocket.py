@@ -52,6 +52,8 @@ CLOSE_TOO_BIG = 1009
 CLOSE_INTERNAL = 1011
 CLOSE_TRY_LATER = 1013
 CLOSE_TOKEN_EXPIRED = 4001
+CLOSE_KEY_REVOKED = 4003  # the key was revoked or the account deleted
+CLOSE_SIGNED_OUT = 4004
 
 
 def text_frame(payload: bytes) -> bytes:
@@ -578,6 +580,14 @@ class ServerFactory(WebSocketServerFactory):
         if self._admitting is not None:
             proto._session, proto._since = self._admitting
         return proto
+
+    def close_user(self, user_id: str, code: int, reason: str) -> int:
+        """Close every connection of ``user_id`` on this node with ``code`` (an
+        account event: 4003 for a deleted account); return how many."""
+        closing = [conn for conn in self._broker.connections() if conn.user_id == user_id]
+        for conn in closing:
+            conn._close(code, reason)
+        return len(closing)
 
     @defer.inlineCallbacks
     def shut_down(self) -> Any:

@@ -565,9 +565,42 @@ class Bench:
     def latency(self) -> dict:
         pairs = 20 if self.quick else self.args.pairs
         rate = self.args.rate / pairs
+        if self.args.expire:
+            return self._latency_while_expiring(rate)
         return self._with_server(
             "latency", lambda s: self._pairs(s, "latency", True, rate, server=s)
         )
+
+    def _latency_while_expiring(self, rate: float) -> dict:
+        """latency --expire N: the database starts with N delivered messages 30
+        days old and MESSAGE_RETENTION_DAYS=1, so retention's first pass (10 s
+        after the start) deletes them while the latency pairs run."""
+        import re
+
+        from ..store import prepare_database
+        from ..store.sqlite import add_delivered_messages
+
+        database = self.workdir / "latency-expire.sqlite"
+        prepare_database(str(database), lambda: os.urandom(32))
+        old_ms = int((time.time() - 30 * 86400) * 1000)
+        add_delivered_messages(str(database), self.args.expire, old_ms, "x" * 100)
+        server = Server(
+            self.workdir,
+            "latency-expire",
+            database=str(database),
+            extra=["--message-retention-days", "1"],
+        )
+        try:
+            figures = self._pairs(server, "latency", True, rate, server=server)
+        finally:
+            code = server.stop()
+        figures["server_exit"] = code
+        figures["expired_at_start"] = self.args.expire
+        log_text = (server.dir / "server.log").read_text("utf-8", "replace")
+        done = re.search(r"retention: deleted (\d+) delivered .* in ([0-9.]+) s", log_text)
+        figures["expired"] = int(done.group(1)) if done else 0
+        figures["expiry_seconds"] = float(done.group(2)) if done else None
+        return figures
 
     def broadcast(self) -> dict:
         receivers = 300 if self.quick else self.args.receivers
@@ -1111,6 +1144,12 @@ def make_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument(
         "--broadcast-window", type=int, default=16, help="broadcasts in flight (as direct)"
+    )
+    parser.add_argument(
+        "--expire",
+        type=int,
+        default=0,
+        help="latency: start with this many expired messages for retention to delete meanwhile",
     )
     parser.add_argument("--connections", type=int, default=10000, help="idle connections")
     parser.add_argument("--clients", type=int, default=2, help="client processes")
