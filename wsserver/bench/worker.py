@@ -3,8 +3,8 @@ one JSON line on stdin, prints ``ready`` when connected, waits for ``go``, runs,
 and prints its figures as one JSON line.
 
 Jobs: ``pairs`` (senders and their receivers: direct, direct-unsigned, latency,
-relay), ``broadcast``, ``idle``, ``login``, ``soak``.  The code that sends is the same for
-the real server and for the bare relay.
+relay), ``broadcast``, ``idle``, ``login``, ``soak``, ``replays`` (history).  The
+code that sends is the same for the real server and for the bare relay.
 """
 
 from __future__ import annotations
@@ -410,6 +410,8 @@ class Soak:
         self.stopped_at = 0.0
         self.seq = 0
         self.reported = False
+        self.unacked: dict[str, tuple[Slot, dict]] = {}  # nonce: (sender, frame)
+        self.resent = 0
 
     @defer.inlineCallbacks
     def setup(self) -> Any:
@@ -457,7 +459,9 @@ class Soak:
         self.seq += 1
         self.sent["direct"] += 1
         nonce = f"s{self.job.get('index', 0)}-{self.seq}"
-        self._send(sender.conn, {"to": to, "content": f"soak {self.seq}", "nonce": nonce})
+        frame = {"to": to, "content": f"soak {self.seq}", "nonce": nonce}
+        self.unacked[nonce] = (sender, frame)
+        self._send(sender.conn, frame)
 
     def _broadcast(self) -> None:
         self.sent["broadcast"] += 1
@@ -480,6 +484,12 @@ class Soak:
             slot.reconnects += 1
             slot.conn = new
             self.by_conn[new] = slot
+            # As a client does: send again what was not acknowledged, with the
+            # same nonce (the server answers with the first one's ack).
+            for sender, frame in list(self.unacked.values()):
+                if sender is slot:
+                    self.resent += 1
+                    self._send(new, frame)
 
         def failed(failure: Failure) -> None:
             self.reconnecting -= 1
@@ -504,7 +514,7 @@ class Soak:
     def idle(self) -> bool:
         """Done when no reconnect is in progress, every slot has every
         acknowledged direct message to its user, and no frame came lately."""
-        if self.reconnecting:
+        if self.reconnecting or self.unacked:
             return False
         for user, ids in self.acked_direct.items():
             for slot in self.by_user[user]:
@@ -524,6 +534,7 @@ class Soak:
                 if data["to"] == "broadcast":
                     slot.broadcasts.add(data["id"])
         elif kind == "ack":
+            self.unacked.pop(data.get("nonce"), None)
             if data["to"] == "broadcast":
                 self.acked_broadcast.add(data["id"])
             else:
@@ -556,6 +567,8 @@ class Soak:
             "connections": len(self.slots),
             "direct_sent": self.sent["direct"],
             "direct_acked": sum(len(v) for v in self.acked_direct.values()),
+            "direct_unacked": len(self.unacked),
+            "direct_resent": self.resent,
             "direct_lost": lost,
             "direct_missed": missed,
             "broadcast_sent": self.sent["broadcast"],
@@ -569,6 +582,87 @@ class Soak:
             "refused": self.refused,
             "closed_early": self.closed_early,
         }
+
+
+class Replays:
+    """``since`` replays one after another: connect with ``since``, time from
+    the open to the ``count``-th message, close, next (the history workload)."""
+
+    def __init__(self, job: dict) -> None:
+        self.job = job
+        self.times_us: list[int] = []
+        self.short = 0
+        self.closed_early = 0
+        self.current: dict | None = None
+
+    @defer.inlineCallbacks
+    def run(self) -> Any:
+        for replay in self.job["replays"]:
+            done: defer.Deferred = defer.Deferred()
+            self.current = {"got": 0, "done": done, "opened": 0}
+            url = f"{self.job['url']}?since={replay['since']}"
+            conn = yield connect(self.job, self, replay["token"], url=url)
+            # Set from onOpen's callback, before any frame after the handshake.
+            self.current["opened"] = now_ns()
+            timer = reactor.callLater(30, lambda d=done: d.called or d.callback(False))
+            complete = yield done
+            if timer.active():
+                timer.cancel()
+            if complete:
+                self.times_us.append((self.current["finished"] - self.current["opened"]) // 1000)
+            else:
+                self.short += 1
+            closed: defer.Deferred = defer.Deferred()
+            self.current["closed"] = closed
+            conn.sendClose(1000)
+            yield closed
+        self.current = None
+
+    def frame(self, conn: Any, payload: bytes) -> None:
+        cur = self.current
+        if cur is None or not payload.startswith(b'{"type":"message"'):
+            return
+        cur["got"] += 1
+        if cur["got"] == self.job["count"]:
+            cur["finished"] = now_ns()
+            if not cur["done"].called:
+                cur["done"].callback(True)
+
+    def closed(self, conn: Any, code: int | None) -> None:
+        cur = self.current
+        if cur is None:
+            return
+        if "closed" in cur:
+            if not cur["closed"].called:
+                cur["closed"].callback(None)
+        else:
+            self.closed_early += 1
+            if not cur["done"].called:
+                cur["done"].callback(False)
+
+    def report(self) -> dict:
+        return {"times_us": self.times_us, "short": self.short, "closed_early": self.closed_early}
+
+
+def run_replays(job: dict) -> None:
+    """Say ready, wait for go, run the replays, report."""
+    runner = Replays(job)
+
+    @defer.inlineCallbacks
+    def main() -> Any:
+        print("ready", flush=True)
+        yield _wait_for_go()
+        yield runner.run()
+        print(json.dumps(runner.report()), flush=True)
+
+    def done(result: Any) -> None:
+        if isinstance(result, Failure):
+            sys.stderr.write(result.getTraceback())
+            print(json.dumps({"error": result.getErrorMessage()}), flush=True)
+        reactor.stop()
+
+    reactor.callWhenRunning(lambda: main().addBoth(done))
+    reactor.run()
 
 
 def login_over_http(job: dict, user_id: str) -> bool:
@@ -692,6 +786,8 @@ def main() -> None:
     kind = job["kind"]
     if kind == "login":
         run_login(job)
+    elif kind == "replays":
+        run_replays(job)
     else:
         kinds = {"pairs": Pairs, "broadcast": Broadcast, "idle": Idle, "soak": Soak}
         run_twisted(job, kinds[kind])
