@@ -464,17 +464,25 @@ class Soak:
         self._send(sender.conn, frame)
 
     def _broadcast(self) -> None:
+        if self.broadcaster is None:
+            return
         self.sent["broadcast"] += 1
         self._send(self.broadcaster, {"to": "broadcast", "content": "soak broadcast"})
 
     def _reconnect(self) -> None:
+        """The trickle's reconnect: close a connection, open it again with since."""
         slot = self.random.choice(self.slots)
         if slot.conn is None:
             return  # already reconnecting
         conn, slot.conn = slot.conn, None
         del self.by_conn[conn]
-        self.reconnecting += 1
         conn.sendClose(1000)
+        self._reopen(slot)
+
+    def _reopen(self, slot: Slot) -> None:
+        """Connect ``slot`` again with ``since`` = the largest id it has seen
+        (retrying every second, as a client does, when that fails)."""
+        self.reconnecting += 1
         url = f"{self.job['url']}?since={slot.last_id}"
         d = connect(self.job, self, slot.token, url=url)
 
@@ -495,8 +503,16 @@ class Soak:
             self.reconnecting -= 1
             self.connect_errors += 1
             sys.stderr.write(f"soak: reconnect failed: {failure.getErrorMessage()}\n")
+            if not self.reported:
+                self.reconnecting += 1  # until the retry: the drain waits for it
+                reactor.callLater(1.0, self._retry, slot)
 
         d.addCallbacks(opened, failed)
+
+    def _retry(self, slot: Slot) -> None:
+        self.reconnecting -= 1
+        if not self.reported:
+            self._reopen(slot)
 
     def _login(self) -> defer.Deferred:
         self.seq += 1
@@ -546,10 +562,18 @@ class Soak:
     def closed(self, conn: Any, code: int | None) -> None:
         if self.reported:
             return  # the process is ending: its reactor drops the connections
-        if conn in self.by_conn or conn is self.broadcaster:
-            # Not one this process closed on purpose (reconnects are removed first).
+        # Not one this process closed on purpose (reconnects are removed
+        # first): counted, and reconnected with since as a client would.
+        slot = self.by_conn.pop(conn, None)
+        if slot is not None:
             self.closed_early += 1
             sys.stderr.write(f"soak: connection closed by the server: {code}\n")
+            slot.conn = None
+            self._reopen(slot)
+        elif conn is self.broadcaster:
+            self.closed_early += 1
+            sys.stderr.write(f"soak: the broadcaster's connection closed: {code}\n")
+            self.broadcaster = None
 
     def report(self) -> dict:
         self.reported = True
