@@ -1136,6 +1136,8 @@ def soak_figures(
     figures["errors"] = sum(
         r["connect_errors"] + r["login_errors"] + r["direct_unacked"] for r in results
     )
+    figures["client_max_loop_lag_s"] = max(r.get("max_loop_lag_s", 0.0) for r in results)
+    figures["client_loop_lags_over_5s"] = sum(r.get("loop_lags_over_5s", 0) for r in results)
     figures["baseline_s"] = baseline
     for column, mode in enumerate(modes, start=1):
         base, growth = rss_growth(samples, column, baseline)
@@ -1377,7 +1379,7 @@ def write_soak_plot(path: str, soak: dict, machine_commit: str = "") -> None:
     plt.close(fig)
 
 
-def write_plot(path: str, results: dict, samples: dict) -> None:
+def write_plot(path: str, results: dict, samples: dict, commit: str = "") -> None:
     """A PNG: cost per message, latency distribution, and every target at a
     glance; the soak's RSS curve in a PNG of its own (``soak_plot_path``)."""
     try:
@@ -1390,7 +1392,7 @@ def write_plot(path: str, results: dict, samples: dict) -> None:
         return
     if "soak" in results:
         alone = len(results) == 1
-        write_soak_plot(soak_plot_path(path, alone), results["soak"], machine()["commit"])
+        write_soak_plot(soak_plot_path(path, alone), results["soak"], commit)
         if alone:
             return
     fig, (cost, lat, goals) = plt.subplots(1, 3, figsize=(16, 4.8))
@@ -1570,6 +1572,7 @@ def main(argv: list[str] | None = None) -> int:
     args = make_parser().parse_args(argv)
     raise_fd_limit()
     names = all_workloads(args) if args.workload == "all" else [args.workload]
+    where = machine()  # the commit the run starts with (the code it has loaded)
     bench = Bench(args)
     started = time.monotonic()
     try:
@@ -1584,10 +1587,10 @@ def main(argv: list[str] | None = None) -> int:
             for t, m, lim, ok in targets(results)
         ]
         Path(args.json).write_text(
-            json.dumps({"machine": machine(), "results": results, "targets": rows}, indent=2)
+            json.dumps({"machine": where, "results": results, "targets": rows}, indent=2)
         )
     if args.plot:
-        write_plot(args.plot, results, bench.samples)
+        write_plot(args.plot, results, bench.samples, where["commit"])
     lost = sum(v.get("lost", 0) for v in results.values() if isinstance(v, dict))
     return 1 if lost else 0
 

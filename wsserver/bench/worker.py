@@ -29,6 +29,7 @@ from twisted.python.failure import Failure
 from ..messages import signing_input
 
 QUIET_SECONDS = 2.0  # broadcast receivers are done after this long without a frame
+LAG_TICK = 0.5  # seconds between the soak clients' reactor-lag readings
 _ID = re.compile(rb'"id":(\d+)')
 _STAMP = re.compile(rb'"content":"(\d+) (\d+) ')
 _TYPE = re.compile(rb'"type":"(\w+)"')
@@ -412,6 +413,8 @@ class Soak:
         self.reported = False
         self.unacked: dict[str, tuple[Slot, dict]] = {}  # nonce: (sender, frame)
         self.resent = 0
+        self.max_lag = 0.0
+        self.lags_over_5s = 0
 
     @defer.inlineCallbacks
     def setup(self) -> Any:
@@ -438,6 +441,20 @@ class Soak:
                 loop = task.LoopingCall(action)
                 self.loops.append(loop)
                 loop.start(1.0 / rate, now=False)
+        # How late this process's reactor runs (a starved client answers the
+        # server's pings late, and the server drops it: the report says so).
+        self.lag_at = time.monotonic()
+        lag = task.LoopingCall(self._lag)
+        self.loops.append(lag)
+        lag.start(LAG_TICK, now=False)
+
+    def _lag(self) -> None:
+        now = time.monotonic()
+        late = now - self.lag_at - LAG_TICK
+        self.lag_at = now
+        self.max_lag = max(self.max_lag, late)
+        if late > 5.0:
+            self.lags_over_5s += 1
 
     def stop(self) -> None:
         self.running = False
@@ -605,6 +622,8 @@ class Soak:
             "login_errors": self.login_errors,
             "refused": self.refused,
             "closed_early": self.closed_early,
+            "max_loop_lag_s": round(self.max_lag, 3),
+            "loop_lags_over_5s": self.lags_over_5s,
         }
 
 
