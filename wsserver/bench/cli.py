@@ -888,6 +888,9 @@ class Bench:
                 log(f"  {label}: loaded in {loaded:.0f} s (not timed)")
                 replays = data.replays(count, seed=size)
                 query, plan = history.query_times(engine, database, replays)
+                # The first page of a replay from the probe's first message
+                # (the whole history after it): the query alone.
+                far, far_plan = history.query_times(engine, database, data.far_replays(count))
                 server = Server(self.workdir, f"history-{engine}-{size}", database=database)
                 try:
                     if not users:
@@ -918,6 +921,9 @@ class Bench:
                 out[f"{key}_query_p99_ms"] = query["query_p99_ms"]
                 out[f"{key}_plan_uses_indexes"] = history.plan_uses_indexes(engine, plan)
                 out[f"{key}_plan"] = plan
+                out[f"{key}_far_query_p50_ms"] = far["query_p50_ms"]
+                out[f"{key}_far_query_p99_ms"] = far["query_p99_ms"]
+                out[f"{key}_far_plan"] = far_plan
                 # A replay that did not bring its 256 messages within 30 s.
                 out["errors"] = out.get("errors", 0) + result["short"]
                 out["closed_early"] = out.get("closed_early", 0) + result["closed_early"]
@@ -925,7 +931,7 @@ class Bench:
             if postgres is not None:
                 postgres.drop()
         small, large = sizes[0], sizes[-1]
-        for what in ("replay", "query"):
+        for what in ("replay", "query", "far_query"):
             ratio = out[f"{engine}_{large}_{what}_p99_ms"] / out[f"{engine}_{small}_{what}_p99_ms"]
             out[f"{engine}_{what}_p99_ratio"] = ratio
         return out

@@ -107,6 +107,17 @@ class History:
             out.append((probe, ids[-after - 1] if after < len(ids) else 0, after))
         return out
 
+    def far_replays(self, count: int) -> list[tuple[str, int, int]]:
+        """``count`` (probe, since, messages after since) from the probe's
+        first message: a client back after a long time, its whole history to
+        come (only the first page is timed)."""
+        out = []
+        for i in range(count):
+            probe = probe_name(i % PROBES)
+            ids = self.received(probe)
+            out.append((probe, ids[0], len(ids) - 1))
+        return out
+
 
 def user_rows(created_ms: int) -> list[tuple[str, str, bytes, int]]:
     """The senders as users (a key of 32 random bytes: never used to log in)."""
