@@ -416,3 +416,46 @@ class BenchHistoryTests(unittest.TestCase):
             conn.execute("DROP INDEX messages_recipient")
         _, plan = history.query_times("sqlite", path, replays)
         self.assertFalse(history.plan_uses_indexes("sqlite", plan), plan)
+
+    def test_plan_check_tells_a_merge_that_stops_from_a_sort_of_everything(self):
+        """A replay page's cost is independent of the backlog only when the
+        plan merges the branches in id order and stops at the page: SQLite's
+        MERGE, PostgreSQL's Merge Append; an Append under a Sort reads every
+        row after since first."""
+        from wsserver.bench import history
+
+        sqlite_merge = ["MERGE (UNION ALL)", "LEFT", "SEARCH messages USING INDEX x"]
+        sqlite_sort = [*sqlite_merge, "USE TEMP B-TREE FOR ORDER BY"]
+        pg_sort = ["Limit", "  ->  Sort", "        Sort Key: messages.id", "  ->  Append"]
+        pg_merge = ["Limit", "  ->  Merge Append", "        Sort Key: messages.id", "  ->  Limit"]
+        self.assertTrue(history.plan_stops_early("sqlite", sqlite_merge))
+        self.assertFalse(history.plan_stops_early("sqlite", sqlite_sort))
+        self.assertFalse(history.plan_stops_early("postgres", pg_sort))
+        self.assertTrue(history.plan_stops_early("postgres", pg_merge))
+
+
+class BenchTracemallocTests(unittest.TestCase):
+    def test_diff_names_what_grew_after_the_baseline(self):
+        """The soak's --tracemalloc report compares the first snapshot taken
+        after the baseline with the last, and names the line that allocated
+        what grew; snapshots before the baseline are not used."""
+        import time
+        import tracemalloc
+
+        where = Path(self.mktemp())
+        where.mkdir()
+        tracemalloc.start(4)
+        self.addCleanup(tracemalloc.stop)
+        kept: list[bytes] = []
+        times = []
+        for n in range(3):
+            kept.extend(bytes(1000 + n) for _ in range(500 * n))  # the growth
+            path = where / f"snapshot-1-{n}.pickle"
+            tracemalloc.take_snapshot().dump(str(path))
+            times.append(f"{path} {time.monotonic():.3f}")
+        (where / "times-1.txt").write_text("\n".join(times) + "\n")
+        baseline = float(times[1].rsplit(" ", 1)[1])
+        report = cli.tracemalloc_diff(where, baseline)
+        self.assertIn("snapshot-1-1.pickle -> ", report)
+        self.assertIn("test_bench.py", report.split("KiB", 2)[2])  # the first stack shown
+        self.assertIn("fewer than two", cli.tracemalloc_diff(where, time.monotonic() + 60))

@@ -924,6 +924,7 @@ class Bench:
                 out[f"{key}_far_query_p50_ms"] = far["query_p50_ms"]
                 out[f"{key}_far_query_p99_ms"] = far["query_p99_ms"]
                 out[f"{key}_far_plan"] = far_plan
+                out[f"{key}_far_plan_stops_early"] = history.plan_stops_early(engine, far_plan)
                 # A replay that did not bring its 256 messages within 30 s.
                 out["errors"] = out.get("errors", 0) + result["short"]
                 out["closed_early"] = out.get("closed_early", 0) + result["closed_early"]
@@ -952,8 +953,10 @@ class Bench:
         counts = {"plain": total - total // 3, "tls": total // 3}
         servers: dict[str, Server] = {}
         try:
-            servers["plain"] = Server(self.workdir, "soak")
-            servers["tls"] = Server(self.workdir, "soak-tls", tls=(cert, key))
+            servers["plain"] = Server(self.workdir, "soak", env=tracing(self.args, "plain"))
+            servers["tls"] = Server(
+                self.workdir, "soak-tls", tls=(cert, key), env=tracing(self.args, "tls")
+            )
             jobs: list[dict] = []
             owners: list[str] = []  # the server of each job
             for mode, server in servers.items():
@@ -970,12 +973,21 @@ class Bench:
                 )
                 jobs += server_jobs
                 owners += [mode] * len(server_jobs)
+            go = time.monotonic()  # replaced by the time of go (below)
             results, samples, wall = run_sampled(
                 list(servers.values()), jobs, "soak", duration, interval
             )
+            go = time.monotonic() - wall
         finally:
             codes = {mode: server.stop() for mode, server in servers.items()}
         figures = soak_figures(results, owners, samples, duration, interval)
+        if self.args.tracemalloc:
+            for mode in servers:
+                where = Path(self.args.tracemalloc) / mode
+                report = tracemalloc_diff(where, go + figures["baseline_s"])
+                (where / "diff.txt").write_text(report)
+                log(f"  tracemalloc, {mode} server (minute 1 -> end; {where / 'diff.txt'}):")
+                log("\n".join(report.splitlines()[:12]))
         figures["server_exits"] = list(codes.values())
         figures["wall_s"] = wall
         self.samples["soak-rss"] = samples
@@ -1046,6 +1058,53 @@ def soak_jobs(
             job["rates"]["broadcast"] = rates.get("broadcast", 0.0)
         jobs.append(job)
     return jobs
+
+
+def tracing(args: argparse.Namespace, mode: str) -> dict[str, str] | None:
+    """The environment that makes a server trace its allocations
+    (``--tracemalloc DIR``: snapshots into DIR/<mode>, see
+    ``tracemalloc_hook/sitecustomize.py``), or None."""
+    if not args.tracemalloc:
+        return None
+    where = Path(args.tracemalloc) / mode
+    where.mkdir(parents=True, exist_ok=True)
+    hook = Path(__file__).parent / "tracemalloc_hook"
+    path = os.pathsep.join(p for p in (str(hook), os.environ.get("PYTHONPATH", "")) if p)
+    return {
+        "PYTHONPATH": path,
+        "WSSERVER_BENCH_TRACEMALLOC": str(where),
+        "WSSERVER_BENCH_TRACEMALLOC_EVERY": str(args.tracemalloc_every),
+    }
+
+
+def tracemalloc_diff(where: Path, since: float, top: int = 25) -> str:
+    """What grew between the first snapshot taken at or after ``since`` (the
+    system-wide monotonic clock) and the last one: the ``top`` lines by
+    growth, each with its call stack."""
+    import tracemalloc
+
+    taken = []
+    for name in where.glob("times-*.txt"):
+        for line in name.read_text().splitlines():
+            path, at = line.rsplit(" ", 1)
+            taken.append((float(at), path))
+    taken.sort()
+    later = [path for at, path in taken if at >= since]
+    if len(later) < 2:
+        return f"fewer than two snapshots after the baseline in {where}\n"
+    first = tracemalloc.Snapshot.load(later[0])
+    last = tracemalloc.Snapshot.load(later[-1])
+    lines = [f"{later[0]} -> {later[-1]}"]
+    stats = last.compare_to(first, "traceback")
+    total = sum(s.size_diff for s in stats)
+    lines.append(f"total growth of traced memory: {total / 2**20:+.2f} MiB")
+    for stat in stats[:top]:
+        lines.append(
+            f"{stat.size_diff / 1024:+10.1f} KiB {stat.count_diff:+8d} blocks"
+            f"  (now {stat.size / 1024:.1f} KiB)"
+        )
+        lines.extend(f"        {frame}" for frame in stat.traceback.format()[-12:])
+    return "\n".join(lines) + "\n"
 
 
 def run_sampled(
@@ -1533,6 +1592,18 @@ def make_parser() -> argparse.ArgumentParser:
         help="idle: connections (default 10000); soak: connections, a third TLS (default 15000)",
     )
     parser.add_argument("--clients", type=int, default=2, help="client processes")
+    parser.add_argument(
+        "--tracemalloc",
+        metavar="DIR",
+        help="soak: the servers trace their allocations (slower) and write snapshots "
+        "into DIR; the growth from minute 1 to the end is printed and kept in DIR/*/diff.txt",
+    )
+    parser.add_argument(
+        "--tracemalloc-every",
+        type=float,
+        default=30.0,
+        help="soak --tracemalloc: seconds between snapshots",
+    )
     parser.add_argument(
         "--history-sizes",
         type=lambda text: tuple(int(v) for v in text.split(",")),

@@ -241,5 +241,16 @@ def plan_uses_indexes(engine: str, plan: list[str]) -> bool:
     return "Seq Scan" not in text and "messages_pkey" not in text
 
 
+def plan_stops_early(engine: str, plan: list[str]) -> bool:
+    """True when the plan merges the branches in id order and stops after
+    the page (SQLite's MERGE of a compound query; PostgreSQL's Merge Append),
+    instead of reading every row after ``since`` and sorting them: only then
+    is a page's cost independent of how much there is to replay."""
+    text = "\n".join(plan)
+    if engine == "sqlite":
+        return "MERGE (UNION ALL)" in text and "TEMP B-TREE" not in text
+    return "Merge Append" in text and "Sort Key" not in text.split("Merge Append")[0]
+
+
 def median(values: list[float]) -> float:
     return statistics.median(values) if values else float("nan")
