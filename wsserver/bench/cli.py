@@ -942,8 +942,8 @@ class Bench:
     def soak(self) -> dict:
         """Connections held for the duration (a third on a TLS server) with a
         trickle of traffic; the servers' RSS sampled all along (T9)."""
-        duration = self.args.duration or (10.0 if self.quick else 600.0)
-        total = self.args.connections or (300 if self.quick else 15000)
+        duration = self.args.duration or (6.0 if self.quick else 600.0)
+        total = self.args.connections or (150 if self.quick else 15000)
         # A short run gets a denser trickle, so that every kind of traffic happens.
         rates = dict(SOAK_RATES if duration >= SOAK_JUDGED_FROM_S else SOAK_RATES_QUICK)
         interval = min(10.0, max(0.5, duration / 20))
