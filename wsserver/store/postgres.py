@@ -241,6 +241,20 @@ _SQL_SINCE = (
     f" UNION ALL SELECT {_COLS} FROM messages WHERE recipient = %s AND id > %s"
     ") AS page ORDER BY id LIMIT %s"
 )
+# The batch's delivery marks, each row found by its primary key.  Written as
+# "status = 'pending' AND id = ANY(...)" the planner may take the partial index
+# messages_pending (recipient, id), whose predicate that condition matches:
+# ``id`` is not its first column, so the whole index is scanned (per array
+# element), with the dead entry of every message marked since the last vacuum
+# (a cluster stores each cross-node message pending first: this scan was most
+# of PostgreSQL's CPU there).  "(status = 'pending') IS TRUE" means the same
+# for a NOT NULL column but does not match the index's predicate, which leaves
+# the primary key.  The array is cast to bigint[] (psycopg sends small ints as
+# smallint[]).
+_SQL_DELIVERED = (
+    "UPDATE messages SET status = 'delivered'"
+    " WHERE id = ANY(%s::bigint[]) AND (status = 'pending') IS TRUE"
+)
 # One statement for the whole batch: a row per array position.  A nonce its
 # sender already used is skipped by the unique index and reported as such.
 _SQL_INSERT = (
@@ -327,10 +341,7 @@ def _write_batch(txn: Any, ops: list[tuple[str, Any]], known_users: set[str]) ->
     results: list[Any] = [None] * len(ops)
     delivered = sorted({msg_id for kind, arg in ops if kind == "delivered" for msg_id in arg})
     if delivered:
-        txn.execute(
-            "UPDATE messages SET status = 'delivered' WHERE status = 'pending' AND id = ANY(%s)",
-            (delivered,),
-        )
+        txn.execute(_SQL_DELIVERED, (delivered,))
     for kind, arg in ops:
         if kind == "broadcast":  # (id, recipients)
             txn.execute(
