@@ -10,8 +10,9 @@ from twisted.internet import defer, reactor
 from twisted.internet.task import Clock
 from twisted.trial import unittest
 
-from wsserver.broker.limits import LEASE_REFRESH, LEASE_TTL
+from wsserver.broker.limits import LEASE_REFRESH, LEASE_TTL, SharedRateLimiter
 from wsserver.broker.redis import RedisBroker
+from wsserver.ratelimit import RateLimiter
 
 from .cluster import OwnRedis, ready, start_node, two_nodes
 from .services import fresh_redis_prefix, redis_command, redis_url, require_redis
@@ -64,6 +65,51 @@ class SharedBucketTests(unittest.TestCase):
         acks = [f["nonce"] for f in frames if f["type"] == "ack"]
         refusals = [(f["code"], f["nonce"]) for f in frames if f["type"] == "system"]
         self.assertEqual((acks, refusals), (["n-0", "n-1"], [("rate_limited", "n-2")]))
+
+
+class _CountingRedis:
+    """A Redis command connection that counts its script calls."""
+
+    def __init__(self, conn) -> None:
+        self._conn = conn
+        self.evals = 0
+
+    def eval(self, *args, **kwargs):
+        self.evals += 1
+        return self._conn.eval(*args, **kwargs)
+
+
+class BatchedBucketTests(unittest.TestCase):
+    """The frames of one reactor turn take their tokens in one call to Redis,
+    with the answers one call per frame would give."""
+
+    timeout = 60
+
+    @defer.inlineCallbacks
+    def test_one_script_call_per_turn_and_per_frame_answers(self):
+        require_redis()
+        prefix = fresh_redis_prefix(self)
+        clock = Clock()
+        broker = RedisBroker(
+            NoStore(), clock, redis_url(0), "node-a", prefix=prefix, reactor=reactor
+        )
+        broker.start()
+        self.addCleanup(broker.stop)
+        yield eventually(lambda: broker.command_connection() is not None, "Redis")
+        counting = _CountingRedis(broker.command_connection())
+        broker.command_connection = lambda: counting
+        limiter = SharedRateLimiter(RateLimiter(0.001, 3, clock), broker, clock=reactor)
+        first = [limiter.take("alice") for _ in range(5)] + [limiter.take("bob")]
+        waits = yield defer.gatherResults(first)
+        self.assertEqual(counting.evals, 1)
+        self.assertEqual(waits[:3] + waits[5:], [0.0, 0.0, 0.0, 0.0])
+        self.assertTrue(all(w > 0 for w in waits[3:5]), waits)
+        # The bucket is the user's one in Redis: the next turn finds it empty.
+        again = yield limiter.take("alice")
+        self.assertGreater(again, 0)
+        self.assertEqual(counting.evals, 2)
+        bob = yield defer.gatherResults([limiter.take("bob") for _ in range(3)])
+        self.assertEqual([w > 0 for w in bob], [False, False, True])
 
 
 class ConnectionCapTests(unittest.TestCase):

@@ -1,7 +1,8 @@
 """Limits shared by the nodes of a cluster, kept in Redis (protocol section 11).
 
 - ``SharedRateLimiter``: one token bucket per user across the cluster, taken
-  by one atomic Lua script on Redis's own clock.  The bucket's key expires
+  by one atomic Lua script on Redis's own clock (one call per reactor turn
+  for every frame of that turn).  The bucket's key expires
   when it would be full again, so it lives exactly as long as the debt: a
   client that reconnects to another node finds the same empty bucket.
 - ``LEASE_SCRIPT``: the per-user connection cap as leases, a sorted set per
@@ -31,33 +32,45 @@ _log = Logger()
 LEASE_TTL = 30.0  # seconds a connection's lease outlives its node's last refresh
 LEASE_REFRESH = 10.0  # seconds between two refreshes of a node's leases
 
-# KEYS[1]: the user's bucket; ARGV: rate (tokens/s), burst.  Returns the
-# milliseconds until a token is there (0: one was taken).
+# KEYS: users' buckets; ARGV: rate (tokens/s), burst, then for each key the
+# number of frames asking for a token.  For each key it takes as many tokens
+# as there are (at most the number asked) and returns two values: the tokens
+# granted, and the milliseconds until the next token is there when some were
+# not (else 0).  Asking n at once is asking one n times at one moment: the
+# first floor(tokens) get one, each of the others is answered with the wait.
 BUCKET_SCRIPT = """
 local rate = tonumber(ARGV[1])
 local burst = tonumber(ARGV[2])
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
-local b = redis.call('HMGET', KEYS[1], 'tokens', 'at')
-local tokens = tonumber(b[1])
-local at = tonumber(b[2])
-if tokens == nil or at == nil then
-  tokens = burst
-  at = now
+local out = {}
+for i, key in ipairs(KEYS) do
+  local asked = tonumber(ARGV[i + 2])
+  local b = redis.call('HMGET', key, 'tokens', 'at')
+  local tokens = tonumber(b[1])
+  local at = tonumber(b[2])
+  if tokens == nil or at == nil then
+    tokens = burst
+    at = now
+  end
+  if now > at then
+    tokens = math.min(burst, tokens + (now - at) * rate / 1000)
+  end
+  local granted = math.min(asked, math.floor(tokens))
+  tokens = tokens - granted
+  local wait = 0
+  if granted < asked then
+    wait = math.ceil((1 - tokens) * 1000 / rate)
+  end
+  redis.call('HSET', key, 'tokens', tostring(tokens), 'at', tostring(now))
+  redis.call('PEXPIRE', key, math.max(1, math.ceil((burst - tokens) * 1000 / rate)))
+  out[2 * i - 1] = granted
+  out[2 * i] = wait
 end
-if now > at then
-  tokens = math.min(burst, tokens + (now - at) * rate / 1000)
-end
-local wait = 0
-if tokens >= 1 then
-  tokens = tokens - 1
-else
-  wait = math.ceil((1 - tokens) * 1000 / rate)
-end
-redis.call('HSET', KEYS[1], 'tokens', tostring(tokens), 'at', tostring(now))
-redis.call('PEXPIRE', KEYS[1], math.max(1, math.ceil((burst - tokens) * 1000 / rate)))
-return wait
+return out
 """
+
+MAX_KEYS_PER_CALL = 512  # buckets per script call (a turn with more makes several)
 
 # KEYS[1]: the user's leases; ARGV: member, now (ms), expiry (ms), max.
 # Returns 1 when the lease was granted, 0 when the user has max already.
@@ -97,14 +110,22 @@ class SharedRateLimiter:
 
     ``take`` returns a Deferred firing with the seconds to wait (0.0: the
     token was taken) while Redis is there, else the local bucket's answer.
+    The frames of one reactor turn ask together: one script call on the next
+    turn takes every user's tokens (``BUCKET_SCRIPT``), instead of a round
+    trip to Redis per frame; each Deferred fires with its own frame's answer,
+    in the order the frames asked.
     """
 
-    def __init__(self, local: RateLimiter, broker: Any) -> None:
+    def __init__(self, local: RateLimiter, broker: Any, clock: Any = None) -> None:
         self._local = local
         self._broker = broker
+        self._clock = clock if clock is not None else broker.clock
         self.rate = local.rate
         self.burst = local.burst
         self._falling_back = False
+        self._asked: dict[str, list[defer.Deferred]] = {}
+        self._call: Any = None
+        self.calls = 0  # script calls made, for tests
 
     def _fall_back(self, why: str) -> None:
         if not self._falling_back:
@@ -117,26 +138,56 @@ class SharedRateLimiter:
 
     def take(self, key: str) -> Any:
         """Spend one token of ``key``'s bucket (see the class)."""
-        conn = self._broker.command_connection()
-        if conn is None:
+        if self._broker.command_connection() is None:
             self._fall_back("Redis is unreachable")
             return self._local.take(key)
-        d = conn.eval(
-            BUCKET_SCRIPT, [f"{self._broker.prefix}bucket:{key}"], [repr(self.rate), self.burst]
-        )
+        d: defer.Deferred = defer.Deferred()
+        self._asked.setdefault(key, []).append(d)
+        if self._call is None:
+            self._call = self._clock.callLater(0, self._ask)
+        return d
 
-        def taken(reply: Any) -> float:
-            wait_ms = int(_checked(reply))
-            if self._falling_back:
-                self._falling_back = False
-                _log.info("shared rate limit back")
-            return wait_ms / 1000.0
+    def _ask(self) -> None:
+        """Ask Redis for the tokens this turn's frames want."""
+        self._call = None
+        asked, self._asked = self._asked, {}
+        conn = self._broker.command_connection()
+        items = list(asked.items())
+        for start in range(0, len(items), MAX_KEYS_PER_CALL):
+            chunk = items[start : start + MAX_KEYS_PER_CALL]
+            if conn is None:
+                self._fall_back("Redis is unreachable")
+                self._answer_locally(chunk)
+                continue
+            prefix = f"{self._broker.prefix}bucket:"
+            keys = [prefix + key for key, _ in chunk]
+            args = [repr(self.rate), self.burst, *[len(ds) for _, ds in chunk]]
+            self.calls += 1
+            d = conn.eval(BUCKET_SCRIPT, keys, args)
+            d.addCallbacks(self._answered, self._failed, (chunk,), None, (chunk,))
 
-        def failed(failure: Failure) -> float:
-            self._fall_back(failure.getErrorMessage())
-            return self._local.take(key)
+    def _answered(self, reply: Any, chunk: list[tuple[str, list[defer.Deferred]]]) -> None:
+        try:
+            reply = _checked(reply)
+            answers = [(int(reply[2 * i]), int(reply[2 * i + 1])) for i in range(len(chunk))]
+        except Exception:
+            self._failed(Failure(), chunk)
+            return
+        if self._falling_back:
+            self._falling_back = False
+            _log.info("shared rate limit back")
+        for (granted, wait_ms), (_, waiting) in zip(answers, chunk, strict=True):
+            for j, d in enumerate(waiting):
+                d.callback(0.0 if j < granted else wait_ms / 1000.0)
 
-        return d.addCallback(taken).addErrback(failed)
+    def _failed(self, failure: Failure, chunk: list[tuple[str, list[defer.Deferred]]]) -> None:
+        self._fall_back(failure.getErrorMessage())
+        self._answer_locally(chunk)
+
+    def _answer_locally(self, chunk: list[tuple[str, list[defer.Deferred]]]) -> None:
+        for key, waiting in chunk:
+            for d in waiting:
+                d.callback(self._local.take(key))
 
     def sweep(self) -> None:
         self._local.sweep()
@@ -148,6 +199,9 @@ class SharedRateLimiter:
         self._local.start()
 
     def stop(self) -> None:
+        if self._call is not None and self._call.active():
+            self._call.cancel()
+            self._ask()
         self._local.stop()
 
 

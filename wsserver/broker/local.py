@@ -45,6 +45,11 @@ class LocalBroker:
         self._max_per_user = max_per_user
         self._users: dict[str, list[Connection]] = {}
 
+    @property
+    def clock(self) -> IReactorTime:
+        """The clock this broker schedules on."""
+        return self._clock
+
     def _now_ms(self) -> int:
         return int(self._clock.seconds() * 1000)
 

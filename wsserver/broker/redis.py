@@ -157,6 +157,9 @@ class RedisBroker(LocalBroker):
         # the channel's name, so clusters on one Redis never hear each other.
         self.prefix = f"{prefix}{self._address.db}:"
         self._channel = f"{self.prefix}events"
+        # Every publication of this node starts so; the name is JSON-quoted,
+        # so no other node's (a different name) can start the same way.
+        self._own_prefix = '{"node":' + json.dumps(node) + ',"e":'
         self._applier = StreamApplier(store, self._apply)
         self._outgoing: list[dict[str, Any]] = []
         self._flush_call: Any = None
@@ -442,7 +445,7 @@ class RedisBroker(LocalBroker):
             for tally in tallies:
                 tally.expect(0)
             return
-        payload = json.dumps({"node": self._node, "e": events}, separators=(",", ":"))
+        payload = self._own_prefix + json.dumps(events, separators=(",", ":")) + "}"
         d = conn.publish(self._channel, payload)
 
         def published(listeners: Any) -> None:
@@ -462,6 +465,10 @@ class RedisBroker(LocalBroker):
         try:
             if isinstance(payload, bytes):
                 payload = payload.decode("utf-8")
+            if payload.startswith(self._own_prefix):
+                # This node's own: it applied these before publishing them,
+                # so they are not parsed again.
+                return
             body = json.loads(payload)
             node = body["node"]
             events = body["e"]
