@@ -10,7 +10,7 @@ from twisted.internet import defer, reactor
 from twisted.internet.task import Clock
 from twisted.trial import unittest
 
-from wsserver.broker.limits import LEASE_REFRESH, LEASE_TTL, SharedRateLimiter
+from wsserver.broker.limits import HOLD, LEASE_REFRESH, LEASE_TTL, MAX_HELD, SharedRateLimiter
 from wsserver.broker.redis import RedisBroker
 from wsserver.ratelimit import RateLimiter
 
@@ -99,6 +99,7 @@ class BatchedBucketTests(unittest.TestCase):
         counting = _CountingRedis(broker.command_connection())
         broker.command_connection = lambda: counting
         limiter = SharedRateLimiter(RateLimiter(0.001, 3, clock), broker, clock=reactor)
+        self.assertEqual(limiter.ahead, 0)  # less than one token refills in HOLD
         first = [limiter.take("alice") for _ in range(5)] + [limiter.take("bob")]
         waits = yield defer.gatherResults(first)
         self.assertEqual(counting.evals, 1)
@@ -110,6 +111,60 @@ class BatchedBucketTests(unittest.TestCase):
         self.assertEqual(counting.evals, 2)
         bob = yield defer.gatherResults([limiter.take("bob") for _ in range(3)])
         self.assertEqual([w > 0 for w in bob], [False, False, True])
+
+
+class AllowanceTests(unittest.TestCase):
+    """At a high rate a node takes up to HOLD seconds of refill ahead and spends
+    it without asking Redis; what it holds comes out of the user's one bucket
+    and is dropped, not given back, after HOLD."""
+
+    timeout = 60
+
+    @defer.inlineCallbacks
+    def test_tokens_taken_ahead_come_from_the_shared_bucket_and_expire(self):
+        require_redis()
+        prefix = fresh_redis_prefix(self)
+        clock = Clock()
+        clock.advance(1000)
+        broker = RedisBroker(
+            NoStore(), clock, redis_url(0), "node-a", prefix=prefix, reactor=reactor
+        )
+        broker.start()
+        self.addCleanup(broker.stop)
+        yield eventually(lambda: broker.command_connection() is not None, "Redis")
+        counting = _CountingRedis(broker.command_connection())
+        broker.command_connection = lambda: counting
+        # 1000 tokens/s: 50 refill in HOLD; a burst of 100.
+        a = SharedRateLimiter(RateLimiter(1000, 100, clock), broker, clock=clock)
+        self.assertEqual(a.ahead, min(MAX_HELD, int(1000 * HOLD)))
+        first = a.take("alice")
+        clock.advance(0)
+        self.assertEqual((yield first), 0.0)
+        self.assertEqual(counting.evals, 1)
+        # The next frames spend the allowance: answered at once, no Redis call.
+        spent = [a.take("alice") for _ in range(a.ahead)]
+        self.assertEqual(spent, [0.0] * a.ahead)
+        self.assertEqual(counting.evals, 1)
+        # The allowance came out of the user's one bucket (Redis's own record
+        # of it, as node b would find it).
+        key = f"{broker.prefix}bucket:alice"
+        self.assertEqual(float(redis_command("HGET", key, "tokens")), 100 - 1 - a.ahead)
+        # Spent: the next frame on a asks Redis again.
+        again = a.take("alice")
+        self.assertIsInstance(again, defer.Deferred)
+        clock.advance(0)
+        yield again
+        self.assertEqual(counting.evals, 2)
+        # An allowance not spent within HOLD is dropped.
+        fresh = a.take("bob")
+        clock.advance(0)
+        self.assertEqual((yield fresh), 0.0)
+        clock.advance(HOLD)
+        late = a.take("bob")
+        self.assertIsInstance(late, defer.Deferred)
+        clock.advance(0)
+        self.assertEqual((yield late), 0.0)
+        self.assertEqual(counting.evals, 4)
 
 
 class ConnectionCapTests(unittest.TestCase):

@@ -71,6 +71,14 @@ return out
 """
 
 MAX_KEYS_PER_CALL = 512  # buckets per script call (a turn with more makes several)
+# A node may take a user's tokens ahead, as an allowance its next frames
+# spend without asking Redis: at most what the bucket refills in HOLD seconds
+# (and MAX_HELD), kept at most HOLD seconds; what is left then is dropped,
+# never given back.  So the user's other connections (on other nodes) find
+# at most HOLD seconds of refill missing, and at the default rate (5/s: less
+# than one token in HOLD) no node takes anything ahead.
+HOLD = 0.05
+MAX_HELD = 64
 
 # KEYS[1]: the user's leases; ARGV: member, now (ms), expiry (ms), max.
 # Returns 1 when the lease was granted, 0 when the user has max already.
@@ -108,8 +116,9 @@ def _checked(reply: Any) -> Any:
 class SharedRateLimiter:
     """The cluster-wide per-user token bucket, with the node-local one as fallback.
 
-    ``take`` returns a Deferred firing with the seconds to wait (0.0: the
-    token was taken) while Redis is there, else the local bucket's answer.
+    ``take`` returns the seconds to wait (0.0: the token was taken): a float
+    when this node holds an allowance of the user's tokens (see ``HOLD``),
+    else a Deferred while Redis is there, else the local bucket's answer.
     The frames of one reactor turn ask together: one script call on the next
     turn takes every user's tokens (``BUCKET_SCRIPT``), instead of a round
     trip to Redis per frame; each Deferred fires with its own frame's answer,
@@ -122,10 +131,12 @@ class SharedRateLimiter:
         self._clock = clock if clock is not None else broker.clock
         self.rate = local.rate
         self.burst = local.burst
+        self.ahead = min(MAX_HELD, int(self.rate * HOLD))  # tokens taken ahead per ask
         self._falling_back = False
         self._asked: dict[str, list[defer.Deferred]] = {}
+        self._held: dict[str, list[float]] = {}  # key -> [tokens, until]
         self._call: Any = None
-        self.calls = 0  # script calls made, for tests
+        self._next_prune = 0.0
 
     def _fall_back(self, why: str) -> None:
         if not self._falling_back:
@@ -138,6 +149,12 @@ class SharedRateLimiter:
 
     def take(self, key: str) -> Any:
         """Spend one token of ``key``'s bucket (see the class)."""
+        held = self._held.get(key)
+        if held is not None:
+            if held[0] >= 1 and self._clock.seconds() < held[1]:
+                held[0] -= 1
+                return 0.0
+            del self._held[key]
         if self._broker.command_connection() is None:
             self._fall_back("Redis is unreachable")
             return self._local.take(key)
@@ -151,6 +168,9 @@ class SharedRateLimiter:
         """Ask Redis for the tokens this turn's frames want."""
         self._call = None
         asked, self._asked = self._asked, {}
+        if self._held and self._clock.seconds() >= self._next_prune:
+            self._next_prune = self._clock.seconds() + 1.0
+            self.sweep()
         conn = self._broker.command_connection()
         items = list(asked.items())
         for start in range(0, len(items), MAX_KEYS_PER_CALL):
@@ -161,8 +181,7 @@ class SharedRateLimiter:
                 continue
             prefix = f"{self._broker.prefix}bucket:"
             keys = [prefix + key for key, _ in chunk]
-            args = [repr(self.rate), self.burst, *[len(ds) for _, ds in chunk]]
-            self.calls += 1
+            args = [repr(self.rate), self.burst, *[len(ds) + self.ahead for _, ds in chunk]]
             d = conn.eval(BUCKET_SCRIPT, keys, args)
             d.addCallbacks(self._answered, self._failed, (chunk,), None, (chunk,))
 
@@ -176,7 +195,10 @@ class SharedRateLimiter:
         if self._falling_back:
             self._falling_back = False
             _log.info("shared rate limit back")
-        for (granted, wait_ms), (_, waiting) in zip(answers, chunk, strict=True):
+        until = self._clock.seconds() + HOLD
+        for (granted, wait_ms), (key, waiting) in zip(answers, chunk, strict=True):
+            if granted > len(waiting):
+                self._held[key] = [float(granted - len(waiting)), until]
             for j, d in enumerate(waiting):
                 d.callback(0.0 if j < granted else wait_ms / 1000.0)
 
@@ -191,6 +213,9 @@ class SharedRateLimiter:
 
     def sweep(self) -> None:
         self._local.sweep()
+        now = self._clock.seconds()
+        for key in [k for k, (_, until) in self._held.items() if until <= now]:
+            del self._held[key]
 
     def __len__(self) -> int:
         return len(self._local)
