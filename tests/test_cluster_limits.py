@@ -10,7 +10,14 @@ from twisted.internet import defer, reactor
 from twisted.internet.task import Clock
 from twisted.trial import unittest
 
-from wsserver.broker.limits import HOLD, LEASE_REFRESH, LEASE_TTL, MAX_HELD, SharedRateLimiter
+from wsserver.broker.limits import (
+    AHEAD,
+    HOLD,
+    LEASE_REFRESH,
+    LEASE_TTL,
+    MAX_HELD,
+    SharedRateLimiter,
+)
 from wsserver.broker.redis import RedisBroker
 from wsserver.ratelimit import RateLimiter
 
@@ -99,7 +106,7 @@ class BatchedBucketTests(unittest.TestCase):
         counting = _CountingRedis(broker.command_connection())
         broker.command_connection = lambda: counting
         limiter = SharedRateLimiter(RateLimiter(0.001, 3, clock), broker, clock=reactor)
-        self.assertEqual(limiter.ahead, 0)  # less than one token refills in HOLD
+        self.assertEqual(limiter.ahead, 0)  # less than one token refills in AHEAD
         first = [limiter.take("alice") for _ in range(5)] + [limiter.take("bob")]
         waits = yield defer.gatherResults(first)
         self.assertEqual(counting.evals, 1)
@@ -114,9 +121,9 @@ class BatchedBucketTests(unittest.TestCase):
 
 
 class AllowanceTests(unittest.TestCase):
-    """At a high rate a node takes up to HOLD seconds of refill ahead and spends
-    it without asking Redis; what it holds comes out of the user's one bucket
-    and is dropped, not given back, after HOLD."""
+    """At a high rate a node takes up to AHEAD seconds of refill ahead and
+    spends it without asking Redis; what it holds comes out of the user's one
+    bucket and is dropped, not given back, after HOLD."""
 
     timeout = 60
 
@@ -134,9 +141,9 @@ class AllowanceTests(unittest.TestCase):
         yield eventually(lambda: broker.command_connection() is not None, "Redis")
         counting = _CountingRedis(broker.command_connection())
         broker.command_connection = lambda: counting
-        # 1000 tokens/s: 50 refill in HOLD; a burst of 100.
+        # 1000 tokens/s: 50 refill in AHEAD; a burst of 100.
         a = SharedRateLimiter(RateLimiter(1000, 100, clock), broker, clock=clock)
-        self.assertEqual(a.ahead, min(MAX_HELD, int(1000 * HOLD)))
+        self.assertEqual(a.ahead, min(MAX_HELD, int(1000 * AHEAD)))
         first = a.take("alice")
         clock.advance(0)
         self.assertEqual((yield first), 0.0)

@@ -72,12 +72,15 @@ return out
 
 MAX_KEYS_PER_CALL = 512  # buckets per script call (a turn with more makes several)
 # A node may take a user's tokens ahead, as an allowance its next frames
-# spend without asking Redis: at most what the bucket refills in HOLD seconds
-# (and MAX_HELD), kept at most HOLD seconds; what is left then is dropped,
-# never given back.  So the user's other connections (on other nodes) find
-# at most HOLD seconds of refill missing, and at the default rate (5/s: less
-# than one token in HOLD) no node takes anything ahead.
-HOLD = 0.05
+# spend without asking Redis: at most what the bucket refills in AHEAD
+# seconds (and MAX_HELD), kept at most HOLD seconds; what is left then is
+# dropped, never given back.  Tokens are only ever taken from the one bucket,
+# so the user never sends more than it allows, wherever and however often
+# they reconnect; an allowance left unspent costs the user's connections on
+# the other nodes at most AHEAD seconds of refill.  At the default rate (5/s:
+# less than one token in AHEAD) no node takes anything ahead.
+AHEAD = 0.05
+HOLD = 1.0
 MAX_HELD = 64
 
 # KEYS[1]: the user's leases; ARGV: member, now (ms), expiry (ms), max.
@@ -117,7 +120,7 @@ class SharedRateLimiter:
     """The cluster-wide per-user token bucket, with the node-local one as fallback.
 
     ``take`` returns the seconds to wait (0.0: the token was taken): a float
-    when this node holds an allowance of the user's tokens (see ``HOLD``),
+    when this node holds an allowance of the user's tokens (see ``AHEAD``),
     else a Deferred while Redis is there, else the local bucket's answer.
     The frames of one reactor turn ask together: one script call on the next
     turn takes every user's tokens (``BUCKET_SCRIPT``), instead of a round
@@ -131,7 +134,7 @@ class SharedRateLimiter:
         self._clock = clock if clock is not None else broker.clock
         self.rate = local.rate
         self.burst = local.burst
-        self.ahead = min(MAX_HELD, int(self.rate * HOLD))  # tokens taken ahead per ask
+        self.ahead = min(MAX_HELD, int(self.rate * AHEAD))  # tokens taken ahead per ask
         self._falling_back = False
         self._asked: dict[str, list[defer.Deferred]] = {}
         self._held: dict[str, list[float]] = {}  # key -> [tokens, until]
