@@ -79,15 +79,21 @@ class LocalBroker:
         """Hand ``msg`` (its frame made once) to this process's connections of
         its recipients (every one but ``sender``'s for a broadcast); return how
         many took it."""
-        frame = self._prepare(message_frame(msg))
         reached = 0
         if msg.recipient == BROADCAST:
+            frame = self._prepare(message_frame(msg))
             for conns in self._users.values():
                 for conn in conns:
                     if conn is not sender and conn.deliver(msg.id, frame):
                         reached += 1
         else:
-            for conn in list(self._users.get(msg.recipient, ())):
+            conns = self._users.get(msg.recipient)
+            if not conns:
+                # Not connected to this process (in a cluster: most often
+                # connected to another node): no frame to make.
+                return 0
+            frame = self._prepare(message_frame(msg))
+            for conn in list(conns):
                 if conn.deliver(msg.id, frame):
                     reached += 1
         return reached
