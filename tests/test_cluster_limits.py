@@ -146,11 +146,16 @@ class AllowanceTests(unittest.TestCase):
         self.assertEqual(a.ahead, min(MAX_HELD, int(1000 * AHEAD)))
         first = a.take("alice")
         clock.advance(0)
+        # A frame that comes while the ask is under way waits for its answer
+        # (and takes from the allowance it brings) instead of asking again.
+        second = a.take("alice")
+        clock.advance(0)
         self.assertEqual((yield first), 0.0)
+        self.assertEqual((yield second), 0.0)
         self.assertEqual(counting.evals, 1)
         # The next frames spend the allowance: answered at once, no Redis call.
-        spent = [a.take("alice") for _ in range(a.ahead)]
-        self.assertEqual(spent, [0.0] * a.ahead)
+        spent = [a.take("alice") for _ in range(a.ahead - 1)]
+        self.assertEqual(spent, [0.0] * (a.ahead - 1))
         self.assertEqual(counting.evals, 1)
         # The allowance came out of the user's one bucket (Redis's own record
         # of it, as node b would find it).
@@ -172,6 +177,51 @@ class AllowanceTests(unittest.TestCase):
         clock.advance(0)
         self.assertEqual((yield late), 0.0)
         self.assertEqual(counting.evals, 4)
+
+
+class AllowanceCapTests(unittest.TestCase):
+    """What a node holds ahead counts against the burst on every other node:
+    the bucket refills only up to the burst less the live allowances."""
+
+    timeout = 60
+
+    @defer.inlineCallbacks
+    def test_the_bucket_and_the_allowances_never_exceed_the_burst(self):
+        require_redis()
+        prefix = fresh_redis_prefix(self)
+        clock = Clock()
+        limiters = []
+        for name in ("node-a", "node-b"):
+            broker = RedisBroker(
+                NoStore(), clock, redis_url(0), name, prefix=prefix, reactor=reactor
+            )
+            broker.start()
+            self.addCleanup(broker.stop)
+            yield eventually(lambda b=broker: b.command_connection() is not None, "Redis")
+            limiters.append(SharedRateLimiter(RateLimiter(1000, 100, clock), broker, clock=clock))
+        a, b = limiters
+        first = a.take("alice")
+        clock.advance(0)
+        self.assertEqual((yield first), 0.0)
+        key = f"{prefix}0:bucket:alice"
+        self.assertEqual(redis_command("HGET", key, "h:node-a").split(":")[0], str(a.ahead))
+        # Ten seconds pass for the bucket (its record is set back): refilled,
+        # it would hold the whole burst again; a's allowance still counts.
+        at = int(redis_command("HGET", key, "at"))
+        redis_command("HSET", key, "at", str(at - 10_000))
+        asked = [b.take("alice") for _ in range(100)]
+        clock.advance(0)
+        waits = yield defer.gatherResults(asked)
+        self.assertEqual(sum(1 for w in waits if w == 0.0), 100 - a.ahead)
+        self.assertTrue(all(w > 0 for w in waits[100 - a.ahead :]))
+        # Once a's allowance has expired (its record says so), it no longer counts.
+        redis_command("HSET", key, "h:node-a", f"{a.ahead}:1")
+        redis_command("HSET", key, "at", str(at - 20_000))
+        asked = [b.take("alice") for _ in range(100)]
+        clock.advance(0)
+        waits = yield defer.gatherResults(asked)
+        self.assertEqual(sum(1 for w in waits if w == 0.0), 100)
+        self.assertIsNone(redis_command("HGET", key, "h:node-a"))
 
 
 class ConnectionCapTests(unittest.TestCase):

@@ -263,6 +263,11 @@ class RedisBroker(LocalBroker):
         return True, "ok"
 
     @property
+    def node(self) -> str:
+        """This node's name (``NODE_NAME``)."""
+        return self._node
+
+    @property
     def applier(self) -> StreamApplier:
         """The stream applier (for tests and /ready)."""
         return self._applier
