@@ -15,6 +15,7 @@ from twisted.trial import unittest
 from tests.services import fresh_postgres_database
 from tests.test_store import SECRET, StoreContract, new_message
 from wsserver import store as st
+from wsserver.messages import VERIFIED
 from wsserver.store import postgres as pg
 
 NEWEST = pg.migrations()[-1][0]
@@ -213,6 +214,46 @@ class CommitOrderTests(unittest.TestCase):
         self.assertEqual(seen, sorted(set(seen)))
         # Every writer committed batches of its own, interleaved with the others.
         self.assertGreater(sum(store.batches for store in writers), len(writers))
+
+
+class BatchRowsTests(unittest.TestCase):
+    """A batch's rows travel as one JSON parameter: every field of every kind
+    of text and signature comes back exactly as it was given."""
+
+    @defer.inlineCallbacks
+    def test_awkward_fields_round_trip_in_one_batch(self):
+        url = fresh_postgres_database(self)
+        st.prepare_database(url, lambda: SECRET)
+        with pg.connect(url) as conn:
+            conn.execute(
+                "INSERT INTO users VALUES ('alice', 'A', %s, 1), ('bob', 'B', %s, 1)",
+                (b"\x01", b"\x01"),
+            )
+        store = st.open_store(url, reactor)
+        self.addCleanup(store.close)
+        contents = [
+            'quote " backslash \\ slash / {"json": [1, "x"]}',
+            "controls \x01\x1f\t\r\n and \u2028\u2029 separators",
+            "astral \U0001f600\U0010fffd, combining e\u0301, rtl \u202e",
+            "",
+            "x" * 5000,
+        ]
+        signatures = [bytes(range(64)), None, b"\xff" * 64, None, bytes(range(255, 191, -1))]
+        news = [
+            st.NewMessage("alice", "bob", c, sig, f"n-{i}" if i % 2 else None, VERIFIED, 10 + i)
+            for i, (c, sig) in enumerate(zip(contents, signatures, strict=True))
+        ]
+        before = store.batches
+        results = yield defer.gatherResults([store.add_message(new) for new in news])
+        self.assertEqual(store.batches - before, 1)
+        for new, (kind, msg) in zip(news, results, strict=True):
+            self.assertEqual(kind, st.STORED)
+            got = yield store.get_message(msg.id)
+            self.assertEqual(
+                (got.sender, got.recipient, got.content, got.signature, got.nonce),
+                (new.sender, new.recipient, new.content, new.signature, new.nonce),
+            )
+            self.assertEqual((got.verification, got.created_ms), (new.verification, new.created_ms))
 
 
 class DeliveryMarkPlanTests(unittest.TestCase):
