@@ -48,6 +48,11 @@ class LocalBroker:
         self._max_per_user = max_per_user
         self._users: dict[str, list[Connection]] = {}
 
+    @property
+    def clock(self) -> IReactorTime:
+        """The clock this broker schedules on."""
+        return self._clock
+
     def _now_ms(self) -> int:
         return int(self._clock.seconds() * 1000)
 
@@ -81,15 +86,21 @@ class LocalBroker:
         """Hand ``msg`` (its frame made once) to this process's connections of
         its recipients (every one but ``sender``'s for a broadcast); return how
         many took it."""
-        frame = self._prepare(message_frame(msg))
         reached = 0
         if msg.recipient == BROADCAST:
+            frame = self._prepare(message_frame(msg))
             for conns in self._users.values():
                 for conn in conns:
                     if conn is not sender and conn.deliver(msg.id, frame):
                         reached += 1
         else:
-            for conn in list(self._users.get(msg.recipient, ())):
+            conns = self._users.get(msg.recipient)
+            if not conns:
+                # Not connected to this process (in a cluster: most often
+                # connected to another node): no frame to make.
+                return 0
+            frame = self._prepare(message_frame(msg))
+            for conn in list(conns):
                 if conn.deliver(msg.id, frame):
                     reached += 1
         self.metrics.delivered_live += reached
