@@ -15,6 +15,7 @@ from twisted.trial import unittest
 from tests.services import fresh_postgres_database
 from tests.test_store import SECRET, StoreContract, new_message
 from wsserver import store as st
+from wsserver.bench.history import plan_stops_early
 from wsserver.messages import VERIFIED
 from wsserver.store import postgres as pg
 
@@ -293,6 +294,42 @@ class DeliveryMarkPlanTests(unittest.TestCase):
         for plan in self.plans(url, list(range(19960, 20000))):
             self.assertIn("messages_pkey", plan)
             self.assertNotIn("messages_pending", plan)
+
+
+class ReplayPlanTests(unittest.TestCase):
+    """A since replay reads a page, not the client's whole backlog: the three
+    branches are merged in id order and the merge stops at the page."""
+
+    def test_a_far_since_merges_and_stops_at_the_page(self):
+        url = fresh_postgres_database(self)
+        st.prepare_database(url, lambda: SECRET)
+        with pg.connect(url) as conn:
+            conn.execute(
+                "INSERT INTO messages (id, sender, recipient, content, verification, status,"
+                " created_ms) SELECT g, 'u' || (g % 7), CASE WHEN g % 10 = 0 THEN '*'"
+                " ELSE 'r' || (g % 20) END, 'hello', 'unsigned',"
+                " CASE WHEN g > 99000 THEN 'pending' ELSE 'delivered' END, 0"
+                " FROM generate_series(1, 100000) AS g"
+            )
+            conn.execute("ANALYZE messages")
+            args = ("r1", 0, 0, 256, "r1", 0, 256, "*", 0, 256, 256)
+            plans = []
+            custom = conn.execute(b"EXPLAIN " + pg._SQL_SINCE.encode(), args).fetchall()
+            plans.append([row[0] for row in custom])
+            conn.execute("SET plan_cache_mode = force_generic_plan")
+            sql = pg._SQL_SINCE
+            for i in range(1, len(args) + 1):
+                sql = sql.replace("%s", f"${i}", 1)
+            types = (
+                "text, bigint, bigint, bigint, text, bigint, bigint, text, bigint, bigint, bigint"
+            )
+            conn.execute(f"PREPARE since_page ({types}) AS {sql}".encode())
+            literal = ", ".join(psycopg.sql.Literal(a).as_string(conn) for a in args)
+            generic = conn.execute(f"EXPLAIN EXECUTE since_page ({literal})".encode()).fetchall()
+            plans.append([row[0] for row in generic])
+            conn.rollback()
+        for plan in plans:
+            self.assertTrue(plan_stops_early("postgresql", plan), "\n".join(plan))
 
 
 class TerminatedBackendTests(unittest.TestCase):

@@ -237,12 +237,18 @@ _SQL_PENDING = (
     f"SELECT {_COLS} FROM messages WHERE recipient = %s AND status = 'pending'"  # noqa: S608
     " AND id > %s ORDER BY id LIMIT %s"
 )
+# Each branch ordered and limited on its own, so that PostgreSQL merges the
+# three index scans (Merge Append) and stops after a page, instead of reading
+# everything after since and sorting it: a client away for a long time costs
+# a page, not its whole backlog (tests/test_store_postgres.py ReplayPlanTests).
 _SQL_SINCE = (
     "SELECT * FROM ("  # noqa: S608
-    f" SELECT {_COLS} FROM messages WHERE recipient = %s AND status = 'pending'"
-    "  AND id > %s AND id <= %s"
-    f" UNION ALL SELECT {_COLS} FROM messages WHERE recipient = %s AND id > %s"
-    f" UNION ALL SELECT {_COLS} FROM messages WHERE recipient = %s AND id > %s"
+    f" (SELECT {_COLS} FROM messages WHERE recipient = %s AND status = 'pending'"
+    "  AND id > %s AND id <= %s ORDER BY id LIMIT %s)"
+    f" UNION ALL (SELECT {_COLS} FROM messages WHERE recipient = %s AND id > %s"
+    "  ORDER BY id LIMIT %s)"
+    f" UNION ALL (SELECT {_COLS} FROM messages WHERE recipient = %s AND id > %s"
+    "  ORDER BY id LIMIT %s)"
     ") AS page ORDER BY id LIMIT %s"
 )
 # The batch's delivery marks, each row found by its primary key.  Written as
@@ -567,7 +573,12 @@ class PostgresStore(BatchedWrites):
                 txn.execute(_SQL_PENDING, (user_id, after, limit))
             else:
                 floor = max(after, since)
-                args = (user_id, after, since, user_id, floor, BROADCAST, floor, limit)
+                args = (
+                    *(user_id, after, since, limit),
+                    *(user_id, floor, limit),
+                    *(BROADCAST, floor, limit),
+                    limit,
+                )
                 txn.execute(_SQL_SINCE, args)
             return [message_from_row(row) for row in txn.fetchall()]
 
