@@ -135,18 +135,42 @@ def use_fast_unmasking() -> None:
 class ExpiryWatch:
     """Closes connections whose token expired, with one timer for all of them."""
 
+    # The heap is rebuilt without closed connections once it holds this many
+    # entries, and then at twice what it kept: without that, every connection
+    # opened would stay in it until its token expired (TOKEN_TTL, an hour by
+    # default), however soon it closed: memory that grew with the connect rate.
+    COMPACT_AT = 1024
+
     def __init__(self, clock: IReactorTime) -> None:
         self._clock = clock
         self._heap: list[tuple[float, int, weakref.ref]] = []
         self._seq = 0
         self._call: Any = None
+        self._compact_at = self.COMPACT_AT
 
     def add(self, conn: ServerProtocol, at: float) -> None:
         """Close ``conn`` with 4001 at ``at`` (reactor seconds) if still open."""
         self._seq += 1
         heapq.heappush(self._heap, (at, self._seq, weakref.ref(conn)))
-        if self._heap[0][1] == self._seq:
+        if len(self._heap) >= self._compact_at:
+            self._compact()
+        elif self._heap[0][1] == self._seq:
             self._reschedule()
+
+    def __len__(self) -> int:
+        return len(self._heap)
+
+    def _compact(self) -> None:
+        """Drop the entries of connections no longer open (amortised O(1) per add)."""
+        kept = []
+        for entry in self._heap:
+            conn = entry[2]()
+            if conn is not None and conn.live:
+                kept.append(entry)
+        heapq.heapify(kept)
+        self._heap = kept
+        self._compact_at = max(self.COMPACT_AT, 2 * len(kept))
+        self._reschedule()
 
     def _reschedule(self) -> None:
         if self._call is not None and self._call.active():
