@@ -21,8 +21,9 @@ import time
 from typing import Any
 
 from ..auth import new_secret
+from ..store import postgres as postgres_store
 from ..store import prepare_database
-from ..store.rows import MESSAGE_COLUMNS
+from ..store import sqlite as sqlite_store
 
 USERS = 10_000
 PROBES = 5
@@ -34,20 +35,12 @@ CHUNK = 20_000
 CONTENT = "history " + "x" * 92  # ~100 bytes, as the other workloads
 BROADCAST = "broadcast"
 
+
 # The server's replay query, with the values a first page passes (after = 0).
-SQL_SINCE = {
-    "sqlite": (
-        "SELECT * FROM ("  # noqa: S608 (constant text, values are parameters)
-        f" SELECT {MESSAGE_COLUMNS} FROM messages WHERE recipient = ? AND status = 'pending'"
-        "  AND id > ? AND id <= ?"
-        f" UNION ALL SELECT {MESSAGE_COLUMNS} FROM messages WHERE recipient = ? AND id > ?"
-        f" UNION ALL SELECT {MESSAGE_COLUMNS} FROM messages WHERE recipient = ? AND id > ?"
-        ") ORDER BY id LIMIT ?"
-    ),
-}
-SQL_SINCE["postgres"] = (
-    SQL_SINCE["sqlite"].replace("?", "%s").replace(") ORDER BY", ") AS page ORDER BY")
-)
+def since_query(engine: str, probe: str, since: int) -> tuple[str, tuple]:
+    """The server's own first-page replay query (SQL and arguments) for ``engine``."""
+    module = sqlite_store if engine == "sqlite" else postgres_store
+    return module.since_query(probe, since, 0, REPLAY)
 
 
 def probe_name(i: int) -> str:
@@ -193,31 +186,33 @@ def load_postgres(url: str, history: History, upto: int) -> float:
 # -- the query alone -----------------------------------------------------------
 
 
-def _args(probe: str, since: int) -> tuple:
-    return (probe, 0, since, probe, since, BROADCAST, since, REPLAY)
+def _explain(prefix: str, engine: str, probe: str, since: int) -> tuple[str, tuple]:
+    sql, args = since_query(engine, probe, since)
+    return prefix + sql, args
 
 
 def query_times(engine: str, database: str, replays: list[tuple[str, int, int]]) -> dict:
     """p50/p99 ms of the server's replay query (first page) alone, run here
     on a connection of its own, and its plan."""
-    sql = SQL_SINCE[engine]
     times: list[float] = []
     if engine == "sqlite":
         conn: Any = sqlite3.connect(database)
         execute = conn.execute
-        plan_rows = conn.execute("EXPLAIN QUERY PLAN " + sql, _args(*replays[0][:2])).fetchall()
+        plan_rows = conn.execute(
+            *_explain("EXPLAIN QUERY PLAN ", engine, *replays[0][:2])
+        ).fetchall()
         plan = [row[-1] for row in plan_rows]
     else:
         import psycopg
 
         conn = psycopg.connect(database, autocommit=True)
         execute = conn.execute
-        plan_rows = conn.execute("EXPLAIN " + sql, _args(*replays[0][:2])).fetchall()
+        plan_rows = conn.execute(*_explain("EXPLAIN ", engine, *replays[0][:2])).fetchall()
         plan = [row[0] for row in plan_rows]
     try:
         for probe, since, _after in replays:
             started = time.perf_counter()
-            rows = execute(sql, _args(probe, since)).fetchall()
+            rows = execute(*since_query(engine, probe, since)).fetchall()
             times.append((time.perf_counter() - started) * 1000)
             if len(rows) != REPLAY:
                 raise RuntimeError(f"history: the replay query gave {len(rows)} rows, not {REPLAY}")

@@ -265,6 +265,21 @@ _SQL_DELIVERED = (
     "UPDATE messages SET status = 'delivered'"
     " WHERE id = ANY(%s::bigint[]) AND (status = 'pending') IS TRUE"
 )
+
+
+def since_query(user_id: str, since: int, after: int, limit: int) -> tuple[str, tuple]:
+    """The SQL and arguments of a page of a ``since`` replay (also what the
+    benchmark's history workload times and whose plan it checks)."""
+    floor = max(after, since)
+    args = (
+        *(user_id, after, since, limit),
+        *(user_id, floor, limit),
+        *(BROADCAST, floor, limit),
+        limit,
+    )
+    return _SQL_SINCE, args
+
+
 # One statement for the whole batch: its rows as one JSON parameter (one
 # json.dumps in C; eight array parameters cost psycopg's Python array dumper
 # about twice the client CPU per message, for the same server work).  A nonce
@@ -572,14 +587,7 @@ class PostgresStore(BatchedWrites):
             if since is None:
                 txn.execute(_SQL_PENDING, (user_id, after, limit))
             else:
-                floor = max(after, since)
-                args = (
-                    *(user_id, after, since, limit),
-                    *(user_id, floor, limit),
-                    *(BROADCAST, floor, limit),
-                    limit,
-                )
-                txn.execute(_SQL_SINCE, args)
+                txn.execute(*since_query(user_id, since, after, limit))
             return [message_from_row(row) for row in txn.fetchall()]
 
         return self._run(interaction)

@@ -297,6 +297,13 @@ _SQL_SINCE = (
 )
 
 
+def since_query(user_id: str, since: int, after: int, limit: int) -> tuple[str, tuple]:
+    """The SQL and arguments of a page of a ``since`` replay (also what the
+    benchmark's history workload times and whose plan it checks)."""
+    floor = max(after, since)
+    return _SQL_SINCE, (user_id, after, since, user_id, floor, BROADCAST, floor, limit)
+
+
 def _configure(conn: sqlite3.Connection) -> None:
     conn.execute(f"PRAGMA busy_timeout = {BUSY_TIMEOUT_MS}")
     conn.execute("PRAGMA journal_mode = WAL")
@@ -550,9 +557,7 @@ class Store(BatchedWrites):
             if since is None:
                 txn.execute(_SQL_PENDING, (user_id, after, limit))
             else:
-                floor = max(after, since)
-                args = (user_id, after, since, user_id, floor, BROADCAST, floor, limit)
-                txn.execute(_SQL_SINCE, args)
+                txn.execute(*since_query(user_id, since, after, limit))
             return [message_from_row(row) for row in txn.fetchall()]
 
         return self._pool.runInteraction(interaction)
