@@ -21,6 +21,7 @@ from nacl.signing import SigningKey
 from treq.client import HTTPClient
 from twisted.internet import defer, endpoints, error, protocol, reactor, task
 from twisted.internet.ssl import optionsForClientTLS
+from twisted.logger import formatEvent, globalLogPublisher
 from twisted.trial import unittest
 from twisted.web.client import Agent, HTTPConnectionPool
 
@@ -125,6 +126,7 @@ class LiveServer:
         self._service: WsServerService | None = None
         self._process: subprocess.Popen | None = None
         self._reader: Any = None  # workers mode: the test's own store on the database
+        self.log: Path | None = None  # workers mode: the twistd process's log
         self._turn = 0
         self._stopped = False
         self._pool = HTTPConnectionPool(reactor, persistent=True)
@@ -385,6 +387,41 @@ class LiveServer:
             return connect_ws(bases[node], token, **kwargs)
         self._turn = getattr(self, "_turn", 0) + 1
         return connect_ws(bases[(self._turn - 1) % len(bases)], token, **kwargs)
+
+
+class ServerLog:
+    """Every line the server under test logs from now on.
+
+    In this process: the log events as they are published, formatted (and
+    with ``fields``, each event's repr too).  With ``--workers 2``: the
+    lines of the twistd process's log, read by ``lines()`` once the server
+    has stopped, so that every worker's lines have been relayed by then.
+    """
+
+    def __init__(self, testcase: Any, server: LiveServer, fields: bool = False) -> None:
+        self._server = server
+        self._events: list[str] = []
+        self._start = 0
+        if server.log is None:
+
+            def observe(event: dict) -> None:
+                self._events.append(formatEvent(event) + (" " + repr(event) if fields else ""))
+
+            globalLogPublisher.addObserver(observe)
+            testcase.addCleanup(globalLogPublisher.removeObserver, observe)
+        else:
+            self._start = server.log.stat().st_size
+
+    @defer.inlineCallbacks
+    def lines(self) -> Any:
+        """The lines so far; with ``--workers 2`` all of them, after stopping
+        the server (nothing can be asked of it afterwards)."""
+        if self._server.log is None:
+            return list(self._events)
+        yield self._server.stop()
+        with open(self._server.log, "rb") as f:
+            f.seek(self._start)
+            return f.read().decode("utf-8", "replace").splitlines()
 
 
 class ConnectionClosed(Exception):

@@ -4,10 +4,9 @@ token, a signature or message content."""
 from __future__ import annotations
 
 from twisted.internet import defer
-from twisted.logger import formatEvent, globalLogPublisher
 from twisted.trial import unittest
 
-from .support import LiveServer, connect_ws, sign_message, vector_key
+from .support import LiveServer, ServerLog, connect_ws, sign_message, vector_key
 
 
 class LogHygieneTests(unittest.TestCase):
@@ -16,11 +15,8 @@ class LogHygieneTests(unittest.TestCase):
         """A whole session (login, token in the query string, signed, refused and
         broadcast messages, a forged token) logs connects, closes and refusals with
         user ids and codes, and no token, signature or content."""
-        events: list[dict] = []
-        globalLogPublisher.addObserver(events.append)
-        self.addCleanup(globalLogPublisher.removeObserver, events.append)
-
         server = LiveServer(self)
+        log = ServerLog(self, server, fields=True)
         key, token = yield server.user("alice", vector_key("alice"))
         _, bob_token = yield server.user("bob")
         alice = yield connect_ws(f"{server.ws_base}?token={token}", None, testcase=self)
@@ -36,7 +32,7 @@ class LogHygieneTests(unittest.TestCase):
         self.assertEqual(code, 401)
         yield alice.close_and_wait()
 
-        text = "\n".join(formatEvent(e) + " " + repr(e) for e in events)
+        text = "\n".join((yield log.lines()))
         for secret in (token, bob_token, sig, secret_text, "forged.token.value"):
             self.assertNotIn(secret, text)
         self.assertIn("connected: alice", text)
