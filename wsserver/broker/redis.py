@@ -254,8 +254,15 @@ class RedisBroker(LocalBroker):
                 self._warned = False
             return self._catch_up()
 
+        def failed(f: Failure) -> None:
+            # A connection lost while subscribing (the node stopping, or Redis
+            # going) is no error: _subscriber_down noted it, and the factory
+            # subscribes again when it reconnects.
+            if not f.check(txredisapi.ConnectionError):
+                _log.failure("subscribing to {url} failed", f, url=self._shown)
+
         d.addCallback(subscribed)
-        d.addErrback(lambda f: _log.failure("subscribing to {url} failed", f, url=self._shown))
+        d.addErrback(failed)
 
     def _subscriber_down(self) -> None:
         self._subscribed = False
