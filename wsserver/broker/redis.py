@@ -193,11 +193,20 @@ class RedisBroker(LocalBroker):
             password=password,
             replyTimeout=REPLY_TIMEOUT,
         )
-        self._commands.startConnecting(self._endpoint())
         self._subscriber = _SubscriberFactory(self, password)
+        for factory in (self._commands, self._subscriber):
+            # txredisapi fails this Deferred (nobody else waits on it) when AUTH
+            # or SELECT is not answered, e.g. the node stopping as it connects:
+            # handled here, not left to be logged as unhandled when collected.
+            factory.deferred.addErrback(self._connect_failed)
+        self._commands.startConnecting(self._endpoint())
         self._subscriber.startConnecting(self._endpoint())
         self._poller.start(POLL_INTERVAL, now=True)
         self._leaser.start(LEASE_REFRESH, now=False)
+
+    def _connect_failed(self, f: Failure) -> None:
+        if self._poller.running:  # not stopping: say so (the message names no secret)
+            _log.warn("broker {url}: {why}", url=self._shown, why=f.getErrorMessage())
 
     @defer.inlineCallbacks
     def stop(self) -> Any:
