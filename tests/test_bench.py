@@ -258,3 +258,204 @@ class BenchOutputTests(unittest.TestCase):
             self.assertRegex(performance, rf"\| {target} \|")
         for path in [root / "docs" / "performance.md", *(root / "wsserver" / "bench").glob("*.py")]:
             self.assertNotIn("BENCHMARK.md", path.read_text("utf-8"), path)
+
+
+def soak_report(**extra: object) -> dict:
+    """One soak worker's report with nothing lost, changed by ``extra``."""
+    report = {
+        "connections": 10,
+        "direct_sent": 5,
+        "direct_acked": 5,
+        "direct_resent": 1,
+        "direct_unacked": 0,
+        "direct_lost": 0,
+        "direct_missed": 0,
+        "broadcast_sent": 0,
+        "broadcast_acked": [],
+        "broadcast_counts": {},
+        "reconnects": 3,
+        "connect_errors": 0,
+        "logins": 1,
+        "login_errors": 0,
+        "refused": 0,
+        "closed_early": 0,
+    }
+    report.update(extra)
+    return report
+
+
+class BenchSoakTests(unittest.TestCase):
+    """The soak (T9): connections held with a trickle of traffic, RSS sampled."""
+
+    def test_rss_growth_is_measured_from_the_baseline_to_the_end(self):
+        """Growth runs from the first sample at or after the baseline (minute
+        1) to the last one; what happened before the baseline is not counted."""
+        samples = [[0, 50.0, 70.0], [30, 90.0, 70.0], [60, 100.0, 80.0], [600, 104.0, 88.0]]
+        self.assertEqual(cli.rss_growth(samples, 1, 60), (100.0, 4.0))
+        self.assertEqual(cli.rss_growth(samples, 2, 60), (80.0, 10.0))
+        self.assertEqual(cli.rss_growth(samples, 1, 45), (100.0, 4.0))
+
+    def test_a_broadcast_missed_by_one_connection_is_counted(self):
+        """A broadcast acknowledged in one process must reach every connection
+        of its server, in every process: one connection without it is a missed
+        delivery; a broadcast no connection got is lost; direct losses add up."""
+        sender = soak_report(broadcast_acked=[7, 9], broadcast_counts={"7": 10, "9": 10})
+        other = soak_report(broadcast_counts={"7": 9, "9": 10})
+        tls = soak_report(broadcast_acked=[8], direct_lost=2, direct_missed=3)
+        samples = [[0, 10.0, 20.0], [1, 10.0, 20.0]]
+        figures = cli.soak_figures(
+            [sender, other, tls], ["plain", "plain", "tls"], samples, 3.0, 1.0
+        )
+        self.assertEqual(figures["broadcast_acked"], 3)
+        self.assertEqual(figures["lost"], 1 + 2)  # broadcast 8 reached no one; 2 direct
+        self.assertEqual(figures["missed_deliveries"], 1 + 10 + 3)
+        self.assertEqual(figures["connections_plain"], 20)
+        self.assertEqual(figures["connections_tls"], 10)
+        rows = {row[0]: row for row in cli.targets({"soak": figures})}
+        self.assertIsNone(rows["T9 soak RSS growth after minute 1 / lost"][3])  # 3 s: not judged
+        figures["judged"] = True
+        rows = {row[0]: row for row in cli.targets({"soak": figures})}
+        self.assertFalse(rows["T9 soak RSS growth after minute 1 / lost"][3])  # lost
+        self.assertFalse(rows["T6 acked lost / unexpected refusals"][3])
+
+    def test_tiny_soak_loses_nothing(self):
+        """A 3-second soak of 30 connections (10 TLS): every kind of traffic
+        happens, every acknowledged message reaches every connection of its
+        recipient (reconnects come back with since), the RSS of both servers
+        is sampled, and T9 is printed as not judged for so short a run."""
+        out = Path(self.mktemp())
+        plot = Path(self.mktemp() + ".png")
+        stdout = io.StringIO()
+        with contextlib.redirect_stdout(stdout), contextlib.redirect_stderr(io.StringIO()):
+            args = ["soak", "--duration", "3", "--connections", "30", "--json", str(out)]
+            code = cli.main([*args, "--plot", str(plot)])
+        self.assertEqual(code, 0)
+        soak = json.loads(out.read_text())["results"]["soak"]
+        self.assertEqual((soak["connections_plain"], soak["connections_tls"]), (20, 10))
+        for key in ("direct_acked", "broadcast_acked", "reconnects", "logins"):
+            self.assertGreater(soak[key], 0, key)
+        self.assertEqual(soak["direct_acked"], soak["direct_sent"])
+        for key in ("lost", "missed_deliveries", "refused", "closed_early", "errors"):
+            self.assertEqual(soak[key], 0, key)
+        self.assertGreaterEqual(len(soak["rss_samples"]), 5)
+        for row in soak["rss_samples"]:
+            self.assertEqual(len(row), 3)
+            self.assertGreater(min(row[1:]), 10)  # MiB: a Python server is never less
+        self.assertEqual(
+            soak["rss_growth_pct"], max(soak["rss_plain_growth_pct"], soak["rss_tls_growth_pct"])
+        )
+        self.assertFalse(soak["judged"])
+        self.assertRegex(stdout.getvalue(), r"T9 soak RSS growth after minute 1 / lost .* -\n")
+        try:
+            import matplotlib  # noqa: F401
+        except ImportError:
+            return
+        self.assertEqual(plot.read_bytes()[:8], b"\x89PNG\r\n\x1a\n")
+
+
+class BenchHistoryTests(unittest.TestCase):
+    """The replay half of the history workload (T10) and its query plans."""
+
+    def run_history(self, *extra: str) -> dict:
+        out = Path(self.mktemp())
+        with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
+            code = cli.main(
+                ["history", "--quick", "--history-sizes", "4000,6000", "--json", str(out), *extra]
+            )
+        self.assertEqual(code, 0)
+        return json.loads(out.read_text())["results"]["history"]
+
+    def check_engine(self, history: dict, engine: str) -> None:
+        for size in (4000, 6000):
+            key = f"{engine}_{size}"
+            self.assertGreater(history[f"{key}_replay_p50_ms"], 0)
+            self.assertGreaterEqual(
+                history[f"{key}_replay_p99_ms"], history[f"{key}_replay_p50_ms"]
+            )
+            self.assertGreater(history[f"{key}_query_p50_ms"], 0)
+            self.assertTrue(history[f"{key}_plan_uses_indexes"], history[f"{key}_plan"])
+        self.assertIn(f"{engine}_replay_p99_ratio", history)
+
+    def test_sqlite_replays_bring_256_messages_with_index_plans(self):
+        """Every timed replay brings its 256 messages, on SQLite the replay
+        query searches the recipient indexes, and the output says the page
+        half (GET /messages) is not built."""
+        history = self.run_history()
+        self.check_engine(history, "sqlite")
+        self.assertEqual(history["errors"], 0)
+        self.assertNotIn("postgres_4000_replay_p50_ms", history)  # quick: SQLite only
+        self.assertIn("not built yet", history["pages"])
+
+    def test_postgres_replays_and_the_database_is_dropped(self):
+        """The same on PostgreSQL, in a database of its own, dropped after."""
+        require_postgres()
+        history = self.run_history("--database", ADMIN_URL)
+        self.check_engine(history, "postgres")
+        self.assertEqual(history["errors"], 0)
+        name = history["postgres_database"]
+        self.assertTrue(name.startswith("wsserver_bench_"))
+        left = services.Postgres(ADMIN_URL)._execute(
+            "SELECT 1 FROM pg_database WHERE datname = %s", (name,)
+        )
+        self.assertEqual(left, [])
+
+    def test_plan_check_catches_a_replay_without_its_index(self):
+        """Without the (recipient, id) index the replay query scans by id or the
+        whole table, and the plan check says so."""
+        from wsserver.bench import history
+
+        path = self.mktemp()
+        data = history.History()
+        history.load_sqlite(path, data, 4000)
+        replays = data.replays(3)
+        _, plan = history.query_times("sqlite", path, replays)
+        self.assertTrue(history.plan_uses_indexes("sqlite", plan), plan)
+        import sqlite3
+
+        with sqlite3.connect(path) as conn:
+            conn.execute("DROP INDEX messages_recipient")
+        _, plan = history.query_times("sqlite", path, replays)
+        self.assertFalse(history.plan_uses_indexes("sqlite", plan), plan)
+
+    def test_plan_check_tells_a_merge_that_stops_from_a_sort_of_everything(self):
+        """A replay page's cost is independent of the backlog only when the
+        plan merges the branches in id order and stops at the page: SQLite's
+        MERGE, PostgreSQL's Merge Append; an Append under a Sort reads every
+        row after since first."""
+        from wsserver.bench import history
+
+        sqlite_merge = ["MERGE (UNION ALL)", "LEFT", "SEARCH messages USING INDEX x"]
+        sqlite_sort = [*sqlite_merge, "USE TEMP B-TREE FOR ORDER BY"]
+        pg_sort = ["Limit", "  ->  Sort", "        Sort Key: messages.id", "  ->  Append"]
+        pg_merge = ["Limit", "  ->  Merge Append", "        Sort Key: messages.id", "  ->  Limit"]
+        self.assertTrue(history.plan_stops_early("sqlite", sqlite_merge))
+        self.assertFalse(history.plan_stops_early("sqlite", sqlite_sort))
+        self.assertFalse(history.plan_stops_early("postgres", pg_sort))
+        self.assertTrue(history.plan_stops_early("postgres", pg_merge))
+
+
+class BenchTracemallocTests(unittest.TestCase):
+    def test_diff_names_what_grew_after_the_baseline(self):
+        """The soak's --tracemalloc report compares the first snapshot taken
+        after the baseline with the last, and names the line that allocated
+        what grew; snapshots before the baseline are not used."""
+        import time
+        import tracemalloc
+
+        where = Path(self.mktemp())
+        where.mkdir()
+        tracemalloc.start(4)
+        self.addCleanup(tracemalloc.stop)
+        kept: list[bytes] = []
+        times = []
+        for n in range(3):
+            kept.extend(bytes(1000 + n) for _ in range(500 * n))  # the growth
+            path = where / f"snapshot-1-{n}.pickle"
+            tracemalloc.take_snapshot().dump(str(path))
+            times.append(f"{path} {time.monotonic():.3f}")
+        (where / "times-1.txt").write_text("\n".join(times) + "\n")
+        baseline = float(times[1].rsplit(" ", 1)[1])
+        report = cli.tracemalloc_diff(where, baseline)
+        self.assertIn("snapshot-1-1.pickle -> ", report)
+        self.assertIn("test_bench.py", report.split("KiB", 2)[2])  # the first stack shown
+        self.assertIn("fewer than two", cli.tracemalloc_diff(where, time.monotonic() + 60))

@@ -10,8 +10,16 @@ from twisted.internet import defer, reactor
 from twisted.internet.task import Clock
 from twisted.trial import unittest
 
-from wsserver.broker.limits import LEASE_REFRESH, LEASE_TTL
+from wsserver.broker.limits import (
+    AHEAD,
+    HOLD,
+    LEASE_REFRESH,
+    LEASE_TTL,
+    MAX_HELD,
+    SharedRateLimiter,
+)
 from wsserver.broker.redis import RedisBroker
+from wsserver.ratelimit import RateLimiter
 
 from .cluster import OwnRedis, ready, start_node, two_nodes
 from .services import fresh_redis_prefix, redis_command, redis_url, require_redis
@@ -64,6 +72,156 @@ class SharedBucketTests(unittest.TestCase):
         acks = [f["nonce"] for f in frames if f["type"] == "ack"]
         refusals = [(f["code"], f["nonce"]) for f in frames if f["type"] == "system"]
         self.assertEqual((acks, refusals), (["n-0", "n-1"], [("rate_limited", "n-2")]))
+
+
+class _CountingRedis:
+    """A Redis command connection that counts its script calls."""
+
+    def __init__(self, conn) -> None:
+        self._conn = conn
+        self.evals = 0
+
+    def eval(self, *args, **kwargs):
+        self.evals += 1
+        return self._conn.eval(*args, **kwargs)
+
+
+class BatchedBucketTests(unittest.TestCase):
+    """The frames of one reactor turn take their tokens in one call to Redis,
+    with the answers one call per frame would give."""
+
+    timeout = 60
+
+    @defer.inlineCallbacks
+    def test_one_script_call_per_turn_and_per_frame_answers(self):
+        require_redis()
+        prefix = fresh_redis_prefix(self)
+        clock = Clock()
+        broker = RedisBroker(
+            NoStore(), clock, redis_url(0), "node-a", prefix=prefix, reactor=reactor
+        )
+        broker.start()
+        self.addCleanup(broker.stop)
+        yield eventually(lambda: broker.command_connection() is not None, "Redis")
+        counting = _CountingRedis(broker.command_connection())
+        broker.command_connection = lambda: counting
+        limiter = SharedRateLimiter(RateLimiter(0.001, 3, clock), broker, clock=reactor)
+        self.assertEqual(limiter.ahead, 0)  # less than one token refills in AHEAD
+        first = [limiter.take("alice") for _ in range(5)] + [limiter.take("bob")]
+        waits = yield defer.gatherResults(first)
+        self.assertEqual(counting.evals, 1)
+        self.assertEqual(waits[:3] + waits[5:], [0.0, 0.0, 0.0, 0.0])
+        self.assertTrue(all(w > 0 for w in waits[3:5]), waits)
+        # The bucket is the user's one in Redis: the next turn finds it empty.
+        again = yield limiter.take("alice")
+        self.assertGreater(again, 0)
+        self.assertEqual(counting.evals, 2)
+        bob = yield defer.gatherResults([limiter.take("bob") for _ in range(3)])
+        self.assertEqual([w > 0 for w in bob], [False, False, True])
+
+
+class AllowanceTests(unittest.TestCase):
+    """At a high rate a node takes up to AHEAD seconds of refill ahead and
+    spends it without asking Redis; what it holds comes out of the user's one
+    bucket and is dropped, not given back, after HOLD."""
+
+    timeout = 60
+
+    @defer.inlineCallbacks
+    def test_tokens_taken_ahead_come_from_the_shared_bucket_and_expire(self):
+        require_redis()
+        prefix = fresh_redis_prefix(self)
+        clock = Clock()
+        clock.advance(1000)
+        broker = RedisBroker(
+            NoStore(), clock, redis_url(0), "node-a", prefix=prefix, reactor=reactor
+        )
+        broker.start()
+        self.addCleanup(broker.stop)
+        yield eventually(lambda: broker.command_connection() is not None, "Redis")
+        counting = _CountingRedis(broker.command_connection())
+        broker.command_connection = lambda: counting
+        # 1000 tokens/s: 50 refill in AHEAD; a burst of 100.
+        a = SharedRateLimiter(RateLimiter(1000, 100, clock), broker, clock=clock)
+        self.assertEqual(a.ahead, min(MAX_HELD, int(1000 * AHEAD)))
+        first = a.take("alice")
+        clock.advance(0)
+        # A frame that comes while the ask is under way waits for its answer
+        # (and takes from the allowance it brings) instead of asking again.
+        second = a.take("alice")
+        clock.advance(0)
+        self.assertEqual((yield first), 0.0)
+        self.assertEqual((yield second), 0.0)
+        self.assertEqual(counting.evals, 1)
+        # The next frames spend the allowance: answered at once, no Redis call.
+        spent = [a.take("alice") for _ in range(a.ahead - 1)]
+        self.assertEqual(spent, [0.0] * (a.ahead - 1))
+        self.assertEqual(counting.evals, 1)
+        # The allowance came out of the user's one bucket (Redis's own record
+        # of it, as node b would find it).
+        key = f"{broker.prefix}bucket:alice"
+        self.assertEqual(float(redis_command("HGET", key, "tokens")), 100 - 1 - a.ahead)
+        # Spent: the next frame on a asks Redis again.
+        again = a.take("alice")
+        self.assertIsInstance(again, defer.Deferred)
+        clock.advance(0)
+        yield again
+        self.assertEqual(counting.evals, 2)
+        # An allowance not spent within HOLD is dropped.
+        fresh = a.take("bob")
+        clock.advance(0)
+        self.assertEqual((yield fresh), 0.0)
+        clock.advance(HOLD)
+        late = a.take("bob")
+        self.assertIsInstance(late, defer.Deferred)
+        clock.advance(0)
+        self.assertEqual((yield late), 0.0)
+        self.assertEqual(counting.evals, 4)
+
+
+class AllowanceCapTests(unittest.TestCase):
+    """What a node holds ahead counts against the burst on every other node:
+    the bucket refills only up to the burst less the live allowances."""
+
+    timeout = 60
+
+    @defer.inlineCallbacks
+    def test_the_bucket_and_the_allowances_never_exceed_the_burst(self):
+        require_redis()
+        prefix = fresh_redis_prefix(self)
+        clock = Clock()
+        limiters = []
+        for name in ("node-a", "node-b"):
+            broker = RedisBroker(
+                NoStore(), clock, redis_url(0), name, prefix=prefix, reactor=reactor
+            )
+            broker.start()
+            self.addCleanup(broker.stop)
+            yield eventually(lambda b=broker: b.command_connection() is not None, "Redis")
+            limiters.append(SharedRateLimiter(RateLimiter(1000, 100, clock), broker, clock=clock))
+        a, b = limiters
+        first = a.take("alice")
+        clock.advance(0)
+        self.assertEqual((yield first), 0.0)
+        key = f"{prefix}0:bucket:alice"
+        self.assertEqual(redis_command("HGET", key, "h:node-a").split(":")[0], str(a.ahead))
+        # Ten seconds pass for the bucket (its record is set back): refilled,
+        # it would hold the whole burst again; a's allowance still counts.
+        at = int(redis_command("HGET", key, "at"))
+        redis_command("HSET", key, "at", str(at - 10_000))
+        asked = [b.take("alice") for _ in range(100)]
+        clock.advance(0)
+        waits = yield defer.gatherResults(asked)
+        self.assertEqual(sum(1 for w in waits if w == 0.0), 100 - a.ahead)
+        self.assertTrue(all(w > 0 for w in waits[100 - a.ahead :]))
+        # Once a's allowance has expired (its record says so), it no longer counts.
+        redis_command("HSET", key, "h:node-a", f"{a.ahead}:1")
+        redis_command("HSET", key, "at", str(at - 20_000))
+        asked = [b.take("alice") for _ in range(100)]
+        clock.advance(0)
+        waits = yield defer.gatherResults(asked)
+        self.assertEqual(sum(1 for w in waits if w == 0.0), 100)
+        self.assertIsNone(redis_command("HGET", key, "h:node-a"))
 
 
 class ConnectionCapTests(unittest.TestCase):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import datetime
+import json
 import random
 import sqlite3
 import time
@@ -195,6 +196,10 @@ class EverySettingTests(unittest.TestCase):
             "WORKERS": "2",
             "BROKER": redis_url(random.randint(1, 15)),
             "NODE_NAME": "node-chosen",
+            "MESSAGE_RETENTION_DAYS": "30",
+            "PENDING_RETENTION_DAYS": "90.5",
+            "METRICS_ADDR": "tcp:0:interface=127.0.0.1",
+            "LOG_FORMAT": "json",
         }
 
     def test_each_chosen_value_differs_from_the_default(self):
@@ -228,6 +233,8 @@ class EverySettingTests(unittest.TestCase):
                 args += [f"--{option}", values[variable]]
         options = Options()
         options.parseOptions(args)
+        log_path = Path(self.mktemp()).resolve()
+        options.parent = {"logfile": str(log_path), "nodaemon": False}  # twistd's own options
         service = makeService(options)
         server = LiveServer(self, service=service)
         checked: set[str] = set()
@@ -381,6 +388,27 @@ class EverySettingTests(unittest.TestCase):
             _carried(service, "broker").prefix, f"wsserver:{values['BROKER'].rsplit('/', 1)[1]}:"
         )
         checked.update({"BROKER", "NODE_NAME"})
+
+        # MESSAGE_RETENTION_DAYS, PENDING_RETENTION_DAYS: carried by the retention
+        # loop (tests/test_retention.py runs it).
+        retention = _carried(service, "retention")
+        self.assertEqual((retention.message_days, retention.pending_days), (30, 90.5))
+        checked.update({"MESSAGE_RETENTION_DAYS", "PENDING_RETENTION_DAYS"})
+
+        # METRICS_ADDR: /metrics on a listener of its own, which counted the
+        # logins above (the public port has no /metrics: tests/test_metrics.py).
+        metrics_port = service.metrics_port.getHost().port
+        self.assertNotEqual(metrics_port, server.port)
+        resp = yield server.http().get(f"http://127.0.0.1:{metrics_port}/metrics")
+        text = (yield resp.content()).decode()
+        self.assertIn('wsserver_logins_total{outcome="ok"} 2.0', text)
+        checked.add("METRICS_ADDR")
+
+        # LOG_FORMAT: twistd is handed a JSON observer writing to its --logfile.
+        service.log_observer({"log_format": "hello {who}", "who": "json", "log_time": 0.0})
+        line = log_path.read_text().splitlines()[-1]
+        self.assertEqual(json.loads(line)["message"], "hello json")
+        checked.add("LOG_FORMAT")
 
         self.assertEqual(checked, {variable for variable, *_ in SETTINGS})
 

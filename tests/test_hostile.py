@@ -67,6 +67,29 @@ class InvalidUnicodeTests(unittest.TestCase):
         self.assertIsNone(alice.close_code)
 
     @defer.inlineCallbacks
+    def test_content_holding_u0000_is_refused_and_spoils_no_one_elses_message(self):
+        """Content holding U+0000 (PostgreSQL's text cannot store it; it once made
+        the whole batch fail there) is a system invalid_message on every engine;
+        nothing is stored for it, and messages sent at the same moment, by the
+        same user and by another, are acked and stored."""
+        bob_token = yield self.server.login("bob", vector_key("bob"))
+        alice = yield self.server.connect(self.alice_token, testcase=self)
+        bob = yield self.server.connect(bob_token, testcase=self)
+        before = yield self.server.service.store.count_messages()
+        bob.send_json({"to": "alice", "content": "from bob", "nonce": "b-1"})
+        alice.send_json({"to": "bob", "content": "nul\x00here", "nonce": "a-1"})
+        alice.send_json({"to": "bob", "content": "after", "nonce": "a-2"})
+        refusal = yield alice.next_of("system")
+        self.assertEqual((refusal["code"], refusal.get("nonce")), ("invalid_message", "a-1"))
+        self.assertIn("U+0000", refusal["content"])
+        ack = yield alice.next_of("ack")
+        self.assertEqual(ack["content"], "after")
+        ack = yield bob.next_of("ack")
+        self.assertEqual(ack["content"], "from bob")
+        after = yield self.server.service.store.count_messages()
+        self.assertEqual(after, before + 2)
+
+    @defer.inlineCallbacks
     def test_registration_fields_with_a_lone_surrogate_are_400_naming_the_field(self):
         """username, user_id and public_key holding a lone surrogate are 400
         invalid_request naming the field, and no user is created."""

@@ -205,6 +205,18 @@ class InvalidUnicodeTests(unittest.TestCase):
         self.assertEqual(m.loads_object(json.dumps({"c": "\U0001f600"}))["c"], "\U0001f600")
         self.assertEqual(m.loads_object(b'{"c": "\\\\ud800"}')["c"], "\\ud800")
 
+    def test_content_holding_u0000_is_invalid_message(self):
+        """U+0000 anywhere in content (which PostgreSQL's text cannot store) is
+        invalid_message echoing the nonce; an escaped backslash before u0000 is text."""
+        for content in ("\x00", "a\x00", "\x00b", "a\x00b\x00"):
+            payload = json.dumps({"to": "bob", "content": content, "nonce": "n-1"})
+            with self.assertRaises(m.Refusal) as ctx:
+                m.parse_client_frame(payload.encode("ascii"), "alice", 65536)
+            self.assertEqual((ctx.exception.code, ctx.exception.nonce), ("invalid_message", "n-1"))
+            self.assertIn("U+0000", ctx.exception.message)
+        draft = m.parse_client_frame(b'{"to": "bob", "content": "\\\\u0000"}', "alice", 65536)
+        self.assertEqual(draft.content, "\\u0000")
+
     def test_every_frame_field_with_a_lone_surrogate_is_invalid_message(self):
         """to, content, nonce, signature, type, from and ignored fields holding a lone
         surrogate make the frame invalid_message (never a crash), echoing a valid nonce."""

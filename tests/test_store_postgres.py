@@ -15,6 +15,8 @@ from twisted.trial import unittest
 from tests.services import fresh_postgres_database
 from tests.test_store import SECRET, StoreContract, new_message
 from wsserver import store as st
+from wsserver.bench.history import plan_stops_early
+from wsserver.messages import VERIFIED
 from wsserver.store import postgres as pg
 
 NEWEST = pg.migrations()[-1][0]
@@ -213,6 +215,121 @@ class CommitOrderTests(unittest.TestCase):
         self.assertEqual(seen, sorted(set(seen)))
         # Every writer committed batches of its own, interleaved with the others.
         self.assertGreater(sum(store.batches for store in writers), len(writers))
+
+
+class BatchRowsTests(unittest.TestCase):
+    """A batch's rows travel as one JSON parameter: every field of every kind
+    of text and signature comes back exactly as it was given."""
+
+    @defer.inlineCallbacks
+    def test_awkward_fields_round_trip_in_one_batch(self):
+        url = fresh_postgres_database(self)
+        st.prepare_database(url, lambda: SECRET)
+        with pg.connect(url) as conn:
+            conn.execute(
+                "INSERT INTO users VALUES ('alice', 'A', %s, 1), ('bob', 'B', %s, 1)",
+                (b"\x01", b"\x01"),
+            )
+        store = st.open_store(url, reactor)
+        self.addCleanup(store.close)
+        contents = [
+            'quote " backslash \\ slash / {"json": [1, "x"]}',
+            "controls \x01\x1f\t\r\n and \u2028\u2029 separators",
+            "astral \U0001f600\U0010fffd, combining e\u0301, rtl \u202e",
+            "",
+            "x" * 5000,
+        ]
+        signatures = [bytes(range(64)), None, b"\xff" * 64, None, bytes(range(255, 191, -1))]
+        news = [
+            st.NewMessage("alice", "bob", c, sig, f"n-{i}" if i % 2 else None, VERIFIED, 10 + i)
+            for i, (c, sig) in enumerate(zip(contents, signatures, strict=True))
+        ]
+        before = store.batches
+        results = yield defer.gatherResults([store.add_message(new) for new in news])
+        self.assertEqual(store.batches - before, 1)
+        for new, (kind, msg) in zip(news, results, strict=True):
+            self.assertEqual(kind, st.STORED)
+            got = yield store.get_message(msg.id)
+            self.assertEqual(
+                (got.sender, got.recipient, got.content, got.signature, got.nonce),
+                (new.sender, new.recipient, new.content, new.signature, new.nonce),
+            )
+            self.assertEqual((got.verification, got.created_ms), (new.verification, new.created_ms))
+
+
+class DeliveryMarkPlanTests(unittest.TestCase):
+    """The batch's delivery marks find their rows by primary key, not by scanning
+    the partial index of pending messages (its cost grew with every message
+    marked since the last vacuum: most of a cluster's PostgreSQL CPU)."""
+
+    def plans(self, url: str, ids: list[int]) -> list[str]:
+        with pg.connect(url) as conn:
+            conn.execute(
+                "INSERT INTO messages (id, sender, recipient, content, verification, status,"
+                " created_ms) SELECT g, 'u' || (g % 50), 'r' || (g % 50), 'hello',"
+                " 'unsigned', CASE WHEN g > 19950 THEN 'pending' ELSE 'delivered' END, 0"
+                " FROM generate_series(1, 20000) AS g"
+            )
+            conn.execute("ANALYZE messages")
+            found = []
+            custom = conn.execute(b"EXPLAIN " + pg._SQL_DELIVERED.encode(), (ids,)).fetchall()
+            found.append("\n".join(row[0] for row in custom))
+            # The plan a prepared statement may settle on (psycopg prepares a
+            # statement once it has run it five times).
+            conn.execute("SET plan_cache_mode = force_generic_plan")
+            conn.execute(
+                b"PREPARE marks (bigint[]) AS " + pg._SQL_DELIVERED.replace("%s", "$1").encode()
+            )
+            array = "{" + ",".join(str(i) for i in ids) + "}"
+            generic = conn.execute(
+                psycopg.sql.SQL("EXPLAIN EXECUTE marks ({})").format(psycopg.sql.Literal(array))
+            ).fetchall()
+            found.append("\n".join(row[0] for row in generic))
+            conn.rollback()
+        return found
+
+    def test_marks_use_the_primary_key(self):
+        url = fresh_postgres_database(self)
+        st.prepare_database(url, lambda: SECRET)
+        for plan in self.plans(url, list(range(19960, 20000))):
+            self.assertIn("messages_pkey", plan)
+            self.assertNotIn("messages_pending", plan)
+
+
+class ReplayPlanTests(unittest.TestCase):
+    """A since replay reads a page, not the client's whole backlog: the three
+    branches are merged in id order and the merge stops at the page."""
+
+    def test_a_far_since_merges_and_stops_at_the_page(self):
+        url = fresh_postgres_database(self)
+        st.prepare_database(url, lambda: SECRET)
+        with pg.connect(url) as conn:
+            conn.execute(
+                "INSERT INTO messages (id, sender, recipient, content, verification, status,"
+                " created_ms) SELECT g, 'u' || (g % 7), CASE WHEN g % 10 = 0 THEN '*'"
+                " ELSE 'r' || (g % 20) END, 'hello', 'unsigned',"
+                " CASE WHEN g > 99000 THEN 'pending' ELSE 'delivered' END, 0"
+                " FROM generate_series(1, 100000) AS g"
+            )
+            conn.execute("ANALYZE messages")
+            args = ("r1", 0, 0, 256, "r1", 0, 256, "*", 0, 256, 256)
+            plans = []
+            custom = conn.execute(b"EXPLAIN " + pg._SQL_SINCE.encode(), args).fetchall()
+            plans.append([row[0] for row in custom])
+            conn.execute("SET plan_cache_mode = force_generic_plan")
+            sql = pg._SQL_SINCE
+            for i in range(1, len(args) + 1):
+                sql = sql.replace("%s", f"${i}", 1)
+            types = (
+                "text, bigint, bigint, bigint, text, bigint, bigint, text, bigint, bigint, bigint"
+            )
+            conn.execute(f"PREPARE since_page ({types}) AS {sql}".encode())
+            literal = ", ".join(psycopg.sql.Literal(a).as_string(conn) for a in args)
+            generic = conn.execute(f"EXPLAIN EXECUTE since_page ({literal})".encode()).fetchall()
+            plans.append([row[0] for row in generic])
+            conn.rollback()
+        for plan in plans:
+            self.assertTrue(plan_stops_early("postgresql", plan), "\n".join(plan))
 
 
 class TerminatedBackendTests(unittest.TestCase):

@@ -13,11 +13,17 @@ import autobahn.websocket.protocol as autobahn_protocol
 import jwt
 from autobahn.twisted.websocket import WebSocketServerFactory
 from autobahn.websocket.xormasker import create_xor_masker as native_masker
-from twisted.internet import defer, reactor
+from twisted.internet import defer, reactor, task
 from twisted.trial import unittest
 
 from wsserver.store import is_postgres
-from wsserver.websocket import UNMASK_NATIVE_FROM, Unmasker, text_frame, use_fast_unmasking
+from wsserver.websocket import (
+    UNMASK_NATIVE_FROM,
+    ExpiryWatch,
+    Unmasker,
+    text_frame,
+    use_fast_unmasking,
+)
 
 from .support import VECTORS, LiveServer, connect_ws, sign_message, vector_key, within
 
@@ -571,6 +577,44 @@ class TokenExpiryTests(Base):
             self.fail("no connection within the token's life in 10 attempts")
         code = yield alice.wait_closed(seconds=30)
         self.assertEqual(code, 4001)
+
+
+class _Conn:
+    """What ExpiryWatch needs of a connection: ``live`` and ``_close``."""
+
+    def __init__(self) -> None:
+        self.live = True
+        self.closed_with: int | None = None
+
+    def _close(self, code: int, reason: str) -> None:
+        self.live = False
+        self.closed_with = code
+
+
+class ExpiryWatchTests(unittest.TestCase):
+    """One timer closes expired connections; closed ones do not pile up."""
+
+    def test_closed_connections_do_not_stay_until_their_token_expires(self):
+        """10,000 connections opened and closed long before their tokens expire
+        leave at most twice the open ones (or COMPACT_AT) behind, and the ones
+        still open are closed with 4001 at their expiry, in order."""
+        clock = task.Clock()
+        watch = ExpiryWatch(clock)
+        kept = [_Conn() for _ in range(50)]
+        for i, conn in enumerate(kept):
+            watch.add(conn, 3600.0 + i)
+        for _ in range(10_000):
+            conn = _Conn()
+            watch.add(conn, 3600.0)
+            conn.live = False  # closed by its client at once
+        self.assertLessEqual(len(watch), ExpiryWatch.COMPACT_AT)
+        clock.advance(3600.0 + 24)
+        self.assertEqual([c.closed_with for c in kept[:25]], [4001] * 25)
+        self.assertEqual([c.closed_with for c in kept[25:]], [None] * 25)
+        clock.advance(100)
+        self.assertEqual([c.closed_with for c in kept], [4001] * 50)
+        self.assertEqual(len(watch), 0)
+        watch.stop()
 
 
 class FramingTests(unittest.TestCase):

@@ -34,6 +34,7 @@ from .messages import (
     normalize_username,
     signing_input,
 )
+from .metrics import DISCARD, Metrics
 from .store import CHALLENGE_NONE, CHALLENGE_OK, Store, User
 
 ISSUER = "wsserver"
@@ -173,6 +174,8 @@ def _user_id_field(body: dict) -> str:
 class Authenticator:
     """Registration, the challenge-response login, token checks, key look-ups."""
 
+    metrics: Metrics = DISCARD  # the node's metrics (set by tap.py; web.py counts logins)
+
     def __init__(
         self, store: Store, tokens: Tokens, clock: IReactorTime, challenge_ttl: int
     ) -> None:
@@ -261,6 +264,11 @@ class Authenticator:
         if key is None:
             raise AuthError("unauthorized", "the token's user does not exist")
         return Session(user_id, key, float(exp))
+
+    def forget(self, user_id: str) -> None:
+        """Drop the cached key of ``user_id`` (the user was deleted): its tokens
+        are refused from now on, since the user is no longer found."""
+        self._keys.pop(user_id, None)
 
     @defer.inlineCallbacks
     def verify_key(self, user_id: str) -> defer.Deferred:

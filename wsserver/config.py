@@ -48,6 +48,10 @@ class Config:
     workers: int
     broker: str | None  # redis://... (protocol section 11), or None: in-process
     node_name: str
+    message_retention_days: float  # 0: keep delivered messages for ever
+    pending_retention_days: float  # 0: keep pending messages for ever
+    metrics_addr: str | None  # a Twisted endpoint for /metrics, or None: not served
+    log_format: str  # "text" or "json"
 
     @property
     def tls(self) -> bool:
@@ -205,6 +209,22 @@ def default_node_name() -> str:
     return f"{socket.gethostname()}:{os.getpid()}"
 
 
+def _metrics_addr(text: str) -> str:
+    try:
+        return parse_listen(text)
+    except ValueError:
+        raise ValueError(
+            "use PORT, :PORT, HOST:PORT or a Twisted endpoint such as tcp:9108:interface=127.0.0.1"
+        ) from None
+
+
+def _log_format(text: str) -> str:
+    value = text.strip().lower()
+    if value not in ("text", "json"):
+        raise ValueError("must be text or json")
+    return value
+
+
 def _origins(text: str) -> frozenset[str]:
     found = set()
     for item in text.split(","):
@@ -355,6 +375,35 @@ SETTINGS: list[tuple[str, str, str | None, Callable[[str], Any], str]] = [
         None,
         _node_name,
         "this node's name in logs and /ready (default: <hostname>:<pid>)",
+    ),
+    (
+        "MESSAGE_RETENTION_DAYS",
+        "message-retention-days",
+        "0",
+        _number(float, 0, 36500),
+        "delete delivered messages older than this many days (0: keep for ever)",
+    ),
+    (
+        "PENDING_RETENTION_DAYS",
+        "pending-retention-days",
+        "0",
+        _number(float, 0, 36500),
+        "delete messages still pending older than this many days (0: keep for ever)",
+    ),
+    (
+        "METRICS_ADDR",
+        "metrics-addr",
+        None,
+        _metrics_addr,
+        "where Prometheus metrics are served at /metrics, on a listener of their own: "
+        "PORT, :PORT, HOST:PORT or an endpoint (default: not served)",
+    ),
+    (
+        "LOG_FORMAT",
+        "log-format",
+        "text",
+        _log_format,
+        "text, or json: one JSON object per line",
     ),
 ]
 

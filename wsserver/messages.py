@@ -242,6 +242,10 @@ def parse_client_frame(payload: bytes | str, sender: str, max_content_bytes: int
     # Cheap bound first: a str of n code points has at least n UTF-8 bytes.
     if len(content) > max_content_bytes or len(content.encode("utf-8")) > max_content_bytes:
         raise refuse("message_too_large", f"content is larger than {max_content_bytes} bytes")
+    # U+0000 (only a JSON escape can spell it): PostgreSQL's text cannot hold
+    # it, so it is refused on every engine alike (protocol.md section 15).
+    if "\x00" in content:
+        raise refuse("invalid_message", "content must not hold U+0000")
     if "from" in obj and obj["from"] != sender:
         raise refuse("from_mismatch", "'from' must be the authenticated user")
 

@@ -33,8 +33,12 @@ from .broker import LocalBroker
 from .broker.limits import SharedRateLimiter
 from .broker.redis import RedisBroker, check_broker
 from .config import SETTINGS, Config, ConfigError, load
+from .events import DELETED, AccountEvents, DeletedUsers
+from .logs import ChoosesLogObserver, twistd_json_observer
+from .metrics import Metrics, metrics_site, worker_address
 from .peers import PeerLimits
 from .ratelimit import RateLimiter
+from .retention import Retention
 from .store import (
     DatabaseError,
     NodeInfo,
@@ -44,7 +48,7 @@ from .store import (
     prepare_database,
 )
 from .web import WebSocketGate, build_root, build_site
-from .websocket import ServerFactory, text_frame, use_fast_unmasking
+from .websocket import CLOSE_KEY_REVOKED, ServerFactory, text_frame, use_fast_unmasking
 from .workers import (
     WorkersService,
     become_child,
@@ -128,7 +132,7 @@ def open_url(address: Any, tls: bool) -> str | None:
     return f"{'https' if tls else 'http'}://{host}:{port}/"
 
 
-class WsServerService(service.Service):
+class WsServerService(ChoosesLogObserver):
     """The whole server: database, broker, web site, listening port."""
 
     def __init__(
@@ -146,6 +150,8 @@ class WsServerService(service.Service):
         self.config = config
         self.reactor = reactor
         self.port: Any = None
+        self.metrics_port: Any = None  # the listener of METRICS_ADDR, once bound
+        self._metrics_addr = config.metrics_addr
         self._listen_fd: int | None = None  # a socket adopted from the --workers parent
         self._node = node.name if node is not None else config.node_name
         clock: IReactorTime = reactor
@@ -156,6 +162,7 @@ class WsServerService(service.Service):
         self.auth_limiter = RateLimiter(config.auth_rate_limit, config.auth_burst_limit, clock)
         tokens = Tokens(config.jwt_secret or secret, config.token_ttl, clock)
         self.auth = Authenticator(self.store, tokens, clock, config.challenge_ttl)
+        self.metrics = Metrics(self._node)
         self.broker: LocalBroker
         if config.broker is not None:
             self.broker = RedisBroker(
@@ -175,6 +182,7 @@ class WsServerService(service.Service):
                 prepare=text_frame,
                 max_per_user=config.max_connections_per_user,
             )
+        self._wire_metrics()
         message_limiter: Any = self.limiter
         if isinstance(self.broker, RedisBroker):
             message_limiter = SharedRateLimiter(self.limiter, self.broker)
@@ -187,12 +195,40 @@ class WsServerService(service.Service):
             max_frame_bytes=config.max_frame_bytes,
             max_outbox_bytes=config.max_outbox_bytes,
             require_signatures=config.require_signatures,
+            metrics=self.metrics,
         )
         gate = WebSocketGate(
             self.factory, self.auth, config.allowed_origins, secure=self.tls is not None
         )
         root = build_root(self.auth, self.auth_limiter, gate, self._status, self.ready_checks)
         self.site = build_site(root)
+        # Operations (protocol section 14): retention, and the account events
+        # that wsserver-admin records for every node to act on.
+        self.retention = Retention(
+            self.store, clock, config.message_retention_days, config.pending_retention_days
+        )
+        self.account_events = AccountEvents(self.store, clock)
+        self.account_events.on(
+            DELETED, DeletedUsers(self.store, self.auth, self.factory, CLOSE_KEY_REVOKED)
+        )
+
+    def _wire_metrics(self) -> None:
+        """Give the store, the broker and the authenticator this node's metrics."""
+        self.store.use_metrics(self.metrics)
+        self.broker.metrics = self.metrics
+        self.auth.metrics = self.metrics
+        broker = self.broker
+        up = (lambda: broker.ready[0]) if isinstance(broker, RedisBroker) else None
+        self.metrics.watch(broker.count, broker.users, up)
+
+    def for_worker(self, index: int) -> None:
+        """Worker ``index`` of ``--workers`` serves its metrics on an address of
+        its own (``metrics.worker_address``)."""
+        if self._metrics_addr is not None:
+            try:
+                self._metrics_addr = worker_address(self._metrics_addr, index)
+            except ValueError as exc:
+                raise ConfigError(f"METRICS_ADDR: {exc}") from None
 
     def _status(self) -> dict:
         return {"connections": self.broker.count(), "node": self._node}
@@ -243,6 +279,29 @@ class WsServerService(service.Service):
 
         return d.addCallback(listening)
 
+    def bind_metrics(self) -> None:
+        """Listen on ``METRICS_ADDR`` now (if set), or raise ``ConfigError``
+        naming it; as ``bind``, before twistd daemonizes."""
+        if self._metrics_addr is None or self.metrics_port is not None:
+            return
+        outcome: list[Any] = []
+        d = endpoints.serverFromString(self.reactor, self._metrics_addr).listen(
+            metrics_site(self.metrics)
+        )
+        d.addBoth(outcome.append)
+        if not outcome:
+            d.cancel()
+            raise ConfigError(
+                f"METRICS_ADDR: {self._metrics_addr} does not listen at once; "
+                "use a tcp: or unix: endpoint"
+            )
+        if isinstance(outcome[0], Failure):
+            raise ConfigError(
+                f"METRICS_ADDR: cannot listen on {self._metrics_addr}: "
+                f"{outcome[0].getErrorMessage()}"
+            )
+        self.metrics_port = outcome[0]
+
     def bind(self) -> None:
         """Listen now, or raise ``ConfigError`` (SERVER_ADDR) saying why not.
 
@@ -258,6 +317,14 @@ class WsServerService(service.Service):
         outcome: list[Any] = []
         d = self.listen()
         d.addBoth(outcome.append)
+        if outcome and not isinstance(outcome[0], Failure):
+            try:
+                self.bind_metrics()
+            except ConfigError:
+                self.port.stopListening()
+                self.port = None
+                raise
+            return
         if not outcome:
             d.cancel()
             raise ConfigError(
@@ -284,6 +351,9 @@ class WsServerService(service.Service):
             self.broker.start()
         self.limiter.start()
         self.auth_limiter.start()
+        self.retention.start()
+        self.account_events.start()
+        self.metrics.start(self.reactor)
         if not USES_NVX:
             _log.warn("Autobahn's NVX acceleration is not active: frames are processed in Python")
         where = self.config.listen
@@ -294,6 +364,12 @@ class WsServerService(service.Service):
             where=where,
             db=describe(self.config.database),
         )
+        if self.metrics_port is not None:
+            url = open_url(self.metrics_port.getHost(), False)
+            _log.info(
+                "metrics at {url}",
+                url=f"{url}metrics" if url else self._metrics_addr,
+            )
 
     def stopService(self) -> defer.Deferred:
         super().stopService()
@@ -320,6 +396,11 @@ class WsServerService(service.Service):
                 conn.dropConnection(abort=True)
         self.limiter.stop()
         self.auth_limiter.stop()
+        self.account_events.stop()
+        yield self.retention.stop()
+        self.metrics.stop()
+        if self.metrics_port is not None:
+            yield defer.maybeDeferred(self.metrics_port.stopListening)
         if isinstance(self.broker, RedisBroker):
             yield self.broker.stop()
         yield self.store.close()
@@ -374,6 +455,11 @@ def build_workers(
         reactor = default_reactor
     config = _load(options, environ)
     check_broker(config.broker)  # WORKERS > 1 needs one: it must answer before the fork
+    if config.metrics_addr is not None:
+        try:
+            worker_address(config.metrics_addr, config.workers)
+        except ValueError as exc:
+            raise ConfigError(f"METRICS_ADDR: {exc}") from None
     prepare_database(config.database, new_secret)  # the parent is not a node
     if config.tls:
         tls_options(config.tls_cert, config.tls_key)
@@ -431,21 +517,40 @@ def tune_process() -> None:
     gc.freeze()
 
 
+def _worker_index(worker: str) -> int:
+    """I of a child's ``"I/N"`` (1 if it cannot be read)."""
+    head = worker.split("/", 1)[0]
+    return int(head) if head.isdigit() else 1
+
+
 def makeService(options: Options) -> service.IService:
     """Called by twistd, before it daemonizes: the server, bound to its port and
     with the process tuned, or exit 1 with one line naming the bad setting."""
     environ = dict(os.environ)
     try:
         inherited = inherited_listener(environ)
-        if inherited is None and _load(dict(options), environ).workers > 1:
-            return build_workers(dict(options), environ)
-        server = build_service(dict(options), environ)
-        if inherited is not None:
-            server.adopt(inherited[0])
-        server.bind()
+        config = _load(dict(options), environ)
+        server: WsServerService | WorkersService
+        if inherited is None and config.workers > 1:
+            server = build_workers(dict(options), environ)
+        else:
+            server = build_service(dict(options), environ)
+            if inherited is not None:
+                server.adopt(inherited[0])
+                server.for_worker(_worker_index(inherited[1]))
+            server.bind()
     except (ConfigError, DatabaseError) as exc:
         sys.stderr.write(f"wsserver: {exc}\n")
         raise SystemExit(1) from None
+    if config.log_format == "json":
+        # twistd asks its application for a log observer before making its own.
+        try:
+            server.log_observer = twistd_json_observer(options.parent)
+        except OSError as exc:
+            sys.stderr.write(f"wsserver: LOG_FORMAT: cannot open the log file: {exc.strerror}\n")
+            raise SystemExit(1) from None
+    if isinstance(server, WorkersService):
+        return server
     if inherited is not None:
         from twisted.internet import reactor
 

@@ -457,8 +457,10 @@ class Login(JsonResource):
                 token, exp = yield self._auth.login(body)
             except AuthError as err:
                 _log.info("login refused: {code}", code=err.code)
+                self._auth.metrics.login(err.code)
                 raise
             _log.info("logged in {user}", user=body.get("user_id"))
+            self._auth.metrics.login("ok")
             return 200, {"token": token, "expires_at": format_timestamp(exp * 1000)}
         challenge, expires_ms = yield self._auth.challenge(body)
         return 200, {"challenge": challenge, "expires_at": format_timestamp(expires_ms)}
@@ -503,6 +505,7 @@ class AuthTree(Resource):
 
     def __init__(self, auth: Authenticator, limiter: RateLimiter) -> None:
         super().__init__()
+        self._auth = auth
         self._limiter = limiter
         self.putChild(b"register", Register(auth))
         self.putChild(b"login", Login(auth))
@@ -512,6 +515,7 @@ class AuthTree(Resource):
         address = request.getClientAddress()
         wait = self._limiter.take(getattr(address, "host", str(address)))
         if wait:
+            self._auth.metrics.rate_limited_auth.inc()
             retry = str(max(1, math.ceil(wait))).encode("ascii")
             return _Refused(HttpError("rate_limited", "too many requests", {b"retry-after": retry}))
         return super().getChildWithDefault(path, request)

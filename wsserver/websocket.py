@@ -36,6 +36,7 @@ from .messages import (
     parse_client_frame,
     system_frame,
 )
+from .metrics import DISCARD, Metrics
 from .peers import mark_upgraded
 from .ratelimit import RateLimiter
 from .store import DUPLICATE, NO_RECIPIENT, NewMessage, Store
@@ -51,6 +52,8 @@ CLOSE_TOO_BIG = 1009
 CLOSE_INTERNAL = 1011
 CLOSE_TRY_LATER = 1013
 CLOSE_TOKEN_EXPIRED = 4001
+CLOSE_KEY_REVOKED = 4003  # the key was revoked or the account deleted
+CLOSE_SIGNED_OUT = 4004
 
 
 def text_frame(payload: bytes) -> bytes:
@@ -132,18 +135,42 @@ def use_fast_unmasking() -> None:
 class ExpiryWatch:
     """Closes connections whose token expired, with one timer for all of them."""
 
+    # The heap is rebuilt without closed connections once it holds this many
+    # entries, and then at twice what it kept: without that, every connection
+    # opened would stay in it until its token expired (TOKEN_TTL, an hour by
+    # default), however soon it closed: memory that grew with the connect rate.
+    COMPACT_AT = 1024
+
     def __init__(self, clock: IReactorTime) -> None:
         self._clock = clock
         self._heap: list[tuple[float, int, weakref.ref]] = []
         self._seq = 0
         self._call: Any = None
+        self._compact_at = self.COMPACT_AT
 
     def add(self, conn: ServerProtocol, at: float) -> None:
         """Close ``conn`` with 4001 at ``at`` (reactor seconds) if still open."""
         self._seq += 1
         heapq.heappush(self._heap, (at, self._seq, weakref.ref(conn)))
-        if self._heap[0][1] == self._seq:
+        if len(self._heap) >= self._compact_at:
+            self._compact()
+        elif self._heap[0][1] == self._seq:
             self._reschedule()
+
+    def __len__(self) -> int:
+        return len(self._heap)
+
+    def _compact(self) -> None:
+        """Drop the entries of connections no longer open (amortised O(1) per add)."""
+        kept = []
+        for entry in self._heap:
+            conn = entry[2]()
+            if conn is not None and conn.live:
+                kept.append(entry)
+        heapq.heapify(kept)
+        self._heap = kept
+        self._compact_at = max(self.COMPACT_AT, 2 * len(kept))
+        self._reschedule()
 
     def _reschedule(self) -> None:
         if self._call is not None and self._call.active():
@@ -310,6 +337,7 @@ class ServerProtocol(WebSocketServerProtocol):
             self._close_slow()
 
     def _close_slow(self) -> None:
+        self.factory._metrics.slow_closes.inc()
         _log.info("closing slow connection of {user}", user=self.user_id)
         self._close(CLOSE_TRY_LATER, "too slow: outbox full")
 
@@ -329,6 +357,7 @@ class ServerProtocol(WebSocketServerProtocol):
 
     def _refuse(self, refusal: Refusal, retry_after_ms: int | None = None) -> None:
         _log.info("refused a message from {user}: {code}", user=self.user_id, code=refusal.code)
+        self.factory._metrics.refused(refusal.code)
         if self.live:
             now_ms = int(self.factory._clock.seconds() * 1000)
             frame = system_frame(
@@ -369,7 +398,9 @@ class ServerProtocol(WebSocketServerProtocol):
         self.transport.registerProducer(_Flow(self), True)
         factory._expiry.add(self, self._session.expires_at)
         _log.info("connected: {user} from {peer}", user=self.user_id, peer=self.peer)
+        factory._metrics.connections_opened.inc()
         replay = factory._broker.replay(self, self._since)
+        factory._metrics.time_replay(replay, factory._clock)
         replay.addErrback(self._replay_failed)
 
     def _replay_failed(self, failure: Failure) -> None:
@@ -389,6 +420,7 @@ class ServerProtocol(WebSocketServerProtocol):
     def onMessage(self, payload: bytes, isBinary: bool) -> None:
         if not self.live:
             return
+        self.factory._metrics.received += 1
         if isBinary:
             _log.info("closing {user}: binary frame", user=self.user_id)
             self._close(CLOSE_UNSUPPORTED, "binary frames are not supported")
@@ -483,6 +515,7 @@ class ServerProtocol(WebSocketServerProtocol):
                     Refusal("nonce_reused", "this nonce belongs to another message", draft.nonce)
                 )
         else:
+            self.factory._metrics.stored(msg.recipient)
             msg = self.factory._broker.publish(self, msg)
             if self.live:
                 self._send_text(ack_frame(msg))
@@ -526,6 +559,7 @@ class ServerFactory(WebSocketServerFactory):
         max_frame_bytes: int,
         max_outbox_bytes: int,
         require_signatures: bool,
+        metrics: Metrics = DISCARD,
         auto_ping_interval: float = 30.0,
         auto_ping_timeout: float = 10.0,
     ) -> None:
@@ -541,6 +575,7 @@ class ServerFactory(WebSocketServerFactory):
         self._max_content_bytes = max_content_bytes
         self._max_outbox_bytes = max_outbox_bytes
         self._require_signatures = require_signatures
+        self._metrics = metrics
         self._accepting = True
         self._admitting: tuple[Session, int | None] | None = None
         self.setProtocolOptions(
@@ -573,6 +608,14 @@ class ServerFactory(WebSocketServerFactory):
             # written again.
             proto._last_id = proto._since or 0
         return proto
+
+    def close_user(self, user_id: str, code: int, reason: str) -> int:
+        """Close every connection of ``user_id`` on this node with ``code`` (an
+        account event: 4003 for a deleted account); return how many."""
+        closing = [conn for conn in self._broker.connections() if conn.user_id == user_id]
+        for conn in closing:
+            conn._close(code, reason)
+        return len(closing)
 
     @defer.inlineCallbacks
     def shut_down(self) -> Any:

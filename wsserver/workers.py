@@ -37,12 +37,12 @@ import sys
 from collections.abc import Mapping
 from typing import Any
 
-from twisted.application import service
 from twisted.internet import defer, endpoints, error, main, protocol
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
 from .config import SETTINGS, Config, ConfigError
+from .logs import ChoosesLogObserver, child_record
 
 _log = Logger()
 
@@ -217,7 +217,13 @@ class _Worker(protocol.ProcessProtocol):
         if not text:
             return
         emit = _log.info if childFD == 1 else _log.warn
-        emit("worker {worker} (pid {pid}): {line}", worker=self.name, pid=self.pid, line=text)
+        emit(
+            "worker {worker} (pid {pid}): {line}",
+            worker=self.name,
+            pid=self.pid,
+            line=text,
+            child_record=child_record(text),  # LOG_FORMAT=json: the child's own line
+        )
 
     def signal(self, name: str) -> None:
         """Send signal ``name`` to the running child, if any."""
@@ -254,7 +260,7 @@ class _Worker(protocol.ProcessProtocol):
             ended.callback(None)
 
 
-class WorkersService(service.Service):
+class WorkersService(ChoosesLogObserver):
     """The parent of ``--workers N``: holds the listening socket, runs and
     supervises N children on it."""
 

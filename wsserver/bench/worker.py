@@ -3,8 +3,8 @@ one JSON line on stdin, prints ``ready`` when connected, waits for ``go``, runs,
 and prints its figures as one JSON line.
 
 Jobs: ``pairs`` (senders and their receivers: direct, direct-unsigned, latency,
-relay), ``broadcast``, ``idle``, ``login``.  The code that sends is the same for
-the real server and for the bare relay.
+relay), ``broadcast``, ``idle``, ``login``, ``soak``, ``replays`` (history).  The
+code that sends is the same for the real server and for the bare relay.
 """
 
 from __future__ import annotations
@@ -29,6 +29,7 @@ from twisted.python.failure import Failure
 from ..messages import signing_input
 
 QUIET_SECONDS = 2.0  # broadcast receivers are done after this long without a frame
+LAG_TICK = 0.5  # seconds between the soak clients' reactor-lag readings
 _ID = re.compile(rb'"id":(\d+)')
 _STAMP = re.compile(rb'"content":"(\d+) (\d+) ')
 _TYPE = re.compile(rb'"type":"(\w+)"')
@@ -353,6 +354,392 @@ class Idle:
         }
 
 
+class Slot:
+    """One logical connection of a soak: a user's device that reconnects with
+    ``since`` (the largest id it has seen) and keeps every id it received."""
+
+    def __init__(self, user_id: str, token: str) -> None:
+        self.user_id = user_id
+        self.token = token
+        self.conn: Any = None
+        self.last_id = 0
+        self.got: set[int] = set()
+        self.broadcasts: set[int] = set()
+        self.reconnects = 0
+
+
+class Soak:
+    """Authenticated connections held for the duration, with a trickle of
+    direct messages, broadcasts, reconnects with ``since`` and logins.
+
+    Every slot is one connection of a user; all of a user's slots are in this
+    process, so it can check that each slot received every acknowledged
+    direct message to its user (live, or replayed after a reconnect).
+    Broadcasts come from a sender of their own (not a slot): each process
+    counts how many of its slots received each broadcast id, and the
+    orchestrator compares with the broadcasts acknowledged in every process.
+    """
+
+    settle = 0.5
+    keep_gc = True  # ten minutes with the collector off would grow the client
+
+    def __init__(self, job: dict) -> None:
+        import random
+
+        self.job = job
+        self.random = random.Random(job.get("seed", 0))
+        self.slots = [Slot(u["user_id"], u["token"]) for u in job["users"]]
+        self.by_conn: dict[Any, Slot] = {}
+        self.by_user: dict[str, list[Slot]] = {}
+        for slot in self.slots:
+            self.by_user.setdefault(slot.user_id, []).append(slot)
+        self.users = sorted(self.by_user)
+        self.broadcaster: Any = None
+        self.acked_direct: dict[str, set[int]] = {}
+        self.acked_broadcast: set[int] = set()
+        self.sent = {"direct": 0, "broadcast": 0}
+        self.reconnects = 0
+        self.reconnecting = 0
+        self.logins = 0
+        self.login_errors = 0
+        self.refused = 0
+        self.closed_early = 0
+        self.connect_errors = 0
+        self.running = False
+        self.loops: list[task.LoopingCall] = []
+        self.last_frame = 0.0
+        self.stopped_at = 0.0
+        self.seq = 0
+        self.reported = False
+        self.unacked: dict[str, tuple[Slot, dict]] = {}  # nonce: (sender, frame)
+        self.resent = 0
+        self.max_lag = 0.0
+        self.lags_over_5s = 0
+
+    @defer.inlineCallbacks
+    def setup(self) -> Any:
+        batch = self.job.get("batch", 50)
+        for start in range(0, len(self.slots), batch):
+            chunk = self.slots[start : start + batch]
+            conns = yield defer.gatherResults([connect(self.job, self, s.token) for s in chunk])
+            for slot, conn in zip(chunk, conns, strict=True):
+                slot.conn = conn
+                self.by_conn[conn] = slot
+        if self.job.get("broadcaster_token"):
+            self.broadcaster = yield connect(self.job, self, self.job["broadcaster_token"])
+
+    def start(self) -> None:
+        self.running = True
+        rates = self.job["rates"]
+        for rate, action in (
+            (rates.get("direct", 0), self._direct),
+            (rates.get("broadcast", 0) if self.broadcaster else 0, self._broadcast),
+            (rates.get("reconnect", 0), self._reconnect),
+            (rates.get("login", 0), self._login),
+        ):
+            if rate > 0:
+                loop = task.LoopingCall(action)
+                self.loops.append(loop)
+                loop.start(1.0 / rate, now=False)
+        # How late this process's reactor runs (a starved client answers the
+        # server's pings late, and the server drops it: the report says so).
+        self.lag_at = time.monotonic()
+        lag = task.LoopingCall(self._lag)
+        self.loops.append(lag)
+        lag.start(LAG_TICK, now=False)
+
+    def _lag(self) -> None:
+        now = time.monotonic()
+        late = now - self.lag_at - LAG_TICK
+        self.lag_at = now
+        self.max_lag = max(self.max_lag, late)
+        if late > 5.0:
+            self.lags_over_5s += 1
+
+    def stop(self) -> None:
+        self.running = False
+        self.stopped_at = time.monotonic()
+        for loop in self.loops:
+            if loop.running:
+                loop.stop()
+
+    def _send(self, conn: Any, frame: dict) -> None:
+        conn.sendMessage(json.dumps(frame, separators=(",", ":")).encode())
+
+    def _direct(self) -> None:
+        sender = self.random.choice(self.slots)
+        if sender.conn is None or len(self.users) < 2:
+            return
+        to = sender.user_id
+        while to == sender.user_id:
+            to = self.random.choice(self.users)
+        self.seq += 1
+        self.sent["direct"] += 1
+        nonce = f"s{self.job.get('index', 0)}-{self.seq}"
+        frame = {"to": to, "content": f"soak {self.seq}", "nonce": nonce}
+        self.unacked[nonce] = (sender, frame)
+        self._send(sender.conn, frame)
+
+    def _broadcast(self) -> None:
+        if self.broadcaster is None:
+            return
+        self.sent["broadcast"] += 1
+        self._send(self.broadcaster, {"to": "broadcast", "content": "soak broadcast"})
+
+    def _reconnect(self) -> None:
+        """The trickle's reconnect: close a connection, open it again with since."""
+        slot = self.random.choice(self.slots)
+        if slot.conn is None:
+            return  # already reconnecting
+        conn, slot.conn = slot.conn, None
+        del self.by_conn[conn]
+        conn.sendClose(1000)
+        self._reopen(slot)
+
+    def _reopen(self, slot: Slot) -> None:
+        """Connect ``slot`` again with ``since`` = the largest id it has seen
+        (retrying every second, as a client does, when that fails)."""
+        self.reconnecting += 1
+        url = f"{self.job['url']}?since={slot.last_id}"
+        d = connect(self.job, self, slot.token, url=url)
+
+        def opened(new: Any) -> None:
+            self.reconnecting -= 1
+            self.reconnects += 1
+            slot.reconnects += 1
+            slot.conn = new
+            self.by_conn[new] = slot
+            # As a client does: send again what was not acknowledged, with the
+            # same nonce (the server answers with the first one's ack).
+            for sender, frame in list(self.unacked.values()):
+                if sender is slot:
+                    self.resent += 1
+                    self._send(new, frame)
+
+        def failed(failure: Failure) -> None:
+            self.reconnecting -= 1
+            self.connect_errors += 1
+            sys.stderr.write(f"soak: reconnect failed: {failure.getErrorMessage()}\n")
+            if not self.reported:
+                self.reconnecting += 1  # until the retry: the drain waits for it
+                reactor.callLater(1.0, self._retry, slot)
+
+        d.addCallbacks(opened, failed)
+
+    def _retry(self, slot: Slot) -> None:
+        self.reconnecting -= 1
+        if not self.reported:
+            self._reopen(slot)
+
+    def _login(self) -> defer.Deferred:
+        self.seq += 1
+        name = f"{self.job['login_prefix']}{self.seq}"
+        d = threads.deferToThread(login_over_http, self.job, name)
+
+        def done(ok: bool) -> None:
+            if ok:
+                self.logins += 1
+            else:
+                self.login_errors += 1
+
+        return d.addCallback(done)
+
+    def idle(self) -> bool:
+        """Done when no reconnect is in progress, every slot has every
+        acknowledged direct message to its user, and no frame came lately."""
+        if self.reconnecting or self.unacked:
+            return False
+        for user, ids in self.acked_direct.items():
+            for slot in self.by_user[user]:
+                if not ids <= slot.got:
+                    return False
+        return time.monotonic() - max(self.last_frame, self.stopped_at) > QUIET_SECONDS
+
+    def frame(self, conn: Any, payload: bytes) -> None:
+        self.last_frame = time.monotonic()
+        data = json.loads(payload)
+        kind = data.get("type")
+        if kind == "message":
+            slot = self.by_conn.get(conn)
+            if slot is not None:
+                slot.got.add(data["id"])
+                slot.last_id = max(slot.last_id, data["id"])
+                if data["to"] == "broadcast":
+                    slot.broadcasts.add(data["id"])
+        elif kind == "ack":
+            self.unacked.pop(data.get("nonce"), None)
+            if data["to"] == "broadcast":
+                self.acked_broadcast.add(data["id"])
+            else:
+                self.acked_direct.setdefault(data["to"], set()).add(data["id"])
+        elif kind == "system":
+            self.refused += 1
+            sys.stderr.write(f"soak: refused: {data.get('code')}\n")
+
+    def closed(self, conn: Any, code: int | None) -> None:
+        if self.reported:
+            return  # the process is ending: its reactor drops the connections
+        # Not one this process closed on purpose (reconnects are removed
+        # first): counted, and reconnected with since as a client would.
+        slot = self.by_conn.pop(conn, None)
+        if slot is not None:
+            self.closed_early += 1
+            sys.stderr.write(f"soak: connection closed by the server: {code}\n")
+            slot.conn = None
+            self._reopen(slot)
+        elif conn is self.broadcaster:
+            self.closed_early += 1
+            sys.stderr.write(f"soak: the broadcaster's connection closed: {code}\n")
+            self.broadcaster = None
+
+    def report(self) -> dict:
+        self.reported = True
+        lost = missed = 0
+        for user, ids in self.acked_direct.items():
+            slots = self.by_user[user]
+            union = set().union(*(s.got for s in slots))
+            lost += len(ids - union)
+            missed += sum(len(ids - s.got) for s in slots)
+        counts: dict[int, int] = {}
+        for slot in self.slots:
+            for msg_id in slot.broadcasts:
+                counts[msg_id] = counts.get(msg_id, 0) + 1
+        return {
+            "connections": len(self.slots),
+            "direct_sent": self.sent["direct"],
+            "direct_acked": sum(len(v) for v in self.acked_direct.values()),
+            "direct_unacked": len(self.unacked),
+            "direct_resent": self.resent,
+            "direct_lost": lost,
+            "direct_missed": missed,
+            "broadcast_sent": self.sent["broadcast"],
+            "broadcast_acked": sorted(self.acked_broadcast),
+            # How many of this process's slots received each broadcast id.
+            "broadcast_counts": {str(k): v for k, v in counts.items()},
+            "reconnects": self.reconnects,
+            "connect_errors": self.connect_errors,
+            "logins": self.logins,
+            "login_errors": self.login_errors,
+            "refused": self.refused,
+            "closed_early": self.closed_early,
+            "max_loop_lag_s": round(self.max_lag, 3),
+            "loop_lags_over_5s": self.lags_over_5s,
+        }
+
+
+class Replays:
+    """``since`` replays one after another: connect with ``since``, time from
+    the open to the ``count``-th message, close, next (the history workload)."""
+
+    def __init__(self, job: dict) -> None:
+        self.job = job
+        self.times_us: list[int] = []
+        self.short = 0
+        self.closed_early = 0
+        self.current: dict | None = None
+
+    @defer.inlineCallbacks
+    def run(self) -> Any:
+        for replay in self.job["replays"]:
+            done: defer.Deferred = defer.Deferred()
+            self.current = {"got": 0, "done": done, "opened": 0}
+            url = f"{self.job['url']}?since={replay['since']}"
+            conn = yield connect(self.job, self, replay["token"], url=url)
+            # Set from onOpen's callback, before any frame after the handshake.
+            self.current["opened"] = now_ns()
+            timer = reactor.callLater(30, lambda d=done: d.called or d.callback(False))
+            complete = yield done
+            if timer.active():
+                timer.cancel()
+            if complete:
+                self.times_us.append((self.current["finished"] - self.current["opened"]) // 1000)
+            else:
+                self.short += 1
+            closed: defer.Deferred = defer.Deferred()
+            self.current["closed"] = closed
+            conn.sendClose(1000)
+            yield closed
+        self.current = None
+
+    def frame(self, conn: Any, payload: bytes) -> None:
+        cur = self.current
+        if cur is None or not payload.startswith(b'{"type":"message"'):
+            return
+        cur["got"] += 1
+        if cur["got"] == self.job["count"]:
+            cur["finished"] = now_ns()
+            if not cur["done"].called:
+                cur["done"].callback(True)
+
+    def closed(self, conn: Any, code: int | None) -> None:
+        cur = self.current
+        if cur is None:
+            return
+        if "closed" in cur:
+            if not cur["closed"].called:
+                cur["closed"].callback(None)
+        else:
+            self.closed_early += 1
+            if not cur["done"].called:
+                cur["done"].callback(False)
+
+    def report(self) -> dict:
+        return {"times_us": self.times_us, "short": self.short, "closed_early": self.closed_early}
+
+
+def run_replays(job: dict) -> None:
+    """Say ready, wait for go, run the replays, report."""
+    runner = Replays(job)
+
+    @defer.inlineCallbacks
+    def main() -> Any:
+        print("ready", flush=True)
+        yield _wait_for_go()
+        yield runner.run()
+        print(json.dumps(runner.report()), flush=True)
+
+    def done(result: Any) -> None:
+        if isinstance(result, Failure):
+            sys.stderr.write(result.getTraceback())
+            print(json.dumps({"error": result.getErrorMessage()}), flush=True)
+        reactor.stop()
+
+    reactor.callWhenRunning(lambda: main().addBoth(done))
+    reactor.run()
+
+
+def login_over_http(job: dict, user_id: str) -> bool:
+    """Register ``user_id`` and log in (challenge, signed verify) over HTTP(S);
+    True when all three answers are the expected ones.  Runs in a thread."""
+    import ssl
+
+    if job.get("cafile"):
+        context = ssl.create_default_context(cafile=job["cafile"])
+        conn: Any = http.client.HTTPSConnection("localhost", job["port"], context=context)
+    else:
+        conn = http.client.HTTPConnection("127.0.0.1", job["port"])
+    try:
+
+        def post(path: str, body: dict) -> tuple[int, dict]:
+            conn.request("POST", path, json.dumps(body), {"Content-Type": "application/json"})
+            resp = conn.getresponse()
+            return resp.status, json.loads(resp.read())
+
+        key = SigningKey.generate()
+        pub = base64.b64encode(bytes(key.verify_key)).decode()
+        s1, _ = post("/auth/register", {"user_id": user_id, "username": user_id, "public_key": pub})
+        s2, body = post("/auth/login", {"user_id": user_id})
+        if s1 != 201 or s2 != 200:
+            return False
+        sig = base64.b64encode(key.sign(body["challenge"].encode()).signature).decode()
+        s3, _ = post("/auth/login?verify=true", {"user_id": user_id, "signature": sig})
+        return s3 == 200
+    except (OSError, ValueError, http.client.HTTPException):
+        return False
+    finally:
+        conn.close()
+
+
 def run_twisted(job: dict, kind: type) -> None:
     """Set up, say ready, wait for go, run for the duration, drain, report."""
     runner = kind(job)
@@ -366,7 +753,8 @@ def run_twisted(job: dict, kind: type) -> None:
         # The measuring client must not pause for garbage collection mid-run.
         gc.collect()
         gc.freeze()
-        gc.disable()
+        if not getattr(runner, "keep_gc", False):
+            gc.disable()
         runner.start()
         yield task.deferLater(reactor, job["duration"], lambda: None)
         runner.stop()
@@ -441,8 +829,11 @@ def main() -> None:
     kind = job["kind"]
     if kind == "login":
         run_login(job)
+    elif kind == "replays":
+        run_replays(job)
     else:
-        run_twisted(job, {"pairs": Pairs, "broadcast": Broadcast, "idle": Idle}[kind])
+        kinds = {"pairs": Pairs, "broadcast": Broadcast, "idle": Idle, "soak": Soak}
+        run_twisted(job, kinds[kind])
 
 
 if __name__ == "__main__":

@@ -20,6 +20,7 @@ from twisted.logger import Logger
 from zope.interface import implementer
 
 from ..messages import BROADCAST, DELIVERED, PENDING, Message, message_frame, status_frame
+from ..metrics import DISCARD, Metrics
 from ..store import Store
 from . import Connection, IBroker
 
@@ -31,6 +32,8 @@ REPLAY_PAGE = 256
 @implementer(IBroker)
 class LocalBroker:
     """The broker of a single process."""
+
+    metrics: Metrics = DISCARD  # the node's metrics (set by tap.py)
 
     def __init__(
         self,
@@ -44,6 +47,11 @@ class LocalBroker:
         self._prepare = prepare
         self._max_per_user = max_per_user
         self._users: dict[str, list[Connection]] = {}
+
+    @property
+    def clock(self) -> IReactorTime:
+        """The clock this broker schedules on."""
+        return self._clock
 
     def _now_ms(self) -> int:
         return int(self._clock.seconds() * 1000)
@@ -70,21 +78,32 @@ class LocalBroker:
         """The number of attached connections."""
         return sum(len(c) for c in self._users.values())
 
+    def users(self) -> int:
+        """The number of users with an attached connection."""
+        return len(self._users)
+
     def _hand_out(self, sender: Connection | None, msg: Message) -> int:
         """Hand ``msg`` (its frame made once) to this process's connections of
         its recipients (every one but ``sender``'s for a broadcast); return how
         many took it."""
-        frame = self._prepare(message_frame(msg))
         reached = 0
         if msg.recipient == BROADCAST:
+            frame = self._prepare(message_frame(msg))
             for conns in self._users.values():
                 for conn in conns:
                     if conn is not sender and conn.deliver(msg.id, frame):
                         reached += 1
         else:
-            for conn in list(self._users.get(msg.recipient, ())):
+            conns = self._users.get(msg.recipient)
+            if not conns:
+                # Not connected to this process (in a cluster: most often
+                # connected to another node): no frame to make.
+                return 0
+            frame = self._prepare(message_frame(msg))
+            for conn in list(conns):
                 if conn.deliver(msg.id, frame):
                     reached += 1
+        self.metrics.delivered_live += reached
         return reached
 
     def publish(self, sender: Connection | None, msg: Message) -> Message:
@@ -118,6 +137,7 @@ class LocalBroker:
                     if not conn.live:
                         break
                     taken = conn.deliver(msg.id, self._prepare(message_frame(msg)), replayed=True)
+                    self.metrics.delivered_replay += taken
                     if taken and msg.status == PENDING and msg.recipient == conn.user_id:
                         was_pending.append(msg)
                     # Write no faster than the client reads: a replay never

@@ -128,6 +128,34 @@ class IStore(Interface):
     def count_messages() -> Any:
         """Fire with the number of stored messages."""
 
+    def expire_batch(status: str, before_ms: int, from_ms: int, limit: int) -> Any:  # noqa: N805
+        """Delete up to ``limit`` messages of ``status`` with ``from_ms <=
+        created_ms < before_ms``, oldest first, in one short transaction that
+        does not hold group commit up; fire with (rows deleted, created_ms of
+        the newest deleted or None).  Idempotent: nodes may run it together."""
+
+    def reclaim_space(pages: int) -> Any:  # noqa: N805
+        """Give up to ``pages`` freed pages back to the file system where the
+        engine needs telling (SQLite's incremental vacuum); fire with how many
+        went back (0 where there is nothing to do)."""
+
+    def prune_account_events(before_ms: int) -> Any:  # noqa: N805
+        """Forget account events created before ``before_ms``."""
+
+    def last_account_event() -> Any:
+        """Fire with the id of the newest account event (0 when none)."""
+
+    def account_events(after_id: int, limit: int) -> Any:  # noqa: N805
+        """Fire with up to ``limit`` account events with id > ``after_id``, by id,
+        as (id, user_id, kind, detail); ids are visible in commit order."""
+
+    def forget_user(user_id: str) -> Any:  # noqa: N805
+        """Drop a deleted user from the engine's cache of known recipients."""
+
+    def purge_user_messages(user_id: str, after_id: int) -> Any:  # noqa: N805
+        """Delete messages from or to ``user_id`` with id > ``after_id``; fire
+        with how many."""
+
     def jwt_secret() -> Any:
         """Fire with the JWT signing secret kept in the database (the one
         ``prepare_database`` returned), or None before it was prepared."""

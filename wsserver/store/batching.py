@@ -23,6 +23,7 @@ from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
+from ..metrics import DISCARD, Metrics
 from . import NewMessage, StoreClosed
 
 _log = Logger()
@@ -36,6 +37,8 @@ WriteBatch = Callable[[list[Op]], defer.Deferred]
 class GroupCommit:
     """The queue of writes waiting for the next batch, and its scheduling."""
 
+    metrics: Metrics = DISCARD  # counts each commit's size and time
+
     def __init__(self, clock: IReactorTime, write: WriteBatch, max_batch: int = 1024) -> None:
         self._clock = clock
         self._write = write
@@ -48,6 +51,7 @@ class GroupCommit:
         self._closed = False
         self._drained: list[defer.Deferred] = []
         self.batches = 0  # commits made, for tests and stats
+        self._started = 0.0  # when the commit in flight began
 
     @property
     def closed(self) -> bool:
@@ -106,6 +110,7 @@ class GroupCommit:
         del self._queue[: self._max_batch]
         self._waiting -= sum(1 for _, _, d in batch if d is not None)
         self._flushing = True
+        self._started = self._clock.seconds()
         ops = [(kind, arg) for kind, arg, _ in batch]
         d = defer.maybeDeferred(self._write, ops)
         d.addBoth(self._flushed, batch)
@@ -113,6 +118,8 @@ class GroupCommit:
     def _flushed(self, result: list[Any] | Failure, batch: list[Any]) -> None:
         self._flushing = False
         self.batches += 1
+        failed = isinstance(result, Failure)
+        self.metrics.commit(len(batch), self._clock.seconds() - self._started, failed)
         if isinstance(result, Failure):
             _log.failure("database write of {count} operations failed", result, count=len(batch))
             for _, _, d in batch:
@@ -166,6 +173,10 @@ class BatchedWrites:
     def drain(self) -> defer.Deferred:
         """Fire once every write queued so far has been committed (or failed)."""
         return self._commits.drain()
+
+    def use_metrics(self, metrics: Metrics) -> None:
+        """Count this store's commits (size, time, failures) in ``metrics``."""
+        self._commits.metrics = metrics
 
     @property
     def batches(self) -> int:

@@ -20,6 +20,8 @@ apply it once.
 
 from __future__ import annotations
 
+import base64
+import json
 import os
 import re
 import select
@@ -64,6 +66,8 @@ NODE_EXPIRY = 30  # seconds after its last heartbeat a node counts as gone
 # Advisory lock keys (any constant bigint; these spell "wsschema"/"wsnodes").
 SCHEMA_LOCK = 0x7773736368656D61
 NODES_LOCK = 0x77736E6F646573
+USER_LOCK = 0x7775  # with hashtext(user_id): the two-key advisory locks of one user id
+DELETE_CHUNK = 500  # ids per DELETE of wsserver-admin's delete-user
 
 _MIGRATION_FILE = re.compile(r"(\d{3})_[a-z0-9_]+\.sql")
 
@@ -233,26 +237,68 @@ _SQL_PENDING = (
     f"SELECT {_COLS} FROM messages WHERE recipient = %s AND status = 'pending'"  # noqa: S608
     " AND id > %s ORDER BY id LIMIT %s"
 )
+# Each branch ordered and limited on its own, so that PostgreSQL merges the
+# three index scans (Merge Append) and stops after a page, instead of reading
+# everything after since and sorting it: a client away for a long time costs
+# a page, not its whole backlog (tests/test_store_postgres.py ReplayPlanTests).
 _SQL_SINCE = (
     "SELECT * FROM ("  # noqa: S608
-    f" SELECT {_COLS} FROM messages WHERE recipient = %s AND status = 'pending'"
-    "  AND id > %s AND id <= %s"
-    f" UNION ALL SELECT {_COLS} FROM messages WHERE recipient = %s AND id > %s"
-    f" UNION ALL SELECT {_COLS} FROM messages WHERE recipient = %s AND id > %s"
+    f" (SELECT {_COLS} FROM messages WHERE recipient = %s AND status = 'pending'"
+    "  AND id > %s AND id <= %s ORDER BY id LIMIT %s)"
+    f" UNION ALL (SELECT {_COLS} FROM messages WHERE recipient = %s AND id > %s"
+    "  ORDER BY id LIMIT %s)"
+    f" UNION ALL (SELECT {_COLS} FROM messages WHERE recipient = %s AND id > %s"
+    "  ORDER BY id LIMIT %s)"
     ") AS page ORDER BY id LIMIT %s"
 )
-# One statement for the whole batch: a row per array position.  A nonce its
-# sender already used is skipped by the unique index and reported as such.
+# The batch's delivery marks, each row found by its primary key.  Written as
+# "status = 'pending' AND id = ANY(...)" the planner may take the partial index
+# messages_pending (recipient, id), whose predicate that condition matches:
+# ``id`` is not its first column, so the whole index is scanned (per array
+# element), with the dead entry of every message marked since the last vacuum
+# (a cluster stores each cross-node message pending first: this scan was most
+# of PostgreSQL's CPU there).  "(status = 'pending') IS TRUE" means the same
+# for a NOT NULL column but does not match the index's predicate, which leaves
+# the primary key.  The array is cast to bigint[] (psycopg sends small ints as
+# smallint[]).
+_SQL_DELIVERED = (
+    "UPDATE messages SET status = 'delivered'"
+    " WHERE id = ANY(%s::bigint[]) AND (status = 'pending') IS TRUE"
+)
+# One statement for the whole batch: its rows as one JSON parameter (one
+# json.dumps in C; eight array parameters cost psycopg's Python array dumper
+# about twice the client CPU per message, for the same server work).  A nonce
+# its sender already used is skipped by the unique index and reported as such.
 _SQL_INSERT = (
     "INSERT INTO messages (id, sender, recipient, content, signature, nonce,"
     " verification, status, created_ms)"
-    " SELECT id, sender, recipient, content, signature, nonce, verification, 'pending',"
-    " created_ms FROM unnest("
-    "%s::bigint[], %s::text[], %s::text[], %s::text[], %s::bytea[], %s::text[], %s::text[],"
-    " %s::bigint[]) AS batch (id, sender, recipient, content, signature, nonce,"
-    " verification, created_ms)"
+    " SELECT i, s, r, c, decode(g, 'base64'), n, v, 'pending', t"
+    " FROM json_to_recordset(%s::json)"
+    " AS batch (i bigint, s text, r text, c text, g text, n text, v text, t bigint)"
     " ON CONFLICT (sender, nonce) WHERE nonce IS NOT NULL DO NOTHING RETURNING id"
 )
+
+
+def _batch_json(ids: list[int], news: list[NewMessage]) -> str:
+    """The rows of ``_SQL_INSERT``'s parameter."""
+    return json.dumps(
+        [
+            {
+                "i": msg_id,
+                "s": n.sender,
+                "r": n.recipient,
+                "c": n.content,
+                "g": (
+                    None if n.signature is None else base64.b64encode(n.signature).decode("ascii")
+                ),
+                "n": n.nonce,
+                "v": n.verification,
+                "t": n.created_ms,
+            }
+            for msg_id, n in zip(ids, news, strict=True)
+        ],
+        separators=(",", ":"),
+    )
 
 
 def _insert_messages(
@@ -284,19 +330,7 @@ def _insert_messages(
         head = txn.fetchone()[0]
         ids = list(range(head + 1, head + 1 + len(candidates)))
         news = [new for _, new in candidates]
-        txn.execute(
-            _SQL_INSERT,
-            (
-                ids,
-                [n.sender for n in news],
-                [n.recipient for n in news],
-                [n.content for n in news],
-                [n.signature for n in news],
-                [n.nonce for n in news],
-                [n.verification for n in news],
-                [n.created_ms for n in news],
-            ),
-        )
+        txn.execute(_SQL_INSERT, (_batch_json(ids, news),))
         inserted = {row[0] for row in txn.fetchall()}
         txn.execute("UPDATE stream_head SET last_id = %s", (ids[-1],))
         for (i, new), msg_id in zip(candidates, ids, strict=True):
@@ -327,10 +361,7 @@ def _write_batch(txn: Any, ops: list[tuple[str, Any]], known_users: set[str]) ->
     results: list[Any] = [None] * len(ops)
     delivered = sorted({msg_id for kind, arg in ops if kind == "delivered" for msg_id in arg})
     if delivered:
-        txn.execute(
-            "UPDATE messages SET status = 'delivered' WHERE status = 'pending' AND id = ANY(%s)",
-            (delivered,),
-        )
+        txn.execute(_SQL_DELIVERED, (delivered,))
     for kind, arg in ops:
         if kind == "broadcast":  # (id, recipients)
             txn.execute(
@@ -451,6 +482,12 @@ class PostgresStore(BatchedWrites):
         """Insert a user; fires True, or False when the user_id is taken."""
 
         def interaction(txn: Any) -> bool:
+            # The same lock as admin_delete_user's: a registration racing a
+            # deletion sees its tombstone.
+            txn.execute("SELECT pg_advisory_xact_lock(%s, hashtext(%s))", (USER_LOCK, user.user_id))
+            txn.execute("SELECT 1 FROM deleted_users WHERE user_id = %s", (user.user_id,))
+            if txn.fetchone() is not None:
+                return False  # deleted: the id stays taken for good
             txn.execute(
                 "INSERT INTO users (user_id, username, public_key, created_ms)"
                 " VALUES (%s, %s, %s, %s) ON CONFLICT (user_id) DO NOTHING",
@@ -536,7 +573,12 @@ class PostgresStore(BatchedWrites):
                 txn.execute(_SQL_PENDING, (user_id, after, limit))
             else:
                 floor = max(after, since)
-                args = (user_id, after, since, user_id, floor, BROADCAST, floor, limit)
+                args = (
+                    *(user_id, after, since, limit),
+                    *(user_id, floor, limit),
+                    *(BROADCAST, floor, limit),
+                    limit,
+                )
                 txn.execute(_SQL_SINCE, args)
             return [message_from_row(row) for row in txn.fetchall()]
 
@@ -588,6 +630,157 @@ class PostgresStore(BatchedWrites):
             return txn.fetchone()[0]
 
         return self._run(interaction)
+
+    # -- retention and account events (wsserver/retention.py, events.py) --------
+
+    def expire_batch(self, status: str, before_ms: int, from_ms: int, limit: int) -> defer.Deferred:
+        """Delete up to ``limit`` messages of ``status`` created before
+        ``before_ms`` (and not before ``from_ms``), oldest first, in one short
+        transaction on a pool connection (the batch writer is not held up).
+        Fires with (rows deleted, created_ms of the newest deleted or None).
+        Nodes running it together delete disjoint or already-gone rows."""
+
+        def interaction(txn: Any) -> tuple[int, int | None]:
+            txn.execute(
+                "DELETE FROM messages WHERE id IN (SELECT id FROM messages"
+                " WHERE created_ms >= %s AND created_ms < %s AND status = %s"
+                " ORDER BY created_ms LIMIT %s FOR UPDATE SKIP LOCKED) RETURNING created_ms",
+                (from_ms, before_ms, status, limit),
+            )
+            ages = [row[0] for row in txn.fetchall()]
+            return len(ages), (max(ages) if ages else None)
+
+        return self._run(interaction)
+
+    def reclaim_space(self, pages: int) -> defer.Deferred:
+        """Nothing to do (fires 0): PostgreSQL's autovacuum makes the space of
+        deleted rows reusable."""
+        return defer.succeed(0)
+
+    def prune_account_events(self, before_ms: int) -> defer.Deferred:
+        """Forget account events created before ``before_ms``."""
+        return self._execute("DELETE FROM account_events WHERE created_ms < %s", (before_ms,))
+
+    def last_account_event(self) -> defer.Deferred:
+        """Fire with the id of the newest account event (0 when none)."""
+
+        def interaction(txn: Any) -> int:
+            txn.execute("SELECT COALESCE(MAX(id), 0) FROM account_events")
+            return int(txn.fetchone()[0])
+
+        return self._run(interaction)
+
+    def account_events(self, after_id: int, limit: int) -> defer.Deferred:
+        """Fire with up to ``limit`` account events with id > ``after_id``, by
+        id, as (id, user_id, kind, detail)."""
+
+        def interaction(txn: Any) -> list[tuple[int, str, str, str | None]]:
+            txn.execute(
+                "SELECT id, user_id, kind, detail FROM account_events WHERE id > %s"
+                " ORDER BY id LIMIT %s",
+                (after_id, limit),
+            )
+            return [tuple(row) for row in txn.fetchall()]
+
+        return self._run(interaction)
+
+    def forget_user(self, user_id: str) -> defer.Deferred:
+        """Drop ``user_id`` from the cache of known recipients (it was deleted)."""
+        self._known_users.discard(user_id)
+        return defer.succeed(None)
+
+    def purge_user_messages(self, user_id: str, after_id: int) -> defer.Deferred:
+        """Delete the messages from or to ``user_id`` with id > ``after_id``;
+        fires with how many."""
+
+        def interaction(txn: Any) -> int:
+            txn.execute(
+                "DELETE FROM messages WHERE id > %s AND (sender = %s OR recipient = %s)",
+                (after_id, user_id, user_id),
+            )
+            return txn.rowcount
+
+        return self._run(interaction)
+
+
+# ----------------------------------------------------------------------------
+# For wsserver-admin: synchronous, on a connection of its own.
+
+
+def admin_connect(url: str) -> psycopg.Connection:
+    """A connection for ``wsserver-admin`` to an existing, up-to-date database."""
+    try:
+        conn = connect(url)
+        conn.autocommit = True
+        current, newest = schema_version(conn), migrations()[-1][0]
+    except psycopg.Error as exc:
+        raise DatabaseError(
+            f"DATABASE: cannot use {describe(url)}: {_one_line(exc, url)}"
+        ) from None
+    if current != newest:
+        conn.close()
+        raise DatabaseError(
+            f"DATABASE: {describe(url)} has schema version {current}, this wsserver-admin"
+            f" needs {newest}: start the server (of this version) on it once to upgrade it"
+        )
+    return conn
+
+
+def admin_users(conn: psycopg.Connection) -> list[tuple[str, str, int]]:
+    """Every user as (user_id, username, created_ms), by user_id."""
+    rows = conn.execute("SELECT user_id, username, created_ms FROM users ORDER BY user_id")
+    return [tuple(row) for row in rows.fetchall()]
+
+
+def admin_delete_user(conn: psycopg.Connection, user_id: str, now_ms: int) -> int | None:
+    """Delete ``user_id`` as protocol section 12 says; return how many messages
+    went, or None when there is no such user (see the SQLite engine's
+    ``admin_delete_user``: the same steps)."""
+    with conn.transaction():
+        conn.execute("SELECT pg_advisory_xact_lock(%s, hashtext(%s))", (USER_LOCK, user_id))
+        gone = conn.execute("DELETE FROM users WHERE user_id = %s", (user_id,)).rowcount
+        if gone != 1:
+            return None
+        conn.execute(
+            "INSERT INTO deleted_users (user_id, deleted_ms) VALUES (%s, %s)"
+            " ON CONFLICT (user_id) DO NOTHING",
+            (user_id, now_ms),
+        )
+        conn.execute("DELETE FROM challenges WHERE user_id = %s", (user_id,))
+        # Commit order is id order for the pollers (see 003_operations.sql).
+        conn.execute("LOCK TABLE account_events IN EXCLUSIVE MODE")
+        head = conn.execute("SELECT last_id FROM stream_head").fetchone()[0]
+        conn.execute(
+            "INSERT INTO account_events (user_id, kind, detail, created_ms)"
+            " VALUES (%s, 'deleted', %s, %s)",
+            (user_id, str(head), now_ms),
+        )
+    ids = [
+        row[0]
+        for row in conn.execute(
+            "SELECT id FROM messages WHERE sender = %s OR recipient = %s", (user_id, user_id)
+        ).fetchall()
+    ]
+    removed = 0
+    for start in range(0, len(ids), DELETE_CHUNK):
+        chunk = ids[start : start + DELETE_CHUNK]
+        removed += conn.execute("DELETE FROM messages WHERE id = ANY(%s)", (chunk,)).rowcount
+    return removed
+
+
+def admin_stats(conn: psycopg.Connection) -> dict[str, int]:
+    """Users, deleted users, messages pending / delivered, and the database's size."""
+    users = conn.execute("SELECT COUNT(*) FROM users").fetchone()[0]
+    deleted = conn.execute("SELECT COUNT(*) FROM deleted_users").fetchone()[0]
+    counts = dict(conn.execute("SELECT status, COUNT(*) FROM messages GROUP BY status").fetchall())
+    size = conn.execute("SELECT pg_database_size(current_database())").fetchone()[0]
+    return {
+        "users": users,
+        "deleted_users": deleted,
+        "messages_pending": counts.get("pending", 0),
+        "messages_delivered": counts.get("delivered", 0),
+        "database_bytes": int(size),
+    }
 
 
 __all__ = [

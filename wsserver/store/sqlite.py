@@ -12,6 +12,7 @@ only supplies ``_write_batch``, which applies one batch in one transaction.
 
 from __future__ import annotations
 
+import contextlib
 import fcntl
 import os
 import re
@@ -85,9 +86,21 @@ def _statements(script: str) -> list[str]:
     return statements
 
 
+def _incremental_vacuum_if_new(conn: sqlite3.Connection) -> None:
+    """Give a new (empty) database ``auto_vacuum = INCREMENTAL``, so that the
+    pages retention frees go back to the file system (``reclaim_space``).
+
+    SQLite takes this setting only before the first table exists; an older
+    database keeps its mode (``NONE``) until an operator runs ``VACUUM`` on it
+    once with the setting (docs/operations.md, Retention)."""
+    if conn.execute("SELECT COUNT(*) FROM sqlite_master").fetchone()[0] == 0:
+        conn.execute("PRAGMA auto_vacuum = INCREMENTAL")
+
+
 def _connect(path: str) -> sqlite3.Connection:
     conn = sqlite3.connect(path, timeout=BUSY_TIMEOUT_MS / 1000, check_same_thread=False)
     conn.execute(f"PRAGMA busy_timeout = {BUSY_TIMEOUT_MS}")
+    _incremental_vacuum_if_new(conn)  # before WAL: SQLite takes it only then
     conn.execute("PRAGMA journal_mode = WAL")
     conn.execute("PRAGMA synchronous = NORMAL")
     return conn
@@ -436,6 +449,9 @@ class Store(BatchedWrites):
         """Insert a user; fires True, or False when the user_id is taken."""
 
         def interaction(txn: Any) -> bool:
+            txn.execute("SELECT 1 FROM deleted_users WHERE user_id = ?", (user.user_id,))
+            if txn.fetchone() is not None:
+                return False  # deleted: the id stays taken for good
             try:
                 txn.execute(
                     "INSERT INTO users (user_id, username, public_key, created_ms)"
@@ -587,6 +603,281 @@ class Store(BatchedWrites):
             return txn.fetchone()[0]
 
         return self._pool.runInteraction(interaction)
+
+    # -- retention and account events (wsserver/retention.py, events.py) --------
+
+    def expire_batch(self, status: str, before_ms: int, from_ms: int, limit: int) -> defer.Deferred:
+        """Delete up to ``limit`` messages of ``status`` created before
+        ``before_ms`` (and not before ``from_ms``, where the last batch ended),
+        oldest first, in one short transaction on the writer's thread: a
+        group commit waits for at most one such batch.  Fires with (rows
+        deleted, created_ms of the newest deleted or None)."""
+
+        def interaction(txn: Any) -> tuple[int, int | None]:
+            txn.execute(
+                "SELECT id, created_ms FROM messages WHERE created_ms >= ? AND created_ms < ?"
+                " AND status = ? ORDER BY created_ms LIMIT ?",
+                (from_ms, before_ms, status, limit),
+            )
+            rows = txn.fetchall()
+            if not rows:
+                return 0, None
+            # Another process may have deleted some of them since the SELECT:
+            # count what this one deleted.
+            return _delete_ids(txn, [row[0] for row in rows]), rows[-1][1]
+
+        return self._pool.runInteraction(interaction)
+
+    def reclaim_space(self, pages: int) -> defer.Deferred:
+        """Give up to ``pages`` free pages back to the file system
+        (``PRAGMA incremental_vacuum``; nothing on a database whose
+        ``auto_vacuum`` is not INCREMENTAL).  Fires with how many went back."""
+
+        def interaction(txn: Any) -> int:
+            txn.execute("PRAGMA freelist_count")
+            before = int(txn.fetchone()[0])
+            # executescript steps the pragma to its end (execute would step it
+            # once: one page); it is a transaction of its own.
+            txn.executescript(f"PRAGMA incremental_vacuum({int(pages)})")
+            txn.execute("PRAGMA freelist_count")
+            return before - int(txn.fetchone()[0])
+
+        return self._pool.runInteraction(interaction)
+
+    def prune_account_events(self, before_ms: int) -> defer.Deferred:
+        """Forget account events created before ``before_ms``."""
+        return self._pool.runOperation(
+            "DELETE FROM account_events WHERE created_ms < ?", (before_ms,)
+        )
+
+    def last_account_event(self) -> defer.Deferred:
+        """Fire with the id of the newest account event (0 when none)."""
+
+        def interaction(txn: Any) -> int:
+            txn.execute("SELECT COALESCE(MAX(id), 0) FROM account_events")
+            return int(txn.fetchone()[0])
+
+        return self._pool.runInteraction(interaction)
+
+    def account_events(self, after_id: int, limit: int) -> defer.Deferred:
+        """Fire with up to ``limit`` account events with id > ``after_id``, by
+        id, as (id, user_id, kind, detail)."""
+
+        def interaction(txn: Any) -> list[tuple[int, str, str, str | None]]:
+            txn.execute(
+                "SELECT id, user_id, kind, detail FROM account_events WHERE id > ?"
+                " ORDER BY id LIMIT ?",
+                (after_id, limit),
+            )
+            return [tuple(row) for row in txn.fetchall()]
+
+        return self._pool.runInteraction(interaction)
+
+    def forget_user(self, user_id: str) -> defer.Deferred:
+        """Drop ``user_id`` from the cache of known recipients (it was deleted):
+        messages to it are refused ``unknown_recipient`` from now on."""
+
+        def interaction(txn: Any) -> None:
+            self._known_users.discard(user_id)
+
+        return self._pool.runInteraction(interaction)
+
+    def purge_user_messages(self, user_id: str, after_id: int) -> defer.Deferred:
+        """Delete the messages from or to ``user_id`` with id > ``after_id`` (those
+        stored after the user was deleted, while this node still knew it);
+        fires with how many."""
+
+        def interaction(txn: Any) -> int:
+            txn.execute(
+                "SELECT id FROM messages WHERE id > ? AND (sender = ? OR recipient = ?)",
+                (after_id, user_id, user_id),
+            )
+            return _delete_ids(txn, [row[0] for row in txn.fetchall()])
+
+        return self._pool.runInteraction(interaction)
+
+
+def _delete_ids(txn: Any, ids: list[int]) -> int:
+    """Delete these messages; return how many were still there."""
+    deleted = 0
+    for start in range(0, len(ids), _IN_CHUNK):
+        chunk = ids[start : start + _IN_CHUNK]
+        marks = ",".join("?" * len(chunk))
+        txn.execute(f"DELETE FROM messages WHERE id IN ({marks})", chunk)  # noqa: S608
+        deleted += txn.rowcount
+    return deleted
+
+
+# ----------------------------------------------------------------------------
+# For wsserver-admin: synchronous, on a connection of its own, beside a
+# running server (WAL: its reads never block the server's writer; each write
+# is a short IMMEDIATE transaction).
+
+
+def admin_connect(path: str) -> sqlite3.Connection:
+    """A connection for ``wsserver-admin`` to an existing, up-to-date database."""
+    if not os.path.exists(path):
+        raise DatabaseError(f"DATABASE: {path} does not exist")
+    try:
+        conn = sqlite3.connect(path, timeout=BUSY_TIMEOUT_MS / 1000)
+        conn.execute(f"PRAGMA busy_timeout = {BUSY_TIMEOUT_MS}")
+        conn.isolation_level = None
+        current, newest = schema_version(conn), migrations()[-1][0]
+    except sqlite3.Error as exc:
+        raise DatabaseError(f"DATABASE: cannot open {path}: {exc}") from None
+    if current != newest:
+        conn.close()
+        raise DatabaseError(
+            f"DATABASE: {path} has schema version {current}, this wsserver-admin needs"
+            f" {newest}: start the server (of this version) on it once to upgrade it"
+        )
+    return conn
+
+
+def admin_users(conn: sqlite3.Connection) -> list[tuple[str, str, int]]:
+    """Every user as (user_id, username, created_ms), by user_id."""
+    return [
+        tuple(row)
+        for row in conn.execute(
+            "SELECT user_id, username, created_ms FROM users ORDER BY user_id"
+        ).fetchall()
+    ]
+
+
+def admin_delete_user(conn: sqlite3.Connection, user_id: str, now_ms: int) -> int | None:
+    """Delete ``user_id`` as protocol section 12 says; return how many messages
+    went, or None when there is no such user.
+
+    One transaction removes the user and their challenges, keeps the id as a
+    tombstone and records a "deleted" account event (every node polls them:
+    the user's connections close with 4003, and each node deletes whatever it
+    stored for them after this point).  The user's messages then go in
+    chunks, each its own short transaction, so a running server's commits
+    never wait long.
+    """
+    conn.execute("BEGIN IMMEDIATE")
+    try:
+        if conn.execute("SELECT 1 FROM users WHERE user_id = ?", (user_id,)).fetchone() is None:
+            conn.execute("ROLLBACK")
+            return None
+        head = conn.execute("SELECT COALESCE(MAX(id), 0) FROM messages").fetchone()[0]
+        conn.execute(
+            "INSERT OR IGNORE INTO deleted_users (user_id, deleted_ms) VALUES (?, ?)",
+            (user_id, now_ms),
+        )
+        conn.execute("DELETE FROM users WHERE user_id = ?", (user_id,))
+        conn.execute("DELETE FROM challenges WHERE user_id = ?", (user_id,))
+        conn.execute(
+            "INSERT INTO account_events (user_id, kind, detail, created_ms)"
+            " VALUES (?, 'deleted', ?, ?)",
+            (user_id, str(head), now_ms),
+        )
+        conn.execute("COMMIT")
+    except BaseException:
+        conn.execute("ROLLBACK")
+        raise
+    ids = [
+        row[0]
+        for row in conn.execute(
+            "SELECT id FROM messages WHERE sender = ? OR recipient = ?", (user_id, user_id)
+        ).fetchall()
+    ]
+    removed = 0
+    for start in range(0, len(ids), _IN_CHUNK):
+        conn.execute("BEGIN IMMEDIATE")
+        try:
+            removed += _delete_ids(conn.cursor(), ids[start : start + _IN_CHUNK])
+            conn.execute("COMMIT")
+        except BaseException:
+            conn.execute("ROLLBACK")
+            raise
+    return removed
+
+
+def admin_stats(conn: sqlite3.Connection, path: str) -> dict[str, int]:
+    """Users, deleted users, messages pending / delivered, and the bytes the
+    database takes (the file and its WAL)."""
+    users = conn.execute("SELECT COUNT(*) FROM users").fetchone()[0]
+    deleted = conn.execute("SELECT COUNT(*) FROM deleted_users").fetchone()[0]
+    counts = dict(conn.execute("SELECT status, COUNT(*) FROM messages GROUP BY status").fetchall())
+    size = 0
+    for suffix in ("", "-wal"):
+        with contextlib.suppress(OSError):
+            size += os.path.getsize(path + suffix)
+    free = conn.execute("PRAGMA freelist_count").fetchone()[0]
+    page = conn.execute("PRAGMA page_size").fetchone()[0]
+    return {
+        "users": users,
+        "deleted_users": deleted,
+        "messages_pending": counts.get("pending", 0),
+        "messages_delivered": counts.get("delivered", 0),
+        "database_bytes": size,
+        "free_bytes": free * page,
+    }
+
+
+def add_delivered_messages(path: str, count: int, created_ms: int, content: str) -> None:
+    """Store ``count`` delivered messages created at ``created_ms`` (between two
+    users that need not exist), in large transactions: what ``wsserver-bench
+    latency --expire N`` gives retention to delete.  Not for a live database."""
+    conn = sqlite3.connect(path)
+    try:
+        step = 50_000
+        for start in range(0, count, step):
+            rows = [
+                ("old-a", "old-b", content, created_ms) for _ in range(min(step, count - start))
+            ]
+            conn.executemany(
+                "INSERT INTO messages (sender, recipient, content, verification, status,"
+                " created_ms) VALUES (?, ?, ?, 'unsigned', 'delivered', ?)",
+                rows,
+            )
+            conn.commit()
+    finally:
+        conn.close()
+
+
+def backup(path: str, target: str) -> None:
+    """Copy the database at ``path`` to a new file ``target`` (0600) with
+    SQLite's online backup API, consistent while a server writes to it, and
+    check the copy (``PRAGMA integrity_check``).  Raises ``DatabaseError``."""
+    if not os.path.exists(path):
+        raise DatabaseError(f"DATABASE: {path} does not exist")
+    try:
+        fd = os.open(target, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, OWNER_ONLY)
+    except OSError as exc:
+        raise DatabaseError(f"cannot create {target}: {exc.strerror}") from None
+    os.fchmod(fd, OWNER_ONLY)
+    os.close(fd)
+    try:
+        source = sqlite3.connect(path, timeout=BUSY_TIMEOUT_MS / 1000)
+        try:
+            copy = sqlite3.connect(target)
+            try:
+                # In one step (pages=-1): one read snapshot, which in WAL mode
+                # never blocks the server's writer, where a copy in steps would
+                # restart each time another process writes.
+                source.backup(copy, pages=-1)
+                copy.execute("PRAGMA journal_mode = DELETE")
+                verdict = copy.execute("PRAGMA integrity_check").fetchall()
+            finally:
+                copy.close()
+        finally:
+            source.close()
+    except sqlite3.Error as exc:
+        _remove_quietly(target)
+        raise DatabaseError(f"backup failed: {exc}") from None
+    if verdict != [("ok",)]:
+        _remove_quietly(target)
+        raise DatabaseError(
+            f"backup failed: the copy does not pass integrity_check: {verdict[0][0]}"
+        )
+
+
+def _remove_quietly(path: str) -> None:
+    for suffix in _COMPANIONS:
+        with contextlib.suppress(OSError):
+            os.remove(path + suffix)
 
 
 __all__ = ["Store", "migrations", "prepare_database", "schema_version", "upgrade"]

@@ -1,0 +1,256 @@
+"""The ``history`` workload's database side: messages bulk-loaded straight into
+SQLite or PostgreSQL (not timed), the ``since`` query timed on its own, and
+its query plan.
+
+The data (docs/performance.md, section History): ``USERS`` users ``u0``...
+send messages; ``PROBES`` heavy users ``h0``... receive ``PROBE_SHARE`` of
+them each, so that a 256-message replay exists for them at every size; 1% of
+the messages are broadcasts; 1% of the other direct messages are still
+pending.  Ids are consecutive from 1, in the order generated, so a smaller
+database is a prefix of a larger one and both sizes are measured on the same
+history.  A probe's replay starts from a ``since`` with 256 to 511 of its
+messages after it: a client that missed a few hundred messages.
+"""
+
+from __future__ import annotations
+
+import random
+import sqlite3
+import statistics
+import time
+from typing import Any
+
+from ..auth import new_secret
+from ..store import prepare_database
+from ..store.rows import MESSAGE_COLUMNS
+
+USERS = 10_000
+PROBES = 5
+PROBE_SHARE = 0.06  # of all messages, per probe user
+BROADCAST_SHARE = 0.01
+PENDING_SHARE = 0.01  # of the direct messages to users other than the probes
+REPLAY = 256  # messages of one replay page (wsserver.broker.REPLAY_PAGE)
+CHUNK = 20_000
+CONTENT = "history " + "x" * 92  # ~100 bytes, as the other workloads
+BROADCAST = "broadcast"
+
+# The server's replay query, with the values a first page passes (after = 0).
+SQL_SINCE = {
+    "sqlite": (
+        "SELECT * FROM ("  # noqa: S608 (constant text, values are parameters)
+        f" SELECT {MESSAGE_COLUMNS} FROM messages WHERE recipient = ? AND status = 'pending'"
+        "  AND id > ? AND id <= ?"
+        f" UNION ALL SELECT {MESSAGE_COLUMNS} FROM messages WHERE recipient = ? AND id > ?"
+        f" UNION ALL SELECT {MESSAGE_COLUMNS} FROM messages WHERE recipient = ? AND id > ?"
+        ") ORDER BY id LIMIT ?"
+    ),
+}
+SQL_SINCE["postgres"] = (
+    SQL_SINCE["sqlite"].replace("?", "%s").replace(") ORDER BY", ") AS page ORDER BY")
+)
+
+
+def probe_name(i: int) -> str:
+    return f"h{i}"
+
+
+class History:
+    """The generator of the history, and what a replay needs from it: the ids
+    each probe receives (its direct messages and every broadcast)."""
+
+    def __init__(self, seed: int = 1) -> None:
+        self.random = random.Random(seed)
+        self.next_id = 1
+        self.probe_ids: dict[str, list[int]] = {probe_name(i): [] for i in range(PROBES)}
+        self.broadcast_ids: list[int] = []
+        self.started_ms = int(time.time() * 1000) - 86_400_000
+
+    def rows(self, upto: int) -> Any:
+        """Rows (id, sender, recipient, content, status, created_ms, recipients)
+        until ``upto`` messages exist."""
+        rnd = self.random
+        while self.next_id <= upto:
+            msg_id = self.next_id
+            self.next_id += 1
+            sender = f"u{rnd.randrange(USERS)}"
+            draw = rnd.random()
+            status, recipients = "delivered", None
+            if draw < PROBES * PROBE_SHARE:
+                recipient = probe_name(int(draw / PROBE_SHARE))
+                self.probe_ids[recipient].append(msg_id)
+            elif draw < PROBES * PROBE_SHARE + BROADCAST_SHARE:
+                recipient, recipients = BROADCAST, rnd.randrange(1, 100)
+                self.broadcast_ids.append(msg_id)
+            else:
+                recipient = f"u{rnd.randrange(USERS)}"
+                if rnd.random() < PENDING_SHARE:
+                    status = "pending"
+            created = self.started_ms + msg_id
+            yield (msg_id, sender, recipient, CONTENT, status, created, recipients)
+
+    def received(self, probe: str) -> list[int]:
+        """The ids a replay of ``probe`` from 0 would hand out, in order."""
+        return sorted(self.probe_ids[probe] + self.broadcast_ids)
+
+    def replays(self, count: int, seed: int = 2) -> list[tuple[str, int, int]]:
+        """``count`` (probe, since, messages after since) to replay, each with
+        REPLAY to 2 x REPLAY - 1 messages after its since."""
+        rnd = random.Random(seed)
+        out = []
+        for i in range(count):
+            probe = probe_name(i % PROBES)
+            ids = self.received(probe)
+            if len(ids) <= REPLAY:
+                raise ValueError(f"history: {probe} has only {len(ids)} messages; too few")
+            extra = rnd.randrange(min(REPLAY, len(ids) - REPLAY))
+            after = REPLAY + extra
+            out.append((probe, ids[-after - 1] if after < len(ids) else 0, after))
+        return out
+
+    def far_replays(self, count: int) -> list[tuple[str, int, int]]:
+        """``count`` (probe, since, messages after since) from the probe's
+        first message: a client back after a long time, its whole history to
+        come (only the first page is timed)."""
+        out = []
+        for i in range(count):
+            probe = probe_name(i % PROBES)
+            ids = self.received(probe)
+            out.append((probe, ids[0], len(ids) - 1))
+        return out
+
+
+def user_rows(created_ms: int) -> list[tuple[str, str, bytes, int]]:
+    """The senders as users (a key of 32 random bytes: never used to log in)."""
+    rnd = random.Random(3)
+    return [(f"u{i}", f"u{i}", rnd.randbytes(32), created_ms) for i in range(USERS)]
+
+
+# -- loading -----------------------------------------------------------------
+
+
+def load_sqlite(path: str, history: History, upto: int) -> float:
+    """Create the database if needed and append messages until ``upto``;
+    return the seconds it took (not part of any figure)."""
+    started = time.monotonic()
+    prepare_database(path, new_secret)
+    conn = sqlite3.connect(path)
+    try:
+        conn.execute("PRAGMA synchronous = OFF")
+        if conn.execute("SELECT COUNT(*) FROM users WHERE user_id LIKE 'u%'").fetchone()[0] == 0:
+            conn.executemany(
+                "INSERT INTO users (user_id, username, public_key, created_ms) VALUES (?, ?, ?, ?)",
+                user_rows(history.started_ms),
+            )
+        rows = history.rows(upto)
+        while True:
+            chunk = [row for _, row in zip(range(CHUNK), rows, strict=False)]
+            if not chunk:
+                break
+            conn.executemany(
+                "INSERT INTO messages (id, sender, recipient, content, verification, status,"
+                " created_ms, recipients) VALUES (?, ?, ?, ?, 'unsigned', ?, ?, ?)",
+                chunk,
+            )
+            conn.commit()
+        conn.execute("ANALYZE")
+        conn.commit()
+    finally:
+        conn.close()
+    return time.monotonic() - started
+
+
+def load_postgres(url: str, history: History, upto: int) -> float:
+    """As ``load_sqlite`` (COPY), and move the stream head past the last id."""
+    import psycopg
+
+    started = time.monotonic()
+    prepare_database(url, new_secret)
+    with psycopg.connect(url) as conn:
+        with conn.cursor() as cur:
+            cur.execute("SELECT COUNT(*) FROM users WHERE user_id LIKE 'u%%'")
+            if cur.fetchone()[0] == 0:
+                with cur.copy(
+                    "COPY users (user_id, username, public_key, created_ms) FROM STDIN"
+                ) as copy:
+                    for row in user_rows(history.started_ms):
+                        copy.write_row(row)
+            with cur.copy(
+                "COPY messages (id, sender, recipient, content, status, created_ms,"
+                " recipients, verification) FROM STDIN"
+            ) as copy:
+                for row in history.rows(upto):
+                    copy.write_row((*row, "unsigned"))
+            cur.execute(
+                "UPDATE stream_head SET last_id = GREATEST(last_id,"
+                " (SELECT COALESCE(MAX(id), 0) FROM messages))"
+            )
+        conn.commit()
+    with psycopg.connect(url, autocommit=True) as conn:
+        conn.execute("VACUUM ANALYZE messages")
+    return time.monotonic() - started
+
+
+# -- the query alone -----------------------------------------------------------
+
+
+def _args(probe: str, since: int) -> tuple:
+    return (probe, 0, since, probe, since, BROADCAST, since, REPLAY)
+
+
+def query_times(engine: str, database: str, replays: list[tuple[str, int, int]]) -> dict:
+    """p50/p99 ms of the server's replay query (first page) alone, run here
+    on a connection of its own, and its plan."""
+    sql = SQL_SINCE[engine]
+    times: list[float] = []
+    if engine == "sqlite":
+        conn: Any = sqlite3.connect(database)
+        execute = conn.execute
+        plan_rows = conn.execute("EXPLAIN QUERY PLAN " + sql, _args(*replays[0][:2])).fetchall()
+        plan = [row[-1] for row in plan_rows]
+    else:
+        import psycopg
+
+        conn = psycopg.connect(database, autocommit=True)
+        execute = conn.execute
+        plan_rows = conn.execute("EXPLAIN " + sql, _args(*replays[0][:2])).fetchall()
+        plan = [row[0] for row in plan_rows]
+    try:
+        for probe, since, _after in replays:
+            started = time.perf_counter()
+            rows = execute(sql, _args(probe, since)).fetchall()
+            times.append((time.perf_counter() - started) * 1000)
+            if len(rows) != REPLAY:
+                raise RuntimeError(f"history: the replay query gave {len(rows)} rows, not {REPLAY}")
+    finally:
+        conn.close()
+    return {"query_p50_ms": percentile(times, 50), "query_p99_ms": percentile(times, 99)}, plan
+
+
+def percentile(values: list[float], p: float) -> float:
+    ordered = sorted(values)
+    k = min(len(ordered) - 1, max(0, round(p / 100 * (len(ordered) - 1))))
+    return ordered[k]
+
+
+def plan_uses_indexes(engine: str, plan: list[str]) -> bool:
+    """True when no branch of the replay query scans the whole table or its
+    primary key by id instead of a recipient index."""
+    text = "\n".join(plan)
+    if engine == "sqlite":
+        return "SCAN messages" not in text and "USING INTEGER PRIMARY KEY" not in text
+    return "Seq Scan" not in text and "messages_pkey" not in text
+
+
+def plan_stops_early(engine: str, plan: list[str]) -> bool:
+    """True when the plan merges the branches in id order and stops after
+    the page (SQLite's MERGE of a compound query; PostgreSQL's Merge Append),
+    instead of reading every row after ``since`` and sorting them: only then
+    is a page's cost independent of how much there is to replay."""
+    text = "\n".join(plan)
+    if engine == "sqlite":
+        return "MERGE (UNION ALL)" in text and "TEMP B-TREE" not in text
+    return "Merge Append" in text and "Sort Key" not in text.split("Merge Append")[0]
+
+
+def median(values: list[float]) -> float:
+    return statistics.median(values) if values else float("nan")
