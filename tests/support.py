@@ -21,6 +21,8 @@ from nacl.signing import SigningKey
 from treq.client import HTTPClient
 from twisted.internet import defer, endpoints, error, protocol, reactor, task
 from twisted.internet.ssl import optionsForClientTLS
+from twisted.logger import formatEvent, globalLogPublisher
+from twisted.trial import unittest
 from twisted.web.client import Agent, HTTPConnectionPool
 
 from wsserver.auth import Session
@@ -37,6 +39,9 @@ from .services import (
 HERE = Path(__file__).parent
 VECTORS = json.loads((HERE / "vectors.json").read_text("utf-8"))
 TIMEOUT = 30.0  # seconds: a generous deadline for any one event (the machine may be loaded)
+WORKERS_START = 120.0  # seconds for a --workers 2 server (three Python processes) to start
+# A worker's start-up line as its parent relays it.
+_WORKER_LISTENING = re.compile(rb"worker (\d+/2) \(pid (\d+)\): [^\n]*wsserver listening on ")
 
 
 def vector_key(name: str) -> SigningKey:
@@ -74,8 +79,39 @@ def within(d: defer.Deferred, seconds: float = TIMEOUT) -> defer.Deferred:
     return d.addTimeout(seconds, reactor)
 
 
+WORKERS_SKIP = (
+    "inspects the in-process service; WSSERVER_TEST_WORKERS=2 runs the server in other processes"
+)
+
+
+def suite_mode() -> str:
+    """How ``LiveServer`` runs the end-to-end tests: ``"single"`` (one
+    in-process node, the default), ``"cluster"`` (``WSSERVER_TEST_CLUSTER=1``:
+    two in-process nodes on one PostgreSQL database and Redis) or
+    ``"workers"`` (``WSSERVER_TEST_WORKERS=2``: a real ``twistd -n wsserver
+    --workers 2`` process)."""
+    workers = os.environ.get("WSSERVER_TEST_WORKERS", "")
+    cluster = os.environ.get("WSSERVER_TEST_CLUSTER") == "1"
+    if workers not in ("", "1", "2"):
+        raise ValueError(f"WSSERVER_TEST_WORKERS={workers!r}: only 2 is supported")
+    if workers == "2":
+        if cluster:
+            raise ValueError("WSSERVER_TEST_WORKERS=2 and WSSERVER_TEST_CLUSTER=1: choose one")
+        return "workers"
+    return "cluster" if cluster else "single"
+
+
+def in_cluster() -> bool:
+    """True when the end-to-end tests run on several nodes (a test cluster or
+    ``--workers 2``): a promise that section 11 states differently for a
+    cluster (an ack ``pending`` then a ``status`` frame) is checked as such."""
+    return suite_mode() != "single"
+
+
 class LiveServer:
-    """A real ``WsServerService`` on a free loopback port, in this process."""
+    """A real ``WsServerService`` on a free loopback port, in this process;
+    in the test modes of ``suite_mode()`` two nodes, or a ``--workers 2``
+    process."""
 
     def __init__(
         self,
@@ -87,8 +123,22 @@ class LiveServer:
         the ``service`` given (built elsewhere, e.g. by the twistd plugin)."""
         self.testcase = testcase
         self.others: list[WsServerService] = []
+        self._service: WsServerService | None = None
+        self._process: subprocess.Popen | None = None
+        self._reader: Any = None  # workers mode: the test's own store on the database
+        self.log: Path | None = None  # workers mode: the twistd process's log
+        self._turn = 0
+        self._stopped = False
+        self._pool = HTTPConnectionPool(reactor, persistent=True)
+        testcase.addCleanup(self._pool.closeCachedConnections)
+        self.tls_options = None
+        own_cluster = service is None and "BROKER" not in (env or {})
+        self.mode = suite_mode() if own_cluster else "single"
+        if self.mode == "workers":
+            self._start_workers(testcase, env or {})
+            return
         if service is None:
-            cluster = os.environ.get("WSSERVER_TEST_CLUSTER") == "1" and "BROKER" not in (env or {})
+            cluster = self.mode == "cluster"
             if env and "DATABASE" in env:
                 self.db = env["DATABASE"]
             elif cluster:
@@ -114,27 +164,128 @@ class LiveServer:
                 service = build_service({}, settings)
         else:
             self.db = service.config.database
-        self.service: WsServerService = service
-        self.service.privilegedStartService()
-        self.service.startService()
+        self._service = service
+        service.privilegedStartService()
+        service.startService()
         for other in self.others:
             other.privilegedStartService()
             other.startService()
-        self.port = self.service.port.getHost().port
-        scheme = "https" if self.service.tls else "http"
-        self.base = f"{scheme}://127.0.0.1:{self.port}"
-        ws = "wss" if self.service.tls else "ws"
-        self.ws_base = f"{ws}://127.0.0.1:{self.port}/ws"
-        self._ws_bases = [self.ws_base] + [
-            f"{ws}://127.0.0.1:{other.port.getHost().port}/ws" for other in self.others
+        self.port = service.port.getHost().port
+        self.tls = service.tls is not None
+        self._set_urls()
+        self._ws_bases += [
+            f"{self._ws_scheme}://127.0.0.1:{other.port.getHost().port}/ws" for other in self.others
         ]
-        self._turn = 0
-        self._stopped = False
         testcase.addCleanup(self._stop_others)
         testcase.addCleanup(self.stop)
-        self._pool = HTTPConnectionPool(reactor, persistent=True)
-        testcase.addCleanup(self._pool.closeCachedConnections)
-        self.tls_options = None
+
+    def _set_urls(self) -> None:
+        scheme = "https" if self.tls else "http"
+        self.base = f"{scheme}://127.0.0.1:{self.port}"
+        self._ws_scheme = "wss" if self.tls else "ws"
+        self.ws_base = f"{self._ws_scheme}://127.0.0.1:{self.port}/ws"
+        self._ws_bases = [self.ws_base]
+
+    @property
+    def service(self) -> WsServerService:
+        """The in-process service (the first node in a test cluster).  With
+        ``--workers 2`` there is none here: a test that inspects it is skipped."""
+        if self._service is None:
+            raise unittest.SkipTest(WORKERS_SKIP)
+        return self._service
+
+    @property
+    def multi_node(self) -> bool:
+        """True when this server is several nodes (a test cluster or workers)."""
+        return self.mode != "single"
+
+    # -- --workers 2 in a process of its own (WSSERVER_TEST_WORKERS=2) ------------
+
+    def _start_workers(self, testcase: Any, env: dict[str, str]) -> None:
+        """``twistd -n wsserver --workers 2`` with a Redis of the test's own
+        (its keys and channels cannot meet another test's) and a SQLite file
+        or fresh PostgreSQL database; blocks until both workers serve."""
+        from .cluster import OwnRedis
+
+        redis = OwnRedis(testcase)
+        redis.start()
+        self.db = env.get("DATABASE") or database_for_test(testcase)
+        settings = {
+            "DATABASE": self.db,
+            "SERVER_ADDR": "tcp:0:interface=127.0.0.1",
+            "BROKER": redis.url,
+            "WORKERS": "2",
+            **env,
+        }
+        self.tls = "TLS_CERT" in settings
+        self.log = Path(os.path.abspath(testcase.mktemp() + ".log"))
+        out = open(self.log, "wb")  # noqa: SIM115 (closed at cleanup)
+        testcase.addCleanup(out.close)
+        self._process = subprocess.Popen(
+            [*TWISTD, "-n", "--pidfile=", "wsserver"],
+            cwd=os.getcwd(),  # a relative DATABASE means what it means to the test
+            env=twistd_env(settings),
+            stdin=subprocess.DEVNULL,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+        )
+        testcase.addCleanup(self.stop)
+        self.port = read_port(self.log, WORKERS_START)
+        self._set_urls()
+        self.worker_pids = self._wait_for_workers()
+
+    def _wait_for_workers(self) -> dict[str, int]:
+        """Block until both workers logged that they listen; {"1/2": pid, ...}."""
+        deadline = time.monotonic() + WORKERS_START
+        while True:
+            text = self.log.read_bytes()
+            pids = {m[0].decode(): int(m[1]) for m in _WORKER_LISTENING.findall(text)}
+            if len(pids) == 2:
+                return pids
+            if self._process is not None and self._process.poll() is not None:
+                raise AssertionError("the workers' parent ended:\n" + self.log_text())
+            if time.monotonic() > deadline:
+                raise AssertionError("the workers did not both start:\n" + self.log_text())
+            time.sleep(0.05)
+
+    def log_text(self) -> str:
+        """Workers mode: everything the parent logged so far (its workers' lines
+        prefixed ``worker I/2 (pid P)``)."""
+        return self.log.read_text("utf-8", "replace")
+
+    @property
+    def store(self) -> Any:
+        """A store on the server's database to read what it stored: the
+        service's own, or with ``--workers 2`` one of the test's."""
+        if self._service is not None:
+            return self._service.store
+        if self._reader is None:
+            from wsserver.store import open_store
+
+            self._reader = open_store(self.db, reactor)
+            self._reader.start()
+            self.testcase.addCleanup(self._reader.close)
+        return self._reader
+
+    @defer.inlineCallbacks
+    def settled(self, msg_id: int, until: Any) -> Any:
+        """The stored message ``msg_id`` once the server wrote its delivery
+        marks.  One node: after its store drained, read once.  Several nodes
+        (a mark is written by whichever node delivered, batched): the first
+        read within ``DEADLINE`` s for which ``until(message)`` holds."""
+        if not self.multi_node:
+            yield self.store.drain()
+            stored = yield self.store.get_message(msg_id)
+            return stored
+        deadline = time.monotonic() + DEADLINE
+        while True:
+            for node in [self._service, *self.others]:
+                if node is not None:
+                    yield node.store.drain()
+            stored = yield self.store.get_message(msg_id)
+            if until(stored) or time.monotonic() > deadline:
+                return stored
+            yield task.deferLater(reactor, 0.05, lambda: None)
 
     def http(self, tls_options: Any = None) -> HTTPClient:
         """A treq client whose connections are closed at the end of the test."""
@@ -153,9 +304,26 @@ class LiveServer:
     def stop(self) -> Any:
         if not self._stopped:
             self._stopped = True
-            yield self.service.stopService()
-            yield self._stop_others()
+            if self._process is not None:
+                yield self._stop_process()
+            else:
+                yield self.service.stopService()
+                yield self._stop_others()
             cancel_batched_timers()
+
+    @defer.inlineCallbacks
+    def _stop_process(self) -> Any:
+        """SIGTERM to the workers' parent (it forwards it and ends once its
+        workers drained); SIGKILL if it is still there after the deadline."""
+        proc = self._process
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGTERM)
+            try:
+                yield eventually(lambda: proc.poll() is not None, "the workers' parent ends", 60)
+            except AssertionError:
+                proc.kill()
+                proc.wait()
+                raise
 
     @defer.inlineCallbacks
     def _stop_others(self) -> Any:
@@ -211,11 +379,49 @@ class LiveServer:
         token = yield self.login(user_id, key)
         return key, token
 
-    def connect(self, token: str | None, **kwargs: Any) -> defer.Deferred:
-        """Open a WebSocket (to each node in turn in a test cluster)."""
+    def connect(self, token: str | None, node: int | None = None, **kwargs: Any) -> defer.Deferred:
+        """Open a WebSocket (to each node in turn in a test cluster, or to
+        node ``node`` of it: 0 is the first, ``service``)."""
         bases = getattr(self, "_ws_bases", None) or [self.ws_base]
+        if node is not None:
+            return connect_ws(bases[node], token, **kwargs)
         self._turn = getattr(self, "_turn", 0) + 1
         return connect_ws(bases[(self._turn - 1) % len(bases)], token, **kwargs)
+
+
+class ServerLog:
+    """Every line the server under test logs from now on.
+
+    In this process: the log events as they are published, formatted (and
+    with ``fields``, each event's repr too).  With ``--workers 2``: the
+    lines of the twistd process's log, read by ``lines()`` once the server
+    has stopped, so that every worker's lines have been relayed by then.
+    """
+
+    def __init__(self, testcase: Any, server: LiveServer, fields: bool = False) -> None:
+        self._server = server
+        self._events: list[str] = []
+        self._start = 0
+        if server.log is None:
+
+            def observe(event: dict) -> None:
+                self._events.append(formatEvent(event) + (" " + repr(event) if fields else ""))
+
+            globalLogPublisher.addObserver(observe)
+            testcase.addCleanup(globalLogPublisher.removeObserver, observe)
+        else:
+            self._start = server.log.stat().st_size
+
+    @defer.inlineCallbacks
+    def lines(self) -> Any:
+        """The lines so far; with ``--workers 2`` all of them, after stopping
+        the server (nothing can be asked of it afterwards)."""
+        if self._server.log is None:
+            return list(self._events)
+        yield self._server.stop()
+        with open(self._server.log, "rb") as f:
+            f.seek(self._start)
+            return f.read().decode("utf-8", "replace").splitlines()
 
 
 class ConnectionClosed(Exception):

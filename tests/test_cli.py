@@ -155,7 +155,7 @@ class CliTests(ServedCase):
         code, out, _ = yield self.cli("send", "--to", "alice", "note to self")
         msg_id, status = out.split()
         self.assertEqual((code, status), (0, "delivered"))
-        stored = yield self.server.service.store.get_message(int(msg_id))
+        stored = yield self.server.store.get_message(int(msg_id))
         self.assertEqual((stored.content, stored.verification), ("note to self", "verified"))
 
     @defer.inlineCallbacks
@@ -194,7 +194,7 @@ class CliTests(ServedCase):
         code, _, err = yield self.cli("--key", "other.key", "register", "--name", "Mallory")
         self.assertEqual(code, 1)
         self.assertOneHumanLine(err, self.url, "user_exists", "another key")
-        record = yield self.server.service.store.get_user("alice")
+        record = yield self.server.store.get_user("alice")
         self.assertEqual(record.username, "Alice")
 
     @defer.inlineCallbacks
@@ -246,7 +246,7 @@ class CliTests(ServedCase):
         chat.transport.closeStdin()
         code = yield within(chat.ended, WAIT)
         self.assertEqual(code, 0)
-        stored = yield self.server.service.store.count_messages()
+        stored = yield self.server.store.count_messages()
         self.assertEqual(stored, 3)  # hello bob, hi alice, hi bob
 
 

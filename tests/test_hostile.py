@@ -7,15 +7,15 @@ import base64
 import json
 import os
 import re
+from typing import Any
 
 import jwt
 from twisted.internet import defer, endpoints, protocol, reactor
-from twisted.logger import formatEvent, globalLogPublisher
 from twisted.trial import unittest
 
 from wsserver.auth import IAT_LEEWAY
 
-from .support import LiveServer, b64, connect_ws, public_b64, vector_key, within
+from .support import LiveServer, ServerLog, b64, connect_ws, public_b64, vector_key, within
 
 LONE = "\ud800"  # json.dumps writes it as the escape \ud800, a lone surrogate
 
@@ -52,14 +52,14 @@ class InvalidUnicodeTests(unittest.TestCase):
         answered with a system invalid_message frame; nothing is stored; the same
         connection then sends a message that is acked and delivered."""
         alice = yield self.server.connect(self.alice_token, testcase=self)
-        before = yield self.server.service.store.count_messages()
+        before = yield self.server.store.count_messages()
         good = {"to": "bob", "content": "x", "nonce": "u-1"}
         for name in ("content", "to", "nonce", "signature", "type", "from"):
             alice.sendMessage(surrogate_json({**good, name: "a" + LONE}))
             frame = yield alice.next_of("system")
             self.assertEqual(frame["code"], "invalid_message", name)
             self.assertIn(name, frame["content"])
-        after = yield self.server.service.store.count_messages()
+        after = yield self.server.store.count_messages()
         self.assertEqual(after, before)
         alice.send_json({"to": "bob", "content": "still here"})
         ack = yield alice.next_of("ack")
@@ -188,18 +188,6 @@ def raw_http(server: LiveServer, request: bytes):
     return int(lines[0].split()[1]), headers, body
 
 
-def capture_log(testcase: unittest.TestCase) -> list[str]:
-    """Every log event from now to the end of the test, formatted, with its fields."""
-    lines: list[str] = []
-
-    def observe(event: dict) -> None:
-        lines.append(formatEvent(event) + " " + repr(event))
-
-    globalLogPublisher.addObserver(observe)
-    testcase.addCleanup(globalLogPublisher.removeObserver, observe)
-    return lines
-
-
 def ws_request(target: bytes, *extra: bytes) -> bytes:
     """A complete RFC 6455 upgrade request for ``target``, plus ``extra`` header lines."""
     return b"\r\n".join(
@@ -249,7 +237,7 @@ class TokenInTheLogTests(unittest.TestCase):
         since, a repeated token, a foreign Origin or a missing upgrade, is answered
         as documented and no log line shows the token; the access log shows the
         request with token=<redacted>."""
-        lines = capture_log(self)
+        log = ServerLog(self, self.server, fields=True)
         t = self.token.encode("ascii")
         for query in self.spellings():
             refusals = [
@@ -264,6 +252,7 @@ class TokenInTheLogTests(unittest.TestCase):
             plain = b"GET /ws?" + query + b" HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"
             code, _, _ = yield raw_http(self.server, plain)
             self.assertEqual(code, 426, query)
+        lines = yield log.lines()
         self.assertNoToken(lines)
         logged = "/ws?since=<redacted>&token=<redacted>"
         self.assertTrue(any(logged in line for line in lines), lines)
@@ -272,7 +261,7 @@ class TokenInTheLogTests(unittest.TestCase):
     def test_accepted_upgrades_never_log_the_token(self):
         """A WebSocket opened with the token in each spelling works, and no log line
         shows the token."""
-        lines = capture_log(self)
+        log = ServerLog(self, self.server, fields=True)
         for query in self.spellings():
             url = f"{self.server.ws_base}?{query.decode('ascii')}"
             client = yield connect_ws(url, None)
@@ -280,13 +269,15 @@ class TokenInTheLogTests(unittest.TestCase):
             frame = yield client.next_of("ack")
             self.assertEqual(frame["content"], "hi")
             yield client.close_and_wait()
+        lines = yield log.lines()
+        self.assertTrue(any("connected: alice" in line for line in lines), lines)
         self.assertNoToken(lines)
 
     @defer.inlineCallbacks
     def test_other_paths_never_log_the_token(self):
         """A token sent in the query of any other path (where it means nothing) is not
         logged either, in any spelling; nor is one in the Referer header."""
-        lines = capture_log(self)
+        log = ServerLog(self, self.server, fields=True)
         t = self.token.encode("ascii")
         for query in self.spellings():
             for path in (b"/auth/login", b"/nope", b"/health", b"/auth/users/alice"):
@@ -297,6 +288,7 @@ class TokenInTheLogTests(unittest.TestCase):
                 code, _, body = yield raw_http(self.server, request)
                 self.assertIn(code, (200, 404, 405), path)
                 self.assertNotIn(t, body)
+        lines = yield log.lines()
         self.assertNoToken(lines)
         self.assertTrue(any("/health?token=<redacted>" in line for line in lines))
 
@@ -322,15 +314,11 @@ class ControlCharactersInTheLogTests(unittest.TestCase):
 
     def setUp(self):
         self.server = LiveServer(self, {"AUTH_BURST_LIMIT": "1000"})
-        self.lines: list[str] = []
+        self.log = ServerLog(self, self.server)
 
-        def observe(event: dict) -> None:
-            self.lines.append(formatEvent(event))
-
-        globalLogPublisher.addObserver(observe)
-        self.addCleanup(globalLogPublisher.removeObserver, observe)
-
-    def assertCleanLog(self) -> None:
+    @defer.inlineCallbacks
+    def assertCleanLog(self) -> Any:
+        self.lines = yield self.log.lines()
         dirty = [line[:300] for line in self.lines if not only_printable_ascii(line)]
         self.assertEqual(dirty, [], "log lines with raw control or non-ASCII characters")
 
@@ -352,13 +340,13 @@ class ControlCharactersInTheLogTests(unittest.TestCase):
                 code, _, _ = yield raw_http(self.server, request + b"Connection: close\r\n\r\n")
                 self.assertIn(code, (200, 400, 404, 405, 501), request)
                 answered += 1
+        yield self.assertCleanLog()
         access = [line for line in self.lines if '" - - [' in line]
         self.assertTrue(any("\\x1b[31mred\\x1b[0m" in line for line in access), access)
         self.assertTrue(any("caf\\xc3\\xa9" in line for line in access), access)
         self.assertTrue(any("c1\\x9b2J" in line for line in access), access)
         self.assertTrue(any("del\\x7f" in line for line in access), access)
         self.assertEqual(len([line for line in access if "\n" in line.strip()]), 0)
-        self.assertCleanLog()
 
     @defer.inlineCallbacks
     def test_hostile_upgrade_headers_are_refused_before_autobahn_logs_them(self):
@@ -374,7 +362,7 @@ class ControlCharactersInTheLogTests(unittest.TestCase):
                 self.assertEqual(code, 400, (header, value))
                 if b"\r" not in value and b"\x00" not in value:  # else Twisted's own 400
                     self.assertEqual(json.loads(body)["error"]["code"], "invalid_request")
-        self.assertCleanLog()
+        yield self.assertCleanLog()
 
 
 def versioned_request(token: str, *lines: bytes) -> bytes:

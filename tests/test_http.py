@@ -195,7 +195,13 @@ class HttpTests(unittest.TestCase):
         answered; /info names the server."""
         code, body = yield self.server.get("/health")
         self.assertEqual((code, body["status"], body["connections"]), (200, "ok", 0))
-        self.assertEqual(body["node"], f"{socket.gethostname()}:{os.getpid()}")
+        if self.server.mode == "single":
+            self.assertEqual(body["node"], f"{socket.gethostname()}:{os.getpid()}")
+        elif self.server.mode == "cluster":  # HTTP goes to the first node, named so
+            self.assertEqual(body["node"], "test-1")
+        else:  # one of the workers, each host:pid of its own process
+            pids = self.server.worker_pids.values()
+            self.assertIn(body["node"], [f"{socket.gethostname()}:{pid}" for pid in pids])
         code, body = yield self.server.get("/info")
         self.assertEqual((code, body["name"], body["protocol"]), (200, "wsserver", 1))
 

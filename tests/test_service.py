@@ -17,7 +17,7 @@ from twisted.logger import formatEvent, globalLogPublisher
 from twisted.trial import unittest
 
 from wsserver.auth import Session
-from wsserver.store import User
+from wsserver.store import User, is_postgres
 from wsserver.tap import build_service, open_url
 
 from .support import (
@@ -256,6 +256,17 @@ def _kill_quietly(pid: int) -> None:
         os.kill(pid, signal.SIGKILL)
 
 
+def stored_ids(db: str) -> set[int]:
+    """The ids of every message in the database ``db`` (SQLite or PostgreSQL)."""
+    if is_postgres(db):
+        import psycopg
+
+        with psycopg.connect(db) as conn:
+            return {row[0] for row in conn.execute("SELECT id FROM messages")}
+    with contextlib.closing(sqlite3.connect(db)) as conn:
+        return {row[0] for row in conn.execute("SELECT id FROM messages")}
+
+
 class InProcessShutdownTests(unittest.TestCase):
     @defer.inlineCallbacks
     def test_stop_commits_then_closes_1001(self):
@@ -274,9 +285,7 @@ class InProcessShutdownTests(unittest.TestCase):
         codes = yield defer.gatherResults([alice.wait_closed(), bob.wait_closed()])
         self.assertEqual(codes, [1001, 1001])
         acked = {f["id"] for f in alice.received if f["type"] == "ack"}
-        conn = sqlite3.connect(db)
-        self.addCleanup(conn.close)
-        stored = {row[0] for row in conn.execute("SELECT id FROM messages")}
+        stored = stored_ids(db)
         self.assertLessEqual(acked, stored)
         delivered = {f["id"] for f in bob.received if f["type"] == "message"}
         self.assertLessEqual(delivered, stored)
@@ -450,11 +459,24 @@ class StartupLineTests(unittest.TestCase):
         self.assertFalse(os.path.isabs(relative))
         server = LiveServer(self, {"DATABASE": relative})
         lines = [formatEvent(e) for e in events if "listening" in (e.get("log_format") or "")]
-        expected = (
-            f"wsserver listening on http://127.0.0.1:{server.port}/ "
-            f"(database {os.path.abspath(relative)})"
-        )
-        self.assertEqual(lines, [expected])
+        where = f"(database {os.path.abspath(relative)})"
+        if server.mode == "workers":
+            # The parent's line, once, in the log of the twistd process.
+            self.assertEqual(lines, [])
+            parent = [line for line in server.log_text().splitlines() if "2 workers)" in line]
+            self.assertEqual(len(parent), 1, parent)
+            self.assertTrue(
+                parent[0].endswith(
+                    f"wsserver listening on http://127.0.0.1:{server.port}/ "
+                    f"(database {os.path.abspath(relative)}; 2 workers)"
+                ),
+                parent,
+            )
+            return
+        # One line per node (two in a test cluster), each with its own port.
+        ports = [server.port] + [node.port.getHost().port for node in server.others]
+        expected = [f"wsserver listening on http://127.0.0.1:{port}/ {where}" for port in ports]
+        self.assertEqual(lines, expected)
 
 
 class ExampleTests(unittest.TestCase):

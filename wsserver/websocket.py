@@ -603,6 +603,10 @@ class ServerFactory(WebSocketServerFactory):
         proto = super().buildProtocol(addr)
         if self._admitting is not None:
             proto._session, proto._since = self._admitting
+            # The client has everything up to since: a live frame at or below it
+            # (a publication that reached this node late, in a cluster) is not
+            # written again.
+            proto._last_id = proto._since or 0
         return proto
 
     def close_user(self, user_id: str, code: int, reason: str) -> int:

@@ -220,11 +220,20 @@ class RedisBroker(LocalBroker):
             password=password,
             replyTimeout=REPLY_TIMEOUT,
         )
-        self._commands.startConnecting(self._endpoint())
         self._subscriber = _SubscriberFactory(self, password)
+        for factory in (self._commands, self._subscriber):
+            # txredisapi fails this Deferred (nobody else waits on it) when AUTH
+            # or SELECT is not answered, e.g. the node stopping as it connects:
+            # handled here, not left to be logged as unhandled when collected.
+            factory.deferred.addErrback(self._connect_failed)
+        self._commands.startConnecting(self._endpoint())
         self._subscriber.startConnecting(self._endpoint())
         self._poller.start(POLL_INTERVAL, now=True)
         self._leaser.start(LEASE_REFRESH, now=False)
+
+    def _connect_failed(self, f: Failure) -> None:
+        if self._poller.running:  # not stopping: say so (the message names no secret)
+            _log.warn("broker {url}: {why}", url=self._shown, why=f.getErrorMessage())
 
     @defer.inlineCallbacks
     def stop(self) -> Any:
@@ -286,8 +295,15 @@ class RedisBroker(LocalBroker):
                 self._warned = False
             return self._catch_up()
 
+        def failed(f: Failure) -> None:
+            # A connection lost while subscribing (the node stopping, or Redis
+            # going) is no error: _subscriber_down noted it, and the factory
+            # subscribes again when it reconnects.
+            if not f.check(txredisapi.ConnectionError):
+                _log.failure("subscribing to {url} failed", f, url=self._shown)
+
         d.addCallback(subscribed)
-        d.addErrback(lambda f: _log.failure("subscribing to {url} failed", f, url=self._shown))
+        d.addErrback(failed)
 
     def _subscriber_down(self) -> None:
         self._subscribed = False
