@@ -75,7 +75,7 @@ class InvalidUnicodeTests(unittest.TestCase):
         bob_token = yield self.server.login("bob", vector_key("bob"))
         alice = yield self.server.connect(self.alice_token, testcase=self)
         bob = yield self.server.connect(bob_token, testcase=self)
-        before = yield self.server.service.store.count_messages()
+        before = yield self.server.store.count_messages()
         bob.send_json({"to": "alice", "content": "from bob", "nonce": "b-1"})
         alice.send_json({"to": "bob", "content": "nul\x00here", "nonce": "a-1"})
         alice.send_json({"to": "bob", "content": "after", "nonce": "a-2"})
@@ -86,7 +86,7 @@ class InvalidUnicodeTests(unittest.TestCase):
         self.assertEqual(ack["content"], "after")
         ack = yield bob.next_of("ack")
         self.assertEqual(ack["content"], "from bob")
-        after = yield self.server.service.store.count_messages()
+        after = yield self.server.store.count_messages()
         self.assertEqual(after, before + 2)
 
     @defer.inlineCallbacks
