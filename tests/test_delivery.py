@@ -4,6 +4,7 @@ messages in flight while a replay is written, and a locked database."""
 from __future__ import annotations
 
 import sqlite3
+from typing import Any
 
 from twisted.internet import defer
 from twisted.trial import unittest
@@ -172,31 +173,89 @@ class LatePublicationTests(unittest.TestCase):
     timeout = 120
 
     @defer.inlineCallbacks
-    def test_a_publication_at_or_below_since_is_not_delivered_again(self):
-        """A message whose publication reaches a node only after a recipient
-        connected there with ``since`` at or above its id is not written to that
-        connection: the client has it already (section 6), and ids only grow."""
+    def late_publication(self, bob_elsewhere: bool) -> Any:
+        """alice (node a) sends bob one message while node b hears nothing; bob
+        connects to node b with since = its id; then node b hears the
+        publication late and alice sends a second message.  With
+        ``bob_elsewhere`` another device of bob's on node a got the first one
+        live.  Fire with (first ack, second ack, bob's client on node b)."""
         from .cluster import two_nodes
 
         a, b = yield two_nodes(self)
         _, alice_token = yield a.user("alice")
         _, bob_token = yield a.user("bob")
         alice = yield a.connect(alice_token, testcase=self)
+        if bob_elsewhere:
+            bob_a = yield a.connect(bob_token, testcase=self)
         broker = b.service.broker
         # Node b hears nothing for a while: no publication, no poll of the database.
         broker._poller.stop()
         held: list = []
         broker._received = held.append
-        alice.send_json({"to": "bob", "content": "seen on another node", "nonce": "l-1"})
-        ack = yield alice.next_of("ack")
+        alice.send_json({"to": "bob", "content": "first", "nonce": "l-1"})
+        first = yield alice.next_of("ack")
+        if bob_elsewhere:
+            got = yield bob_a.next_of("message")
+            self.assertEqual(got["id"], first["id"])
+            # Once stored as delivered, a replay no longer brings it (section 6).
+            stored = yield a.settled(first["id"], lambda m: m.status == "delivered")
+            self.assertEqual(stored.status, "delivered")
         yield eventually(lambda: held, "node b is sent the publication")
-        bob = yield b.connect(bob_token, since=ack["id"], testcase=self)
+        bob = yield b.connect(bob_token, since=first["id"], testcase=self)
         # Node b hears it late, after bob said he has everything up to it.
         del broker._received
         for payload in held:
             broker._received(payload)
         broker._poller.start(1.0, now=True)
-        alice.send_json({"to": "bob", "content": "new", "nonce": "l-2"})
+        alice.send_json({"to": "bob", "content": "second", "nonce": "l-2"})
         second = yield alice.next_of("ack")
+        return first, second, bob
+
+    @defer.inlineCallbacks
+    def test_a_publication_at_or_below_since_is_not_delivered_again(self):
+        """A message delivered to another device of the recipient, whose
+        publication reaches a node only after the recipient connected there with
+        ``since`` at or above its id, is not written to that connection: the
+        client has it already (section 6), and ids only grow."""
+        first, second, bob = yield self.late_publication(bob_elsewhere=True)
         got = yield bob.next_of("message")
-        self.assertEqual((got["id"], got["content"]), (second["id"], "new"))
+        self.assertEqual((got["id"], got["content"]), (second["id"], "second"))
+        ids = [f["id"] for f in bob.received if f["type"] == "message"]
+        self.assertNotIn(first["id"], ids)
+
+    @defer.inlineCallbacks
+    def test_a_pending_message_at_or_below_since_is_replayed_once(self):
+        """The same with the message still pending (bob had no connection): the
+        replay brings it whatever its id (section 6), once, before the next one,
+        although its late publication says the same."""
+        first, second, bob = yield self.late_publication(bob_elsewhere=False)
+        got = yield bob.take(2, "message")
+        self.assertEqual(
+            [(f["id"], f["content"]) for f in got],
+            [(first["id"], "first"), (second["id"], "second")],
+        )
+        self.assertEqual(len([f for f in bob.received if f["type"] == "message"]), 2)
+
+
+class PendingBelowSinceTests(unittest.TestCase):
+    @defer.inlineCallbacks
+    def test_a_reconnect_with_since_above_a_pending_message_gets_it(self):
+        """bob, offline, is sent a message; he comes back with ``since`` above
+        its id (he saw a later broadcast on another device): the replay brings
+        the pending message whatever its id (section 6), and its sender is told
+        it was delivered."""
+        server = LiveServer(self)
+        _, alice_token = yield server.user("alice")
+        _, bob_token = yield server.user("bob")
+        alice = yield server.connect(alice_token, testcase=self)
+        alice.send_json({"to": "bob", "content": "while away", "nonce": "p-1"})
+        ack = yield alice.next_of("ack")
+        self.assertEqual(ack["status"], "pending")
+        alice.send_json({"to": "broadcast", "content": "later, to all", "nonce": "p-2"})
+        later = yield alice.next_of("ack")
+        self.assertGreater(later["id"], ack["id"])
+        bob = yield server.connect(bob_token, since=later["id"], testcase=self)
+        got = yield bob.next_of("message")
+        self.assertEqual((got["id"], got["content"]), (ack["id"], "while away"))
+        status = yield alice.next_of("status")
+        self.assertEqual((status["id"], status["status"]), (ack["id"], "delivered"))

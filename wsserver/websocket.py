@@ -228,6 +228,10 @@ class ServerProtocol(WebSocketServerProtocol):
         self._held: list[tuple[int, Any]] = []  # live frames that came during replay
         self._held_bytes = 0
         self._last_id = 0  # highest message id written: ids only go up per connection
+        # Live frames at or below this id are not written: the client said
+        # (since) it has them.  The replay is not held to it: it brings every
+        # pending message whatever its id (protocol section 6).
+        self._live_floor = 0
         self._paused = False
         self._unsent = 0  # bytes written while the transport said it was full
         self._judging = False  # a slowness check is scheduled
@@ -258,7 +262,7 @@ class ServerProtocol(WebSocketServerProtocol):
                 # being written: like any slow reader, come back with since.
                 self._close_slow()
             return True
-        if msg_id > self._last_id:
+        if msg_id > self._last_id and (replayed or msg_id > self._live_floor):
             self._last_id = msg_id
             self._write(frame)
         return True
@@ -603,10 +607,11 @@ class ServerFactory(WebSocketServerFactory):
         proto = super().buildProtocol(addr)
         if self._admitting is not None:
             proto._session, proto._since = self._admitting
-            # The client has everything up to since: a live frame at or below it
-            # (a publication that reached this node late, in a cluster) is not
+            # The client has everything up to since but what is still pending,
+            # which the replay brings: a live frame at or below since (a
+            # publication that reached this node late, in a cluster) is not
             # written again.
-            proto._last_id = proto._since or 0
+            proto._live_floor = proto._since or 0
         return proto
 
     def close_user(self, user_id: str, code: int, reason: str) -> int:
