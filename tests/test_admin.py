@@ -191,11 +191,35 @@ class DeleteUserContract:
         self.assertEqual(outcome, st.CHALLENGE_NONE)
         again = yield store.add_user(st.User("bob", "Bob", b"\x02" * 32, 5))
         self.assertFalse(again)
-        code, _, err = yield in_thread("delete-user", "bob", database=db)
+        code, _, err = yield in_thread("delete-user", "nobody", database=db)
         self.assertEqual(code, 1)
         self.assertIn("no such user", err)
         others = yield store.get_user("alice")
         self.assertIsNotNone(others)
+
+    @defer.inlineCallbacks
+    def test_a_deletion_that_failed_half_way_is_finished_by_running_it_again(self):
+        """The messages go after the user, in chunks of their own: if a chunk
+        fails (a lock held too long, a lost connection), running delete-user
+        again for the deleted id removes what is left (before, it answered
+        "no such user" and the messages stayed for good)."""
+        db = self.database()
+        store = st.open_store(db, reactor)
+        self.addCleanup(lambda: store._closed or store.close())
+        yield fill(store)
+        yield store.drain()
+        code, _, err = yield in_thread("delete-user", "bob", database=db)
+        self.assertEqual((code, err), (0, ""))
+        # What a run interrupted after the user went would have left behind.
+        left = new_message("bob", "alice", "left behind")
+        yield store.add_message(left)
+        yield store.drain()
+        code, out, err = yield in_thread("--json", "delete-user", "bob", database=db)
+        self.assertEqual((code, err), (0, ""))
+        self.assertEqual(json.loads(out), {"deleted": "bob", "messages_removed": 1})
+        head = yield store.stream_head()
+        rest = yield store.messages_between(0, head, 100)
+        self.assertNotIn("bob", {m.sender for m in rest} | {m.recipient for m in rest})
 
 
 class SQLiteDeleteUserTests(DeleteUserContract, unittest.TestCase):

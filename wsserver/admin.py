@@ -155,7 +155,8 @@ def parser() -> argparse.ArgumentParser:
     delete = commands.add_parser(
         "delete-user",
         help="delete a user, their challenges and every message from or to them;"
-        " the id stays taken; their connections close with 4003",
+        " the id stays taken; their connections close with 4003; run again"
+        " after a failure, it finishes the job",
     )
     delete.add_argument("user_id", metavar="ID")
     backup = commands.add_parser(

@@ -748,21 +748,33 @@ def admin_delete_user(conn: psycopg.Connection, user_id: str, now_ms: int) -> in
         conn.execute("SELECT pg_advisory_xact_lock(%s, hashtext(%s))", (USER_LOCK, user_id))
         gone = conn.execute("DELETE FROM users WHERE user_id = %s", (user_id,)).rowcount
         if gone != 1:
-            return None
-        conn.execute(
-            "INSERT INTO deleted_users (user_id, deleted_ms) VALUES (%s, %s)"
-            " ON CONFLICT (user_id) DO NOTHING",
-            (user_id, now_ms),
-        )
-        conn.execute("DELETE FROM challenges WHERE user_id = %s", (user_id,))
-        # Commit order is id order for the pollers (see 003_operations.sql).
-        conn.execute("LOCK TABLE account_events IN EXCLUSIVE MODE")
-        head = conn.execute("SELECT last_id FROM stream_head").fetchone()[0]
-        conn.execute(
-            "INSERT INTO account_events (user_id, kind, detail, created_ms)"
-            " VALUES (%s, 'deleted', %s, %s)",
-            (user_id, str(head), now_ms),
-        )
+            # Deleted before (perhaps by a run that failed half-way: finish
+            # removing the messages), or no such user.
+            known = conn.execute(
+                "SELECT 1 FROM deleted_users WHERE user_id = %s", (user_id,)
+            ).fetchone()
+            if known is None:
+                return None
+        else:
+            conn.execute(
+                "INSERT INTO deleted_users (user_id, deleted_ms) VALUES (%s, %s)"
+                " ON CONFLICT (user_id) DO NOTHING",
+                (user_id, now_ms),
+            )
+            conn.execute("DELETE FROM challenges WHERE user_id = %s", (user_id,))
+            # Commit order is id order for the pollers (see 003_operations.sql).
+            conn.execute("LOCK TABLE account_events IN EXCLUSIVE MODE")
+            head = conn.execute("SELECT last_id FROM stream_head").fetchone()[0]
+            conn.execute(
+                "INSERT INTO account_events (user_id, kind, detail, created_ms)"
+                " VALUES (%s, 'deleted', %s, %s)",
+                (user_id, str(head), now_ms),
+            )
+    return _delete_messages_of(conn, user_id)
+
+
+def _delete_messages_of(conn: psycopg.Connection, user_id: str) -> int:
+    """Delete every message from or to ``user_id``, a chunk per statement."""
     ids = [
         row[0]
         for row in conn.execute(

@@ -763,8 +763,14 @@ def admin_delete_user(conn: sqlite3.Connection, user_id: str, now_ms: int) -> in
     conn.execute("BEGIN IMMEDIATE")
     try:
         if conn.execute("SELECT 1 FROM users WHERE user_id = ?", (user_id,)).fetchone() is None:
+            deleted = conn.execute(
+                "SELECT 1 FROM deleted_users WHERE user_id = ?", (user_id,)
+            ).fetchone()
             conn.execute("ROLLBACK")
-            return None
+            if deleted is None:
+                return None
+            # Deleted before, perhaps by a run that failed half-way: finish.
+            return _delete_messages_of(conn, user_id)
         head = conn.execute("SELECT COALESCE(MAX(id), 0) FROM messages").fetchone()[0]
         conn.execute(
             "INSERT OR IGNORE INTO deleted_users (user_id, deleted_ms) VALUES (?, ?)",
@@ -781,6 +787,11 @@ def admin_delete_user(conn: sqlite3.Connection, user_id: str, now_ms: int) -> in
     except BaseException:
         conn.execute("ROLLBACK")
         raise
+    return _delete_messages_of(conn, user_id)
+
+
+def _delete_messages_of(conn: sqlite3.Connection, user_id: str) -> int:
+    """Delete every message from or to ``user_id``, in short transactions."""
     ids = [
         row[0]
         for row in conn.execute(
