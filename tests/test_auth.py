@@ -226,6 +226,22 @@ class LoginTests(unittest.TestCase):
             self.fail(f"expected {code}")
 
     @defer.inlineCallbacks
+    def test_a_look_up_racing_a_deletion_does_not_bring_the_key_back(self):
+        """A key look-up that read the user just before the deletion committed,
+        and returns after the node forgot the user, answers None and caches
+        nothing: the deleted user's tokens stay refused on this node."""
+        yield self.register()
+        reading: defer.Deferred = defer.Deferred()
+        found = yield self.store.get_user("alice")
+        self.patch(self.store, "get_user", lambda user_id: reading)
+        looking = self.auth.verify_key("alice")
+        self.auth.forget("alice")  # the account event arrives meanwhile
+        reading.callback(found)  # the read made before the deletion
+        key = yield looking
+        self.assertIsNone(key)
+        self.assertNotIn("alice", self.auth._keys)
+
+    @defer.inlineCallbacks
     def test_challenge_format_and_login(self):
         """The challenge is wsserver-login-v1:<id>:<43 base64url chars>; signing it logs in."""
         yield self.register()

@@ -185,6 +185,9 @@ class Authenticator:
         self._challenge_ttl = challenge_ttl
         # Users never change key, so a found key can be cached; bounded LRU.
         self._keys: OrderedDict[str, VerifyKey] = OrderedDict()
+        # Users deleted while this node runs (their ids stay taken for good):
+        # a look-up that began before the deletion must not cache them again.
+        self._deleted: set[str] = set()
 
     def _now_ms(self) -> int:
         return int(self._clock.seconds() * 1000)
@@ -269,6 +272,7 @@ class Authenticator:
         """Drop the cached key of ``user_id`` (the user was deleted): its tokens
         are refused from now on, since the user is no longer found."""
         self._keys.pop(user_id, None)
+        self._deleted.add(user_id)
 
     @defer.inlineCallbacks
     def verify_key(self, user_id: str) -> defer.Deferred:
@@ -278,7 +282,7 @@ class Authenticator:
             self._keys.move_to_end(user_id)
             return key
         user = yield self._store.get_user(user_id)
-        if user is None:
+        if user is None or user_id in self._deleted:
             return None
         key = VerifyKey(user.public_key)
         self._keys[user_id] = key

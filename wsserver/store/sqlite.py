@@ -456,18 +456,19 @@ class Store(BatchedWrites):
         """Insert a user; fires True, or False when the user_id is taken."""
 
         def interaction(txn: Any) -> bool:
-            txn.execute("SELECT 1 FROM deleted_users WHERE user_id = ?", (user.user_id,))
-            if txn.fetchone() is not None:
-                return False  # deleted: the id stays taken for good
+            # One statement, so the tombstone check and the insert are atomic
+            # (a deleted id stays taken for good, also against a deletion
+            # committed between a separate check and the insert).
             try:
                 txn.execute(
                     "INSERT INTO users (user_id, username, public_key, created_ms)"
-                    " VALUES (?, ?, ?, ?)",
-                    (user.user_id, user.username, user.public_key, user.created_ms),
+                    " SELECT ?, ?, ?, ? WHERE NOT EXISTS"
+                    " (SELECT 1 FROM deleted_users WHERE user_id = ?)",
+                    (user.user_id, user.username, user.public_key, user.created_ms, user.user_id),
                 )
             except sqlite3.IntegrityError:
                 return False
-            return True
+            return txn.rowcount == 1
 
         return self._pool.runInteraction(interaction)
 
