@@ -129,9 +129,17 @@ class InterruptedStreamTests(unittest.TestCase):
         sending = False
         yield defer.gatherResults(runs)
         expected = sorted(i for i in acked if i > seen[-1])
-        rest = yield bob2.take(len(expected), "message")
-        ids = assert_in_order_once(self, rest)
-        self.assertEqual(ids, expected)
+        yield eventually(
+            lambda: set(expected) <= {f.get("id") for f in bob2.received},
+            "every message acked after since",
+        )
+        ids = assert_in_order_once(self, bob2.received)
+        # The replay brings a message still pending whatever its id (section
+        # 6): one bob took just before he dropped may come again if its
+        # delivery mark was not stored yet (PostgreSQL's marks are batched).
+        again = [i for i in ids if i <= seen[-1]]
+        self.assertLessEqual(set(again), set(seen))
+        self.assertEqual([i for i in ids if i > seen[-1]], expected)
         self.assertEqual(sorted(set(seen) | set(ids)), sorted(acked))
 
 
