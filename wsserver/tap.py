@@ -132,6 +132,20 @@ def open_url(address: Any, tls: bool) -> str | None:
     return f"{'https' if tls else 'http'}://{host}:{port}/"
 
 
+def _listened_now(d: defer.Deferred, setting: str, where: str, kinds: str) -> Any:
+    """The port ``d`` (an endpoint's ``listen``) has already fired with, or
+    ``ConfigError`` naming ``setting``: the endpoint failed, or it does not
+    listen at once (only ``kinds`` do)."""
+    outcome: list[Any] = []
+    d.addBoth(outcome.append)
+    if not outcome:
+        d.cancel()
+        raise ConfigError(f"{setting}: {where} does not listen at once; use {kinds}")
+    if isinstance(outcome[0], Failure):
+        raise ConfigError(f"{setting}: cannot listen on {where}: {outcome[0].getErrorMessage()}")
+    return outcome[0]
+
+
 class WsServerService(ChoosesLogObserver):
     """The whole server: database, broker, web site, listening port."""
 
@@ -284,23 +298,12 @@ class WsServerService(ChoosesLogObserver):
         naming it; as ``bind``, before twistd daemonizes."""
         if self._metrics_addr is None or self.metrics_port is not None:
             return
-        outcome: list[Any] = []
         d = endpoints.serverFromString(self.reactor, self._metrics_addr).listen(
             metrics_site(self.metrics)
         )
-        d.addBoth(outcome.append)
-        if not outcome:
-            d.cancel()
-            raise ConfigError(
-                f"METRICS_ADDR: {self._metrics_addr} does not listen at once; "
-                "use a tcp: or unix: endpoint"
-            )
-        if isinstance(outcome[0], Failure):
-            raise ConfigError(
-                f"METRICS_ADDR: cannot listen on {self._metrics_addr}: "
-                f"{outcome[0].getErrorMessage()}"
-            )
-        self.metrics_port = outcome[0]
+        self.metrics_port = _listened_now(
+            d, "METRICS_ADDR", self._metrics_addr, "a tcp: or unix: endpoint"
+        )
 
     def bind(self) -> None:
         """Listen now, or raise ``ConfigError`` (SERVER_ADDR) saying why not.
@@ -314,28 +317,15 @@ class WsServerService(ChoosesLogObserver):
         """
         if self.port is not None:
             return
-        outcome: list[Any] = []
-        d = self.listen()
-        d.addBoth(outcome.append)
-        if outcome and not isinstance(outcome[0], Failure):
-            try:
-                self.bind_metrics()
-            except ConfigError:
-                self.port.stopListening()
-                self.port = None
-                raise
-            return
-        if not outcome:
-            d.cancel()
-            raise ConfigError(
-                f"SERVER_ADDR: {self.config.listen} does not listen at once; "
-                "use a tcp:, ssl: or unix: endpoint"
-            )
-        if isinstance(outcome[0], Failure):
-            raise ConfigError(
-                f"SERVER_ADDR: cannot listen on {self.config.listen}: "
-                f"{outcome[0].getErrorMessage()}"
-            )
+        _listened_now(
+            self.listen(), "SERVER_ADDR", self.config.listen, "a tcp:, ssl: or unix: endpoint"
+        )
+        try:
+            self.bind_metrics()
+        except ConfigError:
+            self.port.stopListening()
+            self.port = None
+            raise
 
     def privilegedStartService(self) -> None:
         super().privilegedStartService()
