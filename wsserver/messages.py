@@ -278,6 +278,7 @@ class Message:
     status: str
     created_ms: int
     recipients: int | None = None  # broadcasts only: connections reached
+    key_id: str | None = None  # the key that signed it (None when unsigned)
     _encoded: bytes | None = field(default=None, repr=False, compare=False)
 
     def encoded(self) -> bytes:

@@ -56,6 +56,33 @@ class User:
 
 
 @dataclass(frozen=True, slots=True)
+class KeyRecord:
+    """An active key of a user (protocol section 12)."""
+
+    key_id: str
+    public_key: bytes
+    name: str | None
+    added_ms: int
+
+
+@dataclass(frozen=True, slots=True)
+class UserKeys:
+    """What a token check needs to know of a user: the active keys, oldest
+    first, and the token generation (``POST /auth/logout?all=true`` raises it;
+    tokens of an older generation are refused)."""
+
+    keys: tuple[KeyRecord, ...]
+    token_gen: int
+
+
+# Kinds of account events (table account_events; wsserver/events.py).
+EVENT_DELETED = "deleted"  # detail: the stream head when the user was deleted
+EVENT_KEY_REVOKED = "key_revoked"  # detail: the revoked key_id
+EVENT_SIGNED_OUT = "signed_out"  # detail: the revoked token's jti
+EVENT_SIGNED_OUT_ALL = "signed_out_all"  # detail: the new token generation
+
+
+@dataclass(frozen=True, slots=True)
 class NewMessage:
     """What the server has accepted and wants stored."""
 
@@ -66,6 +93,7 @@ class NewMessage:
     nonce: str | None
     verification: str
     created_ms: int
+    key_id: str | None = None  # the key that signed it (None when unsigned)
 
 
 class IStore(Interface):
@@ -75,7 +103,47 @@ class IStore(Interface):
     batches = Attribute("commits made by group commit so far, for tests and stats")
 
     def add_user(user: User) -> Any:  # noqa: N805 (zope.interface style)
-        """Insert a user; fires True, or False when the user_id is taken."""
+        """Insert a user and entry 0 of their key log (``register``, the user's
+        key, ``at_ms`` = ``created_ms``) in one transaction; fires True, or False
+        when the user_id is taken (or was deleted: tombstones stay)."""
+
+    def user_keys(user_id: str) -> Any:  # noqa: N805
+        """Fire with the user's ``UserKeys``, or None when no such user."""
+
+    def key_log(user_id: str) -> Any:  # noqa: N805
+        """Fire with the user's key log as ``keylog.Entry`` items (``at_ms`` set),
+        oldest first, or None when no such user."""
+
+    def append_key_entry(user_id: str, entry: Any, check: Callable[[list[Any]], None]) -> Any:  # noqa: N805
+        """Append ``entry`` (a ``keylog.Entry``) to the user's key log, in one
+        transaction that holds the user's log against concurrent appends (on
+        every node): read the log, call ``check(entries)`` in the database
+        thread (it raises ``keylog.KeyLogError`` to refuse; nothing is then
+        written), insert the entry (a concurrent append of the same ``seq``
+        fails ``KeyLogError('keylog_conflict')``), update the active keys, and
+        for a ``revoke`` record an ``EVENT_KEY_REVOKED`` account event.  Fires
+        with the stored entry (``at_ms`` set), or None when no such user."""
+
+    def delete_account(user_id: str, now_ms: int, check: Callable[[list[Any]], None]) -> Any:  # noqa: N805
+        """Delete a user as protocol section 12 says: in one transaction read
+        the key log and call ``check(entries)`` (it raises to refuse: nothing
+        changes), then remove the user, keys, key log, challenges and revoked
+        tokens, keep the id as a tombstone and record an ``EVENT_DELETED``
+        event; then delete the user's messages in short transactions.  Fires
+        True, or None when no such user."""
+
+    def revoke_token(user_id: str, jti: str, expires_ms: int, now_ms: int) -> Any:  # noqa: N805
+        """Remember a signed-out token until it expires and record an
+        ``EVENT_SIGNED_OUT`` event (idempotent)."""
+
+    def revoke_tokens(user_id: str, now_ms: int) -> Any:  # noqa: N805
+        """Raise the user's token generation (every token issued so far is
+        refused) and record an ``EVENT_SIGNED_OUT_ALL`` event; fire with the new
+        generation, or None when no such user."""
+
+    def revoked_tokens(now_ms: int) -> Any:  # noqa: N805
+        """Fire with the set of jtis signed out and not yet expired (a node
+        loads it when it starts; account events keep it current)."""
 
     def get_user(user_id: str) -> Any:  # noqa: N805
         """Fire with the ``User`` or None."""
@@ -242,15 +310,21 @@ __all__ = [
     "CHALLENGE_NONE",
     "CHALLENGE_OK",
     "DUPLICATE",
+    "EVENT_DELETED",
+    "EVENT_KEY_REVOKED",
+    "EVENT_SIGNED_OUT",
+    "EVENT_SIGNED_OUT_ALL",
     "MAX_LIVE_CHALLENGES",
     "NO_RECIPIENT",
     "STORED",
     "DatabaseError",
     "IStore",
+    "KeyRecord",
     "NewMessage",
     "NodeInfo",
     "StoreClosed",
     "User",
+    "UserKeys",
     "describe",
     "is_postgres",
     "open_store",
