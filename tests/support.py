@@ -606,7 +606,8 @@ class MemoryLink:
     @defer.inlineCallbacks
     def connect(self, session: Session) -> Any:
         """Open a connection for ``session``; fire with (client, server protocol)
-        once the server's (empty) replay is over and live traffic flows."""
+        once the server's (empty) replay is over and live traffic flows, or the
+        server closed the connection."""
         factory = self._factory
         servers = []
 
@@ -620,7 +621,10 @@ class MemoryLink:
         client = yield within(opening, DEADLINE)
         self._testcase.addCleanup(self.disconnect, client)
         (proto,) = servers
-        yield eventually(lambda: not proto._replaying, "the replay ends")
+        yield eventually(
+            lambda: not proto._replaying or client.close_code is not None,
+            "the replay ends (or the server closes the connection)",
+        )
         return client, proto
 
     @defer.inlineCallbacks

@@ -663,6 +663,49 @@ class LoginTests(Base):
         yield self.ws_accepts(token)
 
     @defer.inlineCallbacks
+    def test_logout_reads_all_from_the_query_only(self):
+        """A form body saying all=true does not sign out everywhere (it is not
+        JSON: 415, nothing signed out); a JSON body is ignored."""
+        key = yield self.server.register("alice")
+        token = yield self.token("alice", key)
+        other = yield self.token("alice", key)
+        form = {
+            "Authorization": [f"Bearer {token}"],
+            "Content-Type": ["application/x-www-form-urlencoded"],
+        }
+        client = self.server.http()
+        resp = yield within(
+            client.request(
+                "POST", self.server.base + "/auth/logout?all=false", headers=form, data=b"all=true"
+            )
+        )
+        body = json.loads((yield resp.content()))
+        self.assertEqual((resp.code, body["error"]["code"]), (415, "unsupported_media_type"))
+        yield self.ws_accepts(token)
+        result = yield self.request(
+            "POST",
+            "/auth/logout",
+            body={"all": True},
+            headers={"Authorization": [f"Bearer {token}"]},
+        )
+        self.assertEqual(result, (200, {"signed_out": True}))
+        yield self.ws_refuses(token)
+        yield self.ws_accepts(other)
+
+    @defer.inlineCallbacks
+    def test_a_key_added_while_the_users_keys_are_cached_can_connect(self):
+        """The first device is connected (every node holds the user's keys),
+        then a second key is added: its token opens /ws on every node."""
+        first = yield self.server.register("alice")
+        token = yield self.token("alice", first)
+        yield self.on_every_node(token)
+        second = yield self.add_key("alice", first)
+        token2 = yield self.token("alice", second, kid(second))
+        clients = yield self.on_every_node(token2)
+        for client in clients:
+            yield self.still_open(client, "alice")
+
+    @defer.inlineCallbacks
     def test_deletion_closes_connections_on_every_node(self):
         """DELETE /auth/users/{id} closes the user's connections with 4003 (on
         every node); the token is refused; bob's messages to the user are
@@ -836,6 +879,30 @@ class RaceTests(Base):
         token = yield self.token("alice", second)
         code = yield self.connect_checked_before(token, lambda: self.revoke("alice", second, first))
         self.assertEqual(code, 4003)
+
+    @defer.inlineCallbacks
+    def test_a_connection_checked_again_is_sent_nothing_first(self):
+        """While its token is checked again, a connection whose key was revoked
+        in between is replayed nothing: a message pending for the user does
+        not reach the revoked device before it closes with 4003."""
+        first = yield self.server.register("alice")
+        second = yield self.add_key("alice", first)
+        bob_key = yield self.server.register("bob")
+        token = yield self.token("alice", second)
+        service = self.server.service
+        service.account_events.stop()
+        session = yield service.auth.session(token)
+        yield self.revoke("alice", second, first)
+        bob = yield self.token("bob", bob_key)
+        sender = yield self.connect(bob)
+        sender.send_json({"to": "alice", "content": "for alice's devices"})
+        yield sender.next_of("ack")
+        yield sender.close_and_wait()
+        link = MemoryLink(self, service.factory, MemoryReactorClock())
+        client, _ = yield link.connect(session)
+        yield eventually(lambda: client.close_code is not None, "the connection closes")
+        self.assertEqual(client.close_code, 4003)
+        self.assertEqual(client.of("message"), [])
 
     @defer.inlineCallbacks
     def test_a_sign_out_between_the_check_and_the_open(self):

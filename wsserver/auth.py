@@ -58,6 +58,7 @@ MIN_SECRET_BYTES = 32
 # sharing a database (and its secret) may disagree on the time by that much.
 IAT_LEEWAY = 30
 _KEY_CACHE_SIZE = 10_000
+_DELETED_KEPT = 10_000  # ids of users deleted while this node runs, newest kept
 # Seconds between two sweeps of the signed-out tokens that have expired.
 _PRUNE_EVERY = 60.0
 
@@ -275,7 +276,9 @@ class Authenticator:
         self._keys: OrderedDict[str, _Keys] = OrderedDict()
         # Users deleted while this node runs (their ids stay taken for good):
         # a look-up that began before the deletion must not cache them again.
-        self._deleted: set[str] = set()
+        # Bounded: only a look-up under way at the deletion needs it, and the
+        # epoch check covers those too; ids deleted long ago are not found.
+        self._deleted: OrderedDict[str, None] = OrderedDict()
         # Tokens signed out one by one: jti -> when it may be forgotten (its
         # token has expired by then), on the clock.
         self._signed_out: dict[str, float] = {}
@@ -322,7 +325,9 @@ class Authenticator:
         """The user was deleted: their tokens are refused from now on, since
         the user is no longer found."""
         self._keys.pop(user_id, None)
-        self._deleted.add(user_id)
+        self._deleted[user_id] = None
+        if len(self._deleted) > _DELETED_KEPT:
+            self._deleted.popitem(last=False)
         self.epoch += 1
 
     def key_revoked(self, user_id: str) -> None:
@@ -485,6 +490,14 @@ class Authenticator:
         if kid is None:
             # A token from before keys per device: the registration key's.
             kid = yield self._registration_key_id(claims.user_id)
+        if (kid is not None and kid not in state.keys) or claims.gen > state.gen:
+            # A key added (no account event announces an addition) or a
+            # generation raised since the user's keys were cached: read them
+            # again before refusing.
+            self._keys.pop(claims.user_id, None)
+            state = yield self.user_keys(claims.user_id)
+            if state is None:
+                raise AuthError("unauthorized", "the token's user does not exist", ACCOUNT_DELETED)
         if claims.jti in self._signed_out or claims.gen < state.gen:
             raise AuthError("unauthorized", "the token was signed out", SIGNED_OUT)
         key = state.keys.get(kid) if kid is not None else None

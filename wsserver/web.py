@@ -566,6 +566,19 @@ class KeyLog(JsonResource):
         return 201, entry_json(user_id, entry, format_timestamp(entry.at_ms))
 
 
+def _no_foreign_body(request: LimitedRequest) -> None:
+    """Refuse a body that is not JSON (section 2: 413, 415) on an endpoint
+    that reads none; a JSON body is ignored."""
+    if request.body_too_large:
+        raise HttpError("request_too_large", f"the body is larger than {MAX_BODY_BYTES} bytes")
+    request.content.seek(0, 2)
+    if request.content.tell() == 0:
+        return
+    ctype = (request.getHeader(b"content-type") or b"").split(b";")[0].strip().lower()
+    if ctype != b"application/json":
+        raise HttpError("unsupported_media_type", "the body must be application/json")
+
+
 class Logout(JsonResource):
     """POST /auth/logout[?all=true]: the token in ``Authorization: Bearer``
     only; any body is ignored."""
@@ -579,9 +592,13 @@ class Logout(JsonResource):
 
     @defer.inlineCallbacks
     def post(self, request: server.Request) -> Any:
-        flag = (request.args.get(b"all") or [b"false"])[0].lower()
-        if flag not in _TRUE | _FALSE:
+        # From the query only: Twisted merges a form-encoded body into
+        # request.args, and a body must not decide a sign-out everywhere.
+        values = http.parse_qs(request.uri.partition(b"?")[2], 1).get(b"all") or [b"false"]
+        flag = values[0].lower()
+        if len(values) != 1 or flag not in _TRUE | _FALSE:
             raise HttpError("invalid_request", "all must be true or false")
+        _no_foreign_body(request)
         token = _header_token(request)
         if token is None:
             raise HttpError("unauthorized", "the token goes in 'Authorization: Bearer <token>'")

@@ -410,14 +410,29 @@ class ServerProtocol(WebSocketServerProtocol):
             # checked: it may have signed the token out or revoked its key
             # before this connection was attached, where the change's handler
             # would have closed it.  Check again; a change from now on finds
-            # the connection attached.
+            # the connection attached.  Until the check passes the connection
+            # reads nothing and is sent nothing (no replay yet): a revoked key
+            # must not send or receive in the meantime.
+            self._reading(False)
             recheck = auth.recheck(self._session)
-            recheck.addErrback(self._refused_after_all)
+            recheck.addCallbacks(self._checked_again, self._refused_after_all)
+            return
+        self._begin_replay()
+
+    def _begin_replay(self) -> None:
+        factory = self.factory
         replay = factory._broker.replay(self, self._since)
         factory._metrics.time_replay(replay, factory._clock)
         replay.addErrback(self._replay_failed)
 
+    def _checked_again(self, _: Any) -> None:
+        if not self.live:
+            return
+        self._reading(True)
+        self._begin_replay()
+
     def _refused_after_all(self, failure: Failure) -> None:
+        self._reading(True)  # to read the close reply
         if failure.check(AuthError):
             code, reason = failure.value.close or (CLOSE_KEY_REVOKED, "key revoked")
             _log.info("closing {user}: {why}", user=self.user_id, why=reason)
