@@ -498,7 +498,12 @@ class Client:
         """This user's key log, checked, fetched now (not cached): what an
         append or a deletion signs against.  ``KeyLogError`` if it does not
         check (nothing is signed then)."""
-        log = yield self.fetch_keylog(self.user_id)
+        try:
+            log = yield self.fetch_keylog(self.user_id)
+        except KeyLogError as err:
+            raise KeyLogError(
+                err.code, f"{self.user_id}'s key log does not check: {err.message}"
+            ) from None
         self._remember(log)
         return log
 
