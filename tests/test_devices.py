@@ -416,3 +416,25 @@ class StoppedTests(unittest.TestCase):
             self.assertEqual((err.code, err.close_code), (expect, code))
             self.assertIn(f"{code} {reason}", str(err))
             self.assertIn("not reconnecting", str(err))
+
+
+class OwnLinkTests(unittest.TestCase):
+    @defer.inlineCallbacks
+    def test_this_devices_own_addition_is_no_news(self):
+        """A new device saw its user's log when it made the pairing text; when it
+        next sees the log with only itself added, it says nothing (another
+        device added besides it is still said)."""
+        fake = FakeServer()
+        builder = LogBuilder("bob", ALICE)
+        fake.logs["bob"] = builder.json()
+        me = wc.Client(SERVER, "bob", SECOND)
+        me._request = fake.request
+        notices: list = []
+        me.on_keylog_notice = notices.append
+        yield me.peer_log("bob")
+        fake.logs["bob"] = builder.add(SECOND, ALICE).json()
+        yield me.peer_log("bob", refresh=True)
+        self.assertEqual(notices, [])
+        fake.logs["bob"] = builder.add(SigningKey.generate(), ALICE).json()
+        yield me.peer_log("bob", refresh=True)
+        self.assertEqual([n.kind for n in notices], [devices.DEVICES_CHANGED])

@@ -490,7 +490,14 @@ class Client:
         notice = devices.compare(self.seen.get(self.server, log.user_id), log)
         self.seen.put(self.server, log.user_id, devices.Seen.of(log))
         self._logs[log.user_id] = log
-        if notice is not None:
+        own_addition = (
+            notice is not None
+            and log.user_id == self.user_id
+            and notice.kind == devices.DEVICES_CHANGED
+            and notice.added == (self.key_id,)
+            and not notice.revoked
+        )
+        if notice is not None and not own_addition:  # this device's own link is no news
             self._notice(notice)
 
     @defer.inlineCallbacks
