@@ -241,7 +241,9 @@ class DevicesEndToEndTests(ServedCase):
         self.assertEqual(out.strip(), "deleted alice")
         code = yield within(listen.ended, WAIT)
         self.assertEqual(code, 1)
-        self.assertIn("4003", listen.err.decode())
+        last = listen.err.decode().strip().splitlines()[-1]
+        self.assertOneHumanLine(last, "4003 account deleted", "not reconnecting")
+        self.assertNotIn("reconnecting in", listen.err.decode())
         self.assertIsNone((yield self.server.store.get_user("alice")))
         code, _, err = yield self.cli("--key", "again.key", "register", "--name", "Alice")
         self.assertIn("no key file", err)
