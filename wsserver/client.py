@@ -488,7 +488,14 @@ class Client:
 
     def _remember(self, log: CheckedLog) -> None:
         notice = devices.compare(self.seen.get(self.server, log.user_id), log)
+        failed_before = self.seen.save_error is not None
         self.seen.put(self.server, log.user_id, devices.Seen.of(log))
+        if self.seen.save_error is not None and not failed_before:
+            _log.warn(
+                "cannot write {path} ({error}): key logs seen are kept for this run only",
+                path=self.seen.path,
+                error=self.seen.save_error.strerror or str(self.seen.save_error),
+            )
         self._logs[log.user_id] = log
         own_addition = (
             notice is not None
