@@ -43,7 +43,7 @@ from twisted.web.http_headers import Headers
 from . import devices, keylog
 from .devices import CheckedLog, KeyLogNotice, SeenLogs
 from .keylog import KeyLogError
-from .messages import b64decode, signing_input
+from .messages import b64decode, is_user_id, signing_input
 
 _log = Logger()
 
@@ -462,6 +462,8 @@ class Client:
         """``user_id``'s whole key log, checked (every signature, every
         ``prev``): a ``devices.CheckedLog``; ``KeyLogError`` when it does not
         check.  Nothing is remembered."""
+        if not is_user_id(user_id):
+            raise KeyLogError("invalid_request", "not a user id")
         data = yield self._request(b"GET", f"/auth/users/{user_id}/keylog")
         return devices.check_log(user_id, data)
 
