@@ -16,6 +16,7 @@ from typing import Any
 import jwt
 from nacl.signing import SigningKey
 from twisted.internet import defer
+from twisted.internet.testing import MemoryReactorClock
 from twisted.trial import unittest
 
 from wsserver import keylog
@@ -24,7 +25,9 @@ from wsserver.messages import b64decode
 from .support import (
     VECTORS,
     LiveServer,
+    MemoryLink,
     b64,
+    eventually,
     public_b64,
     sign_message,
     vector_key,
@@ -49,8 +52,16 @@ class Base(unittest.TestCase):
     # -- HTTP ----------------------------------------------------------------------
 
     @defer.inlineCallbacks
-    def request(self, method: str, path: str, body: Any = None, headers: dict | None = None) -> Any:
-        """Any request; fire with (status, parsed body)."""
+    def request(
+        self,
+        method: str,
+        path: str,
+        body: Any = None,
+        headers: dict | None = None,
+        base: str | None = None,
+    ) -> Any:
+        """Any request (to the first node, or to ``base``); fire with (status,
+        parsed body)."""
         client = self.server.http()
         kwargs: dict[str, Any] = {"headers": headers}
         if isinstance(body, bytes):
@@ -58,7 +69,7 @@ class Base(unittest.TestCase):
             kwargs["headers"] = {"Content-Type": ["application/json"], **(headers or {})}
         elif body is not None:
             kwargs["json"] = body
-        resp = yield within(client.request(method, self.server.base + path, **kwargs))
+        resp = yield within(client.request(method, (base or self.server.base) + path, **kwargs))
         content = yield resp.content()
         return resp.code, json.loads(content) if content else None
 
@@ -143,6 +154,7 @@ class Base(unittest.TestCase):
         self.assertEqual(code, 200, body)
         login = {
             "user_id": user_id,
+            "challenge": body["challenge"],
             "signature": b64(key.sign(body["challenge"].encode("utf-8")).signature),
         }
         if key_id is not None:
@@ -790,3 +802,115 @@ class RateLimitTests(unittest.TestCase):
             body = json.loads((yield resp.content()))
             self.assertEqual((resp.code, body["error"]["code"]), (429, "rate_limited"), path)
             self.assertGreaterEqual(int(resp.headers.getRawHeaders(b"retry-after")[0]), 1)
+
+
+class RaceTests(Base):
+    """A connection whose token was checked just before an account change was
+    handled, and that attaches just after (so the change's handler found
+    nothing to close), checks its token again when it opens."""
+
+    @defer.inlineCallbacks
+    def connect_checked_before(self, token: str, change: Any) -> Any:
+        """Check ``token`` as the /ws gate does, run ``change``, then open the
+        connection with that session (in memory); fire with its close code."""
+        service = self.server.service
+        # Only the change's own application at once is left: the poll would
+        # hand the change over again later and close the connection itself.
+        service.account_events.stop()
+        session = yield service.auth.session(token)
+        yield change()
+        link = MemoryLink(self, service.factory, MemoryReactorClock())
+        client, _ = yield link.connect(session)
+        yield eventually(lambda: client.close_code is not None, "the connection closes")
+        return client.close_code
+
+    @defer.inlineCallbacks
+    def test_a_revocation_between_the_check_and_the_open(self):
+        """The key revoked in between: the connection closes with 4003."""
+        first = yield self.server.register("alice")
+        second = yield self.add_key("alice", first)
+        token = yield self.token("alice", second)
+        code = yield self.connect_checked_before(token, lambda: self.revoke("alice", second, first))
+        self.assertEqual(code, 4003)
+
+    @defer.inlineCallbacks
+    def test_a_sign_out_between_the_check_and_the_open(self):
+        """The token signed out in between: the connection closes with 4004."""
+        key = yield self.server.register("alice")
+        token = yield self.token("alice", key)
+        code = yield self.connect_checked_before(token, lambda: self.logout(token))
+        self.assertEqual(code, 4004)
+
+
+class PropagationTests(Base):
+    @defer.inlineCallbacks
+    def test_the_node_that_made_the_change_applies_it_at_once(self):
+        """With its account-event poll stopped, the node that handled a
+        revocation or a sign-out has still closed the connections (4003,
+        4004) and refuses the token before it answers."""
+        service = self.server.service
+        first = yield self.server.register("alice")
+        second = yield self.add_key("alice", first)
+        revoked = yield self.token("alice", second)
+        signed_out = yield self.token("alice", first)
+        service.account_events.stop()
+        cut = yield self.connect(revoked, node=0)
+        out = yield self.connect(signed_out, node=0)
+        yield self.revoke("alice", second, first)
+        self.assertEqual((yield cut.wait_closed()), 4003)
+        yield self.ws_refuses(revoked)
+        result = yield self.logout(signed_out)
+        self.assertEqual(result, (200, {"signed_out": True}))
+        self.assertEqual((yield out.wait_closed()), 4004)
+        yield self.ws_refuses(signed_out)
+
+    @defer.inlineCallbacks
+    def test_a_server_started_later_refuses_signed_out_tokens(self):
+        """A server started on the database after a sign-out refuses the
+        signed-out token (it loads them at start), and the other token still
+        works there."""
+        key = yield self.server.register("alice")
+        token = yield self.token("alice", key)
+        other = yield self.token("alice", key)
+        result = yield self.logout(token)
+        self.assertEqual(result[0], 200)
+        yield self.server.stop()
+        self.server = LiveServer(self, {"DATABASE": self.server.db})
+        yield self.ws_refuses(token)
+        yield self.ws_accepts(other)
+
+    @defer.inlineCallbacks
+    def test_a_login_through_another_node_sees_a_change_at_once(self):
+        """A login through a node that has not yet heard of a revocation or a
+        sign-out everywhere made through another node (its poll is stopped
+        here), though it had the user's keys cached, already counts them: the
+        revoked key cannot log in, and a new token has the new generation."""
+        if not self.server.others:
+            raise unittest.SkipTest("needs a second in-process node (WSSERVER_TEST_CLUSTER=1)")
+        other = self.server.others[0]
+        base = f"http://127.0.0.1:{other.port.getHost().port}"
+        other.account_events.stop()
+        first = yield self.server.register("alice")
+        second = yield self.add_key("alice", first)
+        token = yield self.token("alice", second)
+        headers = {"Authorization": [f"Bearer {token}"]}
+        result = yield self.request("GET", "/ws", headers=headers, base=base)
+        self.assertEqual(self.error(result), (426, "upgrade_required"))  # cached there now
+        yield self.revoke("alice", second, first)
+        result = yield self.logout((yield self.token("alice", first)), everywhere=True)
+        self.assertEqual(result[0], 200)
+
+        @defer.inlineCallbacks
+        def login(key: SigningKey) -> Any:
+            _, body = yield self.request("POST", "/auth/login", {"user_id": "alice"}, base=base)
+            signature = b64(key.sign(body["challenge"].encode()).signature)
+            login = {"user_id": "alice", "challenge": body["challenge"], "signature": signature}
+            answer = yield self.request("POST", "/auth/login?verify=true", login, base=base)
+            return answer
+
+        result = yield login(second)
+        self.assertEqual(self.error(result), (401, "invalid_signature"))
+        code, body = yield login(first)
+        self.assertEqual(code, 200)
+        claims = jwt.decode(body["token"], options={"verify_signature": False})
+        self.assertEqual((claims["kid"], claims["gen"]), (kid(first), 1))
