@@ -15,6 +15,7 @@ saves the conversation's screenshot there (docs/web-client.png is made so).
 
 from __future__ import annotations
 
+import base64
 import contextlib
 import json
 import os
@@ -499,3 +500,99 @@ class ShortSessionWebClientTests(BrowserCase):
         self.assertEqual(mark_state(self.incoming(heidi, "after the expiry")), "verified")
         texts = [e.text for e in heidi.find_elements(By.CSS_SELECTOR, "#log li.msg.in .content")]
         self.assertEqual(texts, ["before the expiry", "after the expiry"])
+
+
+# What the page's key-log module (wsserver/static/keylog.js) works out for the
+# shared vectors, run in Chromium itself: arguments[0] is the vectors' keylog
+# part, arguments[1] the key ids, arguments[2] a pairing text made by Python.
+KEYLOG_JS_CHECK = """
+const [log, keyIds, pythonPairing, done] = arguments;
+(async () => {
+  const k = await import("/static/keylog.js");
+  const out = {};
+  out.key_ids = [];
+  for (const v of keyIds) out.key_ids.push(await k.keyId(k.fromBase64(v.public_key)));
+  out.strings = log.entries.map(
+    (e) => k.entryString(log.user_id, e.seq, e.action, e.public_key, e.prev));
+  const state = await k.checkLog(log.user_id, log.entries);
+  out.heads = state.heads;
+  out.next_seq = state.nextSeq;
+  out.active = [...state.active.keys()];
+  out.every = [...state.every.keys()];
+  out.delete_string = k.deleteString(log.user_id, state.nextSeq);
+  out.delete_ok = await k.signatureOk(
+    log.second_device.public_key, out.delete_string, log.delete.signature);
+  const pair = k.parsePairingText(pythonPairing);
+  out.pairing = [pair.userId, pair.seq, pair.publicKey, pair.keySignature];
+  out.pairing_text = k.pairingText(pair.userId, pair.seq, pair.publicKey, pair.keySignature);
+  // Each broken log must be refused.
+  const broken = {
+    "wrong signature": (es) => { es[2].signature = es[1].signature; },
+    "wrong key_signature": (es) => { es[1].key_signature = es[1].signature; },
+    "signed by a revoked key": (es) => { es[2].by = "If4x36FUomFia_hU"; es[1].action = "revoke"; },
+    "entry dropped": (es) => { es.splice(1, 1); },
+    "entry 0 replaced": (es) => { es[0].public_key = es[1].public_key; },
+    "by not a key": (es) => { es[1].by = "nobody"; },
+    "wrong key_id": (es) => { es[1].key_id = "AAAAAAAAAAAAAAAA"; },
+    "seq skipped": (es) => { es[2].seq = 3; },
+  };
+  out.refused = {};
+  for (const [what, spoil] of Object.entries(broken)) {
+    const entries = structuredClone(log.entries);
+    spoil(entries);
+    try {
+      await k.checkLog(log.user_id, entries);
+      out.refused[what] = null;
+    } catch (err) {
+      out.refused[what] = err.message;
+    }
+  }
+  out.rewritten = k.compareHeads([state.heads[0], "x"], state.heads);
+  out.extended = k.compareHeads(state.heads.slice(0, 2), state.heads);
+  out.same = k.compareHeads(state.heads, state.heads);
+  return out;
+})().then(done, (err) => done({ error: String(err) }));
+"""
+
+
+class KeyLogModuleTests(BrowserCase):
+    """The page's key-log code (keylog.js) against the shared vectors, in
+    Chromium's WebCrypto."""
+
+    def test_vectors_in_the_browser(self):
+        from wsserver import keylog
+
+        from .support import VECTORS
+
+        page = self.browser("vectors")
+        self.open_page(page)
+        log = VECTORS["keylog"]
+        entry = log["entries"][1]
+        pairing = keylog.Pairing(
+            log["user_id"],
+            entry["seq"],
+            base64.b64decode(entry["public_key"]),
+            base64.b64decode(entry["key_signature"]),
+        )
+        text = keylog.pairing_text(pairing)
+        page.set_script_timeout(WAIT)
+        out = page.execute_async_script(KEYLOG_JS_CHECK, log, VECTORS["key_ids"], text)
+        self.assertNotIn("error", out)
+        self.assertEqual(out["key_ids"], [v["key_id"] for v in VECTORS["key_ids"]])
+        self.assertEqual(out["strings"], [e["string"] for e in log["entries"]])
+        # Each entry's digest is the next one's prev.
+        self.assertEqual(out["heads"][:-1], [e["prev"] for e in log["entries"][1:]])
+        self.assertEqual(out["next_seq"], 3)
+        self.assertEqual(out["active"], [log["delete"]["key_id"]])
+        self.assertEqual(len(out["every"]), 2)
+        self.assertEqual(out["delete_string"], log["delete"]["string"])
+        self.assertIs(out["delete_ok"], True)
+        self.assertEqual(
+            out["pairing"],
+            [log["user_id"], 1, entry["public_key"], entry["key_signature"]],
+        )
+        self.assertEqual(out["pairing_text"], text)
+        for what, why in out["refused"].items():
+            self.assertIsNotNone(why, f"a log with {what} was accepted")
+        relations = (out["rewritten"], out["extended"], out["same"])
+        self.assertEqual(relations, ("rewritten", "extended", "same"))
