@@ -120,6 +120,7 @@ const logPath = (userId) => `/auth/users/${encodeURIComponent(userId)}/keylog`;
 // to (keylog.checkLog), or a KeyLogError when it does not check.
 async function fetchLog(userId) {
   const data = await api("GET", logPath(userId));
+  if (data.user_id !== userId) throw new keylog.KeyLogError("the answer is the key log of another user");
   return keylog.checkLog(userId, data.entries);
 }
 
@@ -242,7 +243,18 @@ async function checkSignature(frame) {
     if (log.trust !== "ok") return checkSignature(frame);
     publicKey = pickKey(log.state, frame.key_id);
   }
-  if (!publicKey) return { state: "unknown", text: "? key not in their key log" };
+  if (!publicKey) {
+    // The server says a key signed it that the sender's log never added.
+    if (!refetched.has(`warned ${ask}`)) {
+      refetched.add(`warned ${ask}`);
+      const item = addNotice({
+        code: "keylog_unknown_key",
+        content: `WARNING: a message from ${frame.from} is signed by a key (${frame.key_id}) that their key log does not hold: it is marked unverified.`,
+      });
+      item.classList.add("strong");
+    }
+    return { state: "unverified", text: "⚠ unverified: key not in their key log" };
+  }
   const ok = await keylog.signatureOk(publicKey, signingText(frame.from, frame.to, frame.nonce, frame.content), frame.signature);
   // Name the device when the sender has had more than one key.
   const device = log.state.every.size > 1 && frame.key_id ? log.state.names.get(frame.key_id) || frame.key_id : null;
@@ -596,7 +608,8 @@ function showView(name) {
 
 // The session is over (close 4003 or 4004): back to the sign-in view, saying
 // why.  A deleted account's or a revoked key's key is forgotten here.
-async function ended(code, reason) {
+// byPage: the page ended it (the server's close did not come in time).
+async function ended(code, reason, byPage = false) {
   const user = session.user;
   if (!user) return; // ended already
   const leaving = session.leaving;
@@ -624,6 +637,7 @@ async function ended(code, reason) {
   const note = $("signin-note");
   note.textContent = text;
   note.dataset.code = String(code);
+  note.dataset.by = byPage ? "page" : "server";
 }
 
 async function forgetUser(userId) {
@@ -640,7 +654,7 @@ async function forgetUser(userId) {
 function awaitClose(code, reason) {
   clearTimeout(session.leaveTimer);
   session.leaveTimer = setTimeout(() => {
-    if (session.user) ended(code, reason);
+    if (session.user) ended(code, reason, true);
   }, 5000);
 }
 
@@ -653,11 +667,11 @@ async function onSignOut() {
     await api("POST", "/auth/logout", undefined, session.token);
     if (session.user !== user) return; // the 4004 came first: ended already
     awaitClose(4004, "signed out");
-    if (!session.socket) ended(4004, "signed out");
+    if (!session.socket) ended(4004, "signed out", true);
   } catch (err) {
     session.leaving = null;
     addNotice({ code: "signout_failed", content: `could not sign out: ${err.message}` });
-    if (err.code === "unauthorized") ended(4004, "signed out");
+    if (err.code === "unauthorized") ended(4004, "signed out", true);
   } finally {
     $("signout").disabled = false;
   }
@@ -675,7 +689,7 @@ async function onDelete() {
     await api("DELETE", `/auth/users/${encodeURIComponent(user.user_id)}`, { key_id: await keyIdOf(user), signature });
     if (session.user !== user) return; // the 4003 came first: ended already
     awaitClose(4003, "account deleted");
-    if (!session.socket) ended(4003, "account deleted");
+    if (!session.socket) ended(4003, "account deleted", true);
   } catch (err) {
     if (session.user !== user) return;
     session.leaving = null;
@@ -782,10 +796,18 @@ async function revoke(key) {
 }
 
 async function appendEntry(body) {
-  const user = session.user;
-  const entry = await api("POST", logPath(user.user_id), body);
-  peerLogs.delete(user.user_id);
-  await peerLog(user.user_id); // remember the log with our own entry: no notice for it
+  const userId = session.user.user_id;
+  const entry = await api("POST", logPath(userId), body);
+  // Remember the log with our own entry, so it brings no notice; anything
+  // else appended meanwhile is left for the next look to notice.
+  const before = remembered.get(userId);
+  if (before && before.heads.length === body.seq) {
+    const state = await fetchLog(userId).catch(() => null);
+    if (state && state.nextSeq === body.seq + 1 && keylog.compareHeads(before.heads, state.heads) === "extended") {
+      remembered.set(userId, state.heads);
+    }
+  }
+  peerLogs.delete(userId);
   return entry;
 }
 

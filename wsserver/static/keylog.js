@@ -124,6 +124,7 @@ export async function checkLog(userId, entries) {
     const string = entryString(userId, entry.seq, entry.action, publicKey, state.head);
     if (entry.seq === 0) {
       if (entry.action !== "register") throw new KeyLogError(`${where}: not the registration`);
+      if (entry.by || entry.signature || entry.key_signature) throw new KeyLogError(`${where}: carries signatures it cannot have`);
     } else if (entry.action === "add" || entry.action === "revoke") {
       const signer = typeof entry.by === "string" ? state.active.get(entry.by) : undefined;
       if (!signer) throw new KeyLogError(`${where}: signed by a key that is not active`);
