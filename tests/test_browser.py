@@ -692,12 +692,8 @@ class DevicesWebClientTests(BrowserCase):
         self.assertIn("laptop", yes.text)
         yes.click()
         self.wait_for(page, "#devices-note", text="revoked laptop")
-        gone = lambda d: (
-            not d.find_elements(  # noqa: E731
-                By.CSS_SELECTOR, f'#device-list li.device[data-key-id="{laptop}"]'
-            )
-        )
-        WebDriverWait(page, WAIT).until(gone)
+        row = f'#device-list li.device[data-key-id="{laptop}"]'
+        WebDriverWait(page, WAIT).until(lambda d: not d.find_elements(By.CSS_SELECTOR, row))
         self.read_line(listen, lambda line: "4003" in line or "revoked" in line)
         self.assertEqual(listen.wait(WAIT), 1)
         self.assertIn("invalid_signature", self.cli_fails("olga", "login"))
