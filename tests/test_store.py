@@ -12,8 +12,10 @@ from twisted.internet import defer, reactor
 from twisted.logger import formatEvent, globalLogPublisher
 from twisted.trial import unittest
 
+from wsserver import keylog
 from wsserver import store as st
 from wsserver.messages import BROADCAST, PENDING, UNSIGNED, VERIFIED
+from wsserver.store import sqlite as sq
 
 SECRET = b"k" * 32
 
@@ -304,6 +306,43 @@ class SchemaTests(unittest.TestCase):
                 " created_ms) VALUES ('alice', 'bob', 'x', 'n-1', 'unsigned', 1)"
             )
 
+    @defer.inlineCallbacks
+    def test_upgrade_from_version_3_gives_every_user_entry_0(self):
+        """A version-3 database with users and messages upgrades to version 4:
+        each user's key becomes entry 0 of their key log (at their creation
+        time) and their one active key, generation 0; messages survive with no
+        key_id; the store then serves keys, appends and signed messages."""
+        path = self.mktemp()
+        conn = sqlite3.connect(path)
+        st.upgrade(conn, target=3)
+        conn.executemany(
+            "INSERT INTO users VALUES (?, ?, ?, ?)",
+            [("alice", "A", b"\x01" * 32, 11), ("bob", "B", b"\x02" * 32, 22)],
+        )
+        conn.execute(
+            "INSERT INTO messages (sender, recipient, content, verification, created_ms)"
+            " VALUES ('alice', 'bob', 'kept', 'unsigned', 7)"
+        )
+        conn.commit()
+        conn.close()
+        st.prepare_database(path, lambda: SECRET)
+        store = sq.Store(path, reactor)
+        self.addCleanup(store.close)
+        for user_id, key, created in (("alice", b"\x01" * 32, 11), ("bob", b"\x02" * 32, 22)):
+            log = yield store.key_log(user_id)
+            self.assertEqual(log, [keylog.Entry(0, keylog.REGISTER, key, at_ms=created)])
+            keys = yield store.user_keys(user_id)
+            self.assertEqual(
+                keys, st.UserKeys((st.KeyRecord(keylog.key_id(key), key, None, created),), 0)
+            )
+        old = yield store.get_message(1)
+        self.assertEqual((old.content, old.key_id), ("kept", None))
+        kind, new = yield store.add_message(
+            st.NewMessage("bob", "alice", "signed", b"\x07" * 64, None, VERIFIED, 8, "kid")
+        )
+        self.assertEqual((kind, (yield store.get_message(new.id)).key_id), (st.STORED, "kid"))
+        self.assertEqual((yield store.revoke_tokens("alice", 9)), 1)
+
     def test_newer_schema_is_refused(self):
         """A database from a newer server is not touched."""
         path = self.mktemp()
@@ -393,14 +432,14 @@ class FileClaimTests(unittest.TestCase):
 
     def setUp(self):
         self.path = os.path.abspath(self.mktemp())
-        self.addCleanup(st.sqlite.release_file, self.path)
+        self.addCleanup(sq.release_file, self.path)
 
     def second_claim(self, has_broker: bool) -> None:
         """Claim the file as another process would: a lock file of its own
         (the claim of this process is kept in a table, so forget it first)."""
-        held = st.sqlite._claims.pop(self.path)
+        held = sq._claims.pop(self.path)
         self.addCleanup(os.close, held)
-        st.sqlite.claim_file(self.path, st.NodeInfo("other", has_broker))
+        sq.claim_file(self.path, st.NodeInfo("other", has_broker))
 
     def test_a_node_without_a_broker_is_alone(self):
         """A node without a broker holds the file: a second one, with or without a
@@ -409,32 +448,32 @@ class FileClaimTests(unittest.TestCase):
         st.prepare_database(self.path, lambda: SECRET, st.NodeInfo("one", False))
         for has_broker in (False, True):
             with self.assertRaises(st.DatabaseError) as ctx:
-                held = st.sqlite._claims.pop(self.path)
+                held = sq._claims.pop(self.path)
                 try:
-                    st.sqlite.claim_file(self.path, st.NodeInfo("two", has_broker))
+                    sq.claim_file(self.path, st.NodeInfo("two", has_broker))
                 finally:
-                    st.sqlite._claims[self.path] = held
+                    sq._claims[self.path] = held
             text = str(ctx.exception)
             self.assertTrue(text.startswith("DATABASE: "), text)
             self.assertIn("BROKER", text)
             self.assertEqual(len(text.splitlines()), 1)
-        st.sqlite.release_file(self.path)
-        st.sqlite.claim_file(self.path, st.NodeInfo("two", False))
+        sq.release_file(self.path)
+        sq.claim_file(self.path, st.NodeInfo("two", False))
 
     def test_nodes_with_a_broker_share_the_file(self):
         """Nodes that all have a broker share the file; one without is refused
         beside them."""
         st.prepare_database(self.path, lambda: SECRET, st.NodeInfo("one", True))
         self.second_claim(True)
-        self.assertIn(self.path, st.sqlite._claims)
-        held = st.sqlite._claims.pop(self.path)
+        self.assertIn(self.path, sq._claims)
+        held = sq._claims.pop(self.path)
         self.addCleanup(os.close, held)
         with self.assertRaises(st.DatabaseError):
-            st.sqlite.claim_file(self.path, st.NodeInfo("three", False))
+            sq.claim_file(self.path, st.NodeInfo("three", False))
 
     def test_preparing_without_a_node_claims_nothing(self):
         """Tools and tests that only prepare the file (no node) leave it free."""
         st.prepare_database(self.path, lambda: SECRET)
-        self.assertNotIn(self.path, st.sqlite._claims)
-        st.sqlite.claim_file(self.path, st.NodeInfo("one", False))
-        self.assertIn(self.path, st.sqlite._claims)
+        self.assertNotIn(self.path, sq._claims)
+        sq.claim_file(self.path, st.NodeInfo("one", False))
+        self.assertIn(self.path, sq._claims)

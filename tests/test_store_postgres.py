@@ -14,6 +14,7 @@ from twisted.trial import unittest
 
 from tests.services import fresh_postgres_database
 from tests.test_store import SECRET, StoreContract, new_message
+from wsserver import keylog
 from wsserver import store as st
 from wsserver.bench.history import plan_stops_early
 from wsserver.messages import VERIFIED
@@ -109,6 +110,46 @@ class PostgresSchemaTests(unittest.TestCase):
         d.addCallback(lambda _: store.add_message(new_message()))
         d.addCallback(lambda r: self.assertEqual(r[0], st.STORED) or self.assertGreater(r[1].id, 2))
         return d
+
+    @defer.inlineCallbacks
+    def test_upgrade_from_version_3_gives_every_user_entry_0(self):
+        """A version-3 database with users and messages upgrades to version 4:
+        each user's key becomes entry 0 of their key log (at their creation
+        time) and their one active key, generation 0; messages survive with no
+        key_id; the store then serves keys, signed messages and sign-out."""
+        url = fresh_postgres_database(self)
+        with pg.connect(url) as conn:
+            self.assertEqual(pg.upgrade(conn, target=3), 3)
+            conn.execute(
+                "INSERT INTO users VALUES ('alice', 'A', %s, 11), ('bob', 'B', %s, 22)",
+                (b"\x01" * 32, b"\x02" * 32),
+            )
+            conn.execute(
+                "INSERT INTO messages (id, sender, recipient, content, verification,"
+                " created_ms) VALUES (1, 'alice', 'bob', 'kept', 'unsigned', 7)"
+            )
+            conn.execute("UPDATE stream_head SET last_id = 1")
+            conn.commit()
+        st.prepare_database(url, lambda: SECRET)
+        with pg.connect(url) as conn:
+            self.assertEqual(pg.schema_version(conn), NEWEST)
+        store = st.open_store(url, reactor)
+        self.addCleanup(store.close)
+        for user_id, key, created in (("alice", b"\x01" * 32, 11), ("bob", b"\x02" * 32, 22)):
+            log = yield store.key_log(user_id)
+            self.assertEqual(log, [keylog.Entry(0, keylog.REGISTER, key, at_ms=created)])
+            keys = yield store.user_keys(user_id)
+            self.assertEqual(
+                keys, st.UserKeys((st.KeyRecord(keylog.key_id(key), key, None, created),), 0)
+            )
+        old = yield store.get_message(1)
+        self.assertEqual((old.content, old.key_id), ("kept", None))
+        kind, new = yield store.add_message(
+            st.NewMessage("bob", "alice", "signed", b"\x07" * 64, None, VERIFIED, 8, "kid")
+        )
+        self.assertEqual((kind, new.id), (st.STORED, 2))
+        self.assertEqual((yield store.get_message(2)).key_id, "kid")
+        self.assertEqual((yield store.revoke_tokens("alice", 9)), 1)
 
     def test_newer_schema_is_refused(self):
         """A database from a newer server is not touched; the error names DATABASE."""

@@ -27,6 +27,7 @@ import re
 import select
 import socket
 from collections.abc import Callable
+from dataclasses import replace
 from importlib import resources
 from typing import Any
 
@@ -38,12 +39,17 @@ from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
 from zope.interface import implementer
 
+from ..keylog import ADD, REGISTER, REVOKE, Entry, KeyLogError
 from ..messages import BROADCAST, PENDING, Message
 from . import (
     CHALLENGE_BAD,
     CHALLENGE_NONE,
     CHALLENGE_OK,
     DUPLICATE,
+    EVENT_DELETED,
+    EVENT_KEY_REVOKED,
+    EVENT_SIGNED_OUT,
+    EVENT_SIGNED_OUT_ALL,
     MAX_LIVE_CHALLENGES,
     NO_RECIPIENT,
     STORED,
@@ -52,10 +58,19 @@ from . import (
     NewMessage,
     NodeInfo,
     User,
+    UserKeys,
     describe,
 )
 from .batching import BatchedWrites, GroupCommit
-from .rows import MESSAGE_COLUMNS, message_from_row, remember_user
+from .rows import (
+    KEYLOG_COLUMNS,
+    MESSAGE_COLUMNS,
+    entry_from_row,
+    entry_row,
+    key_from_row,
+    message_from_row,
+    remember_user,
+)
 
 _log = Logger()
 
@@ -286,10 +301,10 @@ def since_query(user_id: str, since: int, after: int, limit: int) -> tuple[str, 
 # its sender already used is skipped by the unique index and reported as such.
 _SQL_INSERT = (
     "INSERT INTO messages (id, sender, recipient, content, signature, nonce,"
-    " verification, status, created_ms)"
-    " SELECT i, s, r, c, decode(g, 'base64'), n, v, 'pending', t"
+    " verification, status, created_ms, key_id)"
+    " SELECT i, s, r, c, decode(g, 'base64'), n, v, 'pending', t, k"
     " FROM json_to_recordset(%s::json)"
-    " AS batch (i bigint, s text, r text, c text, g text, n text, v text, t bigint)"
+    " AS batch (i bigint, s text, r text, c text, g text, n text, v text, t bigint, k text)"
     " ON CONFLICT (sender, nonce) WHERE nonce IS NOT NULL DO NOTHING RETURNING id"
 )
 
@@ -309,6 +324,7 @@ def _batch_json(ids: list[int], news: list[NewMessage]) -> str:
                 "n": n.nonce,
                 "v": n.verification,
                 "t": n.created_ms,
+                "k": n.key_id,
             }
             for msg_id, n in zip(ids, news, strict=True)
         ],
@@ -362,6 +378,7 @@ def _insert_messages(
                         new.verification,
                         PENDING,
                         new.created_ms,
+                        key_id=new.key_id,
                     ),
                 )
             else:
@@ -386,6 +403,116 @@ def _write_batch(txn: Any, ops: list[tuple[str, Any]], known_users: set[str]) ->
     # Messages last: the stream head stays locked from here to the commit.
     _insert_messages(txn, ops, results, known_users)
     return results
+
+
+# ----------------------------------------------------------------------------
+# Keys, the key log, sign-out and deletion (protocol section 12): the SQL that
+# the running store and wsserver-admin share.  Each function takes a cursor
+# inside a transaction its caller opened (and commits).
+
+_SQL_LOG = f"SELECT {KEYLOG_COLUMNS} FROM key_log WHERE user_id = %s ORDER BY seq"  # noqa: S608
+_SQL_ADD_ENTRY = (
+    f"INSERT INTO key_log (user_id, {KEYLOG_COLUMNS})"  # noqa: S608
+    " VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s)"
+)
+_SQL_KEYS = (
+    "SELECT u.token_gen, k.public_key, k.name, k.added_ms FROM users u"
+    " LEFT JOIN user_keys k ON k.user_id = u.user_id WHERE u.user_id = %s ORDER BY k.seq"
+)
+
+
+def _read_log(cur: Any, user_id: str) -> list[Entry]:
+    cur.execute(_SQL_LOG, (user_id,))
+    return [entry_from_row(row) for row in cur.fetchall()]
+
+
+def _lock_user(cur: Any, user_id: str) -> bool:
+    """Lock the user's row for the rest of the transaction (appends to and
+    deletions of one user wait for each other, on every node, and the one
+    that waited then reads what the other committed); False when there is
+    no such user."""
+    cur.execute("SELECT 1 FROM users WHERE user_id = %s FOR UPDATE", (user_id,))
+    return cur.fetchone() is not None
+
+
+def _add_event(cur: Any, user_id: str, kind: str, detail: str, now_ms: int) -> None:
+    """Record an account event; the table lock makes commit order id order
+    for the pollers (see 003_operations.sql)."""
+    cur.execute("LOCK TABLE account_events IN EXCLUSIVE MODE")
+    cur.execute(
+        "INSERT INTO account_events (user_id, kind, detail, created_ms) VALUES (%s, %s, %s, %s)",
+        (user_id, kind, detail, now_ms),
+    )
+
+
+def _add_entry(cur: Any, user_id: str, entry: Entry) -> None:
+    """Insert a checked key-log entry and bring the active keys in step (see
+    the SQLite engine's ``_add_entry``).  A unique violation of (user_id,
+    seq) fails ``KeyLogError('keylog_conflict')``."""
+    try:
+        cur.execute(_SQL_ADD_ENTRY, entry_row(user_id, entry))
+    except psycopg.errors.UniqueViolation:
+        raise KeyLogError(
+            "keylog_conflict", "another entry took this seq: fetch the log and sign again"
+        ) from None
+    if entry.action in (REGISTER, ADD):
+        cur.execute(
+            "INSERT INTO user_keys (user_id, public_key, seq, name, added_ms)"
+            " VALUES (%s, %s, %s, %s, %s)",
+            (user_id, entry.public_key, entry.seq, entry.name, entry.at_ms),
+        )
+    elif entry.action == REVOKE:
+        cur.execute(
+            "DELETE FROM user_keys WHERE user_id = %s AND public_key = %s",
+            (user_id, entry.public_key),
+        )
+        cur.execute(
+            "UPDATE users SET public_key = k.public_key FROM (SELECT public_key FROM user_keys"
+            "  WHERE user_id = %s ORDER BY seq LIMIT 1) AS k WHERE users.user_id = %s",
+            (user_id, user_id),
+        )
+        _add_event(cur, user_id, EVENT_KEY_REVOKED, entry.key_id, entry.at_ms)
+
+
+def _remove_account(cur: Any, user_id: str, now_ms: int) -> None:
+    """Everything of a deletion but the messages, in the caller's transaction,
+    which holds the user's advisory lock and row lock (see the SQLite
+    engine's ``_remove_account``)."""
+    cur.execute(
+        "INSERT INTO deleted_users (user_id, deleted_ms) VALUES (%s, %s)"
+        " ON CONFLICT (user_id) DO NOTHING",
+        (user_id, now_ms),
+    )
+    for table in ("users", "user_keys", "key_log", "challenges", "revoked_tokens"):
+        cur.execute(f"DELETE FROM {table} WHERE user_id = %s", (user_id,))  # noqa: S608
+    # The head after the table lock: a batch committed before the event is
+    # below it, so the pollers' purge (above it) and this deletion meet.
+    cur.execute("LOCK TABLE account_events IN EXCLUSIVE MODE")
+    cur.execute("SELECT last_id FROM stream_head")
+    head = cur.fetchone()[0]
+    _add_event(cur, user_id, EVENT_DELETED, str(head), now_ms)
+
+
+def _lock_for_deletion(cur: Any, user_id: str) -> bool:
+    """The locks a deletion holds: the user id's advisory lock (a
+    registration racing it sees the tombstone) and the row's."""
+    cur.execute("SELECT pg_advisory_xact_lock(%s, hashtext(%s))", (USER_LOCK, user_id))
+    return _lock_user(cur, user_id)
+
+
+def _message_ids_of(cur: Any, user_id: str) -> list[int]:
+    """The ids of every message from or to ``user_id``."""
+    cur.execute("SELECT id FROM messages WHERE sender = %s OR recipient = %s", (user_id, user_id))
+    return [row[0] for row in cur.fetchall()]
+
+
+def _delete_chunk(cur: Any, ids: list[int]) -> int:
+    cur.execute("DELETE FROM messages WHERE id = ANY(%s::bigint[])", (ids,))
+    return cur.rowcount
+
+
+def _chunks(ids: list[int]) -> list[list[int]]:
+    return [ids[start : start + DELETE_CHUNK] for start in range(0, len(ids), DELETE_CHUNK)]
 
 
 def _stale(conn: Any) -> bool:
@@ -494,7 +621,8 @@ class PostgresStore(BatchedWrites):
     # -- users ----------------------------------------------------------------
 
     def add_user(self, user: User) -> defer.Deferred:
-        """Insert a user; fires True, or False when the user_id is taken."""
+        """Insert a user and entry 0 of their key log; fires True, or False
+        when the user_id is taken (or was deleted)."""
 
         def interaction(txn: Any) -> bool:
             # The same lock as admin_delete_user's: a registration racing a
@@ -508,9 +636,135 @@ class PostgresStore(BatchedWrites):
                 " VALUES (%s, %s, %s, %s) ON CONFLICT (user_id) DO NOTHING",
                 (user.user_id, user.username, user.public_key, user.created_ms),
             )
-            return txn.rowcount == 1
+            if txn.rowcount != 1:
+                return False
+            entry = Entry(0, REGISTER, user.public_key, at_ms=user.created_ms)
+            _add_entry(txn, user.user_id, entry)
+            return True
 
         return self._run(interaction)
+
+    # -- keys, the key log, sign-out and deletion (protocol section 12) ---------
+
+    def user_keys(self, user_id: str) -> defer.Deferred:
+        """Fire with the user's ``UserKeys`` (active keys oldest first, token
+        generation), or None when no such user."""
+
+        def interaction(txn: Any) -> UserKeys | None:
+            txn.execute(_SQL_KEYS, (user_id,))
+            rows = txn.fetchall()
+            if not rows:
+                return None
+            keys = tuple(key_from_row(row[1:]) for row in rows if row[1] is not None)
+            return UserKeys(keys, rows[0][0])
+
+        return self._run(interaction)
+
+    def key_log(self, user_id: str) -> defer.Deferred:
+        """Fire with the user's key log, oldest first, or None when no such
+        user (every user has entry 0; a deleted one has no log)."""
+
+        def interaction(txn: Any) -> list[Entry] | None:
+            return _read_log(txn, user_id) or None
+
+        return self._run(interaction)
+
+    def append_key_entry(
+        self, user_id: str, entry: Entry, check: Callable[[list[Entry]], None]
+    ) -> defer.Deferred:
+        """Append ``entry`` to the user's key log after ``check(entries)`` passed
+        on the log as it stands, holding the user's row lock (``SELECT ... FOR
+        UPDATE``) so appends of one user on any node run one after the other.
+        ``at_ms`` is the entry's own when set, else now.  Fires with the
+        stored entry, or None when no such user; fails with ``check``'s
+        ``KeyLogError`` (nothing written)."""
+        stored = entry if entry.at_ms else replace(entry, at_ms=self._now_ms())
+
+        def interaction(txn: Any) -> Entry | None:
+            if not _lock_user(txn, user_id):
+                return None
+            entries = _read_log(txn, user_id)
+            check(entries)
+            if stored.seq != len(entries):  # whatever check let through
+                raise KeyLogError("keylog_conflict", f"seq must be {len(entries)}, the next one")
+            _add_entry(txn, user_id, stored)
+            return stored
+
+        return self._run(interaction)
+
+    def delete_account(
+        self, user_id: str, now_ms: int, check: Callable[[list[Entry]], None]
+    ) -> defer.Deferred:
+        """Delete the user as protocol section 12 says, once ``check(entries)``
+        passed on their key log (see ``IStore``).  Fires True, or None when
+        no such user."""
+
+        def interaction(txn: Any) -> bool:
+            if not _lock_for_deletion(txn, user_id):
+                return False
+            check(_read_log(txn, user_id))
+            _remove_account(txn, user_id, now_ms)
+            return True
+
+        return self._delete_account(interaction, user_id)
+
+    @defer.inlineCallbacks
+    def _delete_account(self, interaction: Callable[[Any], bool], user_id: str) -> Any:
+        if not (yield self._run(interaction)):
+            return None
+        self._known_users.discard(user_id)
+        ids = yield self._run(_message_ids_of, user_id)
+        for chunk in _chunks(ids):  # each its own short transaction
+            yield self._run(_delete_chunk, chunk)
+        return True
+
+    def revoke_token(self, user_id: str, jti: str, expires_ms: int, now_ms: int) -> defer.Deferred:
+        """Remember a signed-out token until it expires (forgetting those
+        expired) and record an EVENT_SIGNED_OUT; a repeat changes nothing."""
+
+        def interaction(txn: Any) -> None:
+            txn.execute("DELETE FROM revoked_tokens WHERE expires_ms <= %s", (now_ms,))
+            txn.execute(
+                "INSERT INTO revoked_tokens (jti, user_id, expires_ms) VALUES (%s, %s, %s)"
+                " ON CONFLICT (jti) DO NOTHING",
+                (jti, user_id, expires_ms),
+            )
+            if txn.rowcount == 1:
+                _add_event(txn, user_id, EVENT_SIGNED_OUT, jti, now_ms)
+
+        return self._run(interaction)
+
+    def revoke_tokens(self, user_id: str, now_ms: int) -> defer.Deferred:
+        """Raise the user's token generation and record an
+        EVENT_SIGNED_OUT_ALL; fire with the new generation, or None when no
+        such user."""
+
+        def interaction(txn: Any) -> int | None:
+            txn.execute(
+                "UPDATE users SET token_gen = token_gen + 1 WHERE user_id = %s RETURNING token_gen",
+                (user_id,),
+            )
+            row = txn.fetchone()
+            if row is None:
+                return None
+            _add_event(txn, user_id, EVENT_SIGNED_OUT_ALL, str(row[0]), now_ms)
+            return int(row[0])
+
+        return self._run(interaction)
+
+    def revoked_tokens(self, now_ms: int) -> defer.Deferred:
+        """Fire with the set of signed-out jtis not yet expired (the expired
+        ones are forgotten)."""
+
+        def interaction(txn: Any) -> set[str]:
+            txn.execute("DELETE FROM revoked_tokens WHERE expires_ms <= %s", (now_ms,))
+            txn.execute("SELECT jti FROM revoked_tokens")
+            return {row[0] for row in txn.fetchall()}
+
+        return self._run(interaction)
+
+    def _now_ms(self) -> int:
+        return int(self._clock.seconds() * 1000)
 
     def get_user(self, user_id: str) -> defer.Deferred:
         """Fire with the ``User`` or None."""
@@ -745,47 +999,23 @@ def admin_delete_user(conn: psycopg.Connection, user_id: str, now_ms: int) -> in
     went, or None when there is no such user (see the SQLite engine's
     ``admin_delete_user``: the same steps)."""
     with conn.transaction():
-        conn.execute("SELECT pg_advisory_xact_lock(%s, hashtext(%s))", (USER_LOCK, user_id))
-        gone = conn.execute("DELETE FROM users WHERE user_id = %s", (user_id,)).rowcount
-        if gone != 1:
+        cur = conn.cursor()
+        if _lock_for_deletion(cur, user_id):
+            _remove_account(cur, user_id, now_ms)
+        else:
             # Deleted before (perhaps by a run that failed half-way: finish
             # removing the messages), or no such user.
-            known = conn.execute(
-                "SELECT 1 FROM deleted_users WHERE user_id = %s", (user_id,)
-            ).fetchone()
-            if known is None:
+            cur.execute("SELECT 1 FROM deleted_users WHERE user_id = %s", (user_id,))
+            if cur.fetchone() is None:
                 return None
-        else:
-            conn.execute(
-                "INSERT INTO deleted_users (user_id, deleted_ms) VALUES (%s, %s)"
-                " ON CONFLICT (user_id) DO NOTHING",
-                (user_id, now_ms),
-            )
-            conn.execute("DELETE FROM challenges WHERE user_id = %s", (user_id,))
-            # Commit order is id order for the pollers (see 003_operations.sql).
-            conn.execute("LOCK TABLE account_events IN EXCLUSIVE MODE")
-            head = conn.execute("SELECT last_id FROM stream_head").fetchone()[0]
-            conn.execute(
-                "INSERT INTO account_events (user_id, kind, detail, created_ms)"
-                " VALUES (%s, 'deleted', %s, %s)",
-                (user_id, str(head), now_ms),
-            )
     return _delete_messages_of(conn, user_id)
 
 
 def _delete_messages_of(conn: psycopg.Connection, user_id: str) -> int:
-    """Delete every message from or to ``user_id``, a chunk per statement."""
-    ids = [
-        row[0]
-        for row in conn.execute(
-            "SELECT id FROM messages WHERE sender = %s OR recipient = %s", (user_id, user_id)
-        ).fetchall()
-    ]
-    removed = 0
-    for start in range(0, len(ids), DELETE_CHUNK):
-        chunk = ids[start : start + DELETE_CHUNK]
-        removed += conn.execute("DELETE FROM messages WHERE id = ANY(%s)", (chunk,)).rowcount
-    return removed
+    """Delete every message from or to ``user_id``, a chunk per statement
+    (the connection is in autocommit: each its own transaction)."""
+    cur = conn.cursor()
+    return sum(_delete_chunk(cur, chunk) for chunk in _chunks(_message_ids_of(cur, user_id)))
 
 
 def admin_stats(conn: psycopg.Connection) -> dict[str, int]:

@@ -19,6 +19,7 @@ import re
 import sqlite3
 import stat
 from collections.abc import Callable
+from dataclasses import replace
 from importlib import resources
 from typing import Any
 
@@ -29,12 +30,17 @@ from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
 from zope.interface import implementer
 
+from ..keylog import ADD, REGISTER, REVOKE, Entry, KeyLogError
 from ..messages import BROADCAST, PENDING, Message
 from . import (
     CHALLENGE_BAD,
     CHALLENGE_NONE,
     CHALLENGE_OK,
     DUPLICATE,
+    EVENT_DELETED,
+    EVENT_KEY_REVOKED,
+    EVENT_SIGNED_OUT,
+    EVENT_SIGNED_OUT_ALL,
     MAX_LIVE_CHALLENGES,
     NO_RECIPIENT,
     STORED,
@@ -43,9 +49,18 @@ from . import (
     NewMessage,
     NodeInfo,
     User,
+    UserKeys,
 )
 from .batching import BatchedWrites, GroupCommit
-from .rows import MESSAGE_COLUMNS, message_from_row, remember_user
+from .rows import (
+    KEYLOG_COLUMNS,
+    MESSAGE_COLUMNS,
+    entry_from_row,
+    entry_row,
+    key_from_row,
+    message_from_row,
+    remember_user,
+)
 
 _log = Logger()
 
@@ -332,7 +347,7 @@ def _insert_message(txn: Any, new: NewMessage, known_users: set[str]) -> tuple[s
     try:
         txn.execute(
             "INSERT INTO messages (sender, recipient, content, signature, nonce,"
-            " verification, status, created_ms) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+            " verification, status, created_ms, key_id) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
             (
                 new.sender,
                 new.recipient,
@@ -342,6 +357,7 @@ def _insert_message(txn: Any, new: NewMessage, known_users: set[str]) -> tuple[s
                 new.verification,
                 PENDING,
                 new.created_ms,
+                new.key_id,
             ),
         )
     except sqlite3.IntegrityError:
@@ -362,6 +378,7 @@ def _insert_message(txn: Any, new: NewMessage, known_users: set[str]) -> tuple[s
         new.verification,
         PENDING,
         new.created_ms,
+        key_id=new.key_id,
     )
 
 
@@ -390,6 +407,92 @@ def _write_batch(txn: Any, ops: list[tuple[str, Any]], known_users: set[str]) ->
             chunk,
         )
     return results
+
+
+# ----------------------------------------------------------------------------
+# Keys, the key log, sign-out and deletion (protocol section 12): the SQL that
+# the running store and wsserver-admin share.  Each function takes a cursor
+# inside a transaction its caller opened (and commits).
+
+_SQL_LOG = f"SELECT {KEYLOG_COLUMNS} FROM key_log WHERE user_id = ? ORDER BY seq"  # noqa: S608
+_SQL_ADD_ENTRY = (
+    f"INSERT INTO key_log (user_id, {KEYLOG_COLUMNS})"  # noqa: S608
+    " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)"
+)
+_SQL_KEYS = (
+    "SELECT u.token_gen, k.public_key, k.name, k.added_ms FROM users u"
+    " LEFT JOIN user_keys k ON k.user_id = u.user_id WHERE u.user_id = ? ORDER BY k.seq"
+)
+
+
+def _read_log(cur: Any, user_id: str) -> list[Entry]:
+    cur.execute(_SQL_LOG, (user_id,))
+    return [entry_from_row(row) for row in cur.fetchall()]
+
+
+def _add_event(cur: Any, user_id: str, kind: str, detail: str, now_ms: int) -> None:
+    """Record an account event (every node polls them: events.py)."""
+    cur.execute(
+        "INSERT INTO account_events (user_id, kind, detail, created_ms) VALUES (?, ?, ?, ?)",
+        (user_id, kind, detail, now_ms),
+    )
+
+
+def _add_entry(cur: Any, user_id: str, entry: Entry) -> None:
+    """Insert a checked key-log entry and bring the active keys in step: an
+    added key joins them; a revoked one leaves them (the user's public_key
+    becomes the first key still active) and an EVENT_KEY_REVOKED is recorded.
+    An entry whose seq is taken fails ``KeyLogError('keylog_conflict')``."""
+    try:
+        cur.execute(_SQL_ADD_ENTRY, entry_row(user_id, entry))
+    except sqlite3.IntegrityError:
+        raise KeyLogError(
+            "keylog_conflict", "another entry took this seq: fetch the log and sign again"
+        ) from None
+    if entry.action in (REGISTER, ADD):
+        cur.execute(
+            "INSERT INTO user_keys (user_id, public_key, seq, name, added_ms)"
+            " VALUES (?, ?, ?, ?, ?)",
+            (user_id, entry.public_key, entry.seq, entry.name, entry.at_ms),
+        )
+    elif entry.action == REVOKE:
+        cur.execute(
+            "DELETE FROM user_keys WHERE user_id = ? AND public_key = ?",
+            (user_id, entry.public_key),
+        )
+        cur.execute(
+            "UPDATE users SET public_key = (SELECT public_key FROM user_keys"
+            "  WHERE user_id = ? ORDER BY seq LIMIT 1)"
+            " WHERE user_id = ? AND EXISTS (SELECT 1 FROM user_keys WHERE user_id = ?)",
+            (user_id, user_id, user_id),
+        )
+        _add_event(cur, user_id, EVENT_KEY_REVOKED, entry.key_id, entry.at_ms)
+
+
+def _remove_account(cur: Any, user_id: str, now_ms: int) -> None:
+    """Everything of a deletion but the messages, in the caller's transaction:
+    the user, keys, key log, challenges and signed-out tokens go, the id stays
+    as a tombstone, and an EVENT_DELETED carries the stream head (each node
+    deletes what it stored for the user after it)."""
+    cur.execute("SELECT COALESCE(MAX(id), 0) FROM messages")
+    head = cur.fetchone()[0]
+    cur.execute(
+        "INSERT OR IGNORE INTO deleted_users (user_id, deleted_ms) VALUES (?, ?)",
+        (user_id, now_ms),
+    )
+    for table in ("users", "user_keys", "key_log", "challenges", "revoked_tokens"):
+        cur.execute(f"DELETE FROM {table} WHERE user_id = ?", (user_id,))  # noqa: S608
+    _add_event(cur, user_id, EVENT_DELETED, str(head), now_ms)
+
+
+def _message_ids_of(cur: Any, user_id: str) -> list[int]:
+    """The ids of every message from or to ``user_id``."""
+    cur.execute("SELECT id FROM messages WHERE sender = ? OR recipient = ?", (user_id, user_id))
+    return [row[0] for row in cur.fetchall()]
+
+
+def _chunks(ids: list[int]) -> list[list[int]]:
+    return [ids[start : start + _IN_CHUNK] for start in range(0, len(ids), _IN_CHUNK)]
 
 
 @implementer(IStore)
@@ -453,7 +556,8 @@ class Store(BatchedWrites):
     # -- users ----------------------------------------------------------------
 
     def add_user(self, user: User) -> defer.Deferred:
-        """Insert a user; fires True, or False when the user_id is taken."""
+        """Insert a user and entry 0 of their key log; fires True, or False
+        when the user_id is taken (or was deleted)."""
 
         def interaction(txn: Any) -> bool:
             # One statement, so the tombstone check and the insert are atomic
@@ -468,9 +572,137 @@ class Store(BatchedWrites):
                 )
             except sqlite3.IntegrityError:
                 return False
-            return txn.rowcount == 1
+            if txn.rowcount != 1:
+                return False
+            # In the same transaction (adbapi commits after the interaction).
+            entry = Entry(0, REGISTER, user.public_key, at_ms=user.created_ms)
+            _add_entry(txn, user.user_id, entry)
+            return True
 
         return self._pool.runInteraction(interaction)
+
+    # -- keys, the key log, sign-out and deletion (protocol section 12) ---------
+
+    def user_keys(self, user_id: str) -> defer.Deferred:
+        """Fire with the user's ``UserKeys`` (active keys oldest first, token
+        generation), or None when no such user."""
+
+        def interaction(txn: Any) -> UserKeys | None:
+            txn.execute(_SQL_KEYS, (user_id,))
+            rows = txn.fetchall()
+            if not rows:
+                return None
+            keys = tuple(key_from_row(row[1:]) for row in rows if row[1] is not None)
+            return UserKeys(keys, rows[0][0])
+
+        return self._pool.runInteraction(interaction)
+
+    def key_log(self, user_id: str) -> defer.Deferred:
+        """Fire with the user's key log, oldest first, or None when no such
+        user (every user has entry 0; a deleted one has no log)."""
+
+        def interaction(txn: Any) -> list[Entry] | None:
+            return _read_log(txn, user_id) or None
+
+        return self._pool.runInteraction(interaction)
+
+    def append_key_entry(
+        self, user_id: str, entry: Entry, check: Callable[[list[Entry]], None]
+    ) -> defer.Deferred:
+        """Append ``entry`` to the user's key log after ``check(entries)`` passed
+        on the log as it stands, in one IMMEDIATE transaction (the write lock
+        of the file: no other process appends in between).  ``at_ms`` is the
+        entry's own when set, else now.  Fires with the stored entry, or None
+        when no such user; fails with ``check``'s ``KeyLogError`` (nothing
+        written)."""
+        stored = entry if entry.at_ms else replace(entry, at_ms=self._now_ms())
+
+        def interaction(txn: Any) -> Entry | None:
+            txn.execute("BEGIN IMMEDIATE")
+            txn.execute("SELECT 1 FROM users WHERE user_id = ?", (user_id,))
+            if txn.fetchone() is None:
+                return None
+            entries = _read_log(txn, user_id)
+            check(entries)
+            if stored.seq != len(entries):  # whatever check let through
+                raise KeyLogError("keylog_conflict", f"seq must be {len(entries)}, the next one")
+            _add_entry(txn, user_id, stored)
+            return stored
+
+        return self._pool.runInteraction(interaction)
+
+    def delete_account(
+        self, user_id: str, now_ms: int, check: Callable[[list[Entry]], None]
+    ) -> defer.Deferred:
+        """Delete the user as protocol section 12 says, once ``check(entries)``
+        passed on their key log (see ``IStore``).  Fires True, or None when
+        no such user."""
+
+        def interaction(txn: Any) -> bool:
+            txn.execute("BEGIN IMMEDIATE")
+            txn.execute("SELECT 1 FROM users WHERE user_id = ?", (user_id,))
+            if txn.fetchone() is None:
+                return False
+            check(_read_log(txn, user_id))
+            _remove_account(txn, user_id, now_ms)
+            self._known_users.discard(user_id)  # the pool's thread owns the set
+            return True
+
+        return self._delete_account(interaction, user_id)
+
+    @defer.inlineCallbacks
+    def _delete_account(self, interaction: Callable[[Any], bool], user_id: str) -> Any:
+        if not (yield self._pool.runInteraction(interaction)):
+            return None
+        ids = yield self._pool.runInteraction(_message_ids_of, user_id)
+        for chunk in _chunks(ids):  # each its own short transaction
+            yield self._pool.runInteraction(_delete_ids, chunk)
+        return True
+
+    def revoke_token(self, user_id: str, jti: str, expires_ms: int, now_ms: int) -> defer.Deferred:
+        """Remember a signed-out token until it expires (forgetting those
+        expired) and record an EVENT_SIGNED_OUT; a repeat changes nothing."""
+
+        def interaction(txn: Any) -> None:
+            txn.execute("DELETE FROM revoked_tokens WHERE expires_ms <= ?", (now_ms,))
+            txn.execute(
+                "INSERT OR IGNORE INTO revoked_tokens (jti, user_id, expires_ms) VALUES (?, ?, ?)",
+                (jti, user_id, expires_ms),
+            )
+            if txn.rowcount == 1:
+                _add_event(txn, user_id, EVENT_SIGNED_OUT, jti, now_ms)
+
+        return self._pool.runInteraction(interaction)
+
+    def revoke_tokens(self, user_id: str, now_ms: int) -> defer.Deferred:
+        """Raise the user's token generation and record an
+        EVENT_SIGNED_OUT_ALL; fire with the new generation, or None when no
+        such user."""
+
+        def interaction(txn: Any) -> int | None:
+            txn.execute("UPDATE users SET token_gen = token_gen + 1 WHERE user_id = ?", (user_id,))
+            if txn.rowcount != 1:
+                return None
+            txn.execute("SELECT token_gen FROM users WHERE user_id = ?", (user_id,))
+            gen = int(txn.fetchone()[0])
+            _add_event(txn, user_id, EVENT_SIGNED_OUT_ALL, str(gen), now_ms)
+            return gen
+
+        return self._pool.runInteraction(interaction)
+
+    def revoked_tokens(self, now_ms: int) -> defer.Deferred:
+        """Fire with the set of signed-out jtis not yet expired (the expired
+        ones are forgotten)."""
+
+        def interaction(txn: Any) -> set[str]:
+            txn.execute("DELETE FROM revoked_tokens WHERE expires_ms <= ?", (now_ms,))
+            txn.execute("SELECT jti FROM revoked_tokens")
+            return {row[0] for row in txn.fetchall()}
+
+        return self._pool.runInteraction(interaction)
+
+    def _now_ms(self) -> int:
+        return int(self._clock.seconds() * 1000)
 
     def get_user(self, user_id: str) -> defer.Deferred:
         """Fire with the ``User`` or None."""
@@ -754,12 +986,13 @@ def admin_delete_user(conn: sqlite3.Connection, user_id: str, now_ms: int) -> in
     """Delete ``user_id`` as protocol section 12 says; return how many messages
     went, or None when there is no such user.
 
-    One transaction removes the user and their challenges, keeps the id as a
-    tombstone and records a "deleted" account event (every node polls them:
-    the user's connections close with 4003, and each node deletes whatever it
-    stored for them after this point).  The user's messages then go in
-    chunks, each its own short transaction, so a running server's commits
-    never wait long.
+    One transaction removes the user, their keys, key log, challenges and
+    signed-out tokens, keeps the id as a tombstone and records a "deleted"
+    account event (every node polls them: the user's connections close with
+    4003, and each node deletes whatever it stored for them after this
+    point): ``_remove_account``, as ``Store.delete_account``.  The user's
+    messages then go in chunks, each its own short transaction, so a running
+    server's commits never wait long.
     """
     conn.execute("BEGIN IMMEDIATE")
     try:
@@ -772,18 +1005,7 @@ def admin_delete_user(conn: sqlite3.Connection, user_id: str, now_ms: int) -> in
                 return None
             # Deleted before, perhaps by a run that failed half-way: finish.
             return _delete_messages_of(conn, user_id)
-        head = conn.execute("SELECT COALESCE(MAX(id), 0) FROM messages").fetchone()[0]
-        conn.execute(
-            "INSERT OR IGNORE INTO deleted_users (user_id, deleted_ms) VALUES (?, ?)",
-            (user_id, now_ms),
-        )
-        conn.execute("DELETE FROM users WHERE user_id = ?", (user_id,))
-        conn.execute("DELETE FROM challenges WHERE user_id = ?", (user_id,))
-        conn.execute(
-            "INSERT INTO account_events (user_id, kind, detail, created_ms)"
-            " VALUES (?, 'deleted', ?, ?)",
-            (user_id, str(head), now_ms),
-        )
+        _remove_account(conn.cursor(), user_id, now_ms)
         conn.execute("COMMIT")
     except BaseException:
         conn.execute("ROLLBACK")
@@ -793,17 +1015,11 @@ def admin_delete_user(conn: sqlite3.Connection, user_id: str, now_ms: int) -> in
 
 def _delete_messages_of(conn: sqlite3.Connection, user_id: str) -> int:
     """Delete every message from or to ``user_id``, in short transactions."""
-    ids = [
-        row[0]
-        for row in conn.execute(
-            "SELECT id FROM messages WHERE sender = ? OR recipient = ?", (user_id, user_id)
-        ).fetchall()
-    ]
     removed = 0
-    for start in range(0, len(ids), _IN_CHUNK):
+    for chunk in _chunks(_message_ids_of(conn.cursor(), user_id)):
         conn.execute("BEGIN IMMEDIATE")
         try:
-            removed += _delete_ids(conn.cursor(), ids[start : start + _IN_CHUNK])
+            removed += _delete_ids(conn.cursor(), chunk)
             conn.execute("COMMIT")
         except BaseException:
             conn.execute("ROLLBACK")
