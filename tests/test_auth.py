@@ -10,9 +10,9 @@ from twisted.internet import defer
 from twisted.internet.task import Clock
 from twisted.trial import unittest
 
-from wsserver import auth
+from wsserver import auth, keylog
 from wsserver.messages import Draft, b64decode, signing_input
-from wsserver.store import Store, prepare_database
+from wsserver.store import KeyRecord, Store, UserKeys, prepare_database
 
 from .support import VECTORS, b64, public_b64, vector_key
 
@@ -232,14 +232,36 @@ class LoginTests(unittest.TestCase):
         nothing: the deleted user's tokens stay refused on this node."""
         yield self.register()
         reading: defer.Deferred = defer.Deferred()
-        found = yield self.store.get_user("alice")
-        self.patch(self.store, "get_user", lambda user_id: reading)
+        found = yield self.store.user_keys("alice")
+        self.patch(self.store, "user_keys", lambda user_id: reading)
         looking = self.auth.verify_key("alice")
         self.auth.forget("alice")  # the account event arrives meanwhile
         reading.callback(found)  # the read made before the deletion
         key = yield looking
         self.assertIsNone(key)
         self.assertNotIn("alice", self.auth._keys)
+
+    @defer.inlineCallbacks
+    def test_a_look_up_racing_a_revocation_reads_again(self):
+        """A key look-up that read the user's keys just before a revocation
+        committed, and returns after the node handled the revocation, caches
+        nothing it read then: it reads again, and only the fresh answer (the
+        revoked key gone) is cached."""
+        yield self.register()
+        other = SigningKey.generate()
+        before = yield self.store.user_keys("alice")
+        second = KeyRecord(keylog.key_id(bytes(other.verify_key)), bytes(other.verify_key), "x", 1)
+        stale = UserKeys((*before.keys, second), before.token_gen)
+        first_read: defer.Deferred = defer.Deferred()
+        reads = [first_read, defer.succeed(before)]
+        self.patch(self.store, "user_keys", lambda user_id: reads.pop(0))
+        looking = self.auth.user_keys("alice")
+        self.auth.key_revoked("alice")  # the account event arrives meanwhile
+        first_read.callback(stale)  # the read made before the revocation
+        state = yield looking
+        self.assertEqual(list(state.keys), [before.keys[0].key_id])
+        self.assertEqual(list(self.auth._keys["alice"].keys), [before.keys[0].key_id])
+        self.assertEqual(reads, [])
 
     @defer.inlineCallbacks
     def test_challenge_format_and_login(self):

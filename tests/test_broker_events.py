@@ -58,11 +58,24 @@ class EventTests(unittest.TestCase):
                 1_700_000_000_123,
             ),
             Message(8, "alice", "broadcast", "", None, None, UNSIGNED, "delivered", 5),
+            Message(
+                10, "alice", "bob", "x", b"\x03" * 64, None, VERIFIED, PENDING, 6, key_id="k" * 16
+            ),
         ]
         events = [rb._encode_message(m) for m in msgs]
         self.assertEqual(events[0][0], "m")
+        self.assertEqual(events[2][-1], "k" * 16)
         self.broker._received(publication("node-b", events))
         self.assertEqual(self.offered, msgs)
+
+    def test_a_message_without_key_id_from_an_older_node_is_read(self):
+        """A node of the version before key ids sends ten fields: key_id is null."""
+        event = ["m", 12, "alice", "bob", "hi", None, "n-1", UNSIGNED, PENDING, 7]
+        self.broker._received(publication("node-b", [event]))
+        self.assertEqual(
+            self.offered, [Message(12, "alice", "bob", "hi", None, "n-1", UNSIGNED, PENDING, 7)]
+        )
+        self.assertIsNone(self.offered[0].key_id)
 
     def test_the_earlier_object_form_is_still_read(self):
         old = {

@@ -187,6 +187,7 @@ class EverySettingTests(unittest.TestCase):
             "MAX_CONTENT_BYTES": "2000",
             "MAX_FRAME_BYTES": "4096",
             "MAX_CONNECTIONS_PER_USER": "1",
+            "MAX_KEYS_PER_USER": "1",
             "MAX_CONNECTIONS_PER_IP": "7",
             "MAX_HANDSHAKES_PER_IP": "5",
             "MAX_OUTBOX_BYTES": "4096",

@@ -39,6 +39,7 @@ class Config:
     max_content_bytes: int
     max_frame_bytes: int
     max_connections_per_user: int
+    max_keys_per_user: int
     max_connections_per_ip: int
     max_handshakes_per_ip: int
     max_outbox_bytes: int
@@ -318,6 +319,13 @@ SETTINGS: list[tuple[str, str, str | None, Callable[[str], Any], str]] = [
         "16",
         _number(int, 1, 10_000),
         "open connections per user",
+    ),
+    (
+        "MAX_KEYS_PER_USER",
+        "max-keys-per-user",
+        "16",
+        _number(int, 1, 1000),
+        "active keys (devices) one user may hold",
     ),
     (
         "MAX_CONNECTIONS_PER_IP",

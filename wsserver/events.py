@@ -1,19 +1,27 @@
 """Account events: changes to accounts every node acts on at once.
 
-``wsserver-admin delete-user`` (and, with issue 12, key revocation and
-sign-out) runs in a process of its own, beside the servers; it records an
-event in the database's ``account_events`` table, in the same transaction as
-the change.  Every node polls that table every ``interval`` seconds (one
-indexed query by id, on SQLite and on PostgreSQL alike, with or without a
-broker) and hands each new event to the handlers registered for its kind.
-Ids become visible in commit order on both engines (SQLite has one writer;
-PostgreSQL's writers lock the table), so "id > the last seen" misses none.
+A deletion (``DELETE /auth/users/{id}`` or ``wsserver-admin delete-user``), a
+key revocation (a ``revoke`` entry of the key log) and a sign-out
+(``POST /auth/logout``, one token or all) are recorded as an event in the
+database's ``account_events`` table, in the same transaction as the change.
+Every node polls that table every ``interval`` seconds (one indexed query by
+id, on SQLite and on PostgreSQL alike, with or without a broker) and hands
+each new event to the handlers registered for its kind; the node that made
+the change also hands it to them at once (``apply_now``), so its own
+connections do not wait for the poll.  Handlers are idempotent: that node
+sees the event again when it polls.  Ids become visible in commit order on
+both engines (SQLite has one writer; PostgreSQL's writers lock the table), so
+"id > the last seen" misses none.
 
-``DeletedUsers`` is the handler of "deleted": it forgets the user in the
-caches (key, known recipients), closes the user's connections on this node
-with 4003, waits until what this node queued has been committed, and deletes
-what it stored from or to the user after the deletion (by id, above the
-stream head the event carries).
+The handlers: ``DeletedUsers`` forgets the user in the caches (keys, known
+recipients), closes the user's connections on this node with 4003, waits
+until what this node queued has been committed, and deletes what it stored
+from or to the user after the deletion (by id, above the stream head the
+event carries).  ``KeyRevoked`` drops the user's cached keys and closes the
+connections that logged in with that key (4003).  ``SignedOut`` refuses the
+token from now on and closes its connections (4004); ``SignedOutAll`` drops
+the user's cached token generation and closes every connection of the user
+whose token is of an older generation (4004).
 """
 
 from __future__ import annotations
@@ -27,7 +35,7 @@ from twisted.logger import Logger
 
 _log = Logger()
 
-INTERVAL = 1.0  # seconds between polls
+INTERVAL = 0.5  # seconds between polls: every node acts within a second
 PAGE = 100  # events read per query
 
 DELETED = "deleted"
@@ -38,12 +46,23 @@ Handler = Callable[[str, "str | None"], Any]
 class AccountEvents:
     """Polls the store's account events and dispatches them by kind."""
 
-    def __init__(self, store: Any, clock: IReactorTime, interval: float = INTERVAL) -> None:
+    def __init__(
+        self,
+        store: Any,
+        clock: IReactorTime,
+        interval: float = INTERVAL,
+        prime: Callable[[], Any] | None = None,
+    ) -> None:
+        """``prime`` (it may return a Deferred) loads what the handlers keep
+        current from then on (the signed-out tokens): it runs once the newest
+        event was noted, so that no change falls between the two; a failure
+        is retried at the next poll."""
         self._store = store
         self._clock = clock
         self._interval = interval
         self._handlers: dict[str, list[Handler]] = {}
         self._last: int | None = None
+        self._prime = prime
         self._loop = task.LoopingCall(self.poll)
         self._loop.clock = clock
         self._stopped = False
@@ -55,6 +74,17 @@ class AccountEvents:
         self._handlers.setdefault(kind, []).append(handler)
 
     @defer.inlineCallbacks
+    def apply_now(self, kind: str, user_id: str, detail: str | None) -> Any:
+        """Hand a change this node just made to the handlers of its kind, without
+        waiting for the poll (which hands it over again); a handler's failure is
+        logged, not raised."""
+        for handler in self._handlers.get(kind, []):
+            try:
+                yield defer.maybeDeferred(handler, user_id, detail)
+            except Exception:
+                _log.failure("applying the account change {kind}", kind=kind)
+
+    @defer.inlineCallbacks
     def start(self) -> Any:
         """Note the newest event (what came before concerns no connection of
         this node), then poll every ``interval`` seconds."""
@@ -62,6 +92,7 @@ class AccountEvents:
             return
         try:
             self._last = yield self._store.last_account_event()
+            yield self._primed()
         except Exception as exc:
             # Polling will start from the first event it can read.
             _log.warn("cannot read account events yet: {e}", e=str(exc))
@@ -84,10 +115,16 @@ class AccountEvents:
         return d
 
     @defer.inlineCallbacks
+    def _primed(self) -> Any:
+        if self._prime is not None:
+            yield defer.maybeDeferred(self._prime)
+            self._prime = None
+
+    @defer.inlineCallbacks
     def _poll(self) -> Any:
         if self._last is None:
             self._last = yield self._store.last_account_event()
-            return
+        yield self._primed()
         while True:
             events = yield self._store.account_events(self._last, PAGE)
             for event_id, user_id, kind, detail in events:
@@ -97,6 +134,55 @@ class AccountEvents:
                 self.handled += 1
             if len(events) < PAGE:
                 return
+
+
+class KeyRevoked:
+    """What a node does when a key was revoked (protocol section 12): detail is
+    the key_id."""
+
+    def __init__(self, auth: Any, factory: Any, close_code: int) -> None:
+        self._auth = auth
+        self._factory = factory
+        self._close_code = close_code
+
+    def __call__(self, user_id: str, detail: str | None) -> None:
+        self._auth.key_revoked(user_id)
+        if detail:
+            closed = self._factory.close_key(user_id, detail, self._close_code, "key revoked")
+            _log.info(
+                "key revoked for {user}: {closed} connections closed", user=user_id, closed=closed
+            )
+
+
+class SignedOut:
+    """A token was signed out (``POST /auth/logout``): detail is its jti."""
+
+    def __init__(self, auth: Any, factory: Any, close_code: int) -> None:
+        self._auth = auth
+        self._factory = factory
+        self._close_code = close_code
+
+    def __call__(self, user_id: str, detail: str | None) -> None:
+        if detail:
+            self._auth.signed_out(detail)
+            closed = self._factory.close_token(user_id, detail, self._close_code, "signed out")
+            _log.info("signed out a token of {user}: {closed} closed", user=user_id, closed=closed)
+
+
+class SignedOutAll:
+    """Every token of a user was signed out (``POST /auth/logout?all=true``):
+    detail is the user's new token generation."""
+
+    def __init__(self, auth: Any, factory: Any, close_code: int) -> None:
+        self._auth = auth
+        self._factory = factory
+        self._close_code = close_code
+
+    def __call__(self, user_id: str, detail: str | None) -> None:
+        self._auth.signed_out_all(user_id)
+        gen = int(detail) if detail and detail.isdigit() else None
+        closed = self._factory.close_older(user_id, gen, self._close_code, "signed out")
+        _log.info("signed out {user} everywhere: {closed} closed", user=user_id, closed=closed)
 
 
 class DeletedUsers:
@@ -124,4 +210,12 @@ class DeletedUsers:
         )
 
 
-__all__ = ["DELETED", "INTERVAL", "AccountEvents", "DeletedUsers"]
+__all__ = [
+    "DELETED",
+    "INTERVAL",
+    "AccountEvents",
+    "DeletedUsers",
+    "KeyRevoked",
+    "SignedOut",
+    "SignedOutAll",
+]

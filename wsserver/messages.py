@@ -297,6 +297,7 @@ class Message:
                     "timestamp": format_timestamp(self.created_ms),
                     "verification": self.verification,
                     "signature": b64encode(self.signature) if self.signature is not None else None,
+                    "key_id": self.key_id,
                     "nonce": self.nonce,
                 }
             )

@@ -33,13 +33,17 @@ from .broker import LocalBroker
 from .broker.limits import SharedRateLimiter
 from .broker.redis import RedisBroker, check_broker
 from .config import SETTINGS, Config, ConfigError, load
-from .events import DELETED, AccountEvents, DeletedUsers
+from .events import AccountEvents, DeletedUsers, KeyRevoked, SignedOut, SignedOutAll
 from .logs import ChoosesLogObserver, twistd_json_observer
 from .metrics import Metrics, metrics_site, worker_address
 from .peers import PeerLimits
 from .ratelimit import RateLimiter
 from .retention import Retention
 from .store import (
+    EVENT_DELETED,
+    EVENT_KEY_REVOKED,
+    EVENT_SIGNED_OUT,
+    EVENT_SIGNED_OUT_ALL,
     DatabaseError,
     NodeInfo,
     describe,
@@ -48,7 +52,13 @@ from .store import (
     prepare_database,
 )
 from .web import WebSocketGate, build_root, build_site
-from .websocket import CLOSE_KEY_REVOKED, ServerFactory, text_frame, use_fast_unmasking
+from .websocket import (
+    CLOSE_KEY_REVOKED,
+    CLOSE_SIGNED_OUT,
+    ServerFactory,
+    text_frame,
+    use_fast_unmasking,
+)
 from .workers import (
     WorkersService,
     become_child,
@@ -175,7 +185,12 @@ class WsServerService(ChoosesLogObserver):
         self.limiter = RateLimiter(config.message_rate_limit, config.message_burst_limit, clock)
         self.auth_limiter = RateLimiter(config.auth_rate_limit, config.auth_burst_limit, clock)
         tokens = Tokens(config.jwt_secret or secret, config.token_ttl, clock)
-        self.auth = Authenticator(self.store, tokens, clock, config.challenge_ttl)
+        self.auth = Authenticator(
+            self.store, tokens, clock, config.challenge_ttl, config.max_keys_per_user
+        )
+        # Token checks wait until the signed-out tokens are loaded (the
+        # account events prime them, below).
+        self.auth.expect_priming()
         self.metrics = Metrics(self._node)
         self.broker: LocalBroker
         if config.broker is not None:
@@ -210,20 +225,34 @@ class WsServerService(ChoosesLogObserver):
             max_outbox_bytes=config.max_outbox_bytes,
             require_signatures=config.require_signatures,
             metrics=self.metrics,
+            auth=self.auth,
         )
+        # Account changes (protocol sections 12 and 14): deletions, revoked
+        # keys and sign-outs, recorded as account events that every node acts
+        # on; the node that made one applies it at once (announce).
+        self.account_events = AccountEvents(self.store, clock, prime=self.auth.prime)
+        events = self.account_events
+        events.on(
+            EVENT_DELETED, DeletedUsers(self.store, self.auth, self.factory, CLOSE_KEY_REVOKED)
+        )
+        events.on(EVENT_KEY_REVOKED, KeyRevoked(self.auth, self.factory, CLOSE_KEY_REVOKED))
+        events.on(EVENT_SIGNED_OUT, SignedOut(self.auth, self.factory, CLOSE_SIGNED_OUT))
+        events.on(EVENT_SIGNED_OUT_ALL, SignedOutAll(self.auth, self.factory, CLOSE_SIGNED_OUT))
         gate = WebSocketGate(
             self.factory, self.auth, config.allowed_origins, secure=self.tls is not None
         )
-        root = build_root(self.auth, self.auth_limiter, gate, self._status, self.ready_checks)
+        root = build_root(
+            self.auth,
+            self.auth_limiter,
+            gate,
+            self._status,
+            self.ready_checks,
+            announce=events.apply_now,
+        )
         self.site = build_site(root)
-        # Operations (protocol section 14): retention, and the account events
-        # that wsserver-admin records for every node to act on.
+        # Operations (protocol section 14): retention.
         self.retention = Retention(
             self.store, clock, config.message_retention_days, config.pending_retention_days
-        )
-        self.account_events = AccountEvents(self.store, clock)
-        self.account_events.on(
-            DELETED, DeletedUsers(self.store, self.auth, self.factory, CLOSE_KEY_REVOKED)
         )
 
     def _wire_metrics(self) -> None:

@@ -1,10 +1,16 @@
 """The HTTP side: a plain twisted.web ``Resource`` tree.
 
 ``/`` and ``/static/*`` (the web client), ``/auth/register``, ``/auth/login``,
-``/auth/users/{id}``, ``/info``, ``/health``, and ``/ws``, the gate that
-checks Origin, ``since`` and the token before handing the connection to
-Autobahn.  Every error is one JSON shape whose ``code`` maps
-to a status through ``ERROR_STATUS``.
+``/auth/logout``, ``/auth/users/{id}`` (GET, DELETE) and its ``keylog`` (GET,
+POST), ``/info``, ``/health``, and ``/ws``, the gate that checks Origin,
+``since`` and the token before handing the connection to Autobahn.  Every
+error is one JSON shape whose ``code`` maps to a status through
+``ERROR_STATUS``.
+
+A change to an account made here (a key revoked, a sign-out, a deletion) is
+handed to ``announce`` before the answer goes out: the node applies it to its
+own connections at once (closing them with 4003 or 4004); the other nodes
+learn it from the account events (wsserver/events.py).
 """
 
 from __future__ import annotations
@@ -23,8 +29,9 @@ from twisted.web import http, server
 from twisted.web.resource import Resource
 
 from . import __version__
-from .auth import Authenticator, AuthError, public_user
+from .auth import Authenticator, AuthError, Change, public_user
 from .internals import release_upgraded_request
+from .keylog import entry_json
 from .messages import InvalidJSON, dumps, format_timestamp, loads_object
 from .ratelimit import RateLimiter
 from .websocket import ServerFactory
@@ -43,6 +50,10 @@ ERROR_STATUS = {
     "unknown_user": 404,
     "method_not_allowed": 405,
     "user_exists": 409,
+    "keylog_conflict": 409,
+    "key_exists": 409,
+    "last_key": 409,
+    "too_many_keys": 409,
     "request_too_large": 413,
     "unsupported_media_type": 415,
     "upgrade_required": 426,
@@ -466,35 +477,130 @@ class Login(JsonResource):
         return 200, {"challenge": challenge, "expires_at": format_timestamp(expires_ms)}
 
 
+# Hands an account change this node made to its handlers (events.AccountEvents
+# .apply_now); fires once they ran.
+Announce = Callable[[str, str, "str | None"], Any]
+
+
+def _no_announce(kind: str, user_id: str, detail: str | None) -> None:
+    return None
+
+
+def _path_user(raw: bytes) -> str:
+    """The user_id a path segment names (``unknown_user`` when it cannot be one)."""
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError:
+        raise AuthError("unknown_user", "no such user") from None
+
+
 class UserKey(JsonResource):
-    """GET /auth/users/{user_id}."""
+    """GET /auth/users/{user_id} (the user and their active keys), DELETE (the
+    account, signed by one of its keys); its child ``keylog``."""
 
-    handlers = {b"GET": "get"}
+    isLeaf = False
+    handlers = {b"GET": "get", b"DELETE": "delete"}
 
-    def __init__(self, auth: Authenticator, user_id: bytes) -> None:
+    def __init__(self, auth: Authenticator, user_id: bytes, announce: Announce) -> None:
         super().__init__()
         self._auth = auth
         self._user_id = user_id
+        self._announce = announce
+
+    def getChild(self, path: bytes, request: server.Request) -> Resource:
+        if path == b"keylog":
+            return KeyLog(self._auth, self._user_id, self._announce)
+        return NotFound()
 
     @defer.inlineCallbacks
     def get(self, request: server.Request) -> Any:
+        user, keys = yield self._auth.directory(_path_user(self._user_id))
+        return 200, public_user(user, keys)
+
+    @defer.inlineCallbacks
+    def delete(self, request: LimitedRequest) -> Any:
+        body = read_json(request)
+        kind, user_id, detail = yield self._auth.delete_account(_path_user(self._user_id), body)
+        _log.info("deleted account {user}", user=user_id)
+        yield self._announce(kind, user_id, detail)
+        return 200, {"deleted": True}
+
+
+class KeyLog(JsonResource):
+    """GET /auth/users/{user_id}/keylog (the whole log, oldest first) and POST
+    (append an entry; no token: the entry's signatures are the authority)."""
+
+    handlers = {b"GET": "get", b"POST": "post"}
+
+    def __init__(self, auth: Authenticator, user_id: bytes, announce: Announce) -> None:
+        super().__init__()
+        self._auth = auth
+        self._user_id = user_id
+        self._announce = announce
+
+    @defer.inlineCallbacks
+    def get(self, request: server.Request) -> Any:
+        user_id = _path_user(self._user_id)
+        entries = yield self._auth.key_log(user_id)
+        shown = [entry_json(user_id, e, format_timestamp(e.at_ms)) for e in entries]
+        return 200, {"user_id": user_id, "entries": shown}
+
+    @defer.inlineCallbacks
+    def post(self, request: LimitedRequest) -> Any:
+        body = read_json(request)
+        user_id = _path_user(self._user_id)
         try:
-            user_id = self._user_id.decode("utf-8")
-        except UnicodeDecodeError:
-            raise AuthError("unknown_user", "no such user") from None
-        user = yield self._auth.lookup(user_id)
-        return 200, public_user(user)
+            entry, change = yield self._auth.append_entry(user_id, body)
+        except AuthError as err:
+            _log.info("key log entry refused for {user}: {code}", user=user_id, code=err.code)
+            raise
+        _log.info(
+            "key log of {user}: entry {seq} {action} {key}",
+            user=user_id,
+            seq=entry.seq,
+            action=entry.action,
+            key=entry.key_id,
+        )
+        if change is not None:
+            yield self._announce(*change)
+        return 201, entry_json(user_id, entry, format_timestamp(entry.at_ms))
+
+
+class Logout(JsonResource):
+    """POST /auth/logout[?all=true]: the token in ``Authorization: Bearer``
+    only; any body is ignored."""
+
+    handlers = {b"POST": "post"}
+
+    def __init__(self, auth: Authenticator, announce: Announce) -> None:
+        super().__init__()
+        self._auth = auth
+        self._announce = announce
+
+    @defer.inlineCallbacks
+    def post(self, request: server.Request) -> Any:
+        flag = (request.args.get(b"all") or [b"false"])[0].lower()
+        if flag not in _TRUE | _FALSE:
+            raise HttpError("invalid_request", "all must be true or false")
+        token = _header_token(request)
+        if token is None:
+            raise HttpError("unauthorized", "the token goes in 'Authorization: Bearer <token>'")
+        change: Change = yield self._auth.logout(token, flag in _TRUE)
+        _log.info("signed out {user} ({how})", user=change[1], how=change[0])
+        yield self._announce(*change)
+        return 200, {"signed_out": True}
 
 
 class Users(Resource):
     """/auth/users/: one child per user_id."""
 
-    def __init__(self, auth: Authenticator) -> None:
+    def __init__(self, auth: Authenticator, announce: Announce) -> None:
         super().__init__()
         self._auth = auth
+        self._announce = announce
 
     def getChild(self, path: bytes, request: server.Request) -> Resource:
-        return UserKey(self._auth, path) if path else NotFound()
+        return UserKey(self._auth, path, self._announce) if path else NotFound()
 
     def render(self, request: server.Request) -> Any:
         return NotFound().render(request)
@@ -503,13 +609,16 @@ class Users(Resource):
 class AuthTree(Resource):
     """/auth/: every request below it is rate limited per client IP."""
 
-    def __init__(self, auth: Authenticator, limiter: RateLimiter) -> None:
+    def __init__(
+        self, auth: Authenticator, limiter: RateLimiter, announce: Announce = _no_announce
+    ) -> None:
         super().__init__()
         self._auth = auth
         self._limiter = limiter
         self.putChild(b"register", Register(auth))
         self.putChild(b"login", Login(auth))
-        self.putChild(b"users", Users(auth))
+        self.putChild(b"logout", Logout(auth, announce))
+        self.putChild(b"users", Users(auth, announce))
 
     def getChildWithDefault(self, path: bytes, request: server.Request) -> Resource:
         address = request.getClientAddress()
@@ -666,14 +775,16 @@ def build_root(
     ws_gate: WebSocketGate,
     status: Callable[[], dict],
     ready: Callable[[], defer.Deferred] | None = None,
+    announce: Announce = _no_announce,
 ) -> Resource:
-    """The whole resource tree."""
+    """The whole resource tree; ``announce`` applies an account change made here
+    to this node at once (``events.AccountEvents.apply_now``)."""
     root = _Root()
     files = load_static()
     root.putChild(b"", StaticFile(*files["index.html"]))
     root.putChild(b"static", StaticDir(files))
     root.putChild(b"info", Info())
-    root.putChild(b"auth", AuthTree(auth, auth_limiter))
+    root.putChild(b"auth", AuthTree(auth, auth_limiter, announce))
     root.putChild(b"ws", ws_gate)
     root.putChild(b"health", Health(status))
     if ready is not None:

@@ -24,11 +24,12 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
-from .auth import Session, verification_of
+from .auth import Authenticator, AuthError, Session, verification_of
 from .broker import IBroker
 from .messages import (
     INVALID_SIGNATURE,
     UNSIGNED,
+    VERIFIED,
     Draft,
     Refusal,
     ack_frame,
@@ -403,9 +404,27 @@ class ServerProtocol(WebSocketServerProtocol):
         factory._expiry.add(self, self._session.expires_at)
         _log.info("connected: {user} from {peer}", user=self.user_id, peer=self.peer)
         factory._metrics.connections_opened.inc()
+        auth = factory._auth
+        if auth is not None and auth.epoch != self._session.epoch:
+            # An account change was handled while this token was being
+            # checked: it may have signed the token out or revoked its key
+            # before this connection was attached, where the change's handler
+            # would have closed it.  Check again; a change from now on finds
+            # the connection attached.
+            recheck = auth.recheck(self._session)
+            recheck.addErrback(self._refused_after_all)
         replay = factory._broker.replay(self, self._since)
         factory._metrics.time_replay(replay, factory._clock)
         replay.addErrback(self._replay_failed)
+
+    def _refused_after_all(self, failure: Failure) -> None:
+        if failure.check(AuthError):
+            code, reason = failure.value.close or (CLOSE_KEY_REVOKED, "key revoked")
+            _log.info("closing {user}: {why}", user=self.user_id, why=reason)
+            self._close(code, reason)
+        else:
+            _log.failure("checking the token of {user} again failed", failure, user=self.user_id)
+            self._close(CLOSE_INTERNAL, "internal error")
 
     def _replay_failed(self, failure: Failure) -> None:
         _log.failure("replay for {user} failed", failure, user=self.user_id)
@@ -501,6 +520,7 @@ class ServerProtocol(WebSocketServerProtocol):
             draft.nonce,
             verification,
             int(factory._clock.seconds() * 1000),
+            self._session.key_id if verification == VERIFIED else None,
         )
         d = factory._store.add_message(new)
         d.addCallbacks(self._stored, self._not_stored, (draft,), None, (draft,))
@@ -564,6 +584,7 @@ class ServerFactory(WebSocketServerFactory):
         max_outbox_bytes: int,
         require_signatures: bool,
         metrics: Metrics = DISCARD,
+        auth: Authenticator | None = None,
         auto_ping_interval: float = 30.0,
         auto_ping_timeout: float = 10.0,
     ) -> None:
@@ -580,6 +601,7 @@ class ServerFactory(WebSocketServerFactory):
         self._max_outbox_bytes = max_outbox_bytes
         self._require_signatures = require_signatures
         self._metrics = metrics
+        self._auth = auth  # checks a token again when an account changed meanwhile
         self._accepting = True
         self._admitting: tuple[Session, int | None] | None = None
         self.setProtocolOptions(
@@ -617,7 +639,33 @@ class ServerFactory(WebSocketServerFactory):
     def close_user(self, user_id: str, code: int, reason: str) -> int:
         """Close every connection of ``user_id`` on this node with ``code`` (an
         account event: 4003 for a deleted account); return how many."""
-        closing = [conn for conn in self._broker.connections() if conn.user_id == user_id]
+        return self._close_where(lambda conn: conn.user_id == user_id, code, reason)
+
+    def close_key(self, user_id: str, key_id: str, code: int, reason: str) -> int:
+        """Close the connections of ``user_id`` that logged in with ``key_id``
+        (it was revoked: 4003); return how many."""
+        return self._close_where(
+            lambda conn: conn.user_id == user_id and conn._session.key_id == key_id, code, reason
+        )
+
+    def close_token(self, user_id: str, jti: str, code: int, reason: str) -> int:
+        """Close the connections opened with the token ``jti`` (signed out:
+        4004); return how many."""
+        return self._close_where(
+            lambda conn: conn.user_id == user_id and conn._session.jti == jti, code, reason
+        )
+
+    def close_older(self, user_id: str, gen: int | None, code: int, reason: str) -> int:
+        """Close the connections of ``user_id`` whose token's generation is below
+        ``gen`` (every one when None): the user signed out everywhere (4004)."""
+        return self._close_where(
+            lambda conn: conn.user_id == user_id and (gen is None or conn._session.gen < gen),
+            code,
+            reason,
+        )
+
+    def _close_where(self, which: Callable[[Any], bool], code: int, reason: str) -> int:
+        closing = [conn for conn in self._broker.connections() if which(conn)]
         for conn in closing:
             conn._close(code, reason)
         return len(closing)

@@ -59,11 +59,14 @@ TOLD_MEMORY = 10_000  # ids whose delivered status this node has sent lately
 
 # Events travel as JSON arrays, their fields by position (half the cost of
 # objects to encode and to parse, per message):
-#   ["m", id, from, to, content, sig (base64) | null, nonce | null, ver, status, ms]
+#   ["m", id, from, to, content, sig (base64) | null, nonce | null, ver, status, ms,
+#    key_id | null]
 #   ["s", id, from, recipients | null]   delivered: tell the sender
 #   ["c", id, count]                      a broadcast's count on one node
 # The object form of earlier versions ({"t": "m", "m": {...}}, ...) is still
-# read, so nodes of both versions can run side by side during an upgrade.
+# read, and so is a message without its last field (``key_id``, from issue 12:
+# read as null), so nodes of both versions can run side by side during an
+# upgrade.
 
 
 def _encode_message(msg: Message) -> list[Any]:
@@ -78,11 +81,14 @@ def _encode_message(msg: Message) -> list[Any]:
         msg.verification,
         msg.status,
         msg.created_ms,
+        msg.key_id,
     ]
 
 
 def _decode_message(e: list[Any]) -> Message:
-    _, msg_id, sender, recipient, content, sig, nonce, ver, status, ms = e
+    if len(e) == 10:
+        e = [*e, None]  # from a node of the version before key ids
+    _, msg_id, sender, recipient, content, sig, nonce, ver, status, ms, key_id = e
     return Message(
         int(msg_id),
         str(sender),
@@ -93,6 +99,7 @@ def _decode_message(e: list[Any]) -> Message:
         str(ver),
         str(status),
         int(ms),
+        key_id=None if key_id is None else str(key_id),
     )
 
 
@@ -101,7 +108,7 @@ def _decode_object(d: dict[str, Any]) -> list[Any]:
     kind = d["t"]
     if kind == "m":
         m = d["m"]
-        keys = ("id", "from", "to", "content", "sig", "nonce", "ver", "status", "ms")
+        keys = ("id", "from", "to", "content", "sig", "nonce", "ver", "status", "ms", "kid")
         return ["m", *[m.get(k) for k in keys]]
     if kind == "s":
         return ["s", d["id"], d["from"], d.get("r")]
