@@ -255,6 +255,72 @@ class GiveUpTests(ClientBase):
         self.assertIsNone(alice._retrying)
 
 
+class DeviceTests(ClientBase):
+    """Section 12 through the library: a second device, revocation, sign-out."""
+
+    @defer.inlineCallbacks
+    def test_a_linked_device_logs_in_with_its_key_and_stops_when_revoked(self):
+        """A second key is linked (its pairing text approved by the first), logs
+        in with its own key_id and sends; the first verifies the message with
+        that key.  Revoked, its connection closes with 4003 and the client gives
+        up with Stopped (no reconnect), failing what waited for an ack."""
+        first = yield self.make(self.server, "alice")
+        second = yield self.make(self.server, "alice", register=False)
+        text = yield second.link()
+        new_id = yield first.approve(text, "laptop")
+        self.assertEqual(new_id, second.key_id)
+        inbox = Inbox(first)
+        yield first.connect()
+        retries: list[str] = []
+        gave_up: defer.Deferred = defer.Deferred()
+        second.on_retry = lambda delay, why: retries.append(why)
+        second.on_give_up = gave_up.callback
+        yield second.connect()
+        ack = yield second.send("alice", "from the laptop")
+        self.assertEqual(ack["key_id"], second.key_id)
+        frame, verified = yield inbox.next()
+        self.assertEqual((frame["key_id"], verified), (second.key_id, True))
+        listed = yield first.devices()
+        self.assertEqual(
+            [(d["key_id"], d["name"], d["this_device"]) for d in listed],
+            [(first.key_id, None, True), (second.key_id, "laptop", False)],
+        )
+        yield first.revoke(second.key_id)
+        err = yield gave_up.addTimeout(30, reactor)
+        self.assertIsInstance(err, wc.Stopped)
+        self.assertEqual((err.code, err.close_code), ("key_revoked", 4003))
+        self.assertEqual(retries, [])
+        self.assertIsNone(second._retrying)
+        with self.assertRaises(wc.ServerError) as caught:
+            yield second.login()
+        self.assertEqual(caught.exception.code, "invalid_signature")
+
+    @defer.inlineCallbacks
+    def test_logout_closes_that_sessions_connection_with_4004(self):
+        """logout() revokes the client's own token: its connection closes with
+        4004 and the client stops; a session of another token is untouched
+        until logout(everywhere=True)."""
+        alice = yield self.make(self.server, "alice")
+        other = wc.Client(self.server.base, "alice", alice.key)
+        self.addCleanup(other.close)
+        gave_up: defer.Deferred = defer.Deferred()
+        alice.on_give_up = gave_up.callback
+        other_gave_up: defer.Deferred = defer.Deferred()
+        other.on_give_up = other_gave_up.callback
+        yield alice.connect()
+        yield other.connect()
+        reply = yield alice.logout()
+        self.assertEqual(reply, {"signed_out": True})
+        err = yield gave_up.addTimeout(30, reactor)
+        self.assertEqual((err.code, err.close_code), ("signed_out", 4004))
+        self.assertFalse(other_gave_up.called)
+        ack = yield other.send("alice", "still here")
+        self.assertEqual(ack["content"], "still here")
+        yield alice.logout(everywhere=True)
+        err = yield other_gave_up.addTimeout(30, reactor)
+        self.assertEqual(err.close_code, 4004)
+
+
 class ExpiryTests(ClientBase):
     env = {"TOKEN_TTL": "6"}
 

@@ -27,6 +27,7 @@ from urllib.parse import urlsplit, urlunsplit
 from twisted.internet import defer, task, threads
 from twisted.internet.protocol import Protocol
 
+from . import devices
 from .client import (
     Client,
     ConnectionProblem,
@@ -36,6 +37,7 @@ from .client import (
     public_key_b64,
     save_key,
 )
+from .keylog import KeyLogError
 from .messages import is_user_id
 
 DEFAULT_URL = "http://127.0.0.1:8080"
@@ -121,9 +123,13 @@ def _user(args: argparse.Namespace) -> str:
     return args.user
 
 
+def key_path(args: argparse.Namespace) -> str:
+    return args.key or f"{_user(args)}.key"
+
+
 def make_client(args: argparse.Namespace) -> Client:
     user = _user(args)
-    path = args.key or f"{user}.key"
+    path = key_path(args)
     keygen = f"wsserver-client {f'--key {path}' if args.key else f'--user {user}'} keygen"
     try:
         key = load_key(path)
@@ -136,7 +142,15 @@ def make_client(args: argparse.Namespace) -> Client:
     if args.cafile and not os.path.isfile(args.cafile):
         raise UsageError(f"--cafile {args.cafile}: no such file")
     try:
-        return Client(args.server, user, key, cafile=args.cafile, timeout=TIMEOUT)
+        seen = devices.SeenLogs(devices.seen_path(path))
+    except ValueError as exc:
+        raise UsageError(str(exc)) from None
+    except OSError as exc:
+        raise UsageError(f"cannot read {devices.seen_path(path)}: {_os_text(exc)}") from None
+    try:
+        client = Client(args.server, user, key, cafile=args.cafile, timeout=TIMEOUT, seen=seen)
+        client.on_keylog_notice = show_notice
+        return client
     except ValueError as exc:
         raise UsageError(f"--server {shown_url(args.server)}: {exc}") from None
     except OSError as exc:
@@ -173,12 +187,26 @@ def _os_text(exc: BaseException) -> str:
     return getattr(exc, "strerror", None) or str(exc) or type(exc).__name__
 
 
+def show_notice(notice: devices.KeyLogNotice) -> None:
+    """A key-log notice as one line on stderr: ``warning:`` for a rewritten
+    log, a log that does not check, or a key without an entry; ``notice:``
+    when a user's devices changed."""
+    note(("warning: " if notice.serious else "notice: ") + notice.text)
+
+
 def cmd_keygen(args: argparse.Namespace, reactor: Any) -> Any:
     if not args.user and not args.key:
         raise UsageError("--user or --key (or WSSERVER_USER / WSSERVER_KEY) is required")
     if args.user:
         _user(args)  # refuse now an id that register would refuse later
     path = args.key or f"{args.user}.key"
+    key = _new_key_file(path)
+    out(public_key_b64(key))
+    return defer.succeed(None)
+
+
+def _new_key_file(path: str) -> Any:
+    """Make a new key and write it to ``path`` (0600, never overwriting)."""
     key = generate_key()
     try:
         save_key(key, path)
@@ -192,8 +220,7 @@ def cmd_keygen(args: argparse.Namespace, reactor: Any) -> Any:
         ) from None
     except OSError as exc:
         raise UsageError(f"cannot write {path}: {_os_text(exc)}") from None
-    out(public_key_b64(key))
-    return defer.succeed(None)
+    return key
 
 
 @defer.inlineCallbacks
@@ -207,7 +234,8 @@ def cmd_register(args: argparse.Namespace, reactor: Any) -> Any:
         # Registered already: with this key (a repeated command: fine), or
         # with another one (someone else's id, or a lost key).
         record = yield client.lookup(client.user_id)
-        if record.get("public_key") != public_key_b64(client.key):
+        keys = [k.get("public_key") for k in record.get("keys") or () if isinstance(k, dict)]
+        if public_key_b64(client.key) not in [record.get("public_key"), *keys]:
             raise ServerError(
                 "user_exists",
                 f"{client.user_id} is already registered with another key; choose another user id",
@@ -230,9 +258,19 @@ def cmd_login(args: argparse.Namespace, reactor: Any) -> Any:
     out(safe(token))
 
 
+def _look_at_log(client: Client, user_id: str) -> defer.Deferred:
+    """Fetch and check ``user_id``'s key log, so a change since this device
+    last saw it is said (on stderr) before anything is sent to them.  Any
+    failure here is left to the command itself to meet and report."""
+    if user_id == "broadcast" or user_id.startswith("#"):
+        return defer.succeed(None)
+    return client.peer_log(user_id).addErrback(lambda _: None)
+
+
 @defer.inlineCallbacks
 def cmd_send(args: argparse.Namespace, reactor: Any) -> Any:
     client = make_client(args)
+    yield _look_at_log(client, args.to)
     # Giving up fails the message itself, which is what is reported.
     _report_reconnects(client).addErrback(lambda _: None)
     yield client.connect()
@@ -321,6 +359,7 @@ def cmd_chat(args: argparse.Namespace, reactor: Any) -> Any:
     client = make_client(args)
     _print_frames(client, as_json=False)
     gave_up = _report_reconnects(client)
+    yield _look_at_log(client, args.to)
     yield client.connect()
     out(f"chatting with {args.to}; end with Ctrl-D")
     sending: list[defer.Deferred] = []
@@ -350,6 +389,90 @@ def cmd_chat(args: argparse.Namespace, reactor: Any) -> Any:
     yield client.close()
     if refused:  # each was shown as it happened; the status tells a script
         raise UsageError(f"{len(refused)} of {len(sending)} messages not sent")
+
+
+# -- devices, sign-out, deletion (protocol section 12) ------------------------------
+
+
+@defer.inlineCallbacks
+def cmd_devices(args: argparse.Namespace, reactor: Any) -> Any:
+    client = make_client(args)
+    keys = yield client.devices()
+    for k in keys:
+        which = "this device " if k["this_device"] else "other device"
+        out(f"{k['key_id']}  {safe(k['added_at'] or '-')}  {which}  {safe(k['name'] or '-')}")
+
+
+@defer.inlineCallbacks
+def cmd_link(args: argparse.Namespace, reactor: Any) -> Any:
+    user = _user(args)
+    path = key_path(args)
+    if not os.path.exists(path):
+        _new_key_file(path)
+        note(f"made a new key file {path} for this device")
+    client = make_client(args)
+    try:
+        text = yield client.link()
+    except devices.PairingProblem as err:
+        if client.key_id in (d["key_id"] for d in (yield client.devices())):
+            out(f"key_id {client.key_id}")
+            note(f"{err}: nothing to link")
+            return
+        raise
+    key_option = f" --key {args.key}" if args.key else ""
+    out(text)
+    out(f"key_id {client.key_id}")
+    note(
+        f"on a device that holds one of {user}'s keys, run: wsserver-client --user {user} "
+        f"approve {text} --name NAME  (it prints the key_id {client.key_id}: compare)"
+    )
+    note(f"then, here: wsserver-client --user {user}{key_option} listen (or send, chat)")
+
+
+@defer.inlineCallbacks
+def cmd_approve(args: argparse.Namespace, reactor: Any) -> Any:
+    client = make_client(args)
+    new_id = yield client.approve(args.pairing_text, args.name)
+    out(f"added {new_id}")
+
+
+@defer.inlineCallbacks
+def cmd_revoke(args: argparse.Namespace, reactor: Any) -> Any:
+    client = make_client(args)
+    yield client.revoke(args.key_id)
+    out(f"revoked {args.key_id}")
+    if args.key_id == client.key_id:
+        note("that was this device's key: it can no longer log in")
+
+
+@defer.inlineCallbacks
+def cmd_logout(args: argparse.Namespace, reactor: Any) -> Any:
+    token = args.token or os.environ.get("WSSERVER_TOKEN") or None
+    if token is None and not args.all:
+        raise UsageError(
+            "logout signs out one token: give it with --token or WSSERVER_TOKEN "
+            "(the one 'login' printed), or use --all to sign out every session"
+        )
+    client = make_client(args)
+    yield client.logout(everywhere=args.all, token=token)
+    out("signed out everywhere" if args.all else "signed out")
+
+
+@defer.inlineCallbacks
+def cmd_delete_account(args: argparse.Namespace, reactor: Any) -> Any:
+    client = make_client(args)
+    if not args.yes:
+        if not sys.stdin.isatty():
+            raise UsageError("delete-account asks on a terminal; in a script add --yes")
+        answer = yield threads.deferToThread(
+            input,
+            f"This deletes the account {client.user_id} on {shown_url(args.server)} for good: "
+            f"its keys and its messages. Type the user id to confirm: ",
+        )
+        if answer.strip() != client.user_id:
+            raise UsageError("not confirmed: nothing was deleted")
+    yield client.delete_account()
+    out(f"deleted {client.user_id}")
 
 
 def parser() -> argparse.ArgumentParser:
@@ -389,6 +512,23 @@ def parser() -> argparse.ArgumentParser:
     listen.add_argument("--since", type=int, help="also replay messages after this id")
     chat = sub.add_parser("chat", help="type lines to send, see replies")
     chat.add_argument("--to", required=True, help="who to chat with")
+    sub.add_parser("devices", help="list your active keys (devices), marking this one")
+    sub.add_parser(
+        "link",
+        help="on a new device: make its key if needed and print a pairing text to approve",
+    )
+    approve = sub.add_parser(
+        "approve", help="on a device with an active key: add the new device of a pairing text"
+    )
+    approve.add_argument("pairing_text", metavar="PAIRING-TEXT", help="what link printed")
+    approve.add_argument("--name", help="a label for the new device (up to 64 characters)")
+    revoke = sub.add_parser("revoke", help="revoke a device's key (its connections close)")
+    revoke.add_argument("key_id", metavar="KEY_ID", help="the key_id, as devices shows it")
+    logout = sub.add_parser("logout", help="sign out a token, or every session with --all")
+    logout.add_argument("--all", action="store_true", help="sign out every session of the user")
+    logout.add_argument("--token", help="the token to sign out [WSSERVER_TOKEN]")
+    delete = sub.add_parser("delete-account", help="delete your account for good (asks first)")
+    delete.add_argument("--yes", action="store_true", help="do not ask (for scripts)")
     return p
 
 
@@ -399,6 +539,12 @@ COMMANDS = {
     "send": cmd_send,
     "listen": cmd_listen,
     "chat": cmd_chat,
+    "devices": cmd_devices,
+    "link": cmd_link,
+    "approve": cmd_approve,
+    "revoke": cmd_revoke,
+    "logout": cmd_logout,
+    "delete-account": cmd_delete_account,
 }
 
 
@@ -424,8 +570,15 @@ def _failure_text(err: BaseException, args: argparse.Namespace) -> str:
         if err.code == "unknown_user":
             line += f" (register it first: wsserver-client --user {args.user} register --name NAME)"
         elif err.code == "invalid_signature" and err.status == 401:
-            line += f" ({args.user} is registered there with another key)"
+            line += (
+                f" (this key is not an active key of {args.user} there: "
+                "registered with another key, or revoked)"
+            )
         return line
+    if isinstance(err, KeyLogError):
+        return f"{server}: {err.code}: {err.message}"
+    if isinstance(err, devices.PairingProblem):
+        return f"{server}: {err}"
     if isinstance(err, ConnectionProblem):
         fix = _fix(err, args)
         if err.kind == "timeout" and "plain HTTP" in fix:  # what the timeout meant

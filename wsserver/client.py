@@ -40,6 +40,9 @@ from twisted.python.failure import Failure
 from twisted.web.client import Agent, BrowserLikePolicyForHTTPS, FileBodyProducer, ResponseDone
 from twisted.web.http_headers import Headers
 
+from . import devices, keylog
+from .devices import CheckedLog, KeyLogNotice, SeenLogs
+from .keylog import KeyLogError
 from .messages import b64decode, signing_input
 
 _log = Logger()
@@ -58,6 +61,39 @@ class ServerError(Exception):
         self.code = code
         self.message = message
         self.status = status
+
+
+class Stopped(ServerError):
+    """The server closed the connection for a reason that retrying cannot
+    mend (close 4003: this key was revoked or the account deleted; 4004:
+    signed out): the client does not reconnect.  ``close_code`` and
+    ``reason`` are the close frame's."""
+
+    def __init__(self, code: str, message: str, close_code: int, reason: str) -> None:
+        super().__init__(code, message)
+        self.close_code = close_code
+        self.reason = reason
+
+
+def _stopped(close_code: int, reason: str | None) -> Stopped:
+    reason = reason or ""
+    if close_code == 4004:
+        return Stopped(
+            "signed_out",
+            f"the server closed the connection (4004 {reason or 'signed out'}): "
+            "this session was signed out; not reconnecting",
+            close_code,
+            reason,
+        )
+    deleted = "deleted" in reason
+    why = "the account was deleted" if deleted else "this device's key was revoked"
+    return Stopped(
+        "account_deleted" if deleted else "key_revoked",
+        f"the server closed the connection (4003 {reason or 'key revoked'}): {why}; "
+        "not reconnecting",
+        close_code,
+        reason,
+    )
 
 
 class ConnectionProblem(Exception):
@@ -228,7 +264,7 @@ class _Conn(WebSocketClientProtocol):
         self.factory._wsclient._frame(json.loads(payload))
 
     def onClose(self, wasClean: bool, code: int | None, reason: str | None) -> None:
-        self.factory._wsclient._closed(self, code)
+        self.factory._wsclient._closed(self, code, reason)
 
 
 def _server_url(server: str) -> Any:
@@ -271,6 +307,7 @@ class Client:
         cafile: str | None = None,
         reactor: Any = None,
         timeout: float = 30.0,
+        seen: SeenLogs | None = None,
     ) -> None:
         if reactor is None:
             from twisted.internet import reactor as default_reactor
@@ -295,6 +332,11 @@ class Client:
             self._tls = optionsForClientTLS(self._host, trustRoot=trust)
         self._agent = Agent(reactor, contextFactory=_Policy(self._tls))
         self._keys: dict[str, VerifyKey] = {}
+        # Key logs: what this device saw before (kept by the caller, e.g. in
+        # a file), and the logs checked by this process.
+        self.seen = seen if seen is not None else SeenLogs()
+        self._logs: dict[str, CheckedLog] = {}
+        self._refetched: set[tuple[str, str]] = set()  # (user, key_id) looked up again
         self._unacked: OrderedDict[str, tuple[dict, defer.Deferred]] = OrderedDict()
         self._nonces = itertools.count(1)
         self._nonce_prefix = secrets.token_hex(4)
@@ -316,12 +358,25 @@ class Client:
         # on_give_up(error): the client stopped reconnecting for good (not
         # after close()); messages still unacknowledged have failed with it.
         self.on_give_up: Callable[[Exception], Any] | None = None
+        # on_keylog_notice(notice): a user's key log changed since this device
+        # last saw it, does not check, or lacks the key of a message
+        # (devices.KeyLogNotice; see docs/clients.md, the warning).
+        self.on_keylog_notice: Callable[[KeyLogNotice], Any] | None = None
+
+    @property
+    def key_id(self) -> str:
+        """This device's ``key_id``."""
+        return keylog.key_id(bytes(self.key.verify_key))
 
     # -- HTTP ---------------------------------------------------------------------
 
     @defer.inlineCallbacks
-    def _request(self, method: bytes, path: str, body: dict | None = None) -> Any:
+    def _request(
+        self, method: bytes, path: str, body: dict | None = None, token: str | None = None
+    ) -> Any:
         headers = Headers({b"accept": [b"application/json"]})
+        if token is not None:
+            headers.addRawHeader(b"authorization", f"Bearer {token}".encode("ascii"))
         producer = None
         if body is not None:
             headers.addRawHeader(b"content-type", b"application/json")
@@ -371,7 +426,12 @@ class Client:
         reply = yield self._request(
             b"POST",
             "/auth/login?verify=true",
-            {"user_id": self.user_id, "challenge": challenge, "signature": signature.decode()},
+            {
+                "user_id": self.user_id,
+                "challenge": challenge,
+                "signature": signature.decode(),
+                "key_id": self.key_id,
+            },
         )
         self.token = reply["token"]
         return self.token
@@ -389,6 +449,155 @@ class Client:
             key = VerifyKey(b64decode(record["public_key"]))
             self._keys[user_id] = key
         return key
+
+    # -- key logs and devices (protocol section 12) -------------------------------
+
+    def _notice(self, notice: KeyLogNotice) -> None:
+        _log.info("key log of {user}: {kind}", user=notice.user_id, kind=notice.kind)
+        if self.on_keylog_notice:
+            self.on_keylog_notice(notice)
+
+    @defer.inlineCallbacks
+    def fetch_keylog(self, user_id: str) -> Any:
+        """``user_id``'s whole key log, checked (every signature, every
+        ``prev``): a ``devices.CheckedLog``; ``KeyLogError`` when it does not
+        check.  Nothing is remembered."""
+        data = yield self._request(b"GET", f"/auth/users/{user_id}/keylog")
+        return devices.check_log(user_id, data)
+
+    @defer.inlineCallbacks
+    def peer_log(self, user_id: str, refresh: bool = False) -> Any:
+        """``user_id``'s key log, fetched and checked once per process (again
+        with ``refresh``), compared with what this device saw before and
+        remembered (``seen``).  Reports through ``on_keylog_notice`` a log
+        that was rewritten, that does not check, or whose devices changed.
+        Fires with the ``CheckedLog``, or None when the log does not check
+        (then nothing from that user can be verified, and nothing is
+        remembered)."""
+        log = self._logs.get(user_id)
+        if log is not None and not refresh:
+            return log
+        try:
+            log = yield self.fetch_keylog(user_id)
+        except KeyLogError as err:
+            self._logs.pop(user_id, None)
+            self._notice(devices.invalid_notice(user_id, err))
+            return None
+        self._remember(log)
+        return log
+
+    def _remember(self, log: CheckedLog) -> None:
+        notice = devices.compare(self.seen.get(self.server, log.user_id), log)
+        self.seen.put(self.server, log.user_id, devices.Seen.of(log))
+        self._logs[log.user_id] = log
+        own_addition = (
+            notice is not None
+            and log.user_id == self.user_id
+            and notice.kind == devices.DEVICES_CHANGED
+            and notice.added == (self.key_id,)
+            and not notice.revoked
+        )
+        if notice is not None and not own_addition:  # this device's own link is no news
+            self._notice(notice)
+
+    @defer.inlineCallbacks
+    def _own_log(self) -> Any:
+        """This user's key log, checked, fetched now (not cached): what an
+        append or a deletion signs against.  ``KeyLogError`` if it does not
+        check (nothing is signed then)."""
+        try:
+            log = yield self.fetch_keylog(self.user_id)
+        except KeyLogError as err:
+            raise KeyLogError(
+                err.code, f"{self.user_id}'s key log does not check: {err.message}"
+            ) from None
+        self._remember(log)
+        return log
+
+    @defer.inlineCallbacks
+    def devices(self) -> Any:
+        """This user's active keys, oldest first: a list of dicts
+        ``{"key_id", "name", "added_at", "this_device"}``, from the checked
+        key log."""
+        log = yield self._own_log()
+        return [
+            {
+                "key_id": kid,
+                "name": log.state.names.get(kid),
+                "added_at": log.added_at(kid),
+                "this_device": kid == self.key_id,
+            }
+            for kid in log.state.active
+        ]
+
+    @defer.inlineCallbacks
+    def link(self) -> Any:
+        """On a new device (whose key is not yet in the log): the pairing text
+        another device of the user approves (common decision 6).  Fires with
+        the text; ``devices.PairingProblem`` if this key is in the log
+        already."""
+        log = yield self._own_log()
+        if self.key_id in log.state.active:
+            raise devices.PairingProblem(
+                f"this key ({self.key_id}) is already one of {self.user_id}'s devices"
+            )
+        if self.key_id in log.state.every:
+            raise devices.PairingProblem(
+                f"this key ({self.key_id}) was revoked: it cannot be linked again; "
+                "make a new key file"
+            )
+        return keylog.pairing_text(devices.pairing_for(log, self.key))
+
+    @defer.inlineCallbacks
+    def approve(self, text: str, name: str | None = None) -> Any:
+        """On a device holding an active key: check a pairing text against the
+        log as it stands, sign its ``add`` entry and append it.  Fires with the
+        new key's ``key_id``.  ``KeyLogError`` for a text that is not one or a
+        log that does not check; ``devices.PairingProblem`` for a text that
+        cannot be approved (the log moved on, another user, a bad
+        signature); ``ServerError`` if the server refuses the entry."""
+        pairing = keylog.parse_pairing_text(text)
+        name = keylog.normalize_name(name)
+        log = yield self._own_log()
+        body = devices.approve_body(log, pairing, self.key, name)
+        yield self._request(b"POST", f"/auth/users/{self.user_id}/keylog", body)
+        yield self._own_log()  # remember our own change: no notice for it later
+        return keylog.key_id(pairing.public_key)
+
+    @defer.inlineCallbacks
+    def revoke(self, key_id: str) -> Any:
+        """Revoke one of this user's keys (a lost device, or this one): sign the
+        ``revoke`` entry with this device's key and append it.  The server
+        closes that key's connections with 4003 and refuses its tokens."""
+        log = yield self._own_log()
+        body = devices.revoke_body(log, key_id, self.key)
+        yield self._request(b"POST", f"/auth/users/{self.user_id}/keylog", body)
+        yield self._own_log()
+        return key_id
+
+    @defer.inlineCallbacks
+    def logout(self, everywhere: bool = False, token: str | None = None) -> Any:
+        """Sign out: revoke ``token`` (default: this client's, logging in first
+        if it has none), or with ``everywhere`` every token of the user issued
+        until now.  Their connections close with 4004."""
+        if token is None:
+            token = self.token if self.token is not None else (yield self.login())
+        path = "/auth/logout?all=true" if everywhere else "/auth/logout"
+        reply = yield self._request(b"POST", path, {}, token=token)
+        if token == self.token:
+            self.token = None
+        return reply
+
+    @defer.inlineCallbacks
+    def delete_account(self) -> Any:
+        """Delete this user's account for good, signed with this device's key
+        over the deletion statement at the log's next ``seq``.  Every
+        connection of the user closes with 4003; the id stays taken."""
+        log = yield self._own_log()
+        body = devices.delete_body(log, self.key)
+        reply = yield self._request(b"DELETE", f"/auth/users/{self.user_id}", body)
+        self.token = None
+        return reply
 
     # -- WebSocket ----------------------------------------------------------------
 
@@ -478,7 +687,7 @@ class Client:
         if self.on_connect:
             self.on_connect()
 
-    def _closed(self, conn: Any, code: int | None) -> None:
+    def _closed(self, conn: Any, code: int | None, reason: str | None = None) -> None:
         if self._conn is conn:
             self._conn = None
         if conn._closed_by_us is not None and not conn._closed_by_us.called:
@@ -493,6 +702,10 @@ class Client:
                 return
             self.token = None  # perhaps the token: log in again on the next try
             self._retry(0, "the server refused the WebSocket upgrade (logging in again)")
+            return
+        if code in (4003, 4004):  # key revoked, account deleted, signed out
+            self.token = None
+            self._give_up(_stopped(code, reason))
             return
         if code == 4001:  # token expired: log in again, then come back
             self.token = None
@@ -577,8 +790,7 @@ class Client:
         verified = None
         if frame.get("signature"):
             try:
-                key = yield self.verify_key(frame["from"])
-                verified = check_signature(frame, key)
+                verified = yield self._check(frame)
             except Exception as err:
                 # No key to check against (unknown sender, unreachable
                 # directory): never report such a message as verified.
@@ -590,6 +802,33 @@ class Client:
                 verified = False
         if self.on_message:
             self.on_message(frame, verified)
+
+    @defer.inlineCallbacks
+    def _check(self, frame: dict) -> Any:
+        """Verify a signed message with the key its ``key_id`` names in the
+        sender's checked key log (revoked keys too: the message may be older
+        than the revocation).  A ``key_id`` the log does not hold is looked up
+        once more (the sender may have added the device since), then
+        reported; a log that does not check verifies nothing."""
+        sender = frame["from"]
+        log = yield self.peer_log(sender)
+        if log is None:
+            return False
+        kid = frame.get("key_id")
+        if not isinstance(kid, str):
+            # A server before key ids: any key the log ever held.
+            return any(check_signature(frame, VerifyKey(raw)) for raw in log.state.every.values())
+        raw = log.key(kid)
+        if raw is None and (sender, kid) not in self._refetched:
+            self._refetched.add((sender, kid))
+            log = yield self.peer_log(sender, refresh=True)
+            raw = log.key(kid) if log is not None else None
+            if log is None:
+                return False
+        if raw is None:
+            self._notice(devices.unknown_key_notice(sender, kid, frame.get("id")))
+            return False
+        return check_signature(frame, VerifyKey(raw))
 
 
 class _Body(Protocol):
