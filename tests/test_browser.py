@@ -667,6 +667,18 @@ class DevicesWebClientTests(BrowserCase):
         self.assertEqual(laptop, pairing_key_id(text))
         item = self.device(page, laptop)
         self.assertIn("laptop", item.text)
+        # Texts that cannot be approved are refused, and say why.
+        for bad, why in (
+            (text, "the key log changed since this pairing text was made"),  # used already
+            (text.replace(":olga:", ":someone:"), "this pairing text is for someone, not olga"),
+            (text[:-3], "this is not a wsserver pairing text"),
+        ):
+            field = page.find_element(By.ID, "pair-input")
+            field.clear()
+            field.send_keys(bad)
+            page.find_element(By.ID, "pair-check").click()
+            self.wait_for(page, "#devices-error", text=why)
+            self.assertFalse(page.find_element(By.ID, "pair-review").is_displayed())
         self.assertEqual(item.find_elements(By.CSS_SELECTOR, "button")[0].text, "Revoke")
 
         # The laptop sends a signed message: the page checks it with the laptop's key.
