@@ -149,7 +149,8 @@ class CommandTests(unittest.TestCase):
 
     def test_usage_help_and_the_installed_script(self):
         """The console script is installed; --help names the commands and says
-        revoke-key is not there yet; a bad command exits 2."""
+        there is no revoke-key, by design, and what to do instead; a bad
+        command (revoke-key among them) exits 2."""
         done = subprocess.run(
             [os.path.join(os.path.dirname(sys.executable), "wsserver-admin"), "--help"],
             capture_output=True,
@@ -157,8 +158,16 @@ class CommandTests(unittest.TestCase):
             timeout=60,
         )
         self.assertEqual(done.returncode, 0)
-        for word in ("users", "delete-user", "backup", "stats", "--json", "revoke-key is not"):
+        for word in ("users", "delete-user", "backup", "stats", "--json"):
             self.assertIn(word, done.stdout)
+        said = " ".join(done.stdout.split())
+        for words in (
+            "There is no revoke-key, by design",
+            "would break the user's signed key log",
+            "wsserver-client revoke KEY_ID",
+            "removed with delete-user",
+        ):
+            self.assertIn(words, said)
         code, _, _ = run_admin("revoke-key", "alice", "k", database=self.db)
         self.assertEqual(code, 2)
 
@@ -171,13 +180,16 @@ class DeleteUserContract:
 
     @defer.inlineCallbacks
     def test_removes_the_user_their_challenges_and_messages_and_keeps_the_id(self):
-        """The user, their challenges and every message they sent (broadcasts
-        too) or received go; others' messages stay; the id is a tombstone:
-        it cannot be registered again."""
+        """The user, their keys and key log, challenges, signed-out tokens and
+        every message they sent (broadcasts too) or received go; others'
+        messages, keys and tokens stay; the id is a tombstone: it cannot be
+        registered again."""
         db = self.database()
         store = st.open_store(db, reactor)
         self.addCleanup(lambda: store._closed or store.close())
         ids = yield fill(store)
+        yield store.revoke_token("bob", "jti-bob", 10**13, 1)
+        yield store.revoke_token("alice", "jti-alice", 10**13, 1)
         yield store.drain()
         code, out, err = yield in_thread("--json", "delete-user", "bob", database=db)
         self.assertEqual((code, err), (0, ""))
@@ -191,6 +203,11 @@ class DeleteUserContract:
         self.assertEqual(outcome, st.CHALLENGE_NONE)
         again = yield store.add_user(st.User("bob", "Bob", b"\x02" * 32, 5))
         self.assertFalse(again)
+        self.assertIsNone((yield store.key_log("bob")))
+        self.assertIsNone((yield store.user_keys("bob")))
+        self.assertEqual((yield store.revoked_tokens(2)), {"jti-alice"})
+        self.assertEqual(len((yield store.key_log("alice"))), 1)
+        self.assertEqual(len((yield store.user_keys("alice")).keys), 1)
         code, _, err = yield in_thread("delete-user", "nobody", database=db)
         self.assertEqual(code, 1)
         self.assertIn("no such user", err)

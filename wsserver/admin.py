@@ -13,8 +13,11 @@ every node polls each second (``events.py``).  Each command prints one line
 per result, or with ``--json`` one JSON object per line; a failure is one
 line on stderr and exit status 1 (2 for a bad command line).
 
-``revoke-key`` (protocol section 14) waits for keys and devices (issue 12):
-this version has one key per user and no such command.
+There is no ``revoke-key``, by design (protocol section 14 lists one): an
+operator holds none of a user's keys, so a key-log entry it wrote could not be
+signed and would break the log every client checks (section 12).  A user
+revokes a lost device from another of their devices; an account with no
+device left, or one that must go, is removed with ``delete-user``.
 """
 
 from __future__ import annotations
@@ -41,8 +44,12 @@ DATABASE: --database, else the DATABASE environment variable, else wsserver.db
 (a SQLite file or a postgresql:// URL, as for the server).  The database must
 be at this version's schema: start the server on it once to upgrade it.
 
-revoke-key is not here yet: keys and devices (protocol section 12) come with a
-later version.  Exit status: 0 done, 1 failed (one line on stderr), 2 bad usage.
+There is no revoke-key, by design: an operator holds none of a user's keys, so
+an entry it wrote would break the user's signed key log, which every client
+checks (protocol section 12).  A user revokes a lost device from another of
+their devices (wsserver-client revoke KEY_ID, or Devices in the web page); an
+account with no device left, or one that must go, is removed with delete-user.
+Exit status: 0 done, 1 failed (one line on stderr), 2 bad usage.
 """
 
 
@@ -154,9 +161,10 @@ def parser() -> argparse.ArgumentParser:
     commands.add_parser("users", help="list the users: id, name, registration time")
     delete = commands.add_parser(
         "delete-user",
-        help="delete a user, their challenges and every message from or to them;"
-        " the id stays taken; their connections close with 4003; run again"
-        " after a failure, it finishes the job",
+        help="delete a user, their keys and key log, challenges, signed-out tokens"
+        " and every message from or to them; the id stays taken; their"
+        " connections close with 4003; run again after a failure, it finishes"
+        " the job",
     )
     delete.add_argument("user_id", metavar="ID")
     backup = commands.add_parser(

@@ -233,7 +233,16 @@ def cmd_register(args: argparse.Namespace, reactor: Any) -> Any:
             raise
         # Registered already: with this key (a repeated command: fine), or
         # with another one (someone else's id, or a lost key).
-        record = yield client.lookup(client.user_id)
+        try:
+            record = yield client.lookup(client.user_id)
+        except ServerError as missing:
+            if missing.code != "unknown_user":
+                raise
+            raise ServerError(
+                "user_exists",
+                f"{client.user_id} is taken (the id of a deleted account stays taken); "
+                "choose another user id",
+            ) from None
         keys = [k.get("public_key") for k in record.get("keys") or () if isinstance(k, dict)]
         if public_key_b64(client.key) not in [record.get("public_key"), *keys]:
             raise ServerError(

@@ -122,7 +122,11 @@ class IStore(Interface):
         written), insert the entry (a concurrent append of the same ``seq``
         fails ``KeyLogError('keylog_conflict')``), update the active keys, and
         for a ``revoke`` record an ``EVENT_KEY_REVOKED`` account event.  Fires
-        with the stored entry (``at_ms`` set), or None when no such user."""
+        with the stored entry (``at_ms``: the entry's own when not 0, else the
+        store's clock now), or None when no such user (``check`` is then not
+        called).  A ``seq`` that is not the next one is refused
+        ``keylog_conflict`` whatever ``check`` says.  After a ``revoke``,
+        ``get_user``'s ``public_key`` is the first key still active."""
 
     def delete_account(user_id: str, now_ms: int, check: Callable[[list[Any]], None]) -> Any:  # noqa: N805
         """Delete a user as protocol section 12 says: in one transaction read
@@ -130,7 +134,8 @@ class IStore(Interface):
         changes), then remove the user, keys, key log, challenges and revoked
         tokens, keep the id as a tombstone and record an ``EVENT_DELETED``
         event; then delete the user's messages in short transactions.  Fires
-        True, or None when no such user."""
+        True, or None when no such user (or one deleted before; ``check`` is
+        then not called)."""
 
     def revoke_token(user_id: str, jti: str, expires_ms: int, now_ms: int) -> Any:  # noqa: N805
         """Remember a signed-out token until it expires and record an
@@ -146,7 +151,8 @@ class IStore(Interface):
         loads it when it starts; account events keep it current)."""
 
     def get_user(user_id: str) -> Any:  # noqa: N805
-        """Fire with the ``User`` or None."""
+        """Fire with the ``User`` or None (``public_key``: the registration key
+        until it is revoked, then the first key still active)."""
 
     def add_challenge(user_id: str, challenge: str, now_ms: int, expires_ms: int) -> Any:  # noqa: N805
         """Keep a new challenge; forget expired ones and all but the newest
