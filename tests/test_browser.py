@@ -747,6 +747,12 @@ class DevicesWebClientTests(BrowserCase):
         page.find_element(By.ID, "user-id").send_keys("pavel")
         page.find_element(By.ID, "link").click()
         self.wait_for(page, "#link-state[data-state=waiting]")
+        first = page.find_element(By.ID, "pair-text").get_attribute("value")
+        page.find_element(By.ID, "link-cancel").click()  # stops waiting, drops that key
+        self.assertFalse(page.find_element(By.ID, "linking").is_displayed())
+        page.find_element(By.ID, "link").click()
+        self.wait_for(page, "#link-state[data-state=waiting]")
+        self.assertNotEqual(page.find_element(By.ID, "pair-text").get_attribute("value"), first)
         text = page.find_element(By.ID, "pair-text").get_attribute("value")
         shown = page.find_element(By.ID, "link-key-id").text
         self.assertEqual(shown, pairing_key_id(text))
@@ -764,6 +770,12 @@ class DevicesWebClientTests(BrowserCase):
         self.devices_view(page)
         self.assertIn("browser", self.device(page, shown).text)
         self.wait_for(page, "#device-list li.device", count=2)
+        # The CLI revokes the browser: the page is closed with 4003 and says so.
+        self.cli("pavel", "revoke", shown)
+        (note,) = self.wait_for(page, "#signin-note[data-code='4003'][data-by=server]")
+        self.assertIn("this browser's key for pavel was revoked", note.text)
+        page.find_element(By.ID, "login").click()  # the useless key was forgotten
+        self.wait_for(page, "#signin-error", text="pavel is registered elsewhere")
 
     def test_key_change_notice_and_rewritten_log_warning(self):
         """A sender's new device brings a notice and its messages verify with

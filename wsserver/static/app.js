@@ -655,7 +655,7 @@ function awaitClose(code, reason) {
   clearTimeout(session.leaveTimer);
   session.leaveTimer = setTimeout(() => {
     if (session.user) ended(code, reason, true);
-  }, 5000);
+  }, 10000);
 }
 
 async function onSignOut() {
