@@ -65,7 +65,7 @@ if WHY_NOT and os.environ.get("WSSERVER_REQUIRE_BROWSER") == "1":
 
 if not WHY_NOT:
     from selenium import webdriver
-    from selenium.common.exceptions import TimeoutException
+    from selenium.common.exceptions import StaleElementReferenceException, TimeoutException
     from selenium.webdriver.chrome.service import Service
     from selenium.webdriver.common.by import By
     from selenium.webdriver.support.ui import WebDriverWait
@@ -635,6 +635,18 @@ class DevicesWebClientTests(BrowserCase):
         self.device(page, shown)
         return shown
 
+    def click(self, page, css: str) -> None:
+        """Click the element ``css`` finds, finding it again if the page
+        re-rendered it meanwhile (the Devices list is rebuilt on each look)."""
+        deadline = time.monotonic() + WAIT
+        while True:
+            (element,) = self.wait_for(page, css)
+            try:
+                element.click()
+                return
+            except StaleElementReferenceException:
+                self.assertLess(time.monotonic(), deadline, f"{css} kept changing")
+
     def cli_fails(self, user: str, *args: str) -> str:
         done = subprocess.run(
             [sys.executable, "-m", "wsserver.cli", *args],
@@ -699,7 +711,7 @@ class DevicesWebClientTests(BrowserCase):
 
         # Revoke the laptop: asked first; its listen closes with 4003.
         self.devices_view(page)
-        self.device(page, laptop).find_element(By.CSS_SELECTOR, "button").click()
+        self.click(page, f'#device-list li.device[data-key-id="{laptop}"] button')
         (yes,) = self.wait_for(page, "button.confirm-revoke")
         self.assertIn("laptop", yes.text)
         yes.click()
@@ -746,12 +758,12 @@ class DevicesWebClientTests(BrowserCase):
         self.open_page(page)
         page.find_element(By.ID, "user-id").send_keys("pavel")
         page.find_element(By.ID, "link").click()
-        self.wait_for(page, "#link-state[data-state=waiting]")
+        self.wait_for(page, "#linking:not([hidden]) #link-state[data-state=waiting]")
         first = page.find_element(By.ID, "pair-text").get_attribute("value")
         page.find_element(By.ID, "link-cancel").click()  # stops waiting, drops that key
         self.assertFalse(page.find_element(By.ID, "linking").is_displayed())
         page.find_element(By.ID, "link").click()
-        self.wait_for(page, "#link-state[data-state=waiting]")
+        self.wait_for(page, "#linking:not([hidden]) #link-state[data-state=waiting]")
         self.assertNotEqual(page.find_element(By.ID, "pair-text").get_attribute("value"), first)
         text = page.find_element(By.ID, "pair-text").get_attribute("value")
         shown = page.find_element(By.ID, "link-key-id").text

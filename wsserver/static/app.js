@@ -721,9 +721,13 @@ async function ownLog() {
   return log.state;
 }
 
+let devicesShown = 0; // the latest rendering of the list wins
+
 async function showDevices() {
   const list = $("device-list");
   const user = session.user;
+  const turn = ++devicesShown;
+  list.replaceChildren(); // never a stale list while the log is fetched
   let state;
   try {
     state = await ownLog();
@@ -731,7 +735,7 @@ async function showDevices() {
     showDevicesError(err);
     return;
   }
-  if (session.user !== user) return;
+  if (session.user !== user || turn !== devicesShown) return;
   const mine = await keyIdOf(user);
   const items = [];
   const keys = [...state.active.values()].sort((a, b) => (a.key_id === mine ? -1 : b.key_id === mine ? 1 : 0));
@@ -962,6 +966,10 @@ function cancelLink() {
   clearTimeout(linking.timer);
   Object.assign(linking, { userId: null, timer: null, user: null });
   $("linking").hidden = true;
+  $("pair-text").value = "";
+  $("link-key-id").textContent = "";
+  delete $("link-state").dataset.state;
+  $("link-state").textContent = "";
 }
 
 async function onCopyPair() {
