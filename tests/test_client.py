@@ -346,7 +346,7 @@ class ExpiryTests(ClientBase):
         self.assertIn("session expired", retries[0][1])
         inbox = Inbox(alice)
         ack = yield alice.send("alice", "still here").addTimeout(30, reactor)
-        frame, verified = yield inbox.next()  # checked against the directory's key
+        frame, verified = yield inbox.next()  # checked with the key log's key
         self.assertEqual((frame["id"], verified), (ack["id"], True))
         self.assertEqual(ack["content"], "still here")
         self.assertNotEqual(alice.token, first)

@@ -210,6 +210,15 @@ class SeenLogsTests(unittest.TestCase):
         self.assertIn("delete it", str(caught.exception))
         self.assertEqual(devices.seen_path("keys/a.key"), "keys/a.key.keylogs.json")
 
+    def test_a_file_that_cannot_be_written_keeps_them_in_memory(self):
+        """Where the file cannot be written, what was seen is kept for the run
+        (and the error noted once) rather than failing every check."""
+        seen = devices.SeenLogs(os.path.join(self.mktemp(), "missing", "a.keylogs.json"))
+        record = devices.Seen.of(devices.check_log("alice", vector_log()))
+        seen.put(SERVER, "alice", record)
+        self.assertIsInstance(seen.save_error, OSError)
+        self.assertEqual(seen.get(SERVER, "alice"), record)
+
 
 class PairingTests(unittest.TestCase):
     def setUp(self):

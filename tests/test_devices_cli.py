@@ -5,6 +5,7 @@ rewritten log: that is what the warning is for)."""
 from __future__ import annotations
 
 import json
+import sys
 from typing import Any
 
 from nacl.signing import SigningKey
@@ -15,7 +16,7 @@ from wsserver import client as wc
 from wsserver import devices
 
 from .support import within
-from .test_cli import WAIT, CliCase, ServedCase
+from .test_cli import WAIT, CliCase, ServedCase, _Proc, tree_env
 from .test_devices import ALICE, SECOND, LogBuilder, kid
 
 
@@ -241,7 +242,9 @@ class DevicesEndToEndTests(ServedCase):
         self.assertEqual(out.strip(), "deleted alice")
         code = yield within(listen.ended, WAIT)
         self.assertEqual(code, 1)
-        self.assertIn("4003", listen.err.decode())
+        last = listen.err.decode().strip().splitlines()[-1]
+        self.assertOneHumanLine(last, "4003 account deleted", "not reconnecting")
+        self.assertNotIn("reconnecting in", listen.err.decode())
         self.assertIsNone((yield self.server.store.get_user("alice")))
         code, _, err = yield self.cli("--key", "again.key", "register", "--name", "Alice")
         self.assertIn("no key file", err)
@@ -273,3 +276,29 @@ class DevicesEndToEndTests(ServedCase):
         line = yield within(listen.lines.get(), WAIT)
         self.assertIn("alice [verified]", line)
         self.assertIn("from the laptop", line)
+
+    @defer.inlineCallbacks
+    def test_delete_account_on_a_terminal_asks_for_the_user_id(self):
+        """On a terminal delete-account asks to type the user id: anything else
+        deletes nothing (exit 1); the id itself deletes the account."""
+        yield self.register("alice")
+
+        def on_terminal(answer: bytes) -> _Proc:
+            proc = _Proc()
+            env = tree_env(WSSERVER_URL=self.url, WSSERVER_USER="alice")
+            argv = [sys.executable, "-m", "wsserver.cli", "delete-account"]
+            proc.transport = reactor.spawnProcess(
+                proc, sys.executable, argv, env=env, path=str(self.dir), usePTY=True
+            )
+            proc.transport.write(answer)
+            return proc
+
+        proc = on_terminal(b"alicE\n")
+        self.assertEqual((yield within(proc.ended, WAIT)), 1)
+        self.assertIn(b"Type the user id to confirm", proc.out)
+        self.assertIn(b"not confirmed: nothing was deleted", proc.out)
+        self.assertIsNotNone((yield self.server.store.get_user("alice")))
+        proc = on_terminal(b"alice\n")
+        self.assertEqual((yield within(proc.ended, WAIT)), 0, proc.out)
+        self.assertIn(b"deleted alice", proc.out)
+        self.assertIsNone((yield self.server.store.get_user("alice")))

@@ -141,6 +141,9 @@ def make_client(args: argparse.Namespace) -> Client:
         raise UsageError(f"cannot read the key file {path}: {_os_text(exc)}") from None
     if args.cafile and not os.path.isfile(args.cafile):
         raise UsageError(f"--cafile {args.cafile}: no such file")
+    folder = os.path.dirname(os.path.abspath(path))
+    if not os.access(folder, os.W_OK):
+        note(f"cannot write in {folder}: the key logs seen are kept for this run only")
     try:
         seen = devices.SeenLogs(devices.seen_path(path))
     except ValueError as exc:

@@ -43,7 +43,7 @@ from twisted.web.http_headers import Headers
 from . import devices, keylog
 from .devices import CheckedLog, KeyLogNotice, SeenLogs
 from .keylog import KeyLogError
-from .messages import b64decode, signing_input
+from .messages import b64decode, is_user_id, signing_input
 
 _log = Logger()
 
@@ -462,6 +462,8 @@ class Client:
         """``user_id``'s whole key log, checked (every signature, every
         ``prev``): a ``devices.CheckedLog``; ``KeyLogError`` when it does not
         check.  Nothing is remembered."""
+        if not is_user_id(user_id):
+            raise KeyLogError("invalid_request", "not a user id")
         data = yield self._request(b"GET", f"/auth/users/{user_id}/keylog")
         return devices.check_log(user_id, data)
 
@@ -488,7 +490,14 @@ class Client:
 
     def _remember(self, log: CheckedLog) -> None:
         notice = devices.compare(self.seen.get(self.server, log.user_id), log)
+        failed_before = self.seen.save_error is not None
         self.seen.put(self.server, log.user_id, devices.Seen.of(log))
+        if self.seen.save_error is not None and not failed_before:
+            _log.warn(
+                "cannot write {path} ({error}): key logs seen are kept for this run only",
+                path=self.seen.path,
+                error=self.seen.save_error.strerror or str(self.seen.save_error),
+            )
         self._logs[log.user_id] = log
         own_addition = (
             notice is not None

@@ -237,6 +237,7 @@ class SeenLogs:
 
     def __init__(self, path: str | None = None) -> None:
         self.path = path
+        self.save_error: OSError | None = None  # the file could not be written
         self._data: dict[str, dict[str, Seen]] = {}
         if path is not None:
             self._load(path)
@@ -271,8 +272,12 @@ class SeenLogs:
         if self.get(server, user_id) == seen:
             return
         self._data.setdefault(server, {})[user_id] = seen
-        if self.path is not None:
-            self._save(self.path)
+        if self.path is not None and self.save_error is None:
+            try:
+                self._save(self.path)
+            except OSError as exc:
+                # Kept in memory for this run; the caller may say so once.
+                self.save_error = exc
 
     def _save(self, path: str) -> None:
         obj = {
