@@ -921,6 +921,7 @@ async function onLink() {
   linkState("waiting", "waiting for approval on another device (checking every 2 s)…");
   $("signin-note").textContent = "";
   $("linking").hidden = false;
+  $("linking").scrollIntoView({ block: "nearest" });
   linking.timer = setTimeout(pollLink, LINK_POLL_MS);
 }
 
@@ -1012,7 +1013,15 @@ async function onLogin() {
   if (!USER_ID.test(userId)) throw new Error("a user id is 1 to 64 of A-Z a-z 0-9 _ . -");
   const user = await loadKey(userId);
   if (!user) throw await noKeyHere(userId);
-  await start(user);
+  try {
+    await start(user);
+  } catch (err) {
+    if (err.code !== "invalid_signature") throw err;
+    throw new Error(
+      `this browser's key for ${userId} is not one of ${userId}'s active keys (revoked from another device?): ` +
+        "link this browser again to use it here",
+    );
+  }
 }
 
 // Why this browser cannot log in as userId, which it has no key for: the id
