@@ -12,10 +12,12 @@ from pathlib import Path
 from typing import Any
 
 import jwt
+from nacl.signing import SigningKey
 from twisted.internet import defer
 from twisted.internet.ssl import Certificate, optionsForClientTLS
 from twisted.trial import unittest
 
+from wsserver import keylog
 from wsserver.config import SETTINGS, Config, ConfigError, load, parse_listen
 from wsserver.tap import Options, makeService
 
@@ -278,6 +280,27 @@ class EverySettingTests(unittest.TestCase):
         alice_token = body["token"]
         bob_token = yield server.login("bob", bob_key)
         auth_requests += 2
+
+        # MAX_KEYS_PER_USER: alice holds 1 key, so a second one is too many.
+        pub = bytes(alice_key.verify_key)
+        head = keylog.digest(keylog.entry_string("alice", 0, keylog.REGISTER, pub, ""))
+        new = SigningKey.generate()
+        string = keylog.entry_string("alice", 1, keylog.ADD, bytes(new.verify_key), head)
+        code, body = yield server.post(
+            "/auth/users/alice/keylog",
+            {
+                "seq": 1,
+                "action": "add",
+                "public_key": b64(bytes(new.verify_key)),
+                "name": "laptop",
+                "by": keylog.key_id(pub),
+                "signature": b64(alice_key.sign(string.encode()).signature),
+                "key_signature": b64(new.sign(string.encode()).signature),
+            },
+        )
+        auth_requests += 1
+        self.assertEqual((code, body["error"]["code"]), (409, "too_many_keys"))
+        checked.add("MAX_KEYS_PER_USER")
 
         # JWT_SECRET, TOKEN_TTL: the token is signed with the secret, lives 1234 s.
         claims = jwt.decode(alice_token, values["JWT_SECRET"].encode(), algorithms=["HS256"])

@@ -52,10 +52,19 @@ class HttpTests(unittest.TestCase):
         self.assertEqual(body["username"], "Jos\u00e9")
         self.assertEqual(body["public_key"], ALICE_PUB)
         self.assertRegex(body["created_at"], r"^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z$")
+        created = body["created_at"]
         code, body = yield self.server.get("/auth/users/alice")
         self.assertEqual(code, 200)
+        # The registration key is the first (and only) active key (section 12).
+        key = {
+            "key_id": VECTORS["key_ids"][0]["key_id"],
+            "public_key": ALICE_PUB,
+            "name": None,
+            "added_at": created,
+        }
         self.assertEqual(
-            body, {"user_id": "alice", "username": "Jos\u00e9", "public_key": ALICE_PUB}
+            body,
+            {"user_id": "alice", "username": "Jos\u00e9", "public_key": ALICE_PUB, "keys": [key]},
         )
 
     @defer.inlineCallbacks
@@ -128,7 +137,13 @@ class HttpTests(unittest.TestCase):
         resp, body = yield self.raw("GET", "/auth/register")
         self.assertError(resp.code, body, 405, "method_not_allowed")
         self.assertEqual(resp.headers.getRawHeaders(b"allow"), [b"POST"])
-        resp, body = yield self.raw("DELETE", "/auth/users/alice")
+        resp, body = yield self.raw("PUT", "/auth/users/alice")
+        self.assertError(resp.code, body, 405, "method_not_allowed")
+        self.assertEqual(resp.headers.getRawHeaders(b"allow"), [b"DELETE, GET"])
+        resp, body = yield self.raw("DELETE", "/auth/users/alice/keylog")
+        self.assertError(resp.code, body, 405, "method_not_allowed")
+        self.assertEqual(resp.headers.getRawHeaders(b"allow"), [b"GET, POST"])
+        resp, body = yield self.raw("GET", "/auth/logout")
         self.assertError(resp.code, body, 405, "method_not_allowed")
         resp, body = yield self.raw("POST", "/ws")
         self.assertError(resp.code, body, 405, "method_not_allowed")

@@ -16,6 +16,7 @@ from typing import Any
 import jwt
 from nacl.signing import SigningKey
 from twisted.internet import defer
+from twisted.internet.testing import MemoryReactorClock
 from twisted.trial import unittest
 
 from wsserver import keylog
@@ -24,7 +25,9 @@ from wsserver.messages import b64decode
 from .support import (
     VECTORS,
     LiveServer,
+    MemoryLink,
     b64,
+    eventually,
     public_b64,
     sign_message,
     vector_key,
@@ -143,6 +146,7 @@ class Base(unittest.TestCase):
         self.assertEqual(code, 200, body)
         login = {
             "user_id": user_id,
+            "challenge": body["challenge"],
             "signature": b64(key.sign(body["challenge"].encode("utf-8")).signature),
         }
         if key_id is not None:
@@ -790,3 +794,79 @@ class RateLimitTests(unittest.TestCase):
             body = json.loads((yield resp.content()))
             self.assertEqual((resp.code, body["error"]["code"]), (429, "rate_limited"), path)
             self.assertGreaterEqual(int(resp.headers.getRawHeaders(b"retry-after")[0]), 1)
+
+
+class RaceTests(Base):
+    """A connection whose token was checked just before an account change was
+    handled, and that attaches just after (so the change's handler found
+    nothing to close), checks its token again when it opens."""
+
+    @defer.inlineCallbacks
+    def connect_checked_before(self, token: str, change: Any) -> Any:
+        """Check ``token`` as the /ws gate does, run ``change``, then open the
+        connection with that session (in memory); fire with its close code."""
+        service = self.server.service
+        # Only the change's own application at once is left: the poll would
+        # hand the change over again later and close the connection itself.
+        service.account_events.stop()
+        session = yield service.auth.session(token)
+        yield change()
+        link = MemoryLink(self, service.factory, MemoryReactorClock())
+        client, _ = yield link.connect(session)
+        yield eventually(lambda: client.close_code is not None, "the connection closes")
+        return client.close_code
+
+    @defer.inlineCallbacks
+    def test_a_revocation_between_the_check_and_the_open(self):
+        """The key revoked in between: the connection closes with 4003."""
+        first = yield self.server.register("alice")
+        second = yield self.add_key("alice", first)
+        token = yield self.token("alice", second)
+        code = yield self.connect_checked_before(token, lambda: self.revoke("alice", second, first))
+        self.assertEqual(code, 4003)
+
+    @defer.inlineCallbacks
+    def test_a_sign_out_between_the_check_and_the_open(self):
+        """The token signed out in between: the connection closes with 4004."""
+        key = yield self.server.register("alice")
+        token = yield self.token("alice", key)
+        code = yield self.connect_checked_before(token, lambda: self.logout(token))
+        self.assertEqual(code, 4004)
+
+
+class PropagationTests(Base):
+    @defer.inlineCallbacks
+    def test_the_node_that_made_the_change_applies_it_at_once(self):
+        """With its account-event poll stopped, the node that handled a
+        revocation or a sign-out has still closed the connections (4003,
+        4004) and refuses the token before it answers."""
+        service = self.server.service
+        first = yield self.server.register("alice")
+        second = yield self.add_key("alice", first)
+        revoked = yield self.token("alice", second)
+        signed_out = yield self.token("alice", first)
+        service.account_events.stop()
+        cut = yield self.connect(revoked, node=0)
+        out = yield self.connect(signed_out, node=0)
+        yield self.revoke("alice", second, first)
+        self.assertEqual((yield cut.wait_closed()), 4003)
+        yield self.ws_refuses(revoked)
+        result = yield self.logout(signed_out)
+        self.assertEqual(result, (200, {"signed_out": True}))
+        self.assertEqual((yield out.wait_closed()), 4004)
+        yield self.ws_refuses(signed_out)
+
+    @defer.inlineCallbacks
+    def test_a_server_started_later_refuses_signed_out_tokens(self):
+        """A server started on the database after a sign-out refuses the
+        signed-out token (it loads them at start), and the other token still
+        works there."""
+        key = yield self.server.register("alice")
+        token = yield self.token("alice", key)
+        other = yield self.token("alice", key)
+        result = yield self.logout(token)
+        self.assertEqual(result[0], 200)
+        yield self.server.stop()
+        self.server = LiveServer(self, {"DATABASE": self.server.db})
+        yield self.ws_refuses(token)
+        yield self.ws_accepts(other)

@@ -321,6 +321,40 @@ class KeyStoreContract:
         self.assertEqual([e.public_key for e in log], [ALICE_KEY, SECOND_KEY])
         self.assertEqual(len((yield other.user_keys(ALICE)).keys), 2)
 
+    @defer.inlineCallbacks
+    def test_an_append_racing_a_deletion_finds_no_user(self):
+        """A deletion holds its transaction open inside its check while another
+        store appends to the same log: the append waits, then finds no user
+        (None, its check never called), and no key-log row of the deleted user
+        is left behind."""
+        other = self.make_store()
+        entered, release = threading.Event(), threading.Event()
+        delete = LOG["delete"]
+        yield self.append_vectors()
+        signed = deletion_check(ALICE, delete["key_id"], b64decode(delete["signature"]))
+
+        def holding(entries: list[Entry]) -> None:
+            signed(entries)
+            entered.set()
+            release.wait(DEADLINE)
+
+        deleted = self.store.delete_account(ALICE, 77, holding)
+        self.addCleanup(release.set)
+        yield wait_for(entered.is_set, "the deletion's check")
+        blocked = yield self.watch(other)
+        third = SigningKey(b"3" * 32)
+        log = [vector_entry(i) for i in range(3)]
+        entry = signed_add(ALICE, 3, head_after(ALICE, log), SECOND_SIGNER, third)
+        calls: list = []
+        appended = other.append_key_entry(ALICE, entry, calls.append)
+        yield wait_for(blocked, "the append to wait for the deletion's lock")
+        release.set()
+        self.assertTrue((yield deleted))
+        self.assertIsNone((yield appended))
+        self.assertEqual(calls, [])
+        self.assertEqual([r for r in self.rows("key_log") if r["user_id"] == ALICE], [])
+        self.assertEqual([r for r in self.rows("user_keys") if r["user_id"] == ALICE], [])
+
     def watch(self, store: Any) -> Any:
         """Fire with a function that tells (or fires with) whether ``store``'s
         append has got as far as the lock it must wait for."""
