@@ -52,8 +52,16 @@ class Base(unittest.TestCase):
     # -- HTTP ----------------------------------------------------------------------
 
     @defer.inlineCallbacks
-    def request(self, method: str, path: str, body: Any = None, headers: dict | None = None) -> Any:
-        """Any request; fire with (status, parsed body)."""
+    def request(
+        self,
+        method: str,
+        path: str,
+        body: Any = None,
+        headers: dict | None = None,
+        base: str | None = None,
+    ) -> Any:
+        """Any request (to the first node, or to ``base``); fire with (status,
+        parsed body)."""
         client = self.server.http()
         kwargs: dict[str, Any] = {"headers": headers}
         if isinstance(body, bytes):
@@ -61,7 +69,7 @@ class Base(unittest.TestCase):
             kwargs["headers"] = {"Content-Type": ["application/json"], **(headers or {})}
         elif body is not None:
             kwargs["json"] = body
-        resp = yield within(client.request(method, self.server.base + path, **kwargs))
+        resp = yield within(client.request(method, (base or self.server.base) + path, **kwargs))
         content = yield resp.content()
         return resp.code, json.loads(content) if content else None
 
@@ -870,3 +878,39 @@ class PropagationTests(Base):
         self.server = LiveServer(self, {"DATABASE": self.server.db})
         yield self.ws_refuses(token)
         yield self.ws_accepts(other)
+
+    @defer.inlineCallbacks
+    def test_a_login_through_another_node_sees_a_change_at_once(self):
+        """A login through a node that has not yet heard of a revocation or a
+        sign-out everywhere made through another node (its poll is stopped
+        here), though it had the user's keys cached, already counts them: the
+        revoked key cannot log in, and a new token has the new generation."""
+        if not self.server.others:
+            raise unittest.SkipTest("needs a second in-process node (WSSERVER_TEST_CLUSTER=1)")
+        other = self.server.others[0]
+        base = f"http://127.0.0.1:{other.port.getHost().port}"
+        other.account_events.stop()
+        first = yield self.server.register("alice")
+        second = yield self.add_key("alice", first)
+        token = yield self.token("alice", second)
+        headers = {"Authorization": [f"Bearer {token}"]}
+        result = yield self.request("GET", "/ws", headers=headers, base=base)
+        self.assertEqual(self.error(result), (426, "upgrade_required"))  # cached there now
+        yield self.revoke("alice", second, first)
+        result = yield self.logout((yield self.token("alice", first)), everywhere=True)
+        self.assertEqual(result[0], 200)
+
+        @defer.inlineCallbacks
+        def login(key: SigningKey) -> Any:
+            _, body = yield self.request("POST", "/auth/login", {"user_id": "alice"}, base=base)
+            signature = b64(key.sign(body["challenge"].encode()).signature)
+            login = {"user_id": "alice", "challenge": body["challenge"], "signature": signature}
+            answer = yield self.request("POST", "/auth/login?verify=true", login, base=base)
+            return answer
+
+        result = yield login(second)
+        self.assertEqual(self.error(result), (401, "invalid_signature"))
+        code, body = yield login(first)
+        self.assertEqual(code, 200)
+        claims = jwt.decode(body["token"], options={"verify_signature": False})
+        self.assertEqual((claims["kid"], claims["gen"]), (kid(first), 1))

@@ -406,9 +406,13 @@ class Authenticator:
         """Finish a login with a challenge signed by any active key of the user
         (``key_id``, optional, says which): fire with (token, exp)."""
         user_id = _user_id_field(body)
-        state = yield self.user_keys(user_id)
-        if state is None:
+        # Read from the database, not the cache: a key revoked or a sign-out
+        # everywhere made through another node a moment ago (which this node
+        # learns of within a second) already counts for a new login.
+        found: UserKeys | None = yield self._store.user_keys(user_id)
+        if found is None or user_id in self._deleted:
             raise AuthError("unknown_user", "no such user")
+        state = _Keys({k.key_id: VerifyKey(k.public_key) for k in found.keys}, found.token_gen)
         challenge = body.get("challenge")
         if challenge is not None and not isinstance(challenge, str):
             raise AuthError("invalid_request", "challenge must be a string")
@@ -577,8 +581,6 @@ class Authenticator:
     def delete_account(self, user_id: object, body: dict) -> defer.Deferred:
         """Delete the user, given ``{key_id, signature}`` by an active key over
         the deletion string at the log's next seq: fire with the ``Change``."""
-        if not is_user_id(user_id):
-            raise AuthError("unknown_user", "no such user")
         kid = body.get("key_id")
         if not isinstance(kid, str):
             raise AuthError("invalid_request", "key_id must be a string")
@@ -589,6 +591,8 @@ class Authenticator:
             signature = b64decode(raw_sig)
         except ValueError:
             raise AuthError("invalid_signature", "signature is not base64") from None
+        if not is_user_id(user_id):
+            raise AuthError("unknown_user", "no such user")
 
         def check(entries: list[keylog.Entry]) -> None:
             state = keylog.replay(user_id, entries, verify=False)
