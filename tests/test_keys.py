@@ -513,14 +513,18 @@ class RefusalTests(Base):
 
     @defer.inlineCallbacks
     def test_two_appends_racing_for_one_seq(self):
-        """Two different entries posted at once for the same seq: one is 201,
-        the other 409 keylog_conflict, and the log holds only the first."""
+        """Two different entries posted at once for the same seq (on a cluster,
+        one through each node): one is 201, the other 409 keylog_conflict,
+        and the log holds only the first."""
         yield self.setup_alice()
         a, b = SigningKey.generate(), SigningKey.generate()
         body_a = yield self.entry("alice", keylog.ADD, a, self.first, "a")
         body_b = yield self.entry("alice", keylog.ADD, b, self.second, "b")
+        other = self.server.others[0] if self.server.others else None
+        base = f"http://127.0.0.1:{other.port.getHost().port}" if other else None
+        path = "/auth/users/alice/keylog"
         results = yield defer.gatherResults(
-            [self.append("alice", body_a), self.append("alice", body_b)]
+            [self.request("POST", path, body_a), self.request("POST", path, body_b, base=base)]
         )
         codes = sorted(self.error(r) for r in results)
         self.assertEqual(codes, [(201, None), (409, "keylog_conflict")])
