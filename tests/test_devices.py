@@ -192,6 +192,22 @@ class CompareTests(unittest.TestCase):
         self.assertEqual(devices.compare(self.seen, fresh).kind, devices.REWRITTEN)
 
 
+class DirectoryTests(unittest.TestCase):
+    def test_a_directory_key_the_log_does_not_hold_as_active(self):
+        """The directory's keys are compared with the checked log: a key it
+        lists that the log never added, or revoked, is an unknown_key notice."""
+        log = devices.check_log("alice", vector_log())
+        second = b64encode(bytes(SECOND.verify_key))
+        honest = {"public_key": second, "keys": [{"public_key": second}]}
+        self.assertEqual(devices.directory_notices(log, honest), [])
+        stray = b64encode(bytes(SigningKey.generate().verify_key))
+        revoked = b64encode(bytes(ALICE.verify_key))
+        record = {"public_key": revoked, "keys": [{"public_key": second}, {"public_key": stray}]}
+        notices = devices.directory_notices(log, record)
+        self.assertEqual([n.kind for n in notices], [devices.UNKNOWN_KEY] * 2)
+        self.assertIn(kid(ALICE), notices[0].text)
+
+
 class SeenLogsTests(unittest.TestCase):
     def test_the_file_is_private_round_trips_and_is_per_server(self):
         """The remembered logs live in a 0600 file, load back, and are kept

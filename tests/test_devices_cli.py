@@ -14,6 +14,7 @@ from twisted.web import resource, server
 
 from wsserver import client as wc
 from wsserver import devices
+from wsserver.messages import b64encode
 
 from .support import within
 from .test_cli import WAIT, CliCase, ServedCase, _Proc, tree_env
@@ -29,14 +30,29 @@ class _KeyLogs(resource.Resource):
     def __init__(self) -> None:
         super().__init__()
         self.logs: dict[str, dict] = {}
+        self.extra_keys: dict[str, list[str]] = {}  # keys the directory adds
 
     def render(self, request):
         request.setHeader(b"content-type", b"application/json")
         parts = request.path.decode().split("/")
         if len(parts) == 5 and parts[4] == "keylog" and parts[3] in self.logs:
             return json.dumps(self.logs[parts[3]]).encode()
+        if len(parts) == 4 and parts[3] in self.logs:
+            return json.dumps(self.directory(parts[3])).encode()
         request.setResponseCode(404)
         return json.dumps({"error": {"code": "not_found", "message": "no such thing"}}).encode()
+
+    def directory(self, user_id: str) -> dict:
+        """GET /auth/users/{id} as the log says, plus any extra keys."""
+        log = devices.check_log(user_id, self.logs[user_id])
+        keys = [b64encode(raw) for raw in log.state.active.values()]
+        keys += self.extra_keys.get(user_id, [])
+        return {
+            "user_id": user_id,
+            "username": user_id.title(),
+            "public_key": keys[0],
+            "keys": [{"key_id": None, "public_key": k, "name": None} for k in keys],
+        }
 
 
 class FakeServerWarningTests(CliCase):
@@ -89,6 +105,24 @@ class FakeServerWarningTests(CliCase):
         # Seen once, said once: the next look is quiet.
         _, _, err = yield self.cli("send", "--to", "bob", "hi")
         self.assertNotIn("key log", err)
+
+    @defer.inlineCallbacks
+    def test_a_key_in_the_directory_without_an_entry(self):
+        """The key directory lists a key for bob that his checked log does not
+        hold: send says so in a warning naming the key (and devices does for
+        one's own account)."""
+        mallory = SigningKey.generate()
+        self.fake.extra_keys["bob"] = [b64encode(bytes(mallory.verify_key))]
+        _, _, err = yield self.cli("send", "--to", "bob", "hi")
+        self.assertIn(
+            f"wsserver-client: warning: the key directory lists key {kid(mallory)} for bob, "
+            "which bob's key log does not hold as active",
+            err,
+        )
+        self.fake.extra_keys["alice"] = [b64encode(bytes(mallory.verify_key))]
+        code, _, err = yield self.cli("devices")
+        self.assertEqual(code, 0, err)
+        self.assertIn(f"warning: the key directory lists key {kid(mallory)} for alice", err)
 
     @defer.inlineCallbacks
     def test_a_forged_log_is_a_warning_every_time(self):
@@ -276,6 +310,7 @@ class DevicesEndToEndTests(ServedCase):
         line = yield within(listen.lines.get(), WAIT)
         self.assertIn("alice [verified]", line)
         self.assertIn("from the laptop", line)
+        self.assertNotIn("warning:", listen.err.decode())  # a real server's logs check
 
     @defer.inlineCallbacks
     def test_delete_account_on_a_terminal_asks_for_the_user_id(self):

@@ -271,12 +271,13 @@ def cmd_login(args: argparse.Namespace, reactor: Any) -> Any:
 
 
 def _look_at_log(client: Client, user_id: str) -> defer.Deferred:
-    """Fetch and check ``user_id``'s key log, so a change since this device
-    last saw it is said (on stderr) before anything is sent to them.  Any
-    failure here is left to the command itself to meet and report."""
+    """Fetch and check ``user_id``'s key log, and the key directory against
+    it, so a change since this device last saw it, or a key without an
+    entry, is said (on stderr) before anything is sent to them.  Any failure
+    here is left to the command itself to meet and report."""
     if user_id == "broadcast" or user_id.startswith("#"):
         return defer.succeed(None)
-    return client.peer_log(user_id).addErrback(lambda _: None)
+    return client.check_directory(user_id).addErrback(lambda _: None)
 
 
 @defer.inlineCallbacks
@@ -410,6 +411,7 @@ def cmd_chat(args: argparse.Namespace, reactor: Any) -> Any:
 def cmd_devices(args: argparse.Namespace, reactor: Any) -> Any:
     client = make_client(args)
     keys = yield client.devices()
+    yield client.check_directory(client.user_id)
     for k in keys:
         which = "this device " if k["this_device"] else "other device"
         out(f"{k['key_id']}  {safe(k['added_at'] or '-')}  {which}  {safe(k['name'] or '-')}")

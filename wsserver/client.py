@@ -510,6 +510,20 @@ class Client:
             self._notice(notice)
 
     @defer.inlineCallbacks
+    def check_directory(self, user_id: str) -> Any:
+        """Compare the key directory's keys for ``user_id`` with their checked
+        key log; report each key it lists that the log does not hold as
+        active (``unknown_key``).  Fires with the notices (a list)."""
+        log = yield self.peer_log(user_id)
+        if log is None:
+            return []
+        record = yield self.lookup(user_id)
+        notices = devices.directory_notices(log, record)
+        for notice in notices:
+            self._notice(notice)
+        return notices
+
+    @defer.inlineCallbacks
     def _own_log(self) -> Any:
         """This user's key log, checked, fetched now (not cached): what an
         append or a deletion signs against.  ``KeyLogError`` if it does not

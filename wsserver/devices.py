@@ -29,7 +29,7 @@ from nacl.signing import SigningKey
 
 from . import keylog
 from .keylog import Entry, KeyLogError, LogState, Pairing
-from .messages import b64encode
+from .messages import b64decode, b64encode
 
 MAX_ENTRIES = 10_000  # a log longer than this is refused as invalid (each is a verify)
 MAX_SEEN_BYTES = 8 << 20  # the remembered-logs file is small; refuse a huge one
@@ -227,6 +227,40 @@ def unknown_key_notice(user_id: str, key_id: str, msg_id: object) -> KeyLogNotic
     )
 
 
+def directory_notices(log: CheckedLog, record: object) -> list[KeyLogNotice]:
+    """What the key directory (``GET /auth/users/{id}``: ``public_key`` and
+    ``keys``) shows that the checked log does not back: a key listed as
+    active that the log does not hold as active (one UNKNOWN_KEY notice
+    each)."""
+    if not isinstance(record, dict):
+        return []
+    shown: list[str] = []
+    if isinstance(record.get("public_key"), str):
+        shown.append(record["public_key"])
+    for item in record.get("keys") or ():
+        if isinstance(item, dict) and isinstance(item.get("public_key"), str):
+            shown.append(item["public_key"])
+    active = {b64encode(raw) for raw in log.state.active.values()}
+    notices = []
+    for b64 in dict.fromkeys(shown):
+        if b64 in active:
+            continue
+        try:
+            kid = keylog.key_id(b64decode(b64))
+        except ValueError:
+            kid = "(not a key)"
+        user = log.user_id
+        notices.append(
+            KeyLogNotice(
+                UNKNOWN_KEY,
+                user,
+                f"the key directory lists key {kid} for {user}, which {user}'s key log "
+                f"does not hold as active: it is not trusted",
+            )
+        )
+    return notices
+
+
 class SeenLogs:
     """What this device has seen of each user's key log, per server.
 
@@ -407,6 +441,7 @@ __all__ = [
     "check_log",
     "compare",
     "delete_body",
+    "directory_notices",
     "invalid_notice",
     "own_key_id",
     "pairing_for",
