@@ -15,6 +15,7 @@ saves the conversation's screenshot there (docs/web-client.png is made so).
 
 from __future__ import annotations
 
+import base64
 import contextlib
 import json
 import os
@@ -64,7 +65,7 @@ if WHY_NOT and os.environ.get("WSSERVER_REQUIRE_BROWSER") == "1":
 
 if not WHY_NOT:
     from selenium import webdriver
-    from selenium.common.exceptions import TimeoutException
+    from selenium.common.exceptions import StaleElementReferenceException, TimeoutException
     from selenium.webdriver.chrome.service import Service
     from selenium.webdriver.common.by import By
     from selenium.webdriver.support.ui import WebDriverWait
@@ -499,3 +500,342 @@ class ShortSessionWebClientTests(BrowserCase):
         self.assertEqual(mark_state(self.incoming(heidi, "after the expiry")), "verified")
         texts = [e.text for e in heidi.find_elements(By.CSS_SELECTOR, "#log li.msg.in .content")]
         self.assertEqual(texts, ["before the expiry", "after the expiry"])
+
+
+# What the page's key-log module (wsserver/static/keylog.js) works out for the
+# shared vectors, run in Chromium itself: arguments[0] is the vectors' keylog
+# part, arguments[1] the key ids, arguments[2] a pairing text made by Python.
+KEYLOG_JS_CHECK = """
+const [log, keyIds, pythonPairing, done] = arguments;
+(async () => {
+  const k = await import("/static/keylog.js");
+  const out = {};
+  out.key_ids = [];
+  for (const v of keyIds) out.key_ids.push(await k.keyId(k.fromBase64(v.public_key)));
+  out.strings = log.entries.map(
+    (e) => k.entryString(log.user_id, e.seq, e.action, e.public_key, e.prev));
+  const state = await k.checkLog(log.user_id, log.entries);
+  out.heads = state.heads;
+  out.next_seq = state.nextSeq;
+  out.active = [...state.active.keys()];
+  out.every = [...state.every.keys()];
+  out.delete_string = k.deleteString(log.user_id, state.nextSeq);
+  out.delete_ok = await k.signatureOk(
+    log.second_device.public_key, out.delete_string, log.delete.signature);
+  const pair = k.parsePairingText(pythonPairing);
+  out.pairing = [pair.userId, pair.seq, pair.publicKey, pair.keySignature];
+  out.pairing_text = k.pairingText(pair.userId, pair.seq, pair.publicKey, pair.keySignature);
+  // Each broken log must be refused.
+  const broken = {
+    "wrong signature": (es) => { es[2].signature = es[1].signature; },
+    "wrong key_signature": (es) => { es[1].key_signature = es[1].signature; },
+    "signed by a revoked key": (es) => { es[2].by = "If4x36FUomFia_hU"; es[1].action = "revoke"; },
+    "entry dropped": (es) => { es.splice(1, 1); },
+    "entry 0 replaced": (es) => { es[0].public_key = es[1].public_key; },
+    "by not a key": (es) => { es[1].by = "nobody"; },
+    "wrong key_id": (es) => { es[1].key_id = "AAAAAAAAAAAAAAAA"; },
+    "seq skipped": (es) => { es[2].seq = 3; },
+    "entry 0 signed": (es) => { es[0].signature = es[1].signature; },
+  };
+  out.refused = {};
+  for (const [what, spoil] of Object.entries(broken)) {
+    const entries = structuredClone(log.entries);
+    spoil(entries);
+    try {
+      await k.checkLog(log.user_id, entries);
+      out.refused[what] = null;
+    } catch (err) {
+      out.refused[what] = err.message;
+    }
+  }
+  out.rewritten = k.compareHeads([state.heads[0], "x"], state.heads);
+  out.extended = k.compareHeads(state.heads.slice(0, 2), state.heads);
+  out.same = k.compareHeads(state.heads, state.heads);
+  return out;
+})().then(done, (err) => done({ error: String(err) }));
+"""
+
+
+class KeyLogModuleTests(BrowserCase):
+    """The page's key-log code (keylog.js) against the shared vectors, in
+    Chromium's WebCrypto."""
+
+    def test_vectors_in_the_browser(self):
+        from wsserver import keylog
+
+        from .support import VECTORS
+
+        page = self.browser("vectors")
+        self.open_page(page)
+        log = VECTORS["keylog"]
+        entry = log["entries"][1]
+        pairing = keylog.Pairing(
+            log["user_id"],
+            entry["seq"],
+            base64.b64decode(entry["public_key"]),
+            base64.b64decode(entry["key_signature"]),
+        )
+        text = keylog.pairing_text(pairing)
+        page.set_script_timeout(WAIT)
+        out = page.execute_async_script(KEYLOG_JS_CHECK, log, VECTORS["key_ids"], text)
+        self.assertNotIn("error", out)
+        self.assertEqual(out["key_ids"], [v["key_id"] for v in VECTORS["key_ids"]])
+        self.assertEqual(out["strings"], [e["string"] for e in log["entries"]])
+        # Each entry's digest is the next one's prev.
+        self.assertEqual(out["heads"][:-1], [e["prev"] for e in log["entries"][1:]])
+        self.assertEqual(out["next_seq"], 3)
+        self.assertEqual(out["active"], [log["delete"]["key_id"]])
+        self.assertEqual(len(out["every"]), 2)
+        self.assertEqual(out["delete_string"], log["delete"]["string"])
+        self.assertIs(out["delete_ok"], True)
+        self.assertEqual(
+            out["pairing"],
+            [log["user_id"], 1, entry["public_key"], entry["key_signature"]],
+        )
+        self.assertEqual(out["pairing_text"], text)
+        for what, why in out["refused"].items():
+            self.assertIsNotNone(why, f"a log with {what} was accepted")
+        relations = (out["rewritten"], out["extended"], out["same"])
+        self.assertEqual(relations, ("rewritten", "extended", "same"))
+
+
+def pairing_line(output: str) -> str:
+    """The pairing text in what ``wsserver-client link`` printed."""
+    for line in output.splitlines():
+        found = re.search(r"wsserver-pair-v1:\S+", line)
+        if found:
+            return found.group(0)
+    raise AssertionError(f"no pairing text in {output!r}")
+
+
+class DevicesWebClientTests(BrowserCase):
+    """Section 12 in the page, with the command-line client as the other device."""
+
+    def devices_view(self, page) -> None:
+        page.find_element(By.ID, "show-devices").click()
+        self.wait_for(page, "#device-list li.device[data-this=true]")
+
+    def device(self, page, key_id: str):
+        (item,) = self.wait_for(page, f'#device-list li.device[data-key-id="{key_id}"]')
+        return item
+
+    def approve_in_page(self, page, text: str, name: str) -> str:
+        """Paste a pairing text in the Devices view, check it, name it, approve:
+        the new key's key_id the page showed."""
+        self.devices_view(page)
+        field = page.find_element(By.ID, "pair-input")
+        field.clear()
+        field.send_keys(text)
+        page.find_element(By.ID, "pair-check").click()
+        self.wait_for(page, "#pair-review:not([hidden])")
+        shown = page.find_element(By.ID, "pair-key-id").text
+        page.find_element(By.ID, "pair-name").send_keys(name)
+        page.find_element(By.ID, "pair-approve").click()
+        self.wait_for(page, "#devices-note", text=f"approved {name} ({shown})")
+        self.device(page, shown)
+        return shown
+
+    def click(self, page, css: str) -> None:
+        """Click the element ``css`` finds, finding it again if the page
+        re-rendered it meanwhile (the Devices list is rebuilt on each look)."""
+        deadline = time.monotonic() + WAIT
+        while True:
+            (element,) = self.wait_for(page, css)
+            try:
+                element.click()
+                return
+            except StaleElementReferenceException:
+                self.assertLess(time.monotonic(), deadline, f"{css} kept changing")
+
+    def cli_fails(self, user: str, *args: str) -> str:
+        done = subprocess.run(
+            [sys.executable, "-m", "wsserver.cli", *args],
+            cwd=self.dir,
+            env=self.cli_env(user),
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+        self.assertNotEqual(done.returncode, 0, done.stdout)
+        return done.stderr
+
+    def test_page_links_the_cli_revokes_it_signs_out_and_deletes(self):
+        """A user registered in the page approves the CLI's pairing text; the
+        CLI's signed message shows verified with its device name; revoking it
+        closes its connection with 4003 and it cannot log in again.  Sign out
+        closes the page's connection with 4004 and keeps the key (signing in
+        again works); deleting the account forgets it and the id stays taken."""
+        page = self.browser("olga")
+        self.register(page, "olga", "Olga")
+        self.devices_view(page)
+        (mine,) = self.wait_for(page, "#device-list li.device")
+        page_key_id = mine.get_attribute("data-key-id")
+        self.assertIn("this browser", mine.text)
+
+        # The CLI (a laptop) makes its key and a pairing text; the page approves it.
+        self.cli("olga", "keygen")
+        text = pairing_line(self.cli("olga", "link"))
+        laptop = self.approve_in_page(page, text, "laptop")
+        self.assertEqual(laptop, pairing_key_id(text))
+        item = self.device(page, laptop)
+        self.assertIn("laptop", item.text)
+        # Texts that cannot be approved are refused, and say why.
+        for bad, why in (
+            (text, "the key log changed since this pairing text was made"),  # used already
+            (text.replace(":olga:", ":someone:"), "this pairing text is for someone, not olga"),
+            (text[:-3], "this is not a wsserver pairing text"),
+        ):
+            field = page.find_element(By.ID, "pair-input")
+            field.clear()
+            field.send_keys(bad)
+            page.find_element(By.ID, "pair-check").click()
+            self.wait_for(page, "#devices-error", text=why)
+            self.assertFalse(page.find_element(By.ID, "pair-review").is_displayed())
+        self.assertEqual(item.find_elements(By.CSS_SELECTOR, "button")[0].text, "Revoke")
+
+        # The laptop sends a signed message: the page checks it with the laptop's key.
+        page.find_element(By.ID, "show-chat").click()
+        listen = self.cli_process("olga", "listen", "--json")
+        self.read_line(listen, lambda line: "listening as olga" in line)
+        self.cli("olga", "send", "--to", "olga", "Signed on the laptop.")
+        item = self.incoming(page, "Signed on the laptop.")
+        self.assertEqual(mark_state(item), "verified")
+        mark = item.find_element(By.CSS_SELECTOR, ".mark")
+        self.assertEqual(mark.text, "✓ verified (laptop)")
+        self.assertEqual(mark.get_attribute("data-key-id"), laptop)
+        # And the page's message reaches the laptop, verified with the page's key.
+        self.say(page, "olga", "Signed in the browser.")
+        frame = json.loads(self.read_line(listen, lambda line: "Signed in the browser." in line))
+        self.assertIs(frame["verified_locally"], True)
+        self.assertEqual(frame["key_id"], page_key_id)
+
+        # Revoke the laptop: asked first; its listen closes with 4003.
+        self.devices_view(page)
+        self.click(page, f'#device-list li.device[data-key-id="{laptop}"] button')
+        (yes,) = self.wait_for(page, "button.confirm-revoke")
+        self.assertIn("laptop", yes.text)
+        yes.click()
+        self.wait_for(page, "#devices-note", text="revoked laptop")
+        row = f'#device-list li.device[data-key-id="{laptop}"]'
+        WebDriverWait(page, WAIT).until(lambda d: not d.find_elements(By.CSS_SELECTOR, row))
+        self.read_line(listen, lambda line: "4003" in line or "revoked" in line)
+        self.assertEqual(listen.wait(WAIT), 1)
+        self.assertIn("invalid_signature", self.cli_fails("olga", "login"))
+
+        # Sign out: the server closes with 4004, the page is back at sign-in.
+        page.find_element(By.ID, "signout").click()
+        (note,) = self.wait_for(page, "#signin-note[data-code='4004'][data-by=server]")
+        self.assertIn("signed out", note.text)
+        self.assertFalse(page.find_element(By.ID, "chat").is_displayed())
+        page.find_element(By.ID, "login").click()  # the key stayed: log in again
+        self.wait_for(page, "#conn[data-state=online]")
+
+        # Delete the account: confirmed by typing the id.
+        self.devices_view(page)
+        button = page.find_element(By.ID, "delete-account")
+        self.assertFalse(button.is_enabled())
+        page.find_element(By.ID, "delete-confirm").send_keys("olg")
+        self.assertFalse(button.is_enabled())
+        page.find_element(By.ID, "delete-confirm").send_keys("a")
+        button.click()
+        (note,) = self.wait_for(page, "#signin-note[data-code='4003'][data-by=server]")
+        self.assertIn("account olga deleted", note.text)
+        # The key is forgotten here, and the id stays taken.
+        page.find_element(By.ID, "user-id").send_keys("olga")
+        page.find_element(By.ID, "login").click()
+        self.wait_for(page, "#signin-error", text="olga is not registered")
+        page.find_element(By.ID, "username").send_keys("Olga again")
+        page.find_element(By.ID, "register").click()
+        self.wait_for(page, "#signin-error", text="olga is already registered elsewhere")
+
+    def test_page_links_itself_to_an_account_made_by_the_cli(self):
+        """The CLI registers; the page makes a key and a pairing text, the CLI
+        approves it, the page signs in with its own key and its message reaches
+        the CLI verified with the page's key_id."""
+        self.cli("pavel", "keygen")
+        self.cli("pavel", "register", "--name", "Pavel")
+        page = self.browser("pavel")
+        self.open_page(page)
+        page.find_element(By.ID, "user-id").send_keys("pavel")
+        page.find_element(By.ID, "link").click()
+        self.wait_for(page, "#linking:not([hidden]) #link-state[data-state=waiting]")
+        first = page.find_element(By.ID, "pair-text").get_attribute("value")
+        page.find_element(By.ID, "link-cancel").click()  # stops waiting, drops that key
+        self.assertFalse(page.find_element(By.ID, "linking").is_displayed())
+        page.find_element(By.ID, "link").click()
+        self.wait_for(page, "#linking:not([hidden]) #link-state[data-state=waiting]")
+        self.assertNotEqual(page.find_element(By.ID, "pair-text").get_attribute("value"), first)
+        text = page.find_element(By.ID, "pair-text").get_attribute("value")
+        shown = page.find_element(By.ID, "link-key-id").text
+        self.assertEqual(shown, pairing_key_id(text))
+        approved = self.cli("pavel", "approve", text, "--name", "browser")
+        self.assertIn(shown, approved)
+        self.wait_for(page, "#conn[data-state=online]")
+        self.assertEqual(page.find_element(By.ID, "who").text, "signed in as pavel")
+        listen = self.cli_process("pavel", "listen", "--json")
+        self.read_line(listen, lambda line: "listening as pavel" in line)
+        self.say(page, "pavel", "From the linked browser.")
+        frame = json.loads(self.read_line(listen, lambda line: "linked browser" in line))
+        self.assertIs(frame["verified_locally"], True)
+        self.assertEqual(frame["key_id"], shown)
+        # The page lists both devices: itself (named by the CLI) and the CLI.
+        self.devices_view(page)
+        self.assertIn("browser", self.device(page, shown).text)
+        self.wait_for(page, "#device-list li.device", count=2)
+        # The CLI revokes the browser: the page is closed with 4003 and says so.
+        self.cli("pavel", "revoke", shown)
+        (note,) = self.wait_for(page, "#signin-note[data-code='4003'][data-by=server]")
+        self.assertIn("this browser's key for pavel was revoked", note.text)
+        page.find_element(By.ID, "login").click()  # the useless key was forgotten
+        self.wait_for(page, "#signin-error", text="pavel is registered elsewhere")
+
+    def test_key_change_notice_and_rewritten_log_warning(self):
+        """A sender's new device brings a notice and its messages verify with
+        the new key; a log that no longer starts with what this browser saw
+        brings the strong warning and marks the sender's messages unverified
+        until accepted."""
+        self.cli("quinn", "keygen")
+        self.cli("quinn", "register", "--name", "Quinn")
+        page = self.browser("rita")
+        self.register(page, "rita", "Rita")
+        self.cli("quinn", "send", "--to", "rita", "From the first key.")
+        self.assertEqual(mark_state(self.incoming(page, "From the first key.")), "verified")
+        # Quinn adds a phone (a second key file) from the command line.
+        phone = ("--key", "quinn-phone.key")
+        self.cli("quinn", *phone, "keygen")
+        text = pairing_line(self.cli("quinn", *phone, "link"))
+        self.cli("quinn", "approve", text, "--name", "phone")
+        self.cli("quinn", *phone, "send", "--to", "rita", "From the phone.")
+        item = self.incoming(page, "From the phone.")
+        self.assertEqual(mark_state(item), "verified")
+        self.assertEqual(item.find_element(By.CSS_SELECTOR, ".mark").text, "✓ verified (phone)")
+        (notice,) = self.wait_for(page, "#log li.notice[data-code=keylog_changed]")
+        self.assertIn(f"quinn added a device (phone, {pairing_key_id(text)})", notice.text)
+        self.assertNotIn("strong", notice.get_attribute("class"))
+
+        # What this browser remembers of quinn's log no longer starts the log
+        # the server shows: as if the server had rewritten it since.
+        page.execute_script(
+            "localStorage.setItem('wsserver.keylog.quinn', JSON.stringify({heads: ['forged']}))"
+        )
+        self.open_page(page)  # a reload: nothing of quinn's log in memory
+        page.find_element(By.ID, "login").click()
+        self.wait_for(page, "#conn[data-state=online]")
+        self.cli("quinn", "send", "--to", "rita", "After the rewrite.")
+        item = self.incoming(page, "After the rewrite.")
+        self.assertEqual(mark_state(item), "unverified")
+        (warning,) = self.wait_for(page, "#log li.notice.strong[data-code=keylog_rewritten]")
+        self.assertIn("quinn's key log was REWRITTEN", warning.text)
+        self.cli("quinn", "send", "--to", "rita", "Still unverified.")
+        self.assertEqual(mark_state(self.incoming(page, "Still unverified.")), "unverified")
+        warning.find_element(By.CSS_SELECTOR, "button").click()  # checked in person
+        self.cli("quinn", "send", "--to", "rita", "Accepted now.")
+        self.assertEqual(mark_state(self.incoming(page, "Accepted now.")), "verified")
+        warnings = page.find_elements(By.CSS_SELECTOR, "#log li.notice.strong")
+        self.assertEqual(warnings, [])
+
+
+def pairing_key_id(text: str) -> str:
+    from wsserver import keylog
+
+    return keylog.key_id(keylog.parse_pairing_text(text).public_key)

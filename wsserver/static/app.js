@@ -4,30 +4,31 @@
 // half non-extractable, kept in IndexedDB), a challenge login, one WebSocket
 // with the token in the query (browsers cannot set headers on it), signed
 // messages with fresh nonces, and every received signature checked here
-// against the sender's key from GET /auth/users/{id}.  After a drop it
-// reconnects with since=<last id seen> and resends what was not yet
-// acknowledged with its original nonce, so nothing is lost or stored twice.
+// against the key its key_id names in the sender's key log, which the page
+// fetches, checks entry by entry (keylog.js) and remembers per peer, warning
+// when it changes.  After a drop it reconnects with since=<last id seen> and
+// resends what was not yet acknowledged with its original nonce, so nothing
+// is lost or stored twice.  Devices (section 12): list and revoke this
+// user's keys, approve a new device's pairing text, link this browser to an
+// account whose key lives elsewhere, sign out, delete the account.
+
+import * as keylog from "./keylog.js";
 
 const USER_ID = /^[A-Za-z0-9_.-]{1,64}$/;
 const RETRY_SECONDS = [0.2, 0.5, 1, 2, 5];
+const LINK_POLL_MS = 2000;
 const $ = (id) => document.getElementById(id);
 const utf8 = new TextEncoder();
+const { toBase64, fromBase64 } = keylog;
 
-// -- base64 and signing input ------------------------------------------------
+// -- signing input ---------------------------------------------------------------
 
-function toBase64(buffer) {
-  let text = "";
-  for (const byte of new Uint8Array(buffer)) text += String.fromCharCode(byte);
-  return btoa(text);
-}
-
-function fromBase64(text) {
-  const raw = atob(text); // throws on anything that is not base64
-  return Uint8Array.from(raw, (c) => c.charCodeAt(0));
+function signingText(from, to, nonce, content) {
+  return `wsserver-msg-v1\n${from}\n${to}\n${nonce || ""}\n${content}`;
 }
 
 function signingInput(from, to, nonce, content) {
-  return utf8.encode(`wsserver-msg-v1\n${from}\n${to}\n${nonce || ""}\n${content}`);
+  return utf8.encode(signingText(from, to, nonce, content));
 }
 
 function freshNonce() {
@@ -58,8 +59,19 @@ async function loadKey(userId) {
 }
 
 async function saveKey(record) {
-  // add, not put: a key already kept for this id is never replaced.
+  // add, not put: a key already kept for this id is never replaced (one
+  // that was revoked or whose account was deleted is deleted first).
   await request((await keyStore("readwrite")).add(record));
+}
+
+async function forgetKey(userId) {
+  await request((await keyStore("readwrite")).delete(userId));
+}
+
+// The key_id of a kept key (records kept before key ids existed lack it).
+async function keyIdOf(user) {
+  if (!user.key_id) user.key_id = await keylog.keyId(fromBase64(user.public_key));
+  return user.key_id;
 }
 
 async function newKeyPair() {
@@ -79,8 +91,9 @@ class ServerError extends Error {
   }
 }
 
-async function api(method, path, body) {
+async function api(method, path, body, token) {
   const init = { method, headers: {} };
+  if (token) init.headers.Authorization = `Bearer ${token}`;
   if (body !== undefined) {
     init.headers["Content-Type"] = "application/json";
     init.body = JSON.stringify(body);
@@ -99,33 +112,160 @@ async function api(method, path, body) {
   return data;
 }
 
-const senderKeys = new Map(); // user id -> Promise of a CryptoKey, or null if unknown
+// -- key logs: ours and our peers' ------------------------------------------------
 
-function senderKey(userId) {
-  if (!senderKeys.has(userId)) {
-    const lookup = api("GET", `/auth/users/${encodeURIComponent(userId)}`)
-      .then((user) => crypto.subtle.importKey("raw", fromBase64(user.public_key), { name: "Ed25519" }, false, ["verify"]))
-      .catch(() => {
-        senderKeys.delete(userId); // try again for the next message
-        return null;
-      });
-    senderKeys.set(userId, lookup);
-  }
-  return senderKeys.get(userId);
+const logPath = (userId) => `/auth/users/${encodeURIComponent(userId)}/keylog`;
+
+// A user's key log, fetched and checked entry by entry: the state it leads
+// to (keylog.checkLog), or a KeyLogError when it does not check.
+async function fetchLog(userId) {
+  const data = await api("GET", logPath(userId));
+  if (data.user_id !== userId) throw new keylog.KeyLogError("the answer is the key log of another user");
+  return keylog.checkLog(userId, data.entries);
 }
 
-// true, false, or null when the message is unsigned; "unknown" when the
-// sender's key could not be fetched.
-async function checkSignature(frame) {
-  if (!frame.signature) return null;
-  const key = await senderKey(frame.from);
-  if (key === null) return "unknown";
-  try {
-    const data = signingInput(frame.from, frame.to, frame.nonce, frame.content);
-    return await crypto.subtle.verify({ name: "Ed25519" }, key, fromBase64(frame.signature), data);
-  } catch (err) {
-    return false; // not base64, or not 64 bytes
+// What this browser remembers of each peer's log: the digest of every entry
+// it has seen ({heads: [...]}), in localStorage, so a log that is rewritten
+// (an entry seen before changed or vanished) shows even after a reload.
+const remembered = {
+  key: (userId) => `wsserver.keylog.${userId}`,
+  get(userId) {
+    try {
+      const value = JSON.parse(localStorage.getItem(this.key(userId)));
+      return value && Array.isArray(value.heads) ? value : null;
+    } catch (err) {
+      return null;
+    }
+  },
+  set(userId, heads) {
+    localStorage.setItem(this.key(userId), JSON.stringify({ heads }));
+  },
+  forget(userId) {
+    localStorage.removeItem(this.key(userId));
+  },
+};
+
+// userId -> Promise of {state, trust, why}: trust is "ok" (the log checks
+// and extends what was seen before), "rewritten", "broken" (it does not
+// check) or "unknown" (it could not be fetched: no such user, or offline).
+const peerLogs = new Map();
+const refetched = new Set(); // "user key_id" pairs a log was fetched again for
+
+function peerLog(userId) {
+  if (!peerLogs.has(userId)) {
+    const lookup = loadPeerLog(userId);
+    peerLogs.set(userId, lookup);
+    lookup.then((log) => {
+      if (log.trust === "unknown") peerLogs.delete(userId); // try again next time
+    });
   }
+  return peerLogs.get(userId);
+}
+
+async function loadPeerLog(userId) {
+  let state;
+  try {
+    state = await fetchLog(userId);
+  } catch (err) {
+    if (!(err instanceof keylog.KeyLogError)) return { state: null, trust: "unknown", why: err.message };
+    warnAbout(userId, "broken", err.message);
+    return { state: null, trust: "broken", why: err.message };
+  }
+  const before = remembered.get(userId);
+  const relation = before ? keylog.compareHeads(before.heads, state.heads) : "new";
+  if (relation === "rewritten") {
+    warnAbout(userId, "rewritten", "an entry seen before changed or vanished", state);
+    return { state, trust: "rewritten", why: "their key log was rewritten" };
+  }
+  if (relation === "extended") noteChanges(userId, before.heads.length, state);
+  else if (relation === "new" && state.nextSeq > 1) noteChanges(userId, 1, state, "has");
+  remembered.set(userId, state.heads);
+  return { state, trust: "ok" };
+}
+
+// A notice for each entry added to a peer's log since this browser last saw it.
+// (A log seen for the first time with more than its registration gets one
+// notice naming its devices: no change to warn about, but worth knowing.)
+function noteChanges(userId, seen, state, first) {
+  const who = userId === session.user?.user_id ? "your account" : userId;
+  if (first) {
+    const devices = [...state.active.values()].map((key) => key.name || key.key_id).join(", ");
+    addNotice({ code: "keylog_seen", content: `${who} has ${state.active.size} devices: ${devices}` });
+    return;
+  }
+  for (const entry of state.entries.slice(seen)) {
+    const label = entry.name ? `${entry.name}, ${entry.key_id}` : entry.key_id;
+    const verb = entry.action === "add" ? "added a device" : "revoked a device";
+    addNotice({ code: "keylog_changed", content: `key change: ${who} ${verb} (${label}) since this browser last looked` });
+  }
+}
+
+// The strong warning: a peer's log that was rewritten or does not check.
+// Their messages are marked unverified until the person accepts it here,
+// having compared key ids with them some other way.
+function warnAbout(userId, trust, why, state) {
+  const what = trust === "rewritten" ? "was REWRITTEN since this browser last saw it" : "does NOT CHECK";
+  const item = addNotice({
+    code: `keylog_${trust}`,
+    content: `WARNING: ${userId}'s key log ${what} (${why}). Their messages are marked unverified: the server may be giving you a key they never approved. Compare key ids with them in person before trusting it.`,
+  });
+  item.classList.add("strong");
+  item.dataset.peer = userId;
+  if (state) {
+    const accept = element("button", "", "I checked: accept it");
+    accept.type = "button";
+    accept.addEventListener("click", () => {
+      remembered.set(userId, state.heads);
+      peerLogs.delete(userId);
+      item.classList.remove("strong");
+      accept.remove();
+      item.append(" (accepted)");
+    });
+    item.append(accept);
+  }
+}
+
+// The check of a received message: {state, text, device}; state is
+// verified, invalid, unsigned, unverified (the sender's log is not to be
+// trusted) or unknown (the sender or the key could not be found).
+async function checkSignature(frame) {
+  if (!frame.signature) return { state: "unsigned" };
+  let log = await peerLog(frame.from);
+  if (log.trust === "unknown") return { state: "unknown", text: "? sender unknown" };
+  if (log.trust !== "ok") return { state: "unverified", text: "⚠ unverified: key log changed" };
+  let publicKey = pickKey(log.state, frame.key_id);
+  const ask = `${frame.from} ${frame.key_id}`;
+  if (!publicKey && !refetched.has(ask)) {
+    // A device added since the log was fetched: fetch it again (once per key).
+    refetched.add(ask);
+    peerLogs.delete(frame.from);
+    log = await peerLog(frame.from);
+    if (log.trust !== "ok") return checkSignature(frame);
+    publicKey = pickKey(log.state, frame.key_id);
+  }
+  if (!publicKey) {
+    // The server says a key signed it that the sender's log never added.
+    if (!refetched.has(`warned ${ask}`)) {
+      refetched.add(`warned ${ask}`);
+      const item = addNotice({
+        code: "keylog_unknown_key",
+        content: `WARNING: a message from ${frame.from} is signed by a key (${frame.key_id}) that their key log does not hold: it is marked unverified.`,
+      });
+      item.classList.add("strong");
+    }
+    return { state: "unverified", text: "⚠ unverified: key not in their key log" };
+  }
+  const ok = await keylog.signatureOk(publicKey, signingText(frame.from, frame.to, frame.nonce, frame.content), frame.signature);
+  // Name the device when the sender has had more than one key.
+  const device = log.state.every.size > 1 && frame.key_id ? log.state.names.get(frame.key_id) || frame.key_id : null;
+  return { state: ok ? "verified" : "invalid", device };
+}
+
+// The key a frame's key_id names (revoked keys included: old messages stay
+// checkable); a server from before key ids sends none: the first active key.
+function pickKey(state, kid) {
+  if (kid === undefined) return state.active.values().next().value?.public_key;
+  return typeof kid === "string" ? state.every.get(kid) : undefined;
 }
 
 // -- the session -----------------------------------------------------------------
@@ -143,7 +283,34 @@ const session = {
   releaseTimer: null,
   retries: 0,
   timer: null,
+  leaving: null, // "signout" or "delete" while that request is under way
+  leaveTimer: null,
 };
+
+// Back to a session with nobody signed in (after a sign-out, a revoked key,
+// a deleted account): nothing of the last user's session is kept.
+function resetSession() {
+  const socket = session.socket;
+  session.socket = null;
+  if (socket) socket.close(1000);
+  clearTimeout(session.timer);
+  clearTimeout(session.releaseTimer);
+  clearTimeout(session.leaveTimer);
+  Object.assign(session, {
+    user: null,
+    token: null,
+    lastId: 0,
+    seen: new Set(),
+    outbox: new Map(),
+    sentById: new Map(),
+    signing: Promise.resolve(),
+    holding: false,
+    retries: 0,
+    leaving: null,
+  });
+  peerLogs.clear();
+  refetched.clear();
+}
 
 async function login(user) {
   const { challenge } = await api("POST", "/auth/login", { user_id: user.user_id });
@@ -152,6 +319,7 @@ async function login(user) {
     user_id: user.user_id,
     challenge,
     signature: toBase64(signature),
+    key_id: await keyIdOf(user),
   });
   session.token = token;
 }
@@ -185,6 +353,12 @@ function connect() {
   socket.onclose = (event) => {
     if (session.socket !== socket) return;
     session.socket = null;
+    if (event.code === 4003 || event.code === 4004) {
+      // Never retried: this key was revoked, the account deleted, or this
+      // session signed out (section 9).
+      ended(event.code, event.reason);
+      return;
+    }
     // A refused upgrade (an expired or unknown token, say) reaches a browser
     // only as a close without an open: log in again before the next try.
     reconnectLater(event.code === 4001 || !opened, describeClose(event));
@@ -210,8 +384,10 @@ function reconnectLater(relogin, why) {
       if (relogin) await login(session.user);
     } catch (err) {
       if (err.code === "unknown_user" || err.code === "invalid_signature") {
+        // This key can no longer sign in (revoked, or the account deleted,
+        // while this page was offline): nothing to retry.
         showConnection("offline", `offline: ${err.message}`);
-        return; // this key is no longer registered here: nothing to retry
+        return;
       }
       reconnectLater(true, err.message);
       return;
@@ -272,16 +448,16 @@ function onMessage(frame) {
   const item = addMessage(frame, "in");
   const mark = item.querySelector(".mark");
   mark.textContent = "checking…";
-  checkSignature(frame).then((verdict) => {
-    const [text, state] = {
-      true: ["✓ verified", "verified"],
-      false: ["✗ INVALID", "invalid"],
-      null: ["UNSIGNED", "unsigned"],
-      unknown: ["? sender unknown", "unknown"],
-    }[String(verdict)];
-    mark.textContent = text;
-    mark.dataset.state = state;
-  });
+  checkSignature(frame)
+    .catch(() => ({ state: "unknown", text: "? could not check" }))
+    .then((verdict) => {
+      const texts = { verified: "✓ verified", invalid: "✗ INVALID", unsigned: "UNSIGNED" };
+      let text = verdict.text || texts[verdict.state];
+      if (verdict.device) text += ` (${verdict.device})`;
+      mark.textContent = text;
+      mark.dataset.state = verdict.state;
+      if (frame.key_id) mark.dataset.keyId = frame.key_id;
+    });
 }
 
 function onAck(frame) {
@@ -363,11 +539,12 @@ function addNotice(frame) {
   const last = $("log").lastElementChild;
   if (frame.code === "rate_limited" && last && last.dataset.code === "rate_limited") {
     last.textContent = frame.content; // one notice for a burst, kept up to date
-    return;
+    return last;
   }
   const item = element("li", "notice", frame.content);
   item.dataset.code = frame.code;
   appendToLog(item);
+  return item;
 }
 
 function appendToLog(item) {
@@ -408,11 +585,404 @@ async function start(user) {
   await login(user);
   session.user = user;
   localStorage.setItem("wsserver.user", user.user_id);
+  cancelLink();
   $("signin").hidden = true;
-  $("chat").hidden = false;
+  $("signin-note").textContent = "";
+  $("nav").hidden = false;
+  $("log").replaceChildren();
   $("who").textContent = `signed in as ${user.user_id}`;
+  showView("chat");
   connect();
   $("text").focus();
+}
+
+function showView(name) {
+  $("chat").hidden = name !== "chat";
+  $("devices").hidden = name !== "devices";
+  $("delete-confirm").value = "";
+  $("delete-account").disabled = true;
+  $("show-chat").setAttribute("aria-pressed", String(name === "chat"));
+  $("show-devices").setAttribute("aria-pressed", String(name === "devices"));
+  if (name === "devices") showDevices();
+}
+
+// The session is over (close 4003 or 4004): back to the sign-in view, saying
+// why.  A deleted account's or a revoked key's key is forgotten here.
+// byPage: the page ended it (the server's close did not come in time).
+async function ended(code, reason, byPage = false) {
+  const user = session.user;
+  if (!user) return; // ended already
+  const leaving = session.leaving;
+  resetSession();
+  let text;
+  if (code === 4004) {
+    text =
+      leaving === "signout"
+        ? `signed out: ${user.user_id}'s key stays in this browser; log in to come back`
+        : `signed out (this session was signed out elsewhere): log in again to come back`;
+  } else if (leaving === "delete" || reason === "account deleted") {
+    text = `account ${user.user_id} deleted: its key is forgotten in this browser`;
+    await forgetUser(user.user_id);
+  } else {
+    text = `this browser's key for ${user.user_id} was revoked (from another device): it can no longer sign in as ${user.user_id}; link this browser again to use it here`;
+    await forgetKey(user.user_id);
+  }
+  $("nav").hidden = true;
+  $("chat").hidden = true;
+  $("devices").hidden = true;
+  $("signin").hidden = false;
+  $("who").textContent = "";
+  showConnection("signed-out", code === 4004 ? "signed out" : "closed");
+  showError(null);
+  const note = $("signin-note");
+  note.textContent = text;
+  note.dataset.code = String(code);
+  note.dataset.by = byPage ? "page" : "server";
+}
+
+async function forgetUser(userId) {
+  await forgetKey(userId);
+  remembered.forget(userId);
+  if (localStorage.getItem("wsserver.user") === userId) localStorage.removeItem("wsserver.user");
+  $("user-id").value = "";
+}
+
+// -- sign out and delete -----------------------------------------------------------
+
+// The server closes our connection (4004, or 4003 for a deletion) once it
+// has done it; should that close not come, the page ends the session itself.
+function awaitClose(code, reason) {
+  clearTimeout(session.leaveTimer);
+  session.leaveTimer = setTimeout(() => {
+    if (session.user) ended(code, reason, true);
+  }, 10000);
+}
+
+async function onSignOut() {
+  if (!session.user || session.leaving) return;
+  session.leaving = "signout";
+  $("signout").disabled = true;
+  try {
+    const user = session.user;
+    await api("POST", "/auth/logout", undefined, session.token);
+    if (session.user !== user) return; // the 4004 came first: ended already
+    awaitClose(4004, "signed out");
+    if (!session.socket) ended(4004, "signed out", true);
+  } catch (err) {
+    session.leaving = null;
+    addNotice({ code: "signout_failed", content: `could not sign out: ${err.message}` });
+    if (err.code === "unauthorized") ended(4004, "signed out", true);
+  } finally {
+    $("signout").disabled = false;
+  }
+}
+
+async function onDelete() {
+  const user = session.user;
+  if (!user || session.leaving || $("delete-confirm").value !== user.user_id) return;
+  showDevicesError(null);
+  session.leaving = "delete";
+  $("delete-account").disabled = true;
+  try {
+    const state = await fetchLog(user.user_id);
+    const signature = await keylog.sign(user.privateKey, keylog.deleteString(user.user_id, state.nextSeq));
+    await api("DELETE", `/auth/users/${encodeURIComponent(user.user_id)}`, { key_id: await keyIdOf(user), signature });
+    if (session.user !== user) return; // the 4003 came first: ended already
+    awaitClose(4003, "account deleted");
+    if (!session.socket) ended(4003, "account deleted", true);
+  } catch (err) {
+    if (session.user !== user) return;
+    session.leaving = null;
+    showDevicesError(err);
+    $("delete-account").disabled = false;
+  }
+}
+
+// -- devices -----------------------------------------------------------------------
+
+function showDevicesError(error) {
+  $("devices-error").textContent = error ? error.message || String(error) : "";
+  if (error) $("devices-note").textContent = "";
+}
+
+function showDevicesNote(text) {
+  $("devices-note").textContent = text;
+  $("devices-error").textContent = "";
+}
+
+// Our own key log, checked; what it adds since this browser last saw it is
+// noticed as for any peer.
+async function ownLog() {
+  const userId = session.user.user_id;
+  peerLogs.delete(userId);
+  const log = await peerLog(userId);
+  if (log.trust === "unknown") throw new Error(`the key log cannot be fetched: ${log.why}`);
+  if (log.trust !== "ok") throw new Error(`your key log ${log.trust === "rewritten" ? "was rewritten" : "does not check"}: ${log.why}`);
+  return log.state;
+}
+
+let devicesShown = 0; // the latest rendering of the list wins
+
+async function showDevices() {
+  const list = $("device-list");
+  const user = session.user;
+  const turn = ++devicesShown;
+  list.replaceChildren(); // never a stale list while the log is fetched
+  let state;
+  try {
+    state = await ownLog();
+  } catch (err) {
+    showDevicesError(err);
+    return;
+  }
+  if (session.user !== user || turn !== devicesShown) return;
+  const mine = await keyIdOf(user);
+  const items = [];
+  const keys = [...state.active.values()].sort((a, b) => (a.key_id === mine ? -1 : b.key_id === mine ? 1 : 0));
+  for (const key of keys) {
+    const item = element("li", "device");
+    item.dataset.keyId = key.key_id;
+    item.append(element("span", "name", key.name || (key.key_id === mine ? "this browser" : "unnamed device")));
+    item.append(element("code", "key-id", key.key_id));
+    item.append(element("span", "added", key.at ? `added ${new Date(key.at).toLocaleString()}` : ""));
+    if (key.key_id === mine) {
+      item.dataset.this = "true";
+      item.append(element("span", "this", "this browser"));
+    } else {
+      item.append(revokeButton(key));
+    }
+    items.push(item);
+  }
+  list.replaceChildren(...items);
+}
+
+// Revoke asks first: the button turns into "Revoke NAME? Yes / No".
+function revokeButton(key) {
+  const box = element("span", "revoke");
+  const ask = element("button", "plain", "Revoke");
+  ask.type = "button";
+  ask.addEventListener("click", () => {
+    const yes = element("button", "danger", `Yes, revoke ${key.name || key.key_id}`);
+    const no = element("button", "plain", "No");
+    yes.type = no.type = "button";
+    yes.classList.add("confirm-revoke");
+    no.addEventListener("click", () => box.replaceChildren(ask));
+    yes.addEventListener("click", async () => {
+      yes.disabled = no.disabled = true;
+      try {
+        await revoke(key);
+        showDevicesNote(`revoked ${key.name || key.key_id}: that device is cut off`);
+      } catch (err) {
+        showDevicesError(err);
+      }
+      showDevices();
+    });
+    box.replaceChildren(yes, no);
+  });
+  box.append(ask);
+  return box;
+}
+
+async function revoke(key) {
+  const user = session.user;
+  const state = await ownLog();
+  if (!state.active.has(key.key_id)) throw new Error(`${key.key_id} is no longer an active key`);
+  const string = keylog.entryString(user.user_id, state.nextSeq, "revoke", key.public_key, state.head);
+  await appendEntry({
+    seq: state.nextSeq,
+    action: "revoke",
+    public_key: key.public_key,
+    name: null,
+    by: await keyIdOf(user),
+    signature: await keylog.sign(user.privateKey, string),
+    key_signature: null,
+  });
+}
+
+async function appendEntry(body) {
+  const userId = session.user.user_id;
+  const entry = await api("POST", logPath(userId), body);
+  // Remember the log with our own entry, so it brings no notice; anything
+  // else appended meanwhile is left for the next look to notice.
+  const before = remembered.get(userId);
+  if (before && before.heads.length === body.seq) {
+    const state = await fetchLog(userId).catch(() => null);
+    if (state && state.nextSeq === body.seq + 1 && keylog.compareHeads(before.heads, state.heads) === "extended") {
+      remembered.set(userId, state.heads);
+    }
+  }
+  peerLogs.delete(userId);
+  return entry;
+}
+
+let pairing = null; // the pairing text under review: {userId, seq, publicKey, keySignature, keyId}
+
+async function onPairCheck() {
+  pairing = null;
+  $("pair-review").hidden = true;
+  showDevicesError(null);
+  const user = session.user;
+  try {
+    const pair = keylog.parsePairingText($("pair-input").value);
+    if (pair.userId !== user.user_id) {
+      throw new Error(`this pairing text is for ${pair.userId}, not ${user.user_id}: approve it from a device of ${pair.userId}`);
+    }
+    const state = await ownLog();
+    if (pair.seq !== state.nextSeq) {
+      throw new Error("the key log changed since this pairing text was made: make a new one on the new device");
+    }
+    const string = keylog.entryString(user.user_id, pair.seq, "add", pair.publicKey, state.head);
+    if (!(await keylog.signatureOk(pair.publicKey, string, pair.keySignature))) {
+      throw new Error("the pairing text's signature does not match (a character changed?): copy it again");
+    }
+    pair.keyId = await keylog.keyId(fromBase64(pair.publicKey));
+    if (state.every.has(pair.keyId)) throw new Error(`the key ${pair.keyId} is already in your key log`);
+    pairing = pair;
+    $("pair-key-id").textContent = pair.keyId;
+    $("pair-name").value = "";
+    $("pair-review").hidden = false;
+    $("pair-name").focus();
+  } catch (err) {
+    showDevicesError(err);
+  }
+}
+
+async function onPairApprove() {
+  const pair = pairing;
+  if (!pair) return;
+  const user = session.user;
+  $("pair-approve").disabled = true;
+  try {
+    const state = await ownLog();
+    if (pair.seq !== state.nextSeq) {
+      throw new Error("the key log changed since this pairing text was made: make a new one on the new device");
+    }
+    const string = keylog.entryString(user.user_id, pair.seq, "add", pair.publicKey, state.head);
+    const name = $("pair-name").value.trim() || null;
+    await appendEntry({
+      seq: pair.seq,
+      action: "add",
+      public_key: pair.publicKey,
+      name,
+      by: await keyIdOf(user),
+      signature: await keylog.sign(user.privateKey, string),
+      key_signature: pair.keySignature,
+    });
+    pairing = null;
+    $("pair-review").hidden = true;
+    $("pair-input").value = "";
+    showDevicesNote(`approved ${name || "the new device"} (${pair.keyId}): it can sign in now`);
+    showDevices();
+  } catch (err) {
+    showDevicesError(err);
+  } finally {
+    $("pair-approve").disabled = false;
+  }
+}
+
+function onPairCancel() {
+  pairing = null;
+  $("pair-review").hidden = true;
+}
+
+// -- linking this browser to an account whose key lives elsewhere -----------------------
+
+const linking = { userId: null, timer: null, pair: null, user: null };
+
+async function onLink() {
+  const userId = $("user-id").value.trim();
+  if (!USER_ID.test(userId)) throw new Error("a user id is 1 to 64 of A-Z a-z 0-9 _ . -");
+  let state;
+  try {
+    state = await fetchLog(userId);
+  } catch (err) {
+    if (err.code === "unknown_user" || err.code === "http_404") throw new Error(`${userId} is not registered: register it`);
+    if (err instanceof keylog.KeyLogError) throw new Error(`${userId}'s key log does not check (${err.message}): do not link to it`);
+    throw err;
+  }
+  const kept = await loadKey(userId);
+  if (kept) {
+    if (state.active.has(await keyIdOf(kept))) throw new Error(`this browser already has a key for ${userId}: log in`);
+    await forgetKey(userId); // a key revoked since: useless, make a new one
+  }
+  const pair = await newKeyPair();
+  const publicKey = toBase64(await crypto.subtle.exportKey("raw", pair.publicKey));
+  const string = keylog.entryString(userId, state.nextSeq, "add", publicKey, state.head);
+  const keySignature = await keylog.sign(pair.privateKey, string);
+  const user = { user_id: userId, privateKey: pair.privateKey, public_key: publicKey };
+  await keyIdOf(user);
+  cancelLink();
+  Object.assign(linking, { userId, user });
+  remembered.set(userId, state.heads);
+  $("pair-text").value = keylog.pairingText(userId, state.nextSeq, publicKey, keySignature);
+  $("link-user").textContent = userId;
+  $("link-user-2").textContent = userId;
+  $("link-key-id").textContent = user.key_id;
+  linkState("waiting", "waiting for approval on another device (checking every 2 s)…");
+  $("signin-note").textContent = "";
+  $("linking").hidden = false;
+  $("linking").scrollIntoView({ block: "nearest" });
+  linking.timer = setTimeout(pollLink, LINK_POLL_MS);
+}
+
+function linkState(state, text) {
+  $("link-state").dataset.state = state;
+  $("link-state").textContent = text;
+}
+
+async function pollLink() {
+  const { user } = linking;
+  if (!user) return;
+  let active = false;
+  try {
+    const info = await api("GET", `/auth/users/${encodeURIComponent(user.user_id)}`);
+    active = Array.isArray(info.keys) && info.keys.some((key) => key.key_id === user.key_id);
+    if (active) {
+      // Approved: check the whole log holds it before trusting it.
+      const state = await fetchLog(user.user_id);
+      if (!state.active.has(user.key_id)) throw new Error("the key log does not hold this browser's key");
+      remembered.set(user.user_id, state.heads); // our own addition: nothing to notice
+    }
+  } catch (err) {
+    if (linking.user !== user) return;
+    linkState("waiting", `waiting for approval (last check: ${err.message}; checking again)…`);
+    active = false;
+  }
+  if (linking.user !== user) return; // cancelled meanwhile
+  if (!active) {
+    linking.timer = setTimeout(pollLink, LINK_POLL_MS);
+    return;
+  }
+  linkState("approved", "approved: signing in…");
+  linking.user = null;
+  try {
+    await saveKey(user);
+    await start(user);
+  } catch (err) {
+    linkState("failed", `approved, but signing in failed: ${err.message}`);
+  }
+}
+
+function cancelLink() {
+  clearTimeout(linking.timer);
+  Object.assign(linking, { userId: null, timer: null, user: null });
+  $("linking").hidden = true;
+  $("pair-text").value = "";
+  $("link-key-id").textContent = "";
+  delete $("link-state").dataset.state;
+  $("link-state").textContent = "";
+}
+
+async function onCopyPair() {
+  const text = $("pair-text").value;
+  try {
+    await navigator.clipboard.writeText(text);
+    $("copy-pair").textContent = "Copied";
+  } catch (err) {
+    $("pair-text").select(); // no clipboard permission: selected, ready for Ctrl-C
+    $("copy-pair").textContent = "Selected: press Ctrl-C";
+  }
+  setTimeout(() => ($("copy-pair").textContent = "Copy"), 2000);
 }
 
 async function onRegister() {
@@ -443,7 +1013,15 @@ async function onLogin() {
   if (!USER_ID.test(userId)) throw new Error("a user id is 1 to 64 of A-Z a-z 0-9 _ . -");
   const user = await loadKey(userId);
   if (!user) throw await noKeyHere(userId);
-  await start(user);
+  try {
+    await start(user);
+  } catch (err) {
+    if (err.code !== "invalid_signature") throw err;
+    throw new Error(
+      `this browser's key for ${userId} is not one of ${userId}'s active keys (revoked from another device?): ` +
+        "link this browser again to use it here",
+    );
+  }
 }
 
 // Why this browser cannot log in as userId, which it has no key for: the id
@@ -497,6 +1075,19 @@ $("signin-form").addEventListener("keydown", (event) => {
 });
 $("register").addEventListener("click", guarded(onRegister));
 $("login").addEventListener("click", guarded(onLogin));
+$("link").addEventListener("click", guarded(onLink));
+$("link-cancel").addEventListener("click", cancelLink);
+$("copy-pair").addEventListener("click", onCopyPair);
+$("show-chat").addEventListener("click", () => showView("chat"));
+$("show-devices").addEventListener("click", () => showView("devices"));
+$("signout").addEventListener("click", onSignOut);
+$("pair-check").addEventListener("click", onPairCheck);
+$("pair-approve").addEventListener("click", onPairApprove);
+$("pair-cancel").addEventListener("click", onPairCancel);
+$("delete-confirm").addEventListener("input", () => {
+  $("delete-account").disabled = !session.user || $("delete-confirm").value !== session.user.user_id;
+});
+$("delete-account").addEventListener("click", onDelete);
 $("send-form").addEventListener("submit", (event) => {
   event.preventDefault();
   const to = $("to").value.trim();

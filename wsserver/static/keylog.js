@@ -1,0 +1,196 @@
+// The key log (docs/protocol.md section 12) in the browser: key ids, the
+// signed strings, checking a whole log, the pairing text.  WebCrypto only
+// (Ed25519 and SHA-256); no page, no network: app.js fetches, this checks.
+// It mirrors wsserver/keylog.py; tests/test_browser.py checks both against
+// the same vectors.
+
+const utf8 = new TextEncoder();
+
+export const KEYLOG_PREFIX = "wsserver-keylog-v1\n";
+export const DELETE_PREFIX = "wsserver-delete-v1\n";
+export const PAIRING_PREFIX = "wsserver-pair-v1";
+const USER_ID = /^[A-Za-z0-9_.-]{1,64}$/;
+const MAX_ENTRIES = 10000; // far beyond MAX_KEYS_PER_USER's churn; a limit on what we check
+
+export class KeyLogError extends Error {}
+
+// -- base64 ---------------------------------------------------------------------
+
+export function toBase64(buffer) {
+  let text = "";
+  for (const byte of new Uint8Array(buffer)) text += String.fromCharCode(byte);
+  return btoa(text);
+}
+
+// Standard base64, padding optional (as the server accepts); throws otherwise.
+export function fromBase64(text) {
+  if (typeof text !== "string" || !/^[A-Za-z0-9+/]*={0,2}$/.test(text)) throw new KeyLogError("not base64");
+  const padded = text.replace(/=+$/, "");
+  const raw = atob(padded + "=".repeat((4 - (padded.length % 4)) % 4));
+  return Uint8Array.from(raw, (c) => c.charCodeAt(0));
+}
+
+export function toBase64url(buffer) {
+  return toBase64(buffer).replaceAll("+", "-").replaceAll("/", "_").replace(/=+$/, "");
+}
+
+export function fromBase64url(text) {
+  if (!/^[A-Za-z0-9_-]*$/.test(text)) throw new KeyLogError("not base64url");
+  return fromBase64(text.replaceAll("-", "+").replaceAll("_", "/"));
+}
+
+// -- ids and strings -------------------------------------------------------------
+
+async function sha256url(bytes) {
+  return toBase64url(await crypto.subtle.digest("SHA-256", bytes));
+}
+
+// The key_id of a raw 32-byte public key.
+export async function keyId(rawPublicKey) {
+  return (await sha256url(rawPublicKey)).slice(0, 16);
+}
+
+// publicKey: standard base64 with padding (as the server shows it).
+export function entryString(userId, seq, action, publicKey, prev) {
+  return `${KEYLOG_PREFIX}${userId}\n${seq}\n${action}\n${publicKey}\n${prev}`;
+}
+
+// Unpadded base64url SHA-256 of a string's UTF-8 bytes (the next entry's prev).
+export async function digest(string) {
+  return sha256url(utf8.encode(string));
+}
+
+export function deleteString(userId, seq) {
+  return `${DELETE_PREFIX}${userId}\n${seq}`;
+}
+
+// -- signatures -------------------------------------------------------------------
+
+const imported = new Map(); // base64 public key -> Promise of a CryptoKey
+
+export function verifyKey(publicKey) {
+  if (!imported.has(publicKey)) {
+    const raw = fromBase64(publicKey);
+    if (raw.length !== 32) throw new KeyLogError("a public key is 32 bytes");
+    imported.set(publicKey, crypto.subtle.importKey("raw", raw, { name: "Ed25519" }, false, ["verify"]));
+  }
+  return imported.get(publicKey);
+}
+
+// True when signature (base64) is a valid Ed25519 signature of string by publicKey.
+export async function signatureOk(publicKey, string, signature) {
+  if (typeof signature !== "string" || signature === "") return false;
+  try {
+    const raw = fromBase64(signature);
+    if (raw.length !== 64) return false;
+    return await crypto.subtle.verify({ name: "Ed25519" }, await verifyKey(publicKey), raw, utf8.encode(string));
+  } catch (err) {
+    return false;
+  }
+}
+
+export async function sign(privateKey, string) {
+  return toBase64(await crypto.subtle.sign({ name: "Ed25519" }, privateKey, utf8.encode(string)));
+}
+
+// -- checking a whole log ----------------------------------------------------------------
+
+// Checks every entry of a user's log (as GET /auth/users/{id}/keylog gives
+// it): seq in order, entry 0 the registration, every signature by a key
+// active before it, every add also signed by the new key, every prev, every
+// key_id.  Returns the state it leads to:
+//   {nextSeq, head, heads: [digest of entry 0, 1, ...],
+//    entries: [{seq, action, key_id, name, at}],
+//    active: Map key_id -> {public_key, name, at}, every: Map key_id -> public_key,
+//    names: Map key_id -> name}
+// or throws KeyLogError saying which entry does not hold.
+export async function checkLog(userId, entries) {
+  if (!Array.isArray(entries) || entries.length === 0) throw new KeyLogError("the key log is empty");
+  if (entries.length > MAX_ENTRIES) throw new KeyLogError("the key log is too long");
+  const state = { nextSeq: 0, head: "", heads: [], entries: [], active: new Map(), every: new Map(), names: new Map() };
+  for (const entry of entries) {
+    const where = `entry ${state.nextSeq}`;
+    if (!entry || entry.seq !== state.nextSeq) throw new KeyLogError(`${where}: seq out of order`);
+    let raw;
+    try {
+      raw = fromBase64(entry.public_key);
+    } catch (err) {
+      throw new KeyLogError(`${where}: public_key is not base64`);
+    }
+    if (raw.length !== 32) throw new KeyLogError(`${where}: public_key is not 32 bytes`);
+    const publicKey = toBase64(raw); // the canonical form the string holds
+    const kid = await keyId(raw);
+    if (entry.key_id !== undefined && entry.key_id !== kid) throw new KeyLogError(`${where}: key_id does not match its key`);
+    const string = entryString(userId, entry.seq, entry.action, publicKey, state.head);
+    if (entry.seq === 0) {
+      if (entry.action !== "register") throw new KeyLogError(`${where}: not the registration`);
+      if (entry.by || entry.signature || entry.key_signature) throw new KeyLogError(`${where}: carries signatures it cannot have`);
+    } else if (entry.action === "add" || entry.action === "revoke") {
+      const signer = typeof entry.by === "string" ? state.active.get(entry.by) : undefined;
+      if (!signer) throw new KeyLogError(`${where}: signed by a key that is not active`);
+      if (!(await signatureOk(signer.public_key, string, entry.signature))) {
+        throw new KeyLogError(`${where}: the signature does not match`);
+      }
+      if (entry.action === "add") {
+        if (!(await signatureOk(publicKey, string, entry.key_signature))) {
+          throw new KeyLogError(`${where}: the new key's signature does not match`);
+        }
+        if (state.every.has(kid)) throw new KeyLogError(`${where}: adds a key already in the log`);
+      } else {
+        if (!state.active.has(kid)) throw new KeyLogError(`${where}: revokes a key that is not active`);
+        if (state.active.size === 1) throw new KeyLogError(`${where}: revokes the last key`);
+      }
+    } else {
+      throw new KeyLogError(`${where}: unknown action`);
+    }
+    if (entry.action === "revoke") {
+      state.active.delete(kid);
+    } else {
+      const name = typeof entry.name === "string" ? entry.name : null;
+      state.active.set(kid, { key_id: kid, public_key: publicKey, name, at: entry.at || null });
+      state.every.set(kid, publicKey);
+      state.names.set(kid, name);
+    }
+    state.entries.push({ seq: entry.seq, action: entry.action, key_id: kid, name: state.names.get(kid) ?? null, at: entry.at || null });
+    state.head = await digest(string);
+    state.heads.push(state.head);
+    state.nextSeq += 1;
+  }
+  return state;
+}
+
+// How a log checked now relates to the heads remembered from before:
+// "same", "extended" (the old log is its beginning: devices added or
+// revoked since), or "rewritten" (an entry seen before changed or vanished).
+export function compareHeads(before, now) {
+  if (before.length > now.length) return "rewritten";
+  for (let i = 0; i < before.length; i += 1) if (before[i] !== now[i]) return "rewritten";
+  return before.length === now.length ? "same" : "extended";
+}
+
+// -- the pairing text ---------------------------------------------------------------------
+
+// wsserver-pair-v1:<user_id>:<seq>:<public key>:<key_signature>, the key and
+// signature unpadded base64url (publicKey and keySignature: standard base64).
+export function pairingText(userId, seq, publicKey, keySignature) {
+  return [PAIRING_PREFIX, userId, String(seq), toBase64url(fromBase64(publicKey)), toBase64url(fromBase64(keySignature))].join(":");
+}
+
+// {userId, seq, publicKey, keySignature} (standard base64), or KeyLogError.
+// Whitespace anywhere is ignored (a terminal may wrap the text).
+export function parsePairingText(text) {
+  const parts = String(text).replace(/\s+/g, "").split(":");
+  const bad = new KeyLogError("this is not a wsserver pairing text (wsserver-pair-v1:...)");
+  if (parts.length !== 5 || parts[0] !== PAIRING_PREFIX || !USER_ID.test(parts[1])) throw bad;
+  if (!/^[0-9]{1,9}$/.test(parts[2])) throw bad;
+  let key, sig;
+  try {
+    key = fromBase64url(parts[3]);
+    sig = fromBase64url(parts[4]);
+  } catch (err) {
+    throw bad;
+  }
+  if (key.length !== 32 || sig.length !== 64) throw bad;
+  if (toBase64url(key) !== parts[3] || toBase64url(sig) !== parts[4]) throw bad;
+  return { userId: parts[1], seq: Number(parts[2]), publicKey: toBase64(key), keySignature: toBase64(sig) };
+}
