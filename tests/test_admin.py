@@ -253,19 +253,25 @@ class DeleteUserContract:
         yield store.start(purge_interval=0.05)
         engine, error = self.engine()
         real, pages = engine._delete_ids, []
+        command_done = threading.Event()
+        self.addCleanup(command_done.set)
 
         def failing(cur, ids):
-            # The second page of the command's own (on the reactor's thread
-            # pool; the store's pages run on the store's pool threads).
+            # The command's second page fails (it runs on the reactor's thread
+            # pool); the store's pages (on its own pool's threads) wait until
+            # the command is over, so the command does fail half-way.
             if "twisted.internet.reactor" in threading.current_thread().name:
                 pages.append(ids)
                 if len(pages) == 2:
                     raise error("the database stayed locked")
+            else:
+                command_done.wait(30)
             return real(cur, ids)
 
         self.patch(engine, "DELETE_PAGE", 1)
         self.patch(engine, "_delete_ids", failing)
         code, _, err = yield in_thread("delete-user", "bob", database=db)
+        command_done.set()
         self.assertEqual(code, 1)
         self.assertIn("the database stayed locked", err)
         self.assertEqual(len(err.splitlines()), 1)
