@@ -13,8 +13,10 @@ import sqlite3
 import stat
 import subprocess
 import sys
+import threading
 
 from twisted.internet import defer, reactor, threads
+from twisted.internet.task import deferLater
 from twisted.trial import unittest
 
 from tests.cluster import two_nodes
@@ -238,10 +240,61 @@ class DeleteUserContract:
         rest = yield store.messages_between(0, head, 100)
         self.assertNotIn("bob", {m.sender for m in rest} | {m.recipient for m in rest})
 
+    @defer.inlineCallbacks
+    def test_a_deletion_that_failed_half_way_is_finished_by_a_running_node(self):
+        """delete-user whose message phase fails after its first page (one
+        line, exit 1) leaves the rest to the running nodes: a store that is
+        running finishes it by itself, with no second run."""
+        db = self.database()
+        store = st.open_store(db, reactor)
+        self.addCleanup(lambda: store._closed or store.close())
+        yield fill(store)
+        yield store.drain()
+        yield store.start(purge_interval=0.05)
+        engine, error = self.engine()
+        real, pages = engine._delete_ids, []
+        command_done = threading.Event()
+        self.addCleanup(command_done.set)
+
+        def failing(cur, ids):
+            # The command's second page fails (it runs on the reactor's thread
+            # pool); the store's pages (on its own pool's threads) wait until
+            # the command is over, so the command does fail half-way.
+            if "twisted.internet.reactor" in threading.current_thread().name:
+                pages.append(ids)
+                if len(pages) == 2:
+                    raise error("the database stayed locked")
+            else:
+                command_done.wait(30)
+            return real(cur, ids)
+
+        self.patch(engine, "DELETE_PAGE", 1)
+        self.patch(engine, "_delete_ids", failing)
+        code, _, err = yield in_thread("delete-user", "bob", database=db)
+        command_done.set()
+        self.assertEqual(code, 1)
+        self.assertIn("the database stayed locked", err)
+        self.assertEqual(len(err.splitlines()), 1)
+
+        @defer.inlineCallbacks
+        def bobs() -> defer.Deferred:
+            head = yield store.stream_head()
+            rest = yield store.messages_between(0, head, 100)
+            return [m for m in rest if "bob" in (m.sender, m.recipient)]
+
+        deadline = reactor.seconds() + 30
+        while (yield bobs()):
+            self.assertLess(reactor.seconds(), deadline, "bob's messages are still there")
+            yield deferLater(reactor, 0.02, lambda: None)
+        self.assertIsNone((yield store.get_user("bob")))
+
 
 class SQLiteDeleteUserTests(DeleteUserContract, unittest.TestCase):
     def database(self) -> str:
         return prepared_sqlite(self)
+
+    def engine(self):
+        return sq, sqlite3.OperationalError
 
 
 class PostgresDeleteUserTests(DeleteUserContract, unittest.TestCase):
@@ -249,6 +302,13 @@ class PostgresDeleteUserTests(DeleteUserContract, unittest.TestCase):
         url = fresh_postgres_database(self)
         st.prepare_database(url, lambda: SECRET)
         return url
+
+    def engine(self):
+        import psycopg
+
+        from wsserver.store import postgres
+
+        return postgres, psycopg.OperationalError
 
     def test_backup_points_to_pg_dump(self):
         """backup on PostgreSQL: one line naming pg_dump (no password shown), exit 1."""

@@ -14,6 +14,7 @@ import threading
 from collections.abc import Callable
 from typing import Any
 
+import psycopg
 from nacl.signing import SigningKey
 from twisted.internet import defer, reactor, task
 from twisted.trial import unittest
@@ -23,6 +24,7 @@ from wsserver import keylog
 from wsserver import store as st
 from wsserver.keylog import Entry, KeyLogError
 from wsserver.messages import UNSIGNED, VERIFIED, b64decode
+from wsserver.store import postgres as pg
 from wsserver.store import sqlite as sq
 
 from .support import VECTORS
@@ -447,7 +449,9 @@ class KeyStoreContract:
         for table in self.tables():
             kept = [row for row in before[table] if not hers(table, row)]
             if table == "deleted_users":
-                self.assertEqual(after[table], [{"user_id": ALICE, "deleted_ms": 77}])
+                self.assertEqual(
+                    after[table], [{"user_id": ALICE, "deleted_ms": 77, "purged": True}]
+                )
             elif table == "account_events":
                 new = [row for row in after[table] if row not in before[table]]
                 self.assertEqual([(r["user_id"], r["kind"]) for r in new], [(ALICE, "deleted")])
@@ -490,6 +494,227 @@ class KeyStoreContract:
         self.assertIsNone((yield self.store.delete_account("zed", 5, calls.append)))
         self.assertEqual(calls, [])
 
+    # -- the message phase of a deletion ------------------------------------------------
+
+    def messages_of(self, user_id: str) -> list[dict]:
+        return [r for r in self.rows("messages") if user_id in (r["sender"], r["recipient"])]
+
+    def tombstone(self, user_id: str) -> dict:
+        (row,) = [r for r in self.rows("deleted_users") if r["user_id"] == user_id]
+        return row
+
+    def fail_second_page(self) -> list[int]:
+        """Make the second page of message deletions fail once (a lock held
+        past the timeout, a lost connection); fire with the calls seen."""
+        real = self.engine._delete_ids
+        calls: list[int] = []
+
+        def failing(cur: Any, ids: list[int]) -> int:
+            calls.append(len(ids))
+            if len(calls) == 2:
+                raise self.engine_error("database is locked")
+            return real(cur, ids)
+
+        self.patch(self.engine, "_delete_ids", failing)
+        self.patch(self.engine, "DELETE_PAGE", 1)
+        return calls
+
+    @defer.inlineCallbacks
+    def delete_alice_half_way(self) -> Any:
+        """Fill, delete alice with a page of her messages failing: fire when
+        the account is gone and part of her messages still there."""
+        yield self.fill()
+        others = [r for r in self.rows("messages") if ALICE not in (r["sender"], r["recipient"])]
+        self.fail_second_page()
+        delete = LOG["delete"]
+        check = deletion_check(ALICE, delete["key_id"], b64decode(delete["signature"]))
+        # The account's removal committed, so the deletion succeeded.
+        self.assertTrue((yield self.store.delete_account(ALICE, 77, check)))
+        self.assertIsNone((yield self.store.get_user(ALICE)))
+        return others
+
+    @defer.inlineCallbacks
+    def test_a_message_phase_that_failed_is_finished_when_a_node_starts(self):
+        """A deletion whose message phase failed half-way leaves the tombstone
+        unpurged; another store (a node) finishes it as it starts: every
+        message from or to alice goes, no other, and the tombstone is marked."""
+        others = yield self.delete_alice_half_way()
+        self.assertEqual(len(self.messages_of(ALICE)), 3)  # of 4: the first page went
+        self.assertFalse(self.tombstone(ALICE)["purged"])
+        node = self.make_store()
+        yield node.start()
+        yield wait_for(lambda: self.tombstone(ALICE)["purged"], "the tombstone to be purged")
+        self.assertEqual(self.messages_of(ALICE), [])
+        self.assertEqual(sorted(self.rows("messages"), key=repr), sorted(others, key=repr))
+        # Nothing is left for a later pass.
+        self.assertEqual((yield node.finish_deletions()), 0)
+
+    @defer.inlineCallbacks
+    def test_a_message_phase_that_failed_is_finished_while_running(self):
+        """On a store already running (its first pass done, with nothing to do),
+        a later pass finishes a deletion whose message phase failed."""
+        yield self.store.start(purge_interval=0.05)
+        self.assertEqual((yield self.store.finish_deletions()), 0)
+        yield self.delete_alice_half_way()
+        yield wait_for(lambda: self.tombstone(ALICE)["purged"], "the tombstone to be purged")
+        self.assertEqual(self.messages_of(ALICE), [])
+
+    @defer.inlineCallbacks
+    def test_the_message_phase_goes_a_page_at_a_time(self):
+        """With pages of 2, a user's messages (sent, received, broadcast, to
+        themself) all go, in pages of at most 2, other users' stay; late
+        messages above a head go the same way (purge_user_messages)."""
+        yield self.fill()
+        for i in range(5):
+            yield self.store.add_message(message("carol", ALICE, f"more {i}"))
+        yield self.store.drain()
+        others = [r for r in self.rows("messages") if ALICE not in (r["sender"], r["recipient"])]
+        real = self.engine._delete_ids
+        pages: list[int] = []
+
+        def counting(cur: Any, ids: list[int]) -> int:
+            pages.append(len(ids))
+            return real(cur, ids)
+
+        self.patch(self.engine, "_delete_ids", counting)
+        self.patch(self.engine, "DELETE_PAGE", 2)
+        head = max(r["id"] for r in self.rows("messages"))
+        purged = yield self.store.purge_user_messages(ALICE, head - 3)
+        self.assertEqual(purged, 3)
+        delete = LOG["delete"]
+        check = deletion_check(ALICE, delete["key_id"], b64decode(delete["signature"]))
+        self.assertTrue((yield self.store.delete_account(ALICE, 77, check)))
+        self.assertEqual(self.messages_of(ALICE), [])
+        self.assertEqual(sorted(self.rows("messages"), key=repr), sorted(others, key=repr))
+        self.assertEqual(sum(pages), 4 + 5)
+        self.assertLessEqual(max(pages), 2)
+        self.assertTrue(self.tombstone(ALICE)["purged"])
+
+    def test_the_page_query_reads_the_indexes(self):
+        """The deletion's page query finds a user's messages through the
+        indexes on (sender, id) and (recipient, id), never a scan of the table."""
+        plan = self.page_plan()
+        self.assertIn("messages_sender", plan)
+        self.assertIn("messages_recipient", plan)
+        self.assertNotRegex(plan, self.scan_pattern)
+
+    # -- the key log's cap --------------------------------------------------------------
+
+    @defer.inlineCallbacks
+    def test_a_full_key_log_refuses_adds_and_keeps_room_to_revoke(self):
+        """With a cap of 5 entries: entry 0, two adds (3 keys), a third add
+        refused too_many_keys (no room left to revoke all but one after it),
+        then both revokes still accepted (the log reaches 5); then any
+        append is refused, and no refusal changes a row."""
+        self.store.max_log_entries = 5
+        keys = [bytes(SigningKey(bytes([i]) * 32).verify_key) for i in range(1, 5)]
+        lax = lambda entries: None  # noqa: E731 (the store's own limits only)
+
+        def add(seq: int, key: bytes) -> Entry:
+            return Entry(seq, keylog.ADD, key, None, "x", bytes(64), bytes(64))
+
+        def revoke(seq: int, key: bytes) -> Entry:
+            return Entry(seq, keylog.REVOKE, key, None, "x", bytes(64))
+
+        yield self.store.append_key_entry(ALICE, add(1, keys[0]), lax)
+        yield self.store.append_key_entry(ALICE, add(2, keys[1]), lax)
+        for entry, at in ((add(3, keys[2]), 3), (revoke(5, keys[0]), 5)):
+            before = self.snapshot()
+            with self.assertRaises(KeyLogError) as caught:
+                yield self.store.append_key_entry(ALICE, entry, lax)
+            self.assertEqual(caught.exception.code, "too_many_keys")
+            self.assertIn("full", caught.exception.message)
+            self.assertEqual(self.snapshot(), before)
+            if at == 3:
+                yield self.store.append_key_entry(ALICE, revoke(3, ALICE_KEY), lax)
+                yield self.store.append_key_entry(ALICE, revoke(4, keys[0]), lax)
+        self.assertEqual(len((yield self.store.key_log(ALICE))), 5)
+        self.assertEqual(
+            [k.public_key for k in (yield self.store.user_keys(ALICE)).keys], [keys[1]]
+        )
+
+    def test_the_cap_is_a_thousand_entries(self):
+        self.assertEqual(keylog.MAX_LOG_ENTRIES, 1000)
+        self.assertEqual(self.store.max_log_entries, 1000)
+
+    # -- what a lax check lets through ----------------------------------------------------
+
+    @defer.inlineCallbacks
+    def test_the_store_refuses_what_a_lax_check_lets_through(self):
+        """An add of a key already active is key_exists, a revoke of a key
+        that is not active invalid_request: no 500, no entry that changes
+        nothing, no row changed."""
+        lax = lambda entries: None  # noqa: E731
+        before = self.snapshot()
+        again = Entry(1, keylog.ADD, ALICE_KEY, None, "x", bytes(64), bytes(64))
+        stranger = Entry(1, keylog.REVOKE, SECOND_KEY, None, "x", bytes(64))
+        for entry, code in ((again, "key_exists"), (stranger, "invalid_request")):
+            with self.assertRaises(KeyLogError) as caught:
+                yield self.store.append_key_entry(ALICE, entry, lax)
+            self.assertEqual(caught.exception.code, code)
+        self.assertEqual(self.snapshot(), before)
+
+    # -- the revocation event's time ------------------------------------------------------
+
+    @defer.inlineCallbacks
+    def test_a_revocation_event_is_created_at_the_store_clock(self):
+        """The key_revoked event is created at the store's clock, not at the
+        entry's own at_ms (an old at_ms would let pruning drop the event
+        before every node polled it)."""
+        now_ms = int(reactor.seconds() * 1000)
+        yield self.append_vectors()  # at_ms CREATED_MS + 1, + 2 (years ago)
+        (event,) = [r for r in self.rows("account_events") if r["kind"] == st.EVENT_KEY_REVOKED]
+        self.assertGreaterEqual(event["created_ms"], now_ms)
+        yield self.store.prune_account_events(now_ms)
+        self.assertEqual([r["kind"] for r in self.rows("account_events")], [st.EVENT_KEY_REVOKED])
+
+    # -- sign-out of a user who is not there --------------------------------------------
+
+    @defer.inlineCallbacks
+    def test_revoke_token_of_no_user_stores_nothing(self):
+        """revoke_token for an id never registered, or deleted, fires False and
+        stores no row and no event; for a user it fires True (a repeat too)."""
+        delete = LOG["delete"]
+        yield self.append_vectors()
+        check = deletion_check(ALICE, delete["key_id"], b64decode(delete["signature"]))
+        self.assertTrue((yield self.store.delete_account(ALICE, 77, check)))
+        before = self.snapshot()
+        self.assertFalse((yield self.store.revoke_token("zed", "j-zed", 10**13, 5)))
+        self.assertFalse((yield self.store.revoke_token(ALICE, "j-alice", 10**13, 5)))
+        self.assertEqual(self.snapshot(), before)
+        self.assertTrue((yield self.store.revoke_token("bob", "j-bob", 10**13, 5)))
+        self.assertTrue((yield self.store.revoke_token("bob", "j-bob", 10**13, 6)))
+
+    @defer.inlineCallbacks
+    def test_revoke_token_racing_a_deletion_leaves_no_row(self):
+        """A deletion holds its transaction open inside its check while another
+        store signs out one of the user's tokens: the sign-out waits, then
+        finds no user (False), and no revoked_tokens row or signed_out event
+        of the deleted user is left."""
+        other = self.make_store()
+        entered, release = threading.Event(), threading.Event()
+        delete = LOG["delete"]
+        yield self.append_vectors()
+        signed = deletion_check(ALICE, delete["key_id"], b64decode(delete["signature"]))
+
+        def holding(entries: list[Entry]) -> None:
+            signed(entries)
+            entered.set()
+            release.wait(DEADLINE)
+
+        deleted = self.store.delete_account(ALICE, 77, holding)
+        self.addCleanup(release.set)
+        yield wait_for(entered.is_set, "the deletion's check")
+        blocked = yield self.watch(other)
+        revoked = other.revoke_token(ALICE, "j-racing", 10**13, 5)
+        yield wait_for(blocked, "the sign-out to wait for the deletion's lock")
+        release.set()
+        self.assertTrue((yield deleted))
+        self.assertFalse((yield revoked))
+        self.assertEqual([r for r in self.rows("revoked_tokens") if r["user_id"] == ALICE], [])
+        kinds = [r["kind"] for r in self.rows("account_events") if r["user_id"] == ALICE]
+        self.assertNotIn(st.EVENT_SIGNED_OUT, kinds)
+
     # -- messages carry their key -----------------------------------------------------
 
     @defer.inlineCallbacks
@@ -515,6 +740,17 @@ class KeyStoreContract:
 
 
 class SQLiteKeyStoreTests(KeyStoreContract, unittest.TestCase):
+    engine = sq
+    engine_error = sqlite3.OperationalError
+    scan_pattern = r"SCAN messages(?! USING)"
+
+    def page_plan(self) -> str:
+        conn = sqlite3.connect(self.path)
+        self.addCleanup(conn.close)
+        args = ("u5", 0, 500, "u5", 0, 500, 500)
+        rows = conn.execute("EXPLAIN QUERY PLAN " + sq._SQL_PAGE_OF, args).fetchall()
+        return "\n".join(row[-1] for row in rows)
+
     def make_store(self) -> Any:
         if not hasattr(self, "path"):
             self.path = self.mktemp()
@@ -531,7 +767,7 @@ class SQLiteKeyStoreTests(KeyStoreContract, unittest.TestCase):
         started: list[str] = []
 
         def trace(sql: str) -> None:
-            if sql.startswith(("BEGIN IMMEDIATE", "SELECT seq")):
+            if sql.startswith(("BEGIN IMMEDIATE", "SELECT seq", "INSERT OR IGNORE INTO revoked")):
                 started.append(sql)
 
         yield store._pool.runWithConnection(lambda conn: conn.set_trace_callback(trace))
@@ -556,6 +792,26 @@ class SQLiteKeyStoreTests(KeyStoreContract, unittest.TestCase):
 
 
 class PostgresKeyStoreTests(KeyStoreContract, unittest.TestCase):
+    engine = pg
+    engine_error = psycopg.OperationalError
+    scan_pattern = r"Seq Scan"
+
+    def page_plan(self) -> str:
+        self.make_store()
+        with psycopg.connect(self.url) as conn:
+            # Enough rows of enough users that the planner prefers an index.
+            conn.execute(
+                "INSERT INTO messages (id, sender, recipient, content, verification,"
+                " created_ms) SELECT g, 'u' || (g % 500), 'r' || (g % 500), 'x', 'unsigned', 0"
+                " FROM generate_series(1, 50000) AS g"
+            )
+            conn.execute("ANALYZE messages")
+            rows = conn.execute(
+                b"EXPLAIN " + pg._SQL_PAGE_OF.encode(), ("u5", 0, 500, "u5", 0, 500, 500)
+            ).fetchall()
+            conn.rollback()
+        return "\n".join(row[0] for row in rows)
+
     def make_store(self) -> Any:
         if not hasattr(self, "url"):
             self.url = fresh_postgres_database(self)

@@ -31,6 +31,11 @@ REVOKE = "revoke"
 ACTIONS = frozenset({REGISTER, ADD, REVOKE})
 KEY_ID_LENGTH = 16
 MAX_NAME = 64
+# The most entries a user's key log holds (the store refuses an append past
+# it, ``too_many_keys``): an append replays the whole log under the write
+# lock, so the log's length is bounded.  The store keeps room in it to revoke
+# every active key but one, so a revocation is never refused for a full log.
+MAX_LOG_ENTRIES = 1000
 _FORBIDDEN_CATEGORIES = frozenset({"Cc", "Cf", "Zl", "Zp"})
 _ZWJ = "\u200d"
 
@@ -327,6 +332,7 @@ __all__ = [
     "ADD",
     "DELETE_PREFIX",
     "KEYLOG_PREFIX",
+    "MAX_LOG_ENTRIES",
     "PAIRING_PREFIX",
     "REGISTER",
     "REVOKE",

@@ -121,25 +121,46 @@ class IStore(Interface):
         thread (it raises ``keylog.KeyLogError`` to refuse; nothing is then
         written), insert the entry (a concurrent append of the same ``seq``
         fails ``KeyLogError('keylog_conflict')``), update the active keys, and
-        for a ``revoke`` record an ``EVENT_KEY_REVOKED`` account event.  Fires
-        with the stored entry (``at_ms``: the entry's own when not 0, else the
-        store's clock now), or None when no such user (``check`` is then not
-        called).  A ``seq`` that is not the next one is refused
-        ``keylog_conflict`` whatever ``check`` says.  After a ``revoke``,
-        ``get_user``'s ``public_key`` is the first key still active."""
+        for a ``revoke`` record an ``EVENT_KEY_REVOKED`` account event (created
+        at the store's clock now).  Fires with the stored entry (``at_ms``: the
+        entry's own when not 0, else the store's clock now), or None when no
+        such user (``check`` is then not called).  Whatever ``check`` lets
+        through, the store itself refuses (nothing written): a ``seq`` that is
+        not the next one ``keylog_conflict``, an added key already active
+        ``key_exists``, a revoked key not active ``invalid_request``, and an
+        entry the log has no room for ``too_many_keys`` (at most
+        ``keylog.MAX_LOG_ENTRIES`` entries, room kept to revoke every active
+        key but one: an ``add`` is refused once the log holds
+        ``MAX_LOG_ENTRIES`` minus the active keys, a ``revoke`` never for
+        want of room; checked before ``check`` is called).  After a
+        ``revoke``, ``get_user``'s ``public_key`` is the first key still
+        active."""
 
     def delete_account(user_id: str, now_ms: int, check: Callable[[list[Any]], None]) -> Any:  # noqa: N805
         """Delete a user as protocol section 12 says: in one transaction read
         the key log and call ``check(entries)`` (it raises to refuse: nothing
         changes), then remove the user, keys, key log, challenges and revoked
         tokens, keep the id as a tombstone and record an ``EVENT_DELETED``
-        event; then delete the user's messages in short transactions.  Fires
-        True, or None when no such user (or one deleted before; ``check`` is
-        then not called)."""
+        event; then delete the user's messages, a page per short transaction,
+        and mark the tombstone purged.  Fires True once the account is gone
+        (if the message phase fails part-way, that is logged and
+        ``finish_deletions`` removes the rest), or None when no such user (or
+        one deleted before; ``check`` is then not called)."""
+
+    def finish_deletions() -> Any:
+        """Remove the messages of every deleted user whose deletion's message
+        phase did not finish (a page that failed, a process stopped half-way,
+        ``wsserver-admin delete-user`` interrupted) and mark them purged; fire
+        with how many were finished.  ``start`` runs it at once and every
+        ``PURGE_INTERVAL`` (30) seconds, on every node."""
 
     def revoke_token(user_id: str, jti: str, expires_ms: int, now_ms: int) -> Any:  # noqa: N805
         """Remember a signed-out token until it expires and record an
-        ``EVENT_SIGNED_OUT`` event (idempotent)."""
+        ``EVENT_SIGNED_OUT`` event (idempotent: a repeat records nothing);
+        fire True, or False when no such user (deleted, or never registered:
+        nothing is stored and no event recorded; on PostgreSQL a deletion
+        racing it either waits for it and removes the row, or goes first and
+        this fires False)."""
 
     def revoke_tokens(user_id: str, now_ms: int) -> Any:  # noqa: N805
         """Raise the user's token generation (every token issued so far is
@@ -235,7 +256,8 @@ class IStore(Interface):
         ``prepare_database`` returned), or None before it was prepared."""
 
     def start() -> Any:
-        """Begin the engine's background work (checkpoints, node heartbeat)."""
+        """Begin the engine's background work (checkpoints, node heartbeat,
+        ``finish_deletions`` at once and every ``PURGE_INTERVAL`` seconds)."""
 
     def close() -> Any:
         """Refuse new writes, commit what is queued, release the connections."""

@@ -39,7 +39,7 @@ from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
 from zope.interface import implementer
 
-from ..keylog import ADD, REGISTER, REVOKE, Entry, KeyLogError
+from ..keylog import ADD, MAX_LOG_ENTRIES, REGISTER, REVOKE, Entry, KeyLogError
 from ..messages import BROADCAST, PENDING, Message
 from . import (
     CHALLENGE_BAD,
@@ -69,6 +69,7 @@ from .rows import (
     entry_row,
     key_from_row,
     message_from_row,
+    refuse_when_full,
     remember_user,
 )
 
@@ -82,7 +83,9 @@ NODE_EXPIRY = 30  # seconds after its last heartbeat a node counts as gone
 SCHEMA_LOCK = 0x7773736368656D61
 NODES_LOCK = 0x77736E6F646573
 USER_LOCK = 0x7775  # with hashtext(user_id): the two-key advisory locks of one user id
-DELETE_CHUNK = 500  # ids per DELETE of wsserver-admin's delete-user
+DELETE_PAGE = 500  # messages per transaction of a deletion's message phase
+PURGE_INTERVAL = 30.0  # seconds between passes finishing deletions left unfinished
+_PURGE_USERS = 100  # tombstones read per query of such a pass
 
 _MIGRATION_FILE = re.compile(r"(\d{3})_[a-z0-9_]+\.sql")
 
@@ -445,10 +448,12 @@ def _add_event(cur: Any, user_id: str, kind: str, detail: str, now_ms: int) -> N
     )
 
 
-def _add_entry(cur: Any, user_id: str, entry: Entry) -> None:
+def _add_entry(cur: Any, user_id: str, entry: Entry, now_ms: int) -> None:
     """Insert a checked key-log entry and bring the active keys in step (see
-    the SQLite engine's ``_add_entry``).  A unique violation of (user_id,
-    seq) fails ``KeyLogError('keylog_conflict')``."""
+    the SQLite engine's ``_add_entry``: the same answers).  A unique
+    violation of (user_id, seq) fails ``KeyLogError('keylog_conflict')``,
+    of (user_id, public_key) ``key_exists``; a revoke that removes no
+    active key ``invalid_request``."""
     try:
         cur.execute(_SQL_ADD_ENTRY, entry_row(user_id, entry))
     except psycopg.errors.UniqueViolation:
@@ -456,22 +461,27 @@ def _add_entry(cur: Any, user_id: str, entry: Entry) -> None:
             "keylog_conflict", "another entry took this seq: fetch the log and sign again"
         ) from None
     if entry.action in (REGISTER, ADD):
-        cur.execute(
-            "INSERT INTO user_keys (user_id, public_key, seq, name, added_ms)"
-            " VALUES (%s, %s, %s, %s, %s)",
-            (user_id, entry.public_key, entry.seq, entry.name, entry.at_ms),
-        )
+        try:
+            cur.execute(
+                "INSERT INTO user_keys (user_id, public_key, seq, name, added_ms)"
+                " VALUES (%s, %s, %s, %s, %s)",
+                (user_id, entry.public_key, entry.seq, entry.name, entry.at_ms),
+            )
+        except psycopg.errors.UniqueViolation:
+            raise KeyLogError("key_exists", "this key is already an active key") from None
     elif entry.action == REVOKE:
         cur.execute(
             "DELETE FROM user_keys WHERE user_id = %s AND public_key = %s",
             (user_id, entry.public_key),
         )
+        if cur.rowcount != 1:
+            raise KeyLogError("invalid_request", "the key to revoke is not an active key")
         cur.execute(
             "UPDATE users SET public_key = k.public_key FROM (SELECT public_key FROM user_keys"
             "  WHERE user_id = %s ORDER BY seq LIMIT 1) AS k WHERE users.user_id = %s",
             (user_id, user_id),
         )
-        _add_event(cur, user_id, EVENT_KEY_REVOKED, entry.key_id, entry.at_ms)
+        _add_event(cur, user_id, EVENT_KEY_REVOKED, entry.key_id, now_ms)
 
 
 def _remove_account(cur: Any, user_id: str, now_ms: int) -> None:
@@ -500,19 +510,47 @@ def _lock_for_deletion(cur: Any, user_id: str) -> bool:
     return _lock_user(cur, user_id)
 
 
-def _message_ids_of(cur: Any, user_id: str) -> list[int]:
-    """The ids of every message from or to ``user_id``."""
-    cur.execute("SELECT id FROM messages WHERE sender = %s OR recipient = %s", (user_id, user_id))
-    return [row[0] for row in cur.fetchall()]
+# The next page of a user's messages, by id: each branch reads at most a page
+# of its index (messages_sender, messages_recipient), so a page costs the
+# same however many messages the user has.
+_SQL_PAGE_OF = (
+    "SELECT id FROM ((SELECT id FROM messages WHERE sender = %s AND id > %s"
+    "  ORDER BY id LIMIT %s)"
+    " UNION (SELECT id FROM messages WHERE recipient = %s AND id > %s ORDER BY id LIMIT %s))"
+    " AS page ORDER BY id LIMIT %s"
+)
 
 
-def _delete_chunk(cur: Any, ids: list[int]) -> int:
+def _delete_ids(cur: Any, ids: list[int]) -> int:
+    """Delete these messages; return how many were still there."""
     cur.execute("DELETE FROM messages WHERE id = ANY(%s::bigint[])", (ids,))
     return cur.rowcount
 
 
-def _chunks(ids: list[int]) -> list[list[int]]:
-    return [ids[start : start + DELETE_CHUNK] for start in range(0, len(ids), DELETE_CHUNK)]
+def _delete_page_of(cur: Any, user_id: str, after: int, finish: bool) -> tuple[int, int | None]:
+    """Delete the next ``DELETE_PAGE`` messages from or to ``user_id`` with id
+    > ``after``; return (how many went, the page's last id, or None when none
+    was left).  With ``finish``, the call that finds none left marks the
+    tombstone purged (in the same transaction)."""
+    page = DELETE_PAGE
+    cur.execute(_SQL_PAGE_OF, (user_id, after, page, user_id, after, page, page))
+    ids = [row[0] for row in cur.fetchall()]
+    if not ids:
+        if finish:
+            cur.execute("UPDATE deleted_users SET purged = TRUE WHERE user_id = %s", (user_id,))
+        return 0, None
+    return _delete_ids(cur, ids), ids[-1]
+
+
+def _unpurged(cur: Any, after: str, limit: int) -> list[str]:
+    """Up to ``limit`` deleted users whose messages may not all be gone yet,
+    with ids > ``after``, by id."""
+    cur.execute(
+        "SELECT user_id FROM deleted_users WHERE NOT purged AND user_id > %s"
+        " ORDER BY user_id LIMIT %s",
+        (after, limit),
+    )
+    return [row[0] for row in cur.fetchall()]
 
 
 def _stale(conn: Any) -> bool:
@@ -562,6 +600,11 @@ class PostgresStore(BatchedWrites):
         self._heartbeat = LoopingCall(self._beat)
         self._heartbeat.clock = clock
         self._beating = False
+        self._purge_loop = LoopingCall(self._purge_pass)
+        self._purge_loop.clock = clock
+        self._purging: defer.Deferred | None = None  # the pass in flight
+        self._stopping = False
+        self.max_log_entries = MAX_LOG_ENTRIES  # a test may lower it
 
     @property
     def _closed(self) -> bool:
@@ -580,8 +623,10 @@ class PostgresStore(BatchedWrites):
     def _write(self, ops: list[tuple[str, Any]]) -> defer.Deferred:
         return self._run(_write_batch, ops, self._known_users)
 
-    def start(self) -> defer.Deferred:
-        """Keep this node's registration alive (a heartbeat on the reactor clock).
+    def start(self, *, purge_interval: float = PURGE_INTERVAL) -> defer.Deferred:
+        """Keep this node's registration alive (a heartbeat on the reactor
+        clock), and finish deletions left unfinished now and every
+        ``purge_interval`` seconds (``finish_deletions``).
 
         The first beat is at once: twistd registers the node before it
         daemonizes, so the serving process (whose pid the row must hold) may be
@@ -589,7 +634,23 @@ class PostgresStore(BatchedWrites):
         """
         if self._node is not None and not self._heartbeat.running:
             self._heartbeat.start(HEARTBEAT_INTERVAL, now=True)
+        if not self._purge_loop.running:
+            self._purge_loop.start(purge_interval, now=True)
         return defer.succeed(None)
+
+    def _purge_pass(self) -> defer.Deferred:
+        """One pass of the purge loop: a failure is logged (and the next pass
+        tries again), never stops the loop."""
+        d = self._purging = self.finish_deletions()
+        d.addErrback(
+            lambda f: _log.warn(
+                "finishing deleted users' message removal failed: {e} (tried again in {s:.0f} s)",
+                e=f.getErrorMessage(),
+                s=self._purge_loop.interval or 0,
+            )
+        )
+        d.addBoth(lambda _: setattr(self, "_purging", None))
+        return d
 
     def _beat(self) -> None:
         if self._beating or self._node is None:
@@ -610,6 +671,11 @@ class PostgresStore(BatchedWrites):
         """Refuse new writes, commit what is queued, unregister, close the pool."""
         if self._heartbeat.running:
             self._heartbeat.stop()
+        self._stopping = True
+        if self._purge_loop.running:
+            self._purge_loop.stop()
+        if self._purging is not None:
+            yield self._purging  # it stops after the page in flight
         yield self._commits.close()
         if self._node is not None:
             try:
@@ -639,7 +705,7 @@ class PostgresStore(BatchedWrites):
             if txn.rowcount != 1:
                 return False
             entry = Entry(0, REGISTER, user.public_key, at_ms=user.created_ms)
-            _add_entry(txn, user.user_id, entry)
+            _add_entry(txn, user.user_id, entry, user.created_ms)
             return True
 
         return self._run(interaction)
@@ -678,16 +744,19 @@ class PostgresStore(BatchedWrites):
         ``at_ms`` is the entry's own when set, else now.  Fires with the
         stored entry, or None when no such user; fails with ``check``'s
         ``KeyLogError`` (nothing written)."""
-        stored = entry if entry.at_ms else replace(entry, at_ms=self._now_ms())
+        now_ms = self._now_ms()
+        stored = entry if entry.at_ms else replace(entry, at_ms=now_ms)
+        max_entries = self.max_log_entries
 
         def interaction(txn: Any) -> Entry | None:
             if not _lock_user(txn, user_id):
                 return None
             entries = _read_log(txn, user_id)
+            refuse_when_full(entries, stored, max_entries)
             check(entries)
             if stored.seq != len(entries):  # whatever check let through
                 raise KeyLogError("keylog_conflict", f"seq must be {len(entries)}, the next one")
-            _add_entry(txn, user_id, stored)
+            _add_entry(txn, user_id, stored, now_ms)
             return stored
 
         return self._run(interaction)
@@ -713,16 +782,66 @@ class PostgresStore(BatchedWrites):
         if not (yield self._run(interaction)):
             return None
         self._known_users.discard(user_id)
-        ids = yield self._run(_message_ids_of, user_id)
-        for chunk in _chunks(ids):  # each its own short transaction
-            yield self._run(_delete_chunk, chunk)
+        try:
+            yield self._purge_messages(user_id, 0, finish=True)
+        except Exception as exc:
+            # The account is gone (that committed); the rest of its messages
+            # go in a later pass of finish_deletions, on whichever node.
+            _log.warn(
+                "deleted user {user}, but removing their messages failed: {e}"
+                " (finished within {s:.0f} s by a running node)",
+                user=user_id,
+                e=str(exc),
+                s=PURGE_INTERVAL,
+            )
         return True
+
+    @defer.inlineCallbacks
+    def _purge_messages(self, user_id: str, after: int, finish: bool) -> Any:
+        """Delete the messages from or to ``user_id`` with id > ``after``, a
+        page per transaction; fire with how many went.  With ``finish``, mark
+        the tombstone purged once none is left."""
+        removed = 0
+        while not self._stopping:
+            deleted, last = yield self._run(_delete_page_of, user_id, after, finish)
+            if last is None:
+                break
+            removed += deleted
+            after = last
+        return removed
+
+    @defer.inlineCallbacks
+    def finish_deletions(self) -> Any:
+        """Remove the messages of every deleted user whose deletion did not get
+        to the end of them (a page that failed, a node stopped half-way), and
+        mark them purged; fire with how many deletions were finished.
+        ``start`` runs it at once and every ``PURGE_INTERVAL`` seconds; nodes
+        running it together only delete rows twice over (the second finds
+        them gone)."""
+        finished, after = 0, ""
+        while not self._stopping:
+            users = yield self._run(_unpurged, after, _PURGE_USERS)
+            for user_id in users:
+                if self._stopping:
+                    break
+                yield self._purge_messages(user_id, 0, finish=True)
+                finished += 1
+            if len(users) < _PURGE_USERS:
+                break
+            after = users[-1]
+        return finished
 
     def revoke_token(self, user_id: str, jti: str, expires_ms: int, now_ms: int) -> defer.Deferred:
         """Remember a signed-out token until it expires (forgetting those
-        expired) and record an EVENT_SIGNED_OUT; a repeat changes nothing."""
+        expired) and record an EVENT_SIGNED_OUT; a repeat changes nothing.
+        Fires True, or False when no such user (nothing stored).  The user's
+        row is held ``FOR KEY SHARE`` (a deletion's ``FOR UPDATE`` waits for
+        it, and it for a deletion), so no row outlives a racing deletion."""
 
-        def interaction(txn: Any) -> None:
+        def interaction(txn: Any) -> bool:
+            txn.execute("SELECT 1 FROM users WHERE user_id = %s FOR KEY SHARE", (user_id,))
+            if txn.fetchone() is None:
+                return False  # deleted (or never was): nothing to sign out
             txn.execute("DELETE FROM revoked_tokens WHERE expires_ms <= %s", (now_ms,))
             txn.execute(
                 "INSERT INTO revoked_tokens (jti, user_id, expires_ms) VALUES (%s, %s, %s)"
@@ -731,6 +850,7 @@ class PostgresStore(BatchedWrites):
             )
             if txn.rowcount == 1:
                 _add_event(txn, user_id, EVENT_SIGNED_OUT, jti, now_ms)
+            return True
 
         return self._run(interaction)
 
@@ -952,17 +1072,9 @@ class PostgresStore(BatchedWrites):
         return defer.succeed(None)
 
     def purge_user_messages(self, user_id: str, after_id: int) -> defer.Deferred:
-        """Delete the messages from or to ``user_id`` with id > ``after_id``;
-        fires with how many."""
-
-        def interaction(txn: Any) -> int:
-            txn.execute(
-                "DELETE FROM messages WHERE id > %s AND (sender = %s OR recipient = %s)",
-                (after_id, user_id, user_id),
-            )
-            return txn.rowcount
-
-        return self._run(interaction)
+        """Delete the messages from or to ``user_id`` with id > ``after_id``, a
+        page per transaction; fires with how many."""
+        return self._purge_messages(user_id, after_id, finish=False)
 
 
 # ----------------------------------------------------------------------------
@@ -1012,10 +1124,16 @@ def admin_delete_user(conn: psycopg.Connection, user_id: str, now_ms: int) -> in
 
 
 def _delete_messages_of(conn: psycopg.Connection, user_id: str) -> int:
-    """Delete every message from or to ``user_id``, a chunk per statement
-    (the connection is in autocommit: each its own transaction)."""
-    cur = conn.cursor()
-    return sum(_delete_chunk(cur, chunk) for chunk in _chunks(_message_ids_of(cur, user_id)))
+    """Delete every message from or to ``user_id``, a page per short
+    transaction, and mark the tombstone purged with the last (empty) page."""
+    removed, after = 0, 0
+    while True:
+        with conn.transaction():
+            deleted, last = _delete_page_of(conn.cursor(), user_id, after, True)
+        if last is None:
+            return removed
+        removed += deleted
+        after = last
 
 
 def admin_stats(conn: psycopg.Connection) -> dict[str, int]:

@@ -1,13 +1,13 @@
 """What both SQL engines share about rows: the message columns in the order
 ``message_from_row`` reads them, the key-log columns in the order
-``entry_from_row`` reads them, active keys as ``KeyRecord``, and the bounded
-cache of known user ids."""
+``entry_from_row`` reads them, active keys as ``KeyRecord``, the bounded
+cache of known user ids, and the key log's cap (``refuse_when_full``)."""
 
 from __future__ import annotations
 
 from typing import Any
 
-from ..keylog import Entry, key_id
+from ..keylog import ADD, REGISTER, REVOKE, Entry, KeyLogError, key_id
 from ..messages import Message
 from . import KeyRecord
 
@@ -81,6 +81,27 @@ def remember_user(known_users: set[str], user_id: str) -> None:
     known_users.add(user_id)
 
 
+def refuse_when_full(entries: list[Entry], entry: Entry, max_entries: int) -> None:
+    """Refuse ``entry`` (``KeyLogError('too_many_keys')``) when the log
+    ``entries`` has no room for it under ``max_entries`` (keylog.MAX_LOG_ENTRIES).
+
+    An ``add`` needs room for itself and for revoking afterwards every active
+    key but one, so the log never grows past ``max_entries`` and a
+    ``revoke`` (of a lost or stolen device) is never refused for want of
+    room.  The active keys are counted from the log (each revoke the store
+    wrote removed exactly one)."""
+    added = sum(1 for e in entries if e.action in (REGISTER, ADD))
+    active = added - sum(1 for e in entries if e.action == REVOKE)
+    needed = len(entries) + 1 + (active if entry.action == ADD else 0)
+    if needed > max_entries:
+        raise KeyLogError(
+            "too_many_keys",
+            f"the key log is full: it holds at most {max_entries} entries, with room"
+            " kept to revoke every active key but one; no key can be added to this"
+            " account (delete it and register a new one to start a new log)",
+        )
+
+
 __all__ = [
     "KEYLOG_COLUMNS",
     "KNOWN_USERS_MAX",
@@ -89,5 +110,6 @@ __all__ = [
     "entry_row",
     "key_from_row",
     "message_from_row",
+    "refuse_when_full",
     "remember_user",
 ]

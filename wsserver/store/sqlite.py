@@ -30,7 +30,7 @@ from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
 from zope.interface import implementer
 
-from ..keylog import ADD, REGISTER, REVOKE, Entry, KeyLogError
+from ..keylog import ADD, MAX_LOG_ENTRIES, REGISTER, REVOKE, Entry, KeyLogError
 from ..messages import BROADCAST, PENDING, Message
 from . import (
     CHALLENGE_BAD,
@@ -59,6 +59,7 @@ from .rows import (
     entry_row,
     key_from_row,
     message_from_row,
+    refuse_when_full,
     remember_user,
 )
 
@@ -66,6 +67,9 @@ _log = Logger()
 
 BUSY_TIMEOUT_MS = 5000
 _IN_CHUNK = 500  # ids per UPDATE ... IN (...): below SQLite's parameter limit
+DELETE_PAGE = 500  # messages per transaction of a deletion's message phase
+PURGE_INTERVAL = 30.0  # seconds between passes finishing deletions left unfinished
+_PURGE_USERS = 100  # tombstones read per query of such a pass
 
 _MIGRATION_FILE = re.compile(r"(\d{3})_[a-z0-9_]+\.sql")
 
@@ -438,11 +442,14 @@ def _add_event(cur: Any, user_id: str, kind: str, detail: str, now_ms: int) -> N
     )
 
 
-def _add_entry(cur: Any, user_id: str, entry: Entry) -> None:
+def _add_entry(cur: Any, user_id: str, entry: Entry, now_ms: int) -> None:
     """Insert a checked key-log entry and bring the active keys in step: an
     added key joins them; a revoked one leaves them (the user's public_key
-    becomes the first key still active) and an EVENT_KEY_REVOKED is recorded.
-    An entry whose seq is taken fails ``KeyLogError('keylog_conflict')``."""
+    becomes the first key still active) and an EVENT_KEY_REVOKED is recorded
+    (created ``now_ms``, the store's clock).  An entry whose seq is taken fails
+    ``KeyLogError('keylog_conflict')``, an added key already active
+    ``key_exists``, a revoked key not active ``invalid_request`` (whatever
+    the check let through: the caller's transaction is then rolled back)."""
     try:
         cur.execute(_SQL_ADD_ENTRY, entry_row(user_id, entry))
     except sqlite3.IntegrityError:
@@ -450,30 +457,36 @@ def _add_entry(cur: Any, user_id: str, entry: Entry) -> None:
             "keylog_conflict", "another entry took this seq: fetch the log and sign again"
         ) from None
     if entry.action in (REGISTER, ADD):
-        cur.execute(
-            "INSERT INTO user_keys (user_id, public_key, seq, name, added_ms)"
-            " VALUES (?, ?, ?, ?, ?)",
-            (user_id, entry.public_key, entry.seq, entry.name, entry.at_ms),
-        )
+        try:
+            cur.execute(
+                "INSERT INTO user_keys (user_id, public_key, seq, name, added_ms)"
+                " VALUES (?, ?, ?, ?, ?)",
+                (user_id, entry.public_key, entry.seq, entry.name, entry.at_ms),
+            )
+        except sqlite3.IntegrityError:
+            raise KeyLogError("key_exists", "this key is already an active key") from None
     elif entry.action == REVOKE:
         cur.execute(
             "DELETE FROM user_keys WHERE user_id = ? AND public_key = ?",
             (user_id, entry.public_key),
         )
+        if cur.rowcount != 1:
+            raise KeyLogError("invalid_request", "the key to revoke is not an active key")
         cur.execute(
             "UPDATE users SET public_key = (SELECT public_key FROM user_keys"
             "  WHERE user_id = ? ORDER BY seq LIMIT 1)"
             " WHERE user_id = ? AND EXISTS (SELECT 1 FROM user_keys WHERE user_id = ?)",
             (user_id, user_id, user_id),
         )
-        _add_event(cur, user_id, EVENT_KEY_REVOKED, entry.key_id, entry.at_ms)
+        _add_event(cur, user_id, EVENT_KEY_REVOKED, entry.key_id, now_ms)
 
 
 def _remove_account(cur: Any, user_id: str, now_ms: int) -> None:
     """Everything of a deletion but the messages, in the caller's transaction:
     the user, keys, key log, challenges and signed-out tokens go, the id stays
-    as a tombstone, and an EVENT_DELETED carries the stream head (each node
-    deletes what it stored for the user after it)."""
+    as a tombstone (``purged`` 0 until the messages are gone too), and an
+    EVENT_DELETED carries the stream head (each node deletes what it stored
+    for the user after it)."""
     cur.execute("SELECT COALESCE(MAX(id), 0) FROM messages")
     head = cur.fetchone()[0]
     cur.execute(
@@ -485,14 +498,40 @@ def _remove_account(cur: Any, user_id: str, now_ms: int) -> None:
     _add_event(cur, user_id, EVENT_DELETED, str(head), now_ms)
 
 
-def _message_ids_of(cur: Any, user_id: str) -> list[int]:
-    """The ids of every message from or to ``user_id``."""
-    cur.execute("SELECT id FROM messages WHERE sender = ? OR recipient = ?", (user_id, user_id))
+# The next page of a user's messages, by id: each branch reads at most a page
+# of its index (messages_sender, messages_recipient), so a page costs the
+# same however many messages the user has, and never scans the table.
+_SQL_PAGE_OF = (
+    "SELECT id FROM (SELECT id FROM messages WHERE sender = ? AND id > ? ORDER BY id LIMIT ?)"
+    " UNION SELECT id FROM (SELECT id FROM messages WHERE recipient = ? AND id > ?"
+    "  ORDER BY id LIMIT ?) ORDER BY id LIMIT ?"
+)
+
+
+def _delete_page_of(cur: Any, user_id: str, after: int, finish: bool) -> tuple[int, int | None]:
+    """Delete the next ``DELETE_PAGE`` messages from or to ``user_id`` with id
+    > ``after``; return (how many went, the page's last id, or None when none
+    was left).  With ``finish``, the call that finds none left marks the
+    tombstone purged (in the same transaction)."""
+    page = DELETE_PAGE
+    cur.execute(_SQL_PAGE_OF, (user_id, after, page, user_id, after, page, page))
+    ids = [row[0] for row in cur.fetchall()]
+    if not ids:
+        if finish:
+            cur.execute("UPDATE deleted_users SET purged = 1 WHERE user_id = ?", (user_id,))
+        return 0, None
+    return _delete_ids(cur, ids), ids[-1]
+
+
+def _unpurged(cur: Any, after: str, limit: int) -> list[str]:
+    """Up to ``limit`` deleted users whose messages may not all be gone yet,
+    with ids > ``after``, by id."""
+    cur.execute(
+        "SELECT user_id FROM deleted_users WHERE purged = 0 AND user_id > ?"
+        " ORDER BY user_id LIMIT ?",
+        (after, limit),
+    )
     return [row[0] for row in cur.fetchall()]
-
-
-def _chunks(ids: list[int]) -> list[list[int]]:
-    return [ids[start : start + _IN_CHUNK] for start in range(0, len(ids), _IN_CHUNK)]
 
 
 @implementer(IStore)
@@ -515,6 +554,11 @@ class Store(BatchedWrites):
         self._checkpoint_loop = LoopingCall(self._checkpoint)
         self._checkpoint_loop.clock = clock
         self._checkpointing = False
+        self._purge_loop = LoopingCall(self._purge_pass)
+        self._purge_loop.clock = clock
+        self._purging: defer.Deferred | None = None  # the pass in flight
+        self._stopping = False
+        self.max_log_entries = MAX_LOG_ENTRIES  # a test may lower it
         self._known_users: set[str] = set()  # used only in the pool's thread
         self._commits = GroupCommit(clock, self._write, max_batch)
 
@@ -525,14 +569,34 @@ class Store(BatchedWrites):
     def _write(self, ops: list[tuple[str, Any]]) -> defer.Deferred:
         return self._pool.runInteraction(_write_batch, ops, self._known_users)
 
-    def start(self, checkpoint_interval: float = 1.0) -> defer.Deferred:
-        """Checkpoint the WAL every ``checkpoint_interval`` seconds off the write path.
+    def start(
+        self, checkpoint_interval: float = 1.0, *, purge_interval: float = PURGE_INTERVAL
+    ) -> defer.Deferred:
+        """Checkpoint the WAL every ``checkpoint_interval`` seconds off the write
+        path, and finish deletions left unfinished now and every
+        ``purge_interval`` seconds (``finish_deletions``).
 
         Until this is called SQLite checkpoints inside commits, as usual.
         """
         d = self._pool.runOperation("PRAGMA wal_autocheckpoint = 0")
         if not self._checkpoint_loop.running:
             self._checkpoint_loop.start(checkpoint_interval, now=False)
+        if not self._purge_loop.running:
+            self._purge_loop.start(purge_interval, now=True)
+        return d
+
+    def _purge_pass(self) -> defer.Deferred:
+        """One pass of the purge loop: a failure is logged (and the next pass
+        tries again), never stops the loop."""
+        d = self._purging = self.finish_deletions()
+        d.addErrback(
+            lambda f: _log.warn(
+                "finishing deleted users' message removal failed: {e} (tried again in {s:.0f} s)",
+                e=f.getErrorMessage(),
+                s=self._purge_loop.interval or 0,
+            )
+        )
+        d.addBoth(lambda _: setattr(self, "_purging", None))
         return d
 
     def _checkpoint(self) -> None:
@@ -548,6 +612,11 @@ class Store(BatchedWrites):
         """Refuse new writes, commit what is queued, close the pools."""
         if self._checkpoint_loop.running:
             self._checkpoint_loop.stop()
+        self._stopping = True
+        if self._purge_loop.running:
+            self._purge_loop.stop()
+        if self._purging is not None:
+            yield self._purging  # it stops after the page in flight
         yield self._commits.close()
         self._pool.close()
         self._checkpoints.close()
@@ -576,7 +645,7 @@ class Store(BatchedWrites):
                 return False
             # In the same transaction (adbapi commits after the interaction).
             entry = Entry(0, REGISTER, user.public_key, at_ms=user.created_ms)
-            _add_entry(txn, user.user_id, entry)
+            _add_entry(txn, user.user_id, entry, user.created_ms)
             return True
 
         return self._pool.runInteraction(interaction)
@@ -615,7 +684,9 @@ class Store(BatchedWrites):
         entry's own when set, else now.  Fires with the stored entry, or None
         when no such user; fails with ``check``'s ``KeyLogError`` (nothing
         written)."""
-        stored = entry if entry.at_ms else replace(entry, at_ms=self._now_ms())
+        now_ms = self._now_ms()
+        stored = entry if entry.at_ms else replace(entry, at_ms=now_ms)
+        max_entries = self.max_log_entries
 
         def interaction(txn: Any) -> Entry | None:
             txn.execute("BEGIN IMMEDIATE")
@@ -623,10 +694,11 @@ class Store(BatchedWrites):
             if txn.fetchone() is None:
                 return None
             entries = _read_log(txn, user_id)
+            refuse_when_full(entries, stored, max_entries)
             check(entries)
             if stored.seq != len(entries):  # whatever check let through
                 raise KeyLogError("keylog_conflict", f"seq must be {len(entries)}, the next one")
-            _add_entry(txn, user_id, stored)
+            _add_entry(txn, user_id, stored, now_ms)
             return stored
 
         return self._pool.runInteraction(interaction)
@@ -654,16 +726,63 @@ class Store(BatchedWrites):
     def _delete_account(self, interaction: Callable[[Any], bool], user_id: str) -> Any:
         if not (yield self._pool.runInteraction(interaction)):
             return None
-        ids = yield self._pool.runInteraction(_message_ids_of, user_id)
-        for chunk in _chunks(ids):  # each its own short transaction
-            yield self._pool.runInteraction(_delete_ids, chunk)
+        try:
+            yield self._purge_messages(user_id, 0, finish=True)
+        except Exception as exc:
+            # The account is gone (that committed); the rest of its messages
+            # go in a later pass of finish_deletions, on whichever node.
+            _log.warn(
+                "deleted user {user}, but removing their messages failed: {e}"
+                " (finished within {s:.0f} s by a running node)",
+                user=user_id,
+                e=str(exc),
+                s=PURGE_INTERVAL,
+            )
         return True
+
+    @defer.inlineCallbacks
+    def _purge_messages(self, user_id: str, after: int, finish: bool) -> Any:
+        """Delete the messages from or to ``user_id`` with id > ``after``, a
+        page per transaction; fire with how many went.  With ``finish``, mark
+        the tombstone purged once none is left."""
+        removed = 0
+        while not self._stopping:
+            deleted, last = yield self._pool.runInteraction(_delete_page_of, user_id, after, finish)
+            if last is None:
+                break
+            removed += deleted
+            after = last
+        return removed
+
+    @defer.inlineCallbacks
+    def finish_deletions(self) -> Any:
+        """Remove the messages of every deleted user whose deletion did not get
+        to the end of them (a page that failed, a process stopped half-way),
+        and mark them purged; fire with how many deletions were finished.
+        ``start`` runs it at once and every ``PURGE_INTERVAL`` seconds."""
+        finished, after = 0, ""
+        while not self._stopping:
+            users = yield self._pool.runInteraction(_unpurged, after, _PURGE_USERS)
+            for user_id in users:
+                if self._stopping:
+                    break
+                yield self._purge_messages(user_id, 0, finish=True)
+                finished += 1
+            if len(users) < _PURGE_USERS:
+                break
+            after = users[-1]
+        return finished
 
     def revoke_token(self, user_id: str, jti: str, expires_ms: int, now_ms: int) -> defer.Deferred:
         """Remember a signed-out token until it expires (forgetting those
-        expired) and record an EVENT_SIGNED_OUT; a repeat changes nothing."""
+        expired) and record an EVENT_SIGNED_OUT; a repeat changes nothing.
+        Fires True, or False when no such user (nothing stored)."""
 
-        def interaction(txn: Any) -> None:
+        def interaction(txn: Any) -> bool:
+            txn.execute("BEGIN IMMEDIATE")
+            txn.execute("SELECT 1 FROM users WHERE user_id = ?", (user_id,))
+            if txn.fetchone() is None:
+                return False  # deleted (or never was): nothing to sign out
             txn.execute("DELETE FROM revoked_tokens WHERE expires_ms <= ?", (now_ms,))
             txn.execute(
                 "INSERT OR IGNORE INTO revoked_tokens (jti, user_id, expires_ms) VALUES (?, ?, ?)",
@@ -671,6 +790,7 @@ class Store(BatchedWrites):
             )
             if txn.rowcount == 1:
                 _add_event(txn, user_id, EVENT_SIGNED_OUT, jti, now_ms)
+            return True
 
         return self._pool.runInteraction(interaction)
 
@@ -922,17 +1042,9 @@ class Store(BatchedWrites):
 
     def purge_user_messages(self, user_id: str, after_id: int) -> defer.Deferred:
         """Delete the messages from or to ``user_id`` with id > ``after_id`` (those
-        stored after the user was deleted, while this node still knew it);
-        fires with how many."""
-
-        def interaction(txn: Any) -> int:
-            txn.execute(
-                "SELECT id FROM messages WHERE id > ? AND (sender = ? OR recipient = ?)",
-                (after_id, user_id, user_id),
-            )
-            return _delete_ids(txn, [row[0] for row in txn.fetchall()])
-
-        return self._pool.runInteraction(interaction)
+        stored after the user was deleted, while this node still knew it), a
+        page per transaction; fires with how many."""
+        return self._purge_messages(user_id, after_id, finish=False)
 
 
 def _delete_ids(txn: Any, ids: list[int]) -> int:
@@ -1014,17 +1126,21 @@ def admin_delete_user(conn: sqlite3.Connection, user_id: str, now_ms: int) -> in
 
 
 def _delete_messages_of(conn: sqlite3.Connection, user_id: str) -> int:
-    """Delete every message from or to ``user_id``, in short transactions."""
-    removed = 0
-    for chunk in _chunks(_message_ids_of(conn.cursor(), user_id)):
+    """Delete every message from or to ``user_id``, a page per short
+    transaction, and mark the tombstone purged with the last (empty) page."""
+    removed, after = 0, 0
+    while True:
         conn.execute("BEGIN IMMEDIATE")
         try:
-            removed += _delete_ids(conn.cursor(), chunk)
+            deleted, last = _delete_page_of(conn.cursor(), user_id, after, True)
             conn.execute("COMMIT")
         except BaseException:
             conn.execute("ROLLBACK")
             raise
-    return removed
+        if last is None:
+            return removed
+        removed += deleted
+        after = last
 
 
 def admin_stats(conn: sqlite3.Connection, path: str) -> dict[str, int]:

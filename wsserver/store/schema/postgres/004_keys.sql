@@ -47,6 +47,20 @@ CREATE TABLE revoked_tokens (
 CREATE INDEX revoked_tokens_expiry ON revoked_tokens (expires_ms);
 CREATE INDEX revoked_tokens_user ON revoked_tokens (user_id);
 
+-- Whether a deletion's message phase finished: the tombstone is written
+-- with the account's removal, the messages go afterwards in short
+-- transactions, and ``purged`` is set once none is left.  Every node finishes
+-- the deletions left unfinished (a failed page, a process stopped half-way)
+-- at start and every ``PURGE_INTERVAL`` seconds.  Tombstones of before this
+-- version start unfinished, so a delete-user that failed half-way under
+-- version 3 is finished too (each costs two index look-ups).
+ALTER TABLE deleted_users ADD COLUMN purged BOOLEAN NOT NULL DEFAULT FALSE;
+CREATE INDEX deleted_users_unpurged ON deleted_users (user_id) WHERE NOT purged;
+
+-- A deletion finds the messages a user sent through this index (and those
+-- sent to them through messages_recipient), a page at a time.
+CREATE INDEX messages_sender ON messages (sender, id);
+
 -- The key that signed a message (NULL when unsigned, and for every message
 -- stored before this version).
 ALTER TABLE messages ADD COLUMN key_id TEXT;
