@@ -163,12 +163,13 @@ class ClientTests(ClientBase):
     @defer.inlineCallbacks
     def test_refused_upgrade_fails_connect(self):
         """A first connection whose upgrade is refused (a forged token) fails
-        connect() instead of retrying forever."""
+        connect() instead of retrying forever, naming the HTTP status."""
         alice = yield self.make(self.server, "alice")
         alice.token = "forged.token.value"
         with self.assertRaises(wc.ServerError) as ctx:
             yield alice.connect().addTimeout(10, reactor)
         self.assertEqual(ctx.exception.code, "upgrade_refused")
+        self.assertEqual(ctx.exception.message, "the WebSocket upgrade failed (HTTP 401)")
 
     @defer.inlineCallbacks
     def test_http_errors_carry_the_server_code(self):

@@ -21,6 +21,7 @@ import ipaddress
 import itertools
 import json
 import os
+import re
 import secrets
 from collections import OrderedDict, deque
 from collections.abc import Callable
@@ -719,8 +720,10 @@ class Client:
             return
         if not conn._was_open:  # the server refused the upgrade itself
             if self._connected is not None and not self._connected.called:
+                status = re.search(r"upgrade failed \[(\d{3})\]", reason or "")
+                why = f"HTTP {status.group(1)}" if status else code
                 self._give_up(
-                    ServerError("upgrade_refused", f"the WebSocket upgrade failed ({code})")
+                    ServerError("upgrade_refused", f"the WebSocket upgrade failed ({why})")
                 )
                 return
             self.token = None  # perhaps the token: log in again on the next try
