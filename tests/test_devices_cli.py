@@ -164,8 +164,10 @@ class DevicesEndToEndTests(ServedCase):
         self.assertTrue(text.startswith("wsserver-pair-v1:alice:"), out)
         second_id = key_line.removeprefix("key_id ")
         self.assertEqual(second_id, devices.own_key_id(wc.load_key(str(self.dir / "second.key"))))
-        out = yield self.ok("approve", text, "--name", "laptop")
-        self.assertEqual(out.strip(), f"added {second_id}")
+        code, out, err = yield self.cli("approve", text, "--name", "laptop")
+        self.assertEqual((code, out.strip()), (0, f"added {second_id}"), err)
+        # The approving device made the change: it is no news to it.
+        self.assertNotIn("notice", err)
         return second_id
 
     @defer.inlineCallbacks
@@ -221,8 +223,9 @@ class DevicesEndToEndTests(ServedCase):
         yield self.ok("--key", "second.key", "send", "--to", "alice", "before revoking")
         listen = self.spawn("--key", "second.key", "listen")
         yield listen.err_line("listening as alice")
-        out = yield self.ok("revoke", second_id)
-        self.assertEqual(out.strip(), f"revoked {second_id}")
+        code, out, err = yield self.cli("revoke", second_id)
+        self.assertEqual((code, out.strip()), (0, f"revoked {second_id}"), err)
+        self.assertNotIn("notice", err)  # its own change is no news to it
         code = yield within(listen.ended, WAIT)
         self.assertEqual(code, 1)
         last = listen.err.decode().strip().splitlines()[-1]

@@ -489,7 +489,10 @@ class Client:
         self._remember(log)
         return log
 
-    def _remember(self, log: CheckedLog) -> None:
+    def _remember(self, log: CheckedLog, made: tuple[tuple, tuple] | None = None) -> None:
+        """Compare ``log`` with what was seen, remember it, and report what
+        changed, except this device's own doing: its own link, or ``made``
+        (the keys (added, revoked) by the append it just made)."""
         notice = devices.compare(self.seen.get(self.server, log.user_id), log)
         failed_before = self.seen.save_error is not None
         self.seen.put(self.server, log.user_id, devices.Seen.of(log))
@@ -507,7 +510,13 @@ class Client:
             and notice.added == (self.key_id,)
             and not notice.revoked
         )
-        if notice is not None and not own_addition:  # this device's own link is no news
+        own_append = (
+            notice is not None
+            and made is not None
+            and notice.kind == devices.DEVICES_CHANGED
+            and (notice.added, notice.revoked) == made
+        )
+        if notice is not None and not own_addition and not own_append:
             self._notice(notice)
 
     @defer.inlineCallbacks
@@ -525,17 +534,17 @@ class Client:
         return notices
 
     @defer.inlineCallbacks
-    def _own_log(self) -> Any:
+    def _own_log(self, made: tuple[tuple, tuple] | None = None) -> Any:
         """This user's key log, checked, fetched now (not cached): what an
         append or a deletion signs against.  ``KeyLogError`` if it does not
-        check (nothing is signed then)."""
+        check (nothing is signed then).  ``made``: see ``_remember``."""
         try:
             log = yield self.fetch_keylog(self.user_id)
         except KeyLogError as err:
             raise KeyLogError(
                 err.code, f"{self.user_id}'s key log does not check: {err.message}"
             ) from None
-        self._remember(log)
+        self._remember(log, made)
         return log
 
     @defer.inlineCallbacks
@@ -585,8 +594,9 @@ class Client:
         log = yield self._own_log()
         body = devices.approve_body(log, pairing, self.key, name)
         yield self._request(b"POST", f"/auth/users/{self.user_id}/keylog", body)
-        yield self._own_log()  # remember our own change: no notice for it later
-        return keylog.key_id(pairing.public_key)
+        new_id = keylog.key_id(pairing.public_key)
+        yield self._own_log(made=((new_id,), ()))  # our own change is no news
+        return new_id
 
     @defer.inlineCallbacks
     def revoke(self, key_id: str) -> Any:
@@ -596,7 +606,7 @@ class Client:
         log = yield self._own_log()
         body = devices.revoke_body(log, key_id, self.key)
         yield self._request(b"POST", f"/auth/users/{self.user_id}/keylog", body)
-        yield self._own_log()
+        yield self._own_log(made=((), (key_id,)))  # our own change is no news
         return key_id
 
     @defer.inlineCallbacks
