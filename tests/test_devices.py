@@ -442,6 +442,22 @@ class StoppedTests(unittest.TestCase):
             self.assertIn(f"{code} {reason}", str(err))
             self.assertIn("not reconnecting", str(err))
 
+    def test_the_servers_close_code_counts_when_the_close_was_not_clean(self):
+        """The server's 4003 arrived but the TCP connection ended uncleanly
+        (Autobahn then says 1006): the client still stops for good."""
+        c = wc.Client(SERVER, "carol", SigningKey.generate())
+        failures: list = []
+        c.on_give_up = failures.append
+        c._wanted = True
+        conn = wc._Conn()
+        conn.factory = type("F", (), {"_wsclient": c})()
+        conn._was_open = True
+        conn.remoteCloseCode, conn.remoteCloseReason = 4003, "key revoked"
+        conn.onClose(False, 1006, "connection was closed uncleanly (peer did not drop)")
+        self.assertIsNone(c._retrying)
+        (err,) = failures
+        self.assertEqual((err.code, err.close_code), ("key_revoked", 4003))
+
 
 class OwnLinkTests(unittest.TestCase):
     @defer.inlineCallbacks

@@ -229,6 +229,7 @@ class DevicesEndToEndTests(ServedCase):
         code = yield within(listen.ended, WAIT)
         self.assertEqual(code, 1)
         last = listen.err.decode().strip().splitlines()[-1]
+        self.assertIn("4003", last, listen.err.decode())
         self.assertOneHumanLine(last, "4003", "revoked", "not reconnecting")
         self.assertNotIn("reconnecting in", listen.err.decode())
         code, _, err = yield self.cli("--key", "second.key", "login")

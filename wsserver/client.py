@@ -265,6 +265,11 @@ class _Conn(WebSocketClientProtocol):
         self.factory._wsclient._frame(json.loads(payload))
 
     def onClose(self, wasClean: bool, code: int | None, reason: str | None) -> None:
+        # Autobahn reports 1006 for a close that was not clean, even when the
+        # server's close frame arrived (a loaded server that drops the TCP
+        # connection late after its 4003): what the server said is what counts.
+        if self.remoteCloseCode is not None:
+            code, reason = self.remoteCloseCode, self.remoteCloseReason
         self.factory._wsclient._closed(self, code, reason)
 
 
