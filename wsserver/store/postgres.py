@@ -84,6 +84,7 @@ SCHEMA_LOCK = 0x7773736368656D61
 NODES_LOCK = 0x77736E6F646573
 USER_LOCK = 0x7775  # with hashtext(user_id): the two-key advisory locks of one user id
 DELETE_PAGE = 500  # messages per transaction of a deletion's message phase
+DELETE_SLICE = 5000  # ids a page of a deletion's message phase reads, at most
 PURGE_INTERVAL = 30.0  # seconds between passes finishing deletions left unfinished
 _PURGE_USERS = 100  # tombstones read per query of such a pass
 
@@ -510,14 +511,17 @@ def _lock_for_deletion(cur: Any, user_id: str) -> bool:
     return _lock_user(cur, user_id)
 
 
-# The next page of a user's messages, by id: each branch reads at most a page
-# of its index (messages_sender, messages_recipient), so a page costs the
-# same however many messages the user has.
+# A page of a deletion's message phase looks at one slice of ids: the next
+# DELETE_SLICE ids from the first stored above the last page's.  The messages
+# the user sent are found by reading that slice by primary key (there is no
+# index on sender: it would slow every insert), those sent to them through
+# messages_recipient; so each page's transaction is short however large the
+# table, and a whole deletion reads the table once, a slice at a time.
+_SQL_NEXT_ID = "SELECT MIN(id) FROM messages WHERE id > %s"
 _SQL_PAGE_OF = (
-    "SELECT id FROM ((SELECT id FROM messages WHERE sender = %s AND id > %s"
-    "  ORDER BY id LIMIT %s)"
-    " UNION (SELECT id FROM messages WHERE recipient = %s AND id > %s ORDER BY id LIMIT %s))"
-    " AS page ORDER BY id LIMIT %s"
+    "SELECT id FROM messages WHERE id >= %s AND id <= %s AND sender = %s"
+    " UNION SELECT id FROM messages WHERE recipient = %s AND id >= %s AND id <= %s"
+    " ORDER BY id LIMIT %s"
 )
 
 
@@ -528,18 +532,23 @@ def _delete_ids(cur: Any, ids: list[int]) -> int:
 
 
 def _delete_page_of(cur: Any, user_id: str, after: int, finish: bool) -> tuple[int, int | None]:
-    """Delete the next ``DELETE_PAGE`` messages from or to ``user_id`` with id
-    > ``after``; return (how many went, the page's last id, or None when none
-    was left).  With ``finish``, the call that finds none left marks the
-    tombstone purged (in the same transaction)."""
-    page = DELETE_PAGE
-    cur.execute(_SQL_PAGE_OF, (user_id, after, page, user_id, after, page, page))
-    ids = [row[0] for row in cur.fetchall()]
-    if not ids:
+    """Delete up to ``DELETE_PAGE`` messages from or to ``user_id`` in the next
+    slice of ids above ``after``; return (how many went, the id the next page
+    starts above, or None when no message is stored above ``after``).  With
+    ``finish``, the call that finds none left marks the tombstone purged (in
+    the same transaction)."""
+    cur.execute(_SQL_NEXT_ID, (after,))
+    first = cur.fetchone()[0]
+    if first is None:
         if finish:
             cur.execute("UPDATE deleted_users SET purged = TRUE WHERE user_id = %s", (user_id,))
         return 0, None
-    return _delete_ids(cur, ids), ids[-1]
+    last = first + DELETE_SLICE - 1
+    cur.execute(_SQL_PAGE_OF, (first, last, user_id, user_id, first, last, DELETE_PAGE))
+    ids = [row[0] for row in cur.fetchall()]
+    if len(ids) == DELETE_PAGE:
+        last = ids[-1]  # the page is full: the next one goes on from its last id
+    return (_delete_ids(cur, ids) if ids else 0), last
 
 
 def _unpurged(cur: Any, after: str, limit: int) -> list[str]:
