@@ -630,7 +630,7 @@ class KeyStoreContract:
         self.assertTrue((yield self.store.delete_account(ALICE, 77, check)))
         self.assertEqual(self.messages_of(ALICE), [])
         self.assertTrue(self.tombstone(ALICE)["purged"])
-        self.assertLessEqual(len(calls), 6, calls)
+        self.assertLessEqual(len(calls), 6, calls[:10])
 
     def test_no_page_query_scans_the_table(self):
         """The deletion's page query reads the messages a user sent as a range
@@ -868,8 +868,8 @@ class PostgresKeyStoreTests(KeyStoreContract, unittest.TestCase):
     engine_error = psycopg.OperationalError
     scan_pattern = r"Seq Scan"
     range_pattern = (
-        r"Index Scan using messages_pkey on messages .*\n\s*"
-        r"Index Cond: \(\(id >= .*\) AND \(id <= .*\)\)\n\s*Filter: \(sender = "
+        r"(Index Scan using|Bitmap Index Scan on) messages_pkey.*\n\s*"
+        r"Index Cond: \(\(id >= .*\) AND \(id <= .*\)\)"
     )
 
     def page_plan(self) -> str:
