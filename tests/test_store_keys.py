@@ -632,6 +632,46 @@ class KeyStoreContract:
         self.assertTrue(self.tombstone(ALICE)["purged"])
         self.assertLessEqual(len(calls), 6, calls[:10])
 
+    @defer.inlineCallbacks
+    def test_unfinished_deletions_are_finished_in_one_read_of_the_table(self):
+        """finish_deletions finishes several unpurged tombstones (say, from
+        before schema 4) together: with slices of 3 ids, one walk over the
+        table's slices removes every message from or to any of them, no
+        other, and marks them all purged."""
+        yield self.fill()
+        head = max(r["id"] for r in self.rows("messages"))
+        for i, (sender, to) in enumerate(
+            [
+                ("dan", "bob"),
+                ("bob", "erin"),
+                ("erin", "dan"),
+                ("carol", "bob"),
+                ("dan", "broadcast"),
+            ]
+        ):
+            self.insert_message(head + 1 + i, sender, to)
+        for user_id in ("dan", "erin", "frank"):  # frank left nothing behind
+            self.add_tombstone(user_id)
+        gone = {"dan", "erin"}
+        others = [r for r in self.rows("messages") if not gone & {r["sender"], r["recipient"]}]
+        real = self.engine._delete_page_of
+        calls: list[int] = []
+
+        def counting(cur: Any, user_ids: Any, after: int, finish: bool) -> Any:
+            calls.append(after)
+            return real(cur, user_ids, after, finish)
+
+        self.patch(self.engine, "_delete_page_of", counting)
+        self.patch(self.engine, "DELETE_SLICE", 3)
+        self.assertEqual((yield self.store.finish_deletions()), 3)
+        self.assertEqual(sorted(self.rows("messages"), key=repr), sorted(others, key=repr))
+        self.assertEqual(
+            [self.tombstone(u)["purged"] for u in ("dan", "erin", "frank")], [True] * 3
+        )
+        slices = -(-(head + 5) // 3)  # ids 1 to head + 5, no gaps
+        self.assertEqual(len(calls), slices + 1, calls)  # and the one that finds none left
+        self.assertEqual((yield self.store.finish_deletions()), 0)
+
     def test_no_page_query_scans_the_table(self):
         """The deletion's page query reads the messages a user sent as a range
         of the primary key (a slice of ids) and those sent to them through
@@ -813,6 +853,15 @@ class SQLiteKeyStoreTests(KeyStoreContract, unittest.TestCase):
         )
         return [row[0] for row in rows]
 
+    def add_tombstone(self, user_id: str) -> None:
+        conn = sqlite3.connect(self.path)
+        with conn:
+            conn.execute(
+                "INSERT INTO deleted_users (user_id, deleted_ms, purged) VALUES (?, 1, 0)",
+                (user_id,),
+            )
+        conn.close()
+
     def insert_message(self, id_: int, sender: str, recipient: str) -> None:
         conn = sqlite3.connect(self.path)
         with conn:
@@ -884,7 +933,7 @@ class PostgresKeyStoreTests(KeyStoreContract, unittest.TestCase):
             )
             conn.execute("ANALYZE messages")
             for sql, args in (
-                (pg._SQL_PAGE_OF, (20001, 25000, "u5", "u5", 20001, 25000, 500)),
+                (pg._SQL_PAGE_OF, (20001, 25000, ["u5"], ["u5"], 20001, 25000, 500)),
                 (pg._SQL_NEXT_ID, (0,)),
             ):
                 plan += [row[0] for row in conn.execute(b"EXPLAIN " + sql.encode(), args)]
@@ -897,6 +946,13 @@ class PostgresKeyStoreTests(KeyStoreContract, unittest.TestCase):
             " AND indexname <> 'messages_pkey'"
         )
         return [row[0] for row in rows]
+
+    def add_tombstone(self, user_id: str) -> None:
+        self._query(
+            "INSERT INTO deleted_users (user_id, deleted_ms, purged) VALUES (%s, 1, FALSE)"
+            " RETURNING user_id",
+            (user_id,),
+        )
 
     def insert_message(self, id_: int, sender: str, recipient: str) -> None:
         self._query(

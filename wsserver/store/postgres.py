@@ -26,7 +26,7 @@ import os
 import re
 import select
 import socket
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import replace
 from importlib import resources
 from typing import Any
@@ -518,9 +518,11 @@ def _lock_for_deletion(cur: Any, user_id: str) -> bool:
 # messages_recipient; so each page's transaction is short however large the
 # table, and a whole deletion reads the table once, a slice at a time.
 _SQL_NEXT_ID = "SELECT MIN(id) FROM messages WHERE id > %s"
+# Arguments: first, last, the users (a list), the users again, first, last,
+# the page's size.
 _SQL_PAGE_OF = (
-    "SELECT id FROM messages WHERE id >= %s AND id <= %s AND sender = %s"
-    " UNION SELECT id FROM messages WHERE recipient = %s AND id >= %s AND id <= %s"
+    "SELECT id FROM messages WHERE id >= %s AND id <= %s AND sender = ANY(%s::text[])"
+    " UNION SELECT id FROM messages WHERE recipient = ANY(%s::text[]) AND id >= %s AND id <= %s"
     " ORDER BY id LIMIT %s"
 )
 
@@ -531,20 +533,26 @@ def _delete_ids(cur: Any, ids: list[int]) -> int:
     return cur.rowcount
 
 
-def _delete_page_of(cur: Any, user_id: str, after: int, finish: bool) -> tuple[int, int | None]:
-    """Delete up to ``DELETE_PAGE`` messages from or to ``user_id`` in the next
-    slice of ids above ``after``; return (how many went, the id the next page
-    starts above, or None when no message is stored above ``after``).  With
-    ``finish``, the call that finds none left marks the tombstone purged (in
-    the same transaction)."""
+def _delete_page_of(
+    cur: Any, user_ids: Sequence[str], after: int, finish: bool
+) -> tuple[int, int | None]:
+    """Delete up to ``DELETE_PAGE`` messages from or to any of ``user_ids`` in
+    the next slice of ids above ``after``; return (how many went, the id the
+    next page starts above, or None when no message is stored above
+    ``after``).  With ``finish``, the call that finds none left marks their
+    tombstones purged (in the same transaction)."""
     cur.execute(_SQL_NEXT_ID, (after,))
     first = cur.fetchone()[0]
     if first is None:
         if finish:
-            cur.execute("UPDATE deleted_users SET purged = TRUE WHERE user_id = %s", (user_id,))
+            cur.execute(
+                "UPDATE deleted_users SET purged = TRUE WHERE user_id = ANY(%s::text[])",
+                (list(user_ids),),
+            )
         return 0, None
     last = first + DELETE_SLICE - 1
-    cur.execute(_SQL_PAGE_OF, (first, last, user_id, user_id, first, last, DELETE_PAGE))
+    users = list(user_ids)
+    cur.execute(_SQL_PAGE_OF, (first, last, users, users, first, last, DELETE_PAGE))
     ids = [row[0] for row in cur.fetchall()]
     if len(ids) == DELETE_PAGE:
         last = ids[-1]  # the page is full: the next one goes on from its last id
@@ -792,7 +800,7 @@ class PostgresStore(BatchedWrites):
             return None
         self._known_users.discard(user_id)
         try:
-            yield self._purge_messages(user_id, 0, finish=True)
+            yield self._purge_messages([user_id], 0, finish=True)
         except Exception as exc:
             # The account is gone (that committed); the rest of its messages
             # go in a later pass of finish_deletions, on whichever node.
@@ -806,13 +814,13 @@ class PostgresStore(BatchedWrites):
         return True
 
     @defer.inlineCallbacks
-    def _purge_messages(self, user_id: str, after: int, finish: bool) -> Any:
-        """Delete the messages from or to ``user_id`` with id > ``after``, a
-        page per transaction; fire with how many went.  With ``finish``, mark
-        the tombstone purged once none is left."""
+    def _purge_messages(self, user_ids: list[str], after: int, finish: bool) -> Any:
+        """Delete the messages from or to any of ``user_ids`` with id >
+        ``after``, a page per transaction; fire with how many went.  With
+        ``finish``, mark their tombstones purged once none is left."""
         removed = 0
         while not self._stopping:
-            deleted, last = yield self._run(_delete_page_of, user_id, after, finish)
+            deleted, last = yield self._run(_delete_page_of, user_ids, after, finish)
             if last is None:
                 break
             removed += deleted
@@ -830,11 +838,12 @@ class PostgresStore(BatchedWrites):
         finished, after = 0, ""
         while not self._stopping:
             users = yield self._run(_unpurged, after, _PURGE_USERS)
-            for user_id in users:
-                if self._stopping:
-                    break
-                yield self._purge_messages(user_id, 0, finish=True)
-                finished += 1
+            if users:
+                # All of them at once: their messages are found in one read of
+                # the table (a slice at a time), not one read per deletion.
+                yield self._purge_messages(users, 0, finish=True)
+                if not self._stopping:
+                    finished += len(users)
             if len(users) < _PURGE_USERS:
                 break
             after = users[-1]
@@ -1083,7 +1092,7 @@ class PostgresStore(BatchedWrites):
     def purge_user_messages(self, user_id: str, after_id: int) -> defer.Deferred:
         """Delete the messages from or to ``user_id`` with id > ``after_id``, a
         page per transaction; fires with how many."""
-        return self._purge_messages(user_id, after_id, finish=False)
+        return self._purge_messages([user_id], after_id, finish=False)
 
 
 # ----------------------------------------------------------------------------
@@ -1138,7 +1147,7 @@ def _delete_messages_of(conn: psycopg.Connection, user_id: str) -> int:
     removed, after = 0, 0
     while True:
         with conn.transaction():
-            deleted, last = _delete_page_of(conn.cursor(), user_id, after, True)
+            deleted, last = _delete_page_of(conn.cursor(), [user_id], after, True)
         if last is None:
             return removed
         removed += deleted
