@@ -913,6 +913,34 @@ class RaceTests(Base):
         self.assertEqual(code, 4004)
 
 
+class LogoutRaceTests(Base):
+    @defer.inlineCallbacks
+    def test_a_logout_racing_a_deletion_is_unauthorized(self):
+        """The user deleted between the token's check and the sign-out's
+        write (the store's write finds no user and stores nothing): POST
+        /auth/logout and /auth/logout?all=true answer 401 unauthorized."""
+        service = self.server.service
+        store = service.auth._store
+        for user_id, method, everywhere in (
+            ("alice", "revoke_token", False),
+            ("bob", "revoke_tokens", True),
+        ):
+            key = yield self.server.register(user_id)
+            token = yield self.token(user_id, key)
+            real = getattr(store, method)
+
+            @defer.inlineCallbacks
+            def deleted_first(*args: Any, user_id: str = user_id, real: Any = real) -> Any:
+                deleted = yield store.delete_account(user_id, 1, lambda entries: None)
+                self.assertTrue(deleted)
+                result = yield real(*args)
+                return result
+
+            self.patch(store, method, deleted_first)
+            result = yield self.logout(token, everywhere=everywhere)
+            self.assertEqual(self.error(result), (401, "unauthorized"), user_id)
+
+
 class PropagationTests(Base):
     @defer.inlineCallbacks
     def test_the_node_that_made_the_change_applies_it_at_once(self):

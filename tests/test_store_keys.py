@@ -561,24 +561,36 @@ class KeyStoreContract:
 
     @defer.inlineCallbacks
     def test_the_message_phase_goes_a_page_at_a_time(self):
-        """With pages of 2, a user's messages (sent, received, broadcast, to
-        themself) all go, in pages of at most 2, other users' stay; late
+        """With pages of 2 and slices of 3 ids, a user's messages (sent,
+        received, broadcast, to themself) all go, in pages of at most 2, each
+        page looking at no more than 3 ids (a full page goes on from its last
+        id, the others from the end of their slice); other users' stay; late
         messages above a head go the same way (purge_user_messages)."""
         yield self.fill()
         for i in range(5):
             yield self.store.add_message(message("carol", ALICE, f"more {i}"))
         yield self.store.drain()
+        ids = sorted(r["id"] for r in self.rows("messages"))
+        self.assertEqual(ids, list(range(ids[0], ids[0] + len(ids))))  # no gaps
         others = [r for r in self.rows("messages") if ALICE not in (r["sender"], r["recipient"])]
-        real = self.engine._delete_ids
+        real_delete, real_page = self.engine._delete_ids, self.engine._delete_page_of
         pages: list[int] = []
+        steps: list[tuple[int, int | None]] = []
 
         def counting(cur: Any, ids: list[int]) -> int:
             pages.append(len(ids))
-            return real(cur, ids)
+            return real_delete(cur, ids)
+
+        def stepping(cur: Any, user_id: str, after: int, finish: bool) -> Any:
+            deleted, last = real_page(cur, user_id, after, finish)
+            steps.append((after, last))
+            return deleted, last
 
         self.patch(self.engine, "_delete_ids", counting)
+        self.patch(self.engine, "_delete_page_of", stepping)
         self.patch(self.engine, "DELETE_PAGE", 2)
-        head = max(r["id"] for r in self.rows("messages"))
+        self.patch(self.engine, "DELETE_SLICE", 3)
+        head = ids[-1]
         purged = yield self.store.purge_user_messages(ALICE, head - 3)
         self.assertEqual(purged, 3)
         delete = LOG["delete"]
@@ -588,15 +600,92 @@ class KeyStoreContract:
         self.assertEqual(sorted(self.rows("messages"), key=repr), sorted(others, key=repr))
         self.assertEqual(sum(pages), 4 + 5)
         self.assertLessEqual(max(pages), 2)
+        # Each page looked at a slice of at most 3 ids (the ids have no gaps).
+        self.assertEqual([last for _, last in steps].count(None), 2)  # one end per phase
+        for after, last in steps:
+            if last is not None:
+                self.assertLessEqual(last - after, 3, steps)
         self.assertTrue(self.tombstone(ALICE)["purged"])
 
-    def test_the_page_query_reads_the_indexes(self):
-        """The deletion's page query finds a user's messages through the
-        indexes on (sender, id) and (recipient, id), never a scan of the table."""
+    @defer.inlineCallbacks
+    def test_the_message_phase_skips_gaps_in_ids(self):
+        """Where ids are missing (retention removed them), the next page starts
+        at the next stored id: with slices of 3, messages at ids a few
+        thousand apart take a few pages, not one per slice of the gap."""
+        yield self.fill()
+        head = max(r["id"] for r in self.rows("messages"))
+        self.insert_message(head + 3000, ALICE, "bob")
+        self.insert_message(head + 6000, "carol", ALICE)
+        real = self.engine._delete_page_of
+        calls: list[int] = []
+
+        def counting(cur: Any, user_id: str, after: int, finish: bool) -> Any:
+            calls.append(after)
+            return real(cur, user_id, after, finish)
+
+        self.patch(self.engine, "_delete_page_of", counting)
+        self.patch(self.engine, "DELETE_SLICE", 3)
+        delete = LOG["delete"]
+        check = deletion_check(ALICE, delete["key_id"], b64decode(delete["signature"]))
+        self.assertTrue((yield self.store.delete_account(ALICE, 77, check)))
+        self.assertEqual(self.messages_of(ALICE), [])
+        self.assertTrue(self.tombstone(ALICE)["purged"])
+        self.assertLessEqual(len(calls), 6, calls[:10])
+
+    @defer.inlineCallbacks
+    def test_unfinished_deletions_are_finished_in_one_read_of_the_table(self):
+        """finish_deletions finishes several unpurged tombstones (say, from
+        before schema 4) together: with slices of 3 ids, one walk over the
+        table's slices removes every message from or to any of them, no
+        other, and marks them all purged."""
+        yield self.fill()
+        head = max(r["id"] for r in self.rows("messages"))
+        for i, (sender, to) in enumerate(
+            [
+                ("dan", "bob"),
+                ("bob", "erin"),
+                ("erin", "dan"),
+                ("carol", "bob"),
+                ("dan", "broadcast"),
+            ]
+        ):
+            self.insert_message(head + 1 + i, sender, to)
+        for user_id in ("dan", "erin", "frank"):  # frank left nothing behind
+            self.add_tombstone(user_id)
+        gone = {"dan", "erin"}
+        others = [r for r in self.rows("messages") if not gone & {r["sender"], r["recipient"]}]
+        real = self.engine._delete_page_of
+        calls: list[int] = []
+
+        def counting(cur: Any, user_ids: Any, after: int, finish: bool) -> Any:
+            calls.append(after)
+            return real(cur, user_ids, after, finish)
+
+        self.patch(self.engine, "_delete_page_of", counting)
+        self.patch(self.engine, "DELETE_SLICE", 3)
+        self.assertEqual((yield self.store.finish_deletions()), 3)
+        self.assertEqual(sorted(self.rows("messages"), key=repr), sorted(others, key=repr))
+        self.assertEqual(
+            [self.tombstone(u)["purged"] for u in ("dan", "erin", "frank")], [True] * 3
+        )
+        slices = -(-(head + 5) // 3)  # ids 1 to head + 5, no gaps
+        self.assertEqual(len(calls), slices + 1, calls)  # and the one that finds none left
+        self.assertEqual((yield self.store.finish_deletions()), 0)
+
+    def test_no_page_query_scans_the_table(self):
+        """The deletion's page query reads the messages a user sent as a range
+        of the primary key (a slice of ids) and those sent to them through
+        the index on (recipient, id); the query finding the next stored id
+        reads the primary key: no query scans the table.  And no index on
+        sender slows every insert for the sake of it."""
         plan = self.page_plan()
-        self.assertIn("messages_sender", plan)
+        self.assertRegex(plan, self.range_pattern)
         self.assertIn("messages_recipient", plan)
         self.assertNotRegex(plan, self.scan_pattern)
+        self.assertEqual(
+            sorted(self.message_indexes()),
+            ["messages_created", "messages_pending", "messages_recipient", "messages_sender_nonce"],
+        )
 
     # -- the key log's cap --------------------------------------------------------------
 
@@ -742,14 +831,46 @@ class KeyStoreContract:
 class SQLiteKeyStoreTests(KeyStoreContract, unittest.TestCase):
     engine = sq
     engine_error = sqlite3.OperationalError
-    scan_pattern = r"SCAN messages(?! USING)"
+    # Any SCAN of messages reads all of it (the table, or a whole index).
+    scan_pattern = r"SCAN messages"
+    range_pattern = r"SEARCH messages USING INTEGER PRIMARY KEY \(rowid>\? AND rowid<\?\)"
 
     def page_plan(self) -> str:
         conn = sqlite3.connect(self.path)
         self.addCleanup(conn.close)
-        args = ("u5", 0, 500, "u5", 0, 500, 500)
-        rows = conn.execute("EXPLAIN QUERY PLAN " + sq._SQL_PAGE_OF, args).fetchall()
-        return "\n".join(row[-1] for row in rows)
+        plan = []
+        for sql, args in (
+            (sq._SQL_PAGE_OF, (1, 5000, "u5", "u5", 1, 5000, 500)),
+            (sq._SQL_NEXT_ID, (0,)),
+        ):
+            plan += [row[-1] for row in conn.execute("EXPLAIN QUERY PLAN " + sql, args)]
+        return "\n".join(plan)
+
+    def message_indexes(self) -> list[str]:
+        rows = self._query(
+            "SELECT name FROM sqlite_master WHERE type = 'index' AND tbl_name = 'messages'"
+            " AND name NOT LIKE 'sqlite_autoindex%'"
+        )
+        return [row[0] for row in rows]
+
+    def add_tombstone(self, user_id: str) -> None:
+        conn = sqlite3.connect(self.path)
+        with conn:
+            conn.execute(
+                "INSERT INTO deleted_users (user_id, deleted_ms, purged) VALUES (?, 1, 0)",
+                (user_id,),
+            )
+        conn.close()
+
+    def insert_message(self, id_: int, sender: str, recipient: str) -> None:
+        conn = sqlite3.connect(self.path)
+        with conn:
+            conn.execute(
+                "INSERT INTO messages (id, sender, recipient, content, verification,"
+                " created_ms) VALUES (?, ?, ?, 'x', 'unsigned', 0)",
+                (id_, sender, recipient),
+            )
+        conn.close()
 
     def make_store(self) -> Any:
         if not hasattr(self, "path"):
@@ -795,9 +916,14 @@ class PostgresKeyStoreTests(KeyStoreContract, unittest.TestCase):
     engine = pg
     engine_error = psycopg.OperationalError
     scan_pattern = r"Seq Scan"
+    range_pattern = (
+        r"(Index Scan using|Bitmap Index Scan on) messages_pkey.*\n\s*"
+        r"Index Cond: \(\(id >= .*\) AND \(id <= .*\)\)"
+    )
 
     def page_plan(self) -> str:
         self.make_store()
+        plan = []
         with psycopg.connect(self.url) as conn:
             # Enough rows of enough users that the planner prefers an index.
             conn.execute(
@@ -806,11 +932,34 @@ class PostgresKeyStoreTests(KeyStoreContract, unittest.TestCase):
                 " FROM generate_series(1, 50000) AS g"
             )
             conn.execute("ANALYZE messages")
-            rows = conn.execute(
-                b"EXPLAIN " + pg._SQL_PAGE_OF.encode(), ("u5", 0, 500, "u5", 0, 500, 500)
-            ).fetchall()
+            for sql, args in (
+                (pg._SQL_PAGE_OF, (20001, 25000, ["u5"], ["u5"], 20001, 25000, 500)),
+                (pg._SQL_NEXT_ID, (0,)),
+            ):
+                plan += [row[0] for row in conn.execute(b"EXPLAIN " + sql.encode(), args)]
             conn.rollback()
-        return "\n".join(row[0] for row in rows)
+        return "\n".join(plan)
+
+    def message_indexes(self) -> list[str]:
+        _, rows = self._query(
+            "SELECT indexname FROM pg_indexes WHERE tablename = 'messages'"
+            " AND indexname <> 'messages_pkey'"
+        )
+        return [row[0] for row in rows]
+
+    def add_tombstone(self, user_id: str) -> None:
+        self._query(
+            "INSERT INTO deleted_users (user_id, deleted_ms, purged) VALUES (%s, 1, FALSE)"
+            " RETURNING user_id",
+            (user_id,),
+        )
+
+    def insert_message(self, id_: int, sender: str, recipient: str) -> None:
+        self._query(
+            "INSERT INTO messages (id, sender, recipient, content, verification, created_ms)"
+            " VALUES (%s, %s, %s, 'x', 'unsigned', 0) RETURNING id",
+            (id_, sender, recipient),
+        )
 
     def make_store(self) -> Any:
         if not hasattr(self, "url"):

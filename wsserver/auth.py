@@ -640,7 +640,9 @@ class Authenticator:
             if gen is None:
                 raise AuthError("unauthorized", "the token's user does not exist")
             return (EVENT_SIGNED_OUT_ALL, claims.user_id, str(gen))
-        yield self._store.revoke_token(claims.user_id, claims.jti, claims.exp * 1000, now)
+        stored = yield self._store.revoke_token(claims.user_id, claims.jti, claims.exp * 1000, now)
+        if not stored:  # deleted since the token was checked: nothing was stored
+            raise AuthError("unauthorized", "the token's user does not exist")
         return (EVENT_SIGNED_OUT, claims.user_id, claims.jti)
 
 

@@ -18,7 +18,7 @@ import os
 import re
 import sqlite3
 import stat
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import replace
 from importlib import resources
 from typing import Any
@@ -68,6 +68,7 @@ _log = Logger()
 BUSY_TIMEOUT_MS = 5000
 _IN_CHUNK = 500  # ids per UPDATE ... IN (...): below SQLite's parameter limit
 DELETE_PAGE = 500  # messages per transaction of a deletion's message phase
+DELETE_SLICE = 5000  # ids a page of a deletion's message phase reads, at most
 PURGE_INTERVAL = 30.0  # seconds between passes finishing deletions left unfinished
 _PURGE_USERS = 100  # tombstones read per query of such a pass
 
@@ -498,29 +499,54 @@ def _remove_account(cur: Any, user_id: str, now_ms: int) -> None:
     _add_event(cur, user_id, EVENT_DELETED, str(head), now_ms)
 
 
-# The next page of a user's messages, by id: each branch reads at most a page
-# of its index (messages_sender, messages_recipient), so a page costs the
-# same however many messages the user has, and never scans the table.
-_SQL_PAGE_OF = (
-    "SELECT id FROM (SELECT id FROM messages WHERE sender = ? AND id > ? ORDER BY id LIMIT ?)"
-    " UNION SELECT id FROM (SELECT id FROM messages WHERE recipient = ? AND id > ?"
-    "  ORDER BY id LIMIT ?) ORDER BY id LIMIT ?"
-)
+# A page of a deletion's message phase looks at one slice of ids: the next
+# DELETE_SLICE ids from the first stored above the last page's.  The messages
+# the user sent are found by reading that slice by primary key (there is no
+# index on sender: it would slow every insert), those sent to them through
+# messages_recipient; so each page's transaction is short however large the
+# table, and a whole deletion reads the table once, a slice at a time.
+_SQL_NEXT_ID = "SELECT MIN(id) FROM messages WHERE id > ?"
 
 
-def _delete_page_of(cur: Any, user_id: str, after: int, finish: bool) -> tuple[int, int | None]:
-    """Delete the next ``DELETE_PAGE`` messages from or to ``user_id`` with id
-    > ``after``; return (how many went, the page's last id, or None when none
-    was left).  With ``finish``, the call that finds none left marks the
-    tombstone purged (in the same transaction)."""
-    page = DELETE_PAGE
-    cur.execute(_SQL_PAGE_OF, (user_id, after, page, user_id, after, page, page))
-    ids = [row[0] for row in cur.fetchall()]
-    if not ids:
+def _sql_page_of(users: int) -> str:
+    """The page query for ``users`` users (arguments: first, last, the
+    users, the users again, first, last, the page's size)."""
+    marks = ",".join("?" * users)
+    return (
+        f"SELECT id FROM messages WHERE id >= ? AND id <= ? AND sender IN ({marks})"  # noqa: S608
+        f" UNION SELECT id FROM messages WHERE recipient IN ({marks}) AND id >= ? AND id <= ?"
+        " ORDER BY id LIMIT ?"
+    )
+
+
+_SQL_PAGE_OF = _sql_page_of(1)  # one user's (what the plan test reads)
+
+
+def _delete_page_of(
+    cur: Any, user_ids: Sequence[str], after: int, finish: bool
+) -> tuple[int, int | None]:
+    """Delete up to ``DELETE_PAGE`` messages from or to any of ``user_ids`` in
+    the next slice of ids above ``after``; return (how many went, the id the
+    next page starts above, or None when no message is stored above
+    ``after``).  With ``finish``, the call that finds none left marks their
+    tombstones purged (in the same transaction)."""
+    cur.execute(_SQL_NEXT_ID, (after,))
+    first = cur.fetchone()[0]
+    if first is None:
         if finish:
-            cur.execute("UPDATE deleted_users SET purged = 1 WHERE user_id = ?", (user_id,))
+            marks = ",".join("?" * len(user_ids))
+            cur.execute(
+                f"UPDATE deleted_users SET purged = 1 WHERE user_id IN ({marks})",  # noqa: S608
+                list(user_ids),
+            )
         return 0, None
-    return _delete_ids(cur, ids), ids[-1]
+    last = first + DELETE_SLICE - 1
+    users = list(user_ids)
+    cur.execute(_sql_page_of(len(users)), (first, last, *users, *users, first, last, DELETE_PAGE))
+    ids = [row[0] for row in cur.fetchall()]
+    if len(ids) == DELETE_PAGE:
+        last = ids[-1]  # the page is full: the next one goes on from its last id
+    return (_delete_ids(cur, ids) if ids else 0), last
 
 
 def _unpurged(cur: Any, after: str, limit: int) -> list[str]:
@@ -727,7 +753,7 @@ class Store(BatchedWrites):
         if not (yield self._pool.runInteraction(interaction)):
             return None
         try:
-            yield self._purge_messages(user_id, 0, finish=True)
+            yield self._purge_messages([user_id], 0, finish=True)
         except Exception as exc:
             # The account is gone (that committed); the rest of its messages
             # go in a later pass of finish_deletions, on whichever node.
@@ -741,13 +767,15 @@ class Store(BatchedWrites):
         return True
 
     @defer.inlineCallbacks
-    def _purge_messages(self, user_id: str, after: int, finish: bool) -> Any:
-        """Delete the messages from or to ``user_id`` with id > ``after``, a
-        page per transaction; fire with how many went.  With ``finish``, mark
-        the tombstone purged once none is left."""
+    def _purge_messages(self, user_ids: list[str], after: int, finish: bool) -> Any:
+        """Delete the messages from or to any of ``user_ids`` with id >
+        ``after``, a page per transaction; fire with how many went.  With
+        ``finish``, mark their tombstones purged once none is left."""
         removed = 0
         while not self._stopping:
-            deleted, last = yield self._pool.runInteraction(_delete_page_of, user_id, after, finish)
+            deleted, last = yield self._pool.runInteraction(
+                _delete_page_of, user_ids, after, finish
+            )
             if last is None:
                 break
             removed += deleted
@@ -763,11 +791,12 @@ class Store(BatchedWrites):
         finished, after = 0, ""
         while not self._stopping:
             users = yield self._pool.runInteraction(_unpurged, after, _PURGE_USERS)
-            for user_id in users:
-                if self._stopping:
-                    break
-                yield self._purge_messages(user_id, 0, finish=True)
-                finished += 1
+            if users:
+                # All of them at once: their messages are found in one read of
+                # the table (a slice at a time), not one read per deletion.
+                yield self._purge_messages(users, 0, finish=True)
+                if not self._stopping:
+                    finished += len(users)
             if len(users) < _PURGE_USERS:
                 break
             after = users[-1]
@@ -1044,7 +1073,7 @@ class Store(BatchedWrites):
         """Delete the messages from or to ``user_id`` with id > ``after_id`` (those
         stored after the user was deleted, while this node still knew it), a
         page per transaction; fires with how many."""
-        return self._purge_messages(user_id, after_id, finish=False)
+        return self._purge_messages([user_id], after_id, finish=False)
 
 
 def _delete_ids(txn: Any, ids: list[int]) -> int:
@@ -1132,7 +1161,7 @@ def _delete_messages_of(conn: sqlite3.Connection, user_id: str) -> int:
     while True:
         conn.execute("BEGIN IMMEDIATE")
         try:
-            deleted, last = _delete_page_of(conn.cursor(), user_id, after, True)
+            deleted, last = _delete_page_of(conn.cursor(), [user_id], after, True)
             conn.execute("COMMIT")
         except BaseException:
             conn.execute("ROLLBACK")
