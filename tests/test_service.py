@@ -18,7 +18,7 @@ from twisted.trial import unittest
 
 from wsserver.auth import Session
 from wsserver.store import User, is_postgres
-from wsserver.tap import build_service, open_url
+from wsserver.tap import build_service, open_url, where_listening
 
 from .support import (
     DEADLINE,
@@ -448,6 +448,18 @@ class StartupLineTests(unittest.TestCase):
         ]
         for address, tls, url in cases:
             self.assertEqual(open_url(address, tls), url, address)
+
+    def test_the_start_up_line_says_when_it_listens_on_every_interface(self):
+        """A wildcard bind is shown by its loopback URL and "(every interface)",
+        so the log does not suggest the server is reachable on loopback only."""
+        cases = [
+            (IPv4Address("TCP", "0.0.0.0", 8080), "http://127.0.0.1:8080/ (every interface)"),
+            (IPv6Address("TCP", "::", 8080), "http://[::1]:8080/ (every interface)"),
+            (IPv4Address("TCP", "127.0.0.1", 8080), "http://127.0.0.1:8080/"),
+            (UNIXAddress(b"/run/wsserver.sock"), None),
+        ]
+        for address, shown in cases:
+            self.assertEqual(where_listening(address, False), shown, address)
 
     def test_start_logs_the_url_and_the_databases_absolute_path(self):
         """Starting logs one line with the URL to open (the port actually bound)

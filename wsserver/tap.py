@@ -142,6 +142,16 @@ def open_url(address: Any, tls: bool) -> str | None:
     return f"{'https' if tls else 'http'}://{host}:{port}/"
 
 
+def where_listening(address: Any, tls: bool) -> str | None:
+    """``open_url`` of ``address``, saying so when the bind is a wildcard: the
+    URL shows the loopback address, but the server listens on every interface
+    (a line that said only 127.0.0.1 would mislead whoever reads the log)."""
+    url = open_url(address, tls)
+    if url is not None and getattr(address, "host", None) in ("0.0.0.0", "", "::"):  # noqa: S104
+        url += " (every interface)"
+    return url
+
+
 def _listened_now(d: defer.Deferred, setting: str, where: str, kinds: str) -> Any:
     """The port ``d`` (an endpoint's ``listen``) has already fired with, or
     ``ConfigError`` naming ``setting``: the endpoint failed, or it does not
@@ -377,7 +387,7 @@ class WsServerService(ChoosesLogObserver):
             _log.warn("Autobahn's NVX acceleration is not active: frames are processed in Python")
         where = self.config.listen
         if self.port is not None:
-            where = open_url(self.port.getHost(), self.tls is not None) or where
+            where = where_listening(self.port.getHost(), self.tls is not None) or where
         _log.info(
             "wsserver listening on {where} (database {db})",
             where=where,
@@ -483,7 +493,7 @@ def build_workers(
     if config.tls:
         tls_options(config.tls_cert, config.tls_key)
     port = listen_shared(reactor, config)
-    url = open_url(port.getHost(), config.tls) or config.listen
+    url = where_listening(port.getHost(), config.tls) or config.listen
     env = child_environment(options, environ, config)
     return WorkersService(config, port, env, url, describe(config.database), reactor)
 
