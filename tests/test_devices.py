@@ -479,3 +479,59 @@ class OwnLinkTests(unittest.TestCase):
         fake.logs["bob"] = builder.add(SigningKey.generate(), ALICE).json()
         yield me.peer_log("bob", refresh=True)
         self.assertEqual([n.kind for n in notices], [devices.DEVICES_CHANGED])
+
+
+class LoginChallengeTests(unittest.TestCase):
+    """Login signs a login challenge for this user and nothing else: a server
+    that hands out a key-log entry or a deletion statement as the "challenge"
+    gets no signature on it."""
+
+    def make(self, challenge: object) -> tuple[wc.Client, list]:
+        c = wc.Client(SERVER, "alice", ALICE)
+        posted: list = []
+
+        def request(method, path, body=None, token=None):
+            posted.append((path, body))
+            if path == "/auth/login":
+                return defer.succeed({"challenge": challenge, "expires_at": "x"})
+            return defer.succeed({"token": "tok", "expires_at": "x"})
+
+        c._request = request
+        return c, posted
+
+    @defer.inlineCallbacks
+    def test_a_login_challenge_is_signed(self):
+        good = "wsserver-login-v1:alice:" + "aZ09_-" * 7 + "x"
+        c, posted = self.make(good)
+        token = yield c.login()
+        self.assertEqual(token, "tok")
+        body = posted[1][1]
+        self.assertEqual(body["challenge"], good)
+        ALICE.verify_key.verify(good.encode(), b64decode(body["signature"]))
+
+    @defer.inlineCallbacks
+    def test_anything_else_is_refused_and_nothing_signed(self):
+        head0 = keylog.digest(keylog.entry_string("alice", 0, "register", bytes(32), ""))
+        mallory = bytes(SigningKey.generate().verify_key)
+        nonce = "A" * 43
+        for challenge in (
+            keylog.entry_string("alice", 1, keylog.ADD, mallory, head0),
+            keylog.delete_string("alice", 1),
+            f"wsserver-login-v1:bob:{nonce}",  # another user's
+            f"wsserver-login-v1:alice:{nonce[:-1]}",  # 42 characters
+            f"wsserver-login-v1:alice:{nonce}A",  # 44
+            f"wsserver-login-v1:alice:{nonce[:-1]}=",
+            f"wsserver-login-v1:alice:{nonce}\n",
+            f"wsserver-login-v1:alice:{nonce[:-1]}\u00e9",
+            f"wsserver-login-v1:alice:x:{nonce}",
+            f"wsserver-login-v1:alicex:{nonce}",
+            None,
+            ["wsserver-login-v1:alice:" + nonce],
+        ):
+            c, posted = self.make(challenge)
+            with self.assertRaises(wc.ServerError) as caught:
+                yield c.login()
+            self.assertEqual(caught.exception.code, "invalid_challenge", challenge)
+            self.assertIn("nothing was signed", caught.exception.message)
+            self.assertEqual([p for p, _ in posted], ["/auth/login"], challenge)
+            self.assertIsNone(c.token)

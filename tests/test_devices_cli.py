@@ -13,7 +13,7 @@ from twisted.internet import defer, reactor
 from twisted.web import resource, server
 
 from wsserver import client as wc
-from wsserver import devices
+from wsserver import devices, keylog
 from wsserver.messages import b64encode
 
 from .support import within
@@ -31,10 +31,17 @@ class _KeyLogs(resource.Resource):
         super().__init__()
         self.logs: dict[str, dict] = {}
         self.extra_keys: dict[str, list[str]] = {}  # keys the directory adds
+        self.challenge: str | None = None  # what POST /auth/login hands out
+        self.verify_bodies: list[bytes] = []  # what came to POST /auth/login?verify=true
 
     def render(self, request):
         request.setHeader(b"content-type", b"application/json")
         parts = request.path.decode().split("/")
+        if request.path == b"/auth/login" and self.challenge is not None:
+            if request.args.get(b"verify"):
+                self.verify_bodies.append(request.content.read())
+                return json.dumps({"token": "t", "expires_at": "2099-01-01T00:00:00Z"}).encode()
+            return json.dumps({"challenge": self.challenge, "expires_at": "x"}).encode()
         if len(parts) == 5 and parts[4] == "keylog" and parts[3] in self.logs:
             return json.dumps(self.logs[parts[3]]).encode()
         if len(parts) == 4 and parts[3] in self.logs:
@@ -139,6 +146,26 @@ class FakeServerWarningTests(CliCase):
         self.assertEqual((code, out), (1, ""))
         self.assertIn("does not check", err)
         self.assertIn("invalid_", err)
+
+    @defer.inlineCallbacks
+    def test_login_refuses_to_sign_what_is_not_a_login_challenge(self):
+        """A server that hands out a key-log entry string as the login
+        challenge (to get this key's signature on an entry adding its own
+        key) gets one line, exit 1, and no signature."""
+        mallory = SigningKey.generate()
+        head = devices.check_log("alice", self.fake.logs["alice"]).state.head
+        self.fake.challenge = keylog.entry_string(
+            "alice", 2, keylog.ADD, bytes(mallory.verify_key), head
+        )
+        for command in (("login",), ("send", "--to", "bob", "hi")):
+            code, out, err = yield self.cli(*command)
+            self.assertEqual((code, out), (1, ""))
+            self.assertOneHumanLine(err, "invalid_challenge", "nothing was signed")
+        self.assertEqual(self.fake.verify_bodies, [])
+        self.fake.challenge = "wsserver-login-v1:alice:" + "A" * 43
+        code, out, err = yield self.cli("login")
+        self.assertEqual((code, out.strip()), (0, "t"), err)
+        self.assertEqual(len(self.fake.verify_bodies), 1)
 
 
 class DevicesEndToEndTests(ServedCase):

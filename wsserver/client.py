@@ -44,7 +44,7 @@ from twisted.web.http_headers import Headers
 from . import devices, keylog
 from .devices import CheckedLog, KeyLogNotice, SeenLogs
 from .keylog import KeyLogError
-from .messages import b64decode, is_user_id, signing_input
+from .messages import LOGIN_PREFIX, b64decode, is_user_id, signing_input
 
 _log = Logger()
 
@@ -52,6 +52,8 @@ KEY_PREFIX = "wsserver-ed25519-seed:"
 RECONNECT_DELAYS = (0.2, 0.5, 1.0, 2.0, 5.0)
 SEEN_IDS = 10_000
 MAX_RESPONSE_BYTES = 1 << 20  # the server's answers are small JSON objects
+# A login challenge's nonce (protocol section 2): 32 bytes, unpadded base64url.
+_CHALLENGE_NONCE = re.compile(r"[A-Za-z0-9_-]{43}")
 
 
 class ServerError(Exception):
@@ -427,7 +429,15 @@ class Client:
     def login(self) -> Any:
         """The challenge-response login; fire with the token (also kept)."""
         reply = yield self._request(b"POST", "/auth/login", {"user_id": self.user_id})
-        challenge = reply["challenge"]
+        challenge = reply.get("challenge")
+        if not self._is_login_challenge(challenge):
+            # Anything else could be a key-log entry or a deletion statement
+            # passed off as a challenge to get this key's signature on it.
+            raise ServerError(
+                "invalid_challenge",
+                f"the server's login challenge is not {LOGIN_PREFIX}{self.user_id}:NONCE "
+                "(protocol section 2): nothing was signed; is this a wsserver?",
+            )
         signature = base64.b64encode(self.key.sign(challenge.encode("utf-8")).signature)
         reply = yield self._request(
             b"POST",
@@ -441,6 +451,17 @@ class Client:
         )
         self.token = reply["token"]
         return self.token
+
+    def _is_login_challenge(self, challenge: object) -> bool:
+        """Whether ``challenge`` is exactly a login challenge for this user
+        (``wsserver-login-v1:<user_id>:`` and a 43-character base64url
+        nonce), the only string login signs."""
+        prefix = f"{LOGIN_PREFIX}{self.user_id}:"
+        return (
+            isinstance(challenge, str)
+            and challenge.startswith(prefix)
+            and _CHALLENGE_NONCE.fullmatch(challenge[len(prefix) :]) is not None
+        )
 
     def lookup(self, user_id: str) -> defer.Deferred:
         """The public record of ``user_id`` from the key directory."""
