@@ -305,6 +305,15 @@ class SafeTextTests(unittest.TestCase):
             self.assertNotIn(bad, line)
         self.assertIn("eve\\u202e", line)
 
+    def test_a_sender_whose_log_was_rewritten_is_marked_so(self):
+        """A message from a sender whose key log was rewritten shows
+        [UNVERIFIED: key log rewritten], not [verified] nor [INVALID]; an
+        unsigned one stays [UNSIGNED]."""
+        frame = {"timestamp": "t", "from": "bob", "to": "me", "id": 1, "content": "hi"}
+        self.assertIn("bob [UNVERIFIED: key log rewritten] #1", cli.describe(frame, False, True))
+        self.assertIn("bob [UNSIGNED] #1", cli.describe(frame, None, True))
+        self.assertIn("bob [INVALID] #1", cli.describe(frame, False))
+
     def test_server_text_in_failures_is_one_safe_line(self):
         """An error code and message from the server print as one line with
         their controls escaped."""

@@ -394,29 +394,113 @@ class ClientNoticeTests(unittest.TestCase):
     @defer.inlineCallbacks
     def test_a_rewritten_log_across_runs_and_a_forged_log(self):
         """What one run saw is remembered in the file; the next run, served a
-        log that starts differently, reports it rewritten (messages still
-        checked against the keys it now holds); a log that does not check is
-        reported and nothing from that user verifies."""
+        log that starts differently, reports it rewritten, verifies nothing
+        from bob, and does not remember it: every later run says so again,
+        until trust() accepts the log as it is (then bob's messages verify
+        with it and the next run is quiet).  A log that does not check is
+        reported, nothing from that user verifies, and it is not remembered."""
         path = self.mktemp()
         c, _, notices = self.make(devices.SeenLogs(path))
         yield c._message(signed_frame(ALICE, "bob", 1))
         self.assertEqual(notices, [])
+        honest = devices.SeenLogs(path).get(SERVER, "bob")
         mallory = SigningKey.generate()
         self.fake.logs["bob"] = LogBuilder("bob", mallory).json()
-        c2, got2, notices2 = self.make(devices.SeenLogs(path))
-        yield c2._message(signed_frame(mallory, "bob", 2))
-        self.assertEqual([n.kind for n in notices2], [devices.REWRITTEN])
-        self.assertIn("rewritten", notices2[0].text)
-        self.assertEqual(got2, [(2, True)])
-        forged = self.bob.add(SECOND, ALICE).json()
+        for msg_id in (2, 3):  # two runs
+            c2, got2, notices2 = self.make(devices.SeenLogs(path))
+            yield c2._message(signed_frame(mallory, "bob", msg_id))
+            yield c2._message(signed_frame(mallory, "bob", msg_id + 10))
+            self.assertEqual([n.kind for n in notices2], [devices.REWRITTEN])
+            self.assertIn("rewritten", notices2[0].text)
+            self.assertEqual(got2, [(msg_id, False), (msg_id + 10, False)])
+            self.assertTrue(c2.rewritten("bob"))
+            self.assertEqual(devices.SeenLogs(path).get(SERVER, "bob"), honest)
+        log = yield c2.trust("bob")
+        self.assertEqual(list(log.state.active), [kid(mallory)])
+        self.assertFalse(c2.rewritten("bob"))
+        yield c2._message(signed_frame(mallory, "bob", 4))
+        self.assertEqual(got2[-1], (4, True))
+        c3, got3, notices3 = self.make(devices.SeenLogs(path))
+        yield c3._message(signed_frame(mallory, "bob", 5))
+        self.assertEqual((got3, notices3), ([(5, True)], []))
+        trusted = devices.SeenLogs(path).get(SERVER, "bob")
+        forged = LogBuilder("bob", mallory).add(SECOND, mallory).json()
         forged["entries"][1]["signature"] = b64encode(bytes(64))
         self.fake.logs["bob"] = forged
-        c3, got3, notices3 = self.make(devices.SeenLogs(path))
-        yield c3._message(signed_frame(ALICE, "bob", 3))
-        self.assertEqual(got3, [(3, False)])
-        self.assertEqual([n.kind for n in notices3], [devices.INVALID])
-        # The forged log was not remembered: the rewritten one still is.
-        self.assertEqual(devices.SeenLogs(path).get(SERVER, "bob").count, 1)
+        c4, got4, notices4 = self.make(devices.SeenLogs(path))
+        yield c4._message(signed_frame(mallory, "bob", 6))
+        self.assertEqual(got4, [(6, False)])
+        self.assertEqual([n.kind for n in notices4], [devices.INVALID])
+        with self.assertRaises(KeyLogError):
+            yield c4.trust("bob")  # a log that does not check is never accepted
+        self.assertEqual(devices.SeenLogs(path).get(SERVER, "bob"), trusted)
+
+    @defer.inlineCallbacks
+    def test_a_message_without_key_id_is_checked_with_the_registration_key_only(self):
+        """A message stored before keys per device ("key_id": null) was signed,
+        if at all, by the registration key: one signed by a later key of the
+        log (even an active one) does not verify."""
+        self.bob.add(SECOND, ALICE, "laptop")
+        self.fake.logs["bob"] = self.bob.json()
+        c, got, _ = self.make()
+        yield c._message({**signed_frame(ALICE, "bob", 1), "key_id": None})
+        yield c._message({**signed_frame(SECOND, "bob", 2), "key_id": None})
+        yield c._message({**signed_frame(SECOND, "bob", 3), "key_id": 7})
+        self.assertEqual(got, [(1, True), (2, False), (3, False)])
+
+
+class OwnRewrittenLogTests(unittest.TestCase):
+    """approve, revoke, delete_account and link sign nothing on top of this
+    user's own key log when it was rewritten since this device saw it; after
+    trust() they do."""
+
+    def setUp(self):
+        self.fake = FakeServer()
+        self.sent: list[tuple[bytes, str]] = []
+        self.fake.logs["alice"] = LogBuilder("alice", ALICE).add(SECOND, ALICE).json()
+
+    def make(self, key: SigningKey, seen: devices.SeenLogs) -> wc.Client:
+        c = wc.Client(SERVER, "alice", key, seen=seen)
+
+        def request(method, path, body=None, token=None):
+            if method != b"GET":
+                self.sent.append((method, path))
+                return defer.succeed({})
+            return self.fake.request(method, path, body, token)
+
+        c._request = request
+        c.on_keylog_notice = lambda notice: None
+        return c
+
+    @defer.inlineCallbacks
+    def test_nothing_is_signed_on_a_rewritten_own_log(self):
+        seen = devices.SeenLogs()
+        c = self.make(ALICE, seen)
+        yield c.devices()  # seen: register, add SECOND
+        third, mallory = SigningKey.generate(), SigningKey.generate()
+        # The server drops SECOND's entry and slips in a key of its own.
+        rewritten = LogBuilder("alice", ALICE).add(mallory, ALICE)
+        self.fake.logs["alice"] = rewritten.json()
+        pairing = keylog.pairing_text(
+            devices.pairing_for(devices.check_log("alice", rewritten.json()), third)
+        )
+        attempts = (
+            lambda: c.approve(pairing, "phone"),
+            lambda: c.revoke(kid(mallory)),
+            lambda: c.delete_account(),
+            lambda: self.make(third, seen).link(),
+        )
+        for attempt in attempts:
+            with self.assertRaises(KeyLogError) as caught:
+                yield attempt()
+            self.assertEqual(caught.exception.code, "keylog_rewritten")
+            self.assertIn("trust alice", caught.exception.message)
+        self.assertEqual(self.sent, [])
+        keys = yield c.devices()  # listing signs nothing: still shown
+        self.assertEqual([k["key_id"] for k in keys], [kid(ALICE), kid(mallory)])
+        yield c.trust("alice")
+        yield c.revoke(kid(mallory))
+        self.assertEqual(self.sent, [(b"POST", "/auth/users/alice/keylog")])
 
 
 class StoppedTests(unittest.TestCase):

@@ -32,11 +32,14 @@ class _KeyLogs(resource.Resource):
         self.logs: dict[str, dict] = {}
         self.extra_keys: dict[str, list[str]] = {}  # keys the directory adds
         self.challenge: str | None = None  # what POST /auth/login hands out
+        self.changes: list[tuple[bytes, bytes]] = []  # every request but a GET
         self.verify_bodies: list[bytes] = []  # what came to POST /auth/login?verify=true
 
     def render(self, request):
         request.setHeader(b"content-type", b"application/json")
         parts = request.path.decode().split("/")
+        if request.method != b"GET":
+            self.changes.append((request.method, request.path))
         if request.path == b"/auth/login" and self.challenge is not None:
             if request.args.get(b"verify"):
                 self.verify_bodies.append(request.content.read())
@@ -106,10 +109,23 @@ class FakeServerWarningTests(CliCase):
             f"added {kid(SECOND)} (phone)\n",
             err,
         )
-        self.fake.logs["bob"] = LogBuilder("bob", SigningKey.generate()).json()
-        _, _, err = yield self.cli("send", "--to", "bob", "hi")
-        self.assertIn("wsserver-client: warning: bob's key log was rewritten", err)
-        # Seen once, said once: the next look is quiet.
+        other = SigningKey.generate()
+        self.fake.logs["bob"] = LogBuilder("bob", other).add(SECOND, other, "tablet").json()
+        # Not remembered: said on every run until the person accepts it.
+        for _ in range(2):
+            _, _, err = yield self.cli("send", "--to", "bob", "hi")
+            self.assertIn("wsserver-client: warning: bob's key log was rewritten", err)
+        code, out, err = yield self.cli("trust", "bob")
+        self.assertEqual((code, err), (0, ""))
+        self.assertEqual(
+            out.splitlines(),
+            [
+                f"{kid(other)}  2026-12-07T03:00:00.000Z  -",
+                f"{kid(SECOND)}  2026-12-07T03:00:01.000Z  tablet",
+                "trusted bob's key log as it is now (2 entries, 2 active keys): "
+                "it is what this device compares with from now on",
+            ],
+        )
         _, _, err = yield self.cli("send", "--to", "bob", "hi")
         self.assertNotIn("key log", err)
 
@@ -141,11 +157,43 @@ class FakeServerWarningTests(CliCase):
         for _ in range(2):
             _, _, err = yield self.cli("send", "--to", "bob", "hi")
             self.assertIn("wsserver-client: warning: bob's key log does not check", err)
+        code, out, err = yield self.cli("trust", "bob")  # never accepted
+        self.assertEqual((code, out), (1, ""))
+        self.assertOneHumanLine(err, "invalid_signature")
         self.fake.logs["alice"] = forged | {"user_id": "alice"}
         code, out, err = yield self.cli("devices")
         self.assertEqual((code, out), (1, ""))
         self.assertIn("does not check", err)
         self.assertIn("invalid_", err)
+
+    @defer.inlineCallbacks
+    def test_approve_revoke_delete_refuse_a_rewritten_own_log(self):
+        """When alice's own log was rewritten since this device saw it, approve,
+        revoke and delete-account sign nothing (one line naming trust, exit
+        1); devices still lists (with the warning); after trust they proceed
+        as far as this fake server lets them."""
+        code, _, err = yield self.cli("devices")
+        self.assertEqual(code, 0, err)
+        mallory = SigningKey.generate()
+        rewritten = LogBuilder("alice", self.me).add(mallory, self.me, "laptop")
+        self.fake.logs["alice"] = rewritten.json()
+        for command in (("revoke", kid(mallory)), ("delete-account", "--yes")):
+            code, out, err = yield self.cli(*command)
+            self.assertEqual((code, out), (1, ""), command)
+            self.assertIn("warning: alice's key log was rewritten", err)
+            last = err.strip().splitlines()[-1]
+            self.assertOneHumanLine(last, "keylog_rewritten", "trust alice")
+        code, out, err = yield self.cli("devices")
+        self.assertEqual(code, 0, err)
+        self.assertIn("warning: alice's key log was rewritten", err)
+        self.assertIn(kid(mallory), out)
+        self.assertEqual(self.fake.changes, [])
+        code, out, err = yield self.cli("trust", "alice")
+        self.assertEqual(code, 0, err)
+        self.assertIn(f"{kid(mallory)}  2026-12-07T03:00:01.000Z  other device  laptop", out)
+        code, out, err = yield self.cli("revoke", kid(mallory))
+        self.assertEqual((code, out.strip(), err), (0, f"revoked {kid(mallory)}", ""))
+        self.assertEqual(self.fake.changes, [(b"POST", b"/auth/users/alice/keylog")])
 
     @defer.inlineCallbacks
     def test_login_refuses_to_sign_what_is_not_a_login_challenge(self):

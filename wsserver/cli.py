@@ -98,17 +98,22 @@ def note(text: str) -> None:
     sys.stderr.flush()
 
 
+REWRITTEN_MARK = "UNVERIFIED: key log rewritten"
+
+
 def mark(verified: bool | None) -> str:
     return {True: "verified", False: "INVALID", None: "UNSIGNED"}[verified]
 
 
-def describe(frame: dict, verified: bool | None) -> str:
+def describe(frame: dict, verified: bool | None, rewritten: bool = False) -> str:
     """A received message: time, sender, signature mark, content, every field
     made safe (see safe()); later lines of a multi-line content are indented
-    continuation lines."""
+    continuation lines.  ``rewritten``: the sender's key log was rewritten
+    since this device saw it (not verified, whatever the signature)."""
     to = " (broadcast)" if frame.get("to") == "broadcast" else ""
+    shown = REWRITTEN_MARK if rewritten and verified is not None else mark(verified)
     return (
-        f"[{safe(frame['timestamp'])}] {safe(frame['from'])}{to} [{mark(verified)}] "
+        f"[{safe(frame['timestamp'])}] {safe(frame['from'])}{to} [{shown}] "
         f"#{safe(frame['id'])}: {safe(frame['content'], multiline=True)}"
     )
 
@@ -299,7 +304,7 @@ def _print_frames(client: Client, as_json: bool) -> None:
         if as_json:
             out(json.dumps({**frame, "verified_locally": verified}))
         else:
-            out(describe(frame, verified))
+            out(describe(frame, verified, client.rewritten(frame.get("from"))))
 
     def other(frame: dict) -> None:
         if as_json:
@@ -418,6 +423,25 @@ def cmd_devices(args: argparse.Namespace, reactor: Any) -> Any:
 
 
 @defer.inlineCallbacks
+def cmd_trust(args: argparse.Namespace, reactor: Any) -> Any:
+    client = make_client(args)
+    if not is_user_id(args.user_id):
+        raise UsageError(f"{args.user_id!r} is not a user id")
+    log = yield client.trust(args.user_id)
+    own = args.user_id == client.user_id
+    for kid in log.state.active:
+        which = ""
+        if own:
+            which = "this device   " if kid == client.key_id else "other device  "
+        added = log.added_at(kid) or "-"
+        out(f"{kid}  {safe(added)}  {which}{safe(log.state.names.get(kid) or '-')}")
+    out(
+        f"trusted {args.user_id}'s key log as it is now ({len(log.entries)} entries, "
+        f"{len(log.state.active)} active keys): it is what this device compares with from now on"
+    )
+
+
+@defer.inlineCallbacks
 def cmd_link(args: argparse.Namespace, reactor: Any) -> Any:
     user = _user(args)
     path = key_path(args)
@@ -527,6 +551,12 @@ def parser() -> argparse.ArgumentParser:
     chat = sub.add_parser("chat", help="type lines to send, see replies")
     chat.add_argument("--to", required=True, help="who to chat with")
     sub.add_parser("devices", help="list your active keys (devices), marking this one")
+    trust = sub.add_parser(
+        "trust",
+        help="accept a user's key log as it is now (after a warning, once you have "
+        "checked their devices with them)",
+    )
+    trust.add_argument("user_id", metavar="USER", help="whose key log (yours too)")
     sub.add_parser(
         "link",
         help="on a new device: make its key if needed and print a pairing text to approve",
@@ -554,6 +584,7 @@ COMMANDS = {
     "listen": cmd_listen,
     "chat": cmd_chat,
     "devices": cmd_devices,
+    "trust": cmd_trust,
     "link": cmd_link,
     "approve": cmd_approve,
     "revoke": cmd_revoke,

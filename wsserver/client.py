@@ -345,6 +345,9 @@ class Client:
         self.seen = seen if seen is not None else SeenLogs()
         self._logs: dict[str, CheckedLog] = {}
         self._refetched: set[tuple[str, str]] = set()  # (user, key_id) looked up again
+        # Users whose log, as last fetched, was rewritten since it was seen:
+        # nothing from them verifies, and nothing is remembered, until trust().
+        self._rewritten: set[str] = set()
         self._unacked: OrderedDict[str, tuple[dict, defer.Deferred]] = OrderedDict()
         self._nonces = itertools.count(1)
         self._nonce_prefix = secrets.token_hex(4)
@@ -502,7 +505,9 @@ class Client:
         that was rewritten, that does not check, or whose devices changed.
         Fires with the ``CheckedLog``, or None when the log does not check
         (then nothing from that user can be verified, and nothing is
-        remembered)."""
+        remembered).  A rewritten log is returned but not remembered, and
+        nothing from that user verifies until ``trust(user_id)`` (see
+        ``rewritten``)."""
         log = self._logs.get(user_id)
         if log is not None and not refresh:
             return log
@@ -520,15 +525,15 @@ class Client:
         changed, except this device's own doing: its own link, or ``made``
         (the keys (added, revoked) by the append it just made)."""
         notice = devices.compare(self.seen.get(self.server, log.user_id), log)
-        failed_before = self.seen.save_error is not None
-        self.seen.put(self.server, log.user_id, devices.Seen.of(log))
-        if self.seen.save_error is not None and not failed_before:
-            _log.warn(
-                "cannot write {path} ({error}): key logs seen are kept for this run only",
-                path=self.seen.path,
-                error=self.seen.save_error.strerror or str(self.seen.save_error),
-            )
         self._logs[log.user_id] = log
+        if notice is not None and notice.kind == devices.REWRITTEN:
+            # What was seen stays what is remembered: the warning comes again
+            # on every look until the person accepts the new log (trust()).
+            self._rewritten.add(log.user_id)
+            self._notice(notice)
+            return
+        self._rewritten.discard(log.user_id)
+        self._keep(log)
         own_addition = (
             notice is not None
             and log.user_id == self.user_id
@@ -545,6 +550,36 @@ class Client:
         if notice is not None and not own_addition and not own_append:
             self._notice(notice)
 
+    def _keep(self, log: CheckedLog) -> None:
+        """Remember ``log`` as seen (in the file, if there is one)."""
+        failed_before = self.seen.save_error is not None
+        self.seen.put(self.server, log.user_id, devices.Seen.of(log))
+        if self.seen.save_error is not None and not failed_before:
+            _log.warn(
+                "cannot write {path} ({error}): key logs seen are kept for this run only",
+                path=self.seen.path,
+                error=self.seen.save_error.strerror or str(self.seen.save_error),
+            )
+
+    def rewritten(self, user_id: str) -> bool:
+        """Whether ``user_id``'s key log, as last fetched, was rewritten since
+        this device saw it (and not accepted since with ``trust``)."""
+        return user_id in self._rewritten
+
+    @defer.inlineCallbacks
+    def trust(self, user_id: str) -> Any:
+        """Accept ``user_id``'s key log as it is now, after checking with the
+        person another way: fetch and check it (``KeyLogError`` if it does
+        not check: nothing is accepted then) and remember it as seen, so a
+        rewritten log stops being warned about and their messages verify
+        again.  Fires with the ``CheckedLog`` (its active keys are what was
+        accepted)."""
+        log = yield self.fetch_keylog(user_id)
+        self._keep(log)
+        self._logs[user_id] = log
+        self._rewritten.discard(user_id)
+        return log
+
     @defer.inlineCallbacks
     def check_directory(self, user_id: str) -> Any:
         """Compare the key directory's keys for ``user_id`` with their checked
@@ -560,10 +595,11 @@ class Client:
         return notices
 
     @defer.inlineCallbacks
-    def _own_log(self, made: tuple[tuple, tuple] | None = None) -> Any:
+    def _own_log(self, made: tuple[tuple, tuple] | None = None, signing: bool = True) -> Any:
         """This user's key log, checked, fetched now (not cached): what an
         append or a deletion signs against.  ``KeyLogError`` if it does not
-        check (nothing is signed then).  ``made``: see ``_remember``."""
+        check, or (when ``signing``) if it was rewritten since this device
+        saw it: nothing is signed then.  ``made``: see ``_remember``."""
         try:
             log = yield self.fetch_keylog(self.user_id)
         except KeyLogError as err:
@@ -571,6 +607,14 @@ class Client:
                 err.code, f"{self.user_id}'s key log does not check: {err.message}"
             ) from None
         self._remember(log, made)
+        if signing and self.rewritten(self.user_id):
+            raise KeyLogError(
+                "keylog_rewritten",
+                f"{self.user_id}'s key log was rewritten since this device saw it: not "
+                f"signing anything on top of it; compare the devices another device of "
+                f"yours lists with the server's, and only then accept the log here with "
+                f"'wsserver-client --user {self.user_id} trust {self.user_id}'",
+            )
         return log
 
     @defer.inlineCallbacks
@@ -578,7 +622,7 @@ class Client:
         """This user's active keys, oldest first: a list of dicts
         ``{"key_id", "name", "added_at", "this_device"}``, from the checked
         key log."""
-        log = yield self._own_log()
+        log = yield self._own_log(signing=False)
         return [
             {
                 "key_id": kid,
@@ -621,7 +665,7 @@ class Client:
         body = devices.approve_body(log, pairing, self.key, name)
         yield self._request(b"POST", f"/auth/users/{self.user_id}/keylog", body)
         new_id = keylog.key_id(pairing.public_key)
-        yield self._own_log(made=((new_id,), ()))  # our own change is no news
+        yield self._own_log(made=((new_id,), ()), signing=False)  # our own change is no news
         return new_id
 
     @defer.inlineCallbacks
@@ -632,7 +676,7 @@ class Client:
         log = yield self._own_log()
         body = devices.revoke_body(log, key_id, self.key)
         yield self._request(b"POST", f"/auth/users/{self.user_id}/keylog", body)
-        yield self._own_log(made=((), (key_id,)))  # our own change is no news
+        yield self._own_log(made=((), (key_id,)), signing=False)  # our own change is no news
         return key_id
 
     @defer.inlineCallbacks
@@ -871,22 +915,28 @@ class Client:
         sender's checked key log (revoked keys too: the message may be older
         than the revocation).  A ``key_id`` the log does not hold is looked up
         once more (the sender may have added the device since), then
-        reported; a log that does not check verifies nothing."""
+        reported; a log that does not check, or one rewritten since this
+        device saw it (until ``trust``), verifies nothing.  A message with
+        ``"key_id": null`` (stored before keys per device) is checked with the
+        registration key (entry 0) only."""
         sender = frame["from"]
         log = yield self.peer_log(sender)
-        if log is None:
+        if log is None or self.rewritten(sender):
             return False
         kid = frame.get("key_id")
+        if kid is None:
+            # Stored before keys per device: signed, if at all, by the
+            # registration key (docs/protocol.md section 15), and only that.
+            return check_signature(frame, VerifyKey(log.entries[0].public_key))
         if not isinstance(kid, str):
-            # A server before key ids: any key the log ever held.
-            return any(check_signature(frame, VerifyKey(raw)) for raw in log.state.every.values())
+            return False
         raw = log.key(kid)
         if raw is None and (sender, kid) not in self._refetched:
             self._refetched.add((sender, kid))
             log = yield self.peer_log(sender, refresh=True)
-            raw = log.key(kid) if log is not None else None
-            if log is None:
+            if log is None or self.rewritten(sender):
                 return False
+            raw = log.key(kid)
         if raw is None:
             self._notice(devices.unknown_key_notice(sender, kid, frame.get("id")))
             return False
