@@ -226,6 +226,63 @@ class SeenLogsTests(unittest.TestCase):
         self.assertIn("delete it", str(caught.exception))
         self.assertEqual(devices.seen_path("keys/a.key"), "keys/a.key.keylogs.json")
 
+    def test_two_runs_sharing_the_file_keep_what_each_remembered(self):
+        """A long run (listen) loaded the file before another run (send)
+        remembered carol; listen then remembers dave: carol stays in the
+        file, and listen now knows her too.  The lock file beside it is 0600."""
+        path = self.mktemp()
+        listen, send = devices.SeenLogs(path), devices.SeenLogs(path)
+        carol = devices.Seen(3, "HEADcarol", ("k1", "k2"), {})
+        dave = devices.Seen(1, "HEADdave", ("k3",), {})
+        send.put(SERVER, "carol", carol)
+        listen.put(SERVER, "dave", dave)
+        again = devices.SeenLogs(path)
+        self.assertEqual((again.get(SERVER, "carol"), again.get(SERVER, "dave")), (carol, dave))
+        self.assertEqual(listen.get(SERVER, "carol"), carol)
+        self.assertEqual(stat.S_IMODE(os.stat(path + ".lock").st_mode), 0o600)
+        # A file that is no longer ours is left alone (kept in memory).
+        Path(path).write_text("not json")
+        listen.put(SERVER, "erin", dave)
+        self.assertIsInstance(listen.save_error, OSError)
+        self.assertEqual(Path(path).read_text(), "not json")
+        self.assertEqual(listen.get(SERVER, "erin"), dave)
+
+    def test_concurrent_processes_lose_nothing(self):
+        """Four processes remembering 25 users each at the same time, each
+        from a copy of the file loaded before any wrote: all 100 end up in
+        the file (the lock and the re-read; without the lock some are lost)."""
+        import subprocess
+        import sys
+
+        path = self.mktemp()
+        script = (
+            "import sys\n"
+            "from wsserver import devices\n"
+            "seen = devices.SeenLogs(sys.argv[1])\n"
+            "sys.stdin.readline()\n"
+            "for i in range(25):\n"
+            "    user = f'{sys.argv[2]}{i}'\n"
+            "    seen.put('http://s', user, devices.Seen(1, 'H' + user, ('k',), {}))\n"
+            "assert seen.save_error is None, seen.save_error\n"
+        )
+        procs = [
+            subprocess.Popen(
+                [sys.executable, "-c", script, path, name],
+                stdin=subprocess.PIPE,
+                text=True,
+                env={**os.environ, "PYTHONPATH": str(Path(devices.__file__).parents[1])},
+            )
+            for name in "abcd"
+        ]
+        for proc in procs:  # all loaded (or about to): go
+            proc.stdin.write("go\n")
+            proc.stdin.flush()
+        for proc in procs:
+            proc.stdin.close()
+            self.assertEqual(proc.wait(timeout=120), 0)
+        users = devices.SeenLogs(path)._data["http://s"]
+        self.assertEqual(len(users), 100)
+
     def test_a_file_that_cannot_be_written_keeps_them_in_memory(self):
         """Where the file cannot be written, what was seen is kept for the run
         (and the error noted once) rather than failing every check."""

@@ -20,6 +20,7 @@ Pure logic and one small file; no Twisted, no network: the client library
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import json
 import os
 import tempfile
@@ -267,7 +268,13 @@ class SeenLogs:
     With a ``path``, kept in that JSON file (mode 0600, replaced whole on
     each change so a reader never sees half of it); without one, in memory
     for the life of the object.  ``ValueError`` when the file is not one of
-    ours."""
+    ours.
+
+    Several runs of the client may share the file (a long ``listen`` and a
+    ``send`` meanwhile): each change takes an exclusive ``flock`` of a lock
+    file beside it (``PATH.lock``), reads the file again, changes only its
+    one (server, user) entry, and replaces the file (written and fsynced
+    first), so no run undoes what another remembered."""
 
     def __init__(self, path: str | None = None) -> None:
         self.path = path
@@ -277,11 +284,15 @@ class SeenLogs:
             self._load(path)
 
     def _load(self, path: str) -> None:
+        self._data = self._read(path)
+
+    @staticmethod
+    def _read(path: str) -> dict[str, dict[str, Seen]]:
         try:
             with open(path, "rb") as f:
                 raw = f.read(MAX_SEEN_BYTES + 1)
         except FileNotFoundError:
-            return
+            return {}
         bad = ValueError(
             f"{path} is not a file of key logs seen by wsserver-client (delete it to start over)"
         )
@@ -292,7 +303,7 @@ class SeenLogs:
             if not isinstance(obj, dict) or obj.get("version") != SEEN_VERSION:
                 raise ValueError
             servers = obj["servers"]
-            self._data = {
+            return {
                 server: {user: Seen.from_json(s) for user, s in users.items()}
                 for server, users in servers.items()
             }
@@ -308,10 +319,27 @@ class SeenLogs:
         self._data.setdefault(server, {})[user_id] = seen
         if self.path is not None and self.save_error is None:
             try:
-                self._save(self.path)
+                self._merge(self.path, server, user_id, seen)
             except OSError as exc:
                 # Kept in memory for this run; the caller may say so once.
                 self.save_error = exc
+
+    def _merge(self, path: str, server: str, user_id: str, seen: Seen) -> None:
+        """Under the lock, write the file as it is now with this one entry
+        changed; what other runs remembered meanwhile is kept (and now known
+        here too)."""
+        fd = os.open(path + ".lock", os.O_RDWR | os.O_CREAT, 0o600)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX)
+            try:
+                data = self._read(path)
+            except ValueError as exc:  # not ours any more: leave it alone
+                raise OSError(str(exc)) from None
+            data.setdefault(server, {})[user_id] = seen
+            self._data = data
+            self._save(path)
+        finally:
+            os.close(fd)  # releases the lock
 
     def _save(self, path: str) -> None:
         obj = {
@@ -326,6 +354,8 @@ class SeenLogs:
         try:
             with os.fdopen(fd, "w") as f:
                 json.dump(obj, f, indent=1, sort_keys=True)
+                f.flush()
+                os.fsync(f.fileno())
             os.replace(tmp, path)
         except BaseException:
             with contextlib.suppress(OSError):
