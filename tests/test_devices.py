@@ -150,6 +150,33 @@ class CheckLogTests(unittest.TestCase):
             with self.assertRaises(KeyLogError):
                 devices.check_log("alice", empty)
 
+    def test_unsigned_fields_as_the_page_judges_them(self):
+        """A device name is not signed: one with control or format characters,
+        an over-long one or one that is not a string does not make the log
+        fail (kept as a label, cut to 64 characters, or no name); a key_id
+        shown as null is refused (one left out is not)."""
+        for name, kept in (
+            ("lap\x1b[2Jtop\u202e", "lap\x1b[2Jtop\u202e"),
+            ("x" * 100, "x" * 63 + "\u2026"),
+            (5, None),
+            ("", None),
+        ):
+            log = vector_log()
+            log["entries"][1]["name"] = name
+            checked = devices.check_log("alice", log)
+            self.assertEqual(checked.state.names[kid(SECOND)], kept)
+        nulled = vector_log()
+        nulled["entries"][1]["key_id"] = None
+        with self.assertRaises(KeyLogError) as caught:
+            devices.check_log("alice", nulled)
+        self.assertIn("entry 1 shows a key_id", caught.exception.message)
+        left_out = vector_log()
+        del left_out["entries"][1]["key_id"]
+        devices.check_log("alice", left_out)
+        for not_an_entry in ([1], ["x"]):
+            with self.assertRaises(KeyLogError):
+                devices.check_log("alice", {"user_id": "alice", "entries": not_an_entry})
+
 
 class CompareTests(unittest.TestCase):
     def setUp(self):

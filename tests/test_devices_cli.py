@@ -95,6 +95,17 @@ class FakeServerWarningTests(CliCase):
         self.assertEqual(seen.get(self.url, "alice").count, 2)
 
     @defer.inlineCallbacks
+    def test_a_name_with_control_characters_is_shown_safe(self):
+        """A device name is not signed: one with terminal controls does not make
+        the log fail; devices and trust show it escaped."""
+        self.fake.logs["alice"]["entries"][1]["name"] = "lap\x1b]0;owned\x07top"
+        for command in (("devices",), ("trust", "alice")):
+            code, out, err = yield self.cli(*command)
+            self.assertEqual((code, err), (0, ""))
+            self.assertIn("other device  lap\\x1b]0;owned\\x07top\n", out)
+            self.assertNotIn("\x1b", out)
+
+    @defer.inlineCallbacks
     def test_a_peer_that_adds_a_device_and_a_rewritten_log(self):
         """send looks at the recipient's log first: the first time it says
         nothing; after bob adds a device, a 'notice' line naming it; after the

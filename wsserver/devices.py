@@ -24,7 +24,7 @@ import fcntl
 import json
 import os
 import tempfile
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 from nacl.signing import SigningKey
 
@@ -79,8 +79,11 @@ def check_log(user_id: str, data: object) -> CheckedLog:
     """Check a whole key log as the server sent it (``{"user_id", "entries"}``);
     ``KeyLogError`` (``code`` and a human ``message``) if it does not hold:
     an ill-formed entry, a bad signature, a broken ``prev`` chain, a ``seq``
-    out of order, a shown ``key_id`` that is not the key's, or the log of
-    another user."""
+    out of order, a shown ``key_id`` that is not the key's (null included;
+    an entry may leave it out), or the log of another user.  A device
+    ``name`` is not signed and never makes a log fail: a string is kept as
+    is (cut to 64 characters; print it through a safe() of your own), any
+    other value counts as no name."""
     if not isinstance(data, dict) or not isinstance(data.get("entries"), list):
         raise KeyLogError("invalid_request", "the answer is not a key log")
     if data.get("user_id") != user_id:
@@ -93,9 +96,14 @@ def check_log(user_id: str, data: object) -> CheckedLog:
     heads: list[str] = []
     at: dict[int, str | None] = {}
     for raw in raw_entries:
-        entry = keylog.entry_from_json(raw)
-        shown = raw.get("key_id")
-        if shown is not None and shown != entry.key_id:
+        if not isinstance(raw, dict):
+            raise KeyLogError("invalid_request", "an entry must be a JSON object")
+        # The name is not signed: any string is kept as a label (shown made
+        # safe by whoever prints it), anything else is no name; neither makes
+        # the log fail, as in the web page (the server refuses such names).
+        entry = keylog.entry_from_json({**raw, "name": None})
+        entry = replace(entry, name=_label(raw.get("name")))
+        if "key_id" in raw and raw["key_id"] != entry.key_id:
             raise KeyLogError(
                 "invalid_request", f"entry {entry.seq} shows a key_id that is not its key's"
             )
@@ -109,6 +117,14 @@ def check_log(user_id: str, data: object) -> CheckedLog:
     if not entries:
         raise KeyLogError("invalid_request", "a key log starts with its registration")
     return CheckedLog(user_id, tuple(entries), state, tuple(heads), at)
+
+
+def _label(name: object) -> str | None:
+    """A device name as a log shows it: a string (cut to ``keylog.MAX_NAME``
+    characters), else None."""
+    if not isinstance(name, str) or not name:
+        return None
+    return name if len(name) <= keylog.MAX_NAME else name[: keylog.MAX_NAME - 1] + "\u2026"
 
 
 @dataclass(frozen=True, slots=True)
