@@ -703,3 +703,19 @@ class LoginChallengeTests(unittest.TestCase):
             self.assertIn("nothing was signed", caught.exception.message)
             self.assertEqual([p for p, _ in posted], ["/auth/login"], challenge)
             self.assertIsNone(c.token)
+
+    @defer.inlineCallbacks
+    def test_a_reconnect_that_meets_a_bad_challenge_gives_up(self):
+        """Once connected, a login (after a drop or an expiry) that meets a
+        challenge that is not one stops the client for good: retrying would
+        only ask again."""
+        c, posted = self.make(keylog.delete_string("alice", 1))
+        failures: list = []
+        c.on_give_up = failures.append
+        c._wanted = True
+        c._connected = defer.succeed(None)  # connected before
+        yield c._dial()
+        self.assertIsNone(c._retrying)
+        (err,) = failures
+        self.assertEqual(err.code, "invalid_challenge")
+        self.assertEqual([p for p, _ in posted], ["/auth/login"])

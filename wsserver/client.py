@@ -743,12 +743,15 @@ class Client:
             if not isinstance(err, ServerError | ConnectionProblem):
                 err = connection_problem(err, self.server)
             first = self._connected is not None and not self._connected.called
-            hopeless = isinstance(err, ServerError) and err.status in (400, 401, 403, 404)
+            hopeless = isinstance(err, ServerError) and (
+                err.status in (400, 401, 403, 404) or err.code == "invalid_challenge"
+            )
             if first or hopeless:
                 # connect() reports a server it cannot reach or a login the
                 # server refuses; once connected, drops are retried instead,
                 # but a refused login (the user or its key is not known
-                # there any more) cannot get better by retrying.
+                # there any more), or a server that hands out something
+                # else than a login challenge, cannot get better by retrying.
                 self._give_up(err)
                 return
             _log.info("reconnect failed ({error}); retrying", error=str(err))
