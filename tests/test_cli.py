@@ -326,6 +326,19 @@ class SafeTextTests(unittest.TestCase):
         self.assertIn("two\\nlines", line)
 
 
+class ParserTests(unittest.TestCase):
+    def test_revoke_takes_a_key_id_that_starts_with_a_dash(self):
+        """A key_id is base64url and may start with "-": revoke reads it as
+        the key_id, not as an option (after the global options too)."""
+        for argv in (
+            ["revoke", "-OOiBBUdSbj9w1U_"],
+            ["--server", "http://h:1", "revoke", "-OOiBBUdSbj9w1U_"],
+            ["revoke", "--", "-OOiBBUdSbj9w1U_"],
+        ):
+            args = cli.parser().parse_args(argv)
+            self.assertEqual((args.command, args.key_id), ("revoke", "-OOiBBUdSbj9w1U_"))
+
+
 class ProbeTests(unittest.TestCase):
     """The look after a connection failure that names the fix."""
 

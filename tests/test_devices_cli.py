@@ -99,7 +99,7 @@ class FakeServerWarningTests(CliCase):
         """A device name is not signed: one with terminal controls does not make
         the log fail; devices and trust show it escaped."""
         self.fake.logs["alice"]["entries"][1]["name"] = "lap\x1b]0;owned\x07top"
-        for command in (("devices",), ("trust", "alice")):
+        for command in (("devices",), ("trust", "alice", "--yes")):
             code, out, err = yield self.cli(*command)
             self.assertEqual((code, err), (0, ""))
             self.assertIn("other device  lap\\x1b]0;owned\\x07top\n", out)
@@ -126,17 +126,55 @@ class FakeServerWarningTests(CliCase):
         for _ in range(2):
             _, _, err = yield self.cli("send", "--to", "bob", "hi")
             self.assertIn("wsserver-client: warning: bob's key log was rewritten", err)
+        listed = [
+            f"{kid(other)}  2026-12-07T03:00:00.000Z  -",
+            f"{kid(SECOND)}  2026-12-07T03:00:01.000Z  tablet",
+        ]
+        # Without --yes and without a terminal: it shows, accepts nothing.
         code, out, err = yield self.cli("trust", "bob")
+        self.assertEqual((code, out.splitlines()), (1, listed))
+        self.assertOneHumanLine(err, "nothing accepted", "--yes")
+        _, _, err = yield self.cli("send", "--to", "bob", "hi")
+        self.assertIn("wsserver-client: warning: bob's key log was rewritten", err)
+        code, out, err = yield self.cli("trust", "bob", "--yes")
         self.assertEqual((code, err), (0, ""))
         self.assertEqual(
             out.splitlines(),
             [
-                f"{kid(other)}  2026-12-07T03:00:00.000Z  -",
-                f"{kid(SECOND)}  2026-12-07T03:00:01.000Z  tablet",
+                *listed,
                 "trusted bob's key log as it is now (2 entries, 2 active keys): "
                 "it is what this device compares with from now on",
             ],
         )
+        _, _, err = yield self.cli("send", "--to", "bob", "hi")
+        self.assertNotIn("key log", err)
+
+    @defer.inlineCallbacks
+    def test_trust_on_a_terminal_asks(self):
+        """On a terminal trust shows the devices and asks: anything but yes
+        accepts nothing (exit 1, the warning stays); yes accepts."""
+        _, _, err = yield self.cli("send", "--to", "bob", "hi")
+        self.fake.logs["bob"] = LogBuilder("bob", SigningKey.generate()).json()
+
+        def on_terminal(answer: bytes) -> _Proc:
+            proc = _Proc()
+            env = tree_env(WSSERVER_URL=self.url, WSSERVER_USER="alice")
+            argv = [sys.executable, "-m", "wsserver.cli", "trust", "bob"]
+            proc.transport = reactor.spawnProcess(
+                proc, sys.executable, argv, env=env, path=str(self.dir), usePTY=True
+            )
+            proc.transport.write(answer)
+            return proc
+
+        proc = on_terminal(b"y\n")
+        self.assertEqual((yield within(proc.ended, WAIT)), 1)
+        self.assertIn(b"Type yes to trust", proc.out)
+        self.assertIn(b"not confirmed: nothing accepted", proc.out)
+        _, _, err = yield self.cli("send", "--to", "bob", "hi")
+        self.assertIn("warning: bob's key log was rewritten", err)
+        proc = on_terminal(b"yes\n")
+        self.assertEqual((yield within(proc.ended, WAIT)), 0, proc.out)
+        self.assertIn(b"trusted bob's key log", proc.out)
         _, _, err = yield self.cli("send", "--to", "bob", "hi")
         self.assertNotIn("key log", err)
 
@@ -168,7 +206,7 @@ class FakeServerWarningTests(CliCase):
         for _ in range(2):
             _, _, err = yield self.cli("send", "--to", "bob", "hi")
             self.assertIn("wsserver-client: warning: bob's key log does not check", err)
-        code, out, err = yield self.cli("trust", "bob")  # never accepted
+        code, out, err = yield self.cli("trust", "bob", "--yes")  # never accepted
         self.assertEqual((code, out), (1, ""))
         self.assertOneHumanLine(err, "invalid_signature")
         self.fake.logs["alice"] = forged | {"user_id": "alice"}
@@ -199,7 +237,7 @@ class FakeServerWarningTests(CliCase):
         self.assertIn("warning: alice's key log was rewritten", err)
         self.assertIn(kid(mallory), out)
         self.assertEqual(self.fake.changes, [])
-        code, out, err = yield self.cli("trust", "alice")
+        code, out, err = yield self.cli("trust", "alice", "--yes")
         self.assertEqual(code, 0, err)
         self.assertIn(f"{kid(mallory)}  2026-12-07T03:00:01.000Z  other device  laptop", out)
         code, out, err = yield self.cli("revoke", kid(mallory))

@@ -425,18 +425,32 @@ def cmd_devices(args: argparse.Namespace, reactor: Any) -> Any:
 @defer.inlineCallbacks
 def cmd_trust(args: argparse.Namespace, reactor: Any) -> Any:
     client = make_client(args)
-    if not is_user_id(args.user_id):
-        raise UsageError(f"{args.user_id!r} is not a user id")
-    log = yield client.trust(args.user_id)
-    own = args.user_id == client.user_id
+    user = args.user_id
+    if not is_user_id(user):
+        raise UsageError(f"{user!r} is not a user id")
+    log = yield client.fetch_keylog(user)
     for kid in log.state.active:
         which = ""
-        if own:
+        if user == client.user_id:
             which = "this device   " if kid == client.key_id else "other device  "
         added = log.added_at(kid) or "-"
         out(f"{kid}  {safe(added)}  {which}{safe(log.state.names.get(kid) or '-')}")
+    if not args.yes:
+        if not sys.stdin.isatty():
+            raise UsageError(
+                f"nothing accepted: compare these key ids with {user}'s own list "
+                f"(wsserver-client devices), then run again with --yes"
+            )
+        answer = yield threads.deferToThread(
+            input,
+            f"Are these {user}'s devices, as {user} told you another way? Type yes to trust "
+            f"this key log: ",
+        )
+        if answer.strip() != "yes":
+            raise UsageError("not confirmed: nothing accepted")
+    yield client.trust(user, log)
     out(
-        f"trusted {args.user_id}'s key log as it is now ({len(log.entries)} entries, "
+        f"trusted {user}'s key log as it is now ({len(log.entries)} entries, "
         f"{len(log.state.active)} active keys): it is what this device compares with from now on"
     )
 
@@ -557,6 +571,7 @@ def parser() -> argparse.ArgumentParser:
         "checked their devices with them)",
     )
     trust.add_argument("user_id", metavar="USER", help="whose key log (yours too)")
+    trust.add_argument("--yes", action="store_true", help="do not ask (for scripts)")
     sub.add_parser(
         "link",
         help="on a new device: make its key if needed and print a pairing text to approve",
@@ -566,7 +581,11 @@ def parser() -> argparse.ArgumentParser:
     )
     approve.add_argument("pairing_text", metavar="PAIRING-TEXT", help="what link printed")
     approve.add_argument("--name", help="a label for the new device (up to 64 characters)")
-    revoke = sub.add_parser("revoke", help="revoke a device's key (its connections close)")
+    # A key_id is base64url: it may start with "-" (1 in 64), which must not
+    # read as an option, so revoke takes none ("+h" is its help).
+    revoke = sub.add_parser(
+        "revoke", help="revoke a device's key (its connections close)", prefix_chars="+"
+    )
     revoke.add_argument("key_id", metavar="KEY_ID", help="the key_id, as devices shows it")
     logout = sub.add_parser("logout", help="sign out a token, or every session with --all")
     logout.add_argument("--all", action="store_true", help="sign out every session of the user")

@@ -567,14 +567,18 @@ class Client:
         return user_id in self._rewritten
 
     @defer.inlineCallbacks
-    def trust(self, user_id: str) -> Any:
+    def trust(self, user_id: str, log: CheckedLog | None = None) -> Any:
         """Accept ``user_id``'s key log as it is now, after checking with the
         person another way: fetch and check it (``KeyLogError`` if it does
-        not check: nothing is accepted then) and remember it as seen, so a
-        rewritten log stops being warned about and their messages verify
+        not check: nothing is accepted then), or take ``log`` (one
+        ``fetch_keylog`` gave, shown to the person), and remember it as seen,
+        so a rewritten log stops being warned about and their messages verify
         again.  Fires with the ``CheckedLog`` (its active keys are what was
         accepted)."""
-        log = yield self.fetch_keylog(user_id)
+        if log is None:
+            log = yield self.fetch_keylog(user_id)
+        elif log.user_id != user_id:
+            raise ValueError(f"that is the key log of {log.user_id}, not of {user_id}")
         self._keep(log)
         self._logs[user_id] = log
         self._rewritten.discard(user_id)
