@@ -305,6 +305,15 @@ class SafeTextTests(unittest.TestCase):
             self.assertNotIn(bad, line)
         self.assertIn("eve\\u202e", line)
 
+    def test_a_sender_whose_log_was_rewritten_is_marked_so(self):
+        """A message from a sender whose key log was rewritten shows
+        [UNVERIFIED: key log rewritten], not [verified] nor [INVALID]; an
+        unsigned one stays [UNSIGNED]."""
+        frame = {"timestamp": "t", "from": "bob", "to": "me", "id": 1, "content": "hi"}
+        self.assertIn("bob [UNVERIFIED: key log rewritten] #1", cli.describe(frame, False, True))
+        self.assertIn("bob [UNSIGNED] #1", cli.describe(frame, None, True))
+        self.assertIn("bob [INVALID] #1", cli.describe(frame, False))
+
     def test_server_text_in_failures_is_one_safe_line(self):
         """An error code and message from the server print as one line with
         their controls escaped."""
@@ -315,6 +324,19 @@ class SafeTextTests(unittest.TestCase):
         for bad in UNSAFE:
             self.assertNotIn(bad, line)
         self.assertIn("two\\nlines", line)
+
+
+class ParserTests(unittest.TestCase):
+    def test_revoke_takes_a_key_id_that_starts_with_a_dash(self):
+        """A key_id is base64url and may start with "-": revoke reads it as
+        the key_id, not as an option (after the global options too)."""
+        for argv in (
+            ["revoke", "-OOiBBUdSbj9w1U_"],
+            ["--server", "http://h:1", "revoke", "-OOiBBUdSbj9w1U_"],
+            ["revoke", "--", "-OOiBBUdSbj9w1U_"],
+        ):
+            args = cli.parser().parse_args(argv)
+            self.assertEqual((args.command, args.key_id), ("revoke", "-OOiBBUdSbj9w1U_"))
 
 
 class ProbeTests(unittest.TestCase):

@@ -150,6 +150,33 @@ class CheckLogTests(unittest.TestCase):
             with self.assertRaises(KeyLogError):
                 devices.check_log("alice", empty)
 
+    def test_unsigned_fields_as_the_page_judges_them(self):
+        """A device name is not signed: one with control or format characters,
+        an over-long one or one that is not a string does not make the log
+        fail (kept as a label, cut to 64 characters, or no name); a key_id
+        shown as null is refused (one left out is not)."""
+        for name, kept in (
+            ("lap\x1b[2Jtop\u202e", "lap\x1b[2Jtop\u202e"),
+            ("x" * 100, "x" * 63 + "\u2026"),
+            (5, None),
+            ("", None),
+        ):
+            log = vector_log()
+            log["entries"][1]["name"] = name
+            checked = devices.check_log("alice", log)
+            self.assertEqual(checked.state.names[kid(SECOND)], kept)
+        nulled = vector_log()
+        nulled["entries"][1]["key_id"] = None
+        with self.assertRaises(KeyLogError) as caught:
+            devices.check_log("alice", nulled)
+        self.assertIn("entry 1 shows a key_id", caught.exception.message)
+        left_out = vector_log()
+        del left_out["entries"][1]["key_id"]
+        devices.check_log("alice", left_out)
+        for not_an_entry in ([1], ["x"]):
+            with self.assertRaises(KeyLogError):
+                devices.check_log("alice", {"user_id": "alice", "entries": not_an_entry})
+
 
 class CompareTests(unittest.TestCase):
     def setUp(self):
@@ -225,6 +252,63 @@ class SeenLogsTests(unittest.TestCase):
             devices.SeenLogs(path)
         self.assertIn("delete it", str(caught.exception))
         self.assertEqual(devices.seen_path("keys/a.key"), "keys/a.key.keylogs.json")
+
+    def test_two_runs_sharing_the_file_keep_what_each_remembered(self):
+        """A long run (listen) loaded the file before another run (send)
+        remembered carol; listen then remembers dave: carol stays in the
+        file, and listen now knows her too.  The lock file beside it is 0600."""
+        path = self.mktemp()
+        listen, send = devices.SeenLogs(path), devices.SeenLogs(path)
+        carol = devices.Seen(3, "HEADcarol", ("k1", "k2"), {})
+        dave = devices.Seen(1, "HEADdave", ("k3",), {})
+        send.put(SERVER, "carol", carol)
+        listen.put(SERVER, "dave", dave)
+        again = devices.SeenLogs(path)
+        self.assertEqual((again.get(SERVER, "carol"), again.get(SERVER, "dave")), (carol, dave))
+        self.assertEqual(listen.get(SERVER, "carol"), carol)
+        self.assertEqual(stat.S_IMODE(os.stat(path + ".lock").st_mode), 0o600)
+        # A file that is no longer ours is left alone (kept in memory).
+        Path(path).write_text("not json")
+        listen.put(SERVER, "erin", dave)
+        self.assertIsInstance(listen.save_error, OSError)
+        self.assertEqual(Path(path).read_text(), "not json")
+        self.assertEqual(listen.get(SERVER, "erin"), dave)
+
+    def test_concurrent_processes_lose_nothing(self):
+        """Four processes remembering 25 users each at the same time, each
+        from a copy of the file loaded before any wrote: all 100 end up in
+        the file (the lock and the re-read; without the lock some are lost)."""
+        import subprocess
+        import sys
+
+        path = self.mktemp()
+        script = (
+            "import sys\n"
+            "from wsserver import devices\n"
+            "seen = devices.SeenLogs(sys.argv[1])\n"
+            "sys.stdin.readline()\n"
+            "for i in range(25):\n"
+            "    user = f'{sys.argv[2]}{i}'\n"
+            "    seen.put('http://s', user, devices.Seen(1, 'H' + user, ('k',), {}))\n"
+            "assert seen.save_error is None, seen.save_error\n"
+        )
+        procs = [
+            subprocess.Popen(
+                [sys.executable, "-c", script, path, name],
+                stdin=subprocess.PIPE,
+                text=True,
+                env={**os.environ, "PYTHONPATH": str(Path(devices.__file__).parents[1])},
+            )
+            for name in "abcd"
+        ]
+        for proc in procs:  # all loaded (or about to): go
+            proc.stdin.write("go\n")
+            proc.stdin.flush()
+        for proc in procs:
+            proc.stdin.close()
+            self.assertEqual(proc.wait(timeout=120), 0)
+        users = devices.SeenLogs(path)._data["http://s"]
+        self.assertEqual(len(users), 100)
 
     def test_a_file_that_cannot_be_written_keeps_them_in_memory(self):
         """Where the file cannot be written, what was seen is kept for the run
@@ -394,29 +478,113 @@ class ClientNoticeTests(unittest.TestCase):
     @defer.inlineCallbacks
     def test_a_rewritten_log_across_runs_and_a_forged_log(self):
         """What one run saw is remembered in the file; the next run, served a
-        log that starts differently, reports it rewritten (messages still
-        checked against the keys it now holds); a log that does not check is
-        reported and nothing from that user verifies."""
+        log that starts differently, reports it rewritten, verifies nothing
+        from bob, and does not remember it: every later run says so again,
+        until trust() accepts the log as it is (then bob's messages verify
+        with it and the next run is quiet).  A log that does not check is
+        reported, nothing from that user verifies, and it is not remembered."""
         path = self.mktemp()
         c, _, notices = self.make(devices.SeenLogs(path))
         yield c._message(signed_frame(ALICE, "bob", 1))
         self.assertEqual(notices, [])
+        honest = devices.SeenLogs(path).get(SERVER, "bob")
         mallory = SigningKey.generate()
         self.fake.logs["bob"] = LogBuilder("bob", mallory).json()
-        c2, got2, notices2 = self.make(devices.SeenLogs(path))
-        yield c2._message(signed_frame(mallory, "bob", 2))
-        self.assertEqual([n.kind for n in notices2], [devices.REWRITTEN])
-        self.assertIn("rewritten", notices2[0].text)
-        self.assertEqual(got2, [(2, True)])
-        forged = self.bob.add(SECOND, ALICE).json()
+        for msg_id in (2, 3):  # two runs
+            c2, got2, notices2 = self.make(devices.SeenLogs(path))
+            yield c2._message(signed_frame(mallory, "bob", msg_id))
+            yield c2._message(signed_frame(mallory, "bob", msg_id + 10))
+            self.assertEqual([n.kind for n in notices2], [devices.REWRITTEN])
+            self.assertIn("rewritten", notices2[0].text)
+            self.assertEqual(got2, [(msg_id, False), (msg_id + 10, False)])
+            self.assertTrue(c2.rewritten("bob"))
+            self.assertEqual(devices.SeenLogs(path).get(SERVER, "bob"), honest)
+        log = yield c2.trust("bob")
+        self.assertEqual(list(log.state.active), [kid(mallory)])
+        self.assertFalse(c2.rewritten("bob"))
+        yield c2._message(signed_frame(mallory, "bob", 4))
+        self.assertEqual(got2[-1], (4, True))
+        c3, got3, notices3 = self.make(devices.SeenLogs(path))
+        yield c3._message(signed_frame(mallory, "bob", 5))
+        self.assertEqual((got3, notices3), ([(5, True)], []))
+        trusted = devices.SeenLogs(path).get(SERVER, "bob")
+        forged = LogBuilder("bob", mallory).add(SECOND, mallory).json()
         forged["entries"][1]["signature"] = b64encode(bytes(64))
         self.fake.logs["bob"] = forged
-        c3, got3, notices3 = self.make(devices.SeenLogs(path))
-        yield c3._message(signed_frame(ALICE, "bob", 3))
-        self.assertEqual(got3, [(3, False)])
-        self.assertEqual([n.kind for n in notices3], [devices.INVALID])
-        # The forged log was not remembered: the rewritten one still is.
-        self.assertEqual(devices.SeenLogs(path).get(SERVER, "bob").count, 1)
+        c4, got4, notices4 = self.make(devices.SeenLogs(path))
+        yield c4._message(signed_frame(mallory, "bob", 6))
+        self.assertEqual(got4, [(6, False)])
+        self.assertEqual([n.kind for n in notices4], [devices.INVALID])
+        with self.assertRaises(KeyLogError):
+            yield c4.trust("bob")  # a log that does not check is never accepted
+        self.assertEqual(devices.SeenLogs(path).get(SERVER, "bob"), trusted)
+
+    @defer.inlineCallbacks
+    def test_a_message_without_key_id_is_checked_with_the_registration_key_only(self):
+        """A message stored before keys per device ("key_id": null) was signed,
+        if at all, by the registration key: one signed by a later key of the
+        log (even an active one) does not verify."""
+        self.bob.add(SECOND, ALICE, "laptop")
+        self.fake.logs["bob"] = self.bob.json()
+        c, got, _ = self.make()
+        yield c._message({**signed_frame(ALICE, "bob", 1), "key_id": None})
+        yield c._message({**signed_frame(SECOND, "bob", 2), "key_id": None})
+        yield c._message({**signed_frame(SECOND, "bob", 3), "key_id": 7})
+        self.assertEqual(got, [(1, True), (2, False), (3, False)])
+
+
+class OwnRewrittenLogTests(unittest.TestCase):
+    """approve, revoke, delete_account and link sign nothing on top of this
+    user's own key log when it was rewritten since this device saw it; after
+    trust() they do."""
+
+    def setUp(self):
+        self.fake = FakeServer()
+        self.sent: list[tuple[bytes, str]] = []
+        self.fake.logs["alice"] = LogBuilder("alice", ALICE).add(SECOND, ALICE).json()
+
+    def make(self, key: SigningKey, seen: devices.SeenLogs) -> wc.Client:
+        c = wc.Client(SERVER, "alice", key, seen=seen)
+
+        def request(method, path, body=None, token=None):
+            if method != b"GET":
+                self.sent.append((method, path))
+                return defer.succeed({})
+            return self.fake.request(method, path, body, token)
+
+        c._request = request
+        c.on_keylog_notice = lambda notice: None
+        return c
+
+    @defer.inlineCallbacks
+    def test_nothing_is_signed_on_a_rewritten_own_log(self):
+        seen = devices.SeenLogs()
+        c = self.make(ALICE, seen)
+        yield c.devices()  # seen: register, add SECOND
+        third, mallory = SigningKey.generate(), SigningKey.generate()
+        # The server drops SECOND's entry and slips in a key of its own.
+        rewritten = LogBuilder("alice", ALICE).add(mallory, ALICE)
+        self.fake.logs["alice"] = rewritten.json()
+        pairing = keylog.pairing_text(
+            devices.pairing_for(devices.check_log("alice", rewritten.json()), third)
+        )
+        attempts = (
+            lambda: c.approve(pairing, "phone"),
+            lambda: c.revoke(kid(mallory)),
+            lambda: c.delete_account(),
+            lambda: self.make(third, seen).link(),
+        )
+        for attempt in attempts:
+            with self.assertRaises(KeyLogError) as caught:
+                yield attempt()
+            self.assertEqual(caught.exception.code, "keylog_rewritten")
+            self.assertIn("trust alice", caught.exception.message)
+        self.assertEqual(self.sent, [])
+        keys = yield c.devices()  # listing signs nothing: still shown
+        self.assertEqual([k["key_id"] for k in keys], [kid(ALICE), kid(mallory)])
+        yield c.trust("alice")
+        yield c.revoke(kid(mallory))
+        self.assertEqual(self.sent, [(b"POST", "/auth/users/alice/keylog")])
 
 
 class StoppedTests(unittest.TestCase):
@@ -479,3 +647,75 @@ class OwnLinkTests(unittest.TestCase):
         fake.logs["bob"] = builder.add(SigningKey.generate(), ALICE).json()
         yield me.peer_log("bob", refresh=True)
         self.assertEqual([n.kind for n in notices], [devices.DEVICES_CHANGED])
+
+
+class LoginChallengeTests(unittest.TestCase):
+    """Login signs a login challenge for this user and nothing else: a server
+    that hands out a key-log entry or a deletion statement as the "challenge"
+    gets no signature on it."""
+
+    def make(self, challenge: object) -> tuple[wc.Client, list]:
+        c = wc.Client(SERVER, "alice", ALICE)
+        posted: list = []
+
+        def request(method, path, body=None, token=None):
+            posted.append((path, body))
+            if path == "/auth/login":
+                return defer.succeed({"challenge": challenge, "expires_at": "x"})
+            return defer.succeed({"token": "tok", "expires_at": "x"})
+
+        c._request = request
+        return c, posted
+
+    @defer.inlineCallbacks
+    def test_a_login_challenge_is_signed(self):
+        good = "wsserver-login-v1:alice:" + "aZ09_-" * 7 + "x"
+        c, posted = self.make(good)
+        token = yield c.login()
+        self.assertEqual(token, "tok")
+        body = posted[1][1]
+        self.assertEqual(body["challenge"], good)
+        ALICE.verify_key.verify(good.encode(), b64decode(body["signature"]))
+
+    @defer.inlineCallbacks
+    def test_anything_else_is_refused_and_nothing_signed(self):
+        head0 = keylog.digest(keylog.entry_string("alice", 0, "register", bytes(32), ""))
+        mallory = bytes(SigningKey.generate().verify_key)
+        nonce = "A" * 43
+        for challenge in (
+            keylog.entry_string("alice", 1, keylog.ADD, mallory, head0),
+            keylog.delete_string("alice", 1),
+            f"wsserver-login-v1:bob:{nonce}",  # another user's
+            f"wsserver-login-v1:alice:{nonce[:-1]}",  # 42 characters
+            f"wsserver-login-v1:alice:{nonce}A",  # 44
+            f"wsserver-login-v1:alice:{nonce[:-1]}=",
+            f"wsserver-login-v1:alice:{nonce}\n",
+            f"wsserver-login-v1:alice:{nonce[:-1]}\u00e9",
+            f"wsserver-login-v1:alice:x:{nonce}",
+            f"wsserver-login-v1:alicex:{nonce}",
+            None,
+            ["wsserver-login-v1:alice:" + nonce],
+        ):
+            c, posted = self.make(challenge)
+            with self.assertRaises(wc.ServerError) as caught:
+                yield c.login()
+            self.assertEqual(caught.exception.code, "invalid_challenge", challenge)
+            self.assertIn("nothing was signed", caught.exception.message)
+            self.assertEqual([p for p, _ in posted], ["/auth/login"], challenge)
+            self.assertIsNone(c.token)
+
+    @defer.inlineCallbacks
+    def test_a_reconnect_that_meets_a_bad_challenge_gives_up(self):
+        """Once connected, a login (after a drop or an expiry) that meets a
+        challenge that is not one stops the client for good: retrying would
+        only ask again."""
+        c, posted = self.make(keylog.delete_string("alice", 1))
+        failures: list = []
+        c.on_give_up = failures.append
+        c._wanted = True
+        c._connected = defer.succeed(None)  # connected before
+        yield c._dial()
+        self.assertIsNone(c._retrying)
+        (err,) = failures
+        self.assertEqual(err.code, "invalid_challenge")
+        self.assertEqual([p for p, _ in posted], ["/auth/login"])

@@ -13,7 +13,7 @@ from twisted.internet import defer, reactor
 from twisted.web import resource, server
 
 from wsserver import client as wc
-from wsserver import devices
+from wsserver import devices, keylog
 from wsserver.messages import b64encode
 
 from .support import within
@@ -31,10 +31,20 @@ class _KeyLogs(resource.Resource):
         super().__init__()
         self.logs: dict[str, dict] = {}
         self.extra_keys: dict[str, list[str]] = {}  # keys the directory adds
+        self.challenge: str | None = None  # what POST /auth/login hands out
+        self.changes: list[tuple[bytes, bytes]] = []  # every request but a GET
+        self.verify_bodies: list[bytes] = []  # what came to POST /auth/login?verify=true
 
     def render(self, request):
         request.setHeader(b"content-type", b"application/json")
         parts = request.path.decode().split("/")
+        if request.method != b"GET":
+            self.changes.append((request.method, request.path))
+        if request.path == b"/auth/login" and self.challenge is not None:
+            if request.args.get(b"verify"):
+                self.verify_bodies.append(request.content.read())
+                return json.dumps({"token": "t", "expires_at": "2099-01-01T00:00:00Z"}).encode()
+            return json.dumps({"challenge": self.challenge, "expires_at": "x"}).encode()
         if len(parts) == 5 and parts[4] == "keylog" and parts[3] in self.logs:
             return json.dumps(self.logs[parts[3]]).encode()
         if len(parts) == 4 and parts[3] in self.logs:
@@ -85,6 +95,17 @@ class FakeServerWarningTests(CliCase):
         self.assertEqual(seen.get(self.url, "alice").count, 2)
 
     @defer.inlineCallbacks
+    def test_a_name_with_control_characters_is_shown_safe(self):
+        """A device name is not signed: one with terminal controls does not make
+        the log fail; devices and trust show it escaped."""
+        self.fake.logs["alice"]["entries"][1]["name"] = "lap\x1b]0;owned\x07top"
+        for command in (("devices",), ("trust", "alice", "--yes")):
+            code, out, err = yield self.cli(*command)
+            self.assertEqual((code, err), (0, ""))
+            self.assertIn("other device  lap\\x1b]0;owned\\x07top\n", out)
+            self.assertNotIn("\x1b", out)
+
+    @defer.inlineCallbacks
     def test_a_peer_that_adds_a_device_and_a_rewritten_log(self):
         """send looks at the recipient's log first: the first time it says
         nothing; after bob adds a device, a 'notice' line naming it; after the
@@ -99,10 +120,61 @@ class FakeServerWarningTests(CliCase):
             f"added {kid(SECOND)} (phone)\n",
             err,
         )
-        self.fake.logs["bob"] = LogBuilder("bob", SigningKey.generate()).json()
+        other = SigningKey.generate()
+        self.fake.logs["bob"] = LogBuilder("bob", other).add(SECOND, other, "tablet").json()
+        # Not remembered: said on every run until the person accepts it.
+        for _ in range(2):
+            _, _, err = yield self.cli("send", "--to", "bob", "hi")
+            self.assertIn("wsserver-client: warning: bob's key log was rewritten", err)
+        listed = [
+            f"{kid(other)}  2026-12-07T03:00:00.000Z  -",
+            f"{kid(SECOND)}  2026-12-07T03:00:01.000Z  tablet",
+        ]
+        # Without --yes and without a terminal: it shows, accepts nothing.
+        code, out, err = yield self.cli("trust", "bob")
+        self.assertEqual((code, out.splitlines()), (1, listed))
+        self.assertOneHumanLine(err, "nothing accepted", "--yes")
         _, _, err = yield self.cli("send", "--to", "bob", "hi")
         self.assertIn("wsserver-client: warning: bob's key log was rewritten", err)
-        # Seen once, said once: the next look is quiet.
+        code, out, err = yield self.cli("trust", "bob", "--yes")
+        self.assertEqual((code, err), (0, ""))
+        self.assertEqual(
+            out.splitlines(),
+            [
+                *listed,
+                "trusted bob's key log as it is now (2 entries, 2 active keys): "
+                "it is what this device compares with from now on",
+            ],
+        )
+        _, _, err = yield self.cli("send", "--to", "bob", "hi")
+        self.assertNotIn("key log", err)
+
+    @defer.inlineCallbacks
+    def test_trust_on_a_terminal_asks(self):
+        """On a terminal trust shows the devices and asks: anything but yes
+        accepts nothing (exit 1, the warning stays); yes accepts."""
+        _, _, err = yield self.cli("send", "--to", "bob", "hi")
+        self.fake.logs["bob"] = LogBuilder("bob", SigningKey.generate()).json()
+
+        def on_terminal(answer: bytes) -> _Proc:
+            proc = _Proc()
+            env = tree_env(WSSERVER_URL=self.url, WSSERVER_USER="alice")
+            argv = [sys.executable, "-m", "wsserver.cli", "trust", "bob"]
+            proc.transport = reactor.spawnProcess(
+                proc, sys.executable, argv, env=env, path=str(self.dir), usePTY=True
+            )
+            proc.transport.write(answer)
+            return proc
+
+        proc = on_terminal(b"y\n")
+        self.assertEqual((yield within(proc.ended, WAIT)), 1)
+        self.assertIn(b"Type yes to trust", proc.out)
+        self.assertIn(b"not confirmed: nothing accepted", proc.out)
+        _, _, err = yield self.cli("send", "--to", "bob", "hi")
+        self.assertIn("warning: bob's key log was rewritten", err)
+        proc = on_terminal(b"yes\n")
+        self.assertEqual((yield within(proc.ended, WAIT)), 0, proc.out)
+        self.assertIn(b"trusted bob's key log", proc.out)
         _, _, err = yield self.cli("send", "--to", "bob", "hi")
         self.assertNotIn("key log", err)
 
@@ -134,11 +206,63 @@ class FakeServerWarningTests(CliCase):
         for _ in range(2):
             _, _, err = yield self.cli("send", "--to", "bob", "hi")
             self.assertIn("wsserver-client: warning: bob's key log does not check", err)
+        code, out, err = yield self.cli("trust", "bob", "--yes")  # never accepted
+        self.assertEqual((code, out), (1, ""))
+        self.assertOneHumanLine(err, "invalid_signature")
         self.fake.logs["alice"] = forged | {"user_id": "alice"}
         code, out, err = yield self.cli("devices")
         self.assertEqual((code, out), (1, ""))
         self.assertIn("does not check", err)
         self.assertIn("invalid_", err)
+
+    @defer.inlineCallbacks
+    def test_approve_revoke_delete_refuse_a_rewritten_own_log(self):
+        """When alice's own log was rewritten since this device saw it, approve,
+        revoke and delete-account sign nothing (one line naming trust, exit
+        1); devices still lists (with the warning); after trust they proceed
+        as far as this fake server lets them."""
+        code, _, err = yield self.cli("devices")
+        self.assertEqual(code, 0, err)
+        mallory = SigningKey.generate()
+        rewritten = LogBuilder("alice", self.me).add(mallory, self.me, "laptop")
+        self.fake.logs["alice"] = rewritten.json()
+        for command in (("revoke", kid(mallory)), ("delete-account", "--yes")):
+            code, out, err = yield self.cli(*command)
+            self.assertEqual((code, out), (1, ""), command)
+            self.assertIn("warning: alice's key log was rewritten", err)
+            last = err.strip().splitlines()[-1]
+            self.assertOneHumanLine(last, "keylog_rewritten", "trust alice")
+        code, out, err = yield self.cli("devices")
+        self.assertEqual(code, 0, err)
+        self.assertIn("warning: alice's key log was rewritten", err)
+        self.assertIn(kid(mallory), out)
+        self.assertEqual(self.fake.changes, [])
+        code, out, err = yield self.cli("trust", "alice", "--yes")
+        self.assertEqual(code, 0, err)
+        self.assertIn(f"{kid(mallory)}  2026-12-07T03:00:01.000Z  other device  laptop", out)
+        code, out, err = yield self.cli("revoke", kid(mallory))
+        self.assertEqual((code, out.strip(), err), (0, f"revoked {kid(mallory)}", ""))
+        self.assertEqual(self.fake.changes, [(b"POST", b"/auth/users/alice/keylog")])
+
+    @defer.inlineCallbacks
+    def test_login_refuses_to_sign_what_is_not_a_login_challenge(self):
+        """A server that hands out a key-log entry string as the login
+        challenge (to get this key's signature on an entry adding its own
+        key) gets one line, exit 1, and no signature."""
+        mallory = SigningKey.generate()
+        head = devices.check_log("alice", self.fake.logs["alice"]).state.head
+        self.fake.challenge = keylog.entry_string(
+            "alice", 2, keylog.ADD, bytes(mallory.verify_key), head
+        )
+        for command in (("login",), ("send", "--to", "bob", "hi")):
+            code, out, err = yield self.cli(*command)
+            self.assertEqual((code, out), (1, ""))
+            self.assertOneHumanLine(err, "invalid_challenge", "nothing was signed")
+        self.assertEqual(self.fake.verify_bodies, [])
+        self.fake.challenge = "wsserver-login-v1:alice:" + "A" * 43
+        code, out, err = yield self.cli("login")
+        self.assertEqual((code, out.strip()), (0, "t"), err)
+        self.assertEqual(len(self.fake.verify_bodies), 1)
 
 
 class DevicesEndToEndTests(ServedCase):

@@ -98,17 +98,22 @@ def note(text: str) -> None:
     sys.stderr.flush()
 
 
+REWRITTEN_MARK = "UNVERIFIED: key log rewritten"
+
+
 def mark(verified: bool | None) -> str:
     return {True: "verified", False: "INVALID", None: "UNSIGNED"}[verified]
 
 
-def describe(frame: dict, verified: bool | None) -> str:
+def describe(frame: dict, verified: bool | None, rewritten: bool = False) -> str:
     """A received message: time, sender, signature mark, content, every field
     made safe (see safe()); later lines of a multi-line content are indented
-    continuation lines."""
+    continuation lines.  ``rewritten``: the sender's key log was rewritten
+    since this device saw it (not verified, whatever the signature)."""
     to = " (broadcast)" if frame.get("to") == "broadcast" else ""
+    shown = REWRITTEN_MARK if rewritten and verified is not None else mark(verified)
     return (
-        f"[{safe(frame['timestamp'])}] {safe(frame['from'])}{to} [{mark(verified)}] "
+        f"[{safe(frame['timestamp'])}] {safe(frame['from'])}{to} [{shown}] "
         f"#{safe(frame['id'])}: {safe(frame['content'], multiline=True)}"
     )
 
@@ -299,7 +304,7 @@ def _print_frames(client: Client, as_json: bool) -> None:
         if as_json:
             out(json.dumps({**frame, "verified_locally": verified}))
         else:
-            out(describe(frame, verified))
+            out(describe(frame, verified, client.rewritten(frame.get("from"))))
 
     def other(frame: dict) -> None:
         if as_json:
@@ -418,6 +423,39 @@ def cmd_devices(args: argparse.Namespace, reactor: Any) -> Any:
 
 
 @defer.inlineCallbacks
+def cmd_trust(args: argparse.Namespace, reactor: Any) -> Any:
+    client = make_client(args)
+    user = args.user_id
+    if not is_user_id(user):
+        raise UsageError(f"{user!r} is not a user id")
+    log = yield client.fetch_keylog(user)
+    for kid in log.state.active:
+        which = ""
+        if user == client.user_id:
+            which = "this device   " if kid == client.key_id else "other device  "
+        added = log.added_at(kid) or "-"
+        out(f"{kid}  {safe(added)}  {which}{safe(log.state.names.get(kid) or '-')}")
+    if not args.yes:
+        if not sys.stdin.isatty():
+            raise UsageError(
+                f"nothing accepted: compare these key ids with {user}'s own list "
+                f"(wsserver-client devices), then run again with --yes"
+            )
+        answer = yield threads.deferToThread(
+            input,
+            f"Are these {user}'s devices, as {user} told you another way? Type yes to trust "
+            f"this key log: ",
+        )
+        if answer.strip() != "yes":
+            raise UsageError("not confirmed: nothing accepted")
+    yield client.trust(user, log)
+    out(
+        f"trusted {user}'s key log as it is now ({len(log.entries)} entries, "
+        f"{len(log.state.active)} active keys): it is what this device compares with from now on"
+    )
+
+
+@defer.inlineCallbacks
 def cmd_link(args: argparse.Namespace, reactor: Any) -> Any:
     user = _user(args)
     path = key_path(args)
@@ -527,6 +565,13 @@ def parser() -> argparse.ArgumentParser:
     chat = sub.add_parser("chat", help="type lines to send, see replies")
     chat.add_argument("--to", required=True, help="who to chat with")
     sub.add_parser("devices", help="list your active keys (devices), marking this one")
+    trust = sub.add_parser(
+        "trust",
+        help="accept a user's key log as it is now (after a warning, once you have "
+        "checked their devices with them)",
+    )
+    trust.add_argument("user_id", metavar="USER", help="whose key log (yours too)")
+    trust.add_argument("--yes", action="store_true", help="do not ask (for scripts)")
     sub.add_parser(
         "link",
         help="on a new device: make its key if needed and print a pairing text to approve",
@@ -536,7 +581,11 @@ def parser() -> argparse.ArgumentParser:
     )
     approve.add_argument("pairing_text", metavar="PAIRING-TEXT", help="what link printed")
     approve.add_argument("--name", help="a label for the new device (up to 64 characters)")
-    revoke = sub.add_parser("revoke", help="revoke a device's key (its connections close)")
+    # A key_id is base64url: it may start with "-" (1 in 64), which must not
+    # read as an option, so revoke takes none ("+h" is its help).
+    revoke = sub.add_parser(
+        "revoke", help="revoke a device's key (its connections close)", prefix_chars="+"
+    )
     revoke.add_argument("key_id", metavar="KEY_ID", help="the key_id, as devices shows it")
     logout = sub.add_parser("logout", help="sign out a token, or every session with --all")
     logout.add_argument("--all", action="store_true", help="sign out every session of the user")
@@ -554,6 +603,7 @@ COMMANDS = {
     "listen": cmd_listen,
     "chat": cmd_chat,
     "devices": cmd_devices,
+    "trust": cmd_trust,
     "link": cmd_link,
     "approve": cmd_approve,
     "revoke": cmd_revoke,

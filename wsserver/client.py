@@ -44,7 +44,7 @@ from twisted.web.http_headers import Headers
 from . import devices, keylog
 from .devices import CheckedLog, KeyLogNotice, SeenLogs
 from .keylog import KeyLogError
-from .messages import b64decode, is_user_id, signing_input
+from .messages import LOGIN_PREFIX, b64decode, is_user_id, signing_input
 
 _log = Logger()
 
@@ -52,6 +52,8 @@ KEY_PREFIX = "wsserver-ed25519-seed:"
 RECONNECT_DELAYS = (0.2, 0.5, 1.0, 2.0, 5.0)
 SEEN_IDS = 10_000
 MAX_RESPONSE_BYTES = 1 << 20  # the server's answers are small JSON objects
+# A login challenge's nonce (protocol section 2): 32 bytes, unpadded base64url.
+_CHALLENGE_NONCE = re.compile(r"[A-Za-z0-9_-]{43}")
 
 
 class ServerError(Exception):
@@ -343,6 +345,9 @@ class Client:
         self.seen = seen if seen is not None else SeenLogs()
         self._logs: dict[str, CheckedLog] = {}
         self._refetched: set[tuple[str, str]] = set()  # (user, key_id) looked up again
+        # Users whose log, as last fetched, was rewritten since it was seen:
+        # nothing from them verifies, and nothing is remembered, until trust().
+        self._rewritten: set[str] = set()
         self._unacked: OrderedDict[str, tuple[dict, defer.Deferred]] = OrderedDict()
         self._nonces = itertools.count(1)
         self._nonce_prefix = secrets.token_hex(4)
@@ -427,7 +432,15 @@ class Client:
     def login(self) -> Any:
         """The challenge-response login; fire with the token (also kept)."""
         reply = yield self._request(b"POST", "/auth/login", {"user_id": self.user_id})
-        challenge = reply["challenge"]
+        challenge = reply.get("challenge")
+        if not self._is_login_challenge(challenge):
+            # Anything else could be a key-log entry or a deletion statement
+            # passed off as a challenge to get this key's signature on it.
+            raise ServerError(
+                "invalid_challenge",
+                f"the server's login challenge is not {LOGIN_PREFIX}{self.user_id}:NONCE "
+                "(protocol section 2): nothing was signed; is this a wsserver?",
+            )
         signature = base64.b64encode(self.key.sign(challenge.encode("utf-8")).signature)
         reply = yield self._request(
             b"POST",
@@ -441,6 +454,17 @@ class Client:
         )
         self.token = reply["token"]
         return self.token
+
+    def _is_login_challenge(self, challenge: object) -> bool:
+        """Whether ``challenge`` is exactly a login challenge for this user
+        (``wsserver-login-v1:<user_id>:`` and a 43-character base64url
+        nonce), the only string login signs."""
+        prefix = f"{LOGIN_PREFIX}{self.user_id}:"
+        return (
+            isinstance(challenge, str)
+            and challenge.startswith(prefix)
+            and _CHALLENGE_NONCE.fullmatch(challenge[len(prefix) :]) is not None
+        )
 
     def lookup(self, user_id: str) -> defer.Deferred:
         """The public record of ``user_id`` from the key directory."""
@@ -481,7 +505,9 @@ class Client:
         that was rewritten, that does not check, or whose devices changed.
         Fires with the ``CheckedLog``, or None when the log does not check
         (then nothing from that user can be verified, and nothing is
-        remembered)."""
+        remembered).  A rewritten log is returned but not remembered, and
+        nothing from that user verifies until ``trust(user_id)`` (see
+        ``rewritten``)."""
         log = self._logs.get(user_id)
         if log is not None and not refresh:
             return log
@@ -499,15 +525,15 @@ class Client:
         changed, except this device's own doing: its own link, or ``made``
         (the keys (added, revoked) by the append it just made)."""
         notice = devices.compare(self.seen.get(self.server, log.user_id), log)
-        failed_before = self.seen.save_error is not None
-        self.seen.put(self.server, log.user_id, devices.Seen.of(log))
-        if self.seen.save_error is not None and not failed_before:
-            _log.warn(
-                "cannot write {path} ({error}): key logs seen are kept for this run only",
-                path=self.seen.path,
-                error=self.seen.save_error.strerror or str(self.seen.save_error),
-            )
         self._logs[log.user_id] = log
+        if notice is not None and notice.kind == devices.REWRITTEN:
+            # What was seen stays what is remembered: the warning comes again
+            # on every look until the person accepts the new log (trust()).
+            self._rewritten.add(log.user_id)
+            self._notice(notice)
+            return
+        self._rewritten.discard(log.user_id)
+        self._keep(log)
         own_addition = (
             notice is not None
             and log.user_id == self.user_id
@@ -524,6 +550,40 @@ class Client:
         if notice is not None and not own_addition and not own_append:
             self._notice(notice)
 
+    def _keep(self, log: CheckedLog) -> None:
+        """Remember ``log`` as seen (in the file, if there is one)."""
+        failed_before = self.seen.save_error is not None
+        self.seen.put(self.server, log.user_id, devices.Seen.of(log))
+        if self.seen.save_error is not None and not failed_before:
+            _log.warn(
+                "cannot write {path} ({error}): key logs seen are kept for this run only",
+                path=self.seen.path,
+                error=self.seen.save_error.strerror or str(self.seen.save_error),
+            )
+
+    def rewritten(self, user_id: str) -> bool:
+        """Whether ``user_id``'s key log, as last fetched, was rewritten since
+        this device saw it (and not accepted since with ``trust``)."""
+        return user_id in self._rewritten
+
+    @defer.inlineCallbacks
+    def trust(self, user_id: str, log: CheckedLog | None = None) -> Any:
+        """Accept ``user_id``'s key log as it is now, after checking with the
+        person another way: fetch and check it (``KeyLogError`` if it does
+        not check: nothing is accepted then), or take ``log`` (one
+        ``fetch_keylog`` gave, shown to the person), and remember it as seen,
+        so a rewritten log stops being warned about and their messages verify
+        again.  Fires with the ``CheckedLog`` (its active keys are what was
+        accepted)."""
+        if log is None:
+            log = yield self.fetch_keylog(user_id)
+        elif log.user_id != user_id:
+            raise ValueError(f"that is the key log of {log.user_id}, not of {user_id}")
+        self._keep(log)
+        self._logs[user_id] = log
+        self._rewritten.discard(user_id)
+        return log
+
     @defer.inlineCallbacks
     def check_directory(self, user_id: str) -> Any:
         """Compare the key directory's keys for ``user_id`` with their checked
@@ -539,10 +599,11 @@ class Client:
         return notices
 
     @defer.inlineCallbacks
-    def _own_log(self, made: tuple[tuple, tuple] | None = None) -> Any:
+    def _own_log(self, made: tuple[tuple, tuple] | None = None, signing: bool = True) -> Any:
         """This user's key log, checked, fetched now (not cached): what an
         append or a deletion signs against.  ``KeyLogError`` if it does not
-        check (nothing is signed then).  ``made``: see ``_remember``."""
+        check, or (when ``signing``) if it was rewritten since this device
+        saw it: nothing is signed then.  ``made``: see ``_remember``."""
         try:
             log = yield self.fetch_keylog(self.user_id)
         except KeyLogError as err:
@@ -550,6 +611,14 @@ class Client:
                 err.code, f"{self.user_id}'s key log does not check: {err.message}"
             ) from None
         self._remember(log, made)
+        if signing and self.rewritten(self.user_id):
+            raise KeyLogError(
+                "keylog_rewritten",
+                f"{self.user_id}'s key log was rewritten since this device saw it: not "
+                f"signing anything on top of it; compare the devices another device of "
+                f"yours lists with the server's, and only then accept the log here with "
+                f"'wsserver-client --user {self.user_id} trust {self.user_id}'",
+            )
         return log
 
     @defer.inlineCallbacks
@@ -557,7 +626,7 @@ class Client:
         """This user's active keys, oldest first: a list of dicts
         ``{"key_id", "name", "added_at", "this_device"}``, from the checked
         key log."""
-        log = yield self._own_log()
+        log = yield self._own_log(signing=False)
         return [
             {
                 "key_id": kid,
@@ -600,7 +669,7 @@ class Client:
         body = devices.approve_body(log, pairing, self.key, name)
         yield self._request(b"POST", f"/auth/users/{self.user_id}/keylog", body)
         new_id = keylog.key_id(pairing.public_key)
-        yield self._own_log(made=((new_id,), ()))  # our own change is no news
+        yield self._own_log(made=((new_id,), ()), signing=False)  # our own change is no news
         return new_id
 
     @defer.inlineCallbacks
@@ -611,7 +680,7 @@ class Client:
         log = yield self._own_log()
         body = devices.revoke_body(log, key_id, self.key)
         yield self._request(b"POST", f"/auth/users/{self.user_id}/keylog", body)
-        yield self._own_log(made=((), (key_id,)))  # our own change is no news
+        yield self._own_log(made=((), (key_id,)), signing=False)  # our own change is no news
         return key_id
 
     @defer.inlineCallbacks
@@ -678,12 +747,15 @@ class Client:
             if not isinstance(err, ServerError | ConnectionProblem):
                 err = connection_problem(err, self.server)
             first = self._connected is not None and not self._connected.called
-            hopeless = isinstance(err, ServerError) and err.status in (400, 401, 403, 404)
+            hopeless = isinstance(err, ServerError) and (
+                err.status in (400, 401, 403, 404) or err.code == "invalid_challenge"
+            )
             if first or hopeless:
                 # connect() reports a server it cannot reach or a login the
                 # server refuses; once connected, drops are retried instead,
                 # but a refused login (the user or its key is not known
-                # there any more) cannot get better by retrying.
+                # there any more), or a server that hands out something
+                # else than a login challenge, cannot get better by retrying.
                 self._give_up(err)
                 return
             _log.info("reconnect failed ({error}); retrying", error=str(err))
@@ -850,22 +922,28 @@ class Client:
         sender's checked key log (revoked keys too: the message may be older
         than the revocation).  A ``key_id`` the log does not hold is looked up
         once more (the sender may have added the device since), then
-        reported; a log that does not check verifies nothing."""
+        reported; a log that does not check, or one rewritten since this
+        device saw it (until ``trust``), verifies nothing.  A message with
+        ``"key_id": null`` (stored before keys per device) is checked with the
+        registration key (entry 0) only."""
         sender = frame["from"]
         log = yield self.peer_log(sender)
-        if log is None:
+        if log is None or self.rewritten(sender):
             return False
         kid = frame.get("key_id")
+        if kid is None:
+            # Stored before keys per device: signed, if at all, by the
+            # registration key (docs/protocol.md section 15), and only that.
+            return check_signature(frame, VerifyKey(log.entries[0].public_key))
         if not isinstance(kid, str):
-            # A server before key ids: any key the log ever held.
-            return any(check_signature(frame, VerifyKey(raw)) for raw in log.state.every.values())
+            return False
         raw = log.key(kid)
         if raw is None and (sender, kid) not in self._refetched:
             self._refetched.add((sender, kid))
             log = yield self.peer_log(sender, refresh=True)
-            raw = log.key(kid) if log is not None else None
-            if log is None:
+            if log is None or self.rewritten(sender):
                 return False
+            raw = log.key(kid)
         if raw is None:
             self._notice(devices.unknown_key_notice(sender, kid, frame.get("id")))
             return False

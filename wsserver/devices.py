@@ -20,10 +20,11 @@ Pure logic and one small file; no Twisted, no network: the client library
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import json
 import os
 import tempfile
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 from nacl.signing import SigningKey
 
@@ -78,8 +79,11 @@ def check_log(user_id: str, data: object) -> CheckedLog:
     """Check a whole key log as the server sent it (``{"user_id", "entries"}``);
     ``KeyLogError`` (``code`` and a human ``message``) if it does not hold:
     an ill-formed entry, a bad signature, a broken ``prev`` chain, a ``seq``
-    out of order, a shown ``key_id`` that is not the key's, or the log of
-    another user."""
+    out of order, a shown ``key_id`` that is not the key's (null included;
+    an entry may leave it out), or the log of another user.  A device
+    ``name`` is not signed and never makes a log fail: a string is kept as
+    is (cut to 64 characters; print it through a safe() of your own), any
+    other value counts as no name."""
     if not isinstance(data, dict) or not isinstance(data.get("entries"), list):
         raise KeyLogError("invalid_request", "the answer is not a key log")
     if data.get("user_id") != user_id:
@@ -92,9 +96,14 @@ def check_log(user_id: str, data: object) -> CheckedLog:
     heads: list[str] = []
     at: dict[int, str | None] = {}
     for raw in raw_entries:
-        entry = keylog.entry_from_json(raw)
-        shown = raw.get("key_id")
-        if shown is not None and shown != entry.key_id:
+        if not isinstance(raw, dict):
+            raise KeyLogError("invalid_request", "an entry must be a JSON object")
+        # The name is not signed: any string is kept as a label (shown made
+        # safe by whoever prints it), anything else is no name; neither makes
+        # the log fail, as in the web page (the server refuses such names).
+        entry = keylog.entry_from_json({**raw, "name": None})
+        entry = replace(entry, name=_label(raw.get("name")))
+        if "key_id" in raw and raw["key_id"] != entry.key_id:
             raise KeyLogError(
                 "invalid_request", f"entry {entry.seq} shows a key_id that is not its key's"
             )
@@ -108,6 +117,14 @@ def check_log(user_id: str, data: object) -> CheckedLog:
     if not entries:
         raise KeyLogError("invalid_request", "a key log starts with its registration")
     return CheckedLog(user_id, tuple(entries), state, tuple(heads), at)
+
+
+def _label(name: object) -> str | None:
+    """A device name as a log shows it: a string (cut to ``keylog.MAX_NAME``
+    characters), else None."""
+    if not isinstance(name, str) or not name:
+        return None
+    return name if len(name) <= keylog.MAX_NAME else name[: keylog.MAX_NAME - 1] + "\u2026"
 
 
 @dataclass(frozen=True, slots=True)
@@ -267,7 +284,13 @@ class SeenLogs:
     With a ``path``, kept in that JSON file (mode 0600, replaced whole on
     each change so a reader never sees half of it); without one, in memory
     for the life of the object.  ``ValueError`` when the file is not one of
-    ours."""
+    ours.
+
+    Several runs of the client may share the file (a long ``listen`` and a
+    ``send`` meanwhile): each change takes an exclusive ``flock`` of a lock
+    file beside it (``PATH.lock``), reads the file again, changes only its
+    one (server, user) entry, and replaces the file (written and fsynced
+    first), so no run undoes what another remembered."""
 
     def __init__(self, path: str | None = None) -> None:
         self.path = path
@@ -277,11 +300,15 @@ class SeenLogs:
             self._load(path)
 
     def _load(self, path: str) -> None:
+        self._data = self._read(path)
+
+    @staticmethod
+    def _read(path: str) -> dict[str, dict[str, Seen]]:
         try:
             with open(path, "rb") as f:
                 raw = f.read(MAX_SEEN_BYTES + 1)
         except FileNotFoundError:
-            return
+            return {}
         bad = ValueError(
             f"{path} is not a file of key logs seen by wsserver-client (delete it to start over)"
         )
@@ -292,7 +319,7 @@ class SeenLogs:
             if not isinstance(obj, dict) or obj.get("version") != SEEN_VERSION:
                 raise ValueError
             servers = obj["servers"]
-            self._data = {
+            return {
                 server: {user: Seen.from_json(s) for user, s in users.items()}
                 for server, users in servers.items()
             }
@@ -308,10 +335,27 @@ class SeenLogs:
         self._data.setdefault(server, {})[user_id] = seen
         if self.path is not None and self.save_error is None:
             try:
-                self._save(self.path)
+                self._merge(self.path, server, user_id, seen)
             except OSError as exc:
                 # Kept in memory for this run; the caller may say so once.
                 self.save_error = exc
+
+    def _merge(self, path: str, server: str, user_id: str, seen: Seen) -> None:
+        """Under the lock, write the file as it is now with this one entry
+        changed; what other runs remembered meanwhile is kept (and now known
+        here too)."""
+        fd = os.open(path + ".lock", os.O_RDWR | os.O_CREAT, 0o600)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX)
+            try:
+                data = self._read(path)
+            except ValueError as exc:  # not ours any more: leave it alone
+                raise OSError(str(exc)) from None
+            data.setdefault(server, {})[user_id] = seen
+            self._data = data
+            self._save(path)
+        finally:
+            os.close(fd)  # releases the lock
 
     def _save(self, path: str) -> None:
         obj = {
@@ -326,6 +370,8 @@ class SeenLogs:
         try:
             with os.fdopen(fd, "w") as f:
                 json.dump(obj, f, indent=1, sort_keys=True)
+                f.flush()
+                os.fsync(f.fileno())
             os.replace(tmp, path)
         except BaseException:
             with contextlib.suppress(OSError):
