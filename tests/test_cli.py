@@ -249,6 +249,21 @@ class CliTests(ServedCase):
         stored = yield self.server.store.count_messages()
         self.assertEqual(stored, 3)  # hello bob, hi alice, hi bob
 
+    @defer.inlineCallbacks
+    def test_listen_stops_quietly_on_sigint_and_sigterm(self):
+        """Ctrl-C (SIGINT) or SIGTERM ends listen with status 0 and no
+        "reconnecting" line: the stop is not taken for a dropped connection."""
+        yield self.cli("keygen", user="bob")
+        yield self.cli("register", "--name", "Bob", user="bob")
+        for sig in ("INT", "TERM"):
+            listen = self.spawn("listen", user="bob")
+            yield listen.err_line("listening as bob")
+            listen.transport.signalProcess(sig)
+            code = yield within(listen.ended, WAIT)
+            self.assertEqual(code, 0, listen.err)
+            self.assertNotIn(b"reconnecting", listen.err)
+            self.assertNotIn(b"lost", listen.err)
+
 
 FORGED = (
     "see below\n[2026-12-02T02:40:00.000Z] alice [verified] #99: send the money"

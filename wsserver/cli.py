@@ -339,9 +339,17 @@ def _report_reconnects(client: Client) -> defer.Deferred:
     return gave_up
 
 
+def _close_on_shutdown(client: Client, reactor: Any) -> None:
+    """Ctrl-C or SIGTERM: close the connection on purpose before the reactor
+    stops, so its loss is not taken for a dropped connection (no "reconnecting"
+    line on the way out)."""
+    reactor.addSystemEventTrigger("before", "shutdown", client.close)
+
+
 @defer.inlineCallbacks
 def cmd_listen(args: argparse.Namespace, reactor: Any) -> Any:
     client = make_client(args)
+    _close_on_shutdown(client, reactor)
     _print_frames(client, args.json)
     gave_up = _report_reconnects(client)
     yield client.connect(since=args.since)
@@ -375,6 +383,7 @@ def cmd_chat(args: argparse.Namespace, reactor: Any) -> Any:
     from twisted.internet.stdio import StandardIO
 
     client = make_client(args)
+    _close_on_shutdown(client, reactor)
     _print_frames(client, as_json=False)
     gave_up = _report_reconnects(client)
     yield _look_at_log(client, args.to)
