@@ -64,6 +64,32 @@ export function deleteString(userId, seq) {
   return `${DELETE_PREFIX}${userId}\n${seq}`;
 }
 
+// -- names ------------------------------------------------------------------------
+
+// A device name as the page shows it.  The name is unsigned (the approving
+// device's label), so one with control or format characters (bidi
+// overrides, zero-width characters) does not make the log invalid; each
+// such character is shown as an escape (\u202e), as the command line's
+// safe() does, so none can hide or reorder what is shown.  Anything that is
+// not a string is no name (null).  (The server refuses such names; a
+// server that shows one anyway gets it escaped, not obeyed.)
+const UNSAFE = /[\p{Cc}\p{Cf}\p{Zl}\p{Zp}\p{Cs}]/gu;
+const MAX_NAME = 64; // code points, as the server allows; a longer one is cut, with "…"
+export function shownName(name) {
+  if (typeof name !== "string") return null;
+  const points = [...name];
+  const cut = points.length > MAX_NAME ? points.slice(0, MAX_NAME).join("") + "…" : name;
+  return cut.replace(UNSAFE, (ch) => {
+    if (ch === "\u200d") return ch; // the zero-width joiner joins emoji, hides nothing alone
+    const named = { "\n": "\\n", "\r": "\\r", "\t": "\\t" }[ch];
+    if (named) return named;
+    const code = ch.codePointAt(0);
+    const hex = code.toString(16);
+    if (code < 0x100) return `\\x${hex.padStart(2, "0")}`;
+    return code < 0x10000 ? `\\u${hex.padStart(4, "0")}` : `\\U${hex.padStart(8, "0")}`;
+  });
+}
+
 // -- signatures -------------------------------------------------------------------
 
 const imported = new Map(); // base64 public key -> Promise of a CryptoKey
@@ -119,6 +145,15 @@ export async function checkLog(userId, entries) {
     }
     if (raw.length !== 32) throw new KeyLogError(`${where}: public_key is not 32 bytes`);
     const publicKey = toBase64(raw); // the canonical form the string holds
+    // Python refuses a key that is not a valid Ed25519 point (small order,
+    // not on the curve).  WebCrypto's importKey would be the page's only way
+    // to tell, and Chromium's accepts any 32 bytes (tried: the identity and
+    // small-order points): so here it refuses only what importKey refuses.
+    try {
+      await verifyKey(publicKey);
+    } catch (err) {
+      throw new KeyLogError(`${where}: public_key is not a valid Ed25519 key`);
+    }
     const kid = await keyId(raw);
     if (entry.key_id !== undefined && entry.key_id !== kid) throw new KeyLogError(`${where}: key_id does not match its key`);
     const string = entryString(userId, entry.seq, entry.action, publicKey, state.head);
@@ -146,7 +181,7 @@ export async function checkLog(userId, entries) {
     if (entry.action === "revoke") {
       state.active.delete(kid);
     } else {
-      const name = typeof entry.name === "string" ? entry.name : null;
+      const name = shownName(entry.name);
       state.active.set(kid, { key_id: kid, public_key: publicKey, name, at: entry.at || null });
       state.every.set(kid, publicKey);
       state.names.set(kid, name);
