@@ -797,7 +797,7 @@ class DevicesWebClientTests(BrowserCase):
         self.assertIn("browser", self.device(page, shown).text)
         self.wait_for(page, "#device-list li.device", count=2)
         # The CLI revokes the browser: the page is closed with 4003 and says so.
-        self.cli("pavel", "revoke", shown)
+        self.cli("pavel", "revoke", "--", shown)
         (note,) = self.wait_for(page, "#signin-note[data-code='4003'][data-by=server]")
         self.assertIn("this browser's key for pavel was revoked", note.text)
         page.find_element(By.ID, "login").click()  # the useless key was forgotten
