@@ -605,6 +605,15 @@ const [log, keyIds, pythonPairing, done] = arguments;
   const namedState = await k.checkLog(log.user_id, named);
   out.control_name = namedState.names.get(namedState.entries[1].key_id);
   out.shown_names = [k.shownName("a\\u200db\\n"), k.shownName("x".repeat(70)), k.shownName(7)];
+  // A key that is not a valid Ed25519 point (here the neutral point, of
+  // small order) is refused, even as entry 0, which nothing else checks.
+  try {
+    const neutral = k.toBase64(Uint8Array.of(1, ...new Array(31).fill(0)));
+    await k.checkLog(log.user_id, [{ seq: 0, action: "register", public_key: neutral }]);
+    out.small_order = null;
+  } catch (err) {
+    out.small_order = err.message;
+  }
   out.rewritten = k.compareHeads([state.heads[0], "x"], state.heads);
   out.extended = k.compareHeads(state.heads.slice(0, 2), state.heads);
   out.same = k.compareHeads(state.heads, state.heads);
@@ -652,6 +661,7 @@ class KeyLogModuleTests(BrowserCase):
         self.assertEqual(out["pairing_text"], text)
         for what, why in out["refused"].items():
             self.assertIsNotNone(why, f"a log with {what} was accepted")
+        self.assertEqual(out["small_order"], "entry 0: public_key is not a valid Ed25519 point")
         self.assertEqual(out["control_name"], r"pho\u202ene\x07")
         self.assertEqual(out["shown_names"], ["a\u200db\\n", "x" * 64 + "…", None])
         relations = (out["rewritten"], out["extended"], out["same"])
@@ -691,7 +701,11 @@ class DevicesWebClientTests(BrowserCase):
         item = self.device(page, laptop)
         self.assertIn("laptop", item.text)
         # Texts that cannot be approved are refused, and say why.
+        from wsserver import keylog
+
+        neutral = keylog.Pairing("olga", 2, bytes([1]) + bytes(31), bytes(64))  # small order
         for bad, why in (
+            (keylog.pairing_text(neutral), "the pairing text's key is not a valid Ed25519"),
             (text, "the key log changed since this pairing text was made"),  # used already
             (text.replace(":olga:", ":someone:"), "this pairing text is for someone, not olga"),
             (text[:-3], "this is not a wsserver pairing text"),
@@ -1025,3 +1039,66 @@ class HostileServerWebClientTests(BrowserCase):
         self.wait_for(page, "#signin-note[data-code='4003']", text="was revoked")
         page.find_element(By.ID, "login").click()
         self.wait_for(page, "#signin-error", text="tess is registered elsewhere")
+
+
+VALID_POINT_JS = """
+const [keys, done] = arguments;
+import("/static/keylog.js")
+  .then((k) => done(keys.map((key) => k.validPoint(k.fromBase64(key)))))
+  .catch((err) => done(String(err)));
+"""
+
+
+def point_cases() -> list[bytes]:
+    """32-byte strings for the point check: valid keys, the same plus a
+    point of small order, every small-order encoding libsodium lists,
+    non-canonical encodings, and random bytes (about half on the curve)."""
+    import random
+
+    from nacl.bindings import crypto_core_ed25519_add
+    from nacl.signing import SigningKey
+
+    rng = random.Random(12)
+    p = 2**255 - 19
+    order8 = bytes.fromhex("26e8958fc2b227b045c3f489f2ef98f0d5dfac05d3c63339b13802886d53fc05")
+    small = [
+        bytes([1]) + bytes(31),  # the neutral point
+        bytes(32),  # order 4; then order 2
+        bytes.fromhex("ecffffffffffffffffffffffffffffffffffffffffffffffffffffffffffff7f"),
+        order8,
+        bytes.fromhex("c7176a703d4dd84fba3c0b760d10670f2a2053fa2c39ccc64ec7fd7792ac037a"),
+        bytes(31) + b"\x80",
+        bytes([1]) + bytes(30) + b"\x80",
+    ]
+    cases = list(small)
+    for _ in range(12):
+        key = bytes(SigningKey(rng.randbytes(32)).verify_key)
+        cases.append(key)
+        cases.append(crypto_core_ed25519_add(key, order8))  # on the curve, not in the subgroup
+        flipped = bytearray(key)
+        flipped[31] ^= 0x80  # the other x: still a valid point (its negation)
+        cases.append(bytes(flipped))
+    for y in (p, p + 1, p + 2, 2**255 - 1):  # y >= p: not canonical
+        cases.append(y.to_bytes(32, "little"))
+    cases += [rng.randbytes(32) for _ in range(60)]
+    return cases
+
+
+class PointCheckTests(BrowserCase):
+    """keylog.js's validPoint says what libsodium's
+    crypto_core_ed25519_is_valid_point (the server's and the CLI's check)
+    says, for every case."""
+
+    def test_valid_point_agrees_with_libsodium(self):
+        from nacl.bindings import crypto_core_ed25519_is_valid_point
+
+        page = self.browser("points")
+        self.open_page(page)
+        page.set_script_timeout(WAIT)
+        cases = point_cases()
+        keys = [base64.b64encode(case).decode() for case in cases]
+        got = page.execute_async_script(VALID_POINT_JS, keys)
+        wanted = [crypto_core_ed25519_is_valid_point(case) for case in cases]
+        self.assertEqual(got, wanted)
+        self.assertGreater(sum(wanted), 20)  # both answers are exercised
+        self.assertGreater(len(wanted) - sum(wanted), 40)

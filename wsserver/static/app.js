@@ -882,6 +882,9 @@ async function onPairCheck() {
     if (pair.seq !== state.nextSeq) {
       throw new Error("the key log changed since this pairing text was made: make a new one on the new device");
     }
+    if (!keylog.validPoint(fromBase64(pair.publicKey))) {
+      throw new Error("the pairing text's key is not a valid Ed25519 public key: make a new one on the new device");
+    }
     const string = keylog.entryString(user.user_id, pair.seq, "add", pair.publicKey, state.head);
     if (!(await keylog.signatureOk(pair.publicKey, string, pair.keySignature))) {
       throw new Error("the pairing text's signature does not match (a character changed?): copy it again");
