@@ -634,6 +634,16 @@ async function ended(code, reason, byPage = false) {
   if (!user) return; // ended already
   const leaving = session.leaving;
   resetSession();
+  $("nav").hidden = true;
+  $("chat").hidden = true;
+  $("devices").hidden = true;
+  $("signin").hidden = false;
+  $("who").textContent = "";
+  showConnection("signed-out", code === 4004 ? "signed out" : "closed");
+  showError(null);
+  const note = $("signin-note");
+  delete note.dataset.code; // set with the final text below
+  note.textContent = `connection closed (${code}): checking this browser's key in the key log…`;
   let text;
   if (code === 4004) {
     text =
@@ -660,14 +670,7 @@ async function ended(code, reason, byPage = false) {
         `this browser keeps its key for ${user.user_id}; log in to try again`;
     }
   }
-  $("nav").hidden = true;
-  $("chat").hidden = true;
-  $("devices").hidden = true;
-  $("signin").hidden = false;
-  $("who").textContent = "";
-  showConnection("signed-out", code === 4004 ? "signed out" : "closed");
-  showError(null);
-  const note = $("signin-note");
+  if (session.user) return; // signed in again meanwhile: the note is stale
   note.textContent = text;
   note.dataset.code = String(code);
   note.dataset.by = byPage ? "page" : "server";
