@@ -1102,3 +1102,25 @@ class PointCheckTests(BrowserCase):
         self.assertEqual(got, wanted)
         self.assertGreater(sum(wanted), 20)  # both answers are exercised
         self.assertGreater(len(wanted) - sum(wanted), 40)
+
+
+class RewrittenOwnLogWebClientTests(BrowserCase):
+    """Nothing is signed on top of the user's own key log once it no longer
+    starts with what this browser remembers of it."""
+
+    def test_no_deletion_signed_on_a_rewritten_own_log(self):
+        page = self.browser("uma")
+        self.register(page, "uma", "Uma")
+        page.execute_script(
+            "localStorage.setItem('wsserver.keylog.uma', JSON.stringify({heads: ['forged']}))"
+        )
+        page.find_element(By.ID, "show-devices").click()
+        self.wait_for(page, "#devices-error", text="your key log was rewritten")
+        page.find_element(By.ID, "delete-confirm").send_keys("uma")
+        page.find_element(By.ID, "delete-account").click()
+        self.wait_for(page, "#devices-error", text="your key log was rewritten")
+        self.assertTrue(page.find_element(By.ID, "devices").is_displayed())
+        import urllib.request
+
+        with urllib.request.urlopen(f"{self.server_url}/auth/users/uma") as answer:
+            self.assertEqual(json.loads(answer.read())["user_id"], "uma")  # not deleted

@@ -736,7 +736,9 @@ async function onDelete() {
   session.leaving = "delete";
   $("delete-account").disabled = true;
   try {
-    const state = await fetchLog(user.user_id);
+    // As for an approval or a revocation: nothing is signed on top of a log
+    // that was rewritten since this browser last saw it.
+    const state = await ownLog();
     const signature = await keylog.sign(user.privateKey, keylog.deleteString(user.user_id, state.nextSeq));
     await api("DELETE", `/auth/users/${encodeURIComponent(user.user_id)}`, { key_id: await keyIdOf(user), signature });
     if (session.user !== user) return; // the 4003 came first: ended already
