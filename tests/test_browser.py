@@ -239,6 +239,56 @@ class BrowserCase(unittest.TestCase):
     def outgoing_status(self, driver, text: str, status: str) -> None:
         self.wait_for(driver, f'#log li.msg.out:has(.status[data-state="{status}"])', text=text)
 
+    # -- the Devices view --------------------------------------------------------------
+
+    def devices_view(self, page) -> None:
+        page.find_element(By.ID, "show-devices").click()
+        self.wait_for(page, "#device-list li.device[data-this=true]")
+
+    def device(self, page, key_id: str):
+        (item,) = self.wait_for(page, f'#device-list li.device[data-key-id="{key_id}"]')
+        return item
+
+    def approve_in_page(self, page, text: str, name: str) -> str:
+        """Paste a pairing text in the Devices view, check it, name it, approve:
+        the new key's key_id the page showed."""
+        self.devices_view(page)
+        field = page.find_element(By.ID, "pair-input")
+        field.clear()
+        field.send_keys(text)
+        page.find_element(By.ID, "pair-check").click()
+        self.wait_for(page, "#pair-review:not([hidden])")
+        shown = page.find_element(By.ID, "pair-key-id").text
+        page.find_element(By.ID, "pair-name").send_keys(name)
+        page.find_element(By.ID, "pair-approve").click()
+        self.wait_for(page, "#devices-note", text=f"approved {name} ({shown})")
+        self.device(page, shown)
+        return shown
+
+    def click(self, page, css: str) -> None:
+        """Click the element ``css`` finds, finding it again if the page
+        re-rendered it meanwhile (the Devices list is rebuilt on each look)."""
+        deadline = time.monotonic() + WAIT
+        while True:
+            (element,) = self.wait_for(page, css)
+            try:
+                element.click()
+                return
+            except StaleElementReferenceException:
+                self.assertLess(time.monotonic(), deadline, f"{css} kept changing")
+
+    def cli_fails(self, user: str, *args: str) -> str:
+        done = subprocess.run(
+            [sys.executable, "-m", "wsserver.cli", *args],
+            cwd=self.dir,
+            env=self.cli_env(user),
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+        self.assertNotEqual(done.returncode, 0, done.stdout)
+        return done.stderr
+
     # -- the command-line client ------------------------------------------------------
 
     def cli_env(self, user: str) -> dict[str, str]:
@@ -548,6 +598,22 @@ const [log, keyIds, pythonPairing, done] = arguments;
       out.refused[what] = err.message;
     }
   }
+  // A name with control or format characters is unsigned: shown escaped,
+  // the log still checks.
+  const named = structuredClone(log.entries);
+  named[1].name = "pho\\u202ene\\u0007";
+  const namedState = await k.checkLog(log.user_id, named);
+  out.control_name = namedState.names.get(namedState.entries[1].key_id);
+  out.shown_names = [k.shownName("a\\u200db\\n"), k.shownName("x".repeat(70)), k.shownName(7)];
+  // A key that is not a valid Ed25519 point (here the neutral point, of
+  // small order) is refused, even as entry 0, which nothing else checks.
+  try {
+    const neutral = k.toBase64(Uint8Array.of(1, ...new Array(31).fill(0)));
+    await k.checkLog(log.user_id, [{ seq: 0, action: "register", public_key: neutral }]);
+    out.small_order = null;
+  } catch (err) {
+    out.small_order = err.message;
+  }
   out.rewritten = k.compareHeads([state.heads[0], "x"], state.heads);
   out.extended = k.compareHeads(state.heads.slice(0, 2), state.heads);
   out.same = k.compareHeads(state.heads, state.heads);
@@ -595,6 +661,9 @@ class KeyLogModuleTests(BrowserCase):
         self.assertEqual(out["pairing_text"], text)
         for what, why in out["refused"].items():
             self.assertIsNotNone(why, f"a log with {what} was accepted")
+        self.assertEqual(out["small_order"], "entry 0: public_key is not a valid Ed25519 point")
+        self.assertEqual(out["control_name"], r"pho\u202ene\x07")
+        self.assertEqual(out["shown_names"], ["a\u200db\\n", "x" * 64 + "…", None])
         relations = (out["rewritten"], out["extended"], out["same"])
         self.assertEqual(relations, ("rewritten", "extended", "same"))
 
@@ -610,54 +679,6 @@ def pairing_line(output: str) -> str:
 
 class DevicesWebClientTests(BrowserCase):
     """Section 12 in the page, with the command-line client as the other device."""
-
-    def devices_view(self, page) -> None:
-        page.find_element(By.ID, "show-devices").click()
-        self.wait_for(page, "#device-list li.device[data-this=true]")
-
-    def device(self, page, key_id: str):
-        (item,) = self.wait_for(page, f'#device-list li.device[data-key-id="{key_id}"]')
-        return item
-
-    def approve_in_page(self, page, text: str, name: str) -> str:
-        """Paste a pairing text in the Devices view, check it, name it, approve:
-        the new key's key_id the page showed."""
-        self.devices_view(page)
-        field = page.find_element(By.ID, "pair-input")
-        field.clear()
-        field.send_keys(text)
-        page.find_element(By.ID, "pair-check").click()
-        self.wait_for(page, "#pair-review:not([hidden])")
-        shown = page.find_element(By.ID, "pair-key-id").text
-        page.find_element(By.ID, "pair-name").send_keys(name)
-        page.find_element(By.ID, "pair-approve").click()
-        self.wait_for(page, "#devices-note", text=f"approved {name} ({shown})")
-        self.device(page, shown)
-        return shown
-
-    def click(self, page, css: str) -> None:
-        """Click the element ``css`` finds, finding it again if the page
-        re-rendered it meanwhile (the Devices list is rebuilt on each look)."""
-        deadline = time.monotonic() + WAIT
-        while True:
-            (element,) = self.wait_for(page, css)
-            try:
-                element.click()
-                return
-            except StaleElementReferenceException:
-                self.assertLess(time.monotonic(), deadline, f"{css} kept changing")
-
-    def cli_fails(self, user: str, *args: str) -> str:
-        done = subprocess.run(
-            [sys.executable, "-m", "wsserver.cli", *args],
-            cwd=self.dir,
-            env=self.cli_env(user),
-            capture_output=True,
-            text=True,
-            timeout=60,
-        )
-        self.assertNotEqual(done.returncode, 0, done.stdout)
-        return done.stderr
 
     def test_page_links_the_cli_revokes_it_signs_out_and_deletes(self):
         """A user registered in the page approves the CLI's pairing text; the
@@ -680,7 +701,11 @@ class DevicesWebClientTests(BrowserCase):
         item = self.device(page, laptop)
         self.assertIn("laptop", item.text)
         # Texts that cannot be approved are refused, and say why.
+        from wsserver import keylog
+
+        neutral = keylog.Pairing("olga", 2, bytes([1]) + bytes(31), bytes(64))  # small order
         for bad, why in (
+            (keylog.pairing_text(neutral), "the pairing text's key is not a valid Ed25519"),
             (text, "the key log changed since this pairing text was made"),  # used already
             (text.replace(":olga:", ":someone:"), "this pairing text is for someone, not olga"),
             (text[:-3], "this is not a wsserver pairing text"),
@@ -713,7 +738,7 @@ class DevicesWebClientTests(BrowserCase):
         self.devices_view(page)
         self.click(page, f'#device-list li.device[data-key-id="{laptop}"] button')
         (yes,) = self.wait_for(page, "button.confirm-revoke")
-        self.assertIn("laptop", yes.text)
+        self.assertEqual(yes.text, f"Yes, revoke laptop ({laptop})")  # the name is unsigned
         yes.click()
         self.wait_for(page, "#devices-note", text="revoked laptop")
         row = f'#device-list li.device[data-key-id="{laptop}"]'
@@ -772,6 +797,9 @@ class DevicesWebClientTests(BrowserCase):
         self.assertIn(shown, approved)
         self.wait_for(page, "#conn[data-state=online]")
         self.assertEqual(page.find_element(By.ID, "who").text, "signed in as pavel")
+        # The log with this browser's own entry is remembered: no notice for it.
+        kept = page.execute_script("return localStorage.getItem('wsserver.keylog.pavel')")
+        self.assertEqual(len(json.loads(kept)["heads"]), 2)
         listen = self.cli_process("pavel", "listen", "--json")
         self.read_line(listen, lambda line: "listening as pavel" in line)
         self.say(page, "pavel", "From the linked browser.")
@@ -783,7 +811,7 @@ class DevicesWebClientTests(BrowserCase):
         self.assertIn("browser", self.device(page, shown).text)
         self.wait_for(page, "#device-list li.device", count=2)
         # The CLI revokes the browser: the page is closed with 4003 and says so.
-        self.cli("pavel", "revoke", shown)
+        self.cli("pavel", "revoke", "--", shown)
         (note,) = self.wait_for(page, "#signin-note[data-code='4003'][data-by=server]")
         self.assertIn("this browser's key for pavel was revoked", note.text)
         page.find_element(By.ID, "login").click()  # the useless key was forgotten
@@ -839,3 +867,260 @@ def pairing_key_id(text: str) -> str:
     from wsserver import keylog
 
     return keylog.key_id(keylog.parse_pairing_text(text).public_key)
+
+
+# A man in the middle, played by the test in the page itself: window.fetch
+# answers POST /auth/login with arguments[0] as the "challenge" (every other
+# request goes through), and counts the signatures sent back (POST
+# /auth/login?verify=true) in window.verifyCalls.
+FORGE_CHALLENGE_JS = """
+const forged = arguments[0];
+const real = window.fetch.bind(window);
+window.verifyCalls = 0;
+window.fetch = async (path, init) => {
+  const url = String(path);
+  if (url.startsWith("/auth/login?verify")) window.verifyCalls += 1;
+  if (url === "/auth/login") {
+    const body = JSON.stringify({ challenge: forged, expires_at: "2099-01-01T00:00:00Z" });
+    return new Response(body, { status: 200, headers: { "Content-Type": "application/json" } });
+  }
+  return real(path, init);
+};
+"""
+
+# Records every WebSocket the page opens in window.sockets, so the test can
+# play a server's close frame on the page's own socket.
+RECORD_SOCKETS_JS = """
+window.sockets = [];
+const Real = window.WebSocket;
+window.WebSocket = class extends Real {
+  constructor(...args) {
+    super(...args);
+    window.sockets.push(this);
+  }
+};
+"""
+
+FORGED_CLOSE_JS = """
+const socket = window.sockets[window.sockets.length - 1];
+socket.onclose(new CloseEvent("close", { code: arguments[0], reason: arguments[1] }));
+"""
+
+
+class HostileServerWebClientTests(BrowserCase):
+    """What a malicious server (or a man in the middle) answers is not trusted
+    by the page: its answers are forged in the page by patching fetch or
+    WebSocket, as one would."""
+
+    def login_again(self, page) -> None:
+        page.find_element(By.ID, "login").click()
+        self.wait_for(page, "#conn[data-state=online]")
+
+    def test_a_challenge_that_is_not_a_login_challenge_is_not_signed(self):
+        """The page signs only wsserver-login-v1:<its user>:<43 base64url>: a
+        key-log entry or a deletion passed off as a challenge is refused, with
+        an error, and nothing is sent back signed."""
+        from wsserver import keylog
+
+        page = self.browser("sam")
+        self.register(page, "sam", "Sam")
+        key = bytes(range(32))
+        nonce = "A" * 43
+        for forged in (
+            keylog.entry_string("sam", 1, "add", key, "x" * 43),  # approve the server's key
+            keylog.delete_string("sam", 1),  # delete the account
+            f"wsserver-login-v1:someone:{nonce}",  # another user's challenge
+            f"wsserver-login-v1:sam:{nonce[:-1]}",  # too short
+            f"wsserver-login-v1:sam:{nonce}\n",  # anything after it
+            f"wsserver-login-v1:sam:{nonce[:-1]}+",  # not base64url
+        ):
+            self.open_page(page)  # signed out, sam's key kept
+            page.execute_script(FORGE_CHALLENGE_JS, forged)
+            page.find_element(By.ID, "login").click()
+            self.wait_for(page, "#signin-error", text="that is not one")
+            self.assertIn("nothing was signed", page.find_element(By.ID, "signin-error").text)
+            self.assertEqual(page.execute_script("return window.verifyCalls"), 0, repr(forged))
+            self.assertTrue(page.find_element(By.ID, "signin").is_displayed())
+        self.open_page(page)  # the real server's challenge is signed
+        self.login_again(page)
+
+    def test_link_refuses_a_rewritten_log_and_approval_does_not_overwrite(self):
+        """Linking to a user whose log no longer starts with what this browser
+        remembers is refused; once linked, the log seen at approval is
+        remembered only when it is the remembered one plus this browser's own
+        entry (else the next look warns)."""
+        self.cli("pia", "keygen")
+        self.cli("pia", "register", "--name", "Pia")
+        page = self.browser("pia")
+        self.open_page(page)
+        forged = json.dumps({"heads": ["forged"]})
+        remembered = "return localStorage.getItem('wsserver.keylog.pia')"
+        page.execute_script("localStorage.setItem('wsserver.keylog.pia', arguments[0])", forged)
+        page.find_element(By.ID, "user-id").send_keys("pia")
+        page.find_element(By.ID, "link").click()
+        self.wait_for(page, "#signin-error", text="pia's key log was REWRITTEN")
+        self.assertFalse(page.find_element(By.ID, "linking").is_displayed())
+        self.assertEqual(page.find_element(By.ID, "pair-text").get_attribute("value"), "")
+        self.assertEqual(page.execute_script(remembered), forged)
+
+        # A browser that never saw pia's log links; what it remembers changes
+        # before the approval (as if it had seen another log meanwhile): the
+        # log after the approval does not extend it, and is not remembered.
+        page.execute_script("localStorage.removeItem('wsserver.keylog.pia')")
+        page.find_element(By.ID, "link").click()
+        self.wait_for(page, "#linking:not([hidden]) #link-state[data-state=waiting]")
+        heads = json.loads(page.execute_script(remembered))["heads"]
+        self.assertEqual(len(heads), 1)
+        page.execute_script("localStorage.setItem('wsserver.keylog.pia', arguments[0])", forged)
+        text = page.find_element(By.ID, "pair-text").get_attribute("value")
+        self.cli("pia", "approve", text, "--name", "browser")
+        self.wait_for(page, "#conn[data-state=online]")
+        self.assertEqual(page.execute_script(remembered), forged)
+        page.find_element(By.ID, "show-devices").click()
+        self.wait_for(page, "#devices-error", text="your key log was rewritten")
+
+    def test_a_message_stored_before_key_ids_checks_with_the_registration_key(self):
+        """ "key_id": null (a message stored before keys per device) is checked
+        with entry 0's key: verified, no warning; one signed by a later key
+        and shown with a null key_id is invalid, not verified."""
+        import sqlite3
+
+        self.cli("omar", "keygen")
+        self.cli("omar", "register", "--name", "Omar")
+        phone = ("--key", "omar-phone.key")
+        self.cli("omar", *phone, "keygen")
+        text = pairing_line(self.cli("omar", *phone, "link"))
+        self.cli("omar", "approve", text, "--name", "phone")
+        page = self.browser("nia")
+        self.register(page, "nia", "Nia")
+        self.open_page(page)  # nia offline: what omar sends is stored
+        self.cli("omar", "send", "--to", "nia", "Old message from the first key.")
+        self.cli("omar", *phone, "send", "--to", "nia", "Old message from the phone.")
+        with contextlib.closing(sqlite3.connect(self.dir / "db.sqlite")) as db, db:
+            update = "UPDATE messages SET key_id = NULL WHERE recipient = 'nia'"
+            changed = db.execute(update).rowcount
+        self.assertEqual(changed, 2)
+        self.login_again(page)
+        item = self.incoming(page, "Old message from the first key.")
+        self.assertEqual(mark_state(item), "verified")
+        self.assertEqual(mark_state(self.incoming(page, "Old message from the phone.")), "invalid")
+        self.assertEqual(page.find_elements(By.CSS_SELECTOR, "#log li.notice.strong"), [])
+
+    def test_a_4003_close_forgets_the_key_only_when_the_log_says_so(self):
+        """A close 4003 "key revoked" or "account deleted" that the key log
+        does not bear out (it holds a revoke, of another key) keeps the key:
+        the page says so, and logs in again with it.  A real revocation of
+        this browser's key forgets it."""
+        page = self.browser("tess")
+        self.register(page, "tess", "Tess")
+        # Two more devices on the command line; the phone is revoked.
+        self.cli("tess", "keygen")
+        text = pairing_line(self.cli("tess", "link"))
+        laptop = self.approve_in_page(page, text, "laptop")
+        self.assertEqual(laptop, pairing_key_id(text))
+        mine = self.wait_for(page, "#device-list li.device[data-this=true]")[0]
+        page_key_id = mine.get_attribute("data-key-id")
+        phone = ("--key", "tess-phone.key")
+        self.cli("tess", *phone, "keygen")
+        text = pairing_line(self.cli("tess", *phone, "link"))
+        self.cli("tess", "approve", text, "--name", "phone")
+        self.cli("tess", "revoke", "--", pairing_key_id(text))  # a key_id may start with -
+        for reason in ("key revoked", "account deleted"):
+            self.open_page(page)
+            page.execute_script(RECORD_SOCKETS_JS)
+            self.login_again(page)
+            page.execute_script(FORGED_CLOSE_JS, 4003, reason)
+            (note,) = self.wait_for(page, "#signin-note[data-code='4003']", text="keeps its key")
+            self.assertIn(f"4003 {reason}", note.text)
+            self.assertIn("the key log does not show this browser's key revoked", note.text)
+            self.login_again(page)  # the key was kept
+        # A real revocation, from the laptop: the key is forgotten.
+        self.cli("tess", "revoke", "--", page_key_id)
+        self.wait_for(page, "#signin-note[data-code='4003']", text="was revoked")
+        page.find_element(By.ID, "login").click()
+        self.wait_for(page, "#signin-error", text="tess is registered elsewhere")
+
+
+VALID_POINT_JS = """
+const [keys, done] = arguments;
+import("/static/keylog.js")
+  .then((k) => done(keys.map((key) => k.validPoint(k.fromBase64(key)))))
+  .catch((err) => done(String(err)));
+"""
+
+
+def point_cases() -> list[bytes]:
+    """32-byte strings for the point check: valid keys, the same plus a
+    point of small order, every small-order encoding libsodium lists,
+    non-canonical encodings, and random bytes (about half on the curve)."""
+    import random
+
+    from nacl.bindings import crypto_core_ed25519_add
+    from nacl.signing import SigningKey
+
+    rng = random.Random(12)
+    p = 2**255 - 19
+    order8 = bytes.fromhex("26e8958fc2b227b045c3f489f2ef98f0d5dfac05d3c63339b13802886d53fc05")
+    small = [
+        bytes([1]) + bytes(31),  # the neutral point
+        bytes(32),  # order 4; then order 2
+        bytes.fromhex("ecffffffffffffffffffffffffffffffffffffffffffffffffffffffffffff7f"),
+        order8,
+        bytes.fromhex("c7176a703d4dd84fba3c0b760d10670f2a2053fa2c39ccc64ec7fd7792ac037a"),
+        bytes(31) + b"\x80",
+        bytes([1]) + bytes(30) + b"\x80",
+    ]
+    cases = list(small)
+    for _ in range(12):
+        key = bytes(SigningKey(rng.randbytes(32)).verify_key)
+        cases.append(key)
+        cases.append(crypto_core_ed25519_add(key, order8))  # on the curve, not in the subgroup
+        flipped = bytearray(key)
+        flipped[31] ^= 0x80  # the other x: still a valid point (its negation)
+        cases.append(bytes(flipped))
+    for y in (p, p + 1, p + 2, 2**255 - 1):  # y >= p: not canonical
+        cases.append(y.to_bytes(32, "little"))
+    cases += [rng.randbytes(32) for _ in range(60)]
+    return cases
+
+
+class PointCheckTests(BrowserCase):
+    """keylog.js's validPoint says what libsodium's
+    crypto_core_ed25519_is_valid_point (the server's and the CLI's check)
+    says, for every case."""
+
+    def test_valid_point_agrees_with_libsodium(self):
+        from nacl.bindings import crypto_core_ed25519_is_valid_point
+
+        page = self.browser("points")
+        self.open_page(page)
+        page.set_script_timeout(WAIT)
+        cases = point_cases()
+        keys = [base64.b64encode(case).decode() for case in cases]
+        got = page.execute_async_script(VALID_POINT_JS, keys)
+        wanted = [crypto_core_ed25519_is_valid_point(case) for case in cases]
+        self.assertEqual(got, wanted)
+        self.assertGreater(sum(wanted), 20)  # both answers are exercised
+        self.assertGreater(len(wanted) - sum(wanted), 40)
+
+
+class RewrittenOwnLogWebClientTests(BrowserCase):
+    """Nothing is signed on top of the user's own key log once it no longer
+    starts with what this browser remembers of it."""
+
+    def test_no_deletion_signed_on_a_rewritten_own_log(self):
+        page = self.browser("uma")
+        self.register(page, "uma", "Uma")
+        page.execute_script(
+            "localStorage.setItem('wsserver.keylog.uma', JSON.stringify({heads: ['forged']}))"
+        )
+        page.find_element(By.ID, "show-devices").click()
+        self.wait_for(page, "#devices-error", text="your key log was rewritten")
+        page.find_element(By.ID, "delete-confirm").send_keys("uma")
+        page.find_element(By.ID, "delete-account").click()
+        self.wait_for(page, "#devices-error", text="your key log was rewritten")
+        self.assertTrue(page.find_element(By.ID, "devices").is_displayed())
+        import urllib.request
+
+        with urllib.request.urlopen(f"{self.server_url}/auth/users/uma") as answer:
+            self.assertEqual(json.loads(answer.read())["user_id"], "uma")  # not deleted

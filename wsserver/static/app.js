@@ -263,8 +263,12 @@ async function checkSignature(frame) {
 
 // The key a frame's key_id names (revoked keys included: old messages stay
 // checkable); a server from before key ids sends none: the first active key.
+// A message stored before keys per device carries "key_id": null: a signed
+// one was signed by the registration key (docs/protocol.md section 15), so
+// entry 0's key, and no other, checks it.
 function pickKey(state, kid) {
   if (kid === undefined) return state.active.values().next().value?.public_key;
+  if (kid === null) return state.every.get(state.entries[0].key_id);
   return typeof kid === "string" ? state.every.get(kid) : undefined;
 }
 
@@ -312,8 +316,23 @@ function resetSession() {
   refetched.clear();
 }
 
+// A login challenge is exactly wsserver-login-v1:<user_id>:<43 base64url
+// characters> (docs/protocol.md section 2).  Anything else is never signed:
+// a server could pass off a key-log entry or a deletion as a "challenge" and
+// so get this browser's key to approve a device or delete the account.
+function challengeOk(challenge, userId) {
+  const prefix = `wsserver-login-v1:${userId}:`;
+  return typeof challenge === "string" && challenge.startsWith(prefix) && /^[A-Za-z0-9_-]{43}$/.test(challenge.slice(prefix.length));
+}
+
 async function login(user) {
   const { challenge } = await api("POST", "/auth/login", { user_id: user.user_id });
+  if (!challengeOk(challenge, user.user_id)) {
+    throw new ServerError(
+      "invalid_challenge",
+      "the server sent a login challenge that is not one (not wsserver-login-v1:<user>:<nonce>): nothing was signed",
+    );
+  }
   const signature = await crypto.subtle.sign({ name: "Ed25519" }, user.privateKey, utf8.encode(challenge));
   const { token } = await api("POST", "/auth/login?verify=true", {
     user_id: user.user_id,
@@ -383,9 +402,10 @@ function reconnectLater(relogin, why) {
     try {
       if (relogin) await login(session.user);
     } catch (err) {
-      if (err.code === "unknown_user" || err.code === "invalid_signature") {
+      if (err.code === "unknown_user" || err.code === "invalid_signature" || err.code === "invalid_challenge") {
         // This key can no longer sign in (revoked, or the account deleted,
-        // while this page was offline): nothing to retry.
+        // while this page was offline), or the server asks it to sign what
+        // is not a challenge: nothing to retry.
         showConnection("offline", `offline: ${err.message}`);
         return;
       }
@@ -614,19 +634,6 @@ async function ended(code, reason, byPage = false) {
   if (!user) return; // ended already
   const leaving = session.leaving;
   resetSession();
-  let text;
-  if (code === 4004) {
-    text =
-      leaving === "signout"
-        ? `signed out: ${user.user_id}'s key stays in this browser; log in to come back`
-        : `signed out (this session was signed out elsewhere): log in again to come back`;
-  } else if (leaving === "delete" || reason === "account deleted") {
-    text = `account ${user.user_id} deleted: its key is forgotten in this browser`;
-    await forgetUser(user.user_id);
-  } else {
-    text = `this browser's key for ${user.user_id} was revoked (from another device): it can no longer sign in as ${user.user_id}; link this browser again to use it here`;
-    await forgetKey(user.user_id);
-  }
   $("nav").hidden = true;
   $("chat").hidden = true;
   $("devices").hidden = true;
@@ -635,9 +642,54 @@ async function ended(code, reason, byPage = false) {
   showConnection("signed-out", code === 4004 ? "signed out" : "closed");
   showError(null);
   const note = $("signin-note");
+  delete note.dataset.code; // set with the final text below
+  note.textContent = `connection closed (${code}): checking this browser's key in the key log…`;
+  let text;
+  if (code === 4004) {
+    text =
+      leaving === "signout"
+        ? `signed out: ${user.user_id}'s key stays in this browser; log in to come back`
+        : `signed out (this session was signed out elsewhere): log in again to come back`;
+  } else if (leaving === "delete") {
+    text = `account ${user.user_id} deleted: its key is forgotten in this browser`;
+    await forgetUser(user.user_id);
+  } else {
+    // The close reason is only the server's word: the key (which cannot be
+    // made again) is forgotten only when the key log shows it revoked, or
+    // the user is gone.
+    const fate = await keyFate(user);
+    if (fate === "deleted") {
+      text = `account ${user.user_id} deleted: its key is forgotten in this browser`;
+      await forgetUser(user.user_id);
+    } else if (fate === "revoked") {
+      text = `this browser's key for ${user.user_id} was revoked (from another device): it can no longer sign in as ${user.user_id}; link this browser again to use it here`;
+      await forgetKey(user.user_id);
+    } else {
+      text =
+        `the server closed the connection (${code} ${reason || "no reason"}), but ${fate}: ` +
+        `this browser keeps its key for ${user.user_id}; log in to try again`;
+    }
+  }
+  if (session.user) return; // signed in again meanwhile: the note is stale
   note.textContent = text;
   note.dataset.code = String(code);
   note.dataset.by = byPage ? "page" : "server";
+}
+
+// What the key log says of this browser's key after a 4003 close:
+// "revoked" (the log checks and holds a revoke of it), "deleted" (the user
+// is unknown), or else why neither is shown (the key is kept).
+async function keyFate(user) {
+  const mine = await keyIdOf(user);
+  try {
+    const state = await fetchLog(user.user_id);
+    if (state.entries.some((entry) => entry.action === "revoke" && entry.key_id === mine)) return "revoked";
+    return "the key log does not show this browser's key revoked";
+  } catch (err) {
+    if (err.code === "unknown_user") return "deleted";
+    if (err instanceof keylog.KeyLogError) return `the key log does not check (${err.message})`;
+    return `the key log could not be fetched (${err.message})`;
+  }
 }
 
 async function forgetUser(userId) {
@@ -684,7 +736,9 @@ async function onDelete() {
   session.leaving = "delete";
   $("delete-account").disabled = true;
   try {
-    const state = await fetchLog(user.user_id);
+    // As for an approval or a revocation: nothing is signed on top of a log
+    // that was rewritten since this browser last saw it.
+    const state = await ownLog();
     const signature = await keylog.sign(user.privateKey, keylog.deleteString(user.user_id, state.nextSeq));
     await api("DELETE", `/auth/users/${encodeURIComponent(user.user_id)}`, { key_id: await keyIdOf(user), signature });
     if (session.user !== user) return; // the 4003 came first: ended already
@@ -762,7 +816,9 @@ function revokeButton(key) {
   const ask = element("button", "plain", "Revoke");
   ask.type = "button";
   ask.addEventListener("click", () => {
-    const yes = element("button", "danger", `Yes, revoke ${key.name || key.key_id}`);
+    // The name is the approving device's label, signed by no one: the
+    // key_id beside it is what identifies the key.
+    const yes = element("button", "danger", key.name ? `Yes, revoke ${key.name} (${key.key_id})` : `Yes, revoke ${key.key_id}`);
     const no = element("button", "plain", "No");
     yes.type = no.type = "button";
     yes.classList.add("confirm-revoke");
@@ -830,6 +886,9 @@ async function onPairCheck() {
     const state = await ownLog();
     if (pair.seq !== state.nextSeq) {
       throw new Error("the key log changed since this pairing text was made: make a new one on the new device");
+    }
+    if (!keylog.validPoint(fromBase64(pair.publicKey))) {
+      throw new Error("the pairing text's key is not a valid Ed25519 public key: make a new one on the new device");
     }
     const string = keylog.entryString(user.user_id, pair.seq, "add", pair.publicKey, state.head);
     if (!(await keylog.signatureOk(pair.publicKey, string, pair.keySignature))) {
@@ -900,6 +959,16 @@ async function onLink() {
     if (err instanceof keylog.KeyLogError) throw new Error(`${userId}'s key log does not check (${err.message}): do not link to it`);
     throw err;
   }
+  // What this browser remembers of the log (it was used here before, or
+  // showed as a peer): a log that no longer starts with it was rewritten,
+  // and a pairing text made on top of it would approve that.
+  const before = remembered.get(userId);
+  if (before && keylog.compareHeads(before.heads, state.heads) === "rewritten") {
+    throw new Error(
+      `${userId}'s key log was REWRITTEN since this browser last saw it (an entry seen before changed or vanished): ` +
+        "not linking; compare key ids on a device of yours before trusting it",
+    );
+  }
   const kept = await loadKey(userId);
   if (kept) {
     if (state.active.has(await keyIdOf(kept))) throw new Error(`this browser already has a key for ${userId}: log in`);
@@ -913,7 +982,9 @@ async function onLink() {
   await keyIdOf(user);
   cancelLink();
   Object.assign(linking, { userId, user });
-  remembered.set(userId, state.heads);
+  // First sight: remembered now.  A log that grew since this browser last
+  // saw it stays as remembered, so those changes are still noticed.
+  if (!before) remembered.set(userId, state.heads);
   $("pair-text").value = keylog.pairingText(userId, state.nextSeq, publicKey, keySignature);
   $("link-user").textContent = userId;
   $("link-user-2").textContent = userId;
@@ -941,7 +1012,21 @@ async function pollLink() {
       // Approved: check the whole log holds it before trusting it.
       const state = await fetchLog(user.user_id);
       if (!state.active.has(user.key_id)) throw new Error("the key log does not hold this browser's key");
-      remembered.set(user.user_id, state.heads); // our own addition: nothing to notice
+      // Our own addition brings no notice: remember the log only when it is
+      // what this browser remembers plus this browser's entry.  Any other
+      // change (an entry that changed or vanished, another device added
+      // meanwhile) is left for the next look to notice (or warn about).
+      const before = remembered.get(user.user_id);
+      const last = state.entries[state.entries.length - 1];
+      if (
+        before &&
+        state.heads.length === before.heads.length + 1 &&
+        keylog.compareHeads(before.heads, state.heads) === "extended" &&
+        last.action === "add" &&
+        last.key_id === user.key_id
+      ) {
+        remembered.set(user.user_id, state.heads);
+      }
     }
   } catch (err) {
     if (linking.user !== user) return;

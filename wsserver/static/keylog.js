@@ -64,6 +64,110 @@ export function deleteString(userId, seq) {
   return `${DELETE_PREFIX}${userId}\n${seq}`;
 }
 
+// -- names ------------------------------------------------------------------------
+
+// A device name as the page shows it.  The name is unsigned (the approving
+// device's label), so one with control or format characters (bidi
+// overrides, zero-width characters) does not make the log invalid; each
+// such character is shown as an escape (\u202e), as the command line's
+// safe() does, so none can hide or reorder what is shown.  Anything that is
+// not a string is no name (null).  (The server refuses such names; a
+// server that shows one anyway gets it escaped, not obeyed.)
+const UNSAFE = /[\p{Cc}\p{Cf}\p{Zl}\p{Zp}\p{Cs}]/gu;
+const MAX_NAME = 64; // code points, as the server allows; a longer one is cut, with "…"
+export function shownName(name) {
+  if (typeof name !== "string") return null;
+  const points = [...name];
+  const cut = points.length > MAX_NAME ? points.slice(0, MAX_NAME).join("") + "…" : name;
+  return cut.replace(UNSAFE, (ch) => {
+    if (ch === "\u200d") return ch; // the zero-width joiner joins emoji, hides nothing alone
+    const named = { "\n": "\\n", "\r": "\\r", "\t": "\\t" }[ch];
+    if (named) return named;
+    const code = ch.codePointAt(0);
+    const hex = code.toString(16);
+    if (code < 0x100) return `\\x${hex.padStart(2, "0")}`;
+    return code < 0x10000 ? `\\u${hex.padStart(4, "0")}` : `\\U${hex.padStart(8, "0")}`;
+  });
+}
+
+// -- is a public key a point of the group? -----------------------------------------
+
+// The check Python makes with libsodium's crypto_core_ed25519_is_valid_point
+// (WebCrypto's importKey makes none: Chromium's takes any 32 bytes): the
+// encoding is canonical (y < p), it decodes to a point of the curve, and
+// that point is in the prime-order subgroup ([L]P is the neutral point) and
+// is not the neutral point itself, so not of small order.  BigInt
+// arithmetic, once per key: not constant-time, and it need not be (public
+// keys only).
+const P = 2n ** 255n - 19n;
+const L = 2n ** 252n + 27742317777372353535851937790883648493n;
+const mod = (a) => ((a % P) + P) % P;
+function power(base, exp) {
+  let result = 1n;
+  base = mod(base);
+  while (exp > 0n) {
+    if (exp & 1n) result = (result * base) % P;
+    base = (base * base) % P;
+    exp >>= 1n;
+  }
+  return result;
+}
+const D = mod(-121665n * power(121666n, P - 2n));
+const D2 = mod(2n * D);
+const SQRT_M1 = power(2n, (P - 1n) / 4n);
+
+// Twisted Edwards (a = -1) points in extended coordinates [X, Y, Z, T];
+// this addition is complete (it doubles too).
+function add([x1, y1, z1, t1], [x2, y2, z2, t2]) {
+  const a = mod((y1 - x1) * (y2 - x2));
+  const b = mod((y1 + x1) * (y2 + x2));
+  const c = mod(t1 * D2 * t2);
+  const d = mod(2n * z1 * z2);
+  const e = b - a;
+  const f = d - c;
+  const g = d + c;
+  const h = b + a;
+  return [mod(e * f), mod(g * h), mod(f * g), mod(e * h)];
+}
+
+function times(point, n) {
+  let result = [0n, 1n, 1n, 0n];
+  for (let bit = BigInt(n.toString(2).length - 1); bit >= 0n; bit -= 1n) {
+    result = add(result, result);
+    if ((n >> bit) & 1n) result = add(result, point);
+  }
+  return result;
+}
+
+const isNeutral = ([x, y, z]) => x === 0n && y === z;
+
+// raw: 32 bytes.  True when it is a valid Ed25519 public key as above.
+export function validPoint(raw) {
+  if (!(raw instanceof Uint8Array) || raw.length !== 32) return false;
+  let y = 0n;
+  for (let i = 31; i >= 0; i -= 1) y = (y << 8n) | BigInt(raw[i]);
+  const sign = y >> 255n;
+  y &= (1n << 255n) - 1n;
+  if (y >= P) return false; // not canonical
+  const u = mod(y * y - 1n);
+  const v = mod(D * y * y + 1n);
+  let x = mod(u * power(v, 3n) * power(u * power(v, 7n), (P - 5n) / 8n));
+  const vxx = mod(v * x * x);
+  if (vxx === mod(-u)) x = mod(x * SQRT_M1);
+  else if (vxx !== u) return false; // not on the curve
+  if (x === 0n && sign === 1n) return false;
+  if ((x & 1n) !== sign) x = P - x;
+  const point = [x, y, 1n, mod(x * y)];
+  return !isNeutral(point) && isNeutral(times(point, L));
+}
+
+const checkedPoints = new Map(); // base64 public key -> validPoint (each key once)
+function validKey(publicKey, raw) {
+  if (checkedPoints.size >= MAX_ENTRIES) checkedPoints.clear();
+  if (!checkedPoints.has(publicKey)) checkedPoints.set(publicKey, validPoint(raw));
+  return checkedPoints.get(publicKey);
+}
+
 // -- signatures -------------------------------------------------------------------
 
 const imported = new Map(); // base64 public key -> Promise of a CryptoKey
@@ -119,6 +223,10 @@ export async function checkLog(userId, entries) {
     }
     if (raw.length !== 32) throw new KeyLogError(`${where}: public_key is not 32 bytes`);
     const publicKey = toBase64(raw); // the canonical form the string holds
+    // As Python: a key that is not a valid Ed25519 point (small order, not
+    // on the curve, not canonical) is refused.  (WebCrypto's importKey does
+    // not tell: Chromium's takes any 32 bytes.)
+    if (!validKey(publicKey, raw)) throw new KeyLogError(`${where}: public_key is not a valid Ed25519 point`);
     const kid = await keyId(raw);
     if (entry.key_id !== undefined && entry.key_id !== kid) throw new KeyLogError(`${where}: key_id does not match its key`);
     const string = entryString(userId, entry.seq, entry.action, publicKey, state.head);
@@ -146,7 +254,7 @@ export async function checkLog(userId, entries) {
     if (entry.action === "revoke") {
       state.active.delete(kid);
     } else {
-      const name = typeof entry.name === "string" ? entry.name : null;
+      const name = shownName(entry.name);
       state.active.set(kid, { key_id: kid, public_key: publicKey, name, at: entry.at || null });
       state.every.set(kid, publicKey);
       state.names.set(kid, name);
