@@ -691,7 +691,12 @@ class DevicesWebClientTests(BrowserCase):
         self.devices_view(page)
         (mine,) = self.wait_for(page, "#device-list li.device")
         page_key_id = mine.get_attribute("data-key-id")
-        self.assertIn("this browser", mine.text)
+        # Entry 0 has no name: "this browser" shows once, as the tag.
+        self.assertEqual(mine.text.count("this browser"), 1, mine.text)
+        self.assertEqual(mine.find_elements(By.CSS_SELECTOR, ".name"), [])
+        # No note yet: the empty note and error take no room.
+        for empty in ("devices-error", "devices-note"):
+            self.assertEqual(page.find_element(By.ID, empty).rect["height"], 0, empty)
 
         # The CLI (a laptop) makes its key and a pairing text; the page approves it.
         self.cli("olga", "keygen")
@@ -734,11 +739,21 @@ class DevicesWebClientTests(BrowserCase):
         self.assertIs(frame["verified_locally"], True)
         self.assertEqual(frame["key_id"], page_key_id)
 
-        # Revoke the laptop: asked first; its listen closes with 4003.
+        # Revoke the laptop: asked first; its listen closes with 4003.  What
+        # an action before said (the last refused pairing text) goes when
+        # this one starts.
         self.devices_view(page)
+        self.assertIn("not a wsserver pairing text", page.find_element(By.ID, "devices-error").text)
         self.click(page, f'#device-list li.device[data-key-id="{laptop}"] button')
         (yes,) = self.wait_for(page, "button.confirm-revoke")
         self.assertEqual(yes.text, f"Yes, revoke laptop ({laptop})")  # the name is unsigned
+        for said in ("devices-error", "devices-note"):
+            self.assertEqual(page.find_element(By.ID, said).text, "", said)
+        # "Yes" and "No" do not touch (side by side, or "No" below on a narrow page).
+        no = yes.find_element(By.XPATH, "following-sibling::button")
+        self.assertEqual(no.text, "No")
+        a, b = yes.rect, no.rect
+        self.assertTrue(b["x"] > a["x"] + a["width"] or b["y"] > a["y"] + a["height"], (a, b))
         yes.click()
         self.wait_for(page, "#devices-note", text="revoked laptop")
         row = f'#device-list li.device[data-key-id="{laptop}"]'
@@ -751,9 +766,13 @@ class DevicesWebClientTests(BrowserCase):
         page.find_element(By.ID, "signout").click()
         (note,) = self.wait_for(page, "#signin-note[data-code='4004'][data-by=server]")
         self.assertIn("signed out", note.text)
+        self.assertEqual(page.find_element(By.ID, "conn").text, "signed out")
         self.assertFalse(page.find_element(By.ID, "chat").is_displayed())
         page.find_element(By.ID, "login").click()  # the key stayed: log in again
         self.wait_for(page, "#conn[data-state=online]")
+        # The Devices view of the new session shows no note of the last one.
+        self.devices_view(page)
+        self.assertEqual(page.find_element(By.ID, "devices-note").text, "")
 
         # Delete the account: confirmed by typing the id.
         self.devices_view(page)
@@ -765,6 +784,10 @@ class DevicesWebClientTests(BrowserCase):
         button.click()
         (note,) = self.wait_for(page, "#signin-note[data-code='4003'][data-by=server]")
         self.assertIn("account olga deleted", note.text)
+        self.assertEqual(page.find_element(By.ID, "conn").text, "account deleted")
+        # Both fields of the deleted account are cleared.
+        for field in ("user-id", "username"):
+            self.assertEqual(page.find_element(By.ID, field).get_attribute("value"), "", field)
         # The key is forgotten here, and the id stays taken.
         page.find_element(By.ID, "user-id").send_keys("olga")
         page.find_element(By.ID, "login").click()
@@ -808,12 +831,15 @@ class DevicesWebClientTests(BrowserCase):
         self.assertEqual(frame["key_id"], shown)
         # The page lists both devices: itself (named by the CLI) and the CLI.
         self.devices_view(page)
-        self.assertIn("browser", self.device(page, shown).text)
+        row = self.device(page, shown)
+        self.assertEqual(row.find_element(By.CSS_SELECTOR, ".name").text, "browser")
+        self.assertEqual(row.text.count("this browser"), 1, row.text)
         self.wait_for(page, "#device-list li.device", count=2)
         # The CLI revokes the browser: the page is closed with 4003 and says so.
         self.cli("pavel", "revoke", "--", shown)
         (note,) = self.wait_for(page, "#signin-note[data-code='4003'][data-by=server]")
         self.assertIn("this browser's key for pavel was revoked", note.text)
+        self.assertEqual(page.find_element(By.ID, "conn").text, "key revoked")
         page.find_element(By.ID, "login").click()  # the useless key was forgotten
         self.wait_for(page, "#signin-error", text="pavel is registered elsewhere")
 

@@ -610,6 +610,7 @@ async function start(user) {
   $("signin-note").textContent = "";
   $("nav").hidden = false;
   $("log").replaceChildren();
+  resetDevicesView();
   $("who").textContent = `signed in as ${user.user_id}`;
   showView("chat");
   connect();
@@ -634,17 +635,19 @@ async function ended(code, reason, byPage = false) {
   if (!user) return; // ended already
   const leaving = session.leaving;
   resetSession();
+  resetDevicesView();
   $("nav").hidden = true;
   $("chat").hidden = true;
   $("devices").hidden = true;
   $("signin").hidden = false;
   $("who").textContent = "";
-  showConnection("signed-out", code === 4004 ? "signed out" : "closed");
+  showConnection("signed-out", code === 4004 ? "signed out" : leaving === "delete" ? "account deleted" : "closed");
   showError(null);
   const note = $("signin-note");
   delete note.dataset.code; // set with the final text below
   note.textContent = `connection closed (${code}): checking this browser's key in the key log…`;
   let text;
+  let badge = null; // what the header says once the key log was read (4003)
   if (code === 4004) {
     text =
       leaving === "signout"
@@ -660,8 +663,10 @@ async function ended(code, reason, byPage = false) {
     const fate = await keyFate(user);
     if (fate === "deleted") {
       text = `account ${user.user_id} deleted: its key is forgotten in this browser`;
+      badge = "account deleted";
       await forgetUser(user.user_id);
     } else if (fate === "revoked") {
+      badge = "key revoked";
       text = `this browser's key for ${user.user_id} was revoked (from another device): it can no longer sign in as ${user.user_id}; link this browser again to use it here`;
       await forgetKey(user.user_id);
     } else {
@@ -671,6 +676,7 @@ async function ended(code, reason, byPage = false) {
     }
   }
   if (session.user) return; // signed in again meanwhile: the note is stale
+  if (badge) showConnection("signed-out", badge);
   note.textContent = text;
   note.dataset.code = String(code);
   note.dataset.by = byPage ? "page" : "server";
@@ -697,6 +703,7 @@ async function forgetUser(userId) {
   remembered.forget(userId);
   if (localStorage.getItem("wsserver.user") === userId) localStorage.removeItem("wsserver.user");
   $("user-id").value = "";
+  $("username").value = "";
 }
 
 // -- sign out and delete -----------------------------------------------------------
@@ -732,7 +739,7 @@ async function onSignOut() {
 async function onDelete() {
   const user = session.user;
   if (!user || session.leaving || $("delete-confirm").value !== user.user_id) return;
-  showDevicesError(null);
+  clearDevicesNotes();
   session.leaving = "delete";
   $("delete-account").disabled = true;
   try {
@@ -757,6 +764,21 @@ async function onDelete() {
 function showDevicesError(error) {
   $("devices-error").textContent = error ? error.message || String(error) : "";
   if (error) $("devices-note").textContent = "";
+}
+
+function clearDevicesNotes() {
+  $("devices-error").textContent = "";
+  $("devices-note").textContent = "";
+}
+
+// The Devices view as a new session finds it: no note, no pairing under review.
+function resetDevicesView() {
+  clearDevicesNotes();
+  pairing = null;
+  $("pair-review").hidden = true;
+  $("pair-input").value = "";
+  $("pair-name").value = "";
+  $("device-list").replaceChildren();
 }
 
 function showDevicesNote(text) {
@@ -796,15 +818,18 @@ async function showDevices() {
   for (const key of keys) {
     const item = element("li", "device");
     item.dataset.keyId = key.key_id;
-    item.append(element("span", "name", key.name || (key.key_id === mine ? "this browser" : "unnamed device")));
-    item.append(element("code", "key-id", key.key_id));
-    item.append(element("span", "added", key.at ? `added ${new Date(key.at).toLocaleString()}` : ""));
+    // This browser's row: its name when the approving device gave one, and
+    // the tag "this browser" (once) beside it; any other: a name or "unnamed device".
     if (key.key_id === mine) {
       item.dataset.this = "true";
+      if (key.name) item.append(element("span", "name", key.name));
       item.append(element("span", "this", "this browser"));
     } else {
-      item.append(revokeButton(key));
+      item.append(element("span", "name", key.name || "unnamed device"));
     }
+    item.append(element("code", "key-id", key.key_id));
+    item.append(element("span", "added", key.at ? `added ${new Date(key.at).toLocaleString()}` : ""));
+    if (key.key_id !== mine) item.append(revokeButton(key));
     items.push(item);
   }
   list.replaceChildren(...items);
@@ -816,6 +841,7 @@ function revokeButton(key) {
   const ask = element("button", "plain", "Revoke");
   ask.type = "button";
   ask.addEventListener("click", () => {
+    clearDevicesNotes(); // a new action: the last one's note is no longer news
     // The name is the approving device's label, signed by no one: the
     // key_id beside it is what identifies the key.
     const yes = element("button", "danger", key.name ? `Yes, revoke ${key.name} (${key.key_id})` : `Yes, revoke ${key.key_id}`);
@@ -824,6 +850,7 @@ function revokeButton(key) {
     yes.classList.add("confirm-revoke");
     no.addEventListener("click", () => box.replaceChildren(ask));
     yes.addEventListener("click", async () => {
+      clearDevicesNotes();
       yes.disabled = no.disabled = true;
       try {
         await revoke(key);
@@ -876,7 +903,7 @@ let pairing = null; // the pairing text under review: {userId, seq, publicKey, k
 async function onPairCheck() {
   pairing = null;
   $("pair-review").hidden = true;
-  showDevicesError(null);
+  clearDevicesNotes();
   const user = session.user;
   try {
     const pair = keylog.parsePairingText($("pair-input").value);
@@ -910,6 +937,7 @@ async function onPairApprove() {
   const pair = pairing;
   if (!pair) return;
   const user = session.user;
+  clearDevicesNotes();
   $("pair-approve").disabled = true;
   try {
     const state = await ownLog();
