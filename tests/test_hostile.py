@@ -349,6 +349,25 @@ class ControlCharactersInTheLogTests(unittest.TestCase):
         self.assertEqual(len([line for line in access if "\n" in line.strip()]), 0)
 
     @defer.inlineCallbacks
+    def test_a_key_log_path_holding_controls_is_logged_escaped(self):
+        """POST /auth/users/<percent-encoded controls>/keylog is refused, and the
+        id (which Twisted unquotes from the path) reaches the log escaped: no
+        line break or escape sequence of the client's in any line."""
+        body = json.dumps({"seq": 1, "action": "add", "public_key": "x"}).encode()
+        for path in (b"/auth/users/a%0aforged%20line/keylog", b"/auth/users/%1b%5b2J/keylog"):
+            request = (
+                b"POST " + path + b" HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                b"Content-Length: "
+                + str(len(body)).encode()
+                + b"\r\nConnection: close\r\n\r\n"
+                + body
+            )
+            code, _, _ = yield raw_http(self.server, request)
+            self.assertEqual(code, 400, path)
+        yield self.assertCleanLog()
+        self.assertFalse(any(line.startswith("forged line") for line in self.lines))
+
+    @defer.inlineCallbacks
     def test_hostile_upgrade_headers_are_refused_before_autobahn_logs_them(self):
         """An upgrade request whose WebSocket headers carry control or non-ASCII
         bytes (which Autobahn would quote in its handshake-failure log line) is

@@ -552,7 +552,10 @@ class KeyLog(JsonResource):
         try:
             entry, change = yield self._auth.append_entry(user_id, body)
         except AuthError as err:
-            _log.info("key log entry refused for {user}: {code}", user=user_id, code=err.code)
+            # The id comes from the path (unquoted): escaped, it cannot forge a line.
+            _log.info(
+                "key log entry refused for {user}: {code}", user=log_safe(user_id), code=err.code
+            )
             raise
         _log.info(
             "key log of {user}: entry {seq} {action} {key}",
