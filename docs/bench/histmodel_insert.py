@@ -12,6 +12,9 @@ store's own, patched at run time (nothing in wsserver/ is changed):
   BD  B and D together;  CD  C and D together
   2   (with D: BD2) also an index conversations (user_id, last_id), so that
       the list is read in order instead of sorted
+  i   (with B: Bi) conv as a 64-bit hash of the canonical text instead of
+      the text (a smaller index key; the page query then also checks the
+      pair, for collisions)
   x   (with any of the above: Ax, Bx) index messages_created dropped, as if
       retention found its range by id instead of by created_ms
   G10, G100  every message to a group of 10 / 100 members: stored once,
@@ -23,6 +26,7 @@ store's own, patched at run time (nothing in wsserver/ is changed):
 Prints one JSON line: variant, engine, us per message.
 """
 
+import hashlib
 import json
 import os
 import sqlite3
@@ -48,12 +52,23 @@ CONV_SQL = (
     " WHEN {s} < {r} THEN {s} || ' ' || {r} ELSE {r} || ' ' || {s} END"
 )
 
+HASHED = "i" in VARIANT
+
+
+def conv_hash(text):
+    """The 64-bit signed integer of a conversation's canonical text."""
+    return int.from_bytes(
+        hashlib.blake2b(text.encode(), digest_size=8).digest(), "big", signed=True
+    )
+
+
 SCHEMA = {
     "B": [
-        "ALTER TABLE messages ADD COLUMN conv TEXT",
+        f"ALTER TABLE messages ADD COLUMN conv {'BIGINT' if HASHED else 'TEXT'}",
         "CREATE INDEX messages_conv ON messages (conv, id)",
     ],
     "x": ["DROP INDEX messages_created"],
+    "i": [],
     "2": ["CREATE INDEX conversations_latest ON conversations (user_id, last_id)"],
     "C": ["CREATE INDEX messages_pair ON messages (recipient, sender, id)"],
     "D": [
@@ -75,7 +90,7 @@ SCHEMA = {
 
 
 def parts():
-    return [VARIANT[0]] if GROUP_SIZE else [p for p in VARIANT if p in "BCDx2"]
+    return [VARIANT[0]] if GROUP_SIZE else [p for p in VARIANT if p in "BCDx2i"]
 
 
 def schema_sql():
@@ -110,7 +125,7 @@ class _Txn:
                 else (f"{s} {r}" if s < r else f"{r} {s}")
             )
             sql = sql.replace("key_id) VALUES (", "key_id, conv) VALUES (").replace("?)", "?, ?)")
-            args = (*args, conv)
+            args = (*args, conv_hash(conv) if HASHED else conv)
         return self._txn.execute(sql, args)
 
     def __getattr__(self, name):
@@ -148,7 +163,13 @@ def _pg_insert_sql():
     base = pg_store._SQL_INSERT
     if "B" in has:
         base = base.replace("created_ms, key_id)", "created_ms, key_id, conv)").replace(
-            "'pending', t, k", "'pending', t, k, " + CONV_SQL.format(r="r", s="s")
+            "'pending', t, k",
+            "'pending', t, k, "
+            + (
+                f"hashtextextended({CONV_SQL.format(r='r', s='s')}, 0)"
+                if HASHED
+                else CONV_SQL.format(r="r", s="s")
+            ),
         )
     if not ({"D", "G", "K"} & set(has)):
         return base

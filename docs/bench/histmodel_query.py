@@ -14,6 +14,7 @@ index dropped again.  Models (docs/architecture.md, "History and groups"):
      filtered on sender
   B  WHERE conv = ? on an index (conv, id)
   C  the two branches of A on an index (recipient, sender, id)
+  C2 C's index, each branch with its own ORDER BY id DESC LIMIT
   D  GET /conversations from a table conversations (user_id, peer, last_id),
      with its primary key only (D) or also an index (user_id, last_id) (D2);
      and, for comparison, computed from messages (grouped, with C's index
@@ -147,6 +148,16 @@ def q_pair():
     )
 
 
+def q_pair_limited():
+    """A's query with each branch limited on its own (model C2)."""
+    one = f"SELECT {COLS} FROM messages WHERE recipient = {P} AND sender = {P} AND id < {P}"
+    return (
+        f"SELECT * FROM (SELECT * FROM ({one} ORDER BY id DESC LIMIT {P}) a"
+        f" UNION ALL SELECT * FROM ({one} ORDER BY id DESC LIMIT {P}) b) x"
+        f" ORDER BY id DESC LIMIT {P}"
+    )
+
+
 def q_self():
     return (
         f"SELECT {COLS} FROM messages WHERE recipient = {P} AND sender = {P} AND id < {P}"
@@ -178,6 +189,7 @@ INDEXES = {
     "A": [],
     "B": ["CREATE INDEX messages_conv ON messages (conv, id)"],
     "C": ["CREATE INDEX messages_pair ON messages (recipient, sender, id)"],
+    "C2": ["CREATE INDEX messages_pair ON messages (recipient, sender, id)"],
     "D2": ["CREATE INDEX conversations_latest ON conversations (user_id, last_id)"],
     "Cs": [
         "CREATE INDEX messages_pair ON messages (recipient, sender, id)",
@@ -215,6 +227,8 @@ def args_for(model, kind, c, h, p, before):
         return q_recipient(), ("broadcast", before, PAGE)
     if kind == "self":
         return q_self(), (h, h, before, PAGE)
+    if model == "C2":
+        return q_pair_limited(), (h, p, before, PAGE, p, h, before, PAGE, PAGE)
     return q_pair(), (h, p, before, p, h, before, PAGE)
 
 
@@ -282,7 +296,7 @@ def main():
     out["conversation_sizes"]["broadcast"] = len(pairs.get("broadcast", []))
     conn = Conn(db)
     try:
-        for model in ("A", "B", "C"):
+        for model in ("A", "B", "C", "C2"):
             for sql in INDEXES[model]:
                 conn.run(sql)
             conn.analyze()
