@@ -62,6 +62,7 @@ from . import (
     describe,
 )
 from .batching import BatchedWrites, GroupCommit
+from .purges import PURGE_INTERVAL, Purges
 from .rows import (
     KEYLOG_COLUMNS,
     MESSAGE_COLUMNS,
@@ -85,8 +86,6 @@ NODES_LOCK = 0x77736E6F646573
 USER_LOCK = 0x7775  # with hashtext(user_id): the two-key advisory locks of one user id
 DELETE_PAGE = 500  # messages per transaction of a deletion's message phase
 DELETE_SLICE = 5000  # ids a page of a deletion's message phase reads, at most
-PURGE_INTERVAL = 30.0  # seconds between passes finishing deletions left unfinished
-_PURGE_USERS = 100  # tombstones read per query of such a pass
 
 _MIGRATION_FILE = re.compile(r"(\d{3})_[a-z0-9_]+\.sql")
 
@@ -590,7 +589,7 @@ def _on_live_connection(txn: Any, interaction: Callable[..., Any], *args: Any) -
 
 
 @implementer(IStore)
-class PostgresStore(BatchedWrites):
+class PostgresStore(Purges, BatchedWrites):
     """Asynchronous access to a PostgreSQL database, with group commit."""
 
     def __init__(
@@ -617,10 +616,7 @@ class PostgresStore(BatchedWrites):
         self._heartbeat = LoopingCall(self._beat)
         self._heartbeat.clock = clock
         self._beating = False
-        self._purge_loop = LoopingCall(self._purge_pass)
-        self._purge_loop.clock = clock
-        self._purging: defer.Deferred | None = None  # the pass in flight
-        self._stopping = False
+        self._init_purges(clock)
         self.max_log_entries = MAX_LOG_ENTRIES  # a test may lower it
 
     @property
@@ -640,6 +636,15 @@ class PostgresStore(BatchedWrites):
     def _write(self, ops: list[tuple[str, Any]]) -> defer.Deferred:
         return self._run(_write_batch, ops, self._known_users)
 
+    def _purge_page(self, user_ids: list[str], after: int, finish: bool) -> defer.Deferred:
+        return self._run(_delete_page_of, user_ids, after, finish)
+
+    def _unpurged_users(self, after: str, limit: int) -> defer.Deferred:
+        return self._run(_unpurged, after, limit)
+
+    def _account_gone(self, user_id: str) -> None:
+        self._known_users.discard(user_id)
+
     def start(self, *, purge_interval: float = PURGE_INTERVAL) -> defer.Deferred:
         """Keep this node's registration alive (a heartbeat on the reactor
         clock), and finish deletions left unfinished now and every
@@ -651,23 +656,8 @@ class PostgresStore(BatchedWrites):
         """
         if self._node is not None and not self._heartbeat.running:
             self._heartbeat.start(HEARTBEAT_INTERVAL, now=True)
-        if not self._purge_loop.running:
-            self._purge_loop.start(purge_interval, now=True)
+        self._start_purges(purge_interval)
         return defer.succeed(None)
-
-    def _purge_pass(self) -> defer.Deferred:
-        """One pass of the purge loop: a failure is logged (and the next pass
-        tries again), never stops the loop."""
-        d = self._purging = self.finish_deletions()
-        d.addErrback(
-            lambda f: _log.warn(
-                "finishing deleted users' message removal failed: {e} (tried again in {s:.0f} s)",
-                e=f.getErrorMessage(),
-                s=self._purge_loop.interval or 0,
-            )
-        )
-        d.addBoth(lambda _: setattr(self, "_purging", None))
-        return d
 
     def _beat(self) -> None:
         if self._beating or self._node is None:
@@ -688,11 +678,7 @@ class PostgresStore(BatchedWrites):
         """Refuse new writes, commit what is queued, unregister, close the pool."""
         if self._heartbeat.running:
             self._heartbeat.stop()
-        self._stopping = True
-        if self._purge_loop.running:
-            self._purge_loop.stop()
-        if self._purging is not None:
-            yield self._purging  # it stops after the page in flight
+        yield self._stop_purges()
         yield self._commits.close()
         if self._node is not None:
             try:
@@ -793,61 +779,6 @@ class PostgresStore(BatchedWrites):
             return True
 
         return self._delete_account(interaction, user_id)
-
-    @defer.inlineCallbacks
-    def _delete_account(self, interaction: Callable[[Any], bool], user_id: str) -> Any:
-        if not (yield self._run(interaction)):
-            return None
-        self._known_users.discard(user_id)
-        try:
-            yield self._purge_messages([user_id], 0, finish=True)
-        except Exception as exc:
-            # The account is gone (that committed); the rest of its messages
-            # go in a later pass of finish_deletions, on whichever node.
-            _log.warn(
-                "deleted user {user}, but removing their messages failed: {e}"
-                " (finished within {s:.0f} s by a running node)",
-                user=user_id,
-                e=str(exc),
-                s=PURGE_INTERVAL,
-            )
-        return True
-
-    @defer.inlineCallbacks
-    def _purge_messages(self, user_ids: list[str], after: int, finish: bool) -> Any:
-        """Delete the messages from or to any of ``user_ids`` with id >
-        ``after``, a page per transaction; fire with how many went.  With
-        ``finish``, mark their tombstones purged once none is left."""
-        removed = 0
-        while not self._stopping:
-            deleted, last = yield self._run(_delete_page_of, user_ids, after, finish)
-            if last is None:
-                break
-            removed += deleted
-            after = last
-        return removed
-
-    @defer.inlineCallbacks
-    def finish_deletions(self) -> Any:
-        """Remove the messages of every deleted user whose deletion did not get
-        to the end of them (a page that failed, a node stopped half-way), and
-        mark them purged; fire with how many deletions were finished.
-        ``start`` runs it at once and every ``PURGE_INTERVAL`` seconds; nodes
-        running it together only delete rows twice over (the second finds
-        them gone)."""
-        finished, after = 0, ""
-        while not self._stopping:
-            users = yield self._run(_unpurged, after, _PURGE_USERS)
-            if users:
-                # All of them at once: their messages are found in one read of
-                # the table (a slice at a time), not one read per deletion.
-                yield self._purge_messages(users, 0, finish=True)
-                if not self._stopping:
-                    finished += len(users)
-            if len(users) < _PURGE_USERS:
-                break
-            after = users[-1]
-        return finished
 
     def revoke_token(self, user_id: str, jti: str, expires_ms: int, now_ms: int) -> defer.Deferred:
         """Remember a signed-out token until it expires (forgetting those
@@ -1088,11 +1019,6 @@ class PostgresStore(BatchedWrites):
         """Drop ``user_id`` from the cache of known recipients (it was deleted)."""
         self._known_users.discard(user_id)
         return defer.succeed(None)
-
-    def purge_user_messages(self, user_id: str, after_id: int) -> defer.Deferred:
-        """Delete the messages from or to ``user_id`` with id > ``after_id``, a
-        page per transaction; fires with how many."""
-        return self._purge_messages([user_id], after_id, finish=False)
 
 
 # ----------------------------------------------------------------------------

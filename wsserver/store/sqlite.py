@@ -52,6 +52,7 @@ from . import (
     UserKeys,
 )
 from .batching import BatchedWrites, GroupCommit
+from .purges import PURGE_INTERVAL, Purges
 from .rows import (
     KEYLOG_COLUMNS,
     MESSAGE_COLUMNS,
@@ -69,8 +70,6 @@ BUSY_TIMEOUT_MS = 5000
 _IN_CHUNK = 500  # ids per UPDATE ... IN (...): below SQLite's parameter limit
 DELETE_PAGE = 500  # messages per transaction of a deletion's message phase
 DELETE_SLICE = 5000  # ids a page of a deletion's message phase reads, at most
-PURGE_INTERVAL = 30.0  # seconds between passes finishing deletions left unfinished
-_PURGE_USERS = 100  # tombstones read per query of such a pass
 
 _MIGRATION_FILE = re.compile(r"(\d{3})_[a-z0-9_]+\.sql")
 
@@ -561,7 +560,7 @@ def _unpurged(cur: Any, after: str, limit: int) -> list[str]:
 
 
 @implementer(IStore)
-class Store(BatchedWrites):
+class Store(Purges, BatchedWrites):
     """Asynchronous access to the SQLite database, with group commit."""
 
     def __init__(
@@ -580,10 +579,7 @@ class Store(BatchedWrites):
         self._checkpoint_loop = LoopingCall(self._checkpoint)
         self._checkpoint_loop.clock = clock
         self._checkpointing = False
-        self._purge_loop = LoopingCall(self._purge_pass)
-        self._purge_loop.clock = clock
-        self._purging: defer.Deferred | None = None  # the pass in flight
-        self._stopping = False
+        self._init_purges(clock)
         self.max_log_entries = MAX_LOG_ENTRIES  # a test may lower it
         self._known_users: set[str] = set()  # used only in the pool's thread
         self._commits = GroupCommit(clock, self._write, max_batch)
@@ -594,6 +590,15 @@ class Store(BatchedWrites):
 
     def _write(self, ops: list[tuple[str, Any]]) -> defer.Deferred:
         return self._pool.runInteraction(_write_batch, ops, self._known_users)
+
+    def _run(self, interaction: Callable[..., Any], *args: Any) -> defer.Deferred:
+        return self._pool.runInteraction(interaction, *args)
+
+    def _purge_page(self, user_ids: list[str], after: int, finish: bool) -> defer.Deferred:
+        return self._run(_delete_page_of, user_ids, after, finish)
+
+    def _unpurged_users(self, after: str, limit: int) -> defer.Deferred:
+        return self._run(_unpurged, after, limit)
 
     def start(
         self, checkpoint_interval: float = 1.0, *, purge_interval: float = PURGE_INTERVAL
@@ -607,22 +612,7 @@ class Store(BatchedWrites):
         d = self._pool.runOperation("PRAGMA wal_autocheckpoint = 0")
         if not self._checkpoint_loop.running:
             self._checkpoint_loop.start(checkpoint_interval, now=False)
-        if not self._purge_loop.running:
-            self._purge_loop.start(purge_interval, now=True)
-        return d
-
-    def _purge_pass(self) -> defer.Deferred:
-        """One pass of the purge loop: a failure is logged (and the next pass
-        tries again), never stops the loop."""
-        d = self._purging = self.finish_deletions()
-        d.addErrback(
-            lambda f: _log.warn(
-                "finishing deleted users' message removal failed: {e} (tried again in {s:.0f} s)",
-                e=f.getErrorMessage(),
-                s=self._purge_loop.interval or 0,
-            )
-        )
-        d.addBoth(lambda _: setattr(self, "_purging", None))
+        self._start_purges(purge_interval)
         return d
 
     def _checkpoint(self) -> None:
@@ -638,11 +628,7 @@ class Store(BatchedWrites):
         """Refuse new writes, commit what is queued, close the pools."""
         if self._checkpoint_loop.running:
             self._checkpoint_loop.stop()
-        self._stopping = True
-        if self._purge_loop.running:
-            self._purge_loop.stop()
-        if self._purging is not None:
-            yield self._purging  # it stops after the page in flight
+        yield self._stop_purges()
         yield self._commits.close()
         self._pool.close()
         self._checkpoints.close()
@@ -747,60 +733,6 @@ class Store(BatchedWrites):
             return True
 
         return self._delete_account(interaction, user_id)
-
-    @defer.inlineCallbacks
-    def _delete_account(self, interaction: Callable[[Any], bool], user_id: str) -> Any:
-        if not (yield self._pool.runInteraction(interaction)):
-            return None
-        try:
-            yield self._purge_messages([user_id], 0, finish=True)
-        except Exception as exc:
-            # The account is gone (that committed); the rest of its messages
-            # go in a later pass of finish_deletions, on whichever node.
-            _log.warn(
-                "deleted user {user}, but removing their messages failed: {e}"
-                " (finished within {s:.0f} s by a running node)",
-                user=user_id,
-                e=str(exc),
-                s=PURGE_INTERVAL,
-            )
-        return True
-
-    @defer.inlineCallbacks
-    def _purge_messages(self, user_ids: list[str], after: int, finish: bool) -> Any:
-        """Delete the messages from or to any of ``user_ids`` with id >
-        ``after``, a page per transaction; fire with how many went.  With
-        ``finish``, mark their tombstones purged once none is left."""
-        removed = 0
-        while not self._stopping:
-            deleted, last = yield self._pool.runInteraction(
-                _delete_page_of, user_ids, after, finish
-            )
-            if last is None:
-                break
-            removed += deleted
-            after = last
-        return removed
-
-    @defer.inlineCallbacks
-    def finish_deletions(self) -> Any:
-        """Remove the messages of every deleted user whose deletion did not get
-        to the end of them (a page that failed, a process stopped half-way),
-        and mark them purged; fire with how many deletions were finished.
-        ``start`` runs it at once and every ``PURGE_INTERVAL`` seconds."""
-        finished, after = 0, ""
-        while not self._stopping:
-            users = yield self._pool.runInteraction(_unpurged, after, _PURGE_USERS)
-            if users:
-                # All of them at once: their messages are found in one read of
-                # the table (a slice at a time), not one read per deletion.
-                yield self._purge_messages(users, 0, finish=True)
-                if not self._stopping:
-                    finished += len(users)
-            if len(users) < _PURGE_USERS:
-                break
-            after = users[-1]
-        return finished
 
     def revoke_token(self, user_id: str, jti: str, expires_ms: int, now_ms: int) -> defer.Deferred:
         """Remember a signed-out token until it expires (forgetting those
@@ -1068,12 +1000,6 @@ class Store(BatchedWrites):
             self._known_users.discard(user_id)
 
         return self._pool.runInteraction(interaction)
-
-    def purge_user_messages(self, user_id: str, after_id: int) -> defer.Deferred:
-        """Delete the messages from or to ``user_id`` with id > ``after_id`` (those
-        stored after the user was deleted, while this node still knew it), a
-        page per transaction; fires with how many."""
-        return self._purge_messages([user_id], after_id, finish=False)
 
 
 def _delete_ids(txn: Any, ids: list[int]) -> int:
