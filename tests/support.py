@@ -26,7 +26,8 @@ from twisted.trial import unittest
 from twisted.web.client import Agent, HTTPConnectionPool
 
 from wsserver.auth import Session
-from wsserver.messages import signing_input
+from wsserver.keylog import Entry
+from wsserver.messages import b64decode, signing_input
 from wsserver.tap import WsServerService, build_service
 
 from .services import (
@@ -47,6 +48,21 @@ _WORKER_LISTENING = re.compile(rb"worker (\d+/2) \(pid (\d+)\): [^\n]*wsserver l
 def vector_key(name: str) -> SigningKey:
     """The signing key of a test-vector user (``alice`` or ``bob``)."""
     return SigningKey(bytes.fromhex(VECTORS["users"][name]["secret_seed_hex"]))
+
+
+def vector_entry(index: int, at_ms: int = 0) -> Entry:
+    """Entry ``index`` of the shared vector key log (alice's)."""
+    e = VECTORS["keylog"]["entries"][index]
+    return Entry(
+        e["seq"],
+        e["action"],
+        b64decode(e["public_key"]),
+        None,
+        e["by"],
+        b64decode(e["signature"]) if e["signature"] else None,
+        b64decode(e["key_signature"]) if e["key_signature"] else None,
+        at_ms,
+    )
 
 
 def b64(raw: bytes) -> str:

@@ -10,24 +10,13 @@ from wsserver import keylog
 from wsserver.keylog import Entry, KeyLogError
 from wsserver.messages import b64decode
 
-from .support import VECTORS
+from .support import VECTORS, vector_entry
 
 LOG = VECTORS["keylog"]
 
 
 def _entries() -> list[Entry]:
-    return [
-        Entry(
-            e["seq"],
-            e["action"],
-            b64decode(e["public_key"]),
-            None,
-            e["by"],
-            b64decode(e["signature"]) if e["signature"] else None,
-            b64decode(e["key_signature"]) if e["key_signature"] else None,
-        )
-        for e in LOG["entries"]
-    ]
+    return [vector_entry(i) for i in range(len(LOG["entries"]))]
 
 
 def _seed(hex_seed: str) -> SigningKey:

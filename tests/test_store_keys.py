@@ -27,7 +27,7 @@ from wsserver.messages import UNSIGNED, VERIFIED, b64decode
 from wsserver.store import postgres as pg
 from wsserver.store import sqlite as sq
 
-from .support import VECTORS
+from .support import VECTORS, vector_entry
 
 SECRET = b"k" * 32
 LOG = VECTORS["keylog"]
@@ -38,21 +38,6 @@ ALICE_SIGNER = SigningKey(bytes.fromhex(VECTORS["users"]["alice"]["secret_seed_h
 SECOND_SIGNER = SigningKey(bytes.fromhex(LOG["second_device"]["secret_seed_hex"]))
 CREATED_MS = 1_700_000_000_000
 DEADLINE = 30.0  # seconds a test waits for something another thread does
-
-
-def vector_entry(index: int, at_ms: int = 0) -> Entry:
-    """Entry ``index`` of the shared vector log."""
-    e = LOG["entries"][index]
-    return Entry(
-        e["seq"],
-        e["action"],
-        b64decode(e["public_key"]),
-        None,
-        e["by"],
-        b64decode(e["signature"]) if e["signature"] else None,
-        b64decode(e["key_signature"]) if e["key_signature"] else None,
-        at_ms,
-    )
 
 
 def checked(user_id: str, entry: Entry, seen: list | None = None) -> Callable[[list], None]:
