@@ -136,14 +136,19 @@ class AccountEvents:
                 return
 
 
-class KeyRevoked:
-    """What a node does when a key was revoked (protocol section 12): detail is
-    the key_id."""
+class _Closing:
+    """A handler that tells the node's ``Authenticator`` and closes connections
+    of this node (through the WebSocket factory) with ``close_code``."""
 
     def __init__(self, auth: Any, factory: Any, close_code: int) -> None:
         self._auth = auth
         self._factory = factory
         self._close_code = close_code
+
+
+class KeyRevoked(_Closing):
+    """What a node does when a key was revoked (protocol section 12): detail is
+    the key_id."""
 
     def __call__(self, user_id: str, detail: str | None) -> None:
         self._auth.key_revoked(user_id)
@@ -154,13 +159,8 @@ class KeyRevoked:
             )
 
 
-class SignedOut:
+class SignedOut(_Closing):
     """A token was signed out (``POST /auth/logout``): detail is its jti."""
-
-    def __init__(self, auth: Any, factory: Any, close_code: int) -> None:
-        self._auth = auth
-        self._factory = factory
-        self._close_code = close_code
 
     def __call__(self, user_id: str, detail: str | None) -> None:
         if detail:
@@ -169,14 +169,9 @@ class SignedOut:
             _log.info("signed out a token of {user}: {closed} closed", user=user_id, closed=closed)
 
 
-class SignedOutAll:
+class SignedOutAll(_Closing):
     """Every token of a user was signed out (``POST /auth/logout?all=true``):
     detail is the user's new token generation."""
-
-    def __init__(self, auth: Any, factory: Any, close_code: int) -> None:
-        self._auth = auth
-        self._factory = factory
-        self._close_code = close_code
 
     def __call__(self, user_id: str, detail: str | None) -> None:
         self._auth.signed_out_all(user_id)
