@@ -211,6 +211,14 @@ class LiveServer:
         return self._service
 
     @property
+    def node_bases(self) -> list[str]:
+        """The HTTP base of each node: one per node of a test cluster, one
+        for ``--workers 2`` (where the kernel picks the worker of each
+        connection) and for a single server."""
+        scheme = "https" if self.tls else "http"
+        return [scheme + ws[len(self._ws_scheme) :].removesuffix("/ws") for ws in self._ws_bases]
+
+    @property
     def multi_node(self) -> bool:
         """True when this server is several nodes (a test cluster or workers)."""
         return self.mode != "single"
@@ -303,8 +311,10 @@ class LiveServer:
                 return stored
             yield task.deferLater(reactor, 0.05, lambda: None)
 
-    def http(self, tls_options: Any = None) -> HTTPClient:
-        """A treq client whose connections are closed at the end of the test."""
+    def http(self, tls_options: Any = None, fresh: bool = False) -> HTTPClient:
+        """A treq client whose connections are closed at the end of the test;
+        with ``fresh`` each request has a connection of its own."""
+        pool = HTTPConnectionPool(reactor, persistent=False) if fresh else self._pool
         tls_options = tls_options or self.tls_options
         if tls_options is not None:
             from twisted.web.client import BrowserLikePolicyForHTTPS
@@ -313,8 +323,8 @@ class LiveServer:
                 def creatorForNetloc(self, hostname: bytes, port: int) -> Any:
                     return tls_options
 
-            return HTTPClient(Agent(reactor, contextFactory=Policy(), pool=self._pool))
-        return HTTPClient(Agent(reactor, pool=self._pool))
+            return HTTPClient(Agent(reactor, contextFactory=Policy(), pool=pool))
+        return HTTPClient(Agent(reactor, pool=pool))
 
     @defer.inlineCallbacks
     def stop(self) -> Any:
