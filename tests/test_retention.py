@@ -263,13 +263,17 @@ class SQLiteRetentionTests(RetentionContract, unittest.TestCase):
         before = conn.execute("PRAGMA page_count").fetchone()[0]
         yield Retention(self.store, self.clock, 7, 0, pause=0).run_pass()
         self.assertEqual(conn.execute("PRAGMA page_count").fetchone()[0], before)
-        self.assertGreater(conn.execute("PRAGMA freelist_count").fetchone()[0], 50)
+        free = conn.execute("PRAGMA freelist_count").fetchone()[0]
+        self.assertGreater(free, 50)
         yield self.store.close()
         # The one-off of docs/operations.md (server stopped).
         conn.execute("PRAGMA auto_vacuum = INCREMENTAL")
         conn.execute("VACUUM")
         self.assertEqual(conn.execute("PRAGMA auto_vacuum").fetchone()[0], 2)
-        self.assertLess(conn.execute("PRAGMA page_count").fetchone()[0], before / 4)
+        # The free pages went back to the file system (VACUUM lays the
+        # tables out afresh: a page or two more or less than before).
+        after = conn.execute("PRAGMA page_count").fetchone()[0]
+        self.assertLessEqual(after, before - free * 9 // 10, (before, free, after))
 
     def test_upgrade_to_version_3_keeps_data(self):
         """A version-2 database with users and messages upgrades through version 3:

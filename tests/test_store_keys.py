@@ -662,14 +662,21 @@ class KeyStoreContract:
         of the primary key (a slice of ids) and those sent to them through
         the index on (recipient, id); the query finding the next stored id
         reads the primary key: no query scans the table.  And no index on
-        sender slows every insert for the sake of it."""
+        sender slows every insert for the sake of it (messages_conv, on
+        (conv, id), is history's: protocol section 13)."""
         plan = self.page_plan()
         self.assertRegex(plan, self.range_pattern)
         self.assertIn("messages_recipient", plan)
         self.assertNotRegex(plan, self.scan_pattern)
         self.assertEqual(
             sorted(self.message_indexes()),
-            ["messages_created", "messages_pending", "messages_recipient", "messages_sender_nonce"],
+            [
+                "messages_conv",
+                "messages_created",
+                "messages_pending",
+                "messages_recipient",
+                "messages_sender_nonce",
+            ],
         )
 
     # -- the key log's cap --------------------------------------------------------------
