@@ -170,6 +170,23 @@ class IdentityTests(unittest.TestCase):
         for bad in ("", "x" * 65, "a b", "ä", None, 5, "a\n"):
             self.assertFalse(m.is_user_id(bad))
 
+    def test_group_ids(self):
+        """group_id: '#' and 1-64 characters of the user id alphabet; a user
+        id is not a group id, nor is a group id a user id."""
+        for ok in ("#a", "#Team_1.x-y", "#" + "x" * 64):
+            self.assertTrue(m.is_group_id(ok))
+            self.assertFalse(m.is_user_id(ok))
+        for bad in ("#", "team", "#" + "x" * 65, "#a b", "#ä", "##a", None, "#a\n"):
+            self.assertFalse(m.is_group_id(bad))
+
+    def test_conversation_of_is_one_key_for_both_directions(self):
+        """conv: the two ids sorted bytewise and joined by a space, whoever
+        sent; a note to self is the id twice."""
+        self.assertEqual(m.conversation_of("bob", "alice"), "alice bob")
+        self.assertEqual(m.conversation_of("alice", "bob"), "alice bob")
+        self.assertEqual(m.conversation_of("B", "a"), "B a")  # bytewise: upper case first
+        self.assertEqual(m.conversation_of("u", "u"), "u u")
+
     def test_username_is_nfc_normalised(self):
         """A decomposed name is stored composed."""
         self.assertEqual(m.normalize_username("Jose\u0301"), "Jos\u00e9")

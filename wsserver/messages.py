@@ -29,6 +29,7 @@ UNVERIFIED = "unverified"
 UNSIGNED = "unsigned"
 
 _USER_ID = re.compile(r"[A-Za-z0-9_.\-]{1,64}")
+_GROUP_ID = re.compile(r"#[A-Za-z0-9_.\-]{1,64}")
 _NONCE = re.compile(r"[A-Za-z0-9_.:\-]{1,64}")
 # Used only to echo the nonce of a frame refused before it was parsed.
 _NONCE_IN_RAW = re.compile(rb'"nonce"\s*:\s*"([A-Za-z0-9_.:\-]{1,64})"')
@@ -130,6 +131,20 @@ def dumps(obj: dict[str, Any]) -> bytes:
 def is_user_id(value: object) -> bool:
     """True for a syntactically valid user_id (reserved names included)."""
     return isinstance(value, str) and _USER_ID.fullmatch(value) is not None
+
+
+def is_group_id(value: object) -> bool:
+    """True for a syntactically valid group id: ``#`` and 1 to 64 characters
+    of the user id alphabet (protocol section 13)."""
+    return isinstance(value, str) and _GROUP_ID.fullmatch(value) is not None
+
+
+def conversation_of(a: str, b: str) -> str:
+    """The ``conv`` of a direct message between users ``a`` and ``b`` (either
+    direction): the two ids in Python's str order (bytewise for this
+    alphabet, as SQLite's BINARY and PostgreSQL's "C" collation), joined by
+    one space; a note to self is ``"a a"`` (schema 005)."""
+    return f"{a} {b}" if a <= b else f"{b} {a}"
 
 
 def normalize_username(value: object) -> str:
