@@ -1,0 +1,155 @@
+"""History and the conversation list (protocol section 13), shared by both
+engines.
+
+A direct message or a note to self carries its conversation in
+``messages.conv`` (``wsserver.messages.conversation_of``); its page is one
+backward range of ``messages_conv (conv, id)``.  Broadcasts and group
+messages have no ``conv``: their pages are ranges of ``messages_recipient
+(recipient, id)``, a group's bounded by the caller's window in
+``group_members`` (``joined_id < id``, and ``id <= removed_id`` once
+removed).  ``conversations`` holds a row per user and direct peer, written
+only when a pair is new: the engines remember the pairs they wrote
+(``KnownConversations``), so the usual message writes nothing more.
+
+``History`` is mixed into each engine's store.  The engine provides
+``_run(interaction, *args)`` and ``_mark`` (its parameter marker, ``?`` or
+``%s``) and ``_conv_of_row`` (the SQL of a ``conversations`` row's conv:
+PostgreSQL compares with the "C" collation); the queries are written here
+once.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from ..messages import BROADCAST, conversation_of
+from .rows import KNOWN_USERS_MAX, MESSAGE_COLUMNS, message_from_row
+
+ID_MAX = 2**63 - 1  # larger than any message id (a BIGINT / SQLite INTEGER)
+
+
+def conv_of(sender: str, recipient: str) -> str | None:
+    """The ``conv`` a message is stored with: None for broadcasts and
+    group messages (a recipient the server already checked, so a leading
+    ``#`` is enough to tell a group)."""
+    if recipient == BROADCAST or recipient.startswith("#"):
+        return None
+    return conversation_of(sender, recipient)
+
+
+def conversation_rows(conv: str) -> list[tuple[str, str]]:
+    """The ``conversations`` rows (user_id, peer) of a conv: both directions,
+    one for notes to self."""
+    a, _, b = conv.partition(" ")
+    return [(a, b)] if a == b else [(a, b), (b, a)]
+
+
+class KnownConversations:
+    """The convs whose ``conversations`` rows are known to be stored: a
+    bounded cache (cleared when full, as the cache of known users).  An
+    engine adds a conv only once the transaction that wrote its rows has
+    committed, so a rolled-back batch never leaves a pair without rows."""
+
+    def __init__(self, limit: int = KNOWN_USERS_MAX) -> None:
+        self._known: set[str] = set()
+        self._limit = limit
+
+    def __contains__(self, conv: object) -> bool:
+        return conv in self._known
+
+    def add_all(self, convs: list[str]) -> None:
+        for conv in convs:
+            if len(self._known) >= self._limit:
+                self._known.clear()
+            self._known.add(conv)
+
+    def remember_after(self, results: Any, convs: list[str]) -> Any:
+        """A callback for the batch's Deferred: remember ``convs`` (the batch
+        committed) and pass its results on."""
+        self.add_all(convs)
+        return results
+
+
+class History:
+    """``history`` and ``conversations`` of IStore (see the module's docstring)."""
+
+    _mark = "?"
+    _conv_of_row = (
+        "CASE WHEN c.user_id <= c.peer"
+        " THEN c.user_id || ' ' || c.peer ELSE c.peer || ' ' || c.user_id END"
+    )
+
+    def _run(self, interaction: Any, *args: Any) -> Any:
+        raise NotImplementedError
+
+    def _sql(self, text: str) -> str:
+        return text if self._mark == "?" else text.replace("?", self._mark)
+
+    def history(self, user_id: str, peer: str, before: int | None, limit: int) -> Any:
+        """See ``IStore.history``."""
+        upper = ID_MAX if before is None else before
+        return self._run(self._history, user_id, peer, upper, limit)
+
+    def _history(self, txn: Any, user_id: str, peer: str, before: int, limit: int) -> Any:
+        cols = MESSAGE_COLUMNS
+        if peer == BROADCAST:
+            sql = f"SELECT {cols} FROM messages WHERE recipient = ? AND id < ?"  # noqa: S608
+            args: tuple = (BROADCAST, before)
+        elif peer.startswith("#"):
+            txn.execute(
+                self._sql(
+                    "SELECT joined_id, removed_id FROM group_members"
+                    " WHERE group_id = ? AND user_id = ?"
+                ),
+                (peer, user_id),
+            )
+            row = txn.fetchone()
+            if row is None:
+                return None
+            joined, removed = row
+            upper = before if removed is None else min(before, removed + 1)
+            sql = (
+                f"SELECT {cols} FROM messages WHERE recipient = ?"  # noqa: S608
+                " AND id < ? AND id > ?"
+            )
+            args = (peer, upper, joined)
+        else:
+            if peer != user_id:
+                txn.execute(self._sql("SELECT 1 FROM users WHERE user_id = ?"), (peer,))
+                if txn.fetchone() is None:
+                    return None
+            sql = f"SELECT {cols} FROM messages WHERE conv = ? AND id < ?"  # noqa: S608
+            args = (conversation_of(user_id, peer), before)
+        txn.execute(self._sql(sql + " ORDER BY id DESC LIMIT ?"), (*args, limit + 1))
+        rows = txn.fetchall()
+        return [message_from_row(row) for row in rows[:limit]], len(rows) > limit
+
+    def conversations(self, user_id: str, limit: int) -> Any:
+        """See ``IStore.conversations``."""
+        return self._run(self._conversations, user_id, limit)
+
+    def _conversations(self, txn: Any, user_id: str, limit: int) -> list[tuple[str, int, int]]:
+        txn.execute(self._sql(self._conversations_sql()), (user_id, user_id, limit))
+        return [(peer, last_id, created_ms) for peer, last_id, created_ms in txn.fetchall()]
+
+    def _conversations_sql(self) -> str:
+        # Each entry's newest id is one backward probe of an index (direct:
+        # messages_conv; groups and broadcast: messages_recipient); only the
+        # `limit` newest entries then read their message's timestamp.
+        return (
+            "SELECT s.peer, s.last_id, m.created_ms FROM ("  # noqa: S608
+            " SELECT peer, last_id FROM ("
+            "  SELECT c.peer AS peer, (SELECT MAX(x.id) FROM messages x"
+            f"   WHERE x.conv = {self._conv_of_row}) AS last_id"
+            "  FROM conversations c WHERE c.user_id = ?"
+            "  UNION ALL"
+            "  SELECT g.group_id, (SELECT MAX(x.id) FROM messages x"
+            "   WHERE x.recipient = g.group_id AND x.id > g.joined_id"
+            f"   AND x.id <= COALESCE(g.removed_id, {ID_MAX}))"
+            "  FROM group_members g WHERE g.user_id = ?"
+            "  UNION ALL"
+            "  SELECT 'broadcast',"
+            "   (SELECT MAX(x.id) FROM messages x WHERE x.recipient = 'broadcast')"
+            " ) t WHERE last_id IS NOT NULL ORDER BY last_id DESC LIMIT ?"
+            ") s JOIN messages m ON m.id = s.last_id ORDER BY s.last_id DESC"
+        )
