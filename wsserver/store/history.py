@@ -134,22 +134,29 @@ class History:
 
     def _conversations_sql(self) -> str:
         # Each entry's newest id is one backward probe of an index (direct:
-        # messages_conv; groups and broadcast: messages_recipient); only the
-        # `limit` newest entries then read their message's timestamp.
+        # messages_conv; groups and broadcast: messages_recipient; the ORDER
+        # BY names the index's columns so no planner walks the primary key
+        # instead), computed once per entry (MATERIALIZED: inlined, the
+        # planner evaluates the probe twice); only the `limit` newest
+        # entries then read their message's timestamp.
         return (
-            "SELECT s.peer, s.last_id, m.created_ms FROM ("  # noqa: S608
-            " SELECT peer, last_id FROM ("
-            "  SELECT c.peer AS peer, (SELECT MAX(x.id) FROM messages x"
-            f"   WHERE x.conv = {self._conv_of_row}) AS last_id"
-            "  FROM conversations c WHERE c.user_id = ?"
-            "  UNION ALL"
-            "  SELECT g.group_id, (SELECT MAX(x.id) FROM messages x"
-            "   WHERE x.recipient = g.group_id AND x.id > g.joined_id"
-            f"   AND x.id <= COALESCE(g.removed_id, {ID_MAX}))"
-            "  FROM group_members g WHERE g.user_id = ?"
-            "  UNION ALL"
-            "  SELECT 'broadcast',"
-            "   (SELECT MAX(x.id) FROM messages x WHERE x.recipient = 'broadcast')"
-            " ) t WHERE last_id IS NOT NULL ORDER BY last_id DESC LIMIT ?"
-            ") s JOIN messages m ON m.id = s.last_id ORDER BY s.last_id DESC"
+            "WITH t AS MATERIALIZED ("  # noqa: S608
+            " SELECT c.peer AS peer, (SELECT x.id FROM messages x"
+            f"  WHERE x.conv = {self._conv_of_row}"
+            "  ORDER BY x.conv DESC, x.id DESC LIMIT 1) AS last_id"
+            " FROM conversations c WHERE c.user_id = ?"
+            " UNION ALL"
+            " SELECT g.group_id, (SELECT x.id FROM messages x"
+            "  WHERE x.recipient = g.group_id AND x.id > g.joined_id"
+            f"  AND x.id <= COALESCE(g.removed_id, {ID_MAX})"
+            "  ORDER BY x.recipient DESC, x.id DESC LIMIT 1)"
+            " FROM group_members g WHERE g.user_id = ?"
+            " UNION ALL"
+            " SELECT 'broadcast', (SELECT x.id FROM messages x WHERE x.recipient = 'broadcast'"
+            "  ORDER BY x.recipient DESC, x.id DESC LIMIT 1)"
+            ")"
+            " SELECT s.peer, s.last_id, m.created_ms FROM ("
+            "  SELECT peer, last_id FROM t WHERE last_id IS NOT NULL"
+            "  ORDER BY last_id DESC LIMIT ?"
+            " ) s JOIN messages m ON m.id = s.last_id ORDER BY s.last_id DESC"
         )
