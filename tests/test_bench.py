@@ -375,6 +375,8 @@ class BenchHistoryTests(unittest.TestCase):
             self.assertGreater(history[f"{key}_query_p50_ms"], 0)
             self.assertGreater(history[f"{key}_page_p50_ms"], 0)
             self.assertGreaterEqual(history[f"{key}_page_p99_ms"], history[f"{key}_page_p50_ms"])
+            self.assertGreater(history[f"{key}_page_query_p50_ms"], 0)
+            self.assertTrue(history[f"{key}_page_plan_uses_index"], history[f"{key}_page_plan"])
             self.assertTrue(history[f"{key}_plan_uses_indexes"], history[f"{key}_plan"])
         self.assertIn(f"{engine}_replay_p99_ratio", history)
 

@@ -279,6 +279,58 @@ def page_times(
     return {"page_p50_ms": percentile(times, 50), "page_p99_ms": percentile(times, 99)}
 
 
+class _Recording:
+    """A cursor that remembers the last statement (for its plan)."""
+
+    def __init__(self, cursor: Any) -> None:
+        self._cursor = cursor
+        self.last: tuple[str, tuple] = ("", ())
+
+    def execute(self, sql: str, args: tuple = ()) -> Any:
+        self.last = (sql, args)
+        return self._cursor.execute(sql, args)
+
+    def fetchone(self) -> Any:
+        return self._cursor.fetchone()
+
+    def fetchall(self) -> Any:
+        return self._cursor.fetchall()
+
+
+def page_query_times(
+    engine: str, database: str, pages: list[tuple[str, str, int | None]]
+) -> tuple[dict, list[str]]:
+    """p50/p99 ms of the store's own page reads (``History._history``: the
+    peer's check and the page query) for ``pages``, here on a connection of
+    its own, and the page query's plan."""
+    if engine == "sqlite":
+        conn: Any = sqlite3.connect(database)
+        store: Any = sqlite_store.Store.__new__(sqlite_store.Store)
+    else:
+        import psycopg
+
+        conn = psycopg.connect(database, autocommit=True)
+        store = postgres_store.PostgresStore.__new__(postgres_store.PostgresStore)
+    times: list[float] = []
+    try:
+        cursor = _Recording(conn.cursor())
+        for probe, friend, before in pages:
+            started = time.perf_counter()
+            page = store._history(cursor, probe, friend, before or 2**63 - 1, PAGE)
+            times.append((time.perf_counter() - started) * 1000)
+            if page is None or len(page[0]) != PAGE:
+                raise RuntimeError("history: the page query did not give a full page")
+        sql, args = cursor.last
+        if engine == "sqlite":
+            plan = [row[-1] for row in conn.execute("EXPLAIN QUERY PLAN " + sql, args)]
+        else:
+            plan = [row[0] for row in conn.execute(b"EXPLAIN " + sql.encode(), args)]
+    finally:
+        conn.close()
+    p50, p99 = percentile(times, 50), percentile(times, 99)
+    return {"page_query_p50_ms": p50, "page_query_p99_ms": p99}, plan
+
+
 def percentile(values: list[float], p: float) -> float:
     ordered = sorted(values)
     k = min(len(ordered) - 1, max(0, round(p / 100 * (len(ordered) - 1))))
