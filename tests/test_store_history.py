@@ -274,6 +274,7 @@ class HistoryContract:
             plan = self.history_plan("u1", peer)
             self.assertIn(index, plan, (peer, plan))
             self.assertNotRegex(plan, self.scan_pattern, (peer, plan))
+            self.assertNotIn("messages_pkey", plan, (peer, plan))
 
     def test_the_list_plan_probes_indexes(self):
         """The conversation list reads each entry's newest id from an index
@@ -286,6 +287,7 @@ class HistoryContract:
         self.assertIn("messages_conv", plan)
         self.assertIn("messages_recipient", plan)
         self.assertNotRegex(plan, self.scan_pattern)
+        self.assertNotIn("Backward using messages_pkey", plan)  # PostgreSQL's filtered walk
 
 
 class SQLiteHistoryTests(HistoryContract, unittest.TestCase):
@@ -366,6 +368,25 @@ class PostgresHistoryTests(HistoryContract, unittest.TestCase):
 
     def bump(self, head: int) -> None:
         self.query("UPDATE stream_head SET last_id = GREATEST(last_id, %s)", (head,))
+
+    @defer.inlineCallbacks
+    def test_a_busy_conversation_is_not_read_through_the_primary_key(self):
+        """With a third of the table in one conversation PostgreSQL would
+        take a page of it from messages_pkey backwards with a filter (reading
+        every newer message of the table: not flat when the conversation's
+        messages are old); the page query is a range of messages_conv."""
+        for user_id in ("u1", "u2"):
+            yield self.store.add_user(st.User(user_id, user_id, b"k" * 32, 1))
+        self.query(
+            "INSERT INTO messages (id, sender, recipient, content, verification, created_ms, conv)"
+            " SELECT g, 'u1', CASE WHEN g % 3 = 0 THEN 'u2' ELSE 'u' || (g % 1000 + 3) END,"
+            " 'x', 'unsigned', 0, CASE WHEN g % 3 = 0 THEN 'u1 u2' ELSE 'u1 u' || (g % 1000 + 3)"
+            " END FROM generate_series(1, 60000) AS g"
+        )
+        self.query("ANALYZE")
+        plan = self.history_plan("u1", "u2")
+        self.assertIn("messages_conv", plan)
+        self.assertNotIn("messages_pkey", plan)
 
     def filled(self) -> None:
         self.query(

@@ -79,6 +79,13 @@ class History:
         " THEN c.user_id || ' ' || c.peer ELSE c.peer || ' ' || c.user_id END"
     )
 
+    # A page is one backward range of (column, id): messages_conv for direct
+    # messages and notes to self, messages_recipient for broadcasts and
+    # groups.  The key's condition and the order, by column (PostgreSQL
+    # spells them otherwise).
+    _key_range = "{0} = ?"
+    _key_order = "id DESC"
+
     def _run(self, interaction: Any, *args: Any) -> Any:
         raise NotImplementedError
 
@@ -91,10 +98,9 @@ class History:
         return self._run(self._history, user_id, peer, upper, limit)
 
     def _history(self, txn: Any, user_id: str, peer: str, before: int, limit: int) -> Any:
-        cols = MESSAGE_COLUMNS
+        lower = 0
         if peer == BROADCAST:
-            sql = f"SELECT {cols} FROM messages WHERE recipient = ? AND id < ?"  # noqa: S608
-            args: tuple = (BROADCAST, before)
+            column, key, upper = "recipient", BROADCAST, before
         elif peer.startswith("#"):
             txn.execute(
                 self._sql(
@@ -106,21 +112,22 @@ class History:
             row = txn.fetchone()
             if row is None:
                 return None
-            joined, removed = row
+            lower, removed = row
             upper = before if removed is None else min(before, removed + 1)
-            sql = (
-                f"SELECT {cols} FROM messages WHERE recipient = ?"  # noqa: S608
-                " AND id < ? AND id > ?"
-            )
-            args = (peer, upper, joined)
+            column, key = "recipient", peer
         else:
             if peer != user_id:
                 txn.execute(self._sql("SELECT 1 FROM users WHERE user_id = ?"), (peer,))
                 if txn.fetchone() is None:
                     return None
-            sql = f"SELECT {cols} FROM messages WHERE conv = ? AND id < ?"  # noqa: S608
-            args = (conversation_of(user_id, peer), before)
-        txn.execute(self._sql(sql + " ORDER BY id DESC LIMIT ?"), (*args, limit + 1))
+            column, key, upper = "conv", conversation_of(user_id, peer), before
+        sql = (
+            f"SELECT {MESSAGE_COLUMNS} FROM messages"  # noqa: S608
+            f" WHERE {self._key_range.format(column)} AND id < ? AND id > ?"
+            f" ORDER BY {self._key_order.format(column)} LIMIT ?"
+        )
+        keys = [key] * self._key_range.count("?")
+        txn.execute(self._sql(sql), (*keys, upper, lower, limit + 1))
         rows = txn.fetchall()
         return [message_from_row(row) for row in rows[:limit]], len(rows) > limit
 
@@ -129,14 +136,15 @@ class History:
         return self._run(self._conversations, user_id, limit)
 
     def _conversations(self, txn: Any, user_id: str, limit: int) -> list[tuple[str, int, int]]:
-        txn.execute(self._sql(self._conversations_sql()), (user_id, user_id, limit))
+        keys = [BROADCAST] * self._key_range.count("?")
+        txn.execute(self._sql(self._conversations_sql()), (user_id, user_id, *keys, limit))
         return [(peer, last_id, created_ms) for peer, last_id, created_ms in txn.fetchall()]
 
     def _conversations_sql(self) -> str:
         # Each entry's newest id is one backward probe of an index (direct:
-        # messages_conv; groups and broadcast: messages_recipient; the ORDER
-        # BY names the index's columns so no planner walks the primary key
-        # instead), computed once per entry (MATERIALIZED: inlined, the
+        # messages_conv; groups and broadcast: messages_recipient; spelt as
+        # the pages are, so no planner walks the primary key instead),
+        # computed once per entry (MATERIALIZED: inlined, the
         # planner evaluates the probe twice); only the `limit` newest
         # entries then read their message's timestamp.
         return (
@@ -152,8 +160,9 @@ class History:
             "  ORDER BY x.recipient DESC, x.id DESC LIMIT 1)"
             " FROM group_members g WHERE g.user_id = ?"
             " UNION ALL"
-            " SELECT 'broadcast', (SELECT x.id FROM messages x WHERE x.recipient = 'broadcast'"
-            "  ORDER BY x.recipient DESC, x.id DESC LIMIT 1)"
+            " SELECT 'broadcast', (SELECT x.id FROM messages x"
+            f"  WHERE {self._key_range.format('x.recipient')}"
+            f"  ORDER BY {self._key_order.format('x.recipient')} LIMIT 1)"
             ")"
             " SELECT s.peer, s.last_id, m.created_ms FROM ("
             "  SELECT peer, last_id FROM t WHERE last_id IS NOT NULL"

@@ -635,6 +635,15 @@ class PostgresStore(Purges, History, BatchedWrites):
     """Asynchronous access to a PostgreSQL database, with group commit."""
 
     _mark = "%s"  # History's queries
+    # With "conv = %s" the key is a constant to the planner and ORDER BY id
+    # DESC can come from messages_pkey: for a busy conversation it walks the
+    # primary key back with a filter (cheaper by its estimate), reading every
+    # newer message of the table until the page is full: not flat for a
+    # conversation whose messages are old.  As a range on the key (of one
+    # value) the order (key, id) only the key's index gives, and the B-tree
+    # still starts at (key, before) and stops after the page.
+    _key_range = "{0} >= ? AND {0} <= ?"
+    _key_order = "{0} DESC, id DESC"
     _conv_of_row = (
         'CASE WHEN c.user_id COLLATE "C" <= c.peer COLLATE "C"'
         " THEN c.user_id || ' ' || c.peer ELSE c.peer || ' ' || c.user_id END"
