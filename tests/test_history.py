@@ -31,7 +31,9 @@ class Base(unittest.TestCase):
     timeout = 120
 
     def setUp(self) -> None:
-        self.server = LiveServer(self, {"AUTH_BURST_LIMIT": "100000"})
+        self.server = LiveServer(
+            self, {"AUTH_BURST_LIMIT": "100000", "MESSAGE_BURST_LIMIT": "1000"}
+        )
 
     @defer.inlineCallbacks
     def get(self, path: str, token: str | None, raw: bytes | None = None) -> Any:
@@ -143,6 +145,22 @@ class PagesTests(Base):
         got = yield bob.next_of("message")
         self.assertEqual(got["id"], ack["id"])
 
+    @defer.inlineCallbacks
+    def test_the_default_page_is_50_and_the_largest_200(self) -> None:
+        """Without ``limit`` a page holds 50 messages (more: true when a 51st
+        exists); ``limit=200`` brings up to 200."""
+        _, token = yield self.server.user("alice")
+        alice = yield self.server.connect(token)
+        for i in range(51):
+            alice.send_json({"to": "alice", "content": f"n{i}"})
+        acks = yield alice.take(51, "ack")
+        page = yield self.page(token, "alice")
+        self.assertEqual(len(page["messages"]), 50)
+        self.assertTrue(page["more"])
+        self.assertEqual(page["messages"][-1]["id"], acks[1]["id"])
+        page = yield self.page(token, "alice", "&limit=200")
+        self.assertEqual((len(page["messages"]), page["more"]), (51, False))
+
 
 class ConversationsTests(Base):
     @defer.inlineCallbacks
@@ -202,6 +220,35 @@ class ConversationsTests(Base):
         self.assertEqual([r["with"] for r in body["conversations"]], ["carol"])
         result = yield self.get("/messages?with=bob", alice_token)
         self.assertEqual(self.error(result), (404, "unknown_user"))
+
+
+class RateLimitTests(Base):
+    def setUp(self) -> None:
+        self.server = LiveServer(self, {"AUTH_BURST_LIMIT": "5", "AUTH_RATE_LIMIT": "0.001"})
+        if self.server.mode == "workers":
+            raise unittest.SkipTest(
+                "with --workers 2 each worker has its own per-IP bucket for HTTP and the"
+                " kernel picks the worker of each connection: the count is not the test's"
+            )
+
+    @defer.inlineCallbacks
+    def test_history_takes_from_the_per_ip_bucket_of_auth(self) -> None:
+        """GET /messages and /conversations take tokens from the same per-IP
+        bucket as /auth/*: once it is empty they are 429 rate_limited with
+        Retry-After (the registration and the login took three of five)."""
+        _, token = yield self.server.user("alice")
+        code, _ = yield self.get("/conversations", token)
+        self.assertEqual(code, 200)
+        code, _ = yield self.get("/messages?with=alice", token)
+        self.assertEqual(code, 200)
+        client = self.server.http()
+        for path in ("/messages?with=alice", "/conversations"):
+            resp = yield within(
+                client.get(self.server.base + path, headers={"Authorization": [f"Bearer {token}"]})
+            )
+            body = json.loads((yield resp.content()))
+            self.assertEqual((resp.code, body["error"]["code"]), (429, "rate_limited"))
+            self.assertTrue(resp.headers.hasHeader(b"retry-after"))
 
 
 class RefusalsTests(Base):
