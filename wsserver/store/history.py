@@ -20,6 +20,7 @@ once.
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from typing import Any
 
 from ..messages import BROADCAST, conversation_of
@@ -57,13 +58,13 @@ class KnownConversations:
     def __contains__(self, conv: object) -> bool:
         return conv in self._known
 
-    def add_all(self, convs: list[str]) -> None:
+    def add_all(self, convs: Iterable[str]) -> None:
         for conv in convs:
             if len(self._known) >= self._limit:
                 self._known.clear()
             self._known.add(conv)
 
-    def remember_after(self, results: Any, convs: list[str]) -> Any:
+    def remember_after(self, results: Any, convs: Iterable[str]) -> Any:
         """A callback for the batch's Deferred: remember ``convs`` (the batch
         committed) and pass its results on."""
         self.add_all(convs)

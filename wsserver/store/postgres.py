@@ -353,7 +353,7 @@ def _insert_messages(
     results: list[Any],
     known_users: set[str],
     known_convs: KnownConversations,
-    fresh_convs: list[str],
+    fresh_convs: set[str],
 ) -> None:
     """Store the batch's messages; fill in their results (and ``fresh_convs``
     with the convs whose conversations rows it wrote)."""
@@ -395,7 +395,7 @@ def _insert_messages(
         if new_convs:
             pairs = sorted(pair for conv in new_convs for pair in conversation_rows(conv))
             txn.execute(_SQL_CONVERSATIONS, ([a for a, _ in pairs], [b for _, b in pairs]))
-            fresh_convs.extend(new_convs)
+            fresh_convs.update(new_convs)
         for (i, new), msg_id in zip(candidates, ids, strict=True):
             if msg_id in inserted:
                 results[i] = (
@@ -425,7 +425,7 @@ def _write_batch(
     ops: list[tuple[str, Any]],
     known_users: set[str],
     known_convs: KnownConversations,
-    fresh_convs: list[str],
+    fresh_convs: set[str],
 ) -> list[Any]:
     """Apply a batch of writes in one transaction; one result per op."""
     results: list[Any] = [None] * len(ops)
@@ -692,7 +692,7 @@ class PostgresStore(Purges, History, BatchedWrites):
         return self._run(interaction)
 
     def _write(self, ops: list[tuple[str, Any]]) -> defer.Deferred:
-        fresh: list[str] = []
+        fresh: set[str] = set()
         d = self._run(_write_batch, ops, self._known_users, self._known_convs, fresh)
         return d.addCallback(self._known_convs.remember_after, fresh)
 

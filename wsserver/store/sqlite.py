@@ -348,7 +348,7 @@ def _insert_message(
     new: NewMessage,
     known_users: set[str],
     known_convs: KnownConversations,
-    fresh_convs: list[str],
+    fresh_convs: set[str],
 ) -> tuple[str, Message | None]:
     if new.recipient != BROADCAST and new.recipient not in known_users:
         txn.execute("SELECT 1 FROM users WHERE user_id = ?", (new.recipient,))
@@ -389,7 +389,7 @@ def _insert_message(
             "INSERT OR IGNORE INTO conversations (user_id, peer) VALUES (?, ?)",
             conversation_rows(conv),
         )
-        fresh_convs.append(conv)
+        fresh_convs.add(conv)
     return STORED, Message(
         msg_id,
         new.sender,
@@ -409,7 +409,7 @@ def _write_batch(
     ops: list[tuple[str, Any]],
     known_users: set[str],
     known_convs: KnownConversations,
-    fresh_convs: list[str],
+    fresh_convs: set[str],
 ) -> list[Any]:
     """Apply a batch of writes in one transaction; one result per op (the
     convs whose ``conversations`` rows it wrote are added to ``fresh_convs``)."""
@@ -627,7 +627,7 @@ class Store(Purges, History, BatchedWrites):
         return self._commits.closed
 
     def _write(self, ops: list[tuple[str, Any]]) -> defer.Deferred:
-        fresh: list[str] = []
+        fresh: set[str] = set()
         known = self._known_users, self._known_convs
         d = self._pool.runInteraction(_write_batch, ops, *known, fresh)
         return d.addCallback(self._known_convs.remember_after, fresh)
