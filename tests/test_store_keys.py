@@ -417,7 +417,8 @@ class KeyStoreContract:
     def test_delete_account_removes_exactly_what_section_12_lists(self):
         """With the vector deletion statement (by the second device's key over
         seq 3): alice, her keys, key log, challenges, signed-out tokens and
-        every message from or to her go; her id stays as a tombstone with a
+        every message from or to her and her conversations rows (both ways)
+        go; her id stays as a tombstone with a
         "deleted" event; no row of any other user, and no other table, changes."""
         yield self.fill()
         before = self.snapshot()
@@ -429,6 +430,8 @@ class KeyStoreContract:
         def hers(table: str, row: dict) -> bool:
             if table == "messages":
                 return ALICE in (row["sender"], row["recipient"])
+            if table == "conversations":  # both ways (protocol section 13)
+                return ALICE in (row["user_id"], row["peer"])
             return row.get("user_id") == ALICE
 
         for table in self.tables():

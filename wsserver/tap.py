@@ -258,6 +258,7 @@ class WsServerService(ChoosesLogObserver):
             self._status,
             self.ready_checks,
             announce=events.apply_now,
+            store=self.store,
         )
         self.site = build_site(root)
         # Operations (protocol section 14): retention.

@@ -48,6 +48,7 @@ ERROR_STATUS = {
     "forbidden_origin": 403,
     "not_found": 404,
     "unknown_user": 404,
+    "unknown_group": 404,
     "method_not_allowed": 405,
     "user_exists": 409,
     "keylog_conflict": 409,
@@ -224,7 +225,9 @@ def access_log_line(timestamp: str, request: http.Request) -> str:
     return line
 
 
-def _finish(request: server.Request, status: int, body: dict, headers: dict | None = None) -> None:
+def _finish(
+    request: server.Request, status: int, body: dict | bytes, headers: dict | None = None
+) -> None:
     if request.finished or (isinstance(request, LimitedRequest) and request.gone):
         return
     request.setResponseCode(status, _PHRASES.get(status))
@@ -233,7 +236,7 @@ def _finish(request: server.Request, status: int, body: dict, headers: dict | No
     request.setHeader(b"x-content-type-options", b"nosniff")
     for name, value in (headers or {}).items():
         request.setHeader(name, value)
-    request.write(dumps(body))
+    request.write(body if isinstance(body, bytes) else dumps(body))  # bytes: JSON already
     request.finish()
 
 
@@ -796,9 +799,13 @@ def build_root(
     status: Callable[[], dict],
     ready: Callable[[], defer.Deferred] | None = None,
     announce: Announce = _no_announce,
+    store: Any = None,
 ) -> Resource:
     """The whole resource tree; ``announce`` applies an account change made here
-    to this node at once (``events.AccountEvents.apply_now``)."""
+    to this node at once (``events.AccountEvents.apply_now``); ``store`` serves
+    history (without it, none: tests that build a bare tree)."""
+    from .web_history import Conversations, Messages  # it builds on this module
+
     root = _Root()
     files = load_static()
     root.putChild(b"", StaticFile(*files["index.html"]))
@@ -807,6 +814,9 @@ def build_root(
     root.putChild(b"auth", AuthTree(auth, auth_limiter, announce))
     root.putChild(b"ws", ws_gate)
     root.putChild(b"health", Health(status))
+    if store is not None:
+        root.putChild(b"messages", Messages(auth, store, auth_limiter))
+        root.putChild(b"conversations", Conversations(auth, store, auth_limiter))
     if ready is not None:
         root.putChild(b"ready", Ready(ready))
     return root

@@ -870,12 +870,12 @@ class Bench:
 
         return self._with_server("login", run)
 
-    # -- history (T10, its replay half) --------------------------------------------
+    # -- history (T10) ---------------------------------------------------------------
 
     def history(self) -> dict:
-        """``since`` replays at a small and a large database, on SQLite and
-        (when it answers, or with --database) on PostgreSQL.  The page half of
-        the workload (GET /messages) is not built yet (issue 13)."""
+        """``GET /messages`` pages and ``since`` replays at a small and a large
+        database, on SQLite and (when it answers, or with --database) on
+        PostgreSQL."""
         from . import history
 
         quick = self.quick
@@ -890,7 +890,6 @@ class Bench:
             except Exception as exc:
                 log(f"history: PostgreSQL left out: it does not answer ({type(exc).__name__})")
         out: dict[str, Any] = {
-            "pages": "not built yet: GET /messages is issue 13's (no figures)",
             "sizes": list(sizes),
             "replays_per_size": count,
         }
@@ -924,6 +923,9 @@ class Bench:
                 # The first page of a replay from the probe's first message
                 # (the whole history after it): the query alone.
                 far, far_plan = history.query_times(engine, database, data.far_replays(count))
+                page_query, page_plan = history.page_query_times(
+                    engine, database, data.pages(count, seed=size)
+                )
                 server = Server(self.workdir, f"history-{engine}-{size}", database=database)
                 try:
                     if not users:
@@ -944,10 +946,17 @@ class Bench:
                         (result,) = workers.results(label, 0)
                     finally:
                         workers.finish()
+                    pages = history.page_times(server.http, tokens, data.pages(count, seed=size))
                 finally:
                     server.stop()
                 times = [v / 1000 for v in result["times_us"]]
                 key = f"{engine}_{size}"
+                out[f"{key}_page_p50_ms"] = pages["page_p50_ms"]
+                out[f"{key}_page_p99_ms"] = pages["page_p99_ms"]
+                out[f"{key}_page_query_p50_ms"] = page_query["page_query_p50_ms"]
+                out[f"{key}_page_query_p99_ms"] = page_query["page_query_p99_ms"]
+                out[f"{key}_page_plan"] = page_plan
+                out[f"{key}_page_plan_uses_index"] = "messages_conv" in "\n".join(page_plan)
                 out[f"{key}_replay_p50_ms"] = percentile(times, 50)
                 out[f"{key}_replay_p99_ms"] = percentile(times, 99)
                 out[f"{key}_query_p50_ms"] = query["query_p50_ms"]
@@ -965,7 +974,7 @@ class Bench:
             if postgres is not None:
                 postgres.drop()
         small, large = sizes[0], sizes[-1]
-        for what in ("replay", "query", "far_query"):
+        for what in ("page", "page_query", "replay", "query", "far_query"):
             ratio = out[f"{engine}_{large}_{what}_p99_ms"] / out[f"{engine}_{small}_{what}_p99_ms"]
             out[f"{engine}_{what}_p99_ratio"] = ratio
         return out
@@ -1350,7 +1359,12 @@ def targets(r: dict) -> list[tuple[str, str, str, bool | None]]:
                 continue
             # The replay (client-timed), and the first page of a replay of
             # the whole history (the query alone: "far").
-            for what, label in (("replay", "replay"), ("far_query", "far page")):
+            for what, label in (
+                ("page", "page"),
+                ("page_query", "page query"),
+                ("replay", "replay"),
+                ("far_query", "far page"),
+            ):
                 if f"{engine}_{what}_p99_ratio" not in h:
                     continue
                 ratio = h[f"{engine}_{what}_p99_ratio"]

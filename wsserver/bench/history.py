@@ -6,7 +6,10 @@ The data (docs/performance.md, section History): ``USERS`` users ``u0``...
 send messages; ``PROBES`` heavy users ``h0``... receive ``PROBE_SHARE`` of
 them each, so that a 256-message replay exists for them at every size; 1% of
 the messages are broadcasts; 1% of the other direct messages are still
-pending.  Ids are consecutive from 1, in the order generated, so a smaller
+pending.  A third of each probe's messages come from its friend ``u<i>``:
+the dense conversation whose 50-message pages ``GET /messages`` is timed on
+(``PAGE`` pages, each at a random depth with a full page older).  Ids are
+consecutive from 1, in the order generated, so a smaller
 database is a prefix of a larger one and both sizes are measured on the same
 history.  A probe's replay starts from a ``since`` with 256 to 511 of its
 messages after it: a client that missed a few hundred messages.
@@ -21,6 +24,7 @@ import time
 from typing import Any
 
 from ..auth import new_secret
+from ..messages import conversation_of
 from ..store import postgres as postgres_store
 from ..store import prepare_database
 from ..store import sqlite as sqlite_store
@@ -31,6 +35,8 @@ PROBE_SHARE = 0.06  # of all messages, per probe user
 BROADCAST_SHARE = 0.01
 PENDING_SHARE = 0.01  # of the direct messages to users other than the probes
 REPLAY = 256  # messages of one replay page (wsserver.broker.REPLAY_PAGE)
+PAGE = 50  # messages of one GET /messages page
+FRIEND_SHARE = 1 / 3  # of a probe's messages, from its friend
 CHUNK = 20_000
 CONTENT = "history " + "x" * 92  # ~100 bytes, as the other workloads
 BROADCAST = "broadcast"
@@ -47,6 +53,10 @@ def probe_name(i: int) -> str:
     return f"h{i}"
 
 
+def friend_name(i: int) -> str:
+    return f"u{i}"
+
+
 class History:
     """The generator of the history, and what a replay needs from it: the ids
     each probe receives (its direct messages and every broadcast)."""
@@ -56,11 +66,12 @@ class History:
         self.next_id = 1
         self.probe_ids: dict[str, list[int]] = {probe_name(i): [] for i in range(PROBES)}
         self.broadcast_ids: list[int] = []
+        self.friend_ids: dict[str, list[int]] = {probe_name(i): [] for i in range(PROBES)}
         self.started_ms = int(time.time() * 1000) - 86_400_000
 
     def rows(self, upto: int) -> Any:
-        """Rows (id, sender, recipient, content, status, created_ms, recipients)
-        until ``upto`` messages exist."""
+        """Rows (id, sender, recipient, content, status, created_ms, recipients,
+        conv) until ``upto`` messages exist."""
         rnd = self.random
         while self.next_id <= upto:
             msg_id = self.next_id
@@ -69,8 +80,12 @@ class History:
             draw = rnd.random()
             status, recipients = "delivered", None
             if draw < PROBES * PROBE_SHARE:
-                recipient = probe_name(int(draw / PROBE_SHARE))
+                probe = int(draw / PROBE_SHARE)
+                recipient = probe_name(probe)
                 self.probe_ids[recipient].append(msg_id)
+                if rnd.random() < FRIEND_SHARE:
+                    sender = friend_name(probe)
+                    self.friend_ids[recipient].append(msg_id)
             elif draw < PROBES * PROBE_SHARE + BROADCAST_SHARE:
                 recipient, recipients = BROADCAST, rnd.randrange(1, 100)
                 self.broadcast_ids.append(msg_id)
@@ -79,7 +94,8 @@ class History:
                 if rnd.random() < PENDING_SHARE:
                     status = "pending"
             created = self.started_ms + msg_id
-            yield (msg_id, sender, recipient, CONTENT, status, created, recipients)
+            conv = None if recipient == BROADCAST else conversation_of(sender, recipient)
+            yield (msg_id, sender, recipient, CONTENT, status, created, recipients, conv)
 
     def received(self, probe: str) -> list[int]:
         """The ids a replay of ``probe`` from 0 would hand out, in order."""
@@ -98,6 +114,21 @@ class History:
             extra = rnd.randrange(min(REPLAY, len(ids) - REPLAY))
             after = REPLAY + extra
             out.append((probe, ids[-after - 1] if after < len(ids) else 0, after))
+        return out
+
+    def pages(self, count: int, seed: int = 3) -> list[tuple[str, str, int | None]]:
+        """``count`` (probe, friend, before) of their dense conversation: a
+        tenth first pages (before None), the rest at a random depth with a
+        full page older."""
+        rnd = random.Random(seed)
+        out = []
+        for i in range(count):
+            probe = probe_name(i % PROBES)
+            ids = self.friend_ids[probe]
+            if len(ids) <= PAGE:
+                raise ValueError(f"history: {probe} has only {len(ids)} friend messages")
+            before = None if i % 10 == 0 else ids[rnd.randrange(PAGE, len(ids))]
+            out.append((probe, friend_name(i % PROBES), before))
         return out
 
     def far_replays(self, count: int) -> list[tuple[str, int, int]]:
@@ -141,7 +172,7 @@ def load_sqlite(path: str, history: History, upto: int) -> float:
                 break
             conn.executemany(
                 "INSERT INTO messages (id, sender, recipient, content, verification, status,"
-                " created_ms, recipients) VALUES (?, ?, ?, ?, 'unsigned', ?, ?, ?)",
+                " created_ms, recipients, conv) VALUES (?, ?, ?, ?, 'unsigned', ?, ?, ?, ?)",
                 chunk,
             )
             conn.commit()
@@ -169,7 +200,7 @@ def load_postgres(url: str, history: History, upto: int) -> float:
                         copy.write_row(row)
             with cur.copy(
                 "COPY messages (id, sender, recipient, content, status, created_ms,"
-                " recipients, verification) FROM STDIN"
+                " recipients, conv, verification) FROM STDIN"
             ) as copy:
                 for row in history.rows(upto):
                     copy.write_row((*row, "unsigned"))
@@ -219,6 +250,85 @@ def query_times(engine: str, database: str, replays: list[tuple[str, int, int]])
     finally:
         conn.close()
     return {"query_p50_ms": percentile(times, 50), "query_p99_ms": percentile(times, 99)}, plan
+
+
+def page_times(
+    connect: Any, tokens: dict[str, str], pages: list[tuple[str, str, int | None]]
+) -> dict:
+    """p50/p99 ms of ``GET /messages`` pages of 50 (the whole request, on one
+    keep-alive connection); fails unless every page is full."""
+    import json
+
+    conn = connect()
+    times: list[float] = []
+    try:
+        for probe, friend, before in pages:
+            path = f"/messages?with={friend}&limit={PAGE}"
+            if before is not None:
+                path += f"&before={before}"
+            headers = {"Authorization": f"Bearer {tokens[probe]}"}
+            started = time.perf_counter()
+            conn.request("GET", path, headers=headers)
+            resp = conn.getresponse()
+            body = resp.read()
+            times.append((time.perf_counter() - started) * 1000)
+            if resp.status != 200 or len(json.loads(body)["messages"]) != PAGE:
+                raise RuntimeError(f"history: a page answered {resp.status}, not {PAGE} messages")
+    finally:
+        conn.close()
+    return {"page_p50_ms": percentile(times, 50), "page_p99_ms": percentile(times, 99)}
+
+
+class _Recording:
+    """A cursor that remembers the last statement (for its plan)."""
+
+    def __init__(self, cursor: Any) -> None:
+        self._cursor = cursor
+        self.last: tuple[str, tuple] = ("", ())
+
+    def execute(self, sql: str, args: tuple = ()) -> Any:
+        self.last = (sql, args)
+        return self._cursor.execute(sql, args)
+
+    def fetchone(self) -> Any:
+        return self._cursor.fetchone()
+
+    def fetchall(self) -> Any:
+        return self._cursor.fetchall()
+
+
+def page_query_times(
+    engine: str, database: str, pages: list[tuple[str, str, int | None]]
+) -> tuple[dict, list[str]]:
+    """p50/p99 ms of the store's own page reads (``History._history``: the
+    peer's check and the page query) for ``pages``, here on a connection of
+    its own, and the page query's plan."""
+    if engine == "sqlite":
+        conn: Any = sqlite3.connect(database)
+        store: Any = sqlite_store.Store.__new__(sqlite_store.Store)
+    else:
+        import psycopg
+
+        conn = psycopg.connect(database, autocommit=True)
+        store = postgres_store.PostgresStore.__new__(postgres_store.PostgresStore)
+    times: list[float] = []
+    try:
+        cursor = _Recording(conn.cursor())
+        for probe, friend, before in pages:
+            started = time.perf_counter()
+            page = store._history(cursor, probe, friend, before or 2**63 - 1, PAGE)
+            times.append((time.perf_counter() - started) * 1000)
+            if page is None or len(page[0]) != PAGE:
+                raise RuntimeError("history: the page query did not give a full page")
+        sql, args = cursor.last
+        if engine == "sqlite":
+            plan = [row[-1] for row in conn.execute("EXPLAIN QUERY PLAN " + sql, args)]
+        else:
+            plan = [row[0] for row in conn.execute(b"EXPLAIN " + sql.encode(), args)]
+    finally:
+        conn.close()
+    p50, p99 = percentile(times, 50), percentile(times, 99)
+    return {"page_query_p50_ms": p50, "page_query_p99_ms": p99}, plan
 
 
 def percentile(values: list[float], p: float) -> float:

@@ -247,6 +247,25 @@ class IStore(Interface):
     def forget_user(user_id: str) -> Any:  # noqa: N805
         """Drop a deleted user from the engine's cache of known recipients."""
 
+    def history(user_id: str, peer: str, before: int | None, limit: int) -> Any:  # noqa: N805
+        """Fire with (messages, more) of ``user_id``'s conversation with
+        ``peer`` (protocol section 13): up to ``limit`` messages with ids below
+        ``before`` (None: the newest), newest first; ``more`` is True when
+        older ones exist.  ``peer`` is a user id (the direct messages between
+        the two, both ways; the caller's own id: notes to self), ``broadcast``,
+        or a group id (its messages inside the caller's window: ``joined_id <
+        id``, and ``id <= removed_id`` once removed).  Fire with None when the
+        peer is no user (never was, or deleted) or a group the caller was
+        never a member of.  Reads only: no status changes."""
+
+    def conversations(user_id: str, limit: int) -> Any:  # noqa: N805
+        """Fire with up to ``limit`` (peer, last_id, last_created_ms) of
+        ``user_id``'s conversations, the most recent first: each direct peer
+        (and the user themself for notes to self), each group they are or
+        were a member of (its newest message inside their window), and
+        ``broadcast`` when a broadcast is stored.  A conversation without a
+        stored message (purged, expired) is left out."""
+
     def purge_user_messages(user_id: str, after_id: int) -> Any:  # noqa: N805
         """Delete messages from or to ``user_id`` with id > ``after_id``; fire
         with how many."""

@@ -62,6 +62,7 @@ from . import (
     describe,
 )
 from .batching import BatchedWrites, GroupCommit
+from .history import History, KnownConversations, conv_of, conversation_rows
 from .purges import PURGE_INTERVAL, Purges
 from .rows import (
     KEYLOG_COLUMNS,
@@ -304,10 +305,11 @@ def since_query(user_id: str, since: int, after: int, limit: int) -> tuple[str, 
 # its sender already used is skipped by the unique index and reported as such.
 _SQL_INSERT = (
     "INSERT INTO messages (id, sender, recipient, content, signature, nonce,"
-    " verification, status, created_ms, key_id)"
-    " SELECT i, s, r, c, decode(g, 'base64'), n, v, 'pending', t, k"
+    " verification, status, created_ms, key_id, conv)"
+    " SELECT i, s, r, c, decode(g, 'base64'), n, v, 'pending', t, k, o"
     " FROM json_to_recordset(%s::json)"
-    " AS batch (i bigint, s text, r text, c text, g text, n text, v text, t bigint, k text)"
+    " AS batch (i bigint, s text, r text, c text, g text, n text, v text, t bigint, k text,"
+    " o text)"
     " ON CONFLICT (sender, nonce) WHERE nonce IS NOT NULL DO NOTHING RETURNING id"
 )
 
@@ -328,6 +330,7 @@ def _batch_json(ids: list[int], news: list[NewMessage]) -> str:
                 "v": n.verification,
                 "t": n.created_ms,
                 "k": n.key_id,
+                "o": conv_of(n.sender, n.recipient),
             }
             for msg_id, n in zip(ids, news, strict=True)
         ],
@@ -335,10 +338,25 @@ def _batch_json(ids: list[int], news: list[NewMessage]) -> str:
     )
 
 
+# The conversations rows of pairs new to this store, in one statement.  It
+# runs while the stream head is locked, so writers never wait on each other's
+# rows in opposite orders.
+_SQL_CONVERSATIONS = (
+    "INSERT INTO conversations (user_id, peer)"
+    " SELECT * FROM unnest(%s::text[], %s::text[]) ON CONFLICT DO NOTHING"
+)
+
+
 def _insert_messages(
-    txn: Any, ops: list[tuple[str, Any]], results: list[Any], known_users: set[str]
+    txn: Any,
+    ops: list[tuple[str, Any]],
+    results: list[Any],
+    known_users: set[str],
+    known_convs: KnownConversations,
+    fresh_convs: set[str],
 ) -> None:
-    """Store the batch's messages; fill in their results."""
+    """Store the batch's messages; fill in their results (and ``fresh_convs``
+    with the convs whose conversations rows it wrote)."""
     messages = [(i, arg) for i, (kind, arg) in enumerate(ops) if kind == "message"]
     unknown = {m.recipient for _, m in messages} - known_users - {BROADCAST}
     if unknown:
@@ -367,6 +385,17 @@ def _insert_messages(
         txn.execute(_SQL_INSERT, (_batch_json(ids, news),))
         inserted = {row[0] for row in txn.fetchall()}
         txn.execute("UPDATE stream_head SET last_id = %s", (ids[-1],))
+        new_convs = {
+            conv
+            for (_, new), msg_id in zip(candidates, ids, strict=True)
+            if msg_id in inserted
+            and (conv := conv_of(new.sender, new.recipient)) is not None
+            and conv not in known_convs
+        }
+        if new_convs:
+            pairs = sorted(pair for conv in new_convs for pair in conversation_rows(conv))
+            txn.execute(_SQL_CONVERSATIONS, ([a for a, _ in pairs], [b for _, b in pairs]))
+            fresh_convs.update(new_convs)
         for (i, new), msg_id in zip(candidates, ids, strict=True):
             if msg_id in inserted:
                 results[i] = (
@@ -391,7 +420,13 @@ def _insert_messages(
         results[i] = (DUPLICATE, results[first][1])
 
 
-def _write_batch(txn: Any, ops: list[tuple[str, Any]], known_users: set[str]) -> list[Any]:
+def _write_batch(
+    txn: Any,
+    ops: list[tuple[str, Any]],
+    known_users: set[str],
+    known_convs: KnownConversations,
+    fresh_convs: set[str],
+) -> list[Any]:
     """Apply a batch of writes in one transaction; one result per op."""
     results: list[Any] = [None] * len(ops)
     delivered = sorted({msg_id for kind, arg in ops if kind == "delivered" for msg_id in arg})
@@ -404,7 +439,7 @@ def _write_batch(txn: Any, ops: list[tuple[str, Any]], known_users: set[str]) ->
                 (arg[1], arg[0]),
             )
     # Messages last: the stream head stays locked from here to the commit.
-    _insert_messages(txn, ops, results, known_users)
+    _insert_messages(txn, ops, results, known_users, known_convs, fresh_convs)
     return results
 
 
@@ -495,6 +530,13 @@ def _remove_account(cur: Any, user_id: str, now_ms: int) -> None:
     )
     for table in ("users", "user_keys", "key_log", "challenges", "revoked_tokens"):
         cur.execute(f"DELETE FROM {table} WHERE user_id = %s", (user_id,))  # noqa: S608
+    # Its conversations rows, both ways (the peers' found through its own).
+    cur.execute(
+        "DELETE FROM conversations WHERE peer = %s AND user_id IN"
+        " (SELECT peer FROM conversations WHERE user_id = %s)",
+        (user_id, user_id),
+    )
+    cur.execute("DELETE FROM conversations WHERE user_id = %s", (user_id,))
     # The head after the table lock: a batch committed before the event is
     # below it, so the pollers' purge (above it) and this deletion meet.
     cur.execute("LOCK TABLE account_events IN EXCLUSIVE MODE")
@@ -589,8 +631,23 @@ def _on_live_connection(txn: Any, interaction: Callable[..., Any], *args: Any) -
 
 
 @implementer(IStore)
-class PostgresStore(Purges, BatchedWrites):
+class PostgresStore(Purges, History, BatchedWrites):
     """Asynchronous access to a PostgreSQL database, with group commit."""
+
+    _mark = "%s"  # History's queries
+    # With "conv = %s" the key is a constant to the planner and ORDER BY id
+    # DESC can come from messages_pkey: for a busy conversation it walks the
+    # primary key back with a filter (cheaper by its estimate), reading every
+    # newer message of the table until the page is full: not flat for a
+    # conversation whose messages are old.  As a range on the key (of one
+    # value) the order (key, id) only the key's index gives, and the B-tree
+    # still starts at (key, before) and stops after the page.
+    _key_range = "{0} >= ? AND {0} <= ?"
+    _key_order = "{0} DESC, id DESC"
+    _conv_of_row = (
+        'CASE WHEN c.user_id COLLATE "C" <= c.peer COLLATE "C"'
+        " THEN c.user_id || ' ' || c.peer ELSE c.peer || ' ' || c.user_id END"
+    )
 
     def __init__(
         self,
@@ -612,6 +669,7 @@ class PostgresStore(Purges, BatchedWrites):
             cp_noisy=False,
         )
         self._known_users: set[str] = set()  # a cache; a stale miss only costs a query
+        self._known_convs = KnownConversations()  # added to once a batch committed
         self._commits = GroupCommit(clock, self._write, max_batch)
         self._heartbeat = LoopingCall(self._beat)
         self._heartbeat.clock = clock
@@ -634,7 +692,9 @@ class PostgresStore(Purges, BatchedWrites):
         return self._run(interaction)
 
     def _write(self, ops: list[tuple[str, Any]]) -> defer.Deferred:
-        return self._run(_write_batch, ops, self._known_users)
+        fresh: set[str] = set()
+        d = self._run(_write_batch, ops, self._known_users, self._known_convs, fresh)
+        return d.addCallback(self._known_convs.remember_after, fresh)
 
     def _purge_page(self, user_ids: list[str], after: int, finish: bool) -> defer.Deferred:
         return self._run(_delete_page_of, user_ids, after, finish)

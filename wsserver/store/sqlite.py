@@ -52,6 +52,7 @@ from . import (
     UserKeys,
 )
 from .batching import BatchedWrites, GroupCommit
+from .history import History, KnownConversations, conv_of, conversation_rows
 from .purges import PURGE_INTERVAL, Purges
 from .rows import (
     KEYLOG_COLUMNS,
@@ -342,16 +343,24 @@ def _one_thread_pool(path: str) -> adbapi.ConnectionPool:
     )
 
 
-def _insert_message(txn: Any, new: NewMessage, known_users: set[str]) -> tuple[str, Message | None]:
+def _insert_message(
+    txn: Any,
+    new: NewMessage,
+    known_users: set[str],
+    known_convs: KnownConversations,
+    fresh_convs: set[str],
+) -> tuple[str, Message | None]:
     if new.recipient != BROADCAST and new.recipient not in known_users:
         txn.execute("SELECT 1 FROM users WHERE user_id = ?", (new.recipient,))
         if txn.fetchone() is None:
             return NO_RECIPIENT, None
         remember_user(known_users, new.recipient)
+    conv = conv_of(new.sender, new.recipient)
     try:
         txn.execute(
             "INSERT INTO messages (sender, recipient, content, signature, nonce,"
-            " verification, status, created_ms, key_id) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            " verification, status, created_ms, key_id, conv)"
+            " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
             (
                 new.sender,
                 new.recipient,
@@ -362,6 +371,7 @@ def _insert_message(txn: Any, new: NewMessage, known_users: set[str]) -> tuple[s
                 PENDING,
                 new.created_ms,
                 new.key_id,
+                conv,
             ),
         )
     except sqlite3.IntegrityError:
@@ -372,8 +382,16 @@ def _insert_message(txn: Any, new: NewMessage, known_users: set[str]) -> tuple[s
         if row is None:
             raise
         return DUPLICATE, message_from_row(row)
+    msg_id = txn.lastrowid
+    if conv is not None and conv not in known_convs and conv not in fresh_convs:
+        # A pair this store has not written yet (or forgot): its rows.
+        txn.executemany(
+            "INSERT OR IGNORE INTO conversations (user_id, peer) VALUES (?, ?)",
+            conversation_rows(conv),
+        )
+        fresh_convs.add(conv)
     return STORED, Message(
-        txn.lastrowid,
+        msg_id,
         new.sender,
         new.recipient,
         new.content,
@@ -386,13 +404,20 @@ def _insert_message(txn: Any, new: NewMessage, known_users: set[str]) -> tuple[s
     )
 
 
-def _write_batch(txn: Any, ops: list[tuple[str, Any]], known_users: set[str]) -> list[Any]:
-    """Apply a batch of writes in one transaction; one result per op."""
+def _write_batch(
+    txn: Any,
+    ops: list[tuple[str, Any]],
+    known_users: set[str],
+    known_convs: KnownConversations,
+    fresh_convs: set[str],
+) -> list[Any]:
+    """Apply a batch of writes in one transaction; one result per op (the
+    convs whose ``conversations`` rows it wrote are added to ``fresh_convs``)."""
     results: list[Any] = []
     delivered: list[int] = []
     for kind, arg in ops:
         if kind == "message":
-            results.append(_insert_message(txn, arg, known_users))
+            results.append(_insert_message(txn, arg, known_users, known_convs, fresh_convs))
         elif kind == "delivered":
             delivered.extend(arg)
             results.append(None)
@@ -495,7 +520,19 @@ def _remove_account(cur: Any, user_id: str, now_ms: int) -> None:
     )
     for table in ("users", "user_keys", "key_log", "challenges", "revoked_tokens"):
         cur.execute(f"DELETE FROM {table} WHERE user_id = ?", (user_id,))  # noqa: S608
+    _forget_conversations(cur, user_id)
     _add_event(cur, user_id, EVENT_DELETED, str(head), now_ms)
+
+
+def _forget_conversations(cur: Any, user_id: str) -> None:
+    """Delete the user's ``conversations`` rows, both ways: the peers' rows
+    are found through the user's own (written together), by primary key."""
+    cur.execute(
+        "DELETE FROM conversations WHERE peer = ? AND user_id IN"
+        " (SELECT peer FROM conversations WHERE user_id = ?)",
+        (user_id, user_id),
+    )
+    cur.execute("DELETE FROM conversations WHERE user_id = ?", (user_id,))
 
 
 # A page of a deletion's message phase looks at one slice of ids: the next
@@ -560,7 +597,7 @@ def _unpurged(cur: Any, after: str, limit: int) -> list[str]:
 
 
 @implementer(IStore)
-class Store(Purges, BatchedWrites):
+class Store(Purges, History, BatchedWrites):
     """Asynchronous access to the SQLite database, with group commit."""
 
     def __init__(
@@ -582,6 +619,7 @@ class Store(Purges, BatchedWrites):
         self._init_purges(clock)
         self.max_log_entries = MAX_LOG_ENTRIES  # a test may lower it
         self._known_users: set[str] = set()  # used only in the pool's thread
+        self._known_convs = KnownConversations()  # added to once a batch committed
         self._commits = GroupCommit(clock, self._write, max_batch)
 
     @property
@@ -589,7 +627,10 @@ class Store(Purges, BatchedWrites):
         return self._commits.closed
 
     def _write(self, ops: list[tuple[str, Any]]) -> defer.Deferred:
-        return self._pool.runInteraction(_write_batch, ops, self._known_users)
+        fresh: set[str] = set()
+        known = self._known_users, self._known_convs
+        d = self._pool.runInteraction(_write_batch, ops, *known, fresh)
+        return d.addCallback(self._known_convs.remember_after, fresh)
 
     def _run(self, interaction: Callable[..., Any], *args: Any) -> defer.Deferred:
         return self._pool.runInteraction(interaction, *args)
