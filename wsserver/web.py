@@ -54,6 +54,12 @@ ERROR_STATUS = {
     "key_exists": 409,
     "last_key": 409,
     "too_many_keys": 409,
+    "group_exists": 409,
+    "already_member": 409,
+    "group_full": 409,
+    "not_owner": 403,
+    "unknown_group": 404,
+    "not_a_member": 404,
     "request_too_large": 413,
     "unsupported_media_type": 415,
     "upgrade_required": 426,
@@ -796,9 +802,11 @@ def build_root(
     status: Callable[[], dict],
     ready: Callable[[], defer.Deferred] | None = None,
     announce: Announce = _no_announce,
+    groups: Resource | None = None,
 ) -> Resource:
     """The whole resource tree; ``announce`` applies an account change made here
-    to this node at once (``events.AccountEvents.apply_now``)."""
+    to this node at once (``events.AccountEvents.apply_now``); ``groups`` is
+    ``/groups`` (web_groups.py, which builds on this module)."""
     root = _Root()
     files = load_static()
     root.putChild(b"", StaticFile(*files["index.html"]))
@@ -809,6 +817,8 @@ def build_root(
     root.putChild(b"health", Health(status))
     if ready is not None:
         root.putChild(b"ready", Ready(ready))
+    if groups is not None:
+        root.putChild(b"groups", groups)
     return root
 
 

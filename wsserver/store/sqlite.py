@@ -31,7 +31,7 @@ from twisted.logger import Logger
 from zope.interface import implementer
 
 from ..keylog import ADD, MAX_LOG_ENTRIES, REGISTER, REVOKE, Entry, KeyLogError
-from ..messages import BROADCAST, PENDING, Message
+from ..messages import BROADCAST, PENDING, Message, is_group_id
 from . import (
     CHALLENGE_BAD,
     CHALLENGE_NONE,
@@ -43,6 +43,7 @@ from . import (
     EVENT_SIGNED_OUT_ALL,
     MAX_LIVE_CHALLENGES,
     NO_RECIPIENT,
+    NOT_A_MEMBER,
     STORED,
     DatabaseError,
     IStore,
@@ -52,6 +53,15 @@ from . import (
     UserKeys,
 )
 from .batching import BatchedWrites, GroupCommit
+from .groups import (
+    BIG_ID,
+    SQL_MOVE_CURSOR,
+    Groups,
+    cursor_moves,
+    leave_all_groups,
+    merge_pages,
+    with_members,
+)
 from .purges import PURGE_INTERVAL, Purges
 from .rows import (
     KEYLOG_COLUMNS,
@@ -316,6 +326,25 @@ _SQL_SINCE = (
 )
 
 
+# A member's group messages: from each of their groups (removed_id NULL), the
+# messages above their window's start, above ``after`` and above their cursor
+# (pending; not their own) or above ``since`` (their own too).  One range of
+# messages_recipient (recipient, id) per group, starting at that floor.
+_GROUP_COLS = ", ".join("m." + c.strip() for c in _COLS.split(","))
+_SQL_GROUP_PAGE = (
+    f"SELECT {_GROUP_COLS} FROM group_members g JOIN messages m"  # noqa: S608
+    " ON m.recipient = g.group_id AND m.id > max(g.joined_id, ?, min(g.delivered_id, ?))"
+    " WHERE g.user_id = ? AND g.removed_id IS NULL AND (m.sender <> ? OR m.id > ?)"
+    " ORDER BY m.id LIMIT ?"
+)
+
+
+def group_page_query(user_id: str, since: int | None, after: int, limit: int) -> tuple[str, tuple]:
+    """The SQL and arguments of a page of a member's group messages."""
+    floor = BIG_ID if since is None else since
+    return _SQL_GROUP_PAGE, (after, floor, user_id, user_id, floor, limit)
+
+
 def since_query(user_id: str, since: int, after: int, limit: int) -> tuple[str, tuple]:
     """The SQL and arguments of a page of a ``since`` replay (also what the
     benchmark's history workload times and whose plan it checks)."""
@@ -343,7 +372,18 @@ def _one_thread_pool(path: str) -> adbapi.ConnectionPool:
 
 
 def _insert_message(txn: Any, new: NewMessage, known_users: set[str]) -> tuple[str, Message | None]:
-    if new.recipient != BROADCAST and new.recipient not in known_users:
+    members: tuple[str, ...] | None = None
+    if is_group_id(new.recipient):
+        # In the batch's transaction, which holds the file's write lock:
+        # membership changes are ordered with it (wsserver/store/groups.py).
+        txn.execute(
+            "SELECT user_id FROM group_members WHERE group_id = ? AND removed_id IS NULL",
+            (new.recipient,),
+        )
+        members = tuple(row[0] for row in txn.fetchall())
+        if new.sender not in members:
+            return NOT_A_MEMBER, None
+    elif new.recipient != BROADCAST and new.recipient not in known_users:
         txn.execute("SELECT 1 FROM users WHERE user_id = ?", (new.recipient,))
         if txn.fetchone() is None:
             return NO_RECIPIENT, None
@@ -372,7 +412,7 @@ def _insert_message(txn: Any, new: NewMessage, known_users: set[str]) -> tuple[s
         if row is None:
             raise
         return DUPLICATE, message_from_row(row)
-    return STORED, Message(
+    msg = Message(
         txn.lastrowid,
         new.sender,
         new.recipient,
@@ -383,7 +423,9 @@ def _insert_message(txn: Any, new: NewMessage, known_users: set[str]) -> tuple[s
         PENDING,
         new.created_ms,
         key_id=new.key_id,
+        group_members=members,
     )
+    return STORED, msg
 
 
 def _write_batch(txn: Any, ops: list[tuple[str, Any]], known_users: set[str]) -> list[Any]:
@@ -396,6 +438,8 @@ def _write_batch(txn: Any, ops: list[tuple[str, Any]], known_users: set[str]) ->
         elif kind == "delivered":
             delivered.extend(arg)
             results.append(None)
+        elif kind == "group_delivered":
+            results.append(None)  # below, the largest id per member
         else:  # "broadcast": (id, recipients)
             txn.execute(
                 "UPDATE messages SET status = 'delivered', recipients = ? WHERE id = ?",
@@ -410,6 +454,9 @@ def _write_batch(txn: Any, ops: list[tuple[str, Any]], known_users: set[str]) ->
             f" WHERE status = 'pending' AND id IN ({marks})",
             chunk,
         )
+    moves = cursor_moves(ops)
+    if moves:
+        txn.executemany(SQL_MOVE_CURSOR, moves)
     return results
 
 
@@ -495,7 +542,19 @@ def _remove_account(cur: Any, user_id: str, now_ms: int) -> None:
     )
     for table in ("users", "user_keys", "key_log", "challenges", "revoked_tokens"):
         cur.execute(f"DELETE FROM {table} WHERE user_id = ?", (user_id,))  # noqa: S608
+    leave_all_groups(cur, user_id, _stream_head(cur), now_ms, _same, _add_event)
     _add_event(cur, user_id, EVENT_DELETED, str(head), now_ms)
+
+
+def _same(sql: str) -> str:
+    return sql
+
+
+def _stream_head(cur: Any) -> int:
+    """The largest id ever handed to a message (AUTOINCREMENT's counter: ids
+    are never reused, even after the newest was deleted)."""
+    cur.execute("SELECT COALESCE((SELECT seq FROM sqlite_sequence WHERE name = 'messages'), 0)")
+    return int(cur.fetchone()[0])
 
 
 # A page of a deletion's message phase looks at one slice of ids: the next
@@ -560,7 +619,7 @@ def _unpurged(cur: Any, after: str, limit: int) -> list[str]:
 
 
 @implementer(IStore)
-class Store(Purges, BatchedWrites):
+class Store(Groups, Purges, BatchedWrites):
     """Asynchronous access to the SQLite database, with group commit."""
 
     def __init__(
@@ -599,6 +658,13 @@ class Store(Purges, BatchedWrites):
 
     def _unpurged_users(self, after: str, limit: int) -> defer.Deferred:
         return self._run(_unpurged, after, limit)
+
+    def _lock_stream(self, txn: Any) -> int:
+        txn.execute("BEGIN IMMEDIATE")  # the file's write lock, as a batch takes
+        return _stream_head(txn)
+
+    def _record_event(self, cur: Any, user_id: str, kind: str, detail: str, now_ms: int) -> None:
+        _add_event(cur, user_id, kind, detail, now_ms)
 
     def start(
         self, checkpoint_interval: float = 1.0, *, purge_interval: float = PURGE_INTERVAL
@@ -872,7 +938,10 @@ class Store(Purges, BatchedWrites):
                 txn.execute(_SQL_PENDING, (user_id, after, limit))
             else:
                 txn.execute(*since_query(user_id, since, after, limit))
-            return [message_from_row(row) for row in txn.fetchall()]
+            direct = [message_from_row(row) for row in txn.fetchall()]
+            txn.execute(*group_page_query(user_id, since, after, limit))
+            grouped = [message_from_row(row) for row in txn.fetchall()]
+            return merge_pages(direct, grouped, limit)
 
         return self._pool.runInteraction(interaction)
 
@@ -891,7 +960,8 @@ class Store(Purges, BatchedWrites):
 
         def interaction(txn: Any) -> list[Message]:
             txn.execute(_SQL_BETWEEN, (after, upto, limit))
-            return [message_from_row(row) for row in txn.fetchall()]
+            page = [message_from_row(row) for row in txn.fetchall()]
+            return with_members(page, self._query(txn))
 
         return self._pool.runInteraction(interaction)
 
