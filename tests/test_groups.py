@@ -140,7 +140,10 @@ class DeliveryTests(GroupTestCase):
             self.assertEqual(final["status"], "delivered")
         else:
             self.assertEqual(ack["status"], "delivered")
-        yield self.marker(a1, "alice", "marker")  # nothing of the group came first
+        yield self.marker(a1, "alice", "marker")
+        # The sending connection got the ack, never the message itself.
+        to_team = [f for f in a1.received if f["type"] == "message" and f["to"] == TEAM]
+        self.assertEqual(to_team, [])
 
     @defer.inlineCallbacks
     def test_pending_for_an_offline_member_then_delivered_on_connect(self):

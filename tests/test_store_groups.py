@@ -156,6 +156,7 @@ class GroupStoreContract:
         page = yield self.store.replay_page("bob", 0, 0, 10)
         self.assertEqual([m.id for m in page], [m1.id, m2.id])
         self.store.mark_group_delivered([("#team", "bob", m1.id)])
+        yield self.store.drain()
         self.store.mark_group_delivered([("#team", "bob", m1.id - 1)])  # never backwards
         yield self.store.drain()
         page = yield self.store.replay_page("bob", None, 0, 10)
