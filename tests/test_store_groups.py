@@ -149,15 +149,18 @@ class GroupStoreContract:
         replay; a removed member is replayed nothing of the group, and a
         message after the removal does not count them."""
         yield self.store.create_group("#team", "Team", "alice", ["bob"], NOW)
+        _, m0 = yield self.send("alice", "#team", "zero")
         _, m1 = yield self.send("alice", "#team", "one")
         _, m2 = yield self.send("bob", "#team", "two")
         page = yield self.store.replay_page("bob", None, 0, 10)
-        self.assertEqual([m.id for m in page], [m1.id])
-        page = yield self.store.replay_page("bob", 0, 0, 10)
+        self.assertEqual([m.id for m in page], [m0.id, m1.id])
+        page = yield self.store.replay_page("bob", m0.id, 0, 10)
+        self.assertEqual([m.id for m in page], [m0.id, m1.id, m2.id])  # m0: still pending
+        page = yield self.store.replay_page("bob", m0.id, m0.id, 10)
         self.assertEqual([m.id for m in page], [m1.id, m2.id])
         self.store.mark_group_delivered([("#team", "bob", m1.id)])
         yield self.store.drain()
-        self.store.mark_group_delivered([("#team", "bob", m1.id - 1)])  # never backwards
+        self.store.mark_group_delivered([("#team", "bob", m0.id)])  # never backwards
         yield self.store.drain()
         page = yield self.store.replay_page("bob", None, 0, 10)
         self.assertEqual(page, [])
