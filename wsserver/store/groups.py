@@ -380,6 +380,48 @@ def with_members(msgs: list[Any], run: Callable[[str, tuple], list[tuple]]) -> l
     return msgs
 
 
+GROUP_CHUNK = 32  # groups per query of a replay page
+
+
+def group_page(
+    run: Callable[[str, tuple], list[tuple]],
+    columns: str,
+    user_id: str,
+    since: int | None,
+    after: int,
+    limit: int,
+) -> list[tuple]:
+    """Rows (of ``columns``) of a page of ``user_id``'s group messages above
+    ``after``, by id: of each group they are in, the messages above their
+    window's start and above their cursor (not their own) or above ``since``
+    (their own too).  One branch per group, each a range of
+    ``messages_recipient`` from its own floor that stops after ``limit`` rows,
+    so a page costs a page per group, not the backlog since ``since``."""
+    mine = run(
+        "SELECT group_id, joined_id, delivered_id FROM group_members"
+        " WHERE user_id = ? AND removed_id IS NULL ORDER BY group_id",
+        (user_id,),
+    )
+    top = BIG_ID if since is None else since
+    rows: list[tuple] = []
+    for start in range(0, len(mine), GROUP_CHUNK):
+        branches, args = [], []
+        for group_id, joined, delivered in mine[start : start + GROUP_CHUNK]:
+            floor = max(joined, after, min(delivered, top))
+            branches.append(
+                f"SELECT * FROM (SELECT {columns} FROM messages"  # noqa: S608
+                " WHERE recipient = ? AND id > ? AND (sender <> ? OR id > ?)"
+                f" ORDER BY id LIMIT ?) AS b{len(branches)}"
+            )
+            args += [group_id, floor, user_id, top, limit]
+        sql = f"SELECT * FROM ({' UNION ALL '.join(branches)}) AS page ORDER BY id LIMIT ?"  # noqa: S608
+        rows += run(sql, (*args, limit))
+    if len(mine) > GROUP_CHUNK:
+        rows.sort(key=lambda row: row[0])
+        del rows[limit:]
+    return rows
+
+
 def merge_pages(a: list[Any], b: list[Any], limit: int) -> list[Any]:
     """Two pages, each by id, as one page of at most ``limit`` by id."""
     if not b:
@@ -402,6 +444,7 @@ __all__ = [
     "Groups",
     "cursor_moves",
     "event_detail",
+    "group_page",
     "leave_all_groups",
     "members_at",
     "merge_pages",

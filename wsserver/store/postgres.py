@@ -64,10 +64,10 @@ from . import (
 )
 from .batching import BatchedWrites, GroupCommit
 from .groups import (
-    BIG_ID,
     SQL_MOVE_CURSOR,
     Groups,
     cursor_moves,
+    group_page,
     leave_all_groups,
     merge_pages,
     with_members,
@@ -293,23 +293,6 @@ _SQL_DELIVERED = (
     "UPDATE messages SET status = 'delivered'"
     " WHERE id = ANY(%s::bigint[]) AND (status = 'pending') IS TRUE"
 )
-
-
-# A member's group messages (see the SQLite engine's _SQL_GROUP_PAGE).
-_GROUP_COLS = ", ".join("m." + c.strip() for c in _COLS.split(","))
-_SQL_GROUP_PAGE = (
-    f"SELECT {_GROUP_COLS} FROM group_members g JOIN messages m"  # noqa: S608
-    " ON m.recipient = g.group_id"
-    " AND m.id > GREATEST(g.joined_id, %s, LEAST(g.delivered_id, %s))"
-    " WHERE g.user_id = %s AND g.removed_id IS NULL AND (m.sender <> %s OR m.id > %s)"
-    " ORDER BY m.id LIMIT %s"
-)
-
-
-def group_page_query(user_id: str, since: int | None, after: int, limit: int) -> tuple[str, tuple]:
-    """The SQL and arguments of a page of a member's group messages."""
-    floor = BIG_ID if since is None else since
-    return _SQL_GROUP_PAGE, (after, floor, user_id, user_id, floor, limit)
 
 
 def _sql(text: str) -> str:
@@ -1002,8 +985,8 @@ class PostgresStore(Groups, Purges, BatchedWrites):
             else:
                 txn.execute(*since_query(user_id, since, after, limit))
             direct = [message_from_row(row) for row in txn.fetchall()]
-            txn.execute(*group_page_query(user_id, since, after, limit))
-            grouped = [message_from_row(row) for row in txn.fetchall()]
+            rows = group_page(self._query(txn), _COLS, user_id, since, after, limit)
+            grouped = [message_from_row(row) for row in rows]
             return merge_pages(direct, grouped, limit)
 
         return self._run(interaction)

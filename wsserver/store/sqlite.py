@@ -54,10 +54,10 @@ from . import (
 )
 from .batching import BatchedWrites, GroupCommit
 from .groups import (
-    BIG_ID,
     SQL_MOVE_CURSOR,
     Groups,
     cursor_moves,
+    group_page,
     leave_all_groups,
     merge_pages,
     with_members,
@@ -324,25 +324,6 @@ _SQL_SINCE = (
     f" UNION ALL SELECT {_COLS} FROM messages WHERE recipient = ? AND id > ?"
     ") ORDER BY id LIMIT ?"
 )
-
-
-# A member's group messages: from each of their groups (removed_id NULL), the
-# messages above their window's start, above ``after`` and above their cursor
-# (pending; not their own) or above ``since`` (their own too).  One range of
-# messages_recipient (recipient, id) per group, starting at that floor.
-_GROUP_COLS = ", ".join("m." + c.strip() for c in _COLS.split(","))
-_SQL_GROUP_PAGE = (
-    f"SELECT {_GROUP_COLS} FROM group_members g JOIN messages m"  # noqa: S608
-    " ON m.recipient = g.group_id AND m.id > max(g.joined_id, ?, min(g.delivered_id, ?))"
-    " WHERE g.user_id = ? AND g.removed_id IS NULL AND (m.sender <> ? OR m.id > ?)"
-    " ORDER BY m.id LIMIT ?"
-)
-
-
-def group_page_query(user_id: str, since: int | None, after: int, limit: int) -> tuple[str, tuple]:
-    """The SQL and arguments of a page of a member's group messages."""
-    floor = BIG_ID if since is None else since
-    return _SQL_GROUP_PAGE, (after, floor, user_id, user_id, floor, limit)
 
 
 def since_query(user_id: str, since: int, after: int, limit: int) -> tuple[str, tuple]:
@@ -939,8 +920,8 @@ class Store(Groups, Purges, BatchedWrites):
             else:
                 txn.execute(*since_query(user_id, since, after, limit))
             direct = [message_from_row(row) for row in txn.fetchall()]
-            txn.execute(*group_page_query(user_id, since, after, limit))
-            grouped = [message_from_row(row) for row in txn.fetchall()]
+            rows = group_page(self._query(txn), _COLS, user_id, since, after, limit)
+            grouped = [message_from_row(row) for row in rows]
             return merge_pages(direct, grouped, limit)
 
         return self._pool.runInteraction(interaction)
