@@ -13,7 +13,9 @@ from typing import Any
 from twisted.internet import defer
 from twisted.trial import unittest
 
-from .support import LiveServer, within
+from wsserver import keylog
+
+from .support import LiveServer, b64, within
 
 TEAM = "#team"
 TEAM_PATH = "/groups/%23team"
@@ -76,9 +78,9 @@ class GroupTestCase(unittest.TestCase):
                 "AUTH_BURST_LIMIT": "1000",
             },
         )
-        self.tokens = {}
+        self.tokens, self.keys = {}, {}
         for name in ("alice", "bob", "carol", "dave"):
-            _, self.tokens[name] = yield self.server.user(name)
+            self.keys[name], self.tokens[name] = yield self.server.user(name)
 
     @property
     def other(self) -> int | None:
@@ -299,6 +301,29 @@ class MembershipTests(GroupTestCase):
         self.assertEqual([g["group_id"] for g in body["groups"]], [TEAM])
         code, body = yield self.call("GET", "/groups", "dave")
         self.assertEqual((code, body), (200, {"groups": []}))
+
+    @defer.inlineCallbacks
+    def test_a_deleted_account_leaves_its_groups(self):
+        """Deleting the owner's account removes them from the group: the
+        members get 'removed' (within the account events' second), the group
+        passes to the member added first, and it goes on working."""
+        yield self.make_team(("bob", "carol"))
+        bob = yield self.connect("bob")
+        key = self.keys["alice"]
+        statement = keylog.delete_string("alice", 1).encode("utf-8")
+        body = {
+            "key_id": keylog.key_id(bytes(key.verify_key)),
+            "signature": b64(key.sign(statement).signature),
+        }
+        code, answer = yield self.call("DELETE", "/auth/users/alice", None, body)
+        self.assertEqual(code, 200, answer)
+        event = yield group_event(bob, "removed", "alice")
+        self.assertEqual(event["group_id"], TEAM)
+        code, group = yield self.call("GET", TEAM_PATH, "bob")
+        self.assertEqual((group["owner"], group["members"]), ("bob", ["bob", "carol"]))
+        bob.send_json({"to": TEAM, "content": "carry on"})
+        ack = yield bob.next_of("ack")
+        self.assertEqual(ack["members"], 1)
 
 
 class BadInputTests(GroupTestCase):
