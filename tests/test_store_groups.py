@@ -142,6 +142,21 @@ class GroupStoreContract:
         self.assertEqual((group.owner, group.members), ("bob", ("bob", "dave")))
 
     @defer.inlineCallbacks
+    def test_at_most_256_members(self):
+        """A group of 256 (the owner and 255) takes no one more: group_full,
+        and the 257th is not a member."""
+        names = [f"m{i:03d}" for i in range(256)]
+        for name in names:
+            yield self.store.add_user(st.User(name, name, bytes([7]) * 32, NOW))
+        group, _ = yield self.store.create_group("#big", "Big", "alice", names[:255], NOW)
+        self.assertEqual(len(group.members), 256)
+        yield self.refused(
+            self.store.add_group_member("#big", "alice", names[255], NOW), "group_full"
+        )
+        outcome, _ = yield self.send(names[255], "#big")
+        self.assertEqual(outcome, st.NOT_A_MEMBER)
+
+    @defer.inlineCallbacks
     def test_replay_pending_since_and_removal(self):
         """A member is replayed the group's messages above their cursor but not
         their own; with since, every message of their window above it, their
