@@ -26,12 +26,16 @@ whose token is of an older generation (4004).
 
 from __future__ import annotations
 
+import json
+from collections import OrderedDict
 from collections.abc import Callable
 from typing import Any
 
 from twisted.internet import defer, task
 from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
+
+from .messages import group_frame
 
 _log = Logger()
 
@@ -180,6 +184,38 @@ class SignedOutAll(_Closing):
         _log.info("signed out {user} everywhere: {closed} closed", user=user_id, closed=closed)
 
 
+class GroupEvents:
+    """A group's membership changed (protocol section 13): detail is the
+    JSON of ``store.groups.event_detail``; every connection on this node of
+    each user it names in ``to`` gets a ``group`` frame.  The node that made
+    the change hands it over at once and again when it polls: the random
+    tag in the detail lets it send each frame once."""
+
+    MEMORY = 4096  # details handled lately
+
+    def __init__(self, broker: Any) -> None:
+        self._broker = broker
+        self._seen: OrderedDict[str, None] = OrderedDict()
+
+    def __call__(self, user_id: str, detail: str | None) -> None:
+        if not detail or detail in self._seen:
+            return
+        self._seen[detail] = None
+        if len(self._seen) > self.MEMORY:
+            self._seen.popitem(last=False)
+        try:
+            event = json.loads(detail)
+            group_id, kind, subject = event["g"], event["e"], event["u"]
+            to, ms = list(event["to"]), int(event["ms"])
+        except (ValueError, KeyError, TypeError):
+            _log.warn("ignored a malformed group event of {user}", user=user_id)
+            return
+        same = None if subject is None else group_frame(group_id, kind, subject, ms)
+        for member in to:
+            frame = same or group_frame(group_id, kind, member, ms)
+            self._broker.notify_user(member, frame)
+
+
 class DeletedUsers:
     """What a node does when a user was deleted (protocol section 12)."""
 
@@ -210,6 +246,7 @@ __all__ = [
     "INTERVAL",
     "AccountEvents",
     "DeletedUsers",
+    "GroupEvents",
     "KeyRevoked",
     "SignedOut",
     "SignedOutAll",

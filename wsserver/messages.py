@@ -249,7 +249,7 @@ def parse_client_frame(payload: bytes | str, sender: str, max_content_bytes: int
     recipient = obj.get("to")
     if not isinstance(recipient, str):
         raise refuse("invalid_message", "'to' must be a string")
-    if not is_user_id(recipient) or recipient == SYSTEM:
+    if not (is_user_id(recipient) or is_group_id(recipient)) or recipient == SYSTEM:
         raise refuse("unknown_recipient", "no such recipient")
     content = obj.get("content")
     if not isinstance(content, str):
@@ -294,6 +294,9 @@ class Message:
     created_ms: int
     recipients: int | None = None  # broadcasts only: connections reached
     key_id: str | None = None  # the key that signed it (None when unsigned)
+    # Group messages only: the group's members when it was stored (the sender
+    # included), set by the store and carried between nodes; None otherwise.
+    group_members: tuple[str, ...] | None = None
     _encoded: bytes | None = field(default=None, repr=False, compare=False)
 
     def encoded(self) -> bytes:
@@ -328,22 +331,44 @@ def ack_frame(msg: Message) -> bytes:
     """The ``ack`` frame: the message as stored, status as it stands now."""
     head = b'{"type":"ack","status":"' + msg.status.encode("ascii") + b'",'
     body = msg.encoded()
+    if msg.group_members is not None:
+        others = len(msg.group_members) - (msg.sender in msg.group_members)
+        body = body[:-1] + b',"members":' + str(others).encode("ascii") + b"}"
     if msg.recipients is not None:
         body = body[:-1] + b',"recipients":' + str(msg.recipients).encode("ascii") + b"}"
     return head + body[1:]
 
 
-def status_frame(msg_id: int, status: str, ms: int, recipients: int | None = None) -> bytes:
-    """A ``status`` frame: a later change of a message the user sent."""
+def status_frame(
+    msg_id: int, status: str, ms: int, recipients: int | None = None, members: int | None = None
+) -> bytes:
+    """A ``status`` frame: a later change of a message the user sent
+    (``members``: a group message's member count but the sender)."""
     frame: dict[str, Any] = {
         "type": "status",
         "id": msg_id,
         "status": status,
         "timestamp": format_timestamp(ms),
     }
+    if members is not None:
+        frame["members"] = members
     if recipients is not None:
         frame["recipients"] = recipients
     return dumps(frame)
+
+
+def group_frame(group_id: str, event: str, user_id: str, ms: int) -> bytes:
+    """A ``group`` frame: ``user_id`` was ``added`` to or ``removed`` from a
+    group (protocol section 13)."""
+    return dumps(
+        {
+            "type": "group",
+            "group_id": group_id,
+            "event": event,
+            "user_id": user_id,
+            "timestamp": format_timestamp(ms),
+        }
+    )
 
 
 def system_frame(

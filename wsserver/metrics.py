@@ -54,6 +54,7 @@ REFUSAL_CODES = (
     "nonce_reused",
     "rate_limited",
     "internal_error",
+    "not_a_member",
 )
 # Outcomes of POST /auth/login?verify=true: "ok" or the error code answered.
 LOGIN_OUTCOMES = (

@@ -33,7 +33,14 @@ from .broker import LocalBroker
 from .broker.limits import SharedRateLimiter
 from .broker.redis import RedisBroker, check_broker
 from .config import SETTINGS, Config, ConfigError, load
-from .events import AccountEvents, DeletedUsers, KeyRevoked, SignedOut, SignedOutAll
+from .events import (
+    AccountEvents,
+    DeletedUsers,
+    GroupEvents,
+    KeyRevoked,
+    SignedOut,
+    SignedOutAll,
+)
 from .logs import ChoosesLogObserver, twistd_json_observer
 from .metrics import Metrics, metrics_site, worker_address
 from .peers import PeerLimits
@@ -51,7 +58,9 @@ from .store import (
     open_store,
     prepare_database,
 )
+from .store.groups import EVENT_GROUP
 from .web import WebSocketGate, build_root, build_site
+from .web_groups import GroupsTree, Needs
 from .websocket import (
     CLOSE_KEY_REVOKED,
     CLOSE_SIGNED_OUT,
@@ -248,6 +257,7 @@ class WsServerService(ChoosesLogObserver):
         events.on(EVENT_KEY_REVOKED, KeyRevoked(self.auth, self.factory, CLOSE_KEY_REVOKED))
         events.on(EVENT_SIGNED_OUT, SignedOut(self.auth, self.factory, CLOSE_SIGNED_OUT))
         events.on(EVENT_SIGNED_OUT_ALL, SignedOutAll(self.auth, self.factory, CLOSE_SIGNED_OUT))
+        events.on(EVENT_GROUP, GroupEvents(self.broker))
         gate = WebSocketGate(
             self.factory, self.auth, config.allowed_origins, secure=self.tls is not None
         )
@@ -259,6 +269,9 @@ class WsServerService(ChoosesLogObserver):
             self.ready_checks,
             announce=events.apply_now,
             store=self.store,
+            groups=GroupsTree(
+                Needs(self.store, self.auth, clock, events.apply_now), self.auth_limiter
+            ),
         )
         self.site = build_site(root)
         # Operations (protocol section 14): retention.

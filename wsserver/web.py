@@ -55,6 +55,11 @@ ERROR_STATUS = {
     "key_exists": 409,
     "last_key": 409,
     "too_many_keys": 409,
+    "group_exists": 409,
+    "already_member": 409,
+    "group_full": 409,
+    "not_owner": 403,
+    "not_a_member": 404,
     "request_too_large": 413,
     "unsupported_media_type": 415,
     "upgrade_required": 426,
@@ -800,10 +805,12 @@ def build_root(
     ready: Callable[[], defer.Deferred] | None = None,
     announce: Announce = _no_announce,
     store: Any = None,
+    groups: Resource | None = None,
 ) -> Resource:
     """The whole resource tree; ``announce`` applies an account change made here
     to this node at once (``events.AccountEvents.apply_now``); ``store`` serves
-    history (without it, none: tests that build a bare tree)."""
+    history (without it, none: tests that build a bare tree); ``groups`` is
+    ``/groups`` (web_groups.py, which builds on this module)."""
     from .web_history import Conversations, Messages  # it builds on this module
 
     root = _Root()
@@ -819,6 +826,8 @@ def build_root(
         root.putChild(b"conversations", Conversations(auth, store, auth_limiter))
     if ready is not None:
         root.putChild(b"ready", Ready(ready))
+    if groups is not None:
+        root.putChild(b"groups", groups)
     return root
 
 

@@ -40,7 +40,7 @@ from .messages import (
 from .metrics import DISCARD, Metrics
 from .peers import mark_upgraded
 from .ratelimit import RateLimiter
-from .store import DUPLICATE, NO_RECIPIENT, NewMessage, Store
+from .store import DUPLICATE, NO_RECIPIENT, NOT_A_MEMBER, NewMessage, Store
 
 _log = Logger()
 
@@ -545,6 +545,8 @@ class ServerProtocol(WebSocketServerProtocol):
         kind, msg = outcome
         if kind == NO_RECIPIENT:
             self._refuse(Refusal("unknown_recipient", "no such recipient", draft.nonce))
+        elif kind == NOT_A_MEMBER:
+            self._refuse(Refusal("not_a_member", "you are not a member of this group", draft.nonce))
         elif kind == DUPLICATE:
             if msg.recipient == draft.recipient and msg.content == draft.content:
                 if self.live:

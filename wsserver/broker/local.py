@@ -11,6 +11,7 @@ own node.
 
 from __future__ import annotations
 
+from collections import OrderedDict
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -27,6 +28,7 @@ from . import Connection, IBroker
 _log = Logger()
 
 REPLAY_PAGE = 256
+TOLD_GROUPS = 10_000  # group messages whose status this node told lately
 
 
 @implementer(IBroker)
@@ -47,6 +49,11 @@ class LocalBroker:
         self._prepare = prepare
         self._max_per_user = max_per_user
         self._users: dict[str, list[Connection]] = {}
+        # Connections replaying now, with the group messages they took live
+        # meanwhile (held until the replay ends): their cursors move then.
+        self._in_replay: dict[Connection, list[Message]] = {}
+        # Group messages: (recipients, delivered) last told to their senders.
+        self._group_told: OrderedDict[int, tuple[int, bool]] = OrderedDict()
 
     @property
     def clock(self) -> IReactorTime:
@@ -74,6 +81,16 @@ class LocalBroker:
         for conns in list(self._users.values()):
             yield from list(conns)
 
+    def notify_user(self, user_id: str, payload: bytes) -> int:
+        """Send a non-message frame to every connection of ``user_id`` on this
+        process; return how many were open."""
+        sent = 0
+        for conn in list(self._users.get(user_id, ())):
+            if conn.live:
+                conn.notify(payload)
+                sent += 1
+        return sent
+
     def count(self) -> int:
         """The number of attached connections."""
         return sum(len(c) for c in self._users.values())
@@ -81,6 +98,108 @@ class LocalBroker:
     def users(self) -> int:
         """The number of users with an attached connection."""
         return len(self._users)
+
+    def _hand_out_group(self, sender: Connection | None, msg: Message) -> int:
+        """Hand a group message to this process's connections of its members
+        (as stored with it), the sending connection excepted; move the cursor
+        of each member it reached (later for a connection still replaying);
+        return how many members but the sender it reached."""
+        members = msg.group_members or ()
+        frame: bytes | None = None
+        reached = 0
+        marks = []
+        for member in members:
+            conns = self._users.get(member)
+            if not conns:
+                continue
+            took = False
+            settled = False
+            for conn in list(conns):
+                if conn is sender:
+                    continue
+                if frame is None:
+                    frame = self._prepare(message_frame(msg))
+                if conn.deliver(msg.id, frame):
+                    took = True
+                    held = self._in_replay.get(conn)
+                    if held is None:
+                        settled = True
+                    else:
+                        held.append(msg)
+            if took:
+                self.metrics.delivered_live += 1
+                if member != msg.sender:
+                    reached += 1
+            if settled and member != msg.sender:
+                marks.append((msg.recipient, member, msg.id))
+        if marks:
+            self._store.mark_group_delivered(marks)
+        return reached
+
+    def _group_published(self, msg: Message, reached: int) -> None:
+        """Set a group message's status for its sender's ack: ``recipients``
+        members reached so far, ``delivered`` once that is all of them."""
+        members = msg.group_members or ()
+        others = len(members) - (msg.sender in members)
+        msg.recipients = reached
+        done = reached >= others
+        msg.status = DELIVERED if done else PENDING
+        self._remember_group(msg.id, reached, done)
+        if done:
+            self._store.mark_delivered([msg.id])
+        elif reached:
+            # Members reached on other nodes move their cursors in other
+            # transactions: whichever node commits last counts them all, so
+            # every node that moved a cursor counts after its own commit.
+            self._settle_groups([msg])
+
+    def _remember_group(self, msg_id: int, recipients: int, done: bool) -> bool:
+        """Note what the sender was told of a group message; False when that
+        says nothing new (fewer or as many recipients, not newly delivered)."""
+        before = self._group_told.get(msg_id)
+        if before is not None and recipients <= before[0] and (before[1] or not done):
+            return False
+        if before is not None:
+            recipients = max(recipients, before[0])
+            done = done or before[1]
+        self._group_told[msg_id] = (recipients, done)
+        self._group_told.move_to_end(msg_id)
+        if len(self._group_told) > TOLD_GROUPS:
+            self._group_told.popitem(last=False)
+        return True
+
+    def _group_status(self, msg_id: int, sender: str, recipients: int, done: bool) -> None:
+        """Tell the sender's connections here a group message's new count."""
+        if not self._remember_group(msg_id, recipients, done):
+            return
+        conns = self._users.get(sender, ())
+        if conns:
+            status = DELIVERED if done else PENDING
+            payload = status_frame(msg_id, status, self._now_ms(), recipients)
+            for conn in list(conns):
+                conn.notify(payload)
+
+    @defer.inlineCallbacks
+    def _settle_groups(self, msgs: list[Message]) -> Any:
+        """After cursor moves: read each group message's count from the
+        database (the truth, whichever node moved which cursor) and tell its
+        sender; mark it delivered once every member has it."""
+        try:
+            yield self._store.drain()
+            for msg in msgs:
+                recipients, waiting = yield self._store.group_status(
+                    msg.id, msg.recipient, msg.sender
+                )
+                if waiting == 0:
+                    self._store.mark_delivered([msg.id])
+                self._announce_group(msg.id, msg.sender, recipients, waiting == 0)
+        except Exception:
+            _log.failure("reading group delivery counts failed")
+
+    def _announce_group(self, msg_id: int, sender: str, recipients: int, done: bool) -> None:
+        """A group message's count as the database has it: to its sender's
+        connections (in a cluster, on every node)."""
+        self._group_status(msg_id, sender, recipients, done)
 
     def _hand_out(self, sender: Connection | None, msg: Message) -> int:
         """Hand ``msg`` (its frame made once) to this process's connections of
@@ -107,6 +226,9 @@ class LocalBroker:
         return reached
 
     def publish(self, sender: Connection | None, msg: Message) -> Message:
+        if msg.group_members is not None:
+            self._group_published(msg, self._hand_out_group(sender, msg))
+            return msg
         reached = self._hand_out(sender, msg)
         if msg.recipient == BROADCAST:
             msg.status = DELIVERED
@@ -126,13 +248,24 @@ class LocalBroker:
                 payload = payload or status_frame(msg.id, DELIVERED, now)
                 conn.notify(payload)
 
+    def _groups_taken(self, user_id: str, msgs: list[Message]) -> None:
+        """Group messages handed to a connection of ``user_id`` by a replay (or
+        held live during it): move the user's cursors, then tell the senders."""
+        marks = [(m.recipient, user_id, m.id) for m in msgs if m.sender != user_id]
+        if not marks:
+            return
+        self._store.mark_group_delivered(marks)
+        self._settle_groups([m for m in msgs if m.sender != user_id and m.status == PENDING])
+
     @defer.inlineCallbacks
     def replay(self, conn: Connection, since: int | None) -> Any:
         after = 0
+        self._in_replay[conn] = []
         try:
             while conn.live:
                 page = yield self._store.replay_page(conn.user_id, since, after, REPLAY_PAGE)
                 was_pending = []
+                grouped = []
                 for msg in page:
                     if not conn.live:
                         break
@@ -140,14 +273,21 @@ class LocalBroker:
                     self.metrics.delivered_replay += taken
                     if taken and msg.status == PENDING and msg.recipient == conn.user_id:
                         was_pending.append(msg)
+                    elif taken and msg.recipient.startswith("#"):
+                        grouped.append(msg)
                     # Write no faster than the client reads: a replay never
                     # fills the outbox by itself.
                     yield conn.writable()
                 if was_pending:
                     self._store.mark_delivered([m.id for m in was_pending])
                     self._tell_senders(was_pending)
+                if grouped:
+                    self._groups_taken(conn.user_id, grouped)
                 if len(page) < REPLAY_PAGE:
                     break
                 after = page[-1].id
         finally:
+            held = self._in_replay.pop(conn, [])
             conn.replay_finished()
+            if held and conn.live:
+                self._groups_taken(conn.user_id, held)

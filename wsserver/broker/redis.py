@@ -60,7 +60,8 @@ TOLD_MEMORY = 10_000  # ids whose delivered status this node has sent lately
 # Events travel as JSON arrays, their fields by position (half the cost of
 # objects to encode and to parse, per message):
 #   ["m", id, from, to, content, sig (base64) | null, nonce | null, ver, status, ms,
-#    key_id | null]
+#    key_id | null[, group members (group messages only)]]
+#   ["g", id, from, recipients, delivered]  a group message's count: tell the sender
 #   ["s", id, from, recipients | null]   delivered: tell the sender
 #   ["c", id, count]                      a broadcast's count on one node
 # The object form of earlier versions ({"t": "m", "m": {...}}, ...) is still
@@ -70,7 +71,7 @@ TOLD_MEMORY = 10_000  # ids whose delivered status this node has sent lately
 
 
 def _encode_message(msg: Message) -> list[Any]:
-    return [
+    event = [
         "m",
         msg.id,
         msg.sender,
@@ -83,12 +84,17 @@ def _encode_message(msg: Message) -> list[Any]:
         msg.created_ms,
         msg.key_id,
     ]
+    if msg.group_members is not None:  # only group messages carry it
+        event.append(list(msg.group_members))
+    return event
 
 
 def _decode_message(e: list[Any]) -> Message:
     if len(e) == 10:
         e = [*e, None]  # from a node of the version before key ids
-    _, msg_id, sender, recipient, content, sig, nonce, ver, status, ms, key_id = e
+    if len(e) == 11:
+        e = [*e, None]  # from a node of the version before groups
+    _, msg_id, sender, recipient, content, sig, nonce, ver, status, ms, key_id, members = e
     return Message(
         int(msg_id),
         str(sender),
@@ -100,6 +106,7 @@ def _decode_message(e: list[Any]) -> Message:
         str(status),
         int(ms),
         key_id=None if key_id is None else str(key_id),
+        group_members=None if members is None else tuple(str(m) for m in members),
     )
 
 
@@ -401,9 +408,13 @@ class RedisBroker(LocalBroker):
     def publish(self, sender: Connection | None, msg: Message) -> Message:
         self._publishing = msg.id
         try:
-            self._applier.offer(msg, sender)
+            applied = self._applier.offer(msg, sender)
         finally:
             self._publishing = None
+        if msg.group_members is not None and not applied:
+            # Held behind a gap: the ack says what stands now (nobody
+            # reached yet); status frames follow once it is applied.
+            self._group_published(msg, 0)
         self._outgoing.append(_encode_message(msg))
         if msg.recipient == BROADCAST:
             tally = self._tallies.get(msg.id)
@@ -424,6 +435,9 @@ class RedisBroker(LocalBroker):
 
     def _apply(self, msg: Message, sender: Any) -> None:
         """Hand one message of the stream to this node's connections."""
+        if msg.group_members is not None:
+            self._apply_group(msg, sender)
+            return
         reached = self._hand_out(sender, msg)
         if self._publishing != msg.id:  # another node's message: how late it is here
             self.metrics.applied(msg.created_ms, self._clock.seconds())
@@ -452,6 +466,23 @@ class RedisBroker(LocalBroker):
         if self._publishing == msg.id:
             # The ack says delivered: no status frame for it here later.
             self._remember_told(msg.id)
+
+    def _apply_group(self, msg: Message, sender: Any) -> None:
+        """Hand a group message to this node's connections of its members; the
+        ack of this node's own says the count, others' counts come from the
+        database once the cursors moved (``_settle_groups``)."""
+        reached = self._hand_out_group(sender, msg)
+        if self._publishing == msg.id:
+            self._group_published(msg, reached)
+            return
+        self.metrics.applied(msg.created_ms, self._clock.seconds())
+        if reached:
+            self._settle_groups([msg])
+
+    def _announce_group(self, msg_id: int, sender: str, recipients: int, done: bool) -> None:
+        super()._announce_group(msg_id, sender, recipients, done)
+        self._outgoing.append(["g", msg_id, sender, recipients, done])
+        self._schedule_flush()
 
     def _remember_told(self, msg_id: int) -> bool:
         """Note that the sender was told ``msg_id`` is delivered; False if it was already."""
@@ -542,6 +573,8 @@ class RedisBroker(LocalBroker):
                         str(event[2]),
                         None if recipients is None else int(recipients),
                     )
+                elif kind == "g":
+                    self._group_status(int(event[1]), str(event[2]), int(event[3]), bool(event[4]))
                 elif kind == "c":
                     tally = self._tallies.get(int(event[1]))
                     if tally is not None:

@@ -28,6 +28,7 @@ MAX_LIVE_CHALLENGES = 5
 STORED = "stored"
 DUPLICATE = "duplicate"
 NO_RECIPIENT = "unknown_recipient"
+NOT_A_MEMBER = "not_a_member"  # to a group the sender is not a member of (or no such group)
 
 # Outcomes of consume_challenge.
 CHALLENGE_OK = "ok"
@@ -140,9 +141,11 @@ class IStore(Interface):
         """Delete a user as protocol section 12 says: in one transaction read
         the key log and call ``check(entries)`` (it raises to refuse: nothing
         changes), then remove the user, keys, key log, challenges and revoked
-        tokens, keep the id as a tombstone and record an ``EVENT_DELETED``
-        event; then delete the user's messages, a page per short transaction,
-        and mark the tombstone purged.  Fires True once the account is gone
+        tokens, leave every group (``removed`` events; an owned group passes to
+        the member added first among those left), keep the id as a tombstone
+        and record an ``EVENT_DELETED`` event; then delete the user's messages,
+        a page per short transaction, and mark the tombstone purged.  Fires True
+        once the account is gone
         (if the message phase fails part-way, that is logged and
         ``finish_deletions`` removes the rest), or None when no such user (or
         one deleted before; ``check`` is then not called)."""
@@ -192,8 +195,11 @@ class IStore(Interface):
     def add_message(new: NewMessage) -> Any:  # noqa: N805
         """Store a message by group commit; fires with ``(outcome, Message | None)``
         after the commit: ``STORED``, ``DUPLICATE`` (the message already holding the
-        sender's nonce) or ``NO_RECIPIENT``.  Fails when the database refused the
-        batch, and with ``StoreClosed`` after ``close``."""
+        sender's nonce), ``NO_RECIPIENT`` or, for a group id, ``NOT_A_MEMBER``
+        (no such group, or the sender is not a member now: the check and the
+        insert are one transaction, ordered with membership changes).  A stored
+        group message carries ``group_members``: the members at its commit.
+        Fails when the database refused the batch, and with ``StoreClosed`` after ``close``."""
 
     def mark_delivered(ids: list[int]) -> None:  # noqa: N805
         """Record that these pending messages were handed to a connection."""
@@ -201,20 +207,62 @@ class IStore(Interface):
     def mark_broadcast(msg_id: int, recipients: int) -> None:  # noqa: N805
         """Record that a broadcast went out to ``recipients`` connections."""
 
+    def mark_group_delivered(marks: list[tuple[str, str, int]]) -> None:  # noqa: N805
+        """Move group members' delivery cursors, ``(group_id, user_id, msg_id)``
+        each: batched with the next commit, never backwards, never for a
+        member no longer in the group."""
+
+    def group_status(msg_id: int, group_id: str, sender: str) -> Any:  # noqa: N805
+        """Fire with ``(recipients, waiting)`` of a group message: the members
+        (the sender not counted) whose window holds it and whose cursor passed
+        it, and the members still in the group it is pending for."""
+
+    def create_group(group_id: str, name: str, owner: str, members: Any, now_ms: int) -> Any:  # noqa: N805
+        """Create a group (the owner a member; ``members`` checked by the caller:
+        distinct, valid ids, the owner not among them, at most 255) and record
+        its ``added`` account event; fire ``(Group, detail)``; fail
+        ``GroupError`` ``group_exists`` (ids stay taken for good) or
+        ``unknown_user`` naming the first unregistered id."""
+
+    def get_group(group_id: str) -> Any:  # noqa: N805
+        """Fire with the ``Group`` (current members, owner first) or None."""
+
+    def user_groups(user_id: str) -> Any:  # noqa: N805
+        """Fire with the ``Group`` of each group the user is in now, by id."""
+
+    def add_group_member(group_id: str, by: str, user_id: str, now_ms: int) -> Any:  # noqa: N805
+        """The owner ``by`` adds ``user_id`` (a new window from the stream head;
+        a former member's old window is replaced) and records the ``added``
+        event; fire ``(Group, detail)``; fail ``GroupError`` ``unknown_group``
+        (also when ``by`` is no member), ``not_owner``, ``unknown_user``,
+        ``already_member`` or ``group_full``."""
+
+    def remove_group_member(group_id: str, by: str, user_id: str, now_ms: int) -> Any:  # noqa: N805
+        """The owner ``by``, or ``user_id`` themself, removes ``user_id`` (their
+        window ends at the stream head; an owner leaving hands the group to the
+        member added first among those left) and records the ``removed``
+        event; fire ``(Group, detail)``; fail ``GroupError`` ``unknown_group``,
+        ``not_owner`` or ``not_a_member``."""
+
     def drain() -> Any:
         """Fire once every write queued so far has been committed (or failed)."""
 
     def replay_page(user_id: str, since: int | None, after: int, limit: int) -> Any:  # noqa: N805
         """Up to ``limit`` messages for ``user_id`` with id > ``after``, by id: the
-        user's pending direct messages, and with ``since`` also every direct message
-        to the user and every broadcast above ``since`` (protocol section 6)."""
+        user's pending direct messages and the messages of their groups above
+        their cursor (not their own), and with ``since`` also every direct
+        message to the user, every broadcast and every message of their groups
+        (their own included, inside their window) above ``since`` (protocol
+        section 6).  A member removed from a group is replayed nothing of it."""
 
     def get_message(msg_id: int) -> Any:  # noqa: N805
         """Fire with the stored ``Message`` or None."""
 
     def messages_between(after: int, upto: int, limit: int) -> Any:  # noqa: N805
         """Up to ``limit`` stored messages (any recipient) with ``after < id <= upto``,
-        by id: what a cluster node reads back when it missed part of the stream."""
+        by id: what a cluster node reads back when it missed part of the stream.
+        Group messages carry ``group_members`` (the members whose window holds
+        them)."""
 
     def stream_head() -> Any:
         """Fire with the largest message id committed so far (0 when none): a
@@ -362,6 +410,7 @@ __all__ = [
     "EVENT_SIGNED_OUT",
     "EVENT_SIGNED_OUT_ALL",
     "MAX_LIVE_CHALLENGES",
+    "NOT_A_MEMBER",
     "NO_RECIPIENT",
     "STORED",
     "DatabaseError",

@@ -8,7 +8,8 @@ only after that commit.  This module knows no SQL: the engine gives it
 *what* to write.  Engines import this module, never the other way round.
 
 An op is ``(kind, arg)``: ``("message", NewMessage)``, ``("delivered",
-[ids])`` or ``("broadcast", (id, recipients))``; ``write`` returns one result
+[ids])``, ``("broadcast", (id, recipients))`` or ``("group_delivered",
+[(group_id, user_id, id)])``; ``write`` returns one result
 per op, in order (``(outcome, Message | None)`` for a message, None
 otherwise).
 """
@@ -80,6 +81,12 @@ class GroupCommit:
         """Queue a broadcast's recipient count; nobody waits for it."""
         if not self._closed:
             self._enqueue("broadcast", (msg_id, recipients), None)
+
+    def mark_group_delivered(self, marks: list[tuple[str, str, int]]) -> None:
+        """Queue group members' cursor moves ``(group_id, user_id, msg_id)``;
+        nobody waits for them."""
+        if marks and not self._closed:
+            self._enqueue("group_delivered", list(marks), None)
 
     def _enqueue(self, kind: str, arg: Any, d: defer.Deferred | None) -> None:
         self._queue.append((kind, arg, d))

@@ -40,7 +40,7 @@ from twisted.logger import Logger
 from zope.interface import implementer
 
 from ..keylog import ADD, MAX_LOG_ENTRIES, REGISTER, REVOKE, Entry, KeyLogError
-from ..messages import BROADCAST, PENDING, Message
+from ..messages import BROADCAST, PENDING, Message, is_group_id
 from . import (
     CHALLENGE_BAD,
     CHALLENGE_NONE,
@@ -52,6 +52,7 @@ from . import (
     EVENT_SIGNED_OUT_ALL,
     MAX_LIVE_CHALLENGES,
     NO_RECIPIENT,
+    NOT_A_MEMBER,
     STORED,
     DatabaseError,
     IStore,
@@ -62,6 +63,15 @@ from . import (
     describe,
 )
 from .batching import BatchedWrites, GroupCommit
+from .groups import (
+    SQL_MOVE_CURSOR,
+    Groups,
+    cursor_moves,
+    group_page,
+    leave_all_groups,
+    merge_pages,
+    with_members,
+)
 from .history import History, KnownConversations, conv_of, conversation_rows
 from .purges import PURGE_INTERVAL, Purges
 from .rows import (
@@ -286,6 +296,11 @@ _SQL_DELIVERED = (
 )
 
 
+def _sql(text: str) -> str:
+    """Shared SQL written with "?" marks (wsserver/store/groups.py), in psycopg's."""
+    return text.replace("?", "%s")
+
+
 def since_query(user_id: str, since: int, after: int, limit: int) -> tuple[str, tuple]:
     """The SQL and arguments of a page of a ``since`` replay (also what the
     benchmark's history workload times and whose plan it checks)."""
@@ -358,7 +373,11 @@ def _insert_messages(
     """Store the batch's messages; fill in their results (and ``fresh_convs``
     with the convs whose conversations rows it wrote)."""
     messages = [(i, arg) for i, (kind, arg) in enumerate(ops) if kind == "message"]
-    unknown = {m.recipient for _, m in messages} - known_users - {BROADCAST}
+    unknown = (
+        {m.recipient for _, m in messages if not is_group_id(m.recipient)}
+        - known_users
+        - {BROADCAST}
+    )
     if unknown:
         txn.execute("SELECT user_id FROM users WHERE user_id = ANY(%s)", (sorted(unknown),))
         for (user_id,) in txn.fetchall():
@@ -367,7 +386,11 @@ def _insert_messages(
     first_of: dict[tuple[str, str], int] = {}
     repeats: list[tuple[int, int]] = []  # (op, op of the first with its nonce)
     for i, new in messages:
-        if new.recipient != BROADCAST and new.recipient not in known_users:
+        if (
+            new.recipient != BROADCAST
+            and new.recipient not in known_users
+            and not is_group_id(new.recipient)
+        ):
             results[i] = (NO_RECIPIENT, None)
         elif new.nonce is not None and (new.sender, new.nonce) in first_of:
             repeats.append((i, first_of[(new.sender, new.nonce)]))
@@ -380,6 +403,17 @@ def _insert_messages(
         # the same order, whichever node writes.
         txn.execute("SELECT last_id FROM stream_head FOR UPDATE")
         head = txn.fetchone()[0]
+        # Under the stream lock, which membership changes take too: the
+        # members read here are the members at this batch's commit.
+        members = _group_members(txn, {n.recipient for _, n in candidates})
+        kept = []
+        for i, new in candidates:
+            if is_group_id(new.recipient) and new.sender not in members.get(new.recipient, ()):
+                results[i] = (NOT_A_MEMBER, None)
+            else:
+                kept.append((i, new))
+        candidates = kept
+    if candidates:
         ids = list(range(head + 1, head + 1 + len(candidates)))
         news = [new for _, new in candidates]
         txn.execute(_SQL_INSERT, (_batch_json(ids, news),))
@@ -411,13 +445,33 @@ def _insert_messages(
                         PENDING,
                         new.created_ms,
                         key_id=new.key_id,
+                        group_members=members.get(new.recipient),
                     ),
                 )
             else:
                 txn.execute(_SQL_BY_NONCE, (new.sender, new.nonce))
                 results[i] = (DUPLICATE, message_from_row(txn.fetchone()))
     for i, first in repeats:
-        results[i] = (DUPLICATE, results[first][1])
+        if results[first][0] == NOT_A_MEMBER:
+            results[i] = results[first]
+        else:
+            results[i] = (DUPLICATE, results[first][1])
+
+
+def _group_members(txn: Any, recipients: set[str]) -> dict[str, tuple[str, ...]]:
+    """The current members of the groups among ``recipients``."""
+    groups = sorted(r for r in recipients if is_group_id(r))
+    if not groups:
+        return {}
+    txn.execute(
+        "SELECT group_id, user_id FROM group_members WHERE group_id = ANY(%s)"
+        " AND removed_id IS NULL ORDER BY group_id, added_ms, user_id",
+        (groups,),
+    )
+    found: dict[str, list[str]] = {}
+    for group_id, user_id in txn.fetchall():
+        found.setdefault(group_id, []).append(user_id)
+    return {g: tuple(u) for g, u in found.items()}
 
 
 def _write_batch(
@@ -440,6 +494,11 @@ def _write_batch(
             )
     # Messages last: the stream head stays locked from here to the commit.
     _insert_messages(txn, ops, results, known_users, known_convs, fresh_convs)
+    # Cursor moves after the stream lock, in the order membership changes
+    # take their locks (stream head, then the member's row): no deadlock.
+    moves = cursor_moves(ops)
+    if moves:
+        txn.executemany(_sql(SQL_MOVE_CURSOR), moves)
     return results
 
 
@@ -537,6 +596,10 @@ def _remove_account(cur: Any, user_id: str, now_ms: int) -> None:
         (user_id, user_id),
     )
     cur.execute("DELETE FROM conversations WHERE user_id = %s", (user_id,))
+    # Leave every group under the stream lock (as membership changes do),
+    # taken before account_events' (the order every writer takes them in).
+    cur.execute("SELECT last_id FROM stream_head FOR UPDATE")
+    leave_all_groups(cur, user_id, cur.fetchone()[0], now_ms, _sql, _add_event)
     # The head after the table lock: a batch committed before the event is
     # below it, so the pollers' purge (above it) and this deletion meet.
     cur.execute("LOCK TABLE account_events IN EXCLUSIVE MODE")
@@ -631,7 +694,7 @@ def _on_live_connection(txn: Any, interaction: Callable[..., Any], *args: Any) -
 
 
 @implementer(IStore)
-class PostgresStore(Purges, History, BatchedWrites):
+class PostgresStore(Groups, Purges, History, BatchedWrites):
     """Asynchronous access to a PostgreSQL database, with group commit."""
 
     _mark = "%s"  # History's queries
@@ -704,6 +767,16 @@ class PostgresStore(Purges, History, BatchedWrites):
 
     def _account_gone(self, user_id: str) -> None:
         self._known_users.discard(user_id)
+
+    def _sql(self, text: str) -> str:
+        return _sql(text)
+
+    def _lock_stream(self, txn: Any) -> int:
+        txn.execute("SELECT last_id FROM stream_head FOR UPDATE")  # as a batch takes it
+        return int(txn.fetchone()[0])
+
+    def _record_event(self, cur: Any, user_id: str, kind: str, detail: str, now_ms: int) -> None:
+        _add_event(cur, user_id, kind, detail, now_ms)
 
     def start(self, *, purge_interval: float = PURGE_INTERVAL) -> defer.Deferred:
         """Keep this node's registration alive (a heartbeat on the reactor
@@ -971,7 +1044,10 @@ class PostgresStore(Purges, History, BatchedWrites):
                 txn.execute(_SQL_PENDING, (user_id, after, limit))
             else:
                 txn.execute(*since_query(user_id, since, after, limit))
-            return [message_from_row(row) for row in txn.fetchall()]
+            direct = [message_from_row(row) for row in txn.fetchall()]
+            rows = group_page(self._query(txn), _COLS, user_id, since, after, limit)
+            grouped = [message_from_row(row) for row in rows]
+            return merge_pages(direct, grouped, limit)
 
         return self._run(interaction)
 
@@ -990,7 +1066,8 @@ class PostgresStore(Purges, History, BatchedWrites):
 
         def interaction(txn: Any) -> list[Message]:
             txn.execute(_SQL_BETWEEN, (after, upto, limit))
-            return [message_from_row(row) for row in txn.fetchall()]
+            page = [message_from_row(row) for row in txn.fetchall()]
+            return with_members(page, self._query(txn))
 
         return self._run(interaction)
 

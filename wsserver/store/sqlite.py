@@ -31,7 +31,7 @@ from twisted.logger import Logger
 from zope.interface import implementer
 
 from ..keylog import ADD, MAX_LOG_ENTRIES, REGISTER, REVOKE, Entry, KeyLogError
-from ..messages import BROADCAST, PENDING, Message
+from ..messages import BROADCAST, PENDING, Message, is_group_id
 from . import (
     CHALLENGE_BAD,
     CHALLENGE_NONE,
@@ -43,6 +43,7 @@ from . import (
     EVENT_SIGNED_OUT_ALL,
     MAX_LIVE_CHALLENGES,
     NO_RECIPIENT,
+    NOT_A_MEMBER,
     STORED,
     DatabaseError,
     IStore,
@@ -52,6 +53,15 @@ from . import (
     UserKeys,
 )
 from .batching import BatchedWrites, GroupCommit
+from .groups import (
+    SQL_MOVE_CURSOR,
+    Groups,
+    cursor_moves,
+    group_page,
+    leave_all_groups,
+    merge_pages,
+    with_members,
+)
 from .history import History, KnownConversations, conv_of, conversation_rows
 from .purges import PURGE_INTERVAL, Purges
 from .rows import (
@@ -350,7 +360,18 @@ def _insert_message(
     known_convs: KnownConversations,
     fresh_convs: set[str],
 ) -> tuple[str, Message | None]:
-    if new.recipient != BROADCAST and new.recipient not in known_users:
+    members: tuple[str, ...] | None = None
+    if is_group_id(new.recipient):
+        # In the batch's transaction, which holds the file's write lock:
+        # membership changes are ordered with it (wsserver/store/groups.py).
+        txn.execute(
+            "SELECT user_id FROM group_members WHERE group_id = ? AND removed_id IS NULL",
+            (new.recipient,),
+        )
+        members = tuple(row[0] for row in txn.fetchall())
+        if new.sender not in members:
+            return NOT_A_MEMBER, None
+    elif new.recipient != BROADCAST and new.recipient not in known_users:
         txn.execute("SELECT 1 FROM users WHERE user_id = ?", (new.recipient,))
         if txn.fetchone() is None:
             return NO_RECIPIENT, None
@@ -390,7 +411,7 @@ def _insert_message(
             conversation_rows(conv),
         )
         fresh_convs.add(conv)
-    return STORED, Message(
+    msg = Message(
         msg_id,
         new.sender,
         new.recipient,
@@ -401,7 +422,9 @@ def _insert_message(
         PENDING,
         new.created_ms,
         key_id=new.key_id,
+        group_members=members,
     )
+    return STORED, msg
 
 
 def _write_batch(
@@ -421,6 +444,8 @@ def _write_batch(
         elif kind == "delivered":
             delivered.extend(arg)
             results.append(None)
+        elif kind == "group_delivered":
+            results.append(None)  # below, the largest id per member
         else:  # "broadcast": (id, recipients)
             txn.execute(
                 "UPDATE messages SET status = 'delivered', recipients = ? WHERE id = ?",
@@ -435,6 +460,9 @@ def _write_batch(
             f" WHERE status = 'pending' AND id IN ({marks})",
             chunk,
         )
+    moves = cursor_moves(ops)
+    if moves:
+        txn.executemany(SQL_MOVE_CURSOR, moves)
     return results
 
 
@@ -521,6 +549,7 @@ def _remove_account(cur: Any, user_id: str, now_ms: int) -> None:
     for table in ("users", "user_keys", "key_log", "challenges", "revoked_tokens"):
         cur.execute(f"DELETE FROM {table} WHERE user_id = ?", (user_id,))  # noqa: S608
     _forget_conversations(cur, user_id)
+    leave_all_groups(cur, user_id, _stream_head(cur), now_ms, _same, _add_event)
     _add_event(cur, user_id, EVENT_DELETED, str(head), now_ms)
 
 
@@ -533,6 +562,17 @@ def _forget_conversations(cur: Any, user_id: str) -> None:
         (user_id, user_id),
     )
     cur.execute("DELETE FROM conversations WHERE user_id = ?", (user_id,))
+
+
+def _same(sql: str) -> str:
+    return sql
+
+
+def _stream_head(cur: Any) -> int:
+    """The largest id ever handed to a message (AUTOINCREMENT's counter: ids
+    are never reused, even after the newest was deleted)."""
+    cur.execute("SELECT COALESCE((SELECT seq FROM sqlite_sequence WHERE name = 'messages'), 0)")
+    return int(cur.fetchone()[0])
 
 
 # A page of a deletion's message phase looks at one slice of ids: the next
@@ -597,7 +637,7 @@ def _unpurged(cur: Any, after: str, limit: int) -> list[str]:
 
 
 @implementer(IStore)
-class Store(Purges, History, BatchedWrites):
+class Store(Groups, Purges, History, BatchedWrites):
     """Asynchronous access to the SQLite database, with group commit."""
 
     def __init__(
@@ -640,6 +680,13 @@ class Store(Purges, History, BatchedWrites):
 
     def _unpurged_users(self, after: str, limit: int) -> defer.Deferred:
         return self._run(_unpurged, after, limit)
+
+    def _lock_stream(self, txn: Any) -> int:
+        txn.execute("BEGIN IMMEDIATE")  # the file's write lock, as a batch takes
+        return _stream_head(txn)
+
+    def _record_event(self, cur: Any, user_id: str, kind: str, detail: str, now_ms: int) -> None:
+        _add_event(cur, user_id, kind, detail, now_ms)
 
     def start(
         self, checkpoint_interval: float = 1.0, *, purge_interval: float = PURGE_INTERVAL
@@ -913,7 +960,10 @@ class Store(Purges, History, BatchedWrites):
                 txn.execute(_SQL_PENDING, (user_id, after, limit))
             else:
                 txn.execute(*since_query(user_id, since, after, limit))
-            return [message_from_row(row) for row in txn.fetchall()]
+            direct = [message_from_row(row) for row in txn.fetchall()]
+            rows = group_page(self._query(txn), _COLS, user_id, since, after, limit)
+            grouped = [message_from_row(row) for row in rows]
+            return merge_pages(direct, grouped, limit)
 
         return self._pool.runInteraction(interaction)
 
@@ -932,7 +982,8 @@ class Store(Purges, History, BatchedWrites):
 
         def interaction(txn: Any) -> list[Message]:
             txn.execute(_SQL_BETWEEN, (after, upto, limit))
-            return [message_from_row(row) for row in txn.fetchall()]
+            page = [message_from_row(row) for row in txn.fetchall()]
+            return with_members(page, self._query(txn))
 
         return self._pool.runInteraction(interaction)
 

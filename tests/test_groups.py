@@ -1,0 +1,440 @@
+"""Groups end to end (protocol section 13): the HTTP API, delivery to every
+member's connections on every node (not to the sending connection), pending
+messages on connect, ``since``, the ack's ``members``/``recipients`` and
+later ``status`` frames, ``not_a_member``, ``group`` event frames, removal,
+leaving, the owner's rules and every bad input.  Runs in the four suite
+modes (tests/support.py ``suite_mode``)."""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+from twisted.internet import defer
+from twisted.trial import unittest
+
+from wsserver import keylog
+
+from .support import LiveServer, b64, within
+
+TEAM = "#team"
+TEAM_PATH = "/groups/%23team"
+
+
+@defer.inlineCallbacks
+def api(server: LiveServer, method: str, path: str, token: str | None, body: Any = None) -> Any:
+    """One request with a Bearer token; fire with (status, parsed body)."""
+    headers = {"Authorization": f"Bearer {token}"} if token else {}
+    kwargs: dict[str, Any] = {"headers": headers}
+    if body is not None:
+        if isinstance(body, bytes):
+            kwargs["data"] = body
+            headers["Content-Type"] = "application/json"
+        else:
+            kwargs["json"] = body
+    resp = yield within(server.http().request(method, server.base + path, **kwargs))
+    content = yield resp.content()
+    return resp.code, json.loads(content) if content else None
+
+
+@defer.inlineCallbacks
+def status_until(client: Any, msg_id: int, recipients: int) -> Any:
+    """The ``status`` frames of ``msg_id`` until one says ``recipients``;
+    fire with that one."""
+    while True:
+        frame = yield client.next_of("status")
+        if frame["id"] == msg_id and frame.get("recipients") == recipients:
+            return frame
+
+
+@defer.inlineCallbacks
+def group_event(client: Any, event: str, user_id: str) -> Any:
+    """The next ``group`` frame about ``event`` of ``user_id`` (a node that did
+    not make a change sends its frames when it polls the account events, so
+    the frames of an earlier change, the creation's, may come first)."""
+    while True:
+        frame = yield client.next_of("group")
+        if (frame["event"], frame["user_id"]) == (event, user_id):
+            return frame
+
+
+@defer.inlineCallbacks
+def next_message(client: Any) -> Any:
+    frame = yield client.next_of("message")
+    return frame
+
+
+class GroupTestCase(unittest.TestCase):
+    timeout = 120
+
+    @defer.inlineCallbacks
+    def setUp(self):
+        self.server = LiveServer(
+            self,
+            {
+                "MESSAGE_RATE_LIMIT": "1000",
+                "MESSAGE_BURST_LIMIT": "1000",
+                "AUTH_RATE_LIMIT": "1000",
+                "AUTH_BURST_LIMIT": "1000",
+            },
+        )
+        self.tokens, self.keys = {}, {}
+        for name in ("alice", "bob", "carol", "dave"):
+            self.keys[name], self.tokens[name] = yield self.server.user(name)
+
+    @property
+    def other(self) -> int | None:
+        """The second node of a test cluster (None: one node, or workers,
+        where the kernel picks)."""
+        return 1 if len(self.server.node_bases) > 1 else None
+
+    def connect(self, name: str, node: int | None = None, **kwargs: Any) -> defer.Deferred:
+        return self.server.connect(self.tokens[name], node=node, testcase=self, **kwargs)
+
+    def call(self, method: str, path: str, name: str | None, body: Any = None) -> Any:
+        return api(self.server, method, path, self.tokens[name] if name else None, body)
+
+    @defer.inlineCallbacks
+    def make_team(self, members=("bob", "carol")) -> Any:
+        code, body = yield self.call(
+            "POST", "/groups", "alice", {"group_id": TEAM, "name": "Team", "members": list(members)}
+        )
+        self.assertEqual(code, 201, body)
+        return body
+
+    @defer.inlineCallbacks
+    def marker(self, client: Any, name: str, text: str) -> Any:
+        """Send a note to self from ``client`` and fire once ``client`` got it back:
+        every message stored before it was handed out before it, on this node."""
+        client.send_json({"to": name, "content": text})
+        while True:
+            frame = yield client.next_of("message")
+            if frame["to"] == name and frame["content"] == text:
+                return frame
+            self.fail(f"{name} got {frame!r} before its marker")
+
+
+class DeliveryTests(GroupTestCase):
+    @defer.inlineCallbacks
+    def test_every_member_on_every_node_but_not_the_sending_connection(self):
+        """A group message reaches every connection of every member (on both
+        nodes in a cluster) and the sender's other connection, never the
+        sending one; the ack says members 2, and recipients reaches 2 with
+        status delivered (in the ack or a later status frame)."""
+        group = yield self.make_team()
+        self.assertEqual(group["members"], ["alice", "bob", "carol"])
+        self.assertEqual(group["owner"], "alice")
+        a1 = yield self.connect("alice", node=0)
+        a2 = yield self.connect("alice", node=self.other)
+        bob = yield self.connect("bob", node=self.other)
+        carol = yield self.connect("carol", node=0)
+        a1.send_json({"to": TEAM, "content": "hello team", "nonce": "g-1"})
+        ack = yield a1.next_of("ack")
+        self.assertEqual(ack["to"], TEAM)
+        self.assertEqual(ack["members"], 2)
+        for client in (a2, bob, carol):
+            got = yield next_message(client)
+            self.assertEqual((got["id"], got["from"], got["to"]), (ack["id"], "alice", TEAM))
+            self.assertEqual(got["content"], "hello team")
+        if ack["recipients"] != 2:
+            self.assertEqual(ack["status"], "pending")
+            final = yield status_until(a1, ack["id"], 2)
+            self.assertEqual(final["status"], "delivered")
+        else:
+            self.assertEqual(ack["status"], "delivered")
+        yield self.marker(a1, "alice", "marker")
+        # The sending connection got the ack, never the message itself.
+        to_team = [f for f in a1.received if f["type"] == "message" and f["to"] == TEAM]
+        self.assertEqual(to_team, [])
+
+    @defer.inlineCallbacks
+    def test_pending_for_an_offline_member_then_delivered_on_connect(self):
+        """With bob offline the ack says members 1, recipients 0, pending; bob
+        gets the message when he connects, and alice a status frame delivered
+        with recipients 1; the stored message is delivered."""
+        yield self.make_team(("bob",))
+        alice = yield self.connect("alice")
+        alice.send_json({"to": TEAM, "content": "while you were away"})
+        ack = yield alice.next_of("ack")
+        self.assertEqual((ack["members"], ack["recipients"], ack["status"]), (1, 0, "pending"))
+        bob = yield self.connect("bob")
+        got = yield next_message(bob)
+        self.assertEqual((got["id"], got["content"]), (ack["id"], "while you were away"))
+        status = yield status_until(alice, ack["id"], 1)
+        self.assertEqual(status["status"], "delivered")
+        stored = yield self.server.settled(ack["id"], lambda m: m.status == "delivered")
+        self.assertEqual(stored.status, "delivered")
+        # Delivered once: a new connection without since gets nothing again.
+        yield bob.close_and_wait()
+        bob2 = yield self.connect("bob")
+        yield self.marker(bob2, "bob", "nothing pending")
+
+    @defer.inlineCallbacks
+    def test_since_replays_the_groups_messages_own_included(self):
+        """A member reconnecting with since gets every group message above it,
+        their own included; without since only what is pending for them."""
+        yield self.make_team(("bob",))
+        alice = yield self.connect("alice")
+        bob = yield self.connect("bob")
+        alice.send_json({"to": TEAM, "content": "one"})
+        first = yield alice.next_of("ack")
+        yield next_message(bob)
+        bob.send_json({"to": TEAM, "content": "two"})
+        second = yield bob.next_of("ack")
+        yield next_message(alice)
+        yield bob.close_and_wait()
+        again = yield self.connect("bob", since=first["id"] - 1)
+        frames = [(yield next_message(again)), (yield next_message(again))]
+        self.assertEqual([f["id"] for f in frames], [first["id"], second["id"]])
+        fresh = yield self.connect("bob")
+        yield self.marker(fresh, "bob", "nothing pending")
+
+    @defer.inlineCallbacks
+    def test_a_non_member_is_refused_and_nothing_is_stored(self):
+        """dave (no member) writing to the group, and anyone writing to a group
+        that does not exist, get system not_a_member with the nonce; nothing
+        is stored; a malformed group id is unknown_recipient."""
+        yield self.make_team()
+        dave = yield self.connect("dave")
+        before = yield self.server.store.count_messages()
+        for to in (TEAM, "#nosuch"):
+            dave.send_json({"to": to, "content": "let me in", "nonce": "n-" + to[1:]})
+            refusal = yield dave.next_of("system")
+            self.assertEqual((refusal["code"], refusal["nonce"]), ("not_a_member", "n-" + to[1:]))
+        dave.send_json({"to": "#bad id", "content": "x"})
+        refusal = yield dave.next_of("system")
+        self.assertEqual(refusal["code"], "unknown_recipient")
+        after = yield self.server.store.count_messages()
+        self.assertEqual(after, before)
+
+    @defer.inlineCallbacks
+    def test_signed_group_message_is_verified(self):
+        """A message to a group signed over that ``to`` is stored verified."""
+        from .support import sign_message
+
+        key = yield self.server.register("erin")
+        token = yield self.server.login("erin", key)
+        code, _ = yield api(
+            self.server, "POST", "/groups", token, {"group_id": "#signed", "name": "S"}
+        )
+        self.assertEqual(code, 201)
+        erin = yield self.server.connect(token, testcase=self)
+        sig = sign_message(key, "erin", "#signed", "signed hi", "s-1")
+        erin.send_json({"to": "#signed", "content": "signed hi", "nonce": "s-1", "signature": sig})
+        ack = yield erin.next_of("ack")
+        self.assertEqual(ack["verification"], "verified")
+        self.assertEqual((ack["members"], ack["recipients"], ack["status"]), (0, 0, "delivered"))
+
+
+class MembershipTests(GroupTestCase):
+    @defer.inlineCallbacks
+    def test_events_and_removal_stops_delivery(self):
+        """Adding dave sends every member (dave too) a group event 'added';
+        removing bob sends 'removed' to the members and to bob; a message
+        after the removal reaches dave and not bob."""
+        yield self.make_team(("bob",))
+        bob = yield self.connect("bob")
+        dave = yield self.connect("dave")
+        code, body = yield self.call("POST", TEAM_PATH + "/members", "alice", {"user_id": "dave"})
+        self.assertEqual(code, 200, body)
+        self.assertEqual(body["members"], ["alice", "bob", "dave"])
+        for client in (bob, dave):
+            event = yield group_event(client, "added", "dave")
+            self.assertEqual(event["group_id"], TEAM)
+        code, body = yield self.call("DELETE", TEAM_PATH + "/members/bob", "alice")
+        self.assertEqual(code, 200, body)
+        for client in (bob, dave):
+            event = yield group_event(client, "removed", "bob")
+            self.assertEqual(event["group_id"], TEAM)
+        alice = yield self.connect("alice")
+        alice.send_json({"to": TEAM, "content": "after bob left"})
+        ack = yield alice.next_of("ack")
+        self.assertEqual(ack["members"], 1)
+        got = yield next_message(dave)
+        self.assertEqual(got["id"], ack["id"])
+        # bob: nothing of the group, now or when he reconnects.
+        alice.send_json({"to": "bob", "content": "direct"})
+        direct = yield next_message(bob)
+        self.assertEqual(direct["from"], "alice")
+        yield bob.close_and_wait()
+        again = yield self.connect("bob", since=0)
+        frames = []
+        while True:
+            frame = yield next_message(again)
+            frames.append(frame)
+            if frame["content"] == "direct":
+                break
+        self.assertNotIn(ack["id"], [f["id"] for f in frames])
+        again.send_json({"to": TEAM, "content": "still here?", "nonce": "x-1"})
+        refusal = yield again.next_of("system")
+        self.assertEqual(refusal["code"], "not_a_member")
+
+    @defer.inlineCallbacks
+    def test_leave_and_owner_handover(self):
+        """A member may leave (DELETE of themself); the owner leaving hands the
+        group to the member added first among those left."""
+        yield self.make_team()
+        code, _ = yield self.call("DELETE", TEAM_PATH + "/members/carol", "carol")
+        self.assertEqual(code, 200)
+        code, body = yield self.call("DELETE", TEAM_PATH + "/members/alice", "alice")
+        self.assertEqual(code, 200, body)
+        code, body = yield self.call("GET", TEAM_PATH, "bob")
+        self.assertEqual((code, body["owner"], body["members"]), (200, "bob", ["bob"]))
+        code, body = yield self.call("GET", TEAM_PATH, "alice")
+        self.assertEqual((code, body["error"]["code"]), (404, "unknown_group"))
+
+    @defer.inlineCallbacks
+    def test_owner_rules_and_visibility(self):
+        """Only the owner adds or removes others (403 not_owner); a non-member
+        sees 404 unknown_group; GET /groups lists the caller's groups."""
+        yield self.make_team(("bob",))
+        code, body = yield self.call("POST", TEAM_PATH + "/members", "bob", {"user_id": "dave"})
+        self.assertEqual((code, body["error"]["code"]), (403, "not_owner"))
+        code, body = yield self.call("DELETE", TEAM_PATH + "/members/alice", "bob")
+        self.assertEqual((code, body["error"]["code"]), (403, "not_owner"))
+        for path in (TEAM_PATH, "/groups/%23nosuch"):
+            code, body = yield self.call("GET", path, "dave")
+            self.assertEqual((code, body["error"]["code"]), (404, "unknown_group"))
+        code, body = yield self.call("POST", TEAM_PATH + "/members", "dave", {"user_id": "dave"})
+        self.assertEqual((code, body["error"]["code"]), (404, "unknown_group"))
+        code, body = yield self.call("GET", "/groups", "bob")
+        self.assertEqual([g["group_id"] for g in body["groups"]], [TEAM])
+        code, body = yield self.call("GET", "/groups", "dave")
+        self.assertEqual((code, body), (200, {"groups": []}))
+
+    @defer.inlineCallbacks
+    def test_a_deleted_account_leaves_its_groups(self):
+        """Deleting the owner's account removes them from the group: the
+        members get 'removed' (within the account events' second), the group
+        passes to the member added first, and it goes on working."""
+        yield self.make_team(("bob", "carol"))
+        bob = yield self.connect("bob")
+        key = self.keys["alice"]
+        statement = keylog.delete_string("alice", 1).encode("utf-8")
+        body = {
+            "key_id": keylog.key_id(bytes(key.verify_key)),
+            "signature": b64(key.sign(statement).signature),
+        }
+        code, answer = yield self.call("DELETE", "/auth/users/alice", None, body)
+        self.assertEqual(code, 200, answer)
+        event = yield group_event(bob, "removed", "alice")
+        self.assertEqual(event["group_id"], TEAM)
+        code, group = yield self.call("GET", TEAM_PATH, "bob")
+        self.assertEqual((group["owner"], group["members"]), ("bob", ["bob", "carol"]))
+        bob.send_json({"to": TEAM, "content": "carry on"})
+        ack = yield bob.next_of("ack")
+        self.assertEqual(ack["members"], 1)
+
+
+class BadInputTests(GroupTestCase):
+    @defer.inlineCallbacks
+    def test_every_bad_input_gets_its_documented_error_and_changes_nothing(self):
+        """Each bad request to /groups gets the documented status and code, and
+        the group is as before (members, owner)."""
+        yield self.make_team(("bob",))
+        long_id = "#" + "a" * 65
+        cases = [
+            ("POST", "/groups", "alice", {"group_id": "team", "name": "x"}, 400, "invalid_request"),
+            (
+                "POST",
+                "/groups",
+                "alice",
+                {"group_id": long_id, "name": "x"},
+                400,
+                "invalid_request",
+            ),
+            (
+                "POST",
+                "/groups",
+                "alice",
+                {"group_id": "#a\nb", "name": "x"},
+                400,
+                "invalid_request",
+            ),
+            ("POST", "/groups", "alice", {"group_id": "#ok", "name": ""}, 400, "invalid_request"),
+            (
+                "POST",
+                "/groups",
+                "alice",
+                {"group_id": "#ok", "name": "a\x07"},
+                400,
+                "invalid_request",
+            ),
+            (
+                "POST",
+                "/groups",
+                "alice",
+                {"group_id": "#ok", "name": "n" * 129},
+                400,
+                "invalid_request",
+            ),
+            (
+                "POST",
+                "/groups",
+                "alice",
+                {"group_id": "#ok", "name": "x", "members": "bob"},
+                400,
+                "invalid_request",
+            ),
+            (
+                "POST",
+                "/groups",
+                "alice",
+                {"group_id": "#ok", "name": "x", "members": ["bob", "bob"]},
+                400,
+                "invalid_request",
+            ),
+            (
+                "POST",
+                "/groups",
+                "alice",
+                {"group_id": "#ok", "name": "x", "members": ["alice"]},
+                400,
+                "invalid_request",
+            ),
+            (
+                "POST",
+                "/groups",
+                "alice",
+                {"group_id": "#ok", "name": "x", "members": [f"u{i}" for i in range(256)]},
+                400,
+                "invalid_request",
+            ),
+            (
+                "POST",
+                "/groups",
+                "alice",
+                {"group_id": "#ok", "name": "x", "members": ["nobody"]},
+                404,
+                "unknown_user",
+            ),
+            ("POST", "/groups", "alice", {"group_id": TEAM, "name": "again"}, 409, "group_exists"),
+            ("POST", "/groups", None, {"group_id": "#ok", "name": "x"}, 401, "unauthorized"),
+            ("POST", "/groups", "alice", b"[1]", 400, "invalid_request"),
+            ("GET", "/groups/team", "alice", None, 400, "invalid_request"),
+            ("GET", "/groups/%23" + "a" * 65, "alice", None, 400, "invalid_request"),
+            ("GET", "/groups/%23a%0Ab", "alice", None, 400, "invalid_request"),
+            ("GET", "/groups/%23%FF", "alice", None, 400, "invalid_request"),
+            ("POST", TEAM_PATH + "/members", "alice", {"user_id": "bob"}, 409, "already_member"),
+            ("POST", TEAM_PATH + "/members", "alice", {"user_id": "nobody"}, 404, "unknown_user"),
+            (
+                "POST",
+                TEAM_PATH + "/members",
+                "alice",
+                {"user_id": "bad id"},
+                400,
+                "invalid_request",
+            ),
+            ("POST", TEAM_PATH + "/members", "alice", {}, 400, "invalid_request"),
+            ("DELETE", TEAM_PATH + "/members/carol", "alice", None, 404, "not_a_member"),
+            ("DELETE", TEAM_PATH + "/members/%0A", "alice", None, 400, "invalid_request"),
+            ("DELETE", TEAM_PATH + "/members", "alice", None, 405, "method_not_allowed"),
+            ("PUT", TEAM_PATH, "alice", None, 405, "method_not_allowed"),
+        ]
+        for method, path, who, body, status, code in cases:
+            got, answer = yield self.call(method, path, who, body)
+            self.assertEqual((got, answer["error"]["code"]), (status, code), (method, path, body))
+        code, body = yield self.call("GET", TEAM_PATH, "alice")
+        self.assertEqual((body["owner"], body["members"]), ("alice", ["alice", "bob"]))
+        code, body = yield self.call("GET", "/groups", "alice")
+        self.assertEqual([g["group_id"] for g in body["groups"]], [TEAM])
