@@ -63,6 +63,7 @@ from . import (
 )
 from .batching import BatchedWrites, GroupCommit
 from .purges import PURGE_INTERVAL, Purges
+from .reads import Reads
 from .rows import (
     KEYLOG_COLUMNS,
     MESSAGE_COLUMNS,
@@ -493,7 +494,14 @@ def _remove_account(cur: Any, user_id: str, now_ms: int) -> None:
         " ON CONFLICT (user_id) DO NOTHING",
         (user_id, now_ms),
     )
-    for table in ("users", "user_keys", "key_log", "challenges", "revoked_tokens"):
+    for table in (
+        "users",
+        "user_keys",
+        "key_log",
+        "challenges",
+        "revoked_tokens",
+        "message_reads",  # the receipts the user sent (schema 5)
+    ):
         cur.execute(f"DELETE FROM {table} WHERE user_id = %s", (user_id,))  # noqa: S608
     # The head after the table lock: a batch committed before the event is
     # below it, so the pollers' purge (above it) and this deletion meet.
@@ -589,8 +597,10 @@ def _on_live_connection(txn: Any, interaction: Callable[..., Any], *args: Any) -
 
 
 @implementer(IStore)
-class PostgresStore(Purges, BatchedWrites):
+class PostgresStore(Reads, Purges, BatchedWrites):
     """Asynchronous access to a PostgreSQL database, with group commit."""
+
+    _PARAM = "%s"  # for the SQL shared with SQLite (reads.py)
 
     def __init__(
         self,

@@ -53,6 +53,7 @@ from . import (
 )
 from .batching import BatchedWrites, GroupCommit
 from .purges import PURGE_INTERVAL, Purges
+from .reads import Reads
 from .rows import (
     KEYLOG_COLUMNS,
     MESSAGE_COLUMNS,
@@ -493,7 +494,14 @@ def _remove_account(cur: Any, user_id: str, now_ms: int) -> None:
         "INSERT OR IGNORE INTO deleted_users (user_id, deleted_ms) VALUES (?, ?)",
         (user_id, now_ms),
     )
-    for table in ("users", "user_keys", "key_log", "challenges", "revoked_tokens"):
+    for table in (
+        "users",
+        "user_keys",
+        "key_log",
+        "challenges",
+        "revoked_tokens",
+        "message_reads",  # the receipts the user sent (schema 5)
+    ):
         cur.execute(f"DELETE FROM {table} WHERE user_id = ?", (user_id,))  # noqa: S608
     _add_event(cur, user_id, EVENT_DELETED, str(head), now_ms)
 
@@ -560,7 +568,7 @@ def _unpurged(cur: Any, after: str, limit: int) -> list[str]:
 
 
 @implementer(IStore)
-class Store(Purges, BatchedWrites):
+class Store(Reads, Purges, BatchedWrites):
     """Asynchronous access to the SQLite database, with group commit."""
 
     def __init__(
