@@ -23,7 +23,7 @@ from wsserver.messages import MAX_WATCH, WatchFrame, parse_control_frame
 from wsserver.presence import CONTACTS, EVERYONE, OFF, PresenceHub
 from wsserver.store import is_postgres
 
-from .support import LiveServer
+from .support import LiveServer, eventually
 
 EPOCH = "1970-01-01T00:00:00.000Z"  # the since of a user never seen
 FAST = {"MESSAGE_RATE_LIMIT": "1000", "MESSAGE_BURST_LIMIT": "1000"}
@@ -40,6 +40,29 @@ def execute_sql(server: LiveServer, sql: str, args: tuple = ()) -> None:
         with conn:
             conn.execute(sql, args)
         conn.close()
+
+
+@defer.inlineCallbacks
+def live_server(testcase: Any, env: dict[str, str]) -> Any:
+    """A ``LiveServer`` whose nodes all listen to the cluster's channel: the
+    ``p`` and ``r`` events published before a node subscribed are not read
+    back (unlike messages), so a test waits for every node's /ready."""
+    server = LiveServer(testcase, env)
+    if server.mode == "cluster":
+        nodes = [server.service, *server.others]
+        yield eventually(lambda: all(n.broker.ready[0] for n in nodes), "every node subscribed")
+    elif server.mode == "workers":
+        seen: set[str] = set()
+
+        @defer.inlineCallbacks
+        def both() -> Any:
+            code, body = yield server.get("/ready", client=server.http(fresh=True))
+            if code == 200:
+                seen.add(body["node"])
+            return len(seen) >= 2
+
+        yield eventually_deferred(both, "both workers ready")
+    return server
 
 
 def share_conversation(server: LiveServer, a: str, b: str) -> None:
@@ -76,7 +99,7 @@ class WatchEndToEndTests(unittest.TestCase):
         frames at once, all offline, bob and the unknown id since the epoch
         (never seen); bob connects (on the other node in a cluster): online,
         since about now; bob's last connection closes: offline, since later."""
-        server = LiveServer(self, {**FAST, "PRESENCE": "everyone"})
+        server = yield live_server(self, {**FAST, "PRESENCE": "everyone"})
         _, alice_token = yield server.user("alice")
         _, bob_token = yield server.user("bob")
         yield server.user("carol")
@@ -107,7 +130,7 @@ class WatchEndToEndTests(unittest.TestCase):
         """After watching [bob] then [carol], bob's coming online sends alice
         nothing, carol's does (and a later frame about carol is the marker
         that bob's would have come by now)."""
-        server = LiveServer(self, {**FAST, "PRESENCE": "everyone"})
+        server = yield live_server(self, {**FAST, "PRESENCE": "everyone"})
         _, alice_token = yield server.user("alice")
         _, bob_token = yield server.user("bob")
         _, carol_token = yield server.user("carol")
@@ -136,7 +159,7 @@ class WatchEndToEndTests(unittest.TestCase):
         online, alice sees bob and dave online and carol offline since the
         epoch, exactly as an unknown user; no error.  Removed from the group,
         dave appears offline on the next watch."""
-        server = LiveServer(self, FAST)
+        server = yield live_server(self, FAST)
         tokens = {}
         for name in ("alice", "bob", "carol", "dave"):
             _, tokens[name] = yield server.user(name)
@@ -190,7 +213,7 @@ class WatchEndToEndTests(unittest.TestCase):
     def test_off_reports_everyone_offline(self):
         """PRESENCE=off: every watched user, online or not, alice herself
         included, is offline since the epoch, and stays so."""
-        server = LiveServer(self, {**FAST, "PRESENCE": "off"})
+        server = yield live_server(self, {**FAST, "PRESENCE": "off"})
         _, alice_token = yield server.user("alice")
         _, bob_token = yield server.user("bob")
         bob = yield server.connect(bob_token, testcase=self)
@@ -209,7 +232,7 @@ class WatchEndToEndTests(unittest.TestCase):
         """Each bad spelling gets one ``system`` invalid_message and leaves
         the connection open and its list as it was (a change of bob is still
         reported afterwards)."""
-        server = LiveServer(self, {**FAST, "PRESENCE": "everyone"})
+        server = yield live_server(self, {**FAST, "PRESENCE": "everyone"})
         _, alice_token = yield server.user("alice")
         _, bob_token = yield server.user("bob")
         alice = yield server.connect(alice_token, testcase=self)
