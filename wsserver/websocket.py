@@ -683,8 +683,14 @@ class ServerFactory(WebSocketServerFactory):
         self._auth = auth  # checks a token again when an account changed meanwhile
         self._accepting = True
         # Who watches whom (protocol section 13): the broker reports changes.
-        self._presence = PresenceHub(clock, presence, broker.presence_of, store.contacts_among)
-        broker.presence_listener = self._presence.changed
+        self._presence = PresenceHub(
+            clock,
+            presence,
+            lambda users: self._broker.presence_of(users),
+            lambda user, candidates: self._store.contacts_among(user, candidates),
+        )
+        if broker is not None:
+            broker.presence_listener = self._presence.changed
         self._admitting: tuple[Session, int | None] | None = None
         self.setProtocolOptions(
             maxFramePayloadSize=max_frame_bytes,
