@@ -20,7 +20,7 @@ from twisted.internet import defer, reactor, task
 from twisted.trial import unittest
 
 from wsserver.messages import MAX_WATCH, WatchFrame, parse_control_frame
-from wsserver.presence import CONTACTS, EVERYONE, OFF, PresenceHub
+from wsserver.presence import CONTACTS, EVERYONE, GRACE, OFF, RECHECK, PresenceHub
 from wsserver.store import is_postgres
 
 from .support import LiveServer, eventually
@@ -455,6 +455,17 @@ class HubTests(unittest.TestCase):
         off.watch(other, ["bob", "alice"])
         self.assertEqual([f[1:] for f in other.frames], [(False, "1970-01-01T00:00:00.000Z")] * 2)
 
+    def test_a_change_nobody_announced_is_found_by_the_recheck(self):
+        """A node that died never says its users went offline: the hub asks
+        the broker again every RECHECK seconds and reports what changed."""
+        hub, conn = self.hub(), FakeConn("alice")
+        self.state["bob"] = (True, 1000)
+        hub.watch(conn, ["bob"])
+        self.clock.advance(30)
+        self.state["bob"] = (False, 30_000)  # changed where no event was sent
+        self.clock.pump([GRACE] * int(RECHECK / GRACE + 2))
+        self.assertEqual(conn.frames[-1], ("bob", False, "1970-01-01T00:00:30.000Z"))
+
     def test_a_later_watch_wins_over_one_still_answering(self):
         """The first watch's contacts answer comes after the second watch's:
         only the second list is kept and answered."""
@@ -497,3 +508,19 @@ class WatchParsingTests(unittest.TestCase):
         """A message (no type, or type message) is left to parse_client_frame."""
         for text in ('{"to":"bob","content":"type"}', '{"type":"message","to":"b","content":""}'):
             self.assertIsNone(parse_control_frame(text))
+
+
+class PresenceSettingTests(unittest.TestCase):
+    """The PRESENCE setting (section 15)."""
+
+    def test_values_and_a_bad_one(self):
+        """contacts by default; everyone and off (any case) accepted; any
+        other value stops the start with one line naming PRESENCE."""
+        from wsserver.config import ConfigError, load
+
+        self.assertEqual(load({}, {}).presence, CONTACTS)
+        self.assertEqual(load({}, {"PRESENCE": " Everyone "}).presence, EVERYONE)
+        self.assertEqual(load({"presence": "off"}, {"PRESENCE": "everyone"}).presence, OFF)
+        with self.assertRaises(ConfigError) as caught:
+            load({}, {"PRESENCE": "friends"})
+        self.assertEqual(str(caught.exception), "PRESENCE: must be contacts, everyone or off")
