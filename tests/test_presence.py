@@ -210,6 +210,32 @@ class WatchEndToEndTests(unittest.TestCase):
         self.assertEqual([f for f in alice.received if f["type"] == "system"], [])
 
     @defer.inlineCallbacks
+    def test_watchers_end_on_the_last_state_after_flapping(self):
+        """bob opens and closes a connection five times in a row (on both
+        nodes in turn in a cluster), then opens one and keeps it: alice's last
+        frame about bob says online; once it closes, offline."""
+        server = yield live_server(self, {**FAST, "PRESENCE": "everyone"})
+        _, alice_token = yield server.user("alice")
+        _, bob_token = yield server.user("bob")
+        alice = yield server.connect(alice_token, testcase=self)
+        self.addCleanup(alice.close_and_wait)
+        alice.send_json({"type": "watch", "users": ["bob"]})
+        yield first_frames(alice, 1)
+        for _ in range(5):
+            bob = yield server.connect(bob_token, testcase=self)
+            yield bob.close_and_wait()
+        bob = yield server.connect(bob_token, testcase=self)
+        self.addCleanup(bob.close_and_wait)
+
+        def last_is(online: bool) -> bool:
+            frames = presence_of(alice, "bob")
+            return len(frames) > 1 and frames[-1]["online"] is online
+
+        yield eventually(lambda: last_is(True), "bob online for alice")
+        yield bob.close_and_wait()
+        yield eventually(lambda: last_is(False), "bob offline for alice")
+
+    @defer.inlineCallbacks
     def test_off_reports_everyone_offline(self):
         """PRESENCE=off: every watched user, online or not, alice herself
         included, is offline since the epoch, and stays so."""
