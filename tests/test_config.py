@@ -203,6 +203,7 @@ class EverySettingTests(unittest.TestCase):
             "PENDING_RETENTION_DAYS": "90.5",
             "METRICS_ADDR": "tcp:0:interface=127.0.0.1",
             "LOG_FORMAT": "json",
+            "PRESENCE": "everyone",
         }
 
     def test_each_chosen_value_differs_from_the_default(self):
@@ -433,6 +434,11 @@ class EverySettingTests(unittest.TestCase):
         line = log_path.read_text().splitlines()[-1]
         self.assertEqual(json.loads(line)["message"], "hello json")
         checked.add("LOG_FORMAT")
+
+        # PRESENCE: carried by the factory's presence hub (tests/test_presence.py
+        # shows what each policy does).
+        self.assertEqual(_carried(service.factory, "presence").policy, "everyone")
+        checked.add("PRESENCE")
 
         self.assertEqual(checked, {variable for variable, *_ in SETTINGS})
 

@@ -53,6 +53,7 @@ class Config:
     pending_retention_days: float  # 0: keep pending messages for ever
     metrics_addr: str | None  # a Twisted endpoint for /metrics, or None: not served
     log_format: str  # "text" or "json"
+    presence: str  # who may watch whom: "contacts", "everyone" or "off" (protocol section 13)
 
     @property
     def tls(self) -> bool:
@@ -223,6 +224,13 @@ def _log_format(text: str) -> str:
     value = text.strip().lower()
     if value not in ("text", "json"):
         raise ValueError("must be text or json")
+    return value
+
+
+def _presence(text: str) -> str:
+    value = text.strip().lower()
+    if value not in ("contacts", "everyone", "off"):
+        raise ValueError("must be contacts, everyone or off")
     return value
 
 
@@ -405,6 +413,14 @@ SETTINGS: list[tuple[str, str, str | None, Callable[[str], Any], str]] = [
         _metrics_addr,
         "where Prometheus metrics are served at /metrics, on a listener of their own: "
         "PORT, :PORT, HOST:PORT or an endpoint (default: not served)",
+    ),
+    (
+        "PRESENCE",
+        "presence",
+        "contacts",
+        _presence,
+        "who may watch a user's presence: contacts (users sharing a direct"
+        " conversation or a group), everyone, or off (everyone appears offline)",
     ),
     (
         "LOG_FORMAT",

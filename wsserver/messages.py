@@ -371,6 +371,19 @@ def group_frame(group_id: str, event: str, user_id: str, ms: int) -> bytes:
     )
 
 
+def read_frame(msg_id: int, reader: str, ms: int) -> bytes:
+    """The ``status`` frame ``read``: ``reader`` read message ``msg_id``."""
+    return dumps(
+        {
+            "type": "status",
+            "id": msg_id,
+            "status": "read",
+            "by": reader,
+            "timestamp": format_timestamp(ms),
+        }
+    )
+
+
 def system_frame(
     to: str,
     code: str,
@@ -392,3 +405,59 @@ def system_frame(
     if retry_after_ms is not None:
         frame["retry_after_ms"] = retry_after_ms
     return dumps(frame)
+
+
+# -- read receipts and presence (protocol section 13) ---------------------------
+
+MAX_MESSAGE_ID = 2**63 - 1  # the largest id either store can hold
+MAX_WATCH = 256  # users one watch frame may list
+
+
+@dataclass(frozen=True, slots=True)
+class ReadFrame:
+    """``{"type": "read", "id": N}``: the client read message N."""
+
+    msg_id: int
+
+
+@dataclass(frozen=True, slots=True)
+class WatchFrame:
+    """``{"type": "watch", "users": [...]}``: the connection's new watch list."""
+
+    users: tuple[str, ...]
+
+
+def parse_control_frame(text: str) -> ReadFrame | WatchFrame | None:
+    """A ``read`` or ``watch`` frame, or None for anything else (a message,
+    or what ``parse_client_frame`` refuses); raises ``Refusal``
+    (``invalid_message``) for a ``read`` or ``watch`` spelt wrong.
+
+    Frames that cannot name a ``type`` (no ``"type"`` and no escape in the
+    text) are not parsed here: the message path pays nothing.
+    """
+    if '"type"' not in text and "\\u" not in text:
+        return None
+    try:
+        obj = loads_object(text)
+    except InvalidJSON:
+        return None
+    kind = obj.get("type")
+    if kind == "read":
+        if set(obj) != {"type", "id"}:
+            raise Refusal("invalid_message", "a read frame has exactly 'type' and 'id'")
+        msg_id = obj["id"]
+        if type(msg_id) is not int or not 1 <= msg_id <= MAX_MESSAGE_ID:
+            raise Refusal("invalid_message", "'id' must be a message id (a positive integer)")
+        return ReadFrame(msg_id)
+    if kind == "watch":
+        if set(obj) != {"type", "users"}:
+            raise Refusal("invalid_message", "a watch frame has exactly 'type' and 'users'")
+        users = obj["users"]
+        if not isinstance(users, list):
+            raise Refusal("invalid_message", "'users' must be a list of user ids")
+        if len(users) > MAX_WATCH:
+            raise Refusal("invalid_message", f"'users' may list at most {MAX_WATCH} users")
+        if not all(is_user_id(u) for u in users):
+            raise Refusal("invalid_message", "'users' must be a list of user ids")
+        return WatchFrame(tuple(users))
+    return None

@@ -245,6 +245,7 @@ class WsServerService(ChoosesLogObserver):
             require_signatures=config.require_signatures,
             metrics=self.metrics,
             auth=self.auth,
+            presence=config.presence,
         )
         # Account changes (protocol sections 12 and 14): deletions, revoked
         # keys and sign-outs, recorded as account events that every node acts

@@ -31,16 +31,21 @@ from .messages import (
     UNSIGNED,
     VERIFIED,
     Draft,
+    ReadFrame,
     Refusal,
+    WatchFrame,
     ack_frame,
     nonce_from_raw,
     parse_client_frame,
+    parse_control_frame,
     system_frame,
 )
 from .metrics import DISCARD, Metrics
 from .peers import mark_upgraded
+from .presence import CONTACTS, PresenceHub
 from .ratelimit import RateLimiter
 from .store import DUPLICATE, NO_RECIPIENT, NOT_A_MEMBER, NewMessage, Store
+from .store.reads import NOT_RECEIVED, READ
 
 _log = Logger()
 
@@ -240,6 +245,7 @@ class ServerProtocol(WebSocketServerProtocol):
         self._closed = defer.Deferred()
         self._out: Any = None  # what _write writes to (set when the connection opens)
         self._taking: defer.Deferred | None = None  # frames waiting for the shared bucket
+        self._reads: defer.Deferred | None = None  # the last read frame's handling
 
     # -- what the broker sees ---------------------------------------------------
 
@@ -518,6 +524,14 @@ class ServerProtocol(WebSocketServerProtocol):
             )
             return
         try:
+            control = parse_control_frame(text)
+        except Refusal as refusal:
+            self._refuse(refusal)
+            return
+        if control is not None:
+            self._on_control(control)
+            return
+        try:
             draft = parse_client_frame(text, self.user_id, factory._max_content_bytes)
             verification = verification_of(self.user_id, draft, self._session.verify_key)
             if verification == INVALID_SIGNATURE:
@@ -540,6 +554,54 @@ class ServerProtocol(WebSocketServerProtocol):
         d = factory._store.add_message(new)
         d.addCallbacks(self._stored, self._not_stored, (draft,), None, (draft,))
         d.addErrback(self._failed_after_store)
+
+    # -- read and watch frames (protocol section 13) ------------------------------
+
+    def _on_control(self, frame: ReadFrame | WatchFrame) -> None:
+        if isinstance(frame, WatchFrame):
+            d = self.factory._presence.watch(self, list(frame.users))
+            d.addErrback(self._control_failed, "watch")
+            return
+        # Reads of one connection are handled one after the other, so their
+        # receipts (and refusals) come in the order the client sent them.
+        mine: defer.Deferred = defer.Deferred()
+        previous, self._reads = self._reads, mine
+
+        def run(_: Any) -> None:
+            d = self._on_read(frame)
+            d.addErrback(self._control_failed, "read")
+            d.addBoth(lambda _: mine.callback(None))
+
+        def finished(_: Any) -> None:
+            if self._reads is mine:
+                self._reads = None
+
+        mine.addCallback(finished)
+        if previous is None:
+            run(None)
+        else:
+            previous.addCallback(run)
+
+    def _on_read(self, frame: ReadFrame) -> defer.Deferred:
+        store = self.factory._store
+        now_ms = int(self.factory._clock.seconds() * 1000)
+        # The delivered marks this node queued are committed first: a message
+        # handed over a moment ago may be read at once.
+        d = store.drain()
+        d.addBoth(lambda _: store.record_read(self.user_id, frame.msg_id, now_ms))
+        d.addCallback(self._read_recorded, frame.msg_id, now_ms)
+        return d
+
+    def _read_recorded(self, outcome: tuple[str, Any], msg_id: int, now_ms: int) -> None:
+        kind, sender = outcome
+        if kind == READ:
+            self.factory._broker.read_receipt(msg_id, sender, self.user_id, now_ms)
+        elif kind == NOT_RECEIVED:
+            self._refuse(Refusal("invalid_message", f"no message {msg_id} was received by you"))
+
+    def _control_failed(self, failure: Failure, what: str) -> None:
+        _log.failure("a {what} frame of {user} failed", failure, what=what, user=self.user_id)
+        self._refuse(Refusal("internal_error", f"the {what} frame could not be handled"))
 
     def _stored(self, outcome: tuple[str, Any], draft: Draft) -> None:
         kind, msg = outcome
@@ -576,6 +638,7 @@ class ServerProtocol(WebSocketServerProtocol):
         if self._attached:
             self._attached = False
             self.factory._broker.detach(self)
+            self.factory._presence.forget(self)
             _log.info("closed: {user} code={code}", user=self.user_id, code=code)
         waiting, self._waiting = self._waiting, []
         for d in waiting:
@@ -604,6 +667,7 @@ class ServerFactory(WebSocketServerFactory):
         auth: Authenticator | None = None,
         auto_ping_interval: float = 30.0,
         auto_ping_timeout: float = 10.0,
+        presence: str = CONTACTS,
     ) -> None:
         super().__init__(server="wsserver")
         # Every attribute of ours is private: Autobahn's factory (and the
@@ -620,6 +684,15 @@ class ServerFactory(WebSocketServerFactory):
         self._metrics = metrics
         self._auth = auth  # checks a token again when an account changed meanwhile
         self._accepting = True
+        # Who watches whom (protocol section 13): the broker reports changes.
+        self._presence = PresenceHub(
+            clock,
+            presence,
+            lambda users: self._broker.presence_of(users),
+            lambda user, candidates: self._store.contacts_among(user, candidates),
+        )
+        if broker is not None:
+            broker.presence_listener = self._presence.changed
         self._admitting: tuple[Session, int | None] | None = None
         self.setProtocolOptions(
             maxFramePayloadSize=max_frame_bytes,
@@ -692,6 +765,7 @@ class ServerFactory(WebSocketServerFactory):
         """Stop taking frames, commit what was received, close every connection with 1001."""
         self._accepting = False
         self._expiry.stop()
+        self._presence.stop()
         conns = list(self._broker.connections())
         for conn in conns:
             conn._reading(False)

@@ -20,7 +20,15 @@ from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 from zope.interface import implementer
 
-from ..messages import BROADCAST, DELIVERED, PENDING, Message, message_frame, status_frame
+from ..messages import (
+    BROADCAST,
+    DELIVERED,
+    PENDING,
+    Message,
+    message_frame,
+    read_frame,
+    status_frame,
+)
 from ..metrics import DISCARD, Metrics
 from ..store import Store
 from . import Connection, IBroker
@@ -36,6 +44,9 @@ class LocalBroker:
     """The broker of a single process."""
 
     metrics: Metrics = DISCARD  # the node's metrics (set by tap.py)
+    # Told (user, online, since_ms) when a user's presence changes (the
+    # presence hub's ``changed``; set by the ServerFactory).
+    presence_listener: Callable[[str, bool, int], None] | None = None
 
     def __init__(
         self,
@@ -54,6 +65,7 @@ class LocalBroker:
         self._in_replay: dict[Connection, list[Message]] = {}
         # Group messages: (recipients, delivered) last told to their senders.
         self._group_told: OrderedDict[int, tuple[int, bool]] = OrderedDict()
+        self._seen: dict[str, tuple[bool, int]] = {}  # user -> (online, since ms) here
 
     @property
     def clock(self) -> IReactorTime:
@@ -68,6 +80,8 @@ class LocalBroker:
         if len(conns) >= self._max_per_user:
             return False
         conns.append(conn)
+        if len(conns) == 1:
+            self._went(conn.user_id, True)
         return True
 
     def detach(self, conn: Connection) -> None:
@@ -76,6 +90,7 @@ class LocalBroker:
             conns.remove(conn)
             if not conns:
                 del self._users[conn.user_id]
+                self._went(conn.user_id, False)
 
     def connections(self) -> Iterator[Connection]:
         for conns in list(self._users.values()):
@@ -200,6 +215,28 @@ class LocalBroker:
         """A group message's count as the database has it: to its sender's
         connections (in a cluster, on every node)."""
         self._group_status(msg_id, sender, recipients, done)
+
+    # -- presence and read receipts (protocol section 13) -------------------------
+
+    def _went(self, user_id: str, online: bool) -> None:
+        """``user_id``'s first connection here opened (or their last closed)."""
+        since = self._now_ms()
+        self._seen[user_id] = (online, since)
+        if self.presence_listener is not None:
+            self.presence_listener(user_id, online, since)
+
+    def presence_of(self, users: list[str]) -> defer.Deferred:
+        """Fire with ``{user: (online, since_ms)}``; since 0 for a user never
+        seen (since this process started)."""
+        return defer.succeed({u: self._seen.get(u, (False, 0)) for u in users})
+
+    def read_receipt(self, msg_id: int, sender: str, reader: str, ms: int) -> None:
+        """``reader`` read ``msg_id`` (recorded): tell the sender's connections."""
+        conns = self._users.get(sender)
+        if conns:
+            payload = read_frame(msg_id, reader, ms)
+            for conn in list(conns):
+                conn.notify(payload)
 
     def _hand_out(self, sender: Connection | None, msg: Message) -> int:
         """Hand ``msg`` (its frame made once) to this process's connections of

@@ -47,6 +47,7 @@ from ..store import Store
 from . import Connection, IBroker, resp
 from .limits import LEASE_REFRESH, ask_lease, refresh_leases
 from .local import LocalBroker
+from .online import check_presence
 from .stream import StreamApplier
 
 _log = Logger()
@@ -64,6 +65,8 @@ TOLD_MEMORY = 10_000  # ids whose delivered status this node has sent lately
 #   ["g", id, from, recipients, delivered]  a group message's count: tell the sender
 #   ["s", id, from, recipients | null]   delivered: tell the sender
 #   ["c", id, count]                      a broadcast's count on one node
+#   ["p", user, online (1/0), since ms]   presence changed (``online.py``)
+#   ["r", id, from, reader, ms]           read receipt: tell the sender
 # The object form of earlier versions ({"t": "m", "m": {...}}, ...) is still
 # read, and so is a message without its last field (``key_id``, from issue 12:
 # read as null), so nodes of both versions can run side by side during an
@@ -380,6 +383,7 @@ class RedisBroker(LocalBroker):
             self._local_cap(f.getErrorMessage())
 
         d.addCallbacks(answered, failed)
+        self._check_presence([conn.user_id]).addErrback(lambda f: None)
         return True
 
     def detach(self, conn: Connection) -> None:
@@ -388,6 +392,49 @@ class RedisBroker(LocalBroker):
         redis = self.command_connection()
         if lease is not None and redis is not None:
             redis.zrem(*lease).addErrback(lambda f: None)
+            self._check_presence([conn.user_id]).addErrback(lambda f: None)
+
+    # -- presence and read receipts (protocol section 13) -------------------------
+
+    def _went(self, user_id: str, online: bool) -> None:
+        since = self._now_ms()
+        self._seen[user_id] = (online, since)
+        if self.command_connection() is None and self.presence_listener is not None:
+            # Redis is away: this node's own view is all there is.
+            self.presence_listener(user_id, online, since)
+
+    def _check_presence(self, users: list[str]) -> defer.Deferred:
+        """Ask Redis (after this node's lease commands, on the same
+        connection) and publish the changes it recorded."""
+        redis = self.command_connection()
+        if redis is None:
+            return LocalBroker.presence_of(self, users)
+        d = check_presence(redis, self.prefix, users, self._clock.seconds())
+
+        def found(states: dict[str, tuple[bool, int, bool]]) -> dict[str, tuple[bool, int]]:
+            for user, (online, since, changed) in states.items():
+                if changed:
+                    if self.presence_listener is not None:
+                        self.presence_listener(user, online, since)
+                    self._outgoing.append(["p", user, 1 if online else 0, since])
+                    self._schedule_flush()
+            return {user: (online, since) for user, (online, since, _) in states.items()}
+
+        return d.addCallback(found)
+
+    def presence_of(self, users: list[str]) -> defer.Deferred:
+        d = self._check_presence(users)
+
+        def failed(f: Failure) -> Any:
+            _log.warn("presence from {url} failed: {why}", url=self._shown, why=f.getErrorMessage())
+            return LocalBroker.presence_of(self, users)
+
+        return d.addErrback(failed)
+
+    def read_receipt(self, msg_id: int, sender: str, reader: str, ms: int) -> None:
+        super().read_receipt(msg_id, sender, reader, ms)
+        self._outgoing.append(["r", msg_id, sender, reader, ms])
+        self._schedule_flush()
 
     def _local_cap(self, why: str) -> None:
         if not self._cap_local:
@@ -579,6 +626,13 @@ class RedisBroker(LocalBroker):
                     tally = self._tallies.get(int(event[1]))
                     if tally is not None:
                         tally.add(node, int(event[2]))
+                elif kind == "p":
+                    if self.presence_listener is not None:
+                        self.presence_listener(str(event[1]), bool(event[2]), int(event[3]))
+                elif kind == "r":
+                    LocalBroker.read_receipt(
+                        self, int(event[1]), str(event[2]), str(event[3]), int(event[4])
+                    )
             except (ValueError, KeyError, TypeError, IndexError):
                 _log.warn("ignored a malformed event from node {node}", node=node)
 

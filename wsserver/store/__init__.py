@@ -244,6 +244,14 @@ class IStore(Interface):
         event; fire ``(Group, detail)``; fail ``GroupError`` ``unknown_group``,
         ``not_owner`` or ``not_a_member``."""
 
+    def record_read(reader: str, msg_id: int, now_ms: int) -> Any:  # noqa: N805
+        """Check that ``reader`` received ``msg_id`` and record the read in one
+        transaction; fire with (outcome, sender) (``reads.py``)."""
+
+    def contacts_among(user: str, candidates: list[str]) -> Any:  # noqa: N805
+        """Fire with the ``candidates`` sharing a direct conversation or a
+        current group with ``user`` (``PRESENCE=contacts``)."""
+
     def drain() -> Any:
         """Fire once every write queued so far has been committed (or failed)."""
 

@@ -74,6 +74,7 @@ from .groups import (
 )
 from .history import History, KnownConversations, conv_of, conversation_rows
 from .purges import PURGE_INTERVAL, Purges
+from .reads import Reads
 from .rows import (
     KEYLOG_COLUMNS,
     MESSAGE_COLUMNS,
@@ -587,7 +588,14 @@ def _remove_account(cur: Any, user_id: str, now_ms: int) -> None:
         " ON CONFLICT (user_id) DO NOTHING",
         (user_id, now_ms),
     )
-    for table in ("users", "user_keys", "key_log", "challenges", "revoked_tokens"):
+    for table in (
+        "users",
+        "user_keys",
+        "key_log",
+        "challenges",
+        "revoked_tokens",
+        "message_reads",  # the receipts the user sent (schema 5)
+    ):
         cur.execute(f"DELETE FROM {table} WHERE user_id = %s", (user_id,))  # noqa: S608
     # Its conversations rows, both ways (the peers' found through its own).
     cur.execute(
@@ -694,10 +702,11 @@ def _on_live_connection(txn: Any, interaction: Callable[..., Any], *args: Any) -
 
 
 @implementer(IStore)
-class PostgresStore(Groups, Purges, History, BatchedWrites):
+class PostgresStore(Groups, Reads, Purges, History, BatchedWrites):
     """Asynchronous access to a PostgreSQL database, with group commit."""
 
     _mark = "%s"  # History's queries
+    _PARAM = "%s"  # for the SQL shared with SQLite (reads.py)
     # With "conv = %s" the key is a constant to the planner and ORDER BY id
     # DESC can come from messages_pkey: for a busy conversation it walks the
     # primary key back with a filter (cheaper by its estimate), reading every

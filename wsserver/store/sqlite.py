@@ -64,6 +64,7 @@ from .groups import (
 )
 from .history import History, KnownConversations, conv_of, conversation_rows
 from .purges import PURGE_INTERVAL, Purges
+from .reads import Reads
 from .rows import (
     KEYLOG_COLUMNS,
     MESSAGE_COLUMNS,
@@ -546,7 +547,14 @@ def _remove_account(cur: Any, user_id: str, now_ms: int) -> None:
         "INSERT OR IGNORE INTO deleted_users (user_id, deleted_ms) VALUES (?, ?)",
         (user_id, now_ms),
     )
-    for table in ("users", "user_keys", "key_log", "challenges", "revoked_tokens"):
+    for table in (
+        "users",
+        "user_keys",
+        "key_log",
+        "challenges",
+        "revoked_tokens",
+        "message_reads",  # the receipts the user sent (schema 5)
+    ):
         cur.execute(f"DELETE FROM {table} WHERE user_id = ?", (user_id,))  # noqa: S608
     _forget_conversations(cur, user_id)
     leave_all_groups(cur, user_id, _stream_head(cur), now_ms, _same, _add_event)
@@ -637,7 +645,7 @@ def _unpurged(cur: Any, after: str, limit: int) -> list[str]:
 
 
 @implementer(IStore)
-class Store(Groups, Purges, History, BatchedWrites):
+class Store(Groups, Reads, Purges, History, BatchedWrites):
     """Asynchronous access to the SQLite database, with group commit."""
 
     def __init__(

@@ -1,0 +1,552 @@
+"""Presence (protocol section 13, decisions in docs/protocol.md section 15):
+the ``watch`` frame, ``presence`` frames at once and on every change, the
+three ``PRESENCE`` policies, refusals of bad ``watch`` frames, the
+rate-limit token a ``watch`` costs, and coalescing (unit tests of
+``PresenceHub`` on a ``task.Clock``).  The end-to-end tests run in the four
+suite modes; in a cluster the watcher and the watched are on different
+nodes where the mode allows it."""
+
+from __future__ import annotations
+
+import calendar
+import itertools
+import json
+import sqlite3
+import time
+from typing import Any
+
+import psycopg
+from twisted.internet import defer, reactor, task
+from twisted.trial import unittest
+
+from wsserver.messages import MAX_WATCH, WatchFrame, parse_control_frame
+from wsserver.presence import CONTACTS, EVERYONE, GRACE, OFF, RECHECK, PresenceHub
+from wsserver.store import is_postgres
+
+from .support import LiveServer, eventually
+
+EPOCH = "1970-01-01T00:00:00.000Z"  # the since of a user never seen
+FAST = {"MESSAGE_RATE_LIMIT": "1000", "MESSAGE_BURST_LIMIT": "1000"}
+
+
+def execute_sql(server: LiveServer, sql: str, args: tuple = ()) -> None:
+    """Run one statement (``?`` placeholders) on the server's database, on a
+    connection of the test's own."""
+    if is_postgres(server.db):
+        with psycopg.connect(server.db, autocommit=True) as conn:
+            conn.execute(sql.replace("?", "%s"), args)
+    else:
+        conn = sqlite3.connect(server.db, timeout=30)
+        with conn:
+            conn.execute(sql, args)
+        conn.close()
+
+
+@defer.inlineCallbacks
+def live_server(testcase: Any, env: dict[str, str]) -> Any:
+    """A ``LiveServer`` whose nodes all listen to the cluster's channel: the
+    ``p`` and ``r`` events published before a node subscribed are not read
+    back (unlike messages), so a test waits for every node's /ready."""
+    server = LiveServer(testcase, env)
+    if server.mode == "cluster":
+        nodes = [server.service, *server.others]
+        yield eventually(lambda: all(n.broker.ready[0] for n in nodes), "every node subscribed")
+    elif server.mode == "workers":
+        seen: set[str] = set()
+
+        @defer.inlineCallbacks
+        def both() -> Any:
+            code, body = yield server.get("/ready", client=server.http(fresh=True))
+            if code == 200:
+                seen.add(body["node"])
+            return len(seen) >= 2
+
+        yield eventually_deferred(both, "both workers ready")
+    return server
+
+
+def share_conversation(server: LiveServer, a: str, b: str) -> None:
+    """Rows of ``conversations`` both ways, as the store writes them for a
+    direct message between ``a`` and ``b``."""
+    for user, peer in ((a, b), (b, a)):
+        execute_sql(server, "INSERT INTO conversations (user_id, peer) VALUES (?, ?)", (user, peer))
+
+
+def seconds_of(stamp: str) -> float:
+    """An RFC 3339 UTC stamp with milliseconds as Unix seconds."""
+    whole, millis = stamp.rstrip("Z").split(".")
+    return calendar.timegm(time.strptime(whole, "%Y-%m-%dT%H:%M:%S")) + int(millis) / 1000
+
+
+def presence_of(client: Any, user: str) -> list[dict]:
+    """The presence frames ``client`` received about ``user``, in order."""
+    return [f for f in client.received if f["type"] == "presence" and f["user"] == user]
+
+
+def first_frames(client: Any, count: int) -> Any:
+    """The next ``count`` presence frames."""
+    return client.take(count, "presence")
+
+
+class WatchEndToEndTests(unittest.TestCase):
+    """``watch`` on a live server, in every suite mode."""
+
+    timeout = 120
+
+    @defer.inlineCallbacks
+    def test_watched_users_are_reported_at_once_and_on_every_change(self):
+        """alice watches bob, carol and an unknown id (PRESENCE=everyone): three
+        frames at once, all offline, bob and the unknown id since the epoch
+        (never seen); bob connects (on the other node in a cluster): online,
+        since about now; bob's last connection closes: offline, since later."""
+        server = yield live_server(self, {**FAST, "PRESENCE": "everyone"})
+        _, alice_token = yield server.user("alice")
+        _, bob_token = yield server.user("bob")
+        yield server.user("carol")
+        alice = yield server.connect(alice_token, testcase=self)
+        self.addCleanup(alice.close_and_wait)
+        alice.send_json({"type": "watch", "users": ["bob", "carol", "nobody", "bob"]})
+        frames = yield first_frames(alice, 3)  # one per user, in the order listed
+        self.assertEqual(
+            [(f["user"], f["online"], f["since"]) for f in frames],
+            [
+                ("bob", False, EPOCH),
+                ("carol", False, EPOCH),
+                ("nobody", False, EPOCH),
+            ],
+        )
+        before = time.time()
+        bob = yield server.connect(bob_token, testcase=self)
+        online = yield alice.next_of("presence")
+        self.assertEqual((online["user"], online["online"]), ("bob", True))
+        self.assertLess(abs(seconds_of(online["since"]) - before), 30)
+        yield bob.close_and_wait()
+        offline = yield alice.next_of("presence")
+        self.assertEqual((offline["user"], offline["online"]), ("bob", False))
+        self.assertGreaterEqual(seconds_of(offline["since"]), seconds_of(online["since"]))
+
+    @defer.inlineCallbacks
+    def test_a_second_watch_replaces_the_list(self):
+        """After watching [bob] then [carol], bob's coming online sends alice
+        nothing, carol's does (and a later frame about carol is the marker
+        that bob's would have come by now)."""
+        server = yield live_server(self, {**FAST, "PRESENCE": "everyone"})
+        _, alice_token = yield server.user("alice")
+        _, bob_token = yield server.user("bob")
+        _, carol_token = yield server.user("carol")
+        alice = yield server.connect(alice_token, testcase=self)
+        self.addCleanup(alice.close_and_wait)
+        alice.send_json({"type": "watch", "users": ["bob"]})
+        yield first_frames(alice, 1)
+        alice.send_json({"type": "watch", "users": ["carol"]})
+        (frame,) = yield first_frames(alice, 1)
+        self.assertEqual(frame["user"], "carol")
+        # bob, then carol, on one node (the other one in a test cluster), so
+        # carol's change is published after bob's would have been.
+        node = 1 if server.mode == "cluster" else None
+        bob = yield server.connect(bob_token, node=node, testcase=self)
+        self.addCleanup(bob.close_and_wait)
+        carol = yield server.connect(carol_token, node=node, testcase=self)
+        self.addCleanup(carol.close_and_wait)
+        frame = yield alice.next_of("presence")
+        self.assertEqual((frame["user"], frame["online"]), ("carol", True))
+        self.assertEqual(len(presence_of(alice, "bob")), 1)
+
+    @defer.inlineCallbacks
+    def test_contacts_see_each_other_and_others_appear_offline(self):
+        """PRESENCE=contacts (the default): alice shares a direct conversation
+        with bob, and a group with dave, not with carol.  With all three
+        online, alice sees bob and dave online and carol offline since the
+        epoch, exactly as an unknown user; no error.  Removed from the group,
+        dave appears offline on the next watch."""
+        server = yield live_server(self, FAST)
+        tokens = {}
+        for name in ("alice", "bob", "carol", "dave"):
+            _, tokens[name] = yield server.user(name)
+        share_conversation(server, "alice", "bob")
+        for user in ("alice", "dave"):
+            execute_sql(
+                server,
+                "INSERT INTO group_members (group_id, user_id, joined_id, removed_id,"
+                " delivered_id, added_ms) VALUES ('#team', ?, 0, NULL, 0, 0)",
+                (user,),
+            )
+        others = []
+        for name in ("bob", "carol", "dave"):
+            conn = yield server.connect(tokens[name], testcase=self)
+            self.addCleanup(conn.close_and_wait)
+            others.append(conn)
+        alice = yield server.connect(tokens["alice"], testcase=self)
+        self.addCleanup(alice.close_and_wait)
+        want = ["bob", "carol", "dave", "nobody", "alice"]
+
+        @defer.inlineCallbacks
+        def states() -> Any:
+            alice.send_json({"type": "watch", "users": want})
+            frames = yield first_frames(alice, len(want))
+            return {f["user"]: (f["online"], f["since"] == EPOCH) for f in frames}
+
+        # In a cluster the other nodes' connections may take a moment to count.
+        seen = {}
+
+        @defer.inlineCallbacks
+        def settled() -> Any:
+            seen.update((yield states()))
+            return seen["bob"][0] and seen["dave"][0]
+
+        yield eventually_deferred(settled, "bob and dave online for alice")
+        self.assertEqual(
+            seen,
+            {
+                "bob": (True, False),
+                "carol": (False, True),
+                "dave": (True, False),
+                "nobody": (False, True),
+                "alice": (True, False),
+            },
+        )
+        execute_sql(server, "UPDATE group_members SET removed_id = 1 WHERE user_id = 'dave'")
+        self.assertEqual((yield states())["dave"], (False, True))
+        self.assertEqual([f for f in alice.received if f["type"] == "system"], [])
+
+    @defer.inlineCallbacks
+    def test_watchers_end_on_the_last_state_after_flapping(self):
+        """bob opens and closes a connection five times in a row (on both
+        nodes in turn in a cluster), then opens one and keeps it: alice's last
+        frame about bob says online; once it closes, offline."""
+        server = yield live_server(self, {**FAST, "PRESENCE": "everyone"})
+        _, alice_token = yield server.user("alice")
+        _, bob_token = yield server.user("bob")
+        alice = yield server.connect(alice_token, testcase=self)
+        self.addCleanup(alice.close_and_wait)
+        alice.send_json({"type": "watch", "users": ["bob"]})
+        yield first_frames(alice, 1)
+        for _ in range(5):
+            bob = yield server.connect(bob_token, testcase=self)
+            yield bob.close_and_wait()
+        bob = yield server.connect(bob_token, testcase=self)
+        self.addCleanup(bob.close_and_wait)
+
+        def last_is(online: bool) -> bool:
+            frames = presence_of(alice, "bob")
+            return len(frames) > 1 and frames[-1]["online"] is online
+
+        yield eventually(lambda: last_is(True), "bob online for alice")
+        yield bob.close_and_wait()
+        yield eventually(lambda: last_is(False), "bob offline for alice")
+
+    @defer.inlineCallbacks
+    def test_off_reports_everyone_offline(self):
+        """PRESENCE=off: every watched user, online or not, alice herself
+        included, is offline since the epoch, and stays so."""
+        server = yield live_server(self, {**FAST, "PRESENCE": "off"})
+        _, alice_token = yield server.user("alice")
+        _, bob_token = yield server.user("bob")
+        bob = yield server.connect(bob_token, testcase=self)
+        self.addCleanup(bob.close_and_wait)
+        alice = yield server.connect(alice_token, testcase=self)
+        self.addCleanup(alice.close_and_wait)
+        alice.send_json({"type": "watch", "users": ["bob", "alice"]})
+        frames = yield first_frames(alice, 2)
+        self.assertEqual(
+            [(f["user"], f["online"], f["since"]) for f in frames],
+            [("bob", False, EPOCH), ("alice", False, EPOCH)],
+        )
+
+    @defer.inlineCallbacks
+    def test_bad_watch_frames_are_refused_and_change_nothing(self):
+        """Each bad spelling gets one ``system`` invalid_message and leaves
+        the connection open and its list as it was (a change of bob is still
+        reported afterwards)."""
+        server = yield live_server(self, {**FAST, "PRESENCE": "everyone"})
+        _, alice_token = yield server.user("alice")
+        _, bob_token = yield server.user("bob")
+        alice = yield server.connect(alice_token, testcase=self)
+        self.addCleanup(alice.close_and_wait)
+        alice.send_json({"type": "watch", "users": ["bob"]})
+        yield first_frames(alice, 1)
+        bad = [
+            {"type": "watch"},
+            {"type": "watch", "users": "bob"},
+            {"type": "watch", "users": {"bob": 1}},
+            {"type": "watch", "users": ["bob", 7]},
+            {"type": "watch", "users": ["bo b"]},
+            {"type": "watch", "users": ["#team"]},
+            {"type": "watch", "users": [""]},
+            {"type": "watch", "users": ["x" * 65]},
+            {"type": "watch", "users": ["bob\n"]},
+            {"type": "watch", "users": ["b\u00f6b"]},
+            {"type": "watch", "users": [f"u{i}" for i in range(MAX_WATCH + 1)]},
+            {"type": "watch", "users": ["bob"], "extra": 1},
+            {"type": "watch", "users": None},
+        ]
+        for frame in bad:
+            alice.send_json(frame)
+            refusal = yield alice.next_of("system")
+            self.assertEqual(refusal["code"], "invalid_message", frame)
+        alice.sendMessage(b'{"type": "watch", "users": ["\\ud800"]}')
+        self.assertEqual((yield alice.next_of("system"))["code"], "invalid_message")
+        bob = yield server.connect(bob_token, testcase=self)
+        self.addCleanup(bob.close_and_wait)
+        frame = yield alice.next_of("presence")
+        self.assertEqual((frame["user"], frame["online"]), ("bob", True))
+
+    @defer.inlineCallbacks
+    def test_a_watch_costs_one_rate_limit_token(self):
+        """With a burst of 2 and a slow refill: two watch frames pass, the
+        third is refused rate_limited before it is looked at."""
+        server = LiveServer(
+            self, {"MESSAGE_RATE_LIMIT": "0.01", "MESSAGE_BURST_LIMIT": "2", "PRESENCE": "off"}
+        )
+        _, alice_token = yield server.user("alice")
+        alice = yield server.connect(alice_token, testcase=self)
+        self.addCleanup(alice.close_and_wait)
+        for _ in range(2):
+            alice.send_json({"type": "watch", "users": ["bob"]})
+            self.assertEqual((yield alice.next_frame())["type"], "presence")
+        alice.send_json({"type": "watch", "users": ["bob"]})
+        refusal = yield alice.next_of("system")
+        self.assertEqual(refusal["code"], "rate_limited")
+
+
+@defer.inlineCallbacks
+def eventually_deferred(check: Any, what: str, seconds: float = 30.0) -> Any:
+    """Run ``check`` (a Deferred-returning function) until it fires true, as
+    ``support.eventually`` polls a condition."""
+    deadline = time.monotonic() + seconds
+    while not (yield check()):
+        if time.monotonic() > deadline:
+            raise AssertionError(f"not within {seconds:g} s: {what}")
+        yield task.deferLater(reactor, 0.05, lambda: None)
+
+
+# -- PresenceHub on a task.Clock ------------------------------------------------------
+
+
+class FakeConn:
+    """A connection as the hub sees it: frames it was sent, decoded."""
+
+    def __init__(self, user_id: str) -> None:
+        self.user_id = user_id
+        self.live = True
+        self.frames: list[tuple[str, bool, str]] = []
+
+    def notify(self, payload: bytes) -> None:
+        frame = json.loads(payload)
+        self.frames.append((frame["user"], frame["online"], frame["since"]))
+
+
+class HubTests(unittest.TestCase):
+    """Coalescing and policies of ``PresenceHub`` (GRACE 1 s, INTERVAL 1 s)."""
+
+    def setUp(self):
+        self.clock = task.Clock()
+        self.state: dict[str, tuple[bool, int]] = {}
+        self.contacts: set[str] = set()
+
+    def hub(self, policy: str = EVERYONE) -> PresenceHub:
+        def source(users: list[str]) -> defer.Deferred:
+            return defer.succeed({u: self.state.get(u, (False, 0)) for u in users})
+
+        def contacts(user: str, candidates: list[str]) -> defer.Deferred:
+            return defer.succeed({c for c in candidates if c in self.contacts})
+
+        hub = PresenceHub(self.clock, policy, source, contacts, grace=1.0, interval=1.0)
+        self.addCleanup(hub.stop)
+        return hub
+
+    def change(self, hub: PresenceHub, user: str, online: bool) -> None:
+        ms = int(self.clock.seconds() * 1000)
+        self.state[user] = (online, ms)
+        hub.changed(user, online, ms)
+
+    def test_an_offline_is_held_for_the_grace_and_an_online_goes_at_once(self):
+        """online at once; offline only once the grace has passed."""
+        hub, conn = self.hub(), FakeConn("alice")
+        hub.watch(conn, ["bob"])
+        self.clock.advance(5)
+        self.change(hub, "bob", True)
+        self.assertEqual([f[1] for f in conn.frames], [False, True])
+        self.clock.advance(5)
+        self.change(hub, "bob", False)
+        self.clock.advance(0.9)
+        self.assertEqual(len(conn.frames), 2)
+        self.clock.advance(0.2)
+        self.assertEqual(conn.frames[-1], ("bob", False, "1970-01-01T00:00:10.000Z"))
+
+    def test_a_quick_reconnect_sends_watchers_nothing(self):
+        """bob online, then off and on again inside the grace: no frame."""
+        hub, conn = self.hub(), FakeConn("alice")
+        self.change(hub, "bob", True)
+        hub.watch(conn, ["bob"])
+        self.clock.advance(5)
+        for _ in range(3):
+            self.change(hub, "bob", False)
+            self.clock.advance(0.3)
+            self.change(hub, "bob", True)
+            self.clock.advance(0.3)
+        self.clock.advance(10)
+        self.assertEqual(conn.frames, [("bob", True, "1970-01-01T00:00:00.000Z")])
+
+    def test_flapping_sends_at_most_one_frame_per_interval_and_ends_right(self):
+        """bob flaps every 0.1 s for 20 s (on 0.05 s, off 0.05 s): watchers get
+        at most one frame per second (21 at most), and end on his last state."""
+        hub, conn = self.hub(), FakeConn("alice")
+        hub.watch(conn, ["bob"])
+        for _ in range(200):
+            self.change(hub, "bob", True)
+            self.clock.advance(0.05)
+            self.change(hub, "bob", False)
+            self.clock.advance(0.05)
+        self.clock.advance(5)
+        self.assertLessEqual(len(conn.frames) - 1, 21)
+        self.assertEqual(conn.frames[-1][1], False)
+        # Each frame says something new.
+        changes = conn.frames[1:]
+        self.assertTrue(all(a[1] != b[1] for a, b in itertools.pairwise(changes)))
+
+    def test_steady_flapping_is_not_reported_at_all_when_each_offline_is_short(self):
+        """On for 0.5 s, off for 0.2 s, 50 times: bob is online throughout for
+        his watchers (each offline is shorter than the grace)."""
+        hub, conn = self.hub(), FakeConn("alice")
+        hub.watch(conn, ["bob"])
+        for _ in range(50):
+            self.change(hub, "bob", True)
+            self.clock.advance(0.5)
+            self.change(hub, "bob", False)
+            self.clock.advance(0.2)
+        self.change(hub, "bob", True)
+        self.clock.advance(5)
+        self.assertEqual([f[1] for f in conn.frames], [False, True])
+
+    def test_older_news_is_ignored(self):
+        """A change with an older since than what is known changes nothing (a
+        node's late publication)."""
+        hub, conn = self.hub(), FakeConn("alice")
+        hub.watch(conn, ["bob"])
+        self.clock.advance(5)
+        self.change(hub, "bob", True)
+        hub.changed("bob", False, 1000)
+        self.clock.advance(5)
+        self.assertEqual([f[1] for f in conn.frames], [False, True])
+
+    def test_a_new_watcher_is_told_what_the_others_were_told(self):
+        """While bob's offline is held, a new watcher hears online (what the
+        watchers know), then the offline with everyone."""
+        hub, first, second = self.hub(), FakeConn("alice"), FakeConn("carol")
+        self.change(hub, "bob", True)
+        hub.watch(first, ["bob"])
+        self.clock.advance(5)
+        self.change(hub, "bob", False)
+        hub.watch(second, ["bob"])
+        self.assertEqual(second.frames[-1][1], True)
+        self.clock.advance(2)
+        self.assertEqual(first.frames[-1][1], False)
+        self.assertEqual(second.frames[-1][1], False)
+
+    def test_forget_and_replacement_stop_the_frames(self):
+        """A closed connection, and a list replaced, hear nothing more."""
+        hub, closed, moved = self.hub(), FakeConn("alice"), FakeConn("carol")
+        hub.watch(closed, ["bob"])
+        hub.watch(moved, ["bob"])
+        hub.watch(moved, ["dave"])
+        hub.forget(closed)
+        self.assertEqual(hub.watched(), 1)
+        self.change(hub, "bob", True)
+        self.clock.advance(5)
+        self.assertEqual(len(closed.frames), 1)
+        self.assertEqual([f[0] for f in moved.frames], ["bob", "dave"])
+
+    def test_contacts_policy_hides_non_contacts_and_off_hides_all(self):
+        """contacts: a non-contact appears offline since the epoch and its
+        changes are not sent; the watcher herself and contacts are seen.
+        off: everyone offline."""
+        self.state = {"bob": (True, 5000), "carol": (True, 6000), "alice": (True, 7000)}
+        self.contacts = {"bob"}
+        hub, conn = self.hub(CONTACTS), FakeConn("alice")
+        hub.watch(conn, ["bob", "carol", "alice"])
+        self.assertEqual(
+            conn.frames,
+            [
+                ("bob", True, "1970-01-01T00:00:05.000Z"),
+                ("carol", False, "1970-01-01T00:00:00.000Z"),
+                ("alice", True, "1970-01-01T00:00:07.000Z"),
+            ],
+        )
+        self.clock.advance(5)
+        self.change(hub, "carol", False)
+        self.clock.advance(5)
+        self.assertEqual(len(conn.frames), 3)
+        off, other = self.hub(OFF), FakeConn("alice")
+        off.watch(other, ["bob", "alice"])
+        self.assertEqual([f[1:] for f in other.frames], [(False, "1970-01-01T00:00:00.000Z")] * 2)
+
+    def test_a_change_nobody_announced_is_found_by_the_recheck(self):
+        """A node that died never says its users went offline: the hub asks
+        the broker again every RECHECK seconds and reports what changed."""
+        hub, conn = self.hub(), FakeConn("alice")
+        self.state["bob"] = (True, 1000)
+        hub.watch(conn, ["bob"])
+        self.clock.advance(30)
+        self.state["bob"] = (False, 30_000)  # changed where no event was sent
+        self.clock.pump([GRACE] * int(RECHECK / GRACE + 2))
+        self.assertEqual(conn.frames[-1], ("bob", False, "1970-01-01T00:00:30.000Z"))
+
+    def test_a_later_watch_wins_over_one_still_answering(self):
+        """The first watch's contacts answer comes after the second watch's:
+        only the second list is kept and answered."""
+        pending: list[defer.Deferred] = []
+
+        def slow_contacts(user: str, candidates: list[str]) -> defer.Deferred:
+            d: defer.Deferred = defer.Deferred()
+            pending.append((d, set(candidates)))
+            return d
+
+        hub = PresenceHub(
+            self.clock, CONTACTS, lambda users: defer.succeed({}), slow_contacts, 1.0, 1.0
+        )
+        self.addCleanup(hub.stop)
+        conn = FakeConn("alice")
+        hub.watch(conn, ["bob"])
+        hub.watch(conn, ["carol"])
+        pending[1][0].callback(pending[1][1])
+        pending[0][0].callback(pending[0][1])
+        self.assertEqual([f[0] for f in conn.frames], ["carol"])
+        self.assertEqual(hub.watched(), 1)
+
+
+class WatchParsingTests(unittest.TestCase):
+    """``parse_control_frame`` for ``watch``."""
+
+    def test_a_good_watch(self):
+        """Up to MAX_WATCH ids, duplicates kept (the hub drops them), empty allowed."""
+        self.assertEqual(
+            parse_control_frame('{"type":"watch","users":["a","b","a"]}'),
+            WatchFrame(("a", "b", "a")),
+        )
+        self.assertEqual(parse_control_frame('{"type":"watch","users":[]}'), WatchFrame(()))
+        many = ",".join(f'"u{i}"' for i in range(MAX_WATCH))
+        self.assertEqual(
+            len(parse_control_frame(f'{{"type":"watch","users":[{many}]}}').users), 256
+        )
+
+    def test_messages_are_not_control_frames(self):
+        """A message (no type, or type message) is left to parse_client_frame."""
+        for text in ('{"to":"bob","content":"type"}', '{"type":"message","to":"b","content":""}'):
+            self.assertIsNone(parse_control_frame(text))
+
+
+class PresenceSettingTests(unittest.TestCase):
+    """The PRESENCE setting (section 15)."""
+
+    def test_values_and_a_bad_one(self):
+        """contacts by default; everyone and off (any case) accepted; any
+        other value stops the start with one line naming PRESENCE."""
+        from wsserver.config import ConfigError, load
+
+        self.assertEqual(load({}, {}).presence, CONTACTS)
+        self.assertEqual(load({}, {"PRESENCE": " Everyone "}).presence, EVERYONE)
+        self.assertEqual(load({"presence": "off"}, {"PRESENCE": "everyone"}).presence, OFF)
+        with self.assertRaises(ConfigError) as caught:
+            load({}, {"PRESENCE": "friends"})
+        self.assertEqual(str(caught.exception), "PRESENCE: must be contacts, everyone or off")
