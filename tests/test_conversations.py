@@ -431,3 +431,57 @@ class DeletionTests(Base):
         yield eventually_deferred(gone, "bob's group message gone from the history")
         self.assertEqual(state["alice"], [(TEAM, mine["id"])])
         self.assertEqual(state["carol"], [(TEAM, mine["id"])])
+
+
+class WindowTests(Base):
+    @defer.inlineCallbacks
+    def test_a_readded_member_has_only_the_new_window_and_reads_follow_windows(self):
+        """carol reads a message of her first window while in the group and
+        after her removal (accepted: alice hears of it once); a message sent
+        while she was out is refused invalid_message; re-added, her history
+        holds only the new window (section 15, Groups: re-adding starts a new
+        window), and a message of it is readable."""
+        yield self.make_team()
+        alice = yield self.connect("alice")
+        carol = yield self.connect("carol")
+        first = yield self.send(alice, "alice", TEAM, "first")
+        yield carol.next_of("message")
+        code, _ = yield self.call("DELETE", f"{TEAM_PATH}/members/carol", "carol")
+        self.assertEqual(code, 200)
+        away = yield self.send(alice, "alice", TEAM, "away")
+        carol.send_json({"type": "read", "id": away["id"]})
+        self.assertEqual((yield carol.next_of("system"))["code"], "invalid_message")
+        carol.send_json({"type": "read", "id": first["id"]})
+        frame = yield alice.next_of("status")
+        while frame.get("status") != "read":
+            frame = yield alice.next_of("status")
+        self.assertEqual((frame["id"], frame["by"]), (first["id"], "carol"))
+        code, body = yield self.call("POST", f"{TEAM_PATH}/members", "alice", {"user_id": "carol"})
+        self.assertEqual(code, 200, body)
+        back = yield self.send(alice, "alice", TEAM, "back")
+        got = yield carol.next_of("message")
+        self.assertEqual(got["id"], back["id"])
+        self.assertEqual((yield self.all_ids("carol", TEAM)), [back["id"]])
+        listed = yield self.conversations("carol")
+        self.assertIn((TEAM, back["id"]), listed)
+
+    @defer.inlineCallbacks
+    def test_removing_the_last_waiting_member_makes_a_message_delivered(self):
+        """bob offline, carol online: alice's group message is pending with
+        recipients 1 of 2; removing bob leaves nobody waiting, so the stored
+        message is delivered (section 15, Groups: a member removed before
+        receiving it no longer counts as waiting) and bob, reconnecting, does
+        not get it."""
+        yield self.make_team()
+        alice = yield self.connect("alice")
+        carol = yield self.connect("carol")
+        ack = yield self.send(alice, "alice", TEAM, "only carol")
+        yield carol.next_of("message")
+        code, _ = yield self.call("DELETE", f"{TEAM_PATH}/members/bob", "alice")
+        self.assertEqual(code, 200)
+        stored = yield self.server.settled(ack["id"], lambda m: m.status == "delivered")
+        self.assertEqual(stored.status, "delivered")
+        page = yield self.page("alice", TEAM)
+        self.assertEqual(page["messages"][0]["status"], "delivered")
+        bob = yield self.connect("bob", since=0)
+        yield self.marker(bob, "bob", "bob's marker")
