@@ -311,7 +311,8 @@ class PresenceTests(Base):
     def test_a_real_group_makes_members_contacts_and_removal_undoes_it(self):
         """dave, online, is offline to alice; once alice makes a group with
         him (POST /groups) her next watch shows him online (and he sees her);
-        after he leaves the group (DELETE of himself) he is offline again."""
+        after he leaves the group (DELETE of himself) each is offline to the
+        other again."""
         dave = yield self.connect("dave")
         alice = yield self.connect("alice")
         self.assertEqual((yield self.watch(alice, ["dave"])), {"dave": (False, True)})
@@ -321,6 +322,7 @@ class PresenceTests(Base):
         code, body = yield self.call("DELETE", f"{TEAM_PATH}/members/dave", "dave")
         self.assertEqual(code, 200, body)
         self.assertEqual((yield self.watch(alice, ["dave"])), {"dave": (False, True)})
+        self.assertEqual((yield self.watch(dave, ["alice"])), {"alice": (False, True)})
 
 
 class ReceiptTests(Base):
