@@ -126,6 +126,22 @@ class Base(unittest.TestCase):
                 self.fail(f"{name} got {frame!r} before its marker")
 
     @defer.inlineCallbacks
+    def delete_account(self, name: str) -> Any:
+        """DELETE /auth/users/{name} signed by their registration key."""
+        key = self.keys[name]
+        body = {
+            "key_id": keylog.key_id(bytes(key.verify_key)),
+            "signature": b64(key.sign(keylog.delete_string(name, 1).encode()).signature),
+        }
+        resp = yield within(
+            self.server.http(fresh=True).request(
+                "DELETE", f"{self.server.base}/auth/users/{name}", json=body
+            )
+        )
+        content = yield resp.content()
+        self.assertEqual((resp.code, json.loads(content)), (200, {"deleted": True}))
+
+    @defer.inlineCallbacks
     def group_event(self, client: Any, event: str, user_id: str) -> Any:
         """The next ``group`` frame about ``event`` of ``user_id``."""
         while True:
@@ -379,22 +395,6 @@ class ReceiptTests(Base):
 
 class DeletionTests(Base):
     @defer.inlineCallbacks
-    def delete(self, name: str) -> Any:
-        """DELETE /auth/users/{name} signed by their registration key."""
-        key = self.keys[name]
-        body = {
-            "key_id": keylog.key_id(bytes(key.verify_key)),
-            "signature": b64(key.sign(keylog.delete_string(name, 1).encode()).signature),
-        }
-        resp = yield within(
-            self.server.http(fresh=True).request(
-                "DELETE", f"{self.server.base}/auth/users/{name}", json=body
-            )
-        )
-        content = yield resp.content()
-        self.assertEqual((resp.code, json.loads(content)), (200, {"deleted": True}))
-
-    @defer.inlineCallbacks
     def test_a_deleted_account_vanishes_from_groups_conversations_and_history(self):
         """bob, a member of alice's group and her direct peer, deletes his
         account: the members get removed for him, the group lists alice and
@@ -411,7 +411,7 @@ class DeletionTests(Base):
         yield self.send(carol, "carol", "bob", "to bob")
         listed = yield self.conversations("alice")
         self.assertEqual(listed, [("bob", direct["id"]), (TEAM, his["id"])])
-        yield self.delete("bob")
+        yield self.delete_account("bob")
         self.assertEqual((yield bob.wait_closed()), 4003)
         for conn in (alice, carol):
             yield self.group_event(conn, "removed", "bob")
@@ -487,3 +487,21 @@ class WindowTests(Base):
         self.assertEqual(page["messages"][0]["status"], "delivered")
         bob = yield self.connect("bob", since=0)
         yield self.marker(bob, "bob", "bob's marker")
+
+    @defer.inlineCallbacks
+    def test_a_deletion_settles_what_only_the_deleted_member_waited_for(self):
+        """bob offline, carol online: alice's group message waits for bob; bob
+        deletes his account (he leaves every group): the stored message is
+        delivered and carol's history shows it so."""
+        yield self.make_team()
+        alice = yield self.connect("alice")
+        carol = yield self.connect("carol")
+        ack = yield self.send(alice, "alice", TEAM, "bob never reads this")
+        yield carol.next_of("message")
+        yield self.delete_account("bob")
+        stored = yield self.server.settled(ack["id"], lambda m: m.status == "delivered")
+        self.assertEqual(stored.status, "delivered")
+        page = yield self.page("carol", TEAM)
+        self.assertEqual(
+            [(m["id"], m["status"]) for m in page["messages"]], [(ack["id"], "delivered")]
+        )
