@@ -400,7 +400,9 @@ class DeletionTests(Base):
         account: the members get removed for him, the group lists alice and
         carol, alice's and carol's /conversations lose bob, /messages?with=bob
         is 404 unknown_user, and his group message leaves the group's
-        history while alice's stays."""
+        history while alice's stays; alice's reads of his messages are
+        refused invalid_message and a watch shows him offline since the
+        epoch (carol, a fellow member, online)."""
         yield self.make_team()
         alice = yield self.connect("alice")
         carol = yield self.connect("carol")
@@ -433,6 +435,17 @@ class DeletionTests(Base):
         yield eventually_deferred(gone, "bob's group message gone from the history")
         self.assertEqual(state["alice"], [(TEAM, mine["id"])])
         self.assertEqual(state["carol"], [(TEAM, mine["id"])])
+        # His messages can no longer be marked read, and he is hidden from
+        # watches like an unknown id.
+        for msg_id in (his["id"], direct["id"]):
+            alice.send_json({"type": "read", "id": msg_id})
+            self.assertEqual((yield alice.next_of("system"))["code"], "invalid_message")
+        alice.send_json({"type": "watch", "users": ["bob", "carol"]})
+        frames = yield alice.take(2, "presence")
+        self.assertEqual(
+            [(f["user"], f["online"], f["since"]) for f in frames],
+            [("bob", False, EPOCH), ("carol", True, frames[1]["since"])],
+        )
 
 
 class WindowTests(Base):
