@@ -175,18 +175,59 @@ class LockedDatabaseTests(unittest.TestCase):
         self.assertEqual([f for f in alice.received if f["type"] == "ack"], [ack])
 
 
+def gate_replay(testcase, store):
+    """Hold every replay page ``store`` is asked for until the returned
+    ``release()`` is called; ``asked`` lists the held requests.  Lets a test put
+    live traffic between a connection's attach and its replay's read."""
+    real = store.replay_page
+    asked: list = []
+
+    def gated(*args: Any) -> defer.Deferred:
+        d: defer.Deferred = defer.Deferred()
+        asked.append((d, args))
+        return d
+
+    def release() -> None:
+        del store.replay_page
+        for d, args in asked:
+            real(*args).chainDeferred(d)
+
+    store.replay_page = gated
+    testcase.addCleanup(lambda: "replay_page" in vars(store) and release())
+    return asked, release
+
+
+def hold_publications(broker):
+    """Node ``broker`` hears nothing (no publication, no poll of the database)
+    until the returned ``hear()`` is called: then it hears what it missed."""
+    broker._poller.stop()
+    held: list = []
+    broker._received = held.append
+
+    def hear() -> None:
+        del broker._received
+        for payload in held:
+            broker._received(payload)
+        broker._poller.start(1.0, now=True)
+
+    return held, hear
+
+
 class LatePublicationTests(unittest.TestCase):
     """Found by running InterruptedStreamTests on a test cluster."""
 
     timeout = 120
 
     @defer.inlineCallbacks
-    def late_publication(self, bob_elsewhere: bool) -> Any:
+    def late_publication(self, bob_elsewhere: bool, publication_first: bool = False) -> Any:
         """alice (node a) sends bob one message while node b hears nothing; bob
         connects to node b with since = its id; then node b hears the
         publication late and alice sends a second message.  With
         ``bob_elsewhere`` another device of bob's on node a got the first one
-        live.  Fire with (first ack, second ack, bob's client on node b)."""
+        live.  With ``publication_first`` node b applies the late publication
+        (and commits what it wrote for it) before bob's replay reads; else in
+        whichever order they come.  Fire with (first ack, second ack, bob's
+        client on node b)."""
         from .cluster import two_nodes
 
         a, b = yield two_nodes(self)
@@ -196,10 +237,7 @@ class LatePublicationTests(unittest.TestCase):
         if bob_elsewhere:
             bob_a = yield a.connect(bob_token, testcase=self)
         broker = b.service.broker
-        # Node b hears nothing for a while: no publication, no poll of the database.
-        broker._poller.stop()
-        held: list = []
-        broker._received = held.append
+        held, hear = hold_publications(broker)
         alice.send_json({"to": "bob", "content": "first", "nonce": "l-1"})
         first = yield alice.next_of("ack")
         if bob_elsewhere:
@@ -209,12 +247,17 @@ class LatePublicationTests(unittest.TestCase):
             stored = yield a.settled(first["id"], lambda m: m.status == "delivered")
             self.assertEqual(stored.status, "delivered")
         yield eventually(lambda: held, "node b is sent the publication")
+        if publication_first:
+            asked, release = gate_replay(self, broker._store)
         bob = yield b.connect(bob_token, since=first["id"], testcase=self)
+        if publication_first:
+            yield eventually(lambda: asked, "bob's replay asks for its first page")
         # Node b hears it late, after bob said he has everything up to it.
-        del broker._received
-        for payload in held:
-            broker._received(payload)
-        broker._poller.start(1.0, now=True)
+        hear()
+        if publication_first:
+            self.assertGreaterEqual(broker.applier.cursor, first["id"])
+            yield broker._store.drain()
+            release()
         alice.send_json({"to": "bob", "content": "second", "nonce": "l-2"})
         second = yield alice.next_of("ack")
         return first, second, bob
@@ -243,6 +286,68 @@ class LatePublicationTests(unittest.TestCase):
             [(first["id"], "first"), (second["id"], "second")],
         )
         self.assertEqual(len([f for f in bob.received if f["type"] == "message"]), 2)
+
+    @defer.inlineCallbacks
+    def test_a_late_publication_applied_before_the_replay_reads_does_not_lose_it(self):
+        """The same, in the order that made the test above fail one run in
+        eight: node b applies the late publication of the pending message while
+        bob's replay has not read yet.  The connection does not write it (it is
+        at or below since), so it must not count as delivered there: the
+        replay, reading after, still finds it pending and brings it, once,
+        before the next one (section 6)."""
+        first, second, bob = yield self.late_publication(
+            bob_elsewhere=False, publication_first=True
+        )
+        got = yield bob.next_of("message")
+        self.assertEqual((got["id"], got["content"]), (first["id"], "first"))
+        got = yield bob.next_of("message")
+        self.assertEqual((got["id"], got["content"]), (second["id"], "second"))
+        self.assertEqual(len([f for f in bob.received if f["type"] == "message"]), 2)
+
+
+class ReplayLiveOverlapTests(unittest.TestCase):
+    timeout = 120
+
+    @defer.inlineCallbacks
+    def test_a_live_message_held_during_replay_comes_before_a_later_replayed_one(self):
+        """bob connects to node b without ``since``; before his replay reads,
+        node b hands him a pending message live (held until the replay ends,
+        and marked delivered), and alice sends another that node b has not
+        heard of yet: the replay finds only that later one pending.  Both reach
+        bob, in id order, once each (sections 5 and 6): the held one is not
+        dropped for being below what the replay wrote."""
+        from .cluster import two_nodes
+
+        a, b = yield two_nodes(self)
+        _, alice_token = yield a.user("alice")
+        _, bob_token = yield a.user("bob")
+        alice = yield a.connect(alice_token, testcase=self)
+        broker = b.service.broker
+        asked, release = gate_replay(self, broker._store)
+        bob = yield b.connect(bob_token, testcase=self)
+        yield eventually(lambda: asked, "bob's replay asks for its first page")
+        alice.send_json({"to": "bob", "content": "one", "nonce": "o-1"})
+        one = yield alice.next_of("ack")
+        status = yield alice.next_of("status")  # node b took it for bob
+        self.assertEqual((status["id"], status["status"]), (one["id"], "delivered"))
+        held, hear = hold_publications(broker)
+        alice.send_json({"to": "bob", "content": "two", "nonce": "o-2"})
+        two = yield alice.next_of("ack")
+        self.assertEqual(two["status"], "pending")
+        yield eventually(lambda: held, "node b is sent the publication of the second")
+        yield broker._store.drain()
+        release()  # reads "one" delivered, "two" pending
+        got = yield bob.next_of("message")
+        self.assertEqual((got["id"], got["content"]), (one["id"], "one"))
+        got = yield bob.next_of("message")
+        self.assertEqual((got["id"], got["content"]), (two["id"], "two"))
+        hear()
+        alice.send_json({"to": "bob", "content": "three", "nonce": "o-3"})
+        three = yield alice.next_of("ack")
+        got = yield bob.next_of("message")
+        self.assertEqual((got["id"], got["content"]), (three["id"], "three"))
+        ids = assert_in_order_once(self, bob.received)
+        self.assertEqual(ids, [one["id"], two["id"], three["id"]])
 
 
 class PendingBelowSinceTests(unittest.TestCase):

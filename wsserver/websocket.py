@@ -261,7 +261,18 @@ class ServerProtocol(WebSocketServerProtocol):
     def deliver(self, msg_id: int, frame: bytes, replayed: bool = False) -> bool:
         if not self.live:
             return False
-        if self._replaying and not replayed:
+        if replayed:
+            # Live frames held below this one go first: the replay's read may
+            # have come after they were marked delivered, so it does not bring
+            # them itself, and ids only go up on a connection.
+            self._release_held(msg_id)
+        elif msg_id <= self._live_floor and msg_id > self._last_id:
+            # Not written: the client said (since) it has it, or it is still
+            # pending and the replay brings it.  Not taken either, so nothing
+            # marks it delivered for this connection (the replay, reading
+            # after, would not bring it then).
+            return False
+        elif self._replaying:
             self._held.append((msg_id, frame))
             self._held_bytes += len(frame)
             if self._held_bytes > self.factory._max_outbox_bytes:
@@ -269,10 +280,26 @@ class ServerProtocol(WebSocketServerProtocol):
                 # being written: like any slow reader, come back with since.
                 self._close_slow()
             return True
-        if msg_id > self._last_id and (replayed or msg_id > self._live_floor):
+        if msg_id > self._last_id:
             self._last_id = msg_id
             self._write(frame)
         return True
+
+    def _release_held(self, below: int | None) -> None:
+        """Write the held live frames with ids below ``below`` (all with None),
+        in id order, each once."""
+        if not self._held:
+            return
+        self._held.sort(key=lambda held: held[0])
+        cut = len(self._held)
+        if below is not None:
+            cut = next((i for i, (msg_id, _) in enumerate(self._held) if msg_id >= below), cut)
+        out, self._held = self._held[:cut], self._held[cut:]
+        for msg_id, frame in out:
+            self._held_bytes -= len(frame)
+            if msg_id > self._last_id:
+                self._last_id = msg_id
+                self._write(frame)
 
     def notify(self, payload: bytes) -> None:
         if self.live:
@@ -280,10 +307,10 @@ class ServerProtocol(WebSocketServerProtocol):
 
     def replay_finished(self) -> None:
         self._replaying = False
-        held, self._held = self._held, []
+        if self.live:
+            self._release_held(None)
+        self._held = []
         self._held_bytes = 0
-        for msg_id, frame in held:
-            self.deliver(msg_id, frame)
 
     def over_cap(self) -> None:
         if self.live:
