@@ -88,6 +88,10 @@ _SQL_USER_GROUPS = (
     "SELECT group_id FROM group_members WHERE user_id = ? AND removed_id IS NULL ORDER BY group_id"
 )
 _SQL_ROW = "SELECT removed_id FROM group_members WHERE group_id = ? AND user_id = ?"
+_SQL_ROW_CURSOR = (
+    "SELECT joined_id, delivered_id FROM group_members"
+    " WHERE group_id = ? AND user_id = ? AND removed_id IS NULL"
+)
 _SQL_ADD_MEMBER = (
     "INSERT INTO group_members (group_id, user_id, joined_id, removed_id, delivered_id, added_ms)"
     " VALUES (?, ?, ?, NULL, ?, ?)"
@@ -99,6 +103,16 @@ _SQL_READD = (
 _SQL_REMOVE = (
     "UPDATE group_members SET removed_id = ? WHERE group_id = ? AND user_id = ?"
     " AND removed_id IS NULL"
+)
+# A removal settles what only the removed member was still waiting for: the
+# group's pending messages inside their window above their cursor that no
+# other member still in the group (but the sender) has to receive.
+_SQL_SETTLE_REMOVED = (
+    "UPDATE messages SET status = 'delivered' WHERE recipient = ? AND status = 'pending'"
+    " AND id > ? AND id <= ? AND NOT EXISTS (SELECT 1 FROM group_members g"
+    " WHERE g.group_id = messages.recipient AND g.removed_id IS NULL"
+    " AND g.user_id <> messages.sender AND g.joined_id < messages.id"
+    " AND g.delivered_id < messages.id)"
 )
 _SQL_STATUS = (
     "SELECT COALESCE(SUM(CASE WHEN delivered_id >= ? THEN 1 ELSE 0 END), 0),"
@@ -125,8 +139,16 @@ def remove_member(
 ) -> str:
     """End ``user_id``'s window at ``head``, pass ownership on if it was
     theirs (to the member added first among those left), record the
-    ``removed`` event (to every member and them); return its detail."""
+    ``removed`` event (to every member and them); return its detail.  The
+    group's messages they alone were still waiting for become delivered
+    (section 15: a member removed before receiving it no longer counts)."""
+    cur.execute(sql(_SQL_ROW_CURSOR), (group.group_id, user_id))
+    row = cur.fetchone()
     cur.execute(sql(_SQL_REMOVE), (head, group.group_id, user_id))
+    if row is not None:
+        floor = max(int(row[0]), int(row[1]))
+        if floor < head:
+            cur.execute(sql(_SQL_SETTLE_REMOVED), (group.group_id, floor, head))
     if group.owner == user_id:
         left = [m for m in group.members[1:] if m != user_id]
         if left:
