@@ -94,9 +94,13 @@ class HistoryContract:
         d = yield self.send("alice", "broadcast")
         rows = self.query(self.sql("SELECT id, conv FROM messages ORDER BY id"))
         self.assertEqual(rows, [(a, "alice bob"), (b, "alice bob"), (c, "carol carol"), (d, None)])
-        rows = self.query("SELECT user_id, peer FROM conversations ORDER BY user_id, peer")
-        self.assertEqual(rows, [("alice", "bob"), ("bob", "alice"), ("carol", "carol")])
+        rows = self.query("SELECT user_id, peer, wrote FROM conversations ORDER BY user_id, peer")
+        self.assertEqual(
+            [(u, p, bool(w)) for u, p, w in rows],
+            [("alice", "bob", True), ("bob", "alice", True), ("carol", "carol", True)],
+        )
         self.assertIn("alice bob", self.store._known_convs)
+        self.assertIn("bob alice", self.store._known_convs)
 
     @defer.inlineCallbacks
     def test_a_forgotten_pair_is_written_again_harmlessly(self):

@@ -18,6 +18,7 @@ from twisted.trial import unittest
 from tests.services import fresh_postgres_database
 from wsserver import store as st
 from wsserver.messages import UNSIGNED
+from wsserver.store import postgres as pg
 from wsserver.store import sqlite as sq
 from wsserver.store.reads import ALREADY_READ, NOT_RECEIVED, READ
 
@@ -176,12 +177,18 @@ class ReadsContract:
     # -- contacts_among --------------------------------------------------------------
 
     @defer.inlineCallbacks
-    def test_contacts_are_direct_conversations_and_current_groups(self):
-        """alice's contacts among the candidates: bob (a conversation row),
-        carol (a current group); not dave (removed from the group), not an
-        unknown id; nobody for no candidates."""
-        self.execute("INSERT INTO conversations (user_id, peer) VALUES (?, ?)", ("alice", "bob"))
-        self.execute("INSERT INTO conversations (user_id, peer) VALUES (?, ?)", ("bob", "alice"))
+    def test_contacts_are_who_wrote_and_current_groups(self):
+        """alice's contacts among the candidates: bob (he wrote to her: his
+        row says ``wrote``), carol (a current group); not dave (removed from
+        the group), not an unknown id; nobody for no candidates."""
+        self.execute(
+            "INSERT INTO conversations (user_id, peer, wrote) VALUES (?, ?, ?)",
+            ("bob", "alice", True),
+        )
+        self.execute(
+            "INSERT INTO conversations (user_id, peer, wrote) VALUES (?, ?, ?)",
+            ("alice", "bob", False),
+        )
         self.member("#team", "alice", 0)
         self.member("#team", "carol", 0)
         self.member("#team", "dave", 0, removed=5)
@@ -190,6 +197,78 @@ class ReadsContract:
         self.assertEqual(got, {"bob", "carol"})
         self.assertEqual((yield self.store.contacts_among("dave", ["alice", "carol"])), set())
         self.assertEqual((yield self.store.contacts_among("alice", [])), set())
+
+    @defer.inlineCallbacks
+    def test_a_stranger_who_writes_does_not_become_a_contact(self):
+        """dave writes alice once: he may not watch her (she never wrote to
+        him), she may watch him; once she replies, he may watch her too."""
+        yield self.send("dave", "alice")
+        self.assertEqual((yield self.store.contacts_among("dave", ["alice"])), set())
+        self.assertEqual((yield self.store.contacts_among("alice", ["dave"])), {"dave"})
+        yield self.send("alice", "dave")
+        self.assertEqual((yield self.store.contacts_among("dave", ["alice"])), {"alice"})
+        self.assertEqual((yield self.store.contacts_among("alice", ["dave"])), {"dave"})
+
+    @defer.inlineCallbacks
+    def test_wrote_is_kept_by_another_store_and_in_one_batch(self):
+        """Another store (another node: an empty cache) writing the reverse
+        direction marks it; a batch holding both directions marks both; a
+        later message the other way never unmarks."""
+        yield self.send("alice", "bob")
+        other = self.make_store()
+        kind, _ = yield other.add_message(message("bob", "alice", "reply"))
+        self.assertEqual(kind, st.STORED)
+        yield other.drain()
+        self.assertEqual((yield self.store.contacts_among("alice", ["bob"])), {"bob"})
+        self.assertEqual((yield self.store.contacts_among("bob", ["alice"])), {"alice"})
+        both = [
+            self.store.add_message(message("carol", "dave", "a")),
+            self.store.add_message(message("dave", "carol", "b")),
+            self.store.add_message(message("carol", "dave", "c")),
+        ]
+        yield defer.gatherResults(both)
+        self.assertEqual((yield self.store.contacts_among("carol", ["dave"])), {"dave"})
+        self.assertEqual((yield self.store.contacts_among("dave", ["carol"])), {"carol"})
+        rows = self.query("SELECT user_id, peer, wrote FROM conversations ORDER BY user_id, peer")
+        self.assertEqual(
+            [(u, p, bool(w)) for u, p, w in rows],
+            [
+                ("alice", "bob", True),
+                ("bob", "alice", True),
+                ("carol", "dave", True),
+                ("dave", "carol", True),
+            ],
+        )
+
+    def upgrade_from_5(self, statements: list[str]) -> list[tuple]:
+        """A fresh version-5 database given ``statements``, upgraded to the
+        newest: its conversations rows (user_id, peer, wrote)."""
+        raise NotImplementedError
+
+    def test_upgrade_marks_who_wrote(self):
+        """Version 6 marks the existing rows from the stored messages: alice
+        wrote bob (bob only received), carol wrote herself, nobody wrote
+        in dave's and bob's rows (no message left)."""
+        rows = self.upgrade_from_5(
+            [
+                "INSERT INTO messages (id, sender, recipient, content, verification,"
+                " created_ms, conv) VALUES (1, 'alice', 'bob', 'x', 'unsigned', 1, 'alice bob'),"
+                " (2, 'carol', 'carol', 'x', 'unsigned', 1, 'carol carol'),"
+                " (3, 'alice', 'broadcast', 'x', 'unsigned', 1, NULL)",
+                "INSERT INTO conversations (user_id, peer) VALUES ('alice', 'bob'),"
+                " ('bob', 'alice'), ('carol', 'carol'), ('dave', 'bob'), ('bob', 'dave')",
+            ]
+        )
+        self.assertEqual(
+            [(u, p, bool(w)) for u, p, w in rows],
+            [
+                ("alice", "bob", True),
+                ("bob", "alice", False),
+                ("bob", "dave", False),
+                ("carol", "carol", True),
+                ("dave", "bob", False),
+            ],
+        )
 
     @defer.inlineCallbacks
     def test_a_removed_watcher_has_no_group_contacts(self):
@@ -221,6 +300,23 @@ class SQLiteReadsTests(ReadsContract, unittest.TestCase):
         finally:
             conn.close()
 
+    def upgrade_from_5(self, statements: list[str]) -> list[tuple]:
+        path = self.mktemp()
+        conn = sqlite3.connect(path)
+        sq.upgrade(conn, target=5)
+        with conn:
+            for sql in statements:
+                conn.execute(sql)
+        conn.close()
+        st.prepare_database(path, lambda: SECRET)
+        conn = sqlite3.connect(path)
+        try:
+            return conn.execute(
+                "SELECT user_id, peer, wrote FROM conversations ORDER BY user_id, peer"
+            ).fetchall()
+        finally:
+            conn.close()
+
 
 class PostgresReadsTests(ReadsContract, unittest.TestCase):
     def make_store(self) -> Any:
@@ -238,3 +334,16 @@ class PostgresReadsTests(ReadsContract, unittest.TestCase):
     def query(self, sql: str, args: tuple = ()) -> list[tuple]:
         with psycopg.connect(self.url, autocommit=True) as conn:
             return conn.execute(sql.replace("?", "%s"), args).fetchall()
+
+    def upgrade_from_5(self, statements: list[str]) -> list[tuple]:
+        url = fresh_postgres_database(self)
+        with pg.connect(url) as conn:
+            pg.upgrade(conn, target=5)
+            for sql in statements:
+                conn.execute(sql)
+            conn.commit()
+        st.prepare_database(url, lambda: SECRET)
+        with psycopg.connect(url, autocommit=True) as conn:
+            return conn.execute(
+                "SELECT user_id, peer, wrote FROM conversations ORDER BY user_id, peer"
+            ).fetchall()

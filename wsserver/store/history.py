@@ -7,9 +7,10 @@ backward range of ``messages_conv (conv, id)``.  Broadcasts and group
 messages have no ``conv``: their pages are ranges of ``messages_recipient
 (recipient, id)``, a group's bounded by the caller's window in
 ``group_members`` (``joined_id < id``, and ``id <= removed_id`` once
-removed).  ``conversations`` holds a row per user and direct peer, written
-only when a pair is new: the engines remember the pairs they wrote
-(``KnownConversations``), so the usual message writes nothing more.
+removed).  ``conversations`` holds a row per user and direct peer, with
+``wrote`` set once that user sent the peer a message, written only when a
+sender and recipient are new: the engines remember the directed pairs they
+wrote (``KnownConversations``), so the usual message writes nothing more.
 
 ``History`` is mixed into each engine's store.  The engine provides
 ``_run(interaction, *args)`` and ``_mark`` (its parameter marker, ``?`` or
@@ -38,18 +39,29 @@ def conv_of(sender: str, recipient: str) -> str | None:
     return conversation_of(sender, recipient)
 
 
-def conversation_rows(conv: str) -> list[tuple[str, str]]:
-    """The ``conversations`` rows (user_id, peer) of a conv: both directions,
-    one for notes to self."""
-    a, _, b = conv.partition(" ")
-    return [(a, b)] if a == b else [(a, b), (b, a)]
+def wrote_key(sender: str, recipient: str) -> str:
+    """The key a store remembers once ``sender``'s direct message to
+    ``recipient`` has its ``conversations`` rows: both directions stored,
+    and ``sender``'s marked ``wrote`` (user ids hold no space)."""
+    return f"{sender} {recipient}"
+
+
+def conversation_rows(sender: str, recipient: str) -> list[tuple[str, str, bool]]:
+    """The ``conversations`` rows (user_id, peer, wrote) a direct message
+    from ``sender`` to ``recipient`` needs: the sender's, which says it
+    wrote, and the recipient's, which says nothing of the kind (an
+    existing row keeps its ``wrote``); one row for a note to self."""
+    if sender == recipient:
+        return [(sender, sender, True)]
+    return [(sender, recipient, True), (recipient, sender, False)]
 
 
 class KnownConversations:
-    """The convs whose ``conversations`` rows are known to be stored: a
-    bounded cache (cleared when full, as the cache of known users).  An
-    engine adds a conv only once the transaction that wrote its rows has
-    committed, so a rolled-back batch never leaves a pair without rows."""
+    """The ``wrote_key``s whose ``conversations`` rows are known to be
+    stored: a bounded cache (cleared when full, as the cache of known
+    users).  An engine adds a key only once the transaction that wrote its
+    rows has committed, so a rolled-back batch never leaves a pair without
+    rows."""
 
     def __init__(self, limit: int = KNOWN_USERS_MAX) -> None:
         self._known: set[str] = set()
@@ -58,16 +70,16 @@ class KnownConversations:
     def __contains__(self, conv: object) -> bool:
         return conv in self._known
 
-    def add_all(self, convs: Iterable[str]) -> None:
-        for conv in convs:
+    def add_all(self, keys: Iterable[str]) -> None:
+        for key in keys:
             if len(self._known) >= self._limit:
                 self._known.clear()
-            self._known.add(conv)
+            self._known.add(key)
 
-    def remember_after(self, results: Any, convs: Iterable[str]) -> Any:
-        """A callback for the batch's Deferred: remember ``convs`` (the batch
+    def remember_after(self, results: Any, keys: Iterable[str]) -> Any:
+        """A callback for the batch's Deferred: remember ``keys`` (the batch
         committed) and pass its results on."""
-        self.add_all(convs)
+        self.add_all(keys)
         return results
 
 

@@ -72,7 +72,7 @@ from .groups import (
     merge_pages,
     with_members,
 )
-from .history import History, KnownConversations, conv_of, conversation_rows
+from .history import History, KnownConversations, conv_of, conversation_rows, wrote_key
 from .purges import PURGE_INTERVAL, Purges
 from .reads import Reads
 from .rows import (
@@ -357,9 +357,13 @@ def _batch_json(ids: list[int], news: list[NewMessage]) -> str:
 # The conversations rows of pairs new to this store, in one statement.  It
 # runs while the stream head is locked, so writers never wait on each other's
 # rows in opposite orders.
+# An existing row gains ``wrote``, never loses it (each row once per
+# statement: the pairs are merged first).
 _SQL_CONVERSATIONS = (
-    "INSERT INTO conversations (user_id, peer)"
-    " SELECT * FROM unnest(%s::text[], %s::text[]) ON CONFLICT DO NOTHING"
+    "INSERT INTO conversations (user_id, peer, wrote)"
+    " SELECT * FROM unnest(%s::text[], %s::text[], %s::boolean[])"
+    " ON CONFLICT (user_id, peer) DO UPDATE SET wrote = TRUE"
+    " WHERE EXCLUDED.wrote AND NOT conversations.wrote"
 )
 
 
@@ -372,7 +376,7 @@ def _insert_messages(
     fresh_convs: set[str],
 ) -> None:
     """Store the batch's messages; fill in their results (and ``fresh_convs``
-    with the convs whose conversations rows it wrote)."""
+    with the ``wrote_key``s whose conversations rows it wrote)."""
     messages = [(i, arg) for i, (kind, arg) in enumerate(ops) if kind == "message"]
     unknown = (
         {m.recipient for _, m in messages if not is_group_id(m.recipient)}
@@ -420,17 +424,24 @@ def _insert_messages(
         txn.execute(_SQL_INSERT, (_batch_json(ids, news),))
         inserted = {row[0] for row in txn.fetchall()}
         txn.execute("UPDATE stream_head SET last_id = %s", (ids[-1],))
-        new_convs = {
-            conv
+        new_pairs = {
+            (new.sender, new.recipient)
             for (_, new), msg_id in zip(candidates, ids, strict=True)
             if msg_id in inserted
-            and (conv := conv_of(new.sender, new.recipient)) is not None
-            and conv not in known_convs
+            and conv_of(new.sender, new.recipient) is not None
+            and wrote_key(new.sender, new.recipient) not in known_convs
         }
-        if new_convs:
-            pairs = sorted(pair for conv in new_convs for pair in conversation_rows(conv))
-            txn.execute(_SQL_CONVERSATIONS, ([a for a, _ in pairs], [b for _, b in pairs]))
-            fresh_convs.update(new_convs)
+        if new_pairs:
+            wrote: dict[tuple[str, str], bool] = {}
+            for sender, recipient in new_pairs:
+                for user_id, peer, flag in conversation_rows(sender, recipient):
+                    wrote[(user_id, peer)] = wrote.get((user_id, peer), False) or flag
+            rows = sorted(wrote.items())
+            txn.execute(
+                _SQL_CONVERSATIONS,
+                ([u for (u, _), _ in rows], [p for (_, p), _ in rows], [w for _, w in rows]),
+            )
+            fresh_convs.update(wrote_key(*pair) for pair in new_pairs)
         for (i, new), msg_id in zip(candidates, ids, strict=True):
             if msg_id in inserted:
                 results[i] = (

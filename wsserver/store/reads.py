@@ -35,7 +35,8 @@ _INSERT = (
     "INSERT INTO message_reads (message_id, user_id, read_ms) VALUES (?, ?, ?)"
     " ON CONFLICT (message_id, user_id) DO NOTHING"
 )
-_SHARE_CONVERSATION = "SELECT peer FROM conversations WHERE user_id = ? AND peer IN ({})"
+# The candidates who wrote ``user`` a direct message (primary-key probes).
+_WROTE_TO = "SELECT user_id FROM conversations WHERE peer = ? AND wrote AND user_id IN ({})"
 _SHARE_GROUP = (
     "SELECT DISTINCT theirs.user_id FROM group_members mine"
     " JOIN group_members theirs ON theirs.group_id = mine.group_id"
@@ -82,7 +83,7 @@ def _record_read(txn: Any, param: str, reader: str, msg_id: int, now_ms: int) ->
 def _contacts_among(txn: Any, param: str, user: str, candidates: list[str]) -> set[str]:
     found: set[str] = set()
     marks = ", ".join([param] * len(candidates))
-    for query in (_SHARE_CONVERSATION, _SHARE_GROUP):
+    for query in (_WROTE_TO, _SHARE_GROUP):
         txn.execute(query.replace("?", param).format(marks), (user, *candidates))
         found.update(row[0] for row in txn.fetchall())
     return found
@@ -101,8 +102,9 @@ class Reads:
         return self._run(_record_read, self._PARAM, reader, msg_id, now_ms)
 
     def contacts_among(self, user: str, candidates: list[str]) -> defer.Deferred:
-        """Fire with the set of ``candidates`` (at most 256) that share a
-        direct conversation or a current group with ``user``."""
+        """Fire with the set of ``candidates`` (at most 256) that ``user``
+        may watch: each sent ``user`` a direct message, or shares a current
+        group with ``user`` (docs/protocol.md section 15, "Presence")."""
         if not candidates:
             return defer.succeed(set())
         return self._run(_contacts_among, self._PARAM, user, list(candidates))

@@ -62,7 +62,7 @@ from .groups import (
     merge_pages,
     with_members,
 )
-from .history import History, KnownConversations, conv_of, conversation_rows
+from .history import History, KnownConversations, conv_of, conversation_rows, wrote_key
 from .purges import PURGE_INTERVAL, Purges
 from .reads import Reads
 from .rows import (
@@ -354,6 +354,14 @@ def _one_thread_pool(path: str) -> adbapi.ConnectionPool:
     )
 
 
+# A conversations row; an existing one gains ``wrote``, never loses it.
+_SQL_CONVERSATION_ROW = (
+    "INSERT INTO conversations (user_id, peer, wrote) VALUES (?, ?, ?)"
+    " ON CONFLICT (user_id, peer) DO UPDATE SET wrote = 1"
+    " WHERE excluded.wrote AND NOT conversations.wrote"
+)
+
+
 def _insert_message(
     txn: Any,
     new: NewMessage,
@@ -405,13 +413,12 @@ def _insert_message(
             raise
         return DUPLICATE, message_from_row(row)
     msg_id = txn.lastrowid
-    if conv is not None and conv not in known_convs and conv not in fresh_convs:
-        # A pair this store has not written yet (or forgot): its rows.
-        txn.executemany(
-            "INSERT OR IGNORE INTO conversations (user_id, peer) VALUES (?, ?)",
-            conversation_rows(conv),
-        )
-        fresh_convs.add(conv)
+    written = wrote_key(new.sender, new.recipient) if conv is not None else None
+    if written is not None and written not in known_convs and written not in fresh_convs:
+        # A sender and recipient this store has not written yet (or forgot):
+        # their rows, the sender's marked ``wrote``.
+        txn.executemany(_SQL_CONVERSATION_ROW, conversation_rows(new.sender, new.recipient))
+        fresh_convs.add(written)
     msg = Message(
         msg_id,
         new.sender,
@@ -436,7 +443,8 @@ def _write_batch(
     fresh_convs: set[str],
 ) -> list[Any]:
     """Apply a batch of writes in one transaction; one result per op (the
-    convs whose ``conversations`` rows it wrote are added to ``fresh_convs``)."""
+    ``wrote_key``s whose ``conversations`` rows it wrote are added to
+    ``fresh_convs``)."""
     results: list[Any] = []
     delivered: list[int] = []
     for kind, arg in ops:

@@ -1,0 +1,16 @@
+-- Version 6: who wrote to whom (presence contacts, docs/protocol.md section
+-- 15 "Presence").  A conversations row (user_id, peer) has wrote = 1 once
+-- user_id sent peer a direct message (a note to self: its one row); the
+-- other direction's row may exist with wrote = 0 (peer only received).
+-- Under PRESENCE=contacts, peer may watch user_id only if wrote = 1 (or
+-- they share a group): one primary-key probe per watched user.  Kept at
+-- insert time, as the rows themselves are (the store remembers the
+-- directed pairs it wrote).
+ALTER TABLE conversations ADD COLUMN wrote INTEGER NOT NULL DEFAULT 0;
+UPDATE conversations SET wrote = 1 WHERE EXISTS (
+    SELECT 1 FROM messages m
+    WHERE m.conv = CASE WHEN conversations.user_id <= conversations.peer
+        THEN conversations.user_id || ' ' || conversations.peer
+        ELSE conversations.peer || ' ' || conversations.user_id END
+    AND m.sender = conversations.user_id
+);
