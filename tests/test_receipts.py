@@ -209,17 +209,52 @@ class ReceiptTests(unittest.TestCase):
         self.assertEqual((yield carol.next_of("system"))["code"], "invalid_message")
 
     @defer.inlineCallbacks
+    def test_refusals_of_reads_come_in_the_order_sent(self):
+        """bob sends reads without waiting: ones the store must look at
+        (nothing to read) between ones refused on sight (spelt wrong); the
+        refusals come in the order the frames were sent, and the good read
+        among them still reaches alice."""
+        alice = yield self.connect("alice")
+        bob = yield self.connect("bob")
+        good = yield self.send(alice, "bob", "read me")
+        yield bob.next_of("message")
+        frames: list[Any] = [
+            {"type": "read", "id": 10**12},
+            {"type": "read"},
+            {"type": "read", "id": good},
+            {"type": "read", "id": 10**12 + 1},
+            {"type": "read", "id": 0},
+            {"type": "read", "id": 10**12 + 2},
+            {"type": "read", "id": "x"},
+        ]
+        for frame in frames:
+            bob.send_json(frame)
+        refusals = yield bob.take(6, "system")
+        self.assertEqual(
+            [r["content"] for r in refusals],
+            [
+                f"no message {10**12} was received by you",
+                "a read frame has exactly 'type' and 'id'",
+                f"no message {10**12 + 1} was received by you",
+                "'id' must be a message id (a positive integer)",
+                f"no message {10**12 + 2} was received by you",
+                "'id' must be a message id (a positive integer)",
+            ],
+        )
+        yield eventually(lambda: reads_of(alice, good), "the good read")
+
+    @defer.inlineCallbacks
     def test_a_read_costs_one_rate_limit_token(self):
         """With a burst of 2 and a slow refill: two reads are looked at (and
-        refused: nothing to read), the third is refused rate_limited."""
+        refused: nothing to read), the third is refused rate_limited, after
+        them (sent without waiting, the refusals come in the order sent)."""
         server = yield live_server(self, {"MESSAGE_RATE_LIMIT": "0.01", "MESSAGE_BURST_LIMIT": "2"})
         _, token = yield server.user("dave")
         dave = yield server.connect(token, testcase=self)
         self.addCleanup(dave.close_and_wait)
-        codes = []
         for _ in range(3):
             dave.send_json({"type": "read", "id": 10**9})
-            codes.append((yield dave.next_of("system"))["code"])
+        codes = [frame["code"] for frame in (yield dave.take(3, "system"))]
         self.assertEqual(codes, ["invalid_message", "invalid_message", "rate_limited"])
 
 

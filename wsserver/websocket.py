@@ -545,7 +545,7 @@ class ServerProtocol(WebSocketServerProtocol):
                 f"rate limit exceeded: {limiter.rate:g} messages/s, burst {limiter.burst};"
                 " message not sent"
             )
-            self._refuse(
+            self._refuse_in_turn(
                 Refusal("rate_limited", text, nonce_from_raw(payload)),
                 retry_after_ms=math.ceil(wait * 1000),
             )
@@ -553,7 +553,7 @@ class ServerProtocol(WebSocketServerProtocol):
         try:
             control = parse_control_frame(text)
         except Refusal as refusal:
-            self._refuse(refusal)
+            self._refuse_in_turn(refusal)
             return
         if control is not None:
             self._on_control(control)
@@ -589,14 +589,19 @@ class ServerProtocol(WebSocketServerProtocol):
             d = self.factory._presence.watch(self, list(frame.users))
             d.addErrback(self._control_failed, "watch")
             return
-        # Reads of one connection are handled one after the other, so their
-        # receipts (and refusals) come in the order the client sent them.
+        self._after_reads(lambda: self._on_read(frame).addErrback(self._control_failed, "read"))
+
+    def _after_reads(self, action: Callable[[], Any]) -> None:
+        """Run ``action`` (which handles its own errors) once every earlier
+        read frame of this connection was handled: reads go one after the
+        other, and a refusal decided on sight waits for the reads before it,
+        so the client gets their answers in the order it sent the frames."""
         mine: defer.Deferred = defer.Deferred()
         previous, self._reads = self._reads, mine
 
         def run(_: Any) -> None:
-            d = self._on_read(frame)
-            d.addErrback(self._control_failed, "read")
+            d = defer.maybeDeferred(action)
+            d.addErrback(lambda f: _log.failure("handling a frame failed", f))
             d.addBoth(lambda _: mine.callback(None))
 
         def finished(_: Any) -> None:
@@ -608,6 +613,13 @@ class ServerProtocol(WebSocketServerProtocol):
             run(None)
         else:
             previous.addCallback(run)
+
+    def _refuse_in_turn(self, refusal: Refusal, retry_after_ms: int | None = None) -> None:
+        """``_refuse``, after the read frames still being handled (if any)."""
+        if self._reads is None:
+            self._refuse(refusal, retry_after_ms)
+        else:
+            self._after_reads(lambda: self._refuse(refusal, retry_after_ms))
 
     def _on_read(self, frame: ReadFrame) -> defer.Deferred:
         store = self.factory._store
