@@ -19,11 +19,12 @@ import psycopg
 from twisted.internet import defer, reactor, task
 from twisted.trial import unittest
 
+from wsserver import keylog
 from wsserver.messages import MAX_WATCH, WatchFrame, parse_control_frame
 from wsserver.presence import CONTACTS, EVERYONE, GRACE, OFF, RECHECK, PresenceHub
 from wsserver.store import is_postgres
 
-from .support import LiveServer, eventually
+from .support import LiveServer, b64, eventually, within
 
 EPOCH = "1970-01-01T00:00:00.000Z"  # the since of a user never seen
 FAST = {"MESSAGE_RATE_LIMIT": "1000", "MESSAGE_BURST_LIMIT": "1000"}
@@ -66,10 +67,25 @@ def live_server(testcase: Any, env: dict[str, str]) -> Any:
 
 
 def share_conversation(server: LiveServer, a: str, b: str) -> None:
-    """Rows of ``conversations`` both ways, as the store writes them for a
-    direct message between ``a`` and ``b``."""
+    """Rows of ``conversations`` both ways, as the store writes them once
+    ``a`` and ``b`` each sent the other a direct message."""
     for user, peer in ((a, b), (b, a)):
-        execute_sql(server, "INSERT INTO conversations (user_id, peer) VALUES (?, ?)", (user, peer))
+        execute_sql(
+            server,
+            "INSERT INTO conversations (user_id, peer, wrote) VALUES (?, ?, ?)",
+            (user, peer, True),
+        )
+
+
+@defer.inlineCallbacks
+def api(server: LiveServer, method: str, path: str, token: str, body: Any = None) -> Any:
+    """One HTTP request with a Bearer token; fire with (status, parsed body)."""
+    kwargs: dict[str, Any] = {"headers": {"Authorization": f"Bearer {token}"}}
+    if body is not None:
+        kwargs["json"] = body
+    resp = yield within(server.http().request(method, server.base + path, **kwargs))
+    content = yield resp.content()
+    return resp.code, json.loads(content) if content else None
 
 
 def seconds_of(stamp: str) -> float:
@@ -208,6 +224,122 @@ class WatchEndToEndTests(unittest.TestCase):
         execute_sql(server, "UPDATE group_members SET removed_id = 1 WHERE user_id = 'dave'")
         self.assertEqual((yield states())["dave"], (False, True))
         self.assertEqual([f for f in alice.received if f["type"] == "system"], [])
+
+    @defer.inlineCallbacks
+    def test_one_message_from_a_stranger_does_not_make_a_contact(self):
+        """PRESENCE=contacts: dave sends alice one direct message; with both
+        online, dave still sees alice offline since the epoch (she never
+        wrote to him) while alice sees dave; once alice replies, dave sees
+        her online."""
+        server = yield live_server(self, FAST)
+        tokens = {}
+        for name in ("alice", "dave"):
+            _, tokens[name] = yield server.user(name)
+        alice = yield server.connect(tokens["alice"], testcase=self)
+        self.addCleanup(alice.close_and_wait)
+        dave = yield server.connect(tokens["dave"], testcase=self)
+        self.addCleanup(dave.close_and_wait)
+        dave.send_json({"to": "alice", "content": "hello, stranger"})
+        yield dave.next_of("ack")
+
+        @defer.inlineCallbacks
+        def sees(watcher: Any, user: str) -> Any:
+            watcher.send_json({"type": "watch", "users": [user]})
+            frame = yield watcher.next_of("presence")
+            return frame["online"], frame["since"] == EPOCH
+
+        yield eventually_deferred(
+            lambda: sees(alice, "dave").addCallback(lambda s: s == (True, False)),
+            "alice sees dave online",
+        )
+        self.assertEqual((yield sees(dave, "alice")), (False, True))
+        alice.send_json({"to": "dave", "content": "who are you?"})
+        yield alice.next_of("ack")
+        self.assertEqual((yield sees(dave, "alice")), (True, False))
+
+    @defer.inlineCallbacks
+    def test_a_member_removed_from_the_shared_group_is_withdrawn(self):
+        """alice and dave share only #club; each watches the other (alice
+        also bob, a direct contact).  alice removes dave from #club: without
+        a new watch, each is told the other is offline since the epoch, and
+        alice hears nothing more of dave (his going offline is not sent;
+        bob's, after it, is)."""
+        server = yield live_server(self, FAST)
+        tokens = {}
+        for name in ("alice", "bob", "dave"):
+            _, tokens[name] = yield server.user(name)
+        share_conversation(server, "alice", "bob")
+        code, body = yield api(
+            server, "POST", "/groups", tokens["alice"],
+            {"group_id": "#club", "name": "Club", "members": ["dave"]},
+        )  # fmt: skip
+        self.assertEqual(code, 201, body)
+        alice = yield server.connect(tokens["alice"], testcase=self)
+        self.addCleanup(alice.close_and_wait)
+        dave = yield server.connect(tokens["dave"], testcase=self)
+        self.addCleanup(dave.close_and_wait)
+        bob = yield server.connect(tokens["bob"], testcase=self)
+        self.addCleanup(bob.close_and_wait)
+        for watcher, users in ((alice, ["dave", "bob"]), (dave, ["alice"])):
+
+            @defer.inlineCallbacks
+            def all_online(watcher: Any = watcher, users: list[str] = users) -> Any:
+                watcher.send_json({"type": "watch", "users": users})
+                frames = yield first_frames(watcher, len(users))
+                return all(f["online"] for f in frames)
+
+            yield eventually_deferred(all_online, "the watched online")
+        alice.received.clear()
+        dave.received.clear()
+        code, body = yield api(server, "DELETE", "/groups/%23club/members/dave", tokens["alice"])
+        self.assertEqual(code, 200, body)
+        # The group event withdraws at once (the recheck would, within RECHECK).
+        gone = yield alice.next_of("presence", seconds=RECHECK / 2)
+        self.assertEqual((gone["user"], gone["online"], gone["since"]), ("dave", False, EPOCH))
+        gone = yield dave.next_of("presence", seconds=RECHECK / 2)
+        self.assertEqual((gone["user"], gone["online"], gone["since"]), ("alice", False, EPOCH))
+        yield dave.close_and_wait()
+        yield bob.close_and_wait()
+        yield eventually(
+            lambda: any(not f["online"] for f in presence_of(alice, "bob")), "bob offline"
+        )
+        self.assertEqual(len(presence_of(alice, "dave")), 1)
+
+    @defer.inlineCallbacks
+    def test_a_deleted_user_is_withdrawn_from_their_watchers(self):
+        """alice watches bob, a contact, online; bob deletes his account: his
+        connection closes and alice is soon told he is offline since the
+        epoch (the deletion event withdraws him; the recheck would, within
+        RECHECK), as any user she may not see."""
+        server = yield live_server(self, FAST)
+        _, alice_token = yield server.user("alice")
+        bob_key, bob_token = yield server.user("bob")
+        share_conversation(server, "alice", "bob")
+        alice = yield server.connect(alice_token, testcase=self)
+        self.addCleanup(alice.close_and_wait)
+        bob = yield server.connect(bob_token, testcase=self)
+        self.addCleanup(bob.close_and_wait)
+
+        @defer.inlineCallbacks
+        def bob_online() -> Any:
+            alice.send_json({"type": "watch", "users": ["bob"]})
+            return (yield alice.next_of("presence"))["online"]
+
+        yield eventually_deferred(bob_online, "bob online for alice")
+        seen = len(presence_of(alice, "bob"))
+        body = {
+            "key_id": keylog.key_id(bytes(bob_key.verify_key)),
+            "signature": b64(bob_key.sign(keylog.delete_string("bob", 1).encode()).signature),
+        }
+        resp = yield within(
+            server.http(fresh=True).request("DELETE", f"{server.base}/auth/users/bob", json=body)
+        )
+        self.assertEqual(resp.code, 200)
+        yield eventually(
+            lambda: any(f["since"] == EPOCH for f in presence_of(alice, "bob")[seen:]),
+            "bob hidden from alice",
+            seconds=RECHECK / 2,
+        )
 
     @defer.inlineCallbacks
     def test_watchers_end_on_the_last_state_after_flapping(self):
@@ -513,6 +645,119 @@ class HubTests(unittest.TestCase):
         pending[0][0].callback(pending[0][1])
         self.assertEqual([f[0] for f in conn.frames], ["carol"])
         self.assertEqual(hub.watched(), 1)
+
+    def test_a_contact_gone_is_withdrawn_and_reported_offline(self):
+        """contacts: bob stops being alice's contact; told so, the hub asks
+        again for alice's connections (not carol's, who watches nobody
+        concerned), withdraws bob (offline since the epoch) and sends her
+        nothing more of him; dave, still a contact, stays."""
+        asked: list[str] = []
+        self.state = {"bob": (True, 5000), "dave": (True, 6000), "erin": (True, 7000)}
+        self.contacts = {"bob", "dave", "erin"}
+        hub, alice, carol = self.hub(CONTACTS), FakeConn("alice"), FakeConn("carol")
+        hub.watch(alice, ["bob", "dave", "alice"])
+        hub.watch(carol, ["erin"])
+        inner = hub._contacts
+        hub._contacts = lambda user, candidates: (asked.append(user), inner(user, candidates))[1]
+        self.contacts.discard("bob")
+        hub.contacts_changed(["bob", "zed"])
+        self.assertEqual(asked, ["alice"])
+        self.assertEqual(alice.frames[-1], ("bob", False, "1970-01-01T00:00:00.000Z"))
+        self.assertEqual(len(alice.frames), 4)
+        self.clock.advance(10)
+        self.change(hub, "bob", False)
+        self.change(hub, "dave", False)
+        self.clock.advance(5)
+        self.assertEqual(alice.frames[4:], [("dave", False, "1970-01-01T00:00:10.000Z")])
+        self.assertEqual(hub.watched(), 3)  # dave, alice, erin
+
+    def test_the_watched_user_losing_contacts_is_withdrawn_from_the_watcher(self):
+        """Told that bob's contacts changed, the hub also decides again for
+        the connections of bob himself."""
+        self.state = {"alice": (True, 5000)}
+        self.contacts = {"alice"}
+        hub, bob = self.hub(CONTACTS), FakeConn("bob")
+        hub.watch(bob, ["alice"])
+        self.contacts = set()
+        hub.contacts_changed(["bob"])
+        self.assertEqual(bob.frames[-1], ("alice", False, "1970-01-01T00:00:00.000Z"))
+        self.assertEqual(hub.watched(), 0)
+
+    def test_the_periodic_recheck_withdraws_contacts_gone(self):
+        """No event came (an account deleted, a row changed): the recheck
+        every RECHECK seconds asks the store again and withdraws bob."""
+        self.state = {"bob": (True, 5000)}
+        self.contacts = {"bob"}
+        hub, alice = self.hub(CONTACTS), FakeConn("alice")
+        hub.watch(alice, ["bob"])
+        self.contacts = set()
+        self.clock.advance(RECHECK / 2)
+        self.assertEqual(len(alice.frames), 1)
+        self.clock.advance(RECHECK)
+        self.assertEqual(alice.frames[-1], ("bob", False, "1970-01-01T00:00:00.000Z"))
+        self.assertEqual(hub.watched(), 0)
+
+    def test_everyone_and_off_need_no_recheck_of_contacts(self):
+        """Under everyone, nobody is withdrawn (nor the store asked)."""
+        self.state = {"bob": (True, 5000)}
+        hub, alice = self.hub(EVERYONE), FakeConn("alice")
+        hub._contacts = lambda user, candidates: self.fail("the store was asked")
+        hub.watch(alice, ["bob"])
+        hub.contacts_changed(["bob", "alice"])
+        self.clock.advance(RECHECK * 2)
+        self.assertEqual(alice.frames, [("bob", True, "1970-01-01T00:00:05.000Z")])
+
+    def test_a_watch_sent_meanwhile_decides_instead_of_the_recheck(self):
+        """The recheck's answer comes after alice sent another watch: the
+        later watch decides, the answer changes nothing."""
+        pending: list[tuple[defer.Deferred, set[str]]] = []
+
+        def slow_contacts(user: str, candidates: list[str]) -> defer.Deferred:
+            d: defer.Deferred = defer.Deferred()
+            pending.append((d, set(candidates)))
+            return d
+
+        hub = PresenceHub(
+            self.clock, CONTACTS, lambda users: defer.succeed({}), slow_contacts, 1.0, 1.0
+        )
+        self.addCleanup(hub.stop)
+        alice = FakeConn("alice")
+        hub.watch(alice, ["bob"])
+        pending[0][0].callback({"bob"})
+        hub.contacts_changed(["bob"])
+        hub.watch(alice, ["bob"])
+        pending[1][0].callback(set())  # the recheck: bob gone
+        pending[2][0].callback({"bob"})  # the new watch: bob back
+        self.assertEqual(alice.frames, [("bob", False, "1970-01-01T00:00:00.000Z")] * 2)
+        self.assertEqual(hub.watched(), 1)
+
+    def test_the_hub_forgets_users_nobody_watches(self):
+        """What the hub keeps per user (state, what was sent, a held
+        offline) goes once nobody watches that user: replaced lists, closed
+        connections and withdrawn contacts leave nothing behind."""
+        self.contacts = {f"u{i}" for i in range(100)}
+        hub = self.hub(CONTACTS)
+        conns = [FakeConn(f"w{i}") for i in range(10)]
+        for i, conn in enumerate(conns):
+            hub.watch(conn, [f"u{j}" for j in range(i * 10, i * 10 + 10)])
+        for i in range(100):
+            self.change(hub, f"u{i}", True)
+        self.clock.advance(5)
+        for i in range(100):
+            self.change(hub, f"u{i}", False)  # offlines held: timers pending
+        self.assertEqual(hub.watched(), 100)
+        for conn in conns[:4]:
+            hub.watch(conn, [])
+        for conn in conns[4:7]:
+            hub.forget(conn)
+        self.assertEqual(hub.watched(), 30)
+        self.contacts = set()
+        hub.contacts_changed([f"u{i}" for i in range(100)])
+        self.assertEqual((hub.watched(), hub._users, hub._watching), (0, {}, {}))
+        self.assertEqual(self.clock.getDelayedCalls(), [hub._rechecker.call])
+        for conn in conns:
+            hub.forget(conn)
+        self.assertEqual(hub._turns, {})
 
 
 class WatchParsingTests(unittest.TestCase):

@@ -36,6 +36,7 @@ from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 
 from .messages import group_frame
+from .store.groups import REMOVED
 
 _log = Logger()
 
@@ -193,8 +194,14 @@ class GroupEvents:
 
     MEMORY = 4096  # details handled lately
 
-    def __init__(self, broker: Any) -> None:
+    def __init__(
+        self, broker: Any, contacts_changed: Callable[[list[str]], Any] | None = None
+    ) -> None:
+        """``contacts_changed(users)`` is told, for a removal, the removed
+        member and the members: contacts among them may be gone (the
+        presence hub decides again who may watch whom)."""
         self._broker = broker
+        self._contacts_changed = contacts_changed
         self._seen: OrderedDict[str, None] = OrderedDict()
 
     def __call__(self, user_id: str, detail: str | None) -> None:
@@ -214,6 +221,8 @@ class GroupEvents:
         for member in to:
             frame = same or group_frame(group_id, kind, member, ms)
             self._broker.notify_user(member, frame)
+        if kind == REMOVED and self._contacts_changed is not None:
+            self._contacts_changed([*to, user_id] if subject is None else [*to, subject])
 
 
 class DeletedUsers:

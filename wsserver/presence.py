@@ -12,11 +12,17 @@ one frame per user per ``INTERVAL``; an ``offline`` is held for ``GRACE``
 and dropped when the user is back online meanwhile, so a connection that
 opens and closes fast sends watchers nothing, or one pair per interval.
 What watchers were last sent (``sent``) is what a new watcher is told too.
+
+Under ``contacts`` the users a connection may see are decided at its
+``watch`` and again when contacts may have gone (``contacts_changed``: a
+group member left or was removed) and at each ``RECHECK``: a user no longer
+a contact is withdrawn and reported offline since the epoch.  What the hub
+keeps of a user goes when nobody on this node watches them.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from typing import Any
 
 from twisted.internet import defer
@@ -147,18 +153,83 @@ class PresenceHub:
 
     def _drop(self, conn: Any) -> None:
         for user in self._watching.pop(conn, ()):
-            entry = self._users.get(user)
-            if entry is None:
-                continue
-            entry.conns.discard(conn)
-            if not entry.conns:
-                if entry.timer is not None and entry.timer.active():
-                    entry.timer.cancel()
-                del self._users[user]
+            self._unwatch(conn, user)
+
+    def _unwatch(self, conn: Any, user: str) -> None:
+        """``conn`` no longer watches ``user``; with nobody watching, what
+        the hub kept of ``user`` goes (the hub's memory is its watchers')."""
+        entry = self._users.get(user)
+        if entry is None:
+            return
+        entry.conns.discard(conn)
+        if not entry.conns:
+            if entry.timer is not None and entry.timer.active():
+                entry.timer.cancel()
+            del self._users[user]
 
     def watched(self) -> int:
         """The number of users watched by this node's connections."""
         return len(self._users)
+
+    # -- contacts that went away -------------------------------------------------------
+
+    def contacts_changed(self, users: Iterable[str]) -> defer.Deferred:
+        """Contacts among ``users`` may be gone (one left a group, or was
+        removed): decide again, under ``contacts``, the lists of these users'
+        connections and of the connections watching one of them.  Fires once
+        decided."""
+        if self.policy != CONTACTS:
+            return defer.succeed(None)
+        touched = set(users)
+        conns = [
+            conn
+            for conn, seen in self._watching.items()
+            if conn.user_id in touched or not touched.isdisjoint(seen)
+        ]
+        return self._check_contacts(conns)
+
+    def _check_contacts(self, conns: list[Any]) -> defer.Deferred:
+        """Ask the store again which users ``conns`` may see (one question
+        per watcher) and withdraw the others (``_withdraw``)."""
+        by_user: dict[str, list[Any]] = {}
+        for conn in conns:
+            by_user.setdefault(conn.user_id, []).append(conn)
+        asked = []
+        for me, mine in by_user.items():
+            users = sorted({u for c in mine for u in self._watching.get(c, ()) if u != me})
+            if not users:
+                continue
+            turns = {conn: self._turns.get(conn) for conn in mine}
+            d = self._contacts(me, users)
+            d.addCallback(self._withdraw, turns)
+            asked.append(d)
+        d = defer.gatherResults(asked, consumeErrors=True)
+        d.addErrback(
+            lambda f: _log.warn("rechecking presence contacts failed: {why}", why=f.value)
+        )
+        return d
+
+    def _withdraw(self, allowed: Any, turns: dict[Any, int | None]) -> None:
+        """Each connection of ``turns`` stops watching what it may no longer
+        see (outside ``allowed``, itself excepted) and is told that user is
+        offline since the epoch, as a user never allowed appears.  A
+        connection that sent another ``watch`` meanwhile is left to it."""
+        allowed = set(allowed)
+        for conn, turn in turns.items():
+            seen = self._watching.get(conn)
+            if self._turns.get(conn) != turn or not seen or not conn.live:
+                continue
+            gone = [u for u in seen if u != conn.user_id and u not in allowed]
+            if not gone:
+                continue
+            kept = tuple(u for u in seen if u not in gone)
+            if kept:
+                self._watching[conn] = kept
+            else:
+                del self._watching[conn]
+            for user in gone:
+                self._unwatch(conn, user)
+                conn.notify(presence_frame(user, False, NEVER))
 
     # -- changes -----------------------------------------------------------------
 
@@ -202,7 +273,10 @@ class PresenceHub:
 
     def recheck(self) -> defer.Deferred | None:
         """Ask the broker again about the watched users: in a cluster, a node
-        that died never said its users went offline (their leases expire)."""
+        that died never said its users went offline (their leases expire).
+        Under ``contacts``, ask the store again who may still be watched (a
+        contact can go without a group event reaching this node: an account
+        deleted, a row changed by hand)."""
         users = list(self._users)
         if not users:
             return None
@@ -216,7 +290,9 @@ class PresenceHub:
         d.addErrback(
             lambda f: _log.warn("rechecking presence failed: {why}", why=f.getErrorMessage())
         )
-        return d
+        if self.policy != CONTACTS:
+            return d
+        return defer.gatherResults([d, self._check_contacts(list(self._watching))])
 
     def stop(self) -> None:
         if self._rechecker.running:

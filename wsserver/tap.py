@@ -258,7 +258,10 @@ class WsServerService(ChoosesLogObserver):
         events.on(EVENT_KEY_REVOKED, KeyRevoked(self.auth, self.factory, CLOSE_KEY_REVOKED))
         events.on(EVENT_SIGNED_OUT, SignedOut(self.auth, self.factory, CLOSE_SIGNED_OUT))
         events.on(EVENT_SIGNED_OUT_ALL, SignedOutAll(self.auth, self.factory, CLOSE_SIGNED_OUT))
-        events.on(EVENT_GROUP, GroupEvents(self.broker))
+        presence = self.factory.presence_hub()
+        events.on(EVENT_GROUP, GroupEvents(self.broker, presence.contacts_changed))
+        # A deleted user is nobody's contact any more: their watchers stop.
+        events.on(EVENT_DELETED, lambda user_id, _: presence.contacts_changed([user_id]))
         gate = WebSocketGate(
             self.factory, self.auth, config.allowed_origins, secure=self.tls is not None
         )

@@ -765,6 +765,10 @@ class ServerFactory(WebSocketServerFactory):
             proto._live_floor = proto._since or 0
         return proto
 
+    def presence_hub(self) -> PresenceHub:
+        """Who watches whom on this node (told of group and account events)."""
+        return self._presence
+
     def close_user(self, user_id: str, code: int, reason: str) -> int:
         """Close every connection of ``user_id`` on this node with ``code`` (an
         account event: 4003 for a deleted account); return how many."""
