@@ -204,9 +204,7 @@ class PresenceHub:
             d.addCallback(self._withdraw, turns)
             asked.append(d)
         d = defer.gatherResults(asked, consumeErrors=True)
-        d.addErrback(
-            lambda f: _log.warn("rechecking presence contacts failed: {why}", why=f.value)
-        )
+        d.addErrback(lambda f: _log.warn("rechecking presence contacts failed: {why}", why=f.value))
         return d
 
     def _withdraw(self, allowed: Any, turns: dict[Any, int | None]) -> None:
