@@ -20,6 +20,8 @@ from twisted.internet import defer, reactor, task
 from twisted.trial import unittest
 
 from wsserver import keylog
+from wsserver.broker import LocalBroker
+from wsserver.broker.seen import LastSeen
 from wsserver.messages import MAX_WATCH, WatchFrame, parse_control_frame
 from wsserver.presence import CONTACTS, EVERYONE, GRACE, OFF, RECHECK, PresenceHub
 from wsserver.store import is_postgres
@@ -795,3 +797,51 @@ class PresenceSettingTests(unittest.TestCase):
         with self.assertRaises(ConfigError) as caught:
             load({}, {"PRESENCE": "friends"})
         self.assertEqual(str(caught.exception), "PRESENCE: must be contacts, everyone or off")
+
+
+class LastSeenTests(unittest.TestCase):
+    """What a node remembers of since when users were on or off is bounded:
+    online users, and at most ``limit`` offline ones (the oldest forgotten)."""
+
+    def test_offline_users_beyond_the_limit_are_forgotten_oldest_first(self):
+        """Three remembered: the first two of five offline users are
+        forgotten (never seen: since 0); online users are all kept; going
+        online again takes a user out of the offline ones."""
+        seen = LastSeen(limit=3)
+        for i in range(5):
+            seen.record(f"u{i}", True, 1000 + i)
+        self.assertEqual(len(seen), 5)
+        for i in range(5):
+            seen.record(f"u{i}", False, 2000 + i)
+        self.assertEqual(len(seen), 3)
+        self.assertEqual([seen.get(f"u{i}") for i in range(5)], [
+            (False, 0), (False, 0), (False, 2002), (False, 2003), (False, 2004),
+        ])  # fmt: skip
+        seen.record("u2", True, 3000)
+        seen.record("u9", True, 3001)
+        self.assertEqual(
+            (seen.get("u2"), seen.get("u9"), len(seen)), ((True, 3000), (True, 3001), 4)
+        )
+        seen.record("u2", False, 4000)
+        seen.record("u9", False, 4001)
+        self.assertEqual(len(seen), 3)
+        self.assertEqual(seen.get("u3"), (False, 0))
+        self.assertEqual(seen.get("u9"), (False, 4001))
+
+    def test_the_broker_forgets_offline_users_beyond_the_limit(self):
+        """A LocalBroker whose users connect and leave keeps at most the
+        limit of offline users: the last to leave is known, the first is
+        answered as never seen."""
+        clock = task.Clock()
+        broker = LocalBroker(None, clock)
+        broker._seen = LastSeen(limit=10)
+        conns = [FakeConn(f"u{i}") for i in range(50)]
+        for conn in conns:
+            self.assertTrue(broker.attach(conn))
+        self.assertEqual(len(broker._seen), 50)
+        clock.advance(7)
+        for conn in conns:
+            broker.detach(conn)
+        self.assertEqual(len(broker._seen), 10)
+        states = self.successResultOf(broker.presence_of(["u0", "u49"]))
+        self.assertEqual(states, {"u0": (False, 0), "u49": (False, 7000)})

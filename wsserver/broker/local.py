@@ -32,6 +32,7 @@ from ..messages import (
 from ..metrics import DISCARD, Metrics
 from ..store import Store
 from . import Connection, IBroker
+from .seen import LastSeen
 
 _log = Logger()
 
@@ -65,7 +66,7 @@ class LocalBroker:
         self._in_replay: dict[Connection, list[Message]] = {}
         # Group messages: (recipients, delivered) last told to their senders.
         self._group_told: OrderedDict[int, tuple[int, bool]] = OrderedDict()
-        self._seen: dict[str, tuple[bool, int]] = {}  # user -> (online, since ms) here
+        self._seen = LastSeen()  # since when users were on or off, here
 
     @property
     def clock(self) -> IReactorTime:
@@ -221,14 +222,14 @@ class LocalBroker:
     def _went(self, user_id: str, online: bool) -> None:
         """``user_id``'s first connection here opened (or their last closed)."""
         since = self._now_ms()
-        self._seen[user_id] = (online, since)
+        self._seen.record(user_id, online, since)
         if self.presence_listener is not None:
             self.presence_listener(user_id, online, since)
 
     def presence_of(self, users: list[str]) -> defer.Deferred:
         """Fire with ``{user: (online, since_ms)}``; since 0 for a user never
-        seen (since this process started)."""
-        return defer.succeed({u: self._seen.get(u, (False, 0)) for u in users})
+        seen (since this process started, or forgotten: ``LastSeen``)."""
+        return defer.succeed({u: self._seen.get(u) for u in users})
 
     def read_receipt(self, msg_id: int, sender: str, reader: str, ms: int) -> None:
         """``reader`` read ``msg_id`` (recorded): tell the sender's connections."""

@@ -398,7 +398,7 @@ class RedisBroker(LocalBroker):
 
     def _went(self, user_id: str, online: bool) -> None:
         since = self._now_ms()
-        self._seen[user_id] = (online, since)
+        self._seen.record(user_id, online, since)
         if self.command_connection() is None and self.presence_listener is not None:
             # Redis is away: this node's own view is all there is.
             self.presence_listener(user_id, online, since)
