@@ -10,6 +10,11 @@ inserts the ``message_reads`` row; the primary key (message_id, user_id)
 decides which of two racing reads (two nodes, two devices) is the first:
 ``ON CONFLICT DO NOTHING`` makes the other a no-op, so the sender hears of
 it once.
+
+``contacts_among`` answers who a watcher may watch under
+``PRESENCE=contacts``: who wrote the watcher a direct message
+(``conversations.wrote`` on the candidate's row) or shares a current group
+with them (docs/protocol.md section 15, "Presence").
 """
 
 from __future__ import annotations
