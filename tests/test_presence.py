@@ -685,6 +685,33 @@ class HubTests(unittest.TestCase):
         self.assertEqual(bob.frames[-1], ("alice", False, "1970-01-01T00:00:00.000Z"))
         self.assertEqual(hub.watched(), 0)
 
+    def test_one_user_watching_many_is_asked_about_in_parts(self):
+        """alice's two connections watch 256 users each (400 between them):
+        the store is asked at most MAX_WATCH candidates at a time, and the
+        answers together decide (u0 gone, from the first part; u399 gone,
+        from the second)."""
+        self.contacts = {f"u{i}" for i in range(400)}
+        asked: list[int] = []
+        hub = self.hub(CONTACTS)
+        inner = hub._contacts
+
+        def contacts(user: str, candidates: list[str]) -> defer.Deferred:
+            asked.append(len(candidates))
+            return inner(user, candidates)
+
+        hub._contacts = contacts
+        first, second = FakeConn("alice"), FakeConn("alice")
+        hub.watch(first, [f"u{i}" for i in range(0, 256)])
+        hub.watch(second, [f"u{i}" for i in range(144, 400)])
+        self.assertEqual(hub.watched(), 400)
+        self.contacts -= {"u0", "u399"}
+        asked.clear()
+        hub.contacts_changed(["alice"])
+        self.assertEqual(sorted(asked), [144, 256])
+        self.assertEqual(first.frames[-1], ("u0", False, "1970-01-01T00:00:00.000Z"))
+        self.assertEqual(second.frames[-1], ("u399", False, "1970-01-01T00:00:00.000Z"))
+        self.assertEqual(hub.watched(), 398)
+
     def test_the_periodic_recheck_withdraws_contacts_gone(self):
         """No event came (an account deleted, a row changed): the recheck
         every RECHECK seconds asks the store again and withdraws bob."""

@@ -30,7 +30,7 @@ from twisted.internet.interfaces import IReactorTime
 from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
 
-from .messages import dumps, format_timestamp
+from .messages import MAX_WATCH, dumps, format_timestamp
 
 _log = Logger()
 
@@ -200,7 +200,14 @@ class PresenceHub:
             if not users:
                 continue
             turns = {conn: self._turns.get(conn) for conn in mine}
-            d = self._contacts(me, users)
+            # The store takes at most MAX_WATCH candidates a question; one
+            # user's connections may watch more between them.
+            parts = [
+                self._contacts(me, users[start : start + MAX_WATCH])
+                for start in range(0, len(users), MAX_WATCH)
+            ]
+            d = defer.gatherResults(parts, consumeErrors=True)
+            d.addCallback(lambda found: set().union(*found))
             d.addCallback(self._withdraw, turns)
             asked.append(d)
         d = defer.gatherResults(asked, consumeErrors=True)
