@@ -198,6 +198,16 @@ class PresenceHub:
         for conn in list(entry.conns):
             conn.notify(frame)
 
+    def forget_user(self, user: str) -> None:
+        """``user`` was deleted: watchers who ask from now on are told
+        "never seen" (those watching were told the last change already)."""
+        entry = self._users.get(user)
+        if entry is not None:
+            if entry.timer is not None and entry.timer.active():
+                entry.timer.cancel()
+            entry.timer = None
+            entry.state = entry.sent = (False, NEVER)
+
     # -- life --------------------------------------------------------------------
 
     def recheck(self) -> defer.Deferred | None:
