@@ -524,8 +524,14 @@ def connect_ws(
     headers: dict[str, str] | None = None,
     tls_options: Any = None,
     testcase: Any = None,
+    open_timeout: float | None = None,
 ) -> defer.Deferred:
-    """Open a WebSocket (token in the Authorization header); fire with the ``Client``."""
+    """Open a WebSocket (token in the Authorization header); fire with the ``Client``.
+
+    ``open_timeout`` replaces Autobahn's 5 s client deadline for the opening
+    handshake (a test opening hundreds at once on a loaded machine needs more;
+    the server keeps its own deadline).
+    """
     if since is not None:
         url += f"?since={since}"
     all_headers = dict(headers or {})
@@ -535,6 +541,8 @@ def connect_ws(
     factory.protocol = Client
     factory.opened = defer.Deferred()
     factory.setProtocolOptions(autoPingInterval=0, failByDrop=False, maxFramePayloadSize=0)
+    if open_timeout is not None:
+        factory.setProtocolOptions(openHandshakeTimeout=open_timeout)
     host, port = factory.host, factory.port
     endpoint: Any = endpoints.TCP4ClientEndpoint(reactor, host, port)
     if factory.isSecure:
@@ -543,7 +551,7 @@ def connect_ws(
     d.addCallback(lambda _: factory.opened)
     if testcase is not None:
         d.addCallback(lambda client: (testcase.addCleanup(client.close_and_wait), client)[1])
-    return within(d)
+    return within(d, max(TIMEOUT, open_timeout or 0))
 
 
 def env_with(**values: Any) -> dict[str, str]:

@@ -518,3 +518,46 @@ class WindowTests(Base):
         self.assertEqual(
             [(m["id"], m["status"]) for m in page["messages"]], [(ack["id"], "delivered")]
         )
+
+
+class DeletedPresenceTests(Base):
+    """With ``PRESENCE=everyone`` (no contact check to hide a deleted user), a
+    deletion takes the user's last-seen time with it (section 12)."""
+
+    @defer.inlineCallbacks
+    def setUp(self):
+        self.server = yield live_server(self, {**LIMITS, "PRESENCE": "everyone"})
+        self.tokens = {}
+        self.keys = {}
+        for name in self.names:
+            self.keys[name], self.tokens[name] = yield self.server.user(name)
+
+    @defer.inlineCallbacks
+    def test_a_deleted_user_is_never_seen_for_later_watches(self):
+        """carol watches bob while he is online; bob deletes his account
+        (his connection closes 4003); a watch after it, a first one of
+        dave's (while carol's keeps this node's view of bob alive) and then
+        carol's again, reports bob offline since the epoch, as a user never
+        seen (before the fix: offline since his connection closed)."""
+        bob = yield self.connect("bob")
+        carol = yield self.connect("carol")
+        carol.send_json({"type": "watch", "users": ["bob"]})
+        frame = yield carol.next_of("presence")
+        self.assertEqual((frame["user"], frame["online"]), ("bob", True))
+        yield self.delete_account("bob")
+        self.assertEqual((yield bob.wait_closed()), 4003)
+        dave = yield self.connect("dave")
+        for watcher in (dave, carol):
+            state: dict = {}
+
+            @defer.inlineCallbacks
+            def never_seen(watcher: Any = watcher, state: dict = state) -> Any:
+                watcher.send_json({"type": "watch", "users": ["bob"]})
+                frame = yield watcher.next_of("presence")
+                while frame["online"]:  # bob's live change may come first
+                    frame = yield watcher.next_of("presence")
+                state["frame"] = frame
+                return frame["since"] == EPOCH
+
+            yield eventually_deferred(never_seen, "bob reported as never seen")
+            self.assertEqual((state["frame"]["user"], state["frame"]["online"]), ("bob", False))

@@ -101,8 +101,9 @@ class PagesTests(Base):
         oldest = whole["messages"][-1]
         self.assertEqual(oldest["type"], "message")
         self.assertIn(oldest["status"], ("pending", "delivered"))
+        self.assertEqual(oldest["read"], False)  # bob's page: alice's message, unread
         self.assertEqual(
-            {k: v for k, v in oldest.items() if k != "status"},
+            {k: v for k, v in oldest.items() if k not in ("status", "read")},
             {k: v for k, v in received.items() if k != "status"},
         )
         self.assertEqual((oldest["verification"], oldest["signature"]), ("verified", sig))
@@ -125,6 +126,36 @@ class PagesTests(Base):
         self.assertEqual([m["id"] for m in notes["messages"]], [note["id"]])
         casts = yield self.page(bob_token, "broadcast")
         self.assertEqual([m["id"] for m in casts["messages"]], [b2["id"], b1["id"]])
+
+    @defer.inlineCallbacks
+    def test_a_page_shows_the_receipts(self) -> None:
+        """After bob reads alice's first message (a read frame), alice's page
+        says read_by ["bob"] on it and [] on the second, and bob's page says
+        read true and false on them; alice's broadcast carries neither."""
+        _, alice_token = yield self.server.user("alice")
+        _, bob_token = yield self.server.user("bob")
+        alice = yield self.server.connect(alice_token)
+        bob = yield self.server.connect(bob_token)
+        first = yield self.send(alice, "bob", "one")
+        second = yield self.send(alice, "bob", "two")
+        cast = yield self.send(alice, "broadcast", "all")
+        for _ in range(2):
+            yield bob.next_of("message")
+        bob.send_json({"type": "read", "id": first["id"]})
+        status = yield alice.next_of("status")
+        while status["status"] != "read":  # delivered ones first on several nodes
+            status = yield alice.next_of("status")
+        self.assertEqual((status["id"], status["by"]), (first["id"], "bob"))
+        page = yield self.page(alice_token, "bob")
+        marks = {m["id"]: (m.get("read_by"), m.get("read")) for m in page["messages"]}
+        self.assertEqual(marks, {first["id"]: (["bob"], None), second["id"]: ([], None)})
+        page = yield self.page(bob_token, "alice")
+        marks = {m["id"]: (m.get("read_by"), m.get("read")) for m in page["messages"]}
+        self.assertEqual(marks, {first["id"]: (None, True), second["id"]: (None, False)})
+        page = yield self.page(alice_token, "broadcast")
+        self.assertEqual([m["id"] for m in page["messages"]], [cast["id"]])
+        self.assertNotIn("read_by", page["messages"][0])
+        self.assertNotIn("read", page["messages"][0])
 
     @defer.inlineCallbacks
     def test_reading_history_changes_no_status(self) -> None:

@@ -23,7 +23,15 @@ from wsserver import keylog
 from wsserver.broker import LocalBroker
 from wsserver.broker.seen import LastSeen
 from wsserver.messages import MAX_WATCH, WatchFrame, parse_control_frame
-from wsserver.presence import CONTACTS, EVERYONE, GRACE, OFF, RECHECK, PresenceHub
+from wsserver.presence import (
+    CONTACTS,
+    CONTACTS_EVERY,
+    EVERYONE,
+    GRACE,
+    OFF,
+    RECHECK,
+    PresenceHub,
+)
 from wsserver.store import is_postgres
 
 from .support import LiveServer, b64, eventually, within
@@ -713,16 +721,23 @@ class HubTests(unittest.TestCase):
         self.assertEqual(hub.watched(), 398)
 
     def test_the_periodic_recheck_withdraws_contacts_gone(self):
-        """No event came (an account deleted, a row changed): the recheck
-        every RECHECK seconds asks the store again and withdraws bob."""
+        """No event came (a row changed by hand): every CONTACTS_EVERY-th
+        recheck (not each one: it costs a query per watcher) asks the store
+        again and withdraws bob."""
         self.state = {"bob": (True, 5000)}
         self.contacts = {"bob"}
         hub, alice = self.hub(CONTACTS), FakeConn("alice")
+        asked: list[str] = []
+        inner = hub._contacts
+        hub._contacts = lambda user, candidates: (asked.append(user), inner(user, candidates))[1]
         hub.watch(alice, ["bob"])
+        asked.clear()
         self.contacts = set()
-        self.clock.advance(RECHECK / 2)
-        self.assertEqual(len(alice.frames), 1)
+        for _ in range(CONTACTS_EVERY - 1):
+            self.clock.advance(RECHECK)
+        self.assertEqual((len(alice.frames), asked), (1, []))
         self.clock.advance(RECHECK)
+        self.assertEqual(asked, ["alice"])
         self.assertEqual(alice.frames[-1], ("bob", False, "1970-01-01T00:00:00.000Z"))
         self.assertEqual(hub.watched(), 0)
 

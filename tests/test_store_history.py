@@ -123,19 +123,62 @@ class HistoryContract:
         for i in range(5):
             ids.append((yield self.send(*(("alice", "bob") if i % 2 else ("bob", "alice")))))
             yield self.send("alice", "carol")
-        page, more = yield self.store.history("alice", "bob", None, 2)
+        page, more, _ = yield self.store.history("alice", "bob", None, 2)
         self.assertEqual(([m.id for m in page], more), (ids[:2:-1], True))
-        page, more = yield self.store.history("bob", "alice", ids[3], 3)
+        page, more, _ = yield self.store.history("bob", "alice", ids[3], 3)
         self.assertEqual(([m.id for m in page], more), (ids[2::-1], False))
-        page, more = yield self.store.history("alice", "bob", ids[2], 2)
+        page, more, _ = yield self.store.history("alice", "bob", ids[2], 2)
         self.assertEqual(([m.id for m in page], more), (ids[1::-1], False))
-        page, more = yield self.store.history("alice", "bob", ids[0], 50)
+        page, more, _ = yield self.store.history("alice", "bob", ids[0], 50)
         self.assertEqual((page, more), ([], False))
         self.assertEqual(page, [])
-        full, _ = yield self.store.history("alice", "bob", None, 50)
+        full, _, _ = yield self.store.history("alice", "bob", None, 50)
         self.assertEqual(
             (full[0].sender, full[0].recipient, full[0].content), ("bob", "alice", "x")
         )
+
+    @defer.inlineCallbacks
+    def test_a_page_carries_its_receipts(self):
+        """A page says who read each of the caller's own direct and group
+        messages (in the order they read) and which of the others' messages
+        the caller read; reads of other pages' messages, by others of the
+        others' messages, and of the caller's broadcasts are not in it."""
+        self.query(
+            self.sql(
+                "INSERT INTO chat_groups (group_id, name, owner, created_ms) VALUES (?, ?, ?, 1)"
+            ),
+            ("#team", "Team", "alice"),
+        )
+        for user in ("alice", "bob", "carol"):
+            self.member("#team", user, 0, None)
+        old = yield self.send("alice", "bob")
+        mine = yield self.send("alice", "bob")
+        theirs = yield self.send("bob", "alice")
+        unread = yield self.send("bob", "alice")
+        group = self.group_message("#team", "alice")
+        cast = yield self.send("alice", "broadcast")
+        reads = [
+            ("bob", old, 1), ("bob", mine, 2), ("alice", theirs, 3), ("carol", group, 4),
+            ("bob", group, 5), ("carol", cast, 6), ("carol", unread, 7),
+        ]  # fmt: skip
+        for reader, msg_id, ms in reads:
+            self.query(
+                self.sql(
+                    "INSERT INTO message_reads (message_id, user_id, read_ms) VALUES (?, ?, ?)"
+                ),
+                (msg_id, reader, ms),
+            )
+        page, _, got = yield self.store.history("alice", "bob", old, 50)
+        self.assertEqual((page, got.readers, got.read), ([], {}, set()))
+        page, _, got = yield self.store.history("alice", "bob", None, 3)
+        self.assertEqual([m.id for m in page], [unread, theirs, mine])
+        self.assertEqual((got.readers, got.read), ({mine: ["bob"]}, {theirs}))
+        page, _, got = yield self.store.history("alice", "#team", None, 50)
+        self.assertEqual(got.readers, {group: ["carol", "bob"]})
+        _, _, got = yield self.store.history("bob", "#team", None, 50)
+        self.assertEqual((got.readers, got.read), ({}, {group}))
+        _, _, got = yield self.store.history("alice", "broadcast", None, 50)
+        self.assertEqual((got.readers, got.read), ({}, set()))
 
     @defer.inlineCallbacks
     def test_notes_to_self_broadcast_and_unknown_peers(self):
@@ -144,9 +187,9 @@ class HistoryContract:
         note = yield self.send("alice", "alice")
         yield self.send("alice", "bob")
         cast = yield self.send("bob", "broadcast")
-        page, _ = yield self.store.history("alice", "alice", None, 50)
+        page, _, _ = yield self.store.history("alice", "alice", None, 50)
         self.assertEqual([m.id for m in page], [note])
-        page, _ = yield self.store.history("carol", "broadcast", None, 50)
+        page, _, _ = yield self.store.history("carol", "broadcast", None, 50)
         self.assertEqual([m.id for m in page], [cast])
         self.assertIsNone((yield self.store.history("alice", "zed", None, 50)))
 
@@ -169,13 +212,13 @@ class HistoryContract:
         self.member("#team", "carol", ids[1], None)  # joined after the first
         self.member("#team", "dave", 0, ids[2])  # removed after the second
         ids.append(self.group_message("#team", "bob"))
-        page, more = yield self.store.history("alice", "#team", None, 50)
+        page, more, _ = yield self.store.history("alice", "#team", None, 50)
         self.assertEqual(([m.id for m in page], more), (ids[:0:-1], False))
-        page, _ = yield self.store.history("carol", "#team", None, 50)
+        page, _, _ = yield self.store.history("carol", "#team", None, 50)
         self.assertEqual([m.id for m in page], ids[:1:-1])
-        page, _ = yield self.store.history("dave", "#team", None, 50)
+        page, _, _ = yield self.store.history("dave", "#team", None, 50)
         self.assertEqual([m.id for m in page], ids[2:0:-1])
-        page, more = yield self.store.history("dave", "#team", ids[2], 1)
+        page, more, _ = yield self.store.history("dave", "#team", ids[2], 1)
         self.assertEqual(([m.id for m in page], more), ([ids[1]], False))
         self.assertIsNone((yield self.store.history("alice", "#other", None, 50)))
         self.assertIsNone(
@@ -258,7 +301,9 @@ class HistoryContract:
         """The plan of the page query ``history`` runs for (user_id, peer)."""
         rec = Recording(self.cursor())
         self.store._history(rec, user_id, peer, 2**62, 50)
-        sql, args = rec.statements[-1]
+        # The page query is the last statement reading messages (the page's
+        # receipts are read from message_reads after it).
+        sql, args = [st for st in rec.statements if " FROM messages " in st[0]][-1]
         return self.explain(sql, args)
 
     @defer.inlineCallbacks

@@ -239,6 +239,7 @@ class DeletedUsers:
         self._auth.forget(user_id)
         yield self._store.forget_user(user_id)
         closed = self._factory.close_user(user_id, self._close_code, "account deleted")
+        yield self._factory.forget_presence(user_id)  # their last-seen time goes too
         yield self._store.drain()
         head = int(detail) if detail and detail.isdigit() else 0
         purged = yield self._store.purge_user_messages(user_id, head)

@@ -15,7 +15,8 @@ What watchers were last sent (``sent``) is what a new watcher is told too.
 
 Under ``contacts`` the users a connection may see are decided at its
 ``watch`` and again when contacts may have gone (``contacts_changed``: a
-group member left or was removed) and at each ``RECHECK``: a user no longer
+group member left or was removed) and every ``CONTACTS_EVERY`` rechecks (a
+backstop): a user no longer
 a contact is withdrawn and reported offline since the epoch.  What the hub
 keeps of a user goes when nobody on this node watches them.
 """
@@ -42,6 +43,11 @@ POLICIES = (CONTACTS, EVERYONE, OFF)
 GRACE = 1.0  # seconds an offline is held before watchers hear of it
 INTERVAL = 1.0  # seconds between two frames about one user
 RECHECK = 10.0  # seconds between two reads of the watched users' state
+# Every CONTACTS_EVERY-th recheck (5 minutes) also asks the store again who
+# may be watched: a backstop only (group and account events withdraw at
+# once), so it costs an idle node one query per watching user per 5 minutes,
+# not per 10 s.
+CONTACTS_EVERY = 30
 NEVER = 0  # the ``since`` (ms) of a user never seen online: 1970-01-01T00:00:00.000Z
 
 State = tuple[bool, int]  # (online, since in ms)
@@ -95,6 +101,7 @@ class PresenceHub:
         self._users: dict[str, _Watched] = {}
         self._watching: dict[Any, tuple[str, ...]] = {}  # conn -> users it may see
         self._turns: dict[Any, int] = {}  # conn -> its latest watch frame's number
+        self._rechecks = 0
         self._rechecker = LoopingCall(self.recheck)
         self._rechecker.clock = clock
 
@@ -274,6 +281,16 @@ class PresenceHub:
         for conn in list(entry.conns):
             conn.notify(frame)
 
+    def forget_user(self, user: str) -> None:
+        """``user`` was deleted: watchers who ask from now on are told
+        "never seen" (those watching were told the last change already)."""
+        entry = self._users.get(user)
+        if entry is not None:
+            if entry.timer is not None and entry.timer.active():
+                entry.timer.cancel()
+            entry.timer = None
+            entry.state = entry.sent = (False, NEVER)
+
     # -- life --------------------------------------------------------------------
 
     def recheck(self) -> defer.Deferred | None:
@@ -295,7 +312,8 @@ class PresenceHub:
         d.addErrback(
             lambda f: _log.warn("rechecking presence failed: {why}", why=f.getErrorMessage())
         )
-        if self.policy != CONTACTS:
+        self._rechecks += 1
+        if self.policy != CONTACTS or self._rechecks % CONTACTS_EVERY:
             return d
         return defer.gatherResults([d, self._check_contacts(list(self._watching))])
 

@@ -14,6 +14,7 @@ and then checked against their alphabet; anything else is 400
 
 from __future__ import annotations
 
+import json
 import math
 import re
 from typing import Any
@@ -24,7 +25,7 @@ from twisted.web import server
 from .auth import Authenticator
 from .messages import BROADCAST, Message, format_timestamp, is_group_id, is_user_id
 from .ratelimit import RateLimiter
-from .store.history import ID_MAX
+from .store.history import ID_MAX, PageReads
 from .web import HttpError, JsonResource, _header_token
 
 MAX_PAGE = 200  # messages of one page, and conversations of the list
@@ -85,10 +86,19 @@ def _number(params: dict[str, str], name: str, low: int, high: int, default: Any
     return int(value)
 
 
-def history_frame(msg: Message) -> bytes:
+def history_frame(msg: Message, user_id: str, reads: PageReads) -> bytes:
     """A stored message as the ``message`` frame of section 3, with the
-    status it has now (a message the caller sent may still be ``pending``)."""
-    return b'{"type":"message","status":"' + msg.status.encode("ascii") + b'",' + msg.encoded()[1:]
+    status it has now (a message the caller sent may still be ``pending``)
+    and its receipts: ``read_by`` on the caller's own direct and group
+    messages, ``read`` on the others' (protocol.md section 15)."""
+    if msg.sender != user_id:
+        mark = b'"read":true,' if msg.id in reads.read else b'"read":false,'
+    elif msg.recipient != BROADCAST:
+        mark = b'"read_by":' + json.dumps(reads.readers.get(msg.id, [])).encode() + b","
+    else:
+        mark = b""
+    head = b'{"type":"message","status":"' + msg.status.encode("ascii") + b'",'
+    return head + mark + msg.encoded()[1:]
 
 
 class _Authenticated(JsonResource):
@@ -136,8 +146,8 @@ class Messages(_Authenticated):
             if is_group_id(peer):
                 raise HttpError("unknown_group", "no such group, or not one of yours")
             raise HttpError("unknown_user", "no such user")
-        messages, more = page
-        body = b",".join(history_frame(m) for m in messages)
+        messages, more, reads = page
+        body = b",".join(history_frame(m, user_id, reads) for m in messages)
         return 200, b'{"messages":[' + body + b'],"more":' + (b"true" if more else b"false") + b"}"
 
 

@@ -797,6 +797,12 @@ class ServerFactory(WebSocketServerFactory):
             reason,
         )
 
+    def forget_presence(self, user_id: str) -> defer.Deferred:
+        """``user_id`` was deleted: their last-seen time goes (section 12),
+        from the watchers' view here and from the broker."""
+        self._presence.forget_user(user_id)
+        return self._broker.forget_presence(user_id)
+
     def _close_where(self, which: Callable[[Any], bool], code: int, reason: str) -> int:
         closing = [conn for conn in self._broker.connections() if which(conn)]
         for conn in closing:

@@ -280,14 +280,17 @@ def page_times(
 
 
 class _Recording:
-    """A cursor that remembers the last statement (for its plan)."""
+    """A cursor that remembers the last page query (for its plan): the last
+    statement reading ``messages`` (after it, the page's receipts are read
+    from ``message_reads``)."""
 
     def __init__(self, cursor: Any) -> None:
         self._cursor = cursor
         self.last: tuple[str, tuple] = ("", ())
 
     def execute(self, sql: str, args: tuple = ()) -> Any:
-        self.last = (sql, args)
+        if " FROM messages " in sql:
+            self.last = (sql, tuple(args))
         return self._cursor.execute(sql, args)
 
     def fetchone(self) -> Any:
@@ -301,7 +304,7 @@ def page_query_times(
     engine: str, database: str, pages: list[tuple[str, str, int | None]]
 ) -> tuple[dict, list[str]]:
     """p50/p99 ms of the store's own page reads (``History._history``: the
-    peer's check and the page query) for ``pages``, here on a connection of
+    peer's check, the page query and its receipts) for ``pages``, here on a connection of
     its own, and the page query's plan."""
     if engine == "sqlite":
         conn: Any = sqlite3.connect(database)

@@ -38,6 +38,7 @@ _log = Logger()
 
 REPLAY_PAGE = 256
 TOLD_GROUPS = 10_000  # group messages whose status this node told lately
+FORGOTTEN_MAX = 10_000  # deleted users whose presence this node no longer records
 
 
 @implementer(IBroker)
@@ -67,6 +68,9 @@ class LocalBroker:
         # Group messages: (recipients, delivered) last told to their senders.
         self._group_told: OrderedDict[int, tuple[int, bool]] = OrderedDict()
         self._seen = LastSeen()  # since when users were on or off, here
+        # Deleted users (newest FORGOTTEN_MAX): their presence is no longer
+        # recorded, so the closes of their last connections leave no trace.
+        self._forgotten: OrderedDict[str, None] = OrderedDict()
 
     @property
     def clock(self) -> IReactorTime:
@@ -221,6 +225,8 @@ class LocalBroker:
 
     def _went(self, user_id: str, online: bool) -> None:
         """``user_id``'s first connection here opened (or their last closed)."""
+        if user_id in self._forgotten:
+            return
         since = self._now_ms()
         self._seen.record(user_id, online, since)
         if self.presence_listener is not None:
@@ -230,6 +236,15 @@ class LocalBroker:
         """Fire with ``{user: (online, since_ms)}``; since 0 for a user never
         seen (since this process started, or forgotten: ``LastSeen``)."""
         return defer.succeed({u: self._seen.get(u) for u in users})
+
+    def forget_presence(self, user_id: str) -> defer.Deferred:
+        """``user_id`` was deleted: drop their last-seen time (section 12)
+        and record no more of it; watchers see them as never seen."""
+        self._forgotten[user_id] = None
+        if len(self._forgotten) > FORGOTTEN_MAX:
+            self._forgotten.popitem(last=False)
+        self._seen.forget(user_id)
+        return defer.succeed(None)
 
     def read_receipt(self, msg_id: int, sender: str, reader: str, ms: int) -> None:
         """``reader`` read ``msg_id`` (recorded): tell the sender's connections."""

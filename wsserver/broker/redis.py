@@ -397,6 +397,8 @@ class RedisBroker(LocalBroker):
     # -- presence and read receipts (protocol section 13) -------------------------
 
     def _went(self, user_id: str, online: bool) -> None:
+        if user_id in self._forgotten:
+            return
         since = self._now_ms()
         self._seen.record(user_id, online, since)
         if self.command_connection() is None and self.presence_listener is not None:
@@ -407,8 +409,11 @@ class RedisBroker(LocalBroker):
         """Ask Redis (after this node's lease commands, on the same
         connection) and publish the changes it recorded."""
         redis = self.command_connection()
-        if redis is None:
+        gone = [u for u in users if u in self._forgotten]
+        if redis is None or len(gone) == len(users):
             return LocalBroker.presence_of(self, users)
+        if gone:  # deleted: never seen, and nothing recorded for them again
+            users = [u for u in users if u not in self._forgotten]
         d = check_presence(redis, self.prefix, users, self._clock.seconds())
 
         def found(states: dict[str, tuple[bool, int, bool]]) -> dict[str, tuple[bool, int]]:
@@ -418,7 +423,9 @@ class RedisBroker(LocalBroker):
                         self.presence_listener(user, online, since)
                     self._outgoing.append(["p", user, 1 if online else 0, since])
                     self._schedule_flush()
-            return {user: (online, since) for user, (online, since, _) in states.items()}
+            out = {user: (online, since) for user, (online, since, _) in states.items()}
+            out.update((user, (False, 0)) for user in gone)
+            return out
 
         return d.addCallback(found)
 
@@ -430,6 +437,24 @@ class RedisBroker(LocalBroker):
             return LocalBroker.presence_of(self, users)
 
         return d.addErrback(failed)
+
+    def forget_presence(self, user_id: str) -> defer.Deferred:
+        """``user_id`` was deleted: drop their last-seen time here and in
+        Redis (every node does it; the second delete finds nothing)."""
+        LocalBroker.forget_presence(self, user_id)
+        redis = self.command_connection()
+        if redis is None:
+            return defer.succeed(None)
+        d = redis.delete(f"{self.prefix}presence:{user_id}")
+
+        def failed(f: Failure) -> None:
+            _log.warn(
+                "forgetting a deleted user's presence at {url} failed: {why}",
+                url=self._shown,
+                why=f.getErrorMessage(),
+            )
+
+        return d.addCallbacks(lambda _: None, failed)
 
     def read_receipt(self, msg_id: int, sender: str, reader: str, ms: int) -> None:
         super().read_receipt(msg_id, sender, reader, ms)

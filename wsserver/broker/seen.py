@@ -33,6 +33,11 @@ class LastSeen:
         while len(self._offline) > self._limit:
             self._offline.popitem(last=False)
 
+    def forget(self, user_id: str) -> None:
+        """``user_id`` was deleted: from now on reported as never seen."""
+        self._online.pop(user_id, None)
+        self._offline.pop(user_id, None)
+
     def get(self, user_id: str) -> tuple[bool, int]:
         """(online, since ms); (False, 0) for a user not (or no longer) known."""
         if user_id in self._online:

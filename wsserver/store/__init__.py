@@ -304,7 +304,7 @@ class IStore(Interface):
         """Drop a deleted user from the engine's cache of known recipients."""
 
     def history(user_id: str, peer: str, before: int | None, limit: int) -> Any:  # noqa: N805
-        """Fire with (messages, more) of ``user_id``'s conversation with
+        """Fire with (messages, more, reads) of ``user_id``'s conversation with
         ``peer`` (protocol section 13): up to ``limit`` messages with ids below
         ``before`` (None: the newest), newest first; ``more`` is True when
         older ones exist.  ``peer`` is a user id (the direct messages between
@@ -312,7 +312,10 @@ class IStore(Interface):
         or a group id (its messages inside the caller's window: ``joined_id <
         id``, and ``id <= removed_id`` once removed).  Fire with None when the
         peer is no user (never was, or deleted) or a group the caller was
-        never a member of.  Reads only: no status changes."""
+        never a member of.  ``reads`` is a ``history.PageReads``: who read
+        each of the caller's own direct and group messages of the page, and
+        which of the others' messages the caller read.  Reads only: no status
+        changes."""
 
     def conversations(user_id: str, limit: int) -> Any:  # noqa: N805
         """Fire with up to ``limit`` (peer, last_id, last_created_ms) of

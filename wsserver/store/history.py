@@ -22,12 +22,19 @@ once.
 from __future__ import annotations
 
 from collections.abc import Iterable
-from typing import Any
+from typing import Any, NamedTuple
 
 from ..messages import BROADCAST, conversation_of
 from .rows import KNOWN_USERS_MAX, MESSAGE_COLUMNS, message_from_row
 
 ID_MAX = 2**63 - 1  # larger than any message id (a BIGINT / SQLite INTEGER)
+
+
+class PageReads(NamedTuple):
+    """The read receipts a history page carries (protocol.md section 15)."""
+
+    readers: dict[int, list[str]]  # the caller's own messages: who read each
+    read: set[int]  # the others' messages the caller read
 
 
 def conv_of(sender: str, recipient: str) -> str | None:
@@ -142,7 +149,39 @@ class History:
         keys = [key] * self._key_range.count("?")
         txn.execute(self._sql(sql), (*keys, upper, lower, limit + 1))
         rows = txn.fetchall()
-        return [message_from_row(row) for row in rows[:limit]], len(rows) > limit
+        messages = [message_from_row(row) for row in rows[:limit]]
+        return messages, len(rows) > limit, self._page_reads(txn, user_id, messages)
+
+    def _page_reads(self, txn: Any, user_id: str, messages: list[Any]) -> PageReads:
+        """The reads a page shows: who read the caller's own direct and group
+        messages, and which of the others' messages the caller read.  Two
+        lookups of ``message_reads``' key, bounded by the page."""
+        own = [m.id for m in messages if m.sender == user_id and m.recipient != BROADCAST]
+        others = [m.id for m in messages if m.sender != user_id]
+        readers: dict[int, list[str]] = {}
+        if own:
+            marks = ",".join("?" * len(own))
+            txn.execute(
+                self._sql(
+                    "SELECT message_id, user_id FROM message_reads"  # noqa: S608
+                    f" WHERE message_id IN ({marks}) ORDER BY message_id, read_ms, user_id"
+                ),
+                own,
+            )
+            for msg_id, reader in txn.fetchall():
+                readers.setdefault(msg_id, []).append(reader)
+        read: set[int] = set()
+        if others:
+            marks = ",".join("?" * len(others))
+            txn.execute(
+                self._sql(
+                    "SELECT message_id FROM message_reads"  # noqa: S608
+                    f" WHERE user_id = ? AND message_id IN ({marks})"
+                ),
+                (user_id, *others),
+            )
+            read = {row[0] for row in txn.fetchall()}
+        return PageReads(readers, read)
 
     def conversations(self, user_id: str, limit: int) -> Any:
         """See ``IStore.conversations``."""
