@@ -533,12 +533,13 @@ class DeletedPresenceTests(Base):
             self.keys[name], self.tokens[name] = yield self.server.user(name)
 
     @defer.inlineCallbacks
-    def test_a_deleted_user_is_never_seen_for_later_watches(self):
-        """carol watches bob while he is online; bob deletes his account
-        (his connection closes 4003); a watch after it, a first one of
-        dave's (while carol's keeps this node's view of bob alive) and then
-        carol's again, reports bob offline since the epoch, as a user never
-        seen (before the fix: offline since his connection closed)."""
+    def test_a_deleted_user_goes_offline_for_watchers_and_is_never_seen_after(self):
+        """carol watches bob while he is online; bob deletes his account (his
+        connection closes 4003): carol is told at once that bob is offline
+        since the epoch (no new watch needed); a first watch of dave's and
+        carol's next one report bob the same, as a user never seen (before:
+        carol heard nothing and later watches got the time his connection
+        closed)."""
         bob = yield self.connect("bob")
         carol = yield self.connect("carol")
         carol.send_json({"type": "watch", "users": ["bob"]})
@@ -546,18 +547,18 @@ class DeletedPresenceTests(Base):
         self.assertEqual((frame["user"], frame["online"]), ("bob", True))
         yield self.delete_account("bob")
         self.assertEqual((yield bob.wait_closed()), 4003)
+        frame = yield carol.next_of("presence")
+        self.assertEqual((frame["user"], frame["online"], frame["since"]), ("bob", False, EPOCH))
         dave = yield self.connect("dave")
         for watcher in (dave, carol):
             state: dict = {}
 
             @defer.inlineCallbacks
             def never_seen(watcher: Any = watcher, state: dict = state) -> Any:
+                # on another node the deletion may not have been applied yet
                 watcher.send_json({"type": "watch", "users": ["bob"]})
-                frame = yield watcher.next_of("presence")
-                while frame["online"]:  # bob's live change may come first
-                    frame = yield watcher.next_of("presence")
-                state["frame"] = frame
-                return frame["since"] == EPOCH
+                state["frame"] = yield watcher.next_of("presence")
+                return state["frame"]["since"] == EPOCH
 
             yield eventually_deferred(never_seen, "bob reported as never seen")
             self.assertEqual((state["frame"]["user"], state["frame"]["online"]), ("bob", False))

@@ -775,6 +775,28 @@ class HubTests(unittest.TestCase):
         self.assertEqual(alice.frames, [("bob", False, "1970-01-01T00:00:00.000Z")] * 2)
         self.assertEqual(hub.watched(), 1)
 
+    def test_a_deleted_user_is_withdrawn_from_every_watcher_once(self):
+        """forget_user (an account deletion): each watcher of bob is told
+        once that he is offline since the epoch and stops watching him,
+        whatever the policy; later news of bob sends nothing."""
+        for policy in (EVERYONE, CONTACTS):
+            self.state = {"bob": (True, 5000), "carol": (True, 6000)}
+            self.contacts = {"bob", "carol"}
+            hub = self.hub(policy)
+            alice, dave = FakeConn("alice"), FakeConn("dave")
+            hub.watch(alice, ["bob", "carol"])
+            hub.watch(dave, ["bob"])
+            hub.forget_user("bob")
+            epoch = ("bob", False, "1970-01-01T00:00:00.000Z")
+            self.assertEqual((alice.frames[-1], dave.frames[-1]), (epoch, epoch), policy)
+            self.assertEqual(hub.watched(), 1, policy)  # carol, still watched by alice
+            before = (len(alice.frames), len(dave.frames))
+            hub.changed("bob", False, 9000)
+            hub.contacts_changed(["bob"])
+            self.clock.advance(RECHECK * CONTACTS_EVERY)
+            self.assertEqual((len(alice.frames), len(dave.frames)), before, policy)
+            hub.stop()
+
     def test_the_hub_forgets_users_nobody_watches(self):
         """What the hub keeps per user (state, what was sent, a held
         offline) goes once nobody watches that user: replaced lists, closed

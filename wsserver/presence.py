@@ -282,14 +282,22 @@ class PresenceHub:
             conn.notify(frame)
 
     def forget_user(self, user: str) -> None:
-        """``user`` was deleted: watchers who ask from now on are told
-        "never seen" (those watching were told the last change already)."""
+        """``user`` was deleted: whoever watches them is told once that they
+        are offline since the epoch (as a user never seen) and stops
+        watching them, whatever the policy; a later watch finds them never
+        seen (the broker forgot them too)."""
         entry = self._users.get(user)
-        if entry is not None:
-            if entry.timer is not None and entry.timer.active():
-                entry.timer.cancel()
-            entry.timer = None
-            entry.state = entry.sent = (False, NEVER)
+        if entry is None:
+            return
+        frame = presence_frame(user, False, NEVER)
+        for conn in list(entry.conns):
+            kept = tuple(u for u in self._watching.get(conn, ()) if u != user)
+            if kept:
+                self._watching[conn] = kept
+            else:
+                self._watching.pop(conn, None)
+            self._unwatch(conn, user)
+            conn.notify(frame)
 
     # -- life --------------------------------------------------------------------
 
