@@ -16,6 +16,7 @@ from twisted.trial import unittest
 from wsserver import keylog
 
 from .support import LiveServer, b64, within
+from .test_presence import eventually_deferred
 
 TEAM = "#team"
 TEAM_PATH = "/groups/%23team"
@@ -168,6 +169,44 @@ class DeliveryTests(GroupTestCase):
         yield bob.close_and_wait()
         bob2 = yield self.connect("bob")
         yield self.marker(bob2, "bob", "nothing pending")
+
+    @defer.inlineCallbacks
+    def test_a_resent_group_message_is_acked_with_its_counts(self):
+        """alice resends a group message (same nonce, same frame), once with
+        bob away and again, on a new connection, after he received it: each
+        resend's ack is the first one's (same id, nothing stored twice) with
+        members and recipients as they stand (1 and 0 pending, then 1 and 1
+        delivered); a tester found them missing."""
+        yield self.make_team(("bob",))
+        alice = yield self.connect("alice")
+        frame = {"to": TEAM, "content": "once", "nonce": "resend-1"}
+        alice.send_json(frame)
+        first = yield alice.next_of("ack")
+        alice.send_json(frame)
+        again = yield alice.next_of("ack")
+        self.assertEqual(
+            (again["id"], again["members"], again["recipients"], again["status"]),
+            (first["id"], 1, 0, "pending"),
+        )
+        bob = yield self.connect("bob")
+        got = yield next_message(bob)
+        self.assertEqual(got["id"], first["id"])
+        yield status_until(alice, first["id"], 1)
+        yield alice.close_and_wait()
+        alice = yield self.connect("alice")
+        state: dict = {}
+
+        @defer.inlineCallbacks
+        def counted() -> Any:
+            alice.send_json(frame)
+            state["ack"] = yield alice.next_of("ack")
+            return state["ack"]["status"] == "delivered"
+
+        yield eventually_deferred(counted, "the resend's ack says delivered")
+        ack = state["ack"]
+        self.assertEqual((ack["id"], ack["members"], ack["recipients"]), (first["id"], 1, 1))
+        page = yield self.call("GET", "/messages?with=%23team", "alice")
+        self.assertEqual([m["id"] for m in page[1]["messages"]], [first["id"]])
 
     @defer.inlineCallbacks
     def test_since_replays_the_groups_messages_own_included(self):

@@ -327,13 +327,16 @@ def message_frame(msg: Message) -> bytes:
     return b'{"type":"message","status":"delivered",' + msg.encoded()[1:]
 
 
-def ack_frame(msg: Message) -> bytes:
-    """The ``ack`` frame: the message as stored, status as it stands now."""
+def ack_frame(msg: Message, members: int | None = None) -> bytes:
+    """The ``ack`` frame: the message as stored, status as it stands now
+    (``members``: a group message's member count but the sender, when not
+    counted from ``msg.group_members``)."""
     head = b'{"type":"ack","status":"' + msg.status.encode("ascii") + b'",'
     body = msg.encoded()
-    if msg.group_members is not None:
-        others = len(msg.group_members) - (msg.sender in msg.group_members)
-        body = body[:-1] + b',"members":' + str(others).encode("ascii") + b"}"
+    if members is None and msg.group_members is not None:
+        members = len(msg.group_members) - (msg.sender in msg.group_members)
+    if members is not None:
+        body = body[:-1] + b',"members":' + str(members).encode("ascii") + b"}"
     if msg.recipients is not None:
         body = body[:-1] + b',"recipients":' + str(msg.recipients).encode("ascii") + b"}"
     return head + body[1:]

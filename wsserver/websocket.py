@@ -31,10 +31,12 @@ from .messages import (
     UNSIGNED,
     VERIFIED,
     Draft,
+    Message,
     ReadFrame,
     Refusal,
     WatchFrame,
     ack_frame,
+    is_group_id,
     nonce_from_raw,
     parse_client_frame,
     parse_control_frame,
@@ -650,7 +652,11 @@ class ServerProtocol(WebSocketServerProtocol):
             self._refuse(Refusal("not_a_member", "you are not a member of this group", draft.nonce))
         elif kind == DUPLICATE:
             if msg.recipient == draft.recipient and msg.content == draft.content:
-                if self.live:
+                if is_group_id(msg.recipient):
+                    d = self.factory._store.group_status(msg.id, msg.recipient, msg.sender)
+                    d.addCallback(self._ack_group_again, msg)
+                    d.addErrback(self._failed_after_store)
+                elif self.live:
                     self._send_text(ack_frame(msg))
             else:
                 self._refuse(
@@ -661,6 +667,16 @@ class ServerProtocol(WebSocketServerProtocol):
             msg = self.factory._broker.publish(self, msg)
             if self.live:
                 self._send_text(ack_frame(msg))
+
+    def _ack_group_again(self, counts: tuple[int, int], msg: Message) -> None:
+        """A resent group message: the first one's ack, with its members and
+        recipients as they stand now (members reached, members still waiting)."""
+        recipients, waiting = counts
+        msg.recipients = recipients
+        if waiting == 0:
+            msg.status = "delivered"
+        if self.live:
+            self._send_text(ack_frame(msg, members=recipients + waiting))
 
     def _not_stored(self, failure: Failure, draft: Draft) -> None:
         # The store has logged the cause; the sender learns it was not stored.
