@@ -984,8 +984,22 @@ def speaks_http(host: str, port: int) -> bool:
         return False
 
 
+def parse(argv: list[str] | None = None) -> argparse.Namespace:
+    """The command line; ``group create ID --name N MEMBER...`` may give its
+    members after the option (argparse alone takes them only before it)."""
+    p = parser()
+    args, extra = p.parse_known_args(argv)
+    if extra:
+        if getattr(args, "group_command", None) != "create" or any(
+            e.startswith("-") for e in extra
+        ):
+            p.error(f"unrecognized arguments: {' '.join(extra)}")
+        args.members += extra
+    return args
+
+
 def main(argv: list[str] | None = None) -> None:
-    args = parser().parse_args(argv)
+    args = parse(argv)
 
     def run(reactor: Any) -> defer.Deferred:
         d = defer.maybeDeferred(COMMANDS[args.command], args, reactor)
