@@ -235,3 +235,27 @@ class ConversationsCliTests(ServedCase):
         self.assertRegex(out, r"^bob: offline since \d{4}-\d\d-\d\dT[\d:.]+Z\n$")
         line = yield self.fails("who", "#team")
         self.assertIn("is not a user id", line)
+
+    @defer.inlineCallbacks
+    def test_receipts_for_a_long_replay_leave_room_for_sending(self):
+        """chat replays 16 waiting messages and marks each read, paced, so that
+        the rate limit (5/s, burst 10: reads and messages alike) never refuses
+        a receipt nor the line typed at once; all of alice's receipts reach
+        her.  (Two senders: each stays within its own burst.)"""
+        yield self.users("alice", "bob", "carol")
+        ids = yield self.send_as("alice", "bob", *(f"message {n}" for n in range(8)))
+        yield self.send_as("carol", "bob", *(f"message {n}" for n in range(8, 16)))
+        listen = self.spawn("listen")
+        yield listen.err_line("listening as alice")
+        chat = self.spawn("chat", "--with", "alice", user="bob")
+        yield self.line_with(chat, "chatting with alice")
+        chat.transport.write(b"all read\n")
+        echo = yield self.line_with(chat, "(#")
+        self.assertRegex(echo, r"^  \(#\d+ delivered\)$")
+        receipts = []
+        while len(receipts) < len(ids):
+            receipts.append((yield self.line_with(listen, "was read by bob")))
+        self.assertEqual(receipts, [f"your message #{i} was read by bob" for i in ids])
+        chat.transport.closeStdin()
+        self.assertEqual((yield within(chat.ended, WAIT)), 0, chat.err)
+        self.assertNotIn("rate_limited", chat.out.decode() + chat.err.decode())
