@@ -777,18 +777,29 @@ def parser() -> argparse.ArgumentParser:
     listen.add_argument("--no-receipts", action="store_true", help=no_receipts)
     chat = sub.add_parser("chat", help="type lines to send, see replies")
     chat.add_argument(
-        "--with", "--to", dest="to", required=True, help="who to chat with (a user or '#group')"
+        "--with",
+        "--to",
+        dest="to",
+        metavar="ID",
+        required=True,
+        help="who to chat with (a user or '#group')",
     )
     chat.add_argument("--no-receipts", action="store_true", help=no_receipts)
     history = sub.add_parser(
         "history", help="print a page of a conversation, oldest first, each message checked"
     )
     history.add_argument(
-        "--with", dest="with_", required=True, help="a user id, a group id ('#team') or broadcast"
+        "--with",
+        dest="with_",
+        metavar="PEER",
+        required=True,
+        help="a user id, a group id ('#team') or broadcast",
     )
-    history.add_argument("--before", type=int, help="only messages older than this id")
     history.add_argument(
-        "--limit", type=int, help=f"at most this many (1 to {MAX_PAGE}, default 50)"
+        "--before", type=int, metavar="ID", help="only messages older than this id"
+    )
+    history.add_argument(
+        "--limit", type=int, metavar="N", help=f"at most this many (1 to {MAX_PAGE}, default 50)"
     )
     history.add_argument(
         "--json", action="store_true", help="one JSON object per message, with verified_locally"
