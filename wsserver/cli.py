@@ -4,7 +4,11 @@
     wsserver-client --user alice register --name "Alice"
     wsserver-client --user alice send --to bob "hello"
     wsserver-client --user bob listen
-    wsserver-client --user bob chat --to alice
+    wsserver-client --user bob chat --with alice
+    wsserver-client --user bob history --with alice
+    wsserver-client --user alice group create team --name Team bob carol
+    wsserver-client --user alice send --to '#team' "hello team"
+    wsserver-client --user alice who bob carol
 
 Global options fall back to WSSERVER_URL, WSSERVER_USER, WSSERVER_KEY and
 WSSERVER_CAFILE.  Commands that need a token log in by themselves.  Every
@@ -17,6 +21,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shlex
 import socket
 import ssl
 import sys
@@ -37,8 +42,9 @@ from .client import (
     public_key_b64,
     save_key,
 )
+from .conversations import MAX_PAGE, MAX_WATCHED, group_id
 from .keylog import KeyLogError
-from .messages import is_user_id
+from .messages import is_group_id, is_user_id
 
 DEFAULT_URL = "http://127.0.0.1:8080"
 TIMEOUT = 10.0  # seconds for each HTTP answer
@@ -110,7 +116,8 @@ def describe(frame: dict, verified: bool | None, rewritten: bool = False) -> str
     made safe (see safe()); later lines of a multi-line content are indented
     continuation lines.  ``rewritten``: the sender's key log was rewritten
     since this device saw it (not verified, whatever the signature)."""
-    to = " (broadcast)" if frame.get("to") == "broadcast" else ""
+    to = frame.get("to")
+    to = " (broadcast)" if to == "broadcast" else f" ({safe(to)})" if is_group_id(to) else ""
     shown = REWRITTEN_MARK if rewritten and verified is not None else mark(verified)
     return (
         f"[{safe(frame['timestamp'])}] {safe(frame['from'])}{to} [{shown}] "
@@ -299,24 +306,43 @@ def cmd_send(args: argparse.Namespace, reactor: Any) -> Any:
     out(f"{safe(ack['id'])} {safe(ack['status'])}")
 
 
-def _print_frames(client: Client, as_json: bool) -> None:
+def _print_frames(client: Client, as_json: bool, receipts: bool = True) -> None:
+    """Print what arrives (listen, chat); with ``receipts``, send a ``read``
+    for every message shown that another user sent (docs/protocol.md
+    section 15, "The Python client and section 13")."""
+
     def message(frame: dict, verified: bool | None) -> None:
         if as_json:
             out(json.dumps({**frame, "verified_locally": verified}))
         else:
             out(describe(frame, verified, client.rewritten(frame.get("from"))))
+        if receipts and frame.get("from") != client.user_id and isinstance(frame.get("id"), int):
+            client.read(frame["id"])
 
     def other(frame: dict) -> None:
         if as_json:
             out(json.dumps({**frame, "verified_locally": None}))
+        elif frame["type"] == "status" and frame.get("status") == "read":
+            out(f"your message #{safe(frame['id'])} was read by {safe(frame.get('by'))}")
         elif frame["type"] == "status":
             out(f"your message #{safe(frame['id'])} is {safe(frame['status'])}")
+        elif frame["type"] == "group":
+            out(group_event(frame))
         else:
             out(f"system: {safe(frame.get('code'))}: {safe(frame.get('content'))}")
 
     client.on_message = message
     client.on_status = other
+    client.on_read = other
+    client.on_group = other
     client.on_system = other
+
+
+def group_event(frame: dict) -> str:
+    """A ``group`` frame as a line: ``#team: bob was added``."""
+    event = {"added": "was added", "removed": "was removed"}.get(frame.get("event"))
+    what = event or f"event {safe(frame.get('event'))}"
+    return f"group {safe(frame.get('group_id'))}: {safe(frame.get('user_id'))} {what}"
 
 
 def _report_reconnects(client: Client) -> defer.Deferred:
@@ -350,7 +376,7 @@ def _close_on_shutdown(client: Client, reactor: Any) -> None:
 def cmd_listen(args: argparse.Namespace, reactor: Any) -> Any:
     client = make_client(args)
     _close_on_shutdown(client, reactor)
-    _print_frames(client, args.json)
+    _print_frames(client, args.json, receipts=not args.no_receipts)
     gave_up = _report_reconnects(client)
     yield client.connect(since=args.since)
     note(f"listening as {client.user_id} on {client.server}; Ctrl-C ends")
@@ -384,11 +410,18 @@ def cmd_chat(args: argparse.Namespace, reactor: Any) -> Any:
 
     client = make_client(args)
     _close_on_shutdown(client, reactor)
-    _print_frames(client, as_json=False)
+    _print_frames(client, as_json=False, receipts=not args.no_receipts)
     gave_up = _report_reconnects(client)
     yield _look_at_log(client, args.to)
     yield client.connect()
-    out(f"chatting with {args.to}; end with Ctrl-D")
+    state = ""
+    if is_user_id(args.to) and args.to not in ("broadcast", client.user_id):
+        # The partner's presence is in the banner, then a line on each change.
+        first = _show_partner(client, args.to)
+        client.watch([args.to])
+        shown = yield first.addTimeout(TIMEOUT, reactor).addErrback(lambda _: None)
+        state = f" ({safe(args.to)} is {shown})" if shown else ""
+    out(f"chatting with {safe(args.to)}{state}; end with Ctrl-D")
     sending: list[defer.Deferred] = []
     refused: list[BaseException] = []
 
@@ -416,6 +449,173 @@ def cmd_chat(args: argparse.Namespace, reactor: Any) -> Any:
     yield client.close()
     if refused:  # each was shown as it happened; the status tells a script
         raise UsageError(f"{len(refused)} of {len(sending)} messages not sent")
+
+
+def presence_text(frame: dict) -> str:
+    """``online since T``, ``offline since T``, or ``offline`` when the
+    server knows no time (never seen online, unknown, or not visible)."""
+    since = frame.get("since")
+    if frame.get("online") is True:
+        return f"online since {safe(since)}"
+    if not since or str(since).startswith("1970-01-01T00:00:00"):
+        return "offline"
+    return f"offline since {safe(since)}"
+
+
+def _show_partner(client: Client, partner: str) -> defer.Deferred:
+    """chat: a line each time the partner comes online or goes offline (a
+    reconnect's repeat is skipped).  The Deferred returned fires with the
+    first state known (presence_text), for the banner."""
+    last: list[bool] = []
+    first: defer.Deferred = defer.Deferred()
+
+    def presence(frame: dict) -> None:
+        if frame.get("user") != partner:
+            return
+        online = frame.get("online") is True
+        if not last:
+            if not first.called:
+                first.callback(presence_text(frame))
+        elif last[-1] != online:
+            out(f"{safe(partner)} {'came online' if online else 'went offline'}")
+        last[:] = [online]
+
+    client.on_presence = presence
+    return first
+
+
+# -- history, conversations, groups, presence (protocol section 13) -------------------
+
+
+def _peer(text: str) -> str:
+    if is_user_id(text) or is_group_id(text):
+        return text
+    raise UsageError(f"{text!r} is not a user id, a group id (#team) or broadcast")
+
+
+@defer.inlineCallbacks
+def cmd_history(args: argparse.Namespace, reactor: Any) -> Any:
+    peer = _peer(args.with_)
+    if args.limit is not None and not 1 <= args.limit <= MAX_PAGE:
+        raise UsageError(f"--limit must be from 1 to {MAX_PAGE}")
+    if args.before is not None and args.before < 0:
+        raise UsageError("--before must be a message id (0 or more)")
+    client = make_client(args)
+    try:
+        page = yield client.history(peer, before=args.before, limit=args.limit)
+    except ServerError as err:
+        if err.code != "unknown_user":
+            raise
+        raise ServerError(err.code, f"no such user: {peer}", err.status) from None
+    for frame, verified in reversed(page.messages):  # oldest first, like a chat
+        if args.json:
+            out(json.dumps({**frame, "verified_locally": verified}))
+        else:
+            out(describe(frame, verified, client.rewritten(frame.get("from"))))
+    if not page.messages:
+        note(f"no messages with {peer}" + (f" before #{args.before}" if args.before else ""))
+    if page.more:
+        limit = f" --limit {args.limit}" if args.limit is not None else ""
+        note(
+            f"older messages: wsserver-client history --with {shlex.quote(peer)} "
+            f"--before {page.oldest}{limit}"
+        )
+
+
+@defer.inlineCallbacks
+def cmd_conversations(args: argparse.Namespace, reactor: Any) -> Any:
+    client = make_client(args)
+    items = yield client.conversations()
+    for item in items:
+        out(
+            f"{safe(item.get('last_timestamp'))}  {safe(item.get('with'))}  "
+            f"last #{safe(item.get('last_id'))}"
+        )
+    if not items:
+        note("no conversations yet")
+
+
+def _group_line(group: dict) -> str:
+    members = group.get("members") or []
+    count = f"{len(members)} member{'s' if len(members) != 1 else ''}"
+    return (
+        f"{safe(group.get('group_id'))} ({safe(group.get('name'))}): owner "
+        f"{safe(group.get('owner'))}, {count}: {', '.join(safe(m) for m in members)}"
+    )
+
+
+def _group_arg(text: str) -> str:
+    try:
+        return group_id(text)
+    except ValueError as exc:
+        raise UsageError(str(exc)) from None
+
+
+def _user_arg(text: str) -> str:
+    if not is_user_id(text):
+        raise UsageError(f"{text!r} is not a user id")
+    return text
+
+
+@defer.inlineCallbacks
+def cmd_group(args: argparse.Namespace, reactor: Any) -> Any:
+    action = args.group_command
+    gid = _group_arg(args.group_id) if action != "list" else None
+    user = _user_arg(args.member) if action in ("add", "remove") else None
+    members = [_user_arg(m) for m in args.members] if action == "create" else []
+    client = make_client(args)
+    if action == "create":
+        group = yield client.create_group(gid, args.name or gid[1:], members)
+        out(f"created {_group_line(group)}")
+    elif action == "add":
+        group = yield client.add_member(gid, user)
+        out(f"added {user} to {_group_line(group)}")
+    elif action == "remove":
+        yield client.remove_member(gid, user)
+        out(f"removed {user} from {gid}")
+    elif action == "leave":
+        yield client.leave(gid)
+        out(f"left {gid}")
+    elif action == "show":
+        out(_group_line((yield client.group(gid))))
+    else:
+        groups = yield client.groups()
+        for group in groups:
+            out(_group_line(group))
+        if not groups:
+            note("you are in no group")
+
+
+@defer.inlineCallbacks
+def cmd_who(args: argparse.Namespace, reactor: Any) -> Any:
+    users = list(dict.fromkeys(_user_arg(u) for u in args.users))
+    if len(users) > MAX_WATCHED:
+        raise UsageError(f"at most {MAX_WATCHED} users at once")
+    client = make_client(args)
+    seen: dict[str, dict] = {}
+    all_seen: defer.Deferred = defer.Deferred()
+
+    def presence(frame: dict) -> None:
+        user = frame.get("user")
+        if user in users and user not in seen:
+            seen[user] = frame
+            if len(seen) == len(users) and not all_seen.called:
+                all_seen.callback(None)
+
+    client.on_presence = presence
+    yield client.connect()
+    try:
+        client.watch(users)
+        try:
+            yield all_seen.addTimeout(TIMEOUT, reactor)
+        except defer.TimeoutError:
+            raise ConnectionProblem(
+                "timeout", client.server, "no presence answer in time (timed out)"
+            ) from None
+    finally:
+        yield client.close()
+    for user in users:
+        out(f"{user}: {presence_text(seen[user])}")
 
 
 # -- devices, sign-out, deletion (protocol section 12) ------------------------------
@@ -564,15 +764,64 @@ def parser() -> argparse.ArgumentParser:
     reg.add_argument("--name", required=True, help="your display name")
     sub.add_parser("login", help="log in and print a token (for scripts and curl)")
     send = sub.add_parser("send", help="send one signed message; exit 0 once acknowledged")
-    send.add_argument("--to", required=True, help="recipient user id, or 'broadcast'")
+    send.add_argument(
+        "--to", required=True, help="recipient user id, a group id ('#team'), or 'broadcast'"
+    )
     send.add_argument("text", help="the message")
     listen = sub.add_parser("listen", help="print messages as they arrive")
     listen.add_argument(
         "--json", action="store_true", help="one JSON object per frame, with verified_locally"
     )
     listen.add_argument("--since", type=int, help="also replay messages after this id")
+    no_receipts = "do not send read receipts for the messages shown"
+    listen.add_argument("--no-receipts", action="store_true", help=no_receipts)
     chat = sub.add_parser("chat", help="type lines to send, see replies")
-    chat.add_argument("--to", required=True, help="who to chat with")
+    chat.add_argument(
+        "--with",
+        "--to",
+        dest="to",
+        metavar="ID",
+        required=True,
+        help="who to chat with (a user or '#group')",
+    )
+    chat.add_argument("--no-receipts", action="store_true", help=no_receipts)
+    history = sub.add_parser(
+        "history", help="print a page of a conversation, oldest first, each message checked"
+    )
+    history.add_argument(
+        "--with",
+        dest="with_",
+        metavar="PEER",
+        required=True,
+        help="a user id, a group id ('#team') or broadcast",
+    )
+    history.add_argument(
+        "--before", type=int, metavar="ID", help="only messages older than this id"
+    )
+    history.add_argument(
+        "--limit", type=int, metavar="N", help=f"at most this many (1 to {MAX_PAGE}, default 50)"
+    )
+    history.add_argument(
+        "--json", action="store_true", help="one JSON object per message, with verified_locally"
+    )
+    sub.add_parser("conversations", help="list your conversations, most recent first")
+    group = sub.add_parser("group", help="create, change, leave and list groups")
+    actions = group.add_subparsers(dest="group_command", required=True)
+    create = actions.add_parser("create", help="create a group that you own")
+    create.add_argument("group_id", metavar="ID", help="the group id (team or '#team')")
+    create.add_argument("--name", help="its display name (default: the id without #)")
+    create.add_argument("members", metavar="MEMBER", nargs="*", help="user ids to add")
+    for name, text in (("add", "add a member (owner only)"), ("remove", "remove a member")):
+        change = actions.add_parser(name, help=text)
+        change.add_argument("group_id", metavar="ID")
+        change.add_argument("member", metavar="USER")
+    actions.add_parser("leave", help="leave a group").add_argument("group_id", metavar="ID")
+    actions.add_parser("show", help="a group's owner and members").add_argument(
+        "group_id", metavar="ID"
+    )
+    actions.add_parser("list", help="the groups you are in")
+    who = sub.add_parser("who", help="print whether these users are online, and since when")
+    who.add_argument("users", metavar="USER", nargs="+")
     sub.add_parser("devices", help="list your active keys (devices), marking this one")
     trust = sub.add_parser(
         "trust",
@@ -611,6 +860,10 @@ COMMANDS = {
     "send": cmd_send,
     "listen": cmd_listen,
     "chat": cmd_chat,
+    "history": cmd_history,
+    "conversations": cmd_conversations,
+    "group": cmd_group,
+    "who": cmd_who,
     "devices": cmd_devices,
     "trust": cmd_trust,
     "link": cmd_link,
@@ -640,8 +893,12 @@ def _failure_text(err: BaseException, args: argparse.Namespace) -> str:
     server = shown_url(args.server).rstrip("/")
     if isinstance(err, ServerError):
         line = f"{server}: {err.code}: {err.message}"
-        if err.code == "unknown_user":
+        if err.code == "unknown_user" and err.message.startswith("no such user:"):
+            pass  # a member or peer that is not registered: the message names it
+        elif err.code == "unknown_user":
             line += f" (register it first: wsserver-client --user {args.user} register --name NAME)"
+        elif err.code == "unknown_group":
+            line += " (no such group, or you are not in it: 'group list' shows yours)"
         elif err.code == "invalid_signature" and err.status == 401:
             line += (
                 f" (this key is not an active key of {args.user} there: "
@@ -738,8 +995,22 @@ def speaks_http(host: str, port: int) -> bool:
         return False
 
 
+def parse(argv: list[str] | None = None) -> argparse.Namespace:
+    """The command line; ``group create ID --name N MEMBER...`` may give its
+    members after the option (argparse alone takes them only before it)."""
+    p = parser()
+    args, extra = p.parse_known_args(argv)
+    if extra:
+        if getattr(args, "group_command", None) != "create" or any(
+            e.startswith("-") for e in extra
+        ):
+            p.error(f"unrecognized arguments: {' '.join(extra)}")
+        args.members += extra
+    return args
+
+
 def main(argv: list[str] | None = None) -> None:
-    args = parser().parse_args(argv)
+    args = parse(argv)
 
     def run(reactor: Any) -> defer.Deferred:
         d = defer.maybeDeferred(COMMANDS[args.command], args, reactor)

@@ -42,6 +42,7 @@ from twisted.web.client import Agent, BrowserLikePolicyForHTTPS, FileBodyProduce
 from twisted.web.http_headers import Headers
 
 from . import devices, keylog
+from .conversations import ConversationsMixin
 from .devices import CheckedLog, KeyLogNotice, SeenLogs
 from .keylog import KeyLogError
 from .messages import LOGIN_PREFIX, b64decode, is_user_id, signing_input
@@ -303,8 +304,9 @@ def _server_url(server: str) -> Any:
     return parts
 
 
-class Client:
-    """One user's connection to a wsserver, with login and recovery."""
+class Client(ConversationsMixin):
+    """One user's connection to a wsserver, with login and recovery; history,
+    groups, read receipts and presence come from ``ConversationsMixin``."""
 
     def __init__(
         self,
@@ -373,6 +375,7 @@ class Client:
         # last saw it, does not check, or lacks the key of a message
         # (devices.KeyLogNotice; see docs/clients.md, the warning).
         self.on_keylog_notice: Callable[[KeyLogNotice], Any] | None = None
+        self._init_conversations()  # on_presence, on_group, on_read
 
     @property
     def key_id(self) -> str:
@@ -793,6 +796,7 @@ class Client:
         self._conn = conn
         for frame, _ in list(self._unacked.values()):
             conn.sendMessage(json.dumps(frame).encode("utf-8"))  # same nonce: no double
+        self._conversations_opened()
         if self._connected is not None and not self._connected.called:
             self._connected.callback(None)
         if self.on_connect:
@@ -851,9 +855,17 @@ class Client:
         # else it goes out when the connection is (re)opened: see _opened
         return d
 
+    def _send_frame(self, frame: dict) -> bool:
+        """Send ``frame`` now if the connection is open; False if it is not."""
+        if self._conn is None or self._conn.state != _Conn.STATE_OPEN:
+            return False
+        self._conn.sendMessage(json.dumps(frame).encode("utf-8"))
+        return True
+
     def close(self) -> defer.Deferred:
         """Close the WebSocket for good (no reconnect); fire when it is closed."""
         self._wanted = False
+        self._stop_reads()
         if self._retrying is not None and self._retrying.active():
             self._retrying.cancel()
         self._retrying = None
@@ -868,6 +880,8 @@ class Client:
 
     def _frame(self, frame: dict) -> None:
         kind = frame.get("type")
+        if self._conversation_frame(frame):
+            return
         if kind == "message":
             d = self._inbox.run(self._message, frame)
             d.addErrback(lambda f: _log.failure("handling a message failed", f))
@@ -900,21 +914,27 @@ class Client:
         if len(self._seen_order) > SEEN_IDS:
             self._seen.discard(self._seen_order.popleft())
         self.last_id = max(self.last_id, msg_id)
-        verified = None
-        if frame.get("signature"):
-            try:
-                verified = yield self._check(frame)
-            except Exception as err:
-                # No key to check against (unknown sender, unreachable
-                # directory): never report such a message as verified.
-                _log.info(
-                    "cannot check a signature from {sender}: {error}",
-                    sender=frame["from"],
-                    error=str(err),
-                )
-                verified = False
+        verified = yield self._verify(frame)
         if self.on_message:
             self.on_message(frame, verified)
+
+    @defer.inlineCallbacks
+    def _verify(self, frame: dict) -> Any:
+        """A message frame (received, or from history) checked locally: True,
+        False, or None when it is unsigned."""
+        if not frame.get("signature"):
+            return None
+        try:
+            return (yield self._check(frame))
+        except Exception as err:
+            # No key to check against (unknown sender, unreachable
+            # directory): never report such a message as verified.
+            _log.info(
+                "cannot check a signature from {sender}: {error}",
+                sender=frame.get("from"),
+                error=str(err),
+            )
+            return False
 
     @defer.inlineCallbacks
     def _check(self, frame: dict) -> Any:
