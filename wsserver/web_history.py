@@ -141,6 +141,9 @@ class Messages(_Authenticated):
             raise HttpError("invalid_request", "with must be a user id, a group id or broadcast")
         before = _number(params, "before", 0, ID_MAX, None)
         limit = _number(params, "limit", 1, MAX_PAGE, DEFAULT_PAGE)
+        # The delivered marks this node queued are committed first, so a page
+        # read just after an ack never shows an older status than the ack.
+        yield self._store.drain()
         page = yield self._store.history(user_id, peer, before, limit)
         if page is None:
             if is_group_id(peer):
