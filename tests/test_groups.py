@@ -391,6 +391,15 @@ class BadInputTests(GroupTestCase):
                 "invalid_request",
             ),
             ("POST", "/groups", "alice", {"group_id": "#ok", "name": ""}, 400, "invalid_request"),
+            # NaN is no JSON (Python's decoder took it; a tester's find)
+            (
+                "POST",
+                "/groups",
+                "alice",
+                {"group_id": "#nan", "name": "x", "extra": float("nan")},
+                400,
+                "invalid_request",
+            ),
             (
                 "POST",
                 "/groups",

@@ -97,6 +97,10 @@ class ParseTests(unittest.TestCase):
             frame(to="bob", content="x", nonce=7),
             frame(to="bob", content="x", type="ping"),
             b"\xff\xfe",
+            # RFC 8259 has no NaN or infinities (Python's decoder takes them)
+            b'{"to": "bob", "content": "x", "extra": NaN}',
+            b'{"to": "bob", "content": "x", "extra": [Infinity]}',
+            b'{"to": "bob", "content": "x", "extra": {"a": -Infinity}}',
         ]
         for payload in cases:
             self.assertRefused(payload, "invalid_message")

@@ -65,7 +65,13 @@ def _unique_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
     return obj
 
 
-_decoder = json.JSONDecoder(object_pairs_hook=_unique_keys)
+def _not_json(name: str) -> Any:
+    # Python's decoder takes NaN, Infinity and -Infinity, which RFC 8259
+    # does not: a body or frame holding one is not JSON.
+    raise InvalidJSON(f"not valid JSON: {name}")
+
+
+_decoder = json.JSONDecoder(object_pairs_hook=_unique_keys, parse_constant=_not_json)
 _encoder = json.JSONEncoder(ensure_ascii=False, separators=(",", ":"))
 
 
