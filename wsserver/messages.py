@@ -251,7 +251,7 @@ def parse_client_frame(payload: bytes | str, sender: str, max_content_bytes: int
 
     kind = obj.get("type", "message")
     if kind != "message":
-        raise refuse("invalid_message", "type must be 'message'")
+        raise refuse("invalid_message", "type must be 'message', 'read' or 'watch'")
     recipient = obj.get("to")
     if not isinstance(recipient, str):
         raise refuse("invalid_message", "'to' must be a string")
