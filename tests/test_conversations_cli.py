@@ -192,16 +192,21 @@ class ConversationsCliTests(ServedCase):
         comes online and when he goes offline, and 'read by bob' for what his
         listen shows."""
         yield self.users("alice", "bob")
+        # bob wrote to alice (PRESENCE=contacts: only then may she watch him)
+        yield self.send_as("bob", "alice", "hi alice")
         (first,) = yield self.send_as("alice", "bob", "are you there?")
         chat = self.spawn("chat", "--with", "bob")
         banner = yield within(chat.lines.get(), WAIT)
-        self.assertEqual(banner, "chatting with bob (bob is offline); end with Ctrl-D")
+        self.assertRegex(
+            banner, r"^chatting with bob \(bob is offline since \S+Z\); end with Ctrl-D$"
+        )
         listen = self.spawn("listen", user="bob")
         wanted = {"bob came online", f"your message #{first} was read by bob"}
         seen = set()
         while not wanted <= seen:  # in either order, with its "delivered" status
             seen.add((yield within(chat.lines.get(), WAIT)))
-        self.assertEqual(seen - wanted, {f"your message #{first} is delivered"})
+        extra = {line for line in seen - wanted if not line.endswith(": hi alice")}
+        self.assertEqual(extra, {f"your message #{first} is delivered"})
         chat.transport.write(b"good\n")
         echo = yield within(chat.lines.get(), WAIT)
         second = int(echo.strip().strip("()").split()[0].lstrip("#"))
@@ -218,7 +223,7 @@ class ConversationsCliTests(ServedCase):
         when, offline since when, or just offline for one never seen (or not
         visible); a bad id is one line, exit 1."""
         yield self.users("alice", "bob", "carol")
-        yield self.send_as("alice", "bob", "hi")  # a conversation: bob may be watched
+        yield self.send_as("bob", "alice", "hi")  # bob wrote to alice: she may watch him
         listen = self.spawn("listen", user="bob")
         yield listen.err_line("listening as bob")
         out = yield self.ok("who", "carol", "bob")
