@@ -181,6 +181,13 @@ class ConversationsCliTests(ServedCase):
         self.assertEqual(outcome[0], ALREADY_READ)
         out = yield self.ok("history", "--with", "#team", user="carol")
         self.assertRegex(out, rf"^\[\S+Z\] alice \(#team\) \[verified\] #{msg_id}: hello team\n$")
+        # alice's page of her own message says who read it, in their order
+        out = yield self.ok("history", "--with", "#team")
+        self.assertRegex(
+            out,
+            rf"^\[\S+Z\] alice \(#team\) \[verified\] #{msg_id}: hello team"
+            r"  \(read by bob, carol\)\n$",
+        )
         out = yield self.ok("conversations")
         self.assertEqual(out.split()[1:], ["#team", "last", f"#{msg_id}"])
         line = yield self.fails("send", "--to", "#other", "anyone?")

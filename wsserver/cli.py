@@ -511,7 +511,11 @@ def cmd_history(args: argparse.Namespace, reactor: Any) -> Any:
         if args.json:
             out(json.dumps({**frame, "verified_locally": verified}))
         else:
-            out(describe(frame, verified, client.rewritten(frame.get("from"))))
+            line = describe(frame, verified, client.rewritten(frame.get("from")))
+            readers = frame.get("read_by")
+            if isinstance(readers, list) and readers:  # own messages: who read them
+                line += f"  (read by {', '.join(safe(r) for r in readers)})"
+            out(line)
     if not page.messages:
         note(f"no messages with {peer}" + (f" before #{args.before}" if args.before else ""))
     if page.more:
