@@ -12,7 +12,8 @@ from __future__ import annotations
 import json
 from typing import Any
 
-from twisted.internet import defer, reactor
+import psycopg
+from twisted.internet import defer, reactor, task
 from twisted.trial import unittest
 
 from tests.services import fresh_postgres_database
@@ -364,8 +365,72 @@ class SqliteGroupStoreTests(GroupStoreContract, unittest.TestCase):
 
 class PostgresGroupStoreTests(GroupStoreContract, unittest.TestCase):
     def make_store(self) -> Any:
-        url = fresh_postgres_database(self)
+        url = self.url = fresh_postgres_database(self)
         st.prepare_database(url, lambda: SECRET)
         store = st.open_store(url, reactor)
         self.addCleanup(lambda: store._closed or store.close())
         return store
+
+    def connection(self, autocommit: bool = False) -> Any:
+        conn = psycopg.connect(self.url, autocommit=autocommit)
+        self.addCleanup(conn.close)
+        return conn
+
+    @defer.inlineCallbacks
+    def test_a_removal_waits_for_a_count_in_progress(self):
+        """A node counting a group message (group_status, after its cursor move
+        committed) and a removal racing it: the removal waits for the count,
+        then reads the cursor that count followed, so the message only the
+        removed member waited for is settled.  (Without the wait both saw
+        someone waiting and the message stayed pending for good.)"""
+        yield self.team()
+        _, msg = yield self.send("alice", "#team", "one")
+        count = self.connection()  # a count in progress: the group's row shared
+        count.execute("SELECT 1 FROM chat_groups WHERE group_id = '#team' FOR SHARE")
+        move = self.connection()  # carol's cursor move, committed after the removal began
+        move.execute(
+            "UPDATE group_members SET delivered_id = %s"
+            " WHERE group_id = '#team' AND user_id = 'carol'",
+            (msg.id,),
+        )
+        d = self.store.remove_group_member("#team", "alice", "bob", NOW)
+        yield self.until_waiting(d)
+        self.assertFalse(d.called, "the removal did not wait for the count")
+        move.commit()
+        count.commit()
+        _, detail = yield d
+        self.assertEqual(json.loads(detail)["s"], [[msg.id, "alice", 1]])
+        self.assertEqual((yield self.store.get_message(msg.id)).status, "delivered")
+
+    @defer.inlineCallbacks
+    def test_a_count_waits_for_a_removal_in_progress(self):
+        """The other way round: group_status waits while a removal holds the
+        group's row, then counts with the removal seen (bob no longer waits)."""
+        yield self.team()
+        _, msg = yield self.send("alice", "#team", "one")
+        self.store.mark_group_delivered([("#team", "carol", msg.id)])
+        yield self.store.drain()
+        removal = self.connection()
+        removal.execute("UPDATE chat_groups SET owner = owner WHERE group_id = '#team'")
+        removal.execute(
+            "UPDATE group_members SET removed_id = %s WHERE group_id = '#team' AND user_id = 'bob'",
+            (msg.id,),
+        )
+        d = self.store.group_status(msg.id, "#team", "alice")
+        yield self.until_waiting(d)
+        self.assertFalse(d.called, "the count did not wait for the removal")
+        removal.commit()
+        self.assertEqual((yield d), (1, 0))
+
+    @defer.inlineCallbacks
+    def until_waiting(self, d: defer.Deferred) -> Any:
+        """Until a backend of the test's database waits for a lock, or ``d`` fired."""
+        watch = self.connection(autocommit=True)
+        while not d.called:
+            waiting = watch.execute(
+                "SELECT count(*) FROM pg_stat_activity"
+                " WHERE datname = current_database() AND wait_event_type = 'Lock'"
+            ).fetchone()[0]
+            if waiting:
+                return
+            yield task.deferLater(reactor, 0.02, lambda: None)

@@ -157,6 +157,7 @@ _SQL_SETTLED = (
     + _SETTLE_WHERE
     + " ORDER BY id DESC LIMIT ?"
 )
+_SQL_LOCK_GROUP = "UPDATE chat_groups SET owner = owner WHERE group_id = ?"
 _SQL_STATUS = (
     "SELECT COALESCE(SUM(CASE WHEN delivered_id >= ? THEN 1 ELSE 0 END), 0),"
     " COALESCE(SUM(CASE WHEN delivered_id < ? AND removed_id IS NULL THEN 1 ELSE 0 END), 0)"
@@ -186,6 +187,11 @@ def remove_member(
     group's messages they alone were still waiting for become delivered
     (section 15: a member removed before receiving it no longer counts); the
     event names the newest ``MAX_SETTLED_TOLD`` of them for their senders."""
+    # The group's row, locked to the commit (PostgreSQL; a no-op write on
+    # SQLite, whose write lock is held already): ``group_status`` takes it
+    # shared, so a node counting after its cursor moves either counts after
+    # this removal or this removal reads after that count's cursors.
+    cur.execute(sql(_SQL_LOCK_GROUP), (group.group_id,))
     cur.execute(sql(_SQL_ROW_CURSOR), (group.group_id, user_id))
     row = cur.fetchone()
     cur.execute(sql(_SQL_REMOVE), (head, group.group_id, user_id))
@@ -235,6 +241,11 @@ class Groups:
     """The group half of ``IStore`` (see the module's docstring)."""
 
     # What the engine provides.
+
+    # Taken (group id) before ``group_status`` counts: PostgreSQL's shares the
+    # group's row with other counts and waits for a removal's lock; None (SQLite)
+    # for nothing, its one writer orders removals and cursor moves already.
+    _SQL_SHARE_GROUP: str | None = None
 
     def _run(self, interaction: Callable[..., Any], *args: Any) -> defer.Deferred:
         raise NotImplementedError
@@ -412,9 +423,15 @@ class Groups:
     def group_status(self, msg_id: int, group_id: str, sender: str) -> defer.Deferred:
         """Fire with (recipients, waiting) of a group message: the members but
         the sender whose window holds it and whose cursor passed it, and the
-        members still in the group whose cursor has not."""
+        members still in the group whose cursor has not.  The count waits
+        for a removal of the group being committed (see ``remove_member``):
+        without that, a removal reading before this node's cursor move was
+        committed, and this count before the removal was, would both see
+        someone waiting and leave the message pending for good."""
 
         def interaction(txn: Any) -> tuple[int, int]:
+            if self._SQL_SHARE_GROUP is not None:
+                txn.execute(self._sql(self._SQL_SHARE_GROUP), (group_id,))
             txn.execute(self._sql(_SQL_STATUS), (msg_id, msg_id, group_id, sender, msg_id, msg_id))
             row = txn.fetchone()
             return int(row[0]), int(row[1])
