@@ -312,6 +312,24 @@ class GroupStoreContract:
         self.assertEqual(outcome, st.NOT_A_MEMBER)
 
     @defer.inlineCallbacks
+    def test_a_cursor_move_committed_after_the_removal_stays_in_the_window(self):
+        """m1 was handed to bob, his cursor move queued; his removal commits
+        first: the move still lands (he received m1 and may read it), but a
+        move beyond his window does not."""
+        yield self.team()
+        _, m1 = yield self.send("alice", "#team", "one")
+        yield self.store.remove_group_member("#team", "alice", "bob", NOW)
+        _, m2 = yield self.send("alice", "#team", "after")
+        self.store.mark_group_delivered([("#team", "bob", m1.id)])
+        yield self.store.drain()
+        self.assertEqual((yield self.store.record_read("bob", m1.id, NOW))[0], "read")
+        self.store.mark_group_delivered([("#team", "bob", m2.id)])
+        yield self.store.drain()
+        self.assertEqual((yield self.store.record_read("bob", m2.id, NOW))[0], "not_received")
+        counts = yield self.store.group_status(m1.id, "#team", "alice")
+        self.assertEqual(counts, (1, 1))  # bob got it; carol still waits
+
+    @defer.inlineCallbacks
     def test_a_new_window_after_readding(self):
         """A member removed and added again sees only messages from the new
         window: nothing from before, pending or with since."""

@@ -440,12 +440,13 @@ class Groups:
 
     def mark_group_delivered(self, marks: list[tuple[str, str, int]]) -> None:
         """Move members' cursors: ``(group_id, user_id, msg_id)`` each, batched
-        with the next commit like ``mark_delivered``, never backwards (nor for
-        a member removed meanwhile)."""
+        with the next commit like ``mark_delivered``, never backwards, and
+        for a member removed meanwhile only inside their window (what was
+        handed to them before the removal: they may read it)."""
         self._commits.mark_group_delivered(marks)  # type: ignore[attr-defined]
 
 
-def cursor_moves(ops: list[tuple[str, Any]]) -> list[tuple[int, str, str, int]]:
+def cursor_moves(ops: list[tuple[str, Any]]) -> list[tuple[int, str, str, int, int]]:
     """The batch's cursor moves, the largest id per member, as the rows of
     ``SQL_MOVE_CURSOR``'s parameters (sorted: PostgreSQL writers lock the
     rows in one order)."""
@@ -456,12 +457,14 @@ def cursor_moves(ops: list[tuple[str, Any]]) -> list[tuple[int, str, str, int]]:
                 key = (group_id, user_id)
                 if msg_id > best.get(key, 0):
                     best[key] = msg_id
-    return [(i, g, u, i) for (g, u), i in sorted(best.items())]
+    return [(i, g, u, i, i) for (g, u), i in sorted(best.items())]
 
 
+# A removal committed between the hand-over and this commit leaves the move
+# inside the window: the read check (store/reads.py) needs the cursor there.
 SQL_MOVE_CURSOR = (
     "UPDATE group_members SET delivered_id = ? WHERE group_id = ? AND user_id = ?"
-    " AND delivered_id < ? AND removed_id IS NULL"
+    " AND delivered_id < ? AND (removed_id IS NULL OR removed_id >= ?)"
 )
 
 
