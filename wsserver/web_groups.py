@@ -253,6 +253,10 @@ class Members(_Authed):
             user_id = ""
         _user_field(user_id, "the user_id in the path")
         _no_foreign_body(request)
+        # This node's queued cursor moves first: the removal then sees every
+        # member this node handed a message to (and settles what only the
+        # removed member still waits for).
+        yield self._store.drain()
         d = self._store.remove_group_member(group_id, caller, user_id, self._now_ms())
         _, detail = yield d.addErrback(_refused)
         yield self._announce(EVENT_GROUP, user_id, detail)
