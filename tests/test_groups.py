@@ -60,6 +60,31 @@ def group_event(client: Any, event: str, user_id: str) -> Any:
 
 
 @defer.inlineCallbacks
+def delivered_status(client: Any, msg_id: int) -> Any:
+    """The first ``status`` frame saying ``msg_id`` is delivered."""
+    while True:
+        frame = yield client.next_of("status")
+        if frame["id"] == msg_id and frame["status"] == "delivered":
+            return frame
+
+
+@defer.inlineCallbacks
+def raw_request(server: LiveServer, method: str, path: str, authorization: str | None, body: Any):
+    """One request with the ``Authorization`` header as given (None: none);
+    fire with (status, parsed body)."""
+    headers = {} if authorization is None else {"Authorization": authorization}
+    kwargs: dict[str, Any] = {"headers": headers}
+    if isinstance(body, bytes):
+        kwargs["data"] = body
+        headers["Content-Type"] = "application/json"
+    elif body is not None:
+        kwargs["json"] = body
+    resp = yield within(server.http().request(method, server.base + path, **kwargs))
+    content = yield resp.content()
+    return resp.code, json.loads(content) if content else None
+
+
+@defer.inlineCallbacks
 def next_message(client: Any) -> Any:
     frame = yield client.next_of("message")
     return frame
@@ -365,7 +390,141 @@ class MembershipTests(GroupTestCase):
         self.assertEqual(ack["members"], 1)
 
 
+class SettledTests(GroupTestCase):
+    @defer.inlineCallbacks
+    def test_a_removal_or_leave_that_settles_a_message_tells_its_sender(self):
+        """alice (on the other node in a cluster) sends while bob is offline:
+        carol gets it, it waits for bob; alice removing bob settles it, and
+        alice's connection gets status delivered, recipients 1.  Then with
+        carol offline, a message waits for her alone; carol leaving settles
+        it: delivered, recipients 0."""
+        yield self.make_team(("bob", "carol"))
+        alice = yield self.connect("alice", node=self.other)
+        carol = yield self.connect("carol", node=0)
+        alice.send_json({"to": TEAM, "content": "bob is away"})
+        ack = yield alice.next_of("ack")
+        self.assertEqual((ack["members"], ack["status"]), (2, "pending"))
+        yield next_message(carol)
+        code, _ = yield self.call("DELETE", TEAM_PATH + "/members/bob", "alice")
+        self.assertEqual(code, 200)
+        status = yield delivered_status(alice, ack["id"])
+        self.assertEqual(status["recipients"], 1)
+        yield carol.close_and_wait()
+        alice.send_json({"to": TEAM, "content": "carol is away"})
+        second = yield alice.next_of("ack")
+        self.assertEqual((second["members"], second["status"]), (1, "pending"))
+        code, _ = yield self.call("DELETE", TEAM_PATH + "/members/carol", "carol")
+        self.assertEqual(code, 200)
+        status = yield delivered_status(alice, second["id"])
+        self.assertEqual(status["recipients"], 0)
+        stored = yield self.server.settled(second["id"], lambda m: m.status == "delivered")
+        self.assertEqual(stored.status, "delivered")
+
+    @defer.inlineCallbacks
+    def test_a_deletion_that_settles_a_message_tells_its_sender(self):
+        """bob, offline, deletes his account with alice's message waiting for
+        him alone: alice (on the other node in a cluster) gets status
+        delivered, recipients 1."""
+        yield self.make_team(("bob", "carol"))
+        alice = yield self.connect("alice", node=self.other)
+        carol = yield self.connect("carol", node=0)
+        alice.send_json({"to": TEAM, "content": "bob never gets this"})
+        ack = yield alice.next_of("ack")
+        yield next_message(carol)
+        key = self.keys["bob"]
+        statement = keylog.delete_string("bob", 1).encode("utf-8")
+        body = {
+            "key_id": keylog.key_id(bytes(key.verify_key)),
+            "signature": b64(key.sign(statement).signature),
+        }
+        code, answer = yield self.call("DELETE", "/auth/users/bob", None, body)
+        self.assertEqual(code, 200, answer)
+        status = yield delivered_status(alice, ack["id"])
+        self.assertEqual(status["recipients"], 1)
+
+    @defer.inlineCallbacks
+    def test_a_removed_member_cannot_read_what_he_never_received(self):
+        """bob, offline, is removed with alice's message inside his window
+        but never handed to him: his read of it is invalid_message, and
+        alice hears of no read; carol, who got it, may read it."""
+        yield self.make_team(("bob", "carol"))
+        alice = yield self.connect("alice")
+        carol = yield self.connect("carol")
+        alice.send_json({"to": TEAM, "content": "not for bob after all"})
+        ack = yield alice.next_of("ack")
+        yield next_message(carol)
+        code, _ = yield self.call("DELETE", TEAM_PATH + "/members/bob", "alice")
+        self.assertEqual(code, 200)
+        bob = yield self.connect("bob")
+        bob.send_json({"type": "read", "id": ack["id"]})
+        refusal = yield bob.next_of("system")
+        self.assertEqual(refusal["code"], "invalid_message")
+        carol.send_json({"type": "read", "id": ack["id"]})
+        while True:
+            frame = yield alice.next_of("status")
+            if frame.get("status") == "read":
+                break
+        self.assertEqual((frame["id"], frame["by"]), (ack["id"], "carol"))
+
+
+class LimitTests(GroupTestCase):
+    @defer.inlineCallbacks
+    def test_a_user_in_100_groups_cannot_be_put_in_more(self):
+        """bob in 100 groups: alice creating a group with him, adding him, and
+        bob creating one are each 409 too_many_groups; GET /groups lists his
+        100, each with its members."""
+        yield self.make_team(("carol",))
+        for i in range(99):
+            code, body = yield self.call(
+                "POST", "/groups", "bob", {"group_id": f"#g{i:02d}", "name": "G"}
+            )
+            self.assertEqual(code, 201, body)
+        code, body = yield self.call(
+            "POST", "/groups", "alice", {"group_id": "#x", "name": "X", "members": ["bob"]}
+        )
+        self.assertEqual(code, 201, body)
+        cases = [
+            ("POST", "/groups", "alice", {"group_id": "#y", "name": "Y", "members": ["bob"]}),
+            ("POST", "/groups", "bob", {"group_id": "#z", "name": "Z"}),
+            ("POST", TEAM_PATH + "/members", "alice", {"user_id": "bob"}),
+        ]
+        for method, path, who, body in cases:
+            code, answer = yield self.call(method, path, who, body)
+            self.assertEqual((code, answer["error"]["code"]), (409, "too_many_groups"), body)
+        code, body = yield self.call("GET", TEAM_PATH, "alice")
+        self.assertEqual(body["members"], ["alice", "carol"])
+        code, body = yield self.call("GET", "/groups", "bob")
+        self.assertEqual(len(body["groups"]), 100)
+        x = [g for g in body["groups"] if g["group_id"] == "#x"]
+        self.assertEqual(x[0]["members"], ["alice", "bob"])
+
+
 class BadInputTests(GroupTestCase):
+    @defer.inlineCallbacks
+    def test_no_valid_token_is_401_whatever_else_is_wrong(self):
+        """Without a valid Bearer token every /groups request is 401
+        unauthorized, even with a bad body or a bad id in its path."""
+        yield self.make_team(("bob",))
+        spellings = [None, "Bearer", "Basic " + self.tokens["alice"], "Bearer not-a-token"]
+        requests = [
+            ("POST", "/groups", b"[1]"),
+            ("POST", "/groups", {"group_id": "team", "name": ""}),
+            ("GET", "/groups/team", None),
+            ("GET", "/groups/%23%FF", None),
+            ("POST", "/groups/team/members", {"user_id": "bad id"}),
+            ("POST", TEAM_PATH + "/members", b"not json"),
+            ("DELETE", TEAM_PATH + "/members/%0A", None),
+            ("DELETE", "/groups/bad/members/bob", None),
+        ]
+        for authorization in spellings:
+            for method, path, body in requests:
+                code, answer = yield raw_request(self.server, method, path, authorization, body)
+                self.assertEqual(
+                    (code, answer["error"]["code"]), (401, "unauthorized"), (authorization, path)
+                )
+        code, body = yield self.call("GET", TEAM_PATH, "alice")
+        self.assertEqual(body["members"], ["alice", "bob"])
+
     @defer.inlineCallbacks
     def test_every_bad_input_gets_its_documented_error_and_changes_nothing(self):
         """Each bad request to /groups gets the documented status and code, and

@@ -196,12 +196,18 @@ class ReceiptTests(unittest.TestCase):
             " created_ms) VALUES (?, 'alice', '#team', 'g', 'unsigned', 'pending', 0)",
             (msg_id,),
         )
-        for user, joined in (("alice", 0), ("bob", 0), ("carol", msg_id)):
+        # bob's cursor is at the message (it was handed to him), carol's
+        # window starts after it.
+        for user, joined, cursor in (
+            ("alice", 0, 0),
+            ("bob", 0, msg_id),
+            ("carol", msg_id, msg_id),
+        ):
             execute_sql(
                 self.server,
                 "INSERT INTO group_members (group_id, user_id, joined_id, removed_id,"
                 " delivered_id, added_ms) VALUES ('#team', ?, ?, NULL, ?, 0)",
-                (user, joined, joined),
+                (user, joined, cursor),
             )
         bob.send_json({"type": "read", "id": msg_id})
         yield eventually(lambda: reads_of(alice, msg_id), "bob's read of the group message")

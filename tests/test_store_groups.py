@@ -12,14 +12,15 @@ from __future__ import annotations
 import json
 from typing import Any
 
-from twisted.internet import defer, reactor
+import psycopg
+from twisted.internet import defer, reactor, task
 from twisted.trial import unittest
 
 from tests.services import fresh_postgres_database
 from wsserver import store as st
 from wsserver.messages import UNSIGNED
 from wsserver.store import sqlite as sq
-from wsserver.store.groups import EVENT_GROUP, GroupError
+from wsserver.store.groups import EVENT_GROUP, MAX_GROUPS_PER_USER, GroupError
 
 SECRET = b"g" * 32
 NOW = 1_700_000_000_000
@@ -157,6 +158,122 @@ class GroupStoreContract:
         self.assertEqual(outcome, st.NOT_A_MEMBER)
 
     @defer.inlineCallbacks
+    def test_at_most_100_groups_per_user(self):
+        """A user in MAX_GROUPS_PER_USER groups can be in no more: creating a
+        group with them (as owner or member) or adding them is
+        too_many_groups naming them, and changes nothing; after leaving one
+        they can be added again."""
+        self.assertEqual(MAX_GROUPS_PER_USER, 100)
+        for i in range(MAX_GROUPS_PER_USER):
+            yield self.store.create_group(f"#g{i}", "G", "bob", [], NOW)
+        exc = yield self.refused(
+            self.store.create_group("#x", "X", "alice", ["carol", "bob"], NOW), "too_many_groups"
+        )
+        self.assertIn("bob", exc.message)
+        self.assertIsNone((yield self.store.get_group("#x")))
+        yield self.refused(self.store.create_group("#y", "Y", "bob", [], NOW), "too_many_groups")
+        yield self.store.create_group("#z", "Z", "alice", ["carol"], NOW)
+        yield self.refused(
+            self.store.add_group_member("#z", "alice", "bob", NOW), "too_many_groups"
+        )
+        group = yield self.store.get_group("#z")
+        self.assertEqual(group.members, ("alice", "carol"))
+        yield self.store.remove_group_member("#g0", "bob", "bob", NOW)
+        group, _ = yield self.store.add_group_member("#z", "alice", "bob", NOW)
+        self.assertEqual(group.members, ("alice", "carol", "bob"))
+        mine = yield self.store.user_groups("bob")
+        self.assertEqual(len(mine), MAX_GROUPS_PER_USER)
+
+    @defer.inlineCallbacks
+    def test_user_groups_reads_every_groups_members_in_one_query(self):
+        """GET /groups' store call costs two queries (the groups, then the
+        members of all of them), however many groups; each group has its
+        own members, the owner first."""
+        for i in range(4):
+            members = ["bob", "carol"] if i % 2 else ["dave", "bob"]
+            yield self.store.create_group(f"#g{i}", "G", "alice", members, NOW)
+        yield self.store.create_group("#g4", "G", "bob", ["dave"], NOW)
+        runs: list[str] = []
+        real = self.store._query
+
+        def counting(txn: Any) -> Any:
+            run = real(txn)
+
+            def counted(text: str, args: tuple) -> list[tuple]:
+                runs.append(text)
+                return run(text, args)
+
+            return counted
+
+        self.store._query = counting
+        mine = yield self.store.user_groups("bob")
+        self.assertEqual(len(runs), 2, runs)
+        got = [(g.group_id, g.owner, g.members) for g in mine]
+        self.assertEqual(
+            got,
+            [
+                ("#g0", "alice", ("alice", "dave", "bob")),
+                ("#g1", "alice", ("alice", "bob", "carol")),
+                ("#g2", "alice", ("alice", "dave", "bob")),
+                ("#g3", "alice", ("alice", "bob", "carol")),
+                ("#g4", "bob", ("bob", "dave")),
+            ],
+        )
+        del self.store._query
+        self.assertEqual((yield self.store.user_groups("bob")), mine)
+
+    @defer.inlineCallbacks
+    def test_members_added_at_the_same_time_keep_the_order_of_adding(self):
+        """Members added in the same millisecond (or with the clock gone back)
+        are listed in the order they were added, not by id: the creation's
+        list order, then each add, a re-added member last."""
+        group, _ = yield self.team(("dave", "carol"))
+        self.assertEqual(group.members, ("alice", "dave", "carol"))
+        group, _ = yield self.store.add_group_member("#team", "alice", "bob", NOW)
+        self.assertEqual(group.members, ("alice", "dave", "carol", "bob"))
+        yield self.store.remove_group_member("#team", "alice", "dave", NOW)
+        group, _ = yield self.store.add_group_member("#team", "alice", "dave", NOW - 5)
+        self.assertEqual(group.members, ("alice", "carol", "bob", "dave"))
+        self.assertEqual((yield self.store.get_group("#team")), group)
+        mine = yield self.store.user_groups("carol")
+        self.assertEqual(mine, [group])
+        group, _ = yield self.store.remove_group_member("#team", "alice", "alice", NOW)
+        self.assertEqual((group.owner, group.members), ("carol", ("carol", "bob", "dave")))
+
+    @defer.inlineCallbacks
+    def test_a_removal_names_what_it_settled_for_the_senders(self):
+        """carol got alice's two messages and bob's one, bob got nothing:
+        removing bob settles alice's two (delivered, recipients 1: carol)
+        and its event names them, newest first; bob's own, which carol got,
+        is not named; a removal that settles nothing names nothing."""
+        yield self.team()
+        _, m1 = yield self.send("alice", "#team", "one")
+        _, m2 = yield self.send("alice", "#team", "two")
+        _, m3 = yield self.send("bob", "#team", "three")
+        self.store.mark_group_delivered([("#team", "carol", m3.id), ("#team", "alice", m3.id)])
+        self.store.mark_delivered([m3.id])
+        yield self.store.drain()
+        _, detail = yield self.store.remove_group_member("#team", "alice", "bob", NOW)
+        self.assertEqual(json.loads(detail)["s"], [[m2.id, "alice", 1], [m1.id, "alice", 1]])
+        for m in (m1, m2):
+            self.assertEqual((yield self.store.get_message(m.id)).status, "delivered")
+        _, detail = yield self.store.remove_group_member("#team", "alice", "carol", NOW)
+        self.assertNotIn("s", json.loads(detail))
+
+    @defer.inlineCallbacks
+    def test_a_deletion_names_what_it_settled(self):
+        """An account deletion's removed event names the group messages only the
+        deleted member waited for, with their senders."""
+        yield self.team()
+        _, m1 = yield self.send("alice", "#team", "one")
+        self.store.mark_group_delivered([("#team", "carol", m1.id)])
+        yield self.store.drain()
+        self.assertTrue((yield self.store.delete_account("bob", NOW, lambda entries: None)))
+        events = yield self.store.account_events(0, 100)
+        removed = [json.loads(e[3]) for e in events if e[2] == EVENT_GROUP]
+        self.assertEqual([d["s"] for d in removed if d["e"] == "removed"], [[[m1.id, "alice", 1]]])
+
+    @defer.inlineCallbacks
     def test_replay_pending_since_and_removal(self):
         """A member is replayed the group's messages above their cursor but not
         their own; with since, every message of their window above it, their
@@ -193,6 +310,24 @@ class GroupStoreContract:
         self.assertEqual(counts, (0, 0))  # bob left with it pending: no one waits
         outcome, _ = yield self.send("bob", "#team", "back?")
         self.assertEqual(outcome, st.NOT_A_MEMBER)
+
+    @defer.inlineCallbacks
+    def test_a_cursor_move_committed_after_the_removal_stays_in_the_window(self):
+        """m1 was handed to bob, his cursor move queued; his removal commits
+        first: the move still lands (he received m1 and may read it), but a
+        move beyond his window does not."""
+        yield self.team()
+        _, m1 = yield self.send("alice", "#team", "one")
+        yield self.store.remove_group_member("#team", "alice", "bob", NOW)
+        _, m2 = yield self.send("alice", "#team", "after")
+        self.store.mark_group_delivered([("#team", "bob", m1.id)])
+        yield self.store.drain()
+        self.assertEqual((yield self.store.record_read("bob", m1.id, NOW))[0], "read")
+        self.store.mark_group_delivered([("#team", "bob", m2.id)])
+        yield self.store.drain()
+        self.assertEqual((yield self.store.record_read("bob", m2.id, NOW))[0], "not_received")
+        counts = yield self.store.group_status(m1.id, "#team", "alice")
+        self.assertEqual(counts, (1, 1))  # bob got it; carol still waits
 
     @defer.inlineCallbacks
     def test_a_new_window_after_readding(self):
@@ -248,8 +383,72 @@ class SqliteGroupStoreTests(GroupStoreContract, unittest.TestCase):
 
 class PostgresGroupStoreTests(GroupStoreContract, unittest.TestCase):
     def make_store(self) -> Any:
-        url = fresh_postgres_database(self)
+        url = self.url = fresh_postgres_database(self)
         st.prepare_database(url, lambda: SECRET)
         store = st.open_store(url, reactor)
         self.addCleanup(lambda: store._closed or store.close())
         return store
+
+    def connection(self, autocommit: bool = False) -> Any:
+        conn = psycopg.connect(self.url, autocommit=autocommit)
+        self.addCleanup(conn.close)
+        return conn
+
+    @defer.inlineCallbacks
+    def test_a_removal_waits_for_a_count_in_progress(self):
+        """A node counting a group message (group_status, after its cursor move
+        committed) and a removal racing it: the removal waits for the count,
+        then reads the cursor that count followed, so the message only the
+        removed member waited for is settled.  (Without the wait both saw
+        someone waiting and the message stayed pending for good.)"""
+        yield self.team()
+        _, msg = yield self.send("alice", "#team", "one")
+        count = self.connection()  # a count in progress: the group's row shared
+        count.execute("SELECT 1 FROM chat_groups WHERE group_id = '#team' FOR SHARE")
+        move = self.connection()  # carol's cursor move, committed after the removal began
+        move.execute(
+            "UPDATE group_members SET delivered_id = %s"
+            " WHERE group_id = '#team' AND user_id = 'carol'",
+            (msg.id,),
+        )
+        d = self.store.remove_group_member("#team", "alice", "bob", NOW)
+        yield self.until_waiting(d)
+        self.assertFalse(d.called, "the removal did not wait for the count")
+        move.commit()
+        count.commit()
+        _, detail = yield d
+        self.assertEqual(json.loads(detail)["s"], [[msg.id, "alice", 1]])
+        self.assertEqual((yield self.store.get_message(msg.id)).status, "delivered")
+
+    @defer.inlineCallbacks
+    def test_a_count_waits_for_a_removal_in_progress(self):
+        """The other way round: group_status waits while a removal holds the
+        group's row, then counts with the removal seen (bob no longer waits)."""
+        yield self.team()
+        _, msg = yield self.send("alice", "#team", "one")
+        self.store.mark_group_delivered([("#team", "carol", msg.id)])
+        yield self.store.drain()
+        removal = self.connection()
+        removal.execute("UPDATE chat_groups SET owner = owner WHERE group_id = '#team'")
+        removal.execute(
+            "UPDATE group_members SET removed_id = %s WHERE group_id = '#team' AND user_id = 'bob'",
+            (msg.id,),
+        )
+        d = self.store.group_status(msg.id, "#team", "alice")
+        yield self.until_waiting(d)
+        self.assertFalse(d.called, "the count did not wait for the removal")
+        removal.commit()
+        self.assertEqual((yield d), (1, 0))
+
+    @defer.inlineCallbacks
+    def until_waiting(self, d: defer.Deferred) -> Any:
+        """Until a backend of the test's database waits for a lock, or ``d`` fired."""
+        watch = self.connection(autocommit=True)
+        while not d.called:
+            waiting = watch.execute(
+                "SELECT count(*) FROM pg_stat_activity"
+                " WHERE datname = current_database() AND wait_event_type = 'Lock'"
+            ).fetchone()[0]
+            if waiting:
+                return
+            yield task.deferLater(reactor, 0.02, lambda: None)

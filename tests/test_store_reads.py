@@ -70,11 +70,19 @@ class ReadsContract:
         )
         return msg_id
 
-    def member(self, group: str, user: str, joined: int, removed: int | None = None) -> None:
+    def member(
+        self,
+        group: str,
+        user: str,
+        joined: int,
+        removed: int | None = None,
+        delivered: int | None = None,
+    ) -> None:
+        """A ``group_members`` row; the delivered cursor at ``joined`` unless given."""
         self.execute(
             "INSERT INTO group_members (group_id, user_id, joined_id, removed_id,"
             " delivered_id, added_ms) VALUES (?, ?, ?, ?, ?, 0)",
-            (group, user, joined, removed, joined),
+            (group, user, joined, removed, joined if delivered is None else delivered),
         )
 
     def reads(self) -> list[tuple]:
@@ -127,9 +135,9 @@ class ReadsContract:
         at 120) may read 110 but not 150; dave (joined at 160) may not read
         150; alice's own is refused to her; a non-member is refused."""
         self.member("#team", "alice", 0)
-        self.member("#team", "bob", 100)
-        self.member("#team", "carol", 100, removed=120)
-        self.member("#team", "dave", 160)
+        self.member("#team", "bob", 100, delivered=150)
+        self.member("#team", "carol", 100, removed=120, delivered=150)
+        self.member("#team", "dave", 160, delivered=200)
         early = self.group_message(110, "alice", "#team")
         late = self.group_message(150, "alice", "#team")
         self.group_message(200, "alice", "#other")
@@ -146,6 +154,23 @@ class ReadsContract:
             got = yield self.store.record_read(reader, msg_id, 3)
             self.assertEqual(got, outcome, (reader, msg_id))
         self.assertEqual(self.reads(), [(early, "carol", 3), (late, "bob", 3)])
+
+    @defer.inlineCallbacks
+    def test_a_group_message_above_the_readers_cursor_is_refused(self):
+        """Inside bob's window but above his delivered cursor (not handed to
+        him yet), #team's 150 is refused to him; at the cursor it is read.
+        carol, removed at 160 with her cursor at 140, never received 150:
+        refused, though it is inside her window."""
+        self.member("#team", "alice", 0)
+        self.member("#team", "bob", 100, delivered=149)
+        self.member("#team", "carol", 100, removed=160, delivered=140)
+        msg_id = self.group_message(150, "alice", "#team")
+        for reader in ("bob", "carol"):
+            got = yield self.store.record_read(reader, msg_id, 4)
+            self.assertEqual(got, (NOT_RECEIVED, None), reader)
+        self.execute("UPDATE group_members SET delivered_id = 150 WHERE user_id = 'bob'")
+        self.assertEqual((yield self.store.record_read("bob", msg_id, 5)), (READ, "alice"))
+        self.assertEqual(self.reads(), [(msg_id, "bob", 5)])
 
     @defer.inlineCallbacks
     def test_two_stores_racing_record_one_read(self):

@@ -619,6 +619,9 @@ class Authenticator:
                     "the signature does not match the deletion at the log's next seq",
                 )
 
+        # This node's queued group cursor moves first: leaving the groups then
+        # settles what only this user still waited for (store/groups.py).
+        yield self._store.drain()
         try:
             deleted = yield self._store.delete_account(user_id, self._now_ms(), check)
         except keylog.KeyLogError as exc:

@@ -188,9 +188,11 @@ class SignedOutAll(_Closing):
 class GroupEvents:
     """A group's membership changed (protocol section 13): detail is the
     JSON of ``store.groups.event_detail``; every connection on this node of
-    each user it names in ``to`` gets a ``group`` frame.  The node that made
-    the change hands it over at once and again when it polls: the random
-    tag in the detail lets it send each frame once."""
+    each user it names in ``to`` gets a ``group`` frame, and the sender of
+    each group message a removal settled (``s``: no member left waits for
+    it) a ``status`` frame ``delivered`` on this node's connections.  The
+    node that made the change hands it over at once and again when it
+    polls: the random tag in the detail lets it send each frame once."""
 
     MEMORY = 4096  # details handled lately
 
@@ -214,6 +216,7 @@ class GroupEvents:
             event = json.loads(detail)
             group_id, kind, subject = event["g"], event["e"], event["u"]
             to, ms = list(event["to"]), int(event["ms"])
+            settled = [(int(i), str(s), int(n)) for i, s, n in event.get("s", ())]
         except (ValueError, KeyError, TypeError):
             _log.warn("ignored a malformed group event of {user}", user=user_id)
             return
@@ -221,6 +224,8 @@ class GroupEvents:
         for member in to:
             frame = same or group_frame(group_id, kind, member, ms)
             self._broker.notify_user(member, frame)
+        for msg_id, sender, recipients in settled:
+            self._broker.group_settled(msg_id, sender, recipients)
         if kind == REMOVED and self._contacts_changed is not None:
             self._contacts_changed([*to, user_id] if subject is None else [*to, subject])
 

@@ -58,6 +58,7 @@ ERROR_STATUS = {
     "group_exists": 409,
     "already_member": 409,
     "group_full": 409,
+    "too_many_groups": 409,
     "not_owner": 403,
     "not_a_member": 404,
     "request_too_large": 413,

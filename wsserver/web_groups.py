@@ -4,8 +4,10 @@
 ``GET /groups/{id}`` shows one to its members, ``POST /groups/{id}/members``
 adds a member (the owner), ``DELETE /groups/{id}/members/{user_id}`` removes
 one (the owner, or the member themself: leaving).  Every request carries
-``Authorization: Bearer <token>`` and is limited per client IP like
-``/auth/*``.  A group id in a path is percent-encoded (``%23team``): a path
+``Authorization: Bearer <token>``, checked before anything else about the
+request (its body, the ids in its path: a caller without a valid token gets
+401 whatever else is wrong), and is limited per client IP like ``/auth/*``.
+A group id in a path is percent-encoded (``%23team``): a path
 segment that is not (a raw ``#`` never reaches a server; a segment without
 the ``%23``) is 400 ``invalid_request``.
 
@@ -112,15 +114,15 @@ class GroupList(_Authed):
 
     @defer.inlineCallbacks
     def get(self, request: server.Request) -> Any:
-        _no_foreign_body(request)
         caller = yield self._caller(request)
+        _no_foreign_body(request)
         groups = yield self._store.user_groups(caller)
         return 200, {"groups": [group_json(g) for g in groups]}
 
     @defer.inlineCallbacks
     def post(self, request: Any) -> Any:
-        body = read_json(request)
         caller = yield self._caller(request)
+        body = read_json(request)
         group_id = body.get("group_id")
         if not is_group_id(group_id):
             raise HttpError(
@@ -192,9 +194,9 @@ class GroupItem(_Authed):
 
     @defer.inlineCallbacks
     def get(self, request: server.Request) -> Any:
+        caller = yield self._caller(request)
         group_id = _group_id(self._raw)
         _no_foreign_body(request)
-        caller = yield self._caller(request)
         group = yield self._store.get_group(group_id)
         if group is None or caller not in group.members:
             raise HttpError("unknown_group", f"no such group: {group_id}")
@@ -232,9 +234,9 @@ class Members(_Authed):
 
     @defer.inlineCallbacks
     def post(self, request: Any) -> Any:
+        caller = yield self._caller(request)
         group_id = _group_id(self._raw)
         body = read_json(request)
-        caller = yield self._caller(request)
         user_id = _user_field(body.get("user_id"), "user_id")
         d = self._store.add_group_member(group_id, caller, user_id, self._now_ms())
         group, detail = yield d.addErrback(_refused)
@@ -243,6 +245,7 @@ class Members(_Authed):
 
     @defer.inlineCallbacks
     def delete(self, request: Any) -> Any:
+        caller = yield self._caller(request)
         group_id = _group_id(self._raw)
         try:
             user_id = unquote_to_bytes(self._user).decode("utf-8")
@@ -250,7 +253,10 @@ class Members(_Authed):
             user_id = ""
         _user_field(user_id, "the user_id in the path")
         _no_foreign_body(request)
-        caller = yield self._caller(request)
+        # This node's queued cursor moves first: the removal then sees every
+        # member this node handed a message to (and settles what only the
+        # removed member still waits for).
+        yield self._store.drain()
         d = self._store.remove_group_member(group_id, caller, user_id, self._now_ms())
         _, detail = yield d.addErrback(_refused)
         yield self._announce(EVENT_GROUP, user_id, detail)

@@ -216,6 +216,12 @@ class LocalBroker:
         except Exception:
             _log.failure("reading group delivery counts failed")
 
+    def group_settled(self, msg_id: int, sender: str, recipients: int) -> None:
+        """A group message became delivered without a cursor moving (a removal
+        left no member waiting for it: account events say so to every
+        node): tell the sender's connections here, once."""
+        self._group_status(msg_id, sender, recipients, True)
+
     def _announce_group(self, msg_id: int, sender: str, recipients: int, done: bool) -> None:
         """A group message's count as the database has it: to its sender's
         connections (in a cluster, on every node)."""

@@ -221,28 +221,31 @@ class IStore(Interface):
         """Create a group (the owner a member; ``members`` checked by the caller:
         distinct, valid ids, the owner not among them, at most 255) and record
         its ``added`` account event; fire ``(Group, detail)``; fail
-        ``GroupError`` ``group_exists`` (ids stay taken for good) or
-        ``unknown_user`` naming the first unregistered id."""
+        ``GroupError`` ``group_exists`` (ids stay taken for good),
+        ``unknown_user`` naming the first unregistered id, or
+        ``too_many_groups`` naming the first user in 100 groups already."""
 
     def get_group(group_id: str) -> Any:  # noqa: N805
         """Fire with the ``Group`` (current members, owner first) or None."""
 
     def user_groups(user_id: str) -> Any:  # noqa: N805
-        """Fire with the ``Group`` of each group the user is in now, by id."""
+        """Fire with the ``Group`` of each group the user is in now (at most
+        100), by id; two queries, whatever the number of groups."""
 
     def add_group_member(group_id: str, by: str, user_id: str, now_ms: int) -> Any:  # noqa: N805
         """The owner ``by`` adds ``user_id`` (a new window from the stream head;
         a former member's old window is replaced) and records the ``added``
         event; fire ``(Group, detail)``; fail ``GroupError`` ``unknown_group``
         (also when ``by`` is no member), ``not_owner``, ``unknown_user``,
-        ``already_member`` or ``group_full``."""
+        ``already_member``, ``group_full`` or ``too_many_groups``."""
 
     def remove_group_member(group_id: str, by: str, user_id: str, now_ms: int) -> Any:  # noqa: N805
         """The owner ``by``, or ``user_id`` themself, removes ``user_id`` (their
         window ends at the stream head; an owner leaving hands the group to the
         member added first among those left) and records the ``removed``
-        event; fire ``(Group, detail)``; fail ``GroupError`` ``unknown_group``,
-        ``not_owner`` or ``not_a_member``."""
+        event, naming the group messages it settled (only ``user_id`` waited
+        for them); fire ``(Group, detail)``; fail ``GroupError``
+        ``unknown_group``, ``not_owner`` or ``not_a_member``."""
 
     def record_read(reader: str, msg_id: int, now_ms: int) -> Any:  # noqa: N805
         """Check that ``reader`` received ``msg_id`` and record the read in one

@@ -31,6 +31,8 @@ from typing import Any
 from twisted.internet import defer
 
 MAX_MEMBERS = 256
+MAX_GROUPS_PER_USER = 100  # groups a user can be in at once (too_many_groups)
+MAX_SETTLED_TOLD = 256  # settled messages a removal's event names (the newest)
 EVENT_GROUP = "group"  # account event kind: detail is the JSON of ``event_detail``
 ADDED = "added"
 REMOVED = "removed"
@@ -49,7 +51,7 @@ class GroupError(Exception):
 @dataclass(frozen=True, slots=True)
 class Group:
     """A group as ``GET /groups/{id}`` shows it: its current members, the
-    owner first, then in the order they were added."""
+    owner first, then in the order they were (last) added."""
 
     group_id: str
     name: str
@@ -58,22 +60,31 @@ class Group:
     created_ms: int
 
 
-def event_detail(group_id: str, event: str, subject: str | None, to: Sequence[str], ms: int) -> str:
+def event_detail(
+    group_id: str,
+    event: str,
+    subject: str | None,
+    to: Sequence[str],
+    ms: int,
+    settled: Sequence[tuple[int, str, int]] = (),
+) -> str:
     """The detail of an ``EVENT_GROUP`` account event: the group, the event
     (``added``/``removed``), the member it is about (None: each recipient is
     told about themself, as at creation), who is told, when, and a random
-    tag (a node sees its own event twice: applied at once, then polled)."""
-    return json.dumps(
-        {
-            "g": group_id,
-            "e": event,
-            "u": subject,
-            "to": list(to),
-            "ms": ms,
-            "n": secrets.token_hex(8),
-        },
-        separators=(",", ":"),
-    )
+    tag (a node sees its own event twice: applied at once, then polled).
+    A removal also names the group messages it settled (``s``: id, sender,
+    recipients each), whose senders are told they are delivered."""
+    detail: dict[str, Any] = {
+        "g": group_id,
+        "e": event,
+        "u": subject,
+        "to": list(to),
+        "ms": ms,
+        "n": secrets.token_hex(8),
+    }
+    if settled:
+        detail["s"] = [list(item) for item in settled]
+    return json.dumps(detail, separators=(",", ":"))
 
 
 # SQL shared by the engines, written with "?" marks (``_sql`` gives the
@@ -87,6 +98,27 @@ _SQL_MEMBERS = (
 _SQL_USER_GROUPS = (
     "SELECT group_id FROM group_members WHERE user_id = ? AND removed_id IS NULL ORDER BY group_id"
 )
+# GET /groups: the caller's groups, then the members of all of them in one query.
+_SQL_USER_GROUP_ROWS = (
+    "SELECT c.group_id, c.name, c.owner, c.created_ms FROM group_members g"
+    " JOIN chat_groups c ON c.group_id = g.group_id"
+    " WHERE g.user_id = ? AND g.removed_id IS NULL ORDER BY c.group_id"
+)
+_SQL_USER_GROUP_MEMBERS = (
+    "SELECT g.group_id, g.user_id FROM group_members mine"
+    " JOIN group_members g ON g.group_id = mine.group_id"
+    " JOIN chat_groups c ON c.group_id = g.group_id"
+    " WHERE mine.user_id = ? AND mine.removed_id IS NULL AND g.removed_id IS NULL"
+    " ORDER BY g.group_id, CASE WHEN g.user_id = c.owner THEN 0 ELSE 1 END, g.added_ms, g.user_id"
+)
+# Which of the given users are in MAX_GROUPS_PER_USER groups already ({}: their marks).
+_SQL_FULL_USERS = (
+    "SELECT user_id FROM group_members WHERE user_id IN ({}) AND removed_id IS NULL"
+    " GROUP BY user_id HAVING COUNT(*) >= ?"
+)
+# The group's last order key: an add takes a larger one (``added_ms``, the time
+# of adding, made unique within the group so that it orders the members).
+_SQL_LAST_ADDED = "SELECT MAX(added_ms) FROM group_members WHERE group_id = ?"
 _SQL_ROW = "SELECT removed_id FROM group_members WHERE group_id = ? AND user_id = ?"
 _SQL_ROW_CURSOR = (
     "SELECT joined_id, delivered_id FROM group_members"
@@ -107,13 +139,25 @@ _SQL_REMOVE = (
 # A removal settles what only the removed member was still waiting for: the
 # group's pending messages inside their window above their cursor that no
 # other member still in the group (but the sender) has to receive.
-_SQL_SETTLE_REMOVED = (
-    "UPDATE messages SET status = 'delivered' WHERE recipient = ? AND status = 'pending'"
+_SETTLE_WHERE = (
+    " WHERE recipient = ? AND status = 'pending'"
     " AND id > ? AND id <= ? AND NOT EXISTS (SELECT 1 FROM group_members g"
     " WHERE g.group_id = messages.recipient AND g.removed_id IS NULL"
     " AND g.user_id <> messages.sender AND g.joined_id < messages.id"
     " AND g.delivered_id < messages.id)"
 )
+_SQL_SETTLE_REMOVED = "UPDATE messages SET status = 'delivered'" + _SETTLE_WHERE  # noqa: S608
+# The newest of those (read before the update), with their recipients: the
+# members but the sender whose window holds it and whose cursor passed it.
+_SQL_SETTLED = (
+    "SELECT id, sender, (SELECT COUNT(*) FROM group_members r"  # noqa: S608
+    " WHERE r.group_id = messages.recipient AND r.user_id <> messages.sender"
+    " AND r.joined_id < messages.id AND (r.removed_id IS NULL OR r.removed_id >= messages.id)"
+    " AND r.delivered_id >= messages.id) FROM messages"
+    + _SETTLE_WHERE
+    + " ORDER BY id DESC LIMIT ?"
+)
+_SQL_LOCK_GROUP = "UPDATE chat_groups SET owner = owner WHERE group_id = ?"
 _SQL_STATUS = (
     "SELECT COALESCE(SUM(CASE WHEN delivered_id >= ? THEN 1 ELSE 0 END), 0),"
     " COALESCE(SUM(CASE WHEN delivered_id < ? AND removed_id IS NULL THEN 1 ELSE 0 END), 0)"
@@ -141,14 +185,24 @@ def remove_member(
     theirs (to the member added first among those left), record the
     ``removed`` event (to every member and them); return its detail.  The
     group's messages they alone were still waiting for become delivered
-    (section 15: a member removed before receiving it no longer counts)."""
+    (section 15: a member removed before receiving it no longer counts); the
+    event names the newest ``MAX_SETTLED_TOLD`` of them for their senders."""
+    # The group's row, locked to the commit (PostgreSQL; a no-op write on
+    # SQLite, whose write lock is held already): ``group_status`` takes it
+    # shared, so a node counting after its cursor moves either counts after
+    # this removal or this removal reads after that count's cursors.
+    cur.execute(sql(_SQL_LOCK_GROUP), (group.group_id,))
     cur.execute(sql(_SQL_ROW_CURSOR), (group.group_id, user_id))
     row = cur.fetchone()
     cur.execute(sql(_SQL_REMOVE), (head, group.group_id, user_id))
+    settled: list[tuple[int, str, int]] = []
     if row is not None:
         floor = max(int(row[0]), int(row[1]))
         if floor < head:
-            cur.execute(sql(_SQL_SETTLE_REMOVED), (group.group_id, floor, head))
+            window = (group.group_id, floor, head)
+            cur.execute(sql(_SQL_SETTLED), (*window, MAX_SETTLED_TOLD))
+            settled = [(int(i), str(s), int(n)) for i, s, n in cur.fetchall()]
+            cur.execute(sql(_SQL_SETTLE_REMOVED), window)
     if group.owner == user_id:
         left = [m for m in group.members[1:] if m != user_id]
         if left:
@@ -156,7 +210,7 @@ def remove_member(
                 sql("UPDATE chat_groups SET owner = ? WHERE group_id = ?"),
                 (left[0], group.group_id),
             )
-    detail = event_detail(group.group_id, REMOVED, user_id, group.members, now_ms)
+    detail = event_detail(group.group_id, REMOVED, user_id, group.members, now_ms, settled)
     record(cur, user_id, EVENT_GROUP, detail, now_ms)
     return detail
 
@@ -188,6 +242,11 @@ class Groups:
 
     # What the engine provides.
 
+    # Taken (group id) before ``group_status`` counts: PostgreSQL's shares the
+    # group's row with other counts and waits for a removal's lock; None (SQLite)
+    # for nothing, its one writer orders removals and cursor moves already.
+    _SQL_SHARE_GROUP: str | None = None
+
     def _run(self, interaction: Callable[..., Any], *args: Any) -> defer.Deferred:
         raise NotImplementedError
 
@@ -214,6 +273,23 @@ class Groups:
                 missing.append(user_id)
         return missing
 
+    def _check_room(self, txn: Any, user_ids: Sequence[str]) -> None:
+        """``GroupError('too_many_groups')`` naming the first of ``user_ids``
+        already in ``MAX_GROUPS_PER_USER`` groups."""
+        marks = ", ".join("?" * len(user_ids))
+        full = {
+            row[0]
+            for row in self._query(txn)(
+                _SQL_FULL_USERS.format(marks), (*user_ids, MAX_GROUPS_PER_USER)
+            )
+        }
+        for user_id in user_ids:
+            if user_id in full:
+                raise GroupError(
+                    "too_many_groups",
+                    f"{user_id} is in {MAX_GROUPS_PER_USER} groups, the most a user can be in",
+                )
+
     def create_group(
         self, group_id: str, name: str, owner: str, members: Sequence[str], now_ms: int
     ) -> defer.Deferred:
@@ -222,7 +298,8 @@ class Groups:
         and record an ``added`` event for each member; fire with ``(Group, detail)``.
         Fails ``GroupError``: ``group_exists`` (a group id once used stays
         taken), ``unknown_user`` naming the first id not registered (the owner
-        included)."""
+        included), ``too_many_groups`` naming the first already in
+        ``MAX_GROUPS_PER_USER`` groups."""
 
         def interaction(txn: Any) -> tuple[Group, str]:
             head = self._lock_stream(txn)
@@ -233,6 +310,7 @@ class Groups:
             missing = self._missing_users(txn, everyone)
             if missing:
                 raise GroupError("unknown_user", f"no such user: {missing[0]}")
+            self._check_room(txn, everyone)
             txn.execute(
                 self._sql(
                     "INSERT INTO chat_groups (group_id, name, owner, created_ms)"
@@ -240,8 +318,8 @@ class Groups:
                 ),
                 (group_id, name, owner, now_ms),
             )
-            for user_id in everyone:
-                txn.execute(self._sql(_SQL_ADD_MEMBER), (group_id, user_id, head, head, now_ms))
+            for order, user_id in enumerate(everyone, now_ms):
+                txn.execute(self._sql(_SQL_ADD_MEMBER), (group_id, user_id, head, head, order))
             detail = event_detail(group_id, ADDED, None, everyone, now_ms)
             self._record_event(txn, owner, EVENT_GROUP, detail, now_ms)
             group = _read_group(run, group_id)
@@ -264,12 +342,16 @@ class Groups:
 
         def interaction(txn: Any) -> list[Group]:
             run = self._query(txn)
-            found = []
-            for (group_id,) in run(_SQL_USER_GROUPS, (user_id,)):
-                group = _read_group(run, group_id)
-                if group is not None:
-                    found.append(group)
-            return found
+            rows = run(_SQL_USER_GROUP_ROWS, (user_id,))
+            if not rows:
+                return []
+            members: dict[str, list[str]] = {}
+            for group_id, member in run(_SQL_USER_GROUP_MEMBERS, (user_id,)):
+                members.setdefault(group_id, []).append(member)
+            return [
+                Group(gid, name, owner, tuple(members.get(gid, ())), int(created_ms))
+                for gid, name, owner, created_ms in rows
+            ]
 
         return self._run(interaction)
 
@@ -286,7 +368,8 @@ class Groups:
         head now (a member removed before starts a new window; the old one is
         forgotten), an ``added`` event to every member, the new one included.
         Fires ``(Group, detail)``; fails ``GroupError``: ``unknown_group``,
-        ``not_owner``, ``unknown_user``, ``already_member``, ``group_full``."""
+        ``not_owner``, ``unknown_user``, ``already_member``, ``group_full``,
+        ``too_many_groups``."""
 
         def interaction(txn: Any) -> tuple[Group, str]:
             head = self._lock_stream(txn)
@@ -299,11 +382,14 @@ class Groups:
                 raise GroupError("unknown_user", f"no such user: {user_id}")
             if len(group.members) >= MAX_MEMBERS:
                 raise GroupError("group_full", f"a group has at most {MAX_MEMBERS} members")
+            self._check_room(txn, [user_id])
             run = self._query(txn)
+            last = run(_SQL_LAST_ADDED, (group_id,))[0][0]
+            order = now_ms if last is None else max(now_ms, int(last) + 1)
             if run(_SQL_ROW, (group_id, user_id)):
-                txn.execute(self._sql(_SQL_READD), (head, head, now_ms, group_id, user_id))
+                txn.execute(self._sql(_SQL_READD), (head, head, order, group_id, user_id))
             else:
-                txn.execute(self._sql(_SQL_ADD_MEMBER), (group_id, user_id, head, head, now_ms))
+                txn.execute(self._sql(_SQL_ADD_MEMBER), (group_id, user_id, head, head, order))
             after = _read_group(run, group_id)
             assert after is not None
             detail = event_detail(group_id, ADDED, user_id, after.members, now_ms)
@@ -337,9 +423,15 @@ class Groups:
     def group_status(self, msg_id: int, group_id: str, sender: str) -> defer.Deferred:
         """Fire with (recipients, waiting) of a group message: the members but
         the sender whose window holds it and whose cursor passed it, and the
-        members still in the group whose cursor has not."""
+        members still in the group whose cursor has not.  The count waits
+        for a removal of the group being committed (see ``remove_member``):
+        without that, a removal reading before this node's cursor move was
+        committed, and this count before the removal was, would both see
+        someone waiting and leave the message pending for good."""
 
         def interaction(txn: Any) -> tuple[int, int]:
+            if self._SQL_SHARE_GROUP is not None:
+                txn.execute(self._sql(self._SQL_SHARE_GROUP), (group_id,))
             txn.execute(self._sql(_SQL_STATUS), (msg_id, msg_id, group_id, sender, msg_id, msg_id))
             row = txn.fetchone()
             return int(row[0]), int(row[1])
@@ -348,12 +440,13 @@ class Groups:
 
     def mark_group_delivered(self, marks: list[tuple[str, str, int]]) -> None:
         """Move members' cursors: ``(group_id, user_id, msg_id)`` each, batched
-        with the next commit like ``mark_delivered``, never backwards (nor for
-        a member removed meanwhile)."""
+        with the next commit like ``mark_delivered``, never backwards, and
+        for a member removed meanwhile only inside their window (what was
+        handed to them before the removal: they may read it)."""
         self._commits.mark_group_delivered(marks)  # type: ignore[attr-defined]
 
 
-def cursor_moves(ops: list[tuple[str, Any]]) -> list[tuple[int, str, str, int]]:
+def cursor_moves(ops: list[tuple[str, Any]]) -> list[tuple[int, str, str, int, int]]:
     """The batch's cursor moves, the largest id per member, as the rows of
     ``SQL_MOVE_CURSOR``'s parameters (sorted: PostgreSQL writers lock the
     rows in one order)."""
@@ -364,12 +457,14 @@ def cursor_moves(ops: list[tuple[str, Any]]) -> list[tuple[int, str, str, int]]:
                 key = (group_id, user_id)
                 if msg_id > best.get(key, 0):
                     best[key] = msg_id
-    return [(i, g, u, i) for (g, u), i in sorted(best.items())]
+    return [(i, g, u, i, i) for (g, u), i in sorted(best.items())]
 
 
+# A removal committed between the hand-over and this commit leaves the move
+# inside the window: the read check (store/reads.py) needs the cursor there.
 SQL_MOVE_CURSOR = (
     "UPDATE group_members SET delivered_id = ? WHERE group_id = ? AND user_id = ?"
-    " AND delivered_id < ? AND removed_id IS NULL"
+    " AND delivered_id < ? AND (removed_id IS NULL OR removed_id >= ?)"
 )
 
 
@@ -457,7 +552,9 @@ __all__ = [
     "ADDED",
     "BIG_ID",
     "EVENT_GROUP",
+    "MAX_GROUPS_PER_USER",
     "MAX_MEMBERS",
+    "MAX_SETTLED_TOLD",
     "MEMBER_COLUMNS",
     "REMOVED",
     "SQL_MOVE_CURSOR",

@@ -791,6 +791,8 @@ class PostgresStore(Groups, Reads, Purges, History, BatchedWrites):
     def _sql(self, text: str) -> str:
         return _sql(text)
 
+    _SQL_SHARE_GROUP = "SELECT 1 FROM chat_groups WHERE group_id = ? FOR SHARE"
+
     def _lock_stream(self, txn: Any) -> int:
         txn.execute("SELECT last_id FROM stream_head FOR UPDATE")  # as a batch takes it
         return int(txn.fetchone()[0])

@@ -32,9 +32,11 @@ ALREADY_READ = "already_read"  # recorded before: tell nobody
 NOT_RECEIVED = "not_received"  # no such message, the reader's own, or not received
 
 _MESSAGE = "SELECT sender, recipient, status FROM messages WHERE id = ?"
+# The reader received a group message: it is in their window and their
+# delivery cursor passed it (a connection of theirs was handed it).
 _IN_WINDOW = (
     "SELECT 1 FROM group_members WHERE group_id = ? AND user_id = ?"
-    " AND joined_id < ? AND (removed_id IS NULL OR ? <= removed_id)"
+    " AND joined_id < ? AND (removed_id IS NULL OR ? <= removed_id) AND ? <= delivered_id"
 )
 _INSERT = (
     "INSERT INTO message_reads (message_id, user_id, read_ms) VALUES (?, ?, ?)"
@@ -52,7 +54,8 @@ _SHARE_GROUP = (
 
 def received(reader: str, sender: str, recipient: str, status: str, in_window: bool) -> bool:
     """Whether ``reader`` received a message (``in_window``: for a group
-    message, the message is inside the reader's window in ``group_members``)."""
+    message, the message is inside the reader's window in ``group_members``
+    and at or below their delivered cursor there)."""
     if sender == reader:
         return False  # the reader's own message, a note to self included
     if recipient == reader:
@@ -75,7 +78,7 @@ def _record_read(txn: Any, param: str, reader: str, msg_id: int, now_ms: int) ->
     sender, recipient, status = row
     in_window = False
     if is_group_id(recipient) and sender != reader:
-        txn.execute(sql(_IN_WINDOW), (recipient, reader, msg_id, msg_id))
+        txn.execute(sql(_IN_WINDOW), (recipient, reader, msg_id, msg_id, msg_id))
         in_window = txn.fetchone() is not None
     if not received(reader, sender, recipient, status, in_window):
         return NOT_RECEIVED, None
