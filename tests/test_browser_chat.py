@@ -306,3 +306,56 @@ class ChatWebClientTests(BrowserCase):
         self.open_page(bob, keep_session=True)
         self.assertTrue(bob.find_element(By.ID, "signin").is_displayed())
         self.assertFalse(bob.find_element(By.ID, "chat").is_displayed())
+
+    def test_a_refused_kept_token_means_a_silent_login(self):
+        """A reload whose kept token the server refuses (here: spoiled in
+        sessionStorage) logs in again with the kept key, without asking: the
+        connection and the HTTP calls (the conversation list) work."""
+        page = self.browser("dave")
+        self.register(page, "dave", "Dave")
+        self.say(page, "dave", "A note to self.")
+        self.incoming(page, "A note to self.")
+        self.wait_for(page, '#convs li[data-conv="dave"]')
+        page.execute_script(
+            "const kept = JSON.parse(sessionStorage.getItem('wsserver.session'));"
+            "kept.token = 'not.a.token';"
+            "sessionStorage.setItem('wsserver.session', JSON.stringify(kept));"
+        )
+        logins = self.logins("dave")
+        self.open_page(page, keep_session=True)
+        self.wait_for(page, "#conn[data-state=online]")
+        self.assertFalse(page.find_element(By.ID, "signin").is_displayed())
+        self.wait_for(page, '#convs li[data-conv="dave"]')
+        self.assertEqual(page.find_element(By.ID, "side-error").text, "")
+        self.assertGreater(self.logins("dave"), logins)
+        kept = page.execute_script("return JSON.parse(sessionStorage.getItem('wsserver.session'))")
+        self.assertNotEqual(kept["token"], "not.a.token")
+
+
+class RateLimitedReadsWebClientTests(BrowserCase):
+    """Receipts under a tight per-user limit (one frame a second after a burst
+    of two): each read costs a token, so opening a conversation with six
+    unread messages is refused some of them.  They go out again by
+    themselves, and the reader sees no "message not sent" notice."""
+
+    env = {"MESSAGE_RATE_LIMIT": "1", "MESSAGE_BURST_LIMIT": "2"}
+
+    def test_refused_reads_are_sent_again_without_a_notice(self):
+        alice, bob = self.browser("alice"), self.browser("bob")
+        self.register(alice, "alice", "Alice")
+        self.register(bob, "bob", "Bob")
+        bob.find_element(By.ID, "open-id").send_keys("broadcast\n")
+        self.wait_for(bob, '#chat[data-open="broadcast"]')
+        texts = [f"message {n} while bob reads elsewhere" for n in range(6)]
+        for text in texts:
+            self.say(alice, "bob", text)
+        for text in texts:
+            self.outgoing_status(alice, text, "delivered")
+        self.wait_for(bob, '#convs li[data-conv="alice"] .unread', text="6")
+        bob.find_element(By.CSS_SELECTOR, '#convs li[data-conv="alice"] button').click()
+        for text in texts:
+            self.incoming(bob, text)
+        self.wait_for(alice, "#log li.msg.out .read[data-state=read]", count=len(texts))
+        reads = [e.text for e in alice.find_elements(By.CSS_SELECTOR, "#log li.msg.out .read")]
+        self.assertEqual(reads, ["read by Bob"] * len(texts))
+        self.assertEqual(bob.find_elements(By.CSS_SELECTOR, "#log li.notice"), [])

@@ -624,6 +624,9 @@ function recipientCount(frame) {
 }
 
 function onSystem(frame) {
+  // A read receipt or a watch list refused for the rate limit goes out
+  // again by itself: no notice (it is no message of the user's).
+  if (frame.code === "rate_limited" && !frame.nonce && chat.refused(frame.retry_after_ms)) return;
   const pending = frame.nonce ? session.outbox.get(frame.nonce) : undefined;
   if (pending && frame.code === "rate_limited") {
     // Refused before it was stored: it goes out again, with the same nonce,

@@ -13,6 +13,10 @@ const USER_ID = /^[A-Za-z0-9_.-]{1,64}$/;
 const GROUP_ID = /^#[A-Za-z0-9_.-]{1,64}$/;
 const PAGE = 30; // messages per history page
 const MAX_WATCH = 256; // the server's limit on a watch list
+// Receipts go out one at a time, this far apart: each costs a token of the
+// user's rate limit (5 a second by default, shared with their messages).
+const READ_GAP_MS = 300;
+const REFUSAL_WINDOW_MS = 5000; // a refusal refers to a frame sent this recently
 const $ = (id) => document.getElementById(id);
 
 let env = null; // {api, transmit, me, showHistory}
@@ -25,7 +29,10 @@ const state = {
   groups: new Map(), // group id -> {group_id, name, owner, members}
   online: new Map(), // user id -> true/false, from presence frames
   watching: "", // the list last sent in a watch frame
-  reads: [], // ids to send read for once the connection is open
+  reads: [], // ids waiting to be reported read, in order
+  readTimer: null, // the next read's turn
+  readGap: READ_GAP_MS, // longer once the server refused one
+  lastSent: null, // the last read or watch sent, {kind, id, at}, in case it is refused
   counter: 0, // orders conversations that have no message yet
 };
 
@@ -78,8 +85,12 @@ export function reset() {
     online: new Map(),
     watching: "",
     reads: [],
+    readGap: READ_GAP_MS,
+    lastSent: null,
     counter: 0,
   });
+  clearTimeout(state.readTimer);
+  state.readTimer = null;
   $("convs").replaceChildren();
   $("side-error").textContent = "";
   toggleGroupForm(false);
@@ -201,16 +212,52 @@ function markShownRead() {
 }
 
 function sendRead(id) {
-  if (!env.transmit({ type: "read", id })) state.reads.push(id);
+  if (!state.reads.includes(id)) state.reads.push(id);
+  drainReads(0);
+}
+
+// The next waiting read goes out when its turn comes (none while offline:
+// they wait for the connection).
+function drainReads(delay) {
+  if (state.readTimer !== null || !state.reads.length) return;
+  state.readTimer = setTimeout(() => {
+    state.readTimer = null;
+    const id = state.reads[0];
+    if (id === undefined || !env.transmit({ type: "read", id })) return;
+    state.reads.shift();
+    state.lastSent = { kind: "read", id, at: Date.now() };
+    drainReads(state.readGap);
+  }, delay);
+}
+
+// The server refused a frame with no nonce for the rate limit: the page's
+// messages all have one, so it is our last read or watch (the server
+// answers in order, and reads go out far enough apart for the refusal of
+// one to come before the next is sent).  It goes out again after the pause
+// the server asks for, and later reads go out that far apart.  True when it
+// was ours to handle, so the page shows no "message not sent" notice.
+export function refused(retryMs) {
+  const last = state.lastSent;
+  if (!last || Date.now() - last.at > REFUSAL_WINDOW_MS) return false;
+  state.lastSent = null;
+  const pause = Math.max(Number(retryMs) || 200, READ_GAP_MS);
+  state.readGap = Math.max(state.readGap, pause);
+  clearTimeout(state.readTimer);
+  state.readTimer = null;
+  if (last.kind === "read" && !state.reads.includes(last.id)) state.reads.unshift(last.id);
+  if (last.kind === "watch") {
+    state.watching = "";
+    setTimeout(watch, pause);
+  }
+  drainReads(pause);
+  return true;
 }
 
 // The connection is (again) open: the watch list and the reads held back go out.
 export function connected() {
   state.watching = "";
   watch();
-  const reads = state.reads;
-  state.reads = [];
-  for (const id of reads) sendRead(id);
+  drainReads(0);
 }
 
 // -- presence ----------------------------------------------------------------------
@@ -224,7 +271,10 @@ function watch() {
   const list = [...users].sort().slice(0, MAX_WATCH);
   const key = list.join(" ");
   if (key === state.watching) return;
-  if (env.transmit({ type: "watch", users: list })) state.watching = key;
+  if (env.transmit({ type: "watch", users: list })) {
+    state.watching = key;
+    state.lastSent = { kind: "watch", at: Date.now() };
+  }
 }
 
 export function onPresence(frame) {
