@@ -509,7 +509,7 @@ function onFrame(frame) {
     case "status": {
       const item = session.sentById.get(frame.id);
       if (item && frame.status === "read") addReader(item, frame.by);
-      else if (item) setStatus(item, frame.status, recipientCount(frame));
+      else if (item) setStatus(item, frame.status, recipientCount(frame, item));
       break;
     }
     case "system":
@@ -603,7 +603,8 @@ function onAck(frame) {
   session.sentById.set(frame.id, item);
   session.lastId = Math.max(session.lastId, frame.id);
   kept.save();
-  setStatus(item, frame.status, recipientCount(frame));
+  if (Number.isSafeInteger(frame.members)) item.dataset.members = frame.members;
+  setStatus(item, frame.status, recipientCount(frame, item));
   showMark(item, { ...frame, from: session.user.user_id });
   chat.noteMessage({ ...frame, from: session.user.user_id }, false);
 }
@@ -619,8 +620,12 @@ function addReader(item, by) {
   readers.append(chat.nameSpan(by));
 }
 
-function recipientCount(frame) {
-  return frame.recipients === undefined ? undefined : `${frame.recipients} connections`;
+// How many it reached: members of a group (the ack says how many), or
+// connections for a broadcast.
+function recipientCount(frame, item) {
+  if (frame.recipients === undefined) return undefined;
+  if (item.dataset.members !== undefined) return `${frame.recipients} of ${item.dataset.members} members`;
+  return `${frame.recipients} connections`;
 }
 
 function onSystem(frame) {
