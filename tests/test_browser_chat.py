@@ -335,6 +335,42 @@ class ChatWebClientTests(BrowserCase):
         kept = page.execute_script("return JSON.parse(sessionStorage.getItem('wsserver.session'))")
         self.assertNotEqual(kept["token"], "not.a.token")
 
+    def test_a_hidden_tab_counts_unread_and_reads_on_return(self):
+        """A message that comes to the open conversation while the tab is
+        hidden is unread, not reported read; coming back to the tab reports it."""
+        alice, bob = self.browser("alice"), self.browser("bob")
+        self.register(alice, "alice", "Alice")
+        self.register(bob, "bob", "Bob")
+        self.say(alice, "bob", "First, while you look.")
+        self.incoming(bob, "First, while you look.")
+        self.open_conv(bob, "alice")
+        self.wait_for(alice, "#log li.msg.out .read[data-state=read]", text="read by Bob")
+        bob.execute_script(HIDE_TAB_JS, "hidden")
+        self.say(alice, "bob", "Second, while you are away.")
+        (second,) = self.wait_for(alice, "#log li.msg.out", text="Second, while")
+        self.outgoing_status(alice, "Second, while", "delivered")
+        self.until(bob, lambda p: self.unread(p, "alice") == "1", "no unread count while hidden")
+        self.assertEqual(second.find_element(By.CSS_SELECTOR, ".read").text, "")
+        bob.execute_script(HIDE_TAB_JS, "visible")
+        self.until(
+            alice,
+            lambda p: second.find_element(By.CSS_SELECTOR, ".read").text == "read by Bob",
+            "not read",
+        )
+        self.assertEqual(self.unread(bob, "alice"), "")
+
+
+# Plays the tab going to the background (or back): headless Chromium's tab
+# is always visible, so document.visibilityState is made to say arguments[0]
+# and the event the browser would send is sent.
+HIDE_TAB_JS = """
+window.fakeVisibility = arguments[0];
+Object.defineProperty(document, "visibilityState", {
+  configurable: true, get: () => window.fakeVisibility,
+});
+document.dispatchEvent(new Event("visibilitychange"));
+"""
+
 
 class RateLimitedReadsWebClientTests(BrowserCase):
     """Receipts under a tight per-user limit (one frame a second after a burst
