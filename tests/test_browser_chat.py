@@ -151,6 +151,7 @@ class ChatWebClientTests(BrowserCase):
         self.until(
             bob, lambda p: self.dot(p, "#convs", "alice") == "true", "alice's dot never went on"
         )
+        self.assertEqual(self.dot(bob, "#conv-title", "alice"), "true")
 
         self.write(alice, "Hello team, signed in my browser.")
         self.outgoing_status(alice, "Hello team", "pending")  # carol is away
@@ -303,6 +304,9 @@ class ChatWebClientTests(BrowserCase):
         self.open_conv(bob, "alice")
         self.assertEqual(self.shown(bob), ["Hi Bob, a team is coming.", "Direct again."])
         self.assertEqual(bob.execute_script(OVERLAP_JS)["hits"], [])
+        narrow = os.environ.get("WSSERVER_SCREENSHOT_NARROW")
+        if narrow:  # to look at: bob's page at 420 px
+            bob.save_screenshot(narrow)
 
         # Sign out: back to the sign-in form, and a reload stays signed out.
         bob.find_element(By.ID, "signout").click()

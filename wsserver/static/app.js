@@ -534,7 +534,10 @@ function onMessage(frame) {
   kept.save();
   rememberPeer(frame.from);
   const item = addMessage(frame, ours ? "out" : "in");
-  if (ours) setStatus(item, frame.status || "delivered");
+  if (ours) {
+    session.sentById.set(frame.id, item); // its status and read frames come here too
+    setStatus(item, frame.status || "delivered");
+  }
   showMark(item, frame);
   chat.noteMessage(frame, !ours);
 }

@@ -507,6 +507,7 @@ function showHeader() {
   const members = $("members");
   const group = id && state.groups.get(id);
   title.replaceChildren(id === null ? "All messages" : nameSpan(id));
+  if (id !== null && USER_ID.test(id) && id !== "broadcast" && id !== env.me()) title.prepend(dot(id), " ");
   if (id === null) sub.textContent = "every conversation, as it comes";
   else if (id === "broadcast") sub.textContent = "broadcast: to everyone connected";
   else sub.textContent = id;
