@@ -363,6 +363,25 @@ class ChatWebClientTests(BrowserCase):
         )
         self.assertEqual(self.unread(bob, "alice"), "")
 
+    def test_a_new_conversation_shows_presence_from_its_first_message(self):
+        """With PRESENCE=contacts (the default) a user opened before any
+        message between the two is shown offline; the first message makes
+        them a contact, and the page watches again: the dot goes on."""
+        erin, frank = self.browser("erin"), self.browser("frank")
+        self.register(erin, "erin", "Erin")
+        self.register(frank, "frank", "Frank")
+        erin.find_element(By.ID, "open-id").send_keys("frank\n")
+        self.wait_for(erin, '#chat[data-open="frank"]')
+        self.wait_for(erin, "#conv-title", text="Frank")
+        self.assertEqual(self.dot(erin, "#convs", "frank"), "false")  # not a contact yet
+        self.write(erin, "Hello Frank.")
+        self.until(
+            erin, lambda p: self.dot(p, "#convs", "frank") == "true", "frank's dot never went on"
+        )
+        self.until(
+            frank, lambda p: self.dot(p, "#convs", "erin") == "true", "erin's dot never went on"
+        )
+
 
 # Plays the tab going to the background (or back): headless Chromium's tab
 # is always visible, so document.visibilityState is made to say arguments[0]

@@ -145,6 +145,7 @@ export function open(id) {
   env.opened(id);
   showHeader();
   render();
+  watch(); // a conversation opened before its first message: its peer too
   const log = $("log");
   log.scrollTop = log.scrollHeight;
   if (id !== null && !state.convs.get(id).loaded) loadEarlier(id);
@@ -182,6 +183,9 @@ async function loadEarlier(id) {
 export function noteMessage(frame, incoming) {
   const id = convOf(frame);
   const entry = conv(id);
+  // The server decides whom we may see online when it reads a watch frame:
+  // a conversation's first message lets us see its peer from the next one.
+  if (entry.order === 0) state.watching = "";
   if (typeof frame.id === "number") entry.order = Math.max(entry.order, frame.id);
   else entry.order = Math.max(entry.order, ++state.counter + topOrder());
   if (incoming && frame.from !== env.me() && typeof frame.id === "number") {
@@ -263,6 +267,8 @@ export function connected() {
 // -- presence ----------------------------------------------------------------------
 
 // The users of the sidebar (direct peers and group members) are watched.
+// Sent again when that list changes, when a conversation gets its first
+// message, and when a group is made, joined or grows (state.watching = "").
 function watch() {
   const users = new Set();
   for (const id of state.convs.keys()) if (USER_ID.test(id) && id !== "broadcast") users.add(id);
@@ -346,6 +352,7 @@ async function fetchGroup(id) {
   try {
     const group = await env.api("GET", `/groups/${encodeURIComponent(id)}`);
     state.groups.set(id, group);
+    state.watching = "";
   } catch (err) {
     state.groups.delete(id);
   }
@@ -394,6 +401,7 @@ async function onCreateGroup(event) {
   try {
     const group = await env.api("POST", "/groups", { group_id: id, name, members: [...new Set(members)] });
     state.groups.set(group.group_id, group);
+    state.watching = "";
     conv(group.group_id).order = ++state.counter + topOrder();
     for (const field of ["group-id", "group-name", "group-members"]) $(field).value = "";
     toggleGroupForm(false);
@@ -416,6 +424,7 @@ async function onAddMember(event) {
   try {
     const group = await env.api("POST", `/groups/${encodeURIComponent(id)}/members`, { user_id: member });
     state.groups.set(id, group);
+    state.watching = "";
     $("add-id").value = "";
     showHeader();
     watch();
