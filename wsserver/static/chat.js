@@ -172,6 +172,7 @@ async function loadEarlier(id) {
     } finally {
       entry.loading = null;
       if (state.open === id) showHeader();
+      render(); // its place in the list may have changed
     }
   })();
   return entry.loading;
