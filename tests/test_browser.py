@@ -201,7 +201,12 @@ class BrowserCase(unittest.TestCase):
             wanted = f"{count} x {css!r} {text or ''}"
             self.fail(f"{driver.wsserver_name}: no {wanted}\npage:\n{body}\nconsole: {console}")
 
-    def open_page(self, driver, base: str | None = None) -> None:
+    def open_page(self, driver, base: str | None = None, keep_session: bool = False) -> None:
+        """Load the page.  A reload keeps the tab's session (the token in
+        sessionStorage) only with ``keep_session``: by default the page starts
+        signed out, as in a new tab."""
+        if not keep_session and driver.current_url.startswith("http"):
+            driver.execute_script("sessionStorage.clear()")
         driver.get((base or self.server_url) + "/")
         self.wait_for(driver, "body[data-ready=true]")
 

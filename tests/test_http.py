@@ -228,6 +228,7 @@ class HttpTests(unittest.TestCase):
         pages = {
             "/": b"text/html",
             "/static/app.js": b"text/javascript",
+            "/static/chat.js": b"text/javascript",
             "/static/app.css": b"text/css",
             "/static/icon.svg": b"image/svg+xml",
         }

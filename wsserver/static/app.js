@@ -11,10 +11,15 @@
 // is lost or stored twice.  Devices (section 12): list and revoke this
 // user's keys, approve a new device's pairing text, link this browser to an
 // account whose key lives elsewhere, sign out, delete the account.
+// Conversations (section 13, chat.js): a sidebar, history, groups, read
+// receipts and presence.  The token is kept in sessionStorage so a reload
+// stays signed in (see "kept" below).
 
+import * as chat from "./chat.js";
 import * as keylog from "./keylog.js";
 
 const USER_ID = /^[A-Za-z0-9_.-]{1,64}$/;
+const GROUP_ID = /^#[A-Za-z0-9_.-]{1,64}$/;
 const RETRY_SECONDS = [0.2, 0.5, 1, 2, 5];
 const LINK_POLL_MS = 2000;
 const $ = (id) => document.getElementById(id);
@@ -111,6 +116,54 @@ async function api(method, path, body, token) {
   }
   return data;
 }
+
+// An HTTP request with this session's token.  A token refused (expired, or
+// the server's secret changed) is replaced by logging in again with the kept
+// key, without asking; a request the server's rate limit refused is tried
+// again after a pause, twice at most.
+async function authed(method, path, body) {
+  const user = session.user;
+  for (let attempt = 0; ; attempt++) {
+    try {
+      return await api(method, path, body, session.token);
+    } catch (err) {
+      if (session.user !== user || attempt >= 2) throw err;
+      if (err.code === "unauthorized") await login(user);
+      else if (err.code === "rate_limited") await new Promise((resolve) => setTimeout(resolve, 1000 * (attempt + 1)));
+      else throw err;
+    }
+  }
+}
+
+// -- the session kept across a reload ---------------------------------------------
+//
+// The token (and the open conversation, and the last message id for since)
+// is kept in sessionStorage: it survives a reload of this tab, and goes when
+// the tab is closed; other tabs do not share it.  The token is a bearer
+// credential for at most TOKEN_TTL (an hour by default); the key that makes
+// new ones stays non-extractable in IndexedDB.  localStorage would keep it
+// after the tab is closed, for every tab: a longer life for no gain, since
+// signing in again with the kept key is silent.
+const kept = {
+  key: "wsserver.session",
+  save() {
+    if (!session.user || !session.token) return;
+    const value = { user_id: session.user.user_id, token: session.token, open: chat.openId(), last_id: session.lastId };
+    sessionStorage.setItem(this.key, JSON.stringify(value));
+  },
+  load() {
+    try {
+      const value = JSON.parse(sessionStorage.getItem(this.key));
+      if (value && USER_ID.test(value.user_id) && typeof value.token === "string") return value;
+    } catch (err) {
+      // nothing usable kept
+    }
+    return null;
+  },
+  forget() {
+    sessionStorage.removeItem(this.key);
+  },
+};
 
 // -- key logs: ours and our peers' ------------------------------------------------
 
@@ -341,6 +394,7 @@ async function login(user) {
     key_id: await keyIdOf(user),
   });
   session.token = token;
+  kept.save();
 }
 
 function connect() {
@@ -359,6 +413,7 @@ function connect() {
     for (const entry of session.outbox.values()) {
       if (!entry.held) transmit(entry.frame);
     }
+    chat.connected();
   };
   socket.onmessage = (event) => {
     let frame;
@@ -419,7 +474,9 @@ function reconnectLater(relogin, why) {
 function transmit(frame) {
   if (session.socket && session.socket.readyState === WebSocket.OPEN) {
     session.socket.send(JSON.stringify(frame));
+    return true;
   }
+  return false;
 }
 
 function send(to, content) {
@@ -451,21 +508,75 @@ function onFrame(frame) {
       break;
     case "status": {
       const item = session.sentById.get(frame.id);
-      if (item) setStatus(item, frame.status, recipientCount(frame));
+      if (item && frame.status === "read") addReader(item, frame.by);
+      else if (item) setStatus(item, frame.status, recipientCount(frame, item));
       break;
     }
     case "system":
       onSystem(frame);
       break;
+    case "presence":
+      chat.onPresence(frame);
+      break;
+    case "group":
+      chat.onGroup(frame);
+      break;
   }
 }
 
 function onMessage(frame) {
-  if (typeof frame.id !== "number" || session.seen.has(frame.id)) return;
+  // One of ours (from another device, or replayed with since) is shown as
+  // ours, once; a note to self comes back as received.
+  const ours = frame.from === session.user.user_id && frame.to !== frame.from;
+  if (typeof frame.id !== "number" || session.seen.has(frame.id) || (ours && session.sentById.has(frame.id))) return;
   session.seen.add(frame.id);
   session.lastId = Math.max(session.lastId, frame.id);
+  kept.save();
   rememberPeer(frame.from);
-  const item = addMessage(frame, "in");
+  const item = addMessage(frame, ours ? "out" : "in");
+  if (ours) {
+    session.sentById.set(frame.id, item); // its status and read frames come here too
+    setStatus(item, frame.status || "delivered");
+  }
+  showMark(item, frame);
+  chat.noteMessage(frame, !ours);
+}
+
+// History from GET /messages (newest first): each message not shown yet,
+// in id order among those shown.
+function showHistory(frames) {
+  const log = $("log");
+  const before = log.scrollHeight - log.scrollTop;
+  for (const frame of frames) {
+    const ours = frame.from === session.user.user_id && frame.to !== frame.from;
+    if (typeof frame.id !== "number" || session.seen.has(frame.id) || (ours && session.sentById.has(frame.id))) continue;
+    session.seen.add(frame.id);
+    const item = messageItem(frame, ours ? "out" : "in");
+    item.classList.add("history");
+    if (ours) {
+      session.sentById.set(frame.id, item);
+      setStatus(item, frame.status || "delivered");
+    }
+    insertById(item, frame.id);
+    showMark(item, frame);
+  }
+  log.scrollTop = log.scrollHeight - before; // what was on screen stays there
+}
+
+function insertById(item, id) {
+  const log = $("log");
+  for (const other of log.children) {
+    if (other.classList.contains("msg") && Number(other.dataset.id) > id) {
+      log.insertBefore(item, other);
+      return;
+    }
+  }
+  log.append(item);
+}
+
+// The verification mark of a message, ours included: its signature checked
+// here against the sender's key log.
+function showMark(item, frame) {
   const mark = item.querySelector(".mark");
   mark.textContent = "checking…";
   checkSignature(frame)
@@ -477,6 +588,11 @@ function onMessage(frame) {
       mark.textContent = text;
       mark.dataset.state = verdict.state;
       if (frame.key_id) mark.dataset.keyId = frame.key_id;
+      if (verdict.state === "invalid") {
+        item.classList.add("tampered");
+        const warning = element("p", "warning", "This message does not match its signature: it was changed after it was signed, or not signed by the key named. Do not trust it.");
+        item.append(warning);
+      }
     });
 }
 
@@ -488,14 +604,37 @@ function onAck(frame) {
   item.dataset.id = frame.id;
   item.querySelector(".meta time").textContent = formatTime(frame.timestamp);
   session.sentById.set(frame.id, item);
-  setStatus(item, frame.status, recipientCount(frame));
+  session.lastId = Math.max(session.lastId, frame.id);
+  kept.save();
+  if (Number.isSafeInteger(frame.members)) item.dataset.members = frame.members;
+  setStatus(item, frame.status, recipientCount(frame, item));
+  showMark(item, { ...frame, from: session.user.user_id });
+  chat.noteMessage({ ...frame, from: session.user.user_id }, false);
 }
 
-function recipientCount(frame) {
-  return frame.recipients === undefined ? undefined : `${frame.recipients} connections`;
+// A read receipt: "read by" and the readers' names (a group's, one by one).
+function addReader(item, by) {
+  if (typeof by !== "string") return;
+  const readers = item.querySelector(".read");
+  if ([...readers.children].some((node) => node.dataset.nameOf === by)) return;
+  readers.dataset.state = "read";
+  if (!readers.childElementCount) readers.append("read by ");
+  else readers.append(", ");
+  readers.append(chat.nameSpan(by));
+}
+
+// How many it reached: members of a group (the ack says how many), or
+// connections for a broadcast.
+function recipientCount(frame, item) {
+  if (frame.recipients === undefined) return undefined;
+  if (item.dataset.members !== undefined) return `${frame.recipients} of ${item.dataset.members} members`;
+  return `${frame.recipients} connections`;
 }
 
 function onSystem(frame) {
+  // A read receipt or a watch list refused for the rate limit goes out
+  // again by itself: no notice (it is no message of the user's).
+  if (frame.code === "rate_limited" && !frame.nonce && chat.refused(frame.retry_after_ms)) return;
   const pending = frame.nonce ? session.outbox.get(frame.nonce) : undefined;
   if (pending && frame.code === "rate_limited") {
     // Refused before it was stored: it goes out again, with the same nonce,
@@ -544,14 +683,25 @@ function element(tag, className, text) {
 }
 
 function addMessage(frame, direction) {
+  const item = messageItem(frame, direction);
+  appendToLog(item);
+  return item;
+}
+
+// A message's item: who to whom (display names), when, the verification
+// mark, and for ours the delivery status and the read receipts.
+function messageItem(frame, direction) {
   const item = element("li", `msg ${direction}`);
   if (frame.id) item.dataset.id = frame.id;
+  const conv = chat.convOf(frame);
+  item.dataset.conv = conv;
+  item.hidden = !chat.shown(conv);
   const meta = element("div", "meta");
-  const route = frame.to === "broadcast" ? `${frame.from} → everyone` : `${frame.from} → ${frame.to}`;
-  meta.append(element("span", "route", route), element("time", "", formatTime(frame.timestamp)));
-  meta.append(element("span", direction === "in" ? "mark" : "status"));
+  const route = element("span", "route");
+  route.append(chat.nameSpan(frame.from, "from"), " → ", chat.nameSpan(frame.to, "to"));
+  meta.append(route, element("time", "", formatTime(frame.timestamp)), element("span", "mark"));
+  if (direction === "out") meta.append(element("span", "status"), element("span", "read"));
   item.append(meta, element("p", "content", frame.content));
-  appendToLog(item);
   return item;
 }
 
@@ -563,6 +713,14 @@ function addNotice(frame) {
   }
   const item = element("li", "notice", frame.content);
   item.dataset.code = frame.code;
+  if (frame.nonce) {
+    // A refusal of a message: shown with that message's conversation.
+    const pending = session.outbox.get(frame.nonce);
+    if (pending) {
+      item.dataset.conv = pending.item.dataset.conv;
+      item.hidden = pending.item.hidden;
+    }
+  }
   appendToLog(item);
   return item;
 }
@@ -571,7 +729,7 @@ function appendToLog(item) {
   const log = $("log");
   const atBottom = log.scrollHeight - log.scrollTop - log.clientHeight < 40;
   log.append(item);
-  if (atBottom) item.scrollIntoView({ block: "end" });
+  if (atBottom && !item.hidden) log.scrollTop = log.scrollHeight;
 }
 
 // state: sending, waiting (held back by the rate limit), pending, delivered or refused.
@@ -601,9 +759,16 @@ function showError(error) {
   $("signin-error").textContent = error ? error.message || String(error) : "";
 }
 
-async function start(user) {
-  await login(user);
+// Signed in (logged in now, or with a token kept from before a reload).
+async function start(user, resumed) {
+  if (resumed) {
+    session.token = resumed.token;
+    session.lastId = Number.isSafeInteger(resumed.last_id) && resumed.last_id > 0 ? resumed.last_id : 0;
+  } else {
+    await login(user);
+  }
   session.user = user;
+  kept.save();
   localStorage.setItem("wsserver.user", user.user_id);
   cancelLink();
   $("signin").hidden = true;
@@ -613,8 +778,23 @@ async function start(user) {
   resetDevicesView();
   $("who").textContent = `signed in as ${user.user_id}`;
   showView("chat");
+  chat.reset();
   connect();
   $("text").focus();
+  await chat.load(resumed ? resumed.open : null);
+}
+
+// A reload: the session kept in this tab goes on, with the key kept in
+// IndexedDB (a refused token is replaced by logging in again, silently).
+async function resume() {
+  const saved = kept.load();
+  if (!saved) return;
+  const user = await loadKey(saved.user_id).catch(() => null);
+  if (!user) {
+    kept.forget();
+    return;
+  }
+  await start(user, saved);
 }
 
 function showView(name) {
@@ -634,6 +814,8 @@ async function ended(code, reason, byPage = false) {
   const user = session.user;
   if (!user) return; // ended already
   const leaving = session.leaving;
+  kept.forget();
+  chat.reset();
   resetSession();
   resetDevicesView();
   $("nav").hidden = true;
@@ -1203,11 +1385,11 @@ $("delete-confirm").addEventListener("input", () => {
 $("delete-account").addEventListener("click", onDelete);
 $("send-form").addEventListener("submit", (event) => {
   event.preventDefault();
-  const to = $("to").value.trim();
+  const to = chat.openId() || $("to").value.trim();
   const text = $("text").value;
   if (!text) return;
-  if (!USER_ID.test(to)) {
-    addNotice({ code: "invalid_recipient", content: "a recipient is a user id, or broadcast" });
+  if (!USER_ID.test(to) && !GROUP_ID.test(to)) {
+    addNotice({ code: "invalid_recipient", content: "a recipient is a user id, a #group, or broadcast" });
     return;
   }
   $("text").value = "";
@@ -1218,4 +1400,13 @@ if (!window.isSecureContext || !crypto.subtle) {
   // Browsers offer WebCrypto only to pages served over TLS, and to localhost.
   showError(new Error("open this page over HTTPS (or on localhost): browsers keep WebCrypto from plain HTTP pages"));
 }
-document.body.dataset.ready = "true";
+chat.init({
+  api: authed,
+  transmit,
+  me: () => session.user?.user_id,
+  showHistory,
+  opened: () => kept.save(),
+});
+resume()
+  .catch((err) => showError(err))
+  .finally(() => (document.body.dataset.ready = "true"));
