@@ -176,6 +176,12 @@ class ChatWebClientTests(BrowserCase):
         self.assertEqual(
             mine.find_element(By.CSS_SELECTOR, ".status").text, "delivered (2 of 2 members)"
         )
+        # carol's listen shows it and reports it read (the CLI sends receipts)
+        self.until(
+            alice,
+            lambda p: mine.find_element(By.CSS_SELECTOR, ".read").text == "read by Carol C.",
+            "not read by carol",
+        )
         self.cli("carol", "send", "--to", "#team", "Carol here, from the command line.")
         self.assertEqual(mark_state(self.incoming(alice, "Carol here")), "verified")
         self.until(bob, lambda p: self.unread(p, "#team") == "2", "unread count did not grow")
@@ -195,8 +201,10 @@ class ChatWebClientTests(BrowserCase):
         self.assertEqual(mark_state(self.incoming(bob, "Carol here")), "verified")
         self.until(
             alice,
-            lambda p: mine.find_element(By.CSS_SELECTOR, ".read").text == "read by Bob B.",
-            "not read",
+            lambda p: (
+                mine.find_element(By.CSS_SELECTOR, ".read").text == "read by Carol C., Bob B."
+            ),
+            "not read by bob",
         )
         self.write(bob, "Bob here, in the group.")
         self.incoming(alice, "Bob here")
@@ -279,6 +287,12 @@ class ChatWebClientTests(BrowserCase):
         )
         self.assertEqual(len(bob.find_elements(By.CSS_SELECTOR, "#log .warning")), 1)
         self.assertEqual(self.sidebar(bob)[:3], ["", "alice", "#team"])  # from the server
+        # The receipts of bob's own message, from the page's read_by: alice
+        # read it live, carol's chat when it replayed it (this page was not
+        # told of hers before the reload, and shows it now).
+        self.assertEqual(
+            items[2].find_element(By.CSS_SELECTOR, ".read").text, "read by Alice A., Carol C."
+        )
 
         # A reply after the reload still gets its marks, and moves the group up.
         self.write(bob, "Back after a reload.")
@@ -363,10 +377,30 @@ class ChatWebClientTests(BrowserCase):
         )
         self.assertEqual(self.unread(bob, "alice"), "")
 
+        # A third arrives while hidden, and bob reloads before looking: the
+        # page forgot it was unread, but the history page says "read": false,
+        # so opening the conversation reports it read.
+        bob.execute_script(HIDE_TAB_JS, "hidden")
+        self.say(alice, "bob", "Third, before your reload.")
+        (third,) = self.wait_for(alice, "#log li.msg.out", text="Third, before")
+        self.outgoing_status(alice, "Third, before", "delivered")
+        self.until(bob, lambda p: self.unread(p, "alice") == "1", "no unread count while hidden")
+        self.open_page(bob, keep_session=True)
+        self.wait_for(bob, "#conn[data-state=online]")
+        self.open_conv(bob, "alice")
+        self.wait_for(bob, "#log li.msg.in", text="Third, before")
+        self.until(
+            alice,
+            lambda p: third.find_element(By.CSS_SELECTOR, ".read").text == "read by Bob",
+            "not read after the reload",
+        )
+
     def test_a_new_conversation_shows_presence_from_its_first_message(self):
         """With PRESENCE=contacts (the default) a user opened before any
-        message between the two is shown offline; the first message makes
-        them a contact, and the page watches again: the dot goes on."""
+        message between the two is shown offline; erin's first message makes
+        her frank's contact (his page watches again: her dot goes on), not
+        frank hers (a stranger's message is not enough: her dot of him stays
+        off) until he answers, when her page watches again."""
         erin, frank = self.browser("erin"), self.browser("frank")
         self.register(erin, "erin", "Erin")
         self.register(frank, "frank", "Frank")
@@ -376,10 +410,13 @@ class ChatWebClientTests(BrowserCase):
         self.assertEqual(self.dot(erin, "#convs", "frank"), "false")  # not a contact yet
         self.write(erin, "Hello Frank.")
         self.until(
-            erin, lambda p: self.dot(p, "#convs", "frank") == "true", "frank's dot never went on"
-        )
-        self.until(
             frank, lambda p: self.dot(p, "#convs", "erin") == "true", "erin's dot never went on"
+        )
+        self.assertEqual(self.dot(erin, "#convs", "frank"), "false")
+        self.open_conv(frank, "erin")
+        self.write(frank, "Hello Erin.")
+        self.until(
+            erin, lambda p: self.dot(p, "#convs", "frank") == "true", "frank's dot never went on"
         )
 
 

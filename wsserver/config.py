@@ -419,8 +419,8 @@ SETTINGS: list[tuple[str, str, str | None, Callable[[str], Any], str]] = [
         "presence",
         "contacts",
         _presence,
-        "who may watch a user's presence: contacts (users sharing a direct"
-        " conversation or a group), everyone, or off (everyone appears offline)",
+        "who may watch a user's presence: contacts (users they wrote to, and"
+        " members of a group they are in), everyone, or off (everyone appears offline)",
     ),
     (
         "LOG_FORMAT",

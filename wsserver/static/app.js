@@ -556,11 +556,14 @@ function showHistory(frames) {
     if (ours) {
       session.sentById.set(frame.id, item);
       setStatus(item, frame.status || "delivered");
+      // Receipts kept by the server: those sent while this page was away too.
+      if (Array.isArray(frame.read_by)) for (const by of frame.read_by) addReader(item, by);
     }
     insertById(item, frame.id);
     showMark(item, frame);
   }
   log.scrollTop = log.scrollHeight - before; // what was on screen stays there
+  chat.noteHistory(frames);
 }
 
 function insertById(item, id) {

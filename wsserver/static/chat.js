@@ -187,6 +187,12 @@ export function noteMessage(frame, incoming) {
   // The server decides whom we may see online when it reads a watch frame:
   // a conversation's first message lets us see its peer from the next one.
   if (entry.order === 0) state.watching = "";
+  // Under contacts a peer may be watched once they wrote to us: their first
+  // message here (this page's) makes the page watch again.
+  if (incoming && frame.from !== env.me() && !entry.heard) {
+    entry.heard = true;
+    state.watching = "";
+  }
   if (typeof frame.id === "number") entry.order = Math.max(entry.order, frame.id);
   else entry.order = Math.max(entry.order, ++state.counter + topOrder());
   if (incoming && frame.from !== env.me() && typeof frame.id === "number") {
@@ -195,6 +201,24 @@ export function noteMessage(frame, incoming) {
   }
   render();
   watch();
+}
+
+// A history page: the others' messages it says we never reported read
+// ("read": false) are reported now if on screen, else counted unread.  Only
+// those the server surely takes: a direct message to us that was delivered
+// (to this or another of our connections) and broadcasts; a group message
+// may be above our delivery cursor while its replay is under way, and a
+// refused read would show a notice.
+export function noteHistory(frames) {
+  for (const frame of frames) {
+    if (frame.read !== false || frame.from === env.me() || typeof frame.id !== "number") continue;
+    const direct = frame.to === env.me() && frame.status === "delivered";
+    if (!direct && frame.to !== "broadcast") continue;
+    const entry = conv(convOf(frame));
+    if (shown(entry.id) && document.visibilityState === "visible") sendRead(frame.id);
+    else if (!entry.unread.includes(frame.id)) entry.unread.push(frame.id);
+  }
+  render();
 }
 
 function topOrder() {
