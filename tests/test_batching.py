@@ -73,6 +73,29 @@ class GroupCommitSchedulingTests(unittest.TestCase):
         self.engine.commit()
         self.assertTrue(d.called)
 
+    def test_drain_waits_only_for_what_was_queued_before_it(self):
+        """Under steady traffic the queue is never empty when a commit ends:
+        drain() still fires once the batch holding the last write queued
+        before the call has committed (a reviewer saw it wait for an empty
+        queue, i.e. forever, while marks kept coming)."""
+        self.queue.mark_delivered([1])
+        self.queue.add_message(new_message("in flight"))
+        self.clock.advance(0)  # batch 1 in flight
+        self.queue.mark_delivered([2])  # queued before drain: batch 2
+        d = self.queue.drain()
+        self.queue.mark_delivered([3])  # after drain: must not delay it
+        self.engine.commit()  # batch 1 done; batch 2 starts
+        self.assertFalse(d.called)
+        self.clock.advance(0)
+        for n in range(4, 50):  # writes keep arriving while each commit runs
+            self.queue.mark_delivered([n])
+        self.engine.commit()  # batch 2 (mark 2, mark 3) done
+        self.assertTrue(d.called)
+        self.assertTrue(self.queue.queued > 0)  # the queue is not empty
+        self.clock.advance(MARK_DELAY)  # the rest: marks only, flushed lazily
+        self.engine.commit()
+        self.assertEqual(self.queue.queued, 0)
+
     def test_ack_waits_for_the_commit_and_the_next_batch_for_this_one(self):
         """A sender's Deferred fires only when its batch commits; what arrives while
         a commit is in flight goes into the next batch, written after that commit."""

@@ -50,7 +50,12 @@ class GroupCommit:
         self._scheduled_urgent = False
         self._flushing = False
         self._closed = False
-        self._drained: list[defer.Deferred] = []
+        # drain() callers, each with how many operations had been queued when
+        # it asked: it fires once the batch holding the last of them is done
+        # (later writes do not keep it waiting).
+        self._drained: list[tuple[int, defer.Deferred]] = []
+        self._queued_total = 0  # operations ever queued
+        self._done_total = 0  # operations ever taken by a finished batch
         self.batches = 0  # commits made, for tests and stats
         self._started = 0.0  # when the commit in flight began
 
@@ -90,6 +95,7 @@ class GroupCommit:
 
     def _enqueue(self, kind: str, arg: Any, d: defer.Deferred | None) -> None:
         self._queue.append((kind, arg, d))
+        self._queued_total += 1
         if d is not None:
             self._waiting += 1
         self._schedule()
@@ -119,11 +125,13 @@ class GroupCommit:
         self._flushing = True
         self._started = self._clock.seconds()
         ops = [(kind, arg) for kind, arg, _ in batch]
+        upto = self._queued_total - len(self._queue)  # the batch's last operation
         d = defer.maybeDeferred(self._write, ops)
-        d.addBoth(self._flushed, batch)
+        d.addBoth(self._flushed, batch, upto)
 
-    def _flushed(self, result: list[Any] | Failure, batch: list[Any]) -> None:
+    def _flushed(self, result: list[Any] | Failure, batch: list[Any], upto: int) -> None:
         self._flushing = False
+        self._done_total = upto
         self.batches += 1
         failed = isinstance(result, Failure)
         self.metrics.commit(len(batch), self._clock.seconds() - self._started, failed)
@@ -136,19 +144,20 @@ class GroupCommit:
             for (_, _, d), outcome in zip(batch, result, strict=True):
                 if d is not None:
                     d.callback(outcome)
+        done = [d for target, d in self._drained if target <= upto]
+        self._drained = [(target, d) for target, d in self._drained if target > upto]
         if self._queue:
             self._schedule()
-        else:
-            waiting, self._drained = self._drained, []
-            for d in waiting:
-                d.callback(None)
+        for d in done:
+            d.callback(None)
 
     def drain(self) -> defer.Deferred:
-        """Fire once every write queued so far has been committed (or failed)."""
+        """Fire once every write queued so far has been committed (or failed);
+        what is queued after the call does not delay it."""
         if not self._queue and not self._flushing:
             return defer.succeed(None)
         d: defer.Deferred = defer.Deferred()
-        self._drained.append(d)
+        self._drained.append((self._queued_total, d))
         self._schedule()  # someone waits now: no lazy delay
         return d
 
