@@ -21,6 +21,7 @@ from __future__ import annotations
 import contextlib
 import os
 import sqlite3
+import time
 from pathlib import Path
 
 from .test_browser import WAIT, WHY_NOT, BrowserCase, mark_state
@@ -29,7 +30,7 @@ if WHY_NOT and os.environ.get("WSSERVER_REQUIRE_BROWSER") == "1":  # also raised
     raise RuntimeError(f"WSSERVER_REQUIRE_BROWSER=1 but the browser tests cannot run: {WHY_NOT}")
 
 if not WHY_NOT:
-    from selenium.common.exceptions import TimeoutException
+    from selenium.common.exceptions import StaleElementReferenceException, TimeoutException
     from selenium.webdriver.common.by import By
     from selenium.webdriver.support.ui import WebDriverWait
 
@@ -90,7 +91,16 @@ class ChatWebClientTests(BrowserCase):
         return found[0].text if found else ""
 
     def open_conv(self, page, conv: str) -> None:
-        self.wait_for(page, f'#convs li[data-conv="{conv}"] button')[0].click()
+        """Click the conversation in the list, finding it again when the list
+        was re-rendered between finding and clicking (it is, on each message)."""
+        deadline = time.monotonic() + WAIT
+        while True:
+            button = self.wait_for(page, f'#convs li[data-conv="{conv}"] button')[0]
+            try:
+                button.click()
+                break
+            except StaleElementReferenceException:
+                self.assertLess(time.monotonic(), deadline, f"{conv} kept changing")
         self.wait_for(page, f'#chat[data-open="{conv}"]')
 
     def write(self, page, text: str) -> None:

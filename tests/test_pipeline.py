@@ -238,6 +238,38 @@ class PipelineTests(unittest.TestCase):
         self.assertEqual(len(self.rows()), BURST + 1)
 
     @defer.inlineCallbacks
+    def test_a_flood_of_refusals_behind_a_read_is_answered_in_order(self):
+        """bob's read waits for a held commit (a read first commits the node's
+        queued writes); 600 more frames are refused on sight meanwhile and
+        wait behind it.  Once the commit runs, all 601 answers come, the read's
+        first, and a later read is still answered: the queue is a loop, not a
+        chain of Deferreds (a reviewer's flood overflowed the stack after
+        about 140 links, and the connection's reads were never answered
+        again)."""
+        alice = yield self.connect("alice")
+        bob = yield self.connect("bob")
+        alice.send_json({"to": "bob", "content": "held", "nonce": "held-1"})
+        yield eventually(lambda: len(self.store.added) == 1, "the message queued")
+        bob.send_json({"type": "read", "id": 999})
+        flood = 600
+        for i in range(flood):
+            bob.send_json({"type": "read", "id": f"bad-{i}"})
+        yield self.commit()
+
+        def answered(count: int) -> bool:
+            self.clock.advance(0)  # the store's commits run on the test's clock
+            return len(bob.of("system")) == count
+
+        yield eventually(lambda: answered(flood + 1), "every answer", 60)
+        answers = bob.of("system")
+        self.assertIn("no message 999", answers[0]["content"])
+        self.assertEqual(answers[0]["code"], "invalid_message")
+        self.clock.advance(BURST / RATE)  # a full bucket again
+        bob.send_json({"type": "read", "id": 998})
+        yield eventually(lambda: answered(flood + 2), "a later read's answer")
+        self.assertIn("no message 998", bob.of("system")[-1]["content"])
+
+    @defer.inlineCallbacks
     def test_token_expiry_closes_4001_at_the_clocks_time(self):
         """The connection is still open a moment before its token's expiry on the
         clock, and is closed with 4001 when the clock reaches it."""

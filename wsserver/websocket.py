@@ -12,6 +12,7 @@ from __future__ import annotations
 import heapq
 import math
 import weakref
+from collections import deque
 from collections.abc import Callable
 from typing import Any
 
@@ -222,6 +223,49 @@ class _Flow:
         self._conn._paused = True
 
 
+class InTurn:
+    """Runs actions one after the other, each once the one before it is done
+    (an action may return a Deferred).  A loop over a queue, not a chain of
+    Deferreds: a long queue of actions that finish at once costs no stack
+    (a chain recursed once per link, and a flood of frames overflowed it)."""
+
+    def __init__(self) -> None:
+        self._queue: deque[Callable[[], Any]] = deque()
+        self._running = False
+
+    @property
+    def idle(self) -> bool:
+        """Nothing running and nothing waiting."""
+        return not self._running and not self._queue
+
+    def run(self, action: Callable[[], Any]) -> None:
+        self._queue.append(action)
+        if not self._running:
+            self._next()
+
+    def _next(self) -> None:
+        self._running = True
+        while self._queue:
+            d = defer.maybeDeferred(self._queue.popleft())
+            d.addErrback(lambda f: _log.failure("handling a frame failed", f))
+            # Whether the action's whole chain is done (``d.called`` is not
+            # enough: a fired Deferred may still wait on one its callback
+            # returned).  Done now: the loop goes on; done later: it resumes
+            # the loop then.
+            state = {"now": True, "done": False}
+
+            def done(_: Any, state: dict = state) -> None:
+                state["done"] = True
+                if not state["now"]:
+                    self._next()
+
+            d.addBoth(done)
+            state["now"] = False
+            if not state["done"]:
+                return
+        self._running = False
+
+
 class ServerProtocol(WebSocketServerProtocol):
     """One client connection of an authenticated user."""
 
@@ -246,8 +290,8 @@ class ServerProtocol(WebSocketServerProtocol):
         self._waiting: list[defer.Deferred] = []
         self._closed = defer.Deferred()
         self._out: Any = None  # what _write writes to (set when the connection opens)
-        self._taking: defer.Deferred | None = None  # frames waiting for the shared bucket
-        self._reads: defer.Deferred | None = None  # the last read frame's handling
+        self._takes = InTurn()  # frames waiting for the shared bucket, in order
+        self._reads = InTurn()  # read frames (and refusals behind them), in order
 
     # -- what the broker sees ---------------------------------------------------
 
@@ -507,7 +551,7 @@ class ServerProtocol(WebSocketServerProtocol):
             self._close(CLOSE_INVALID_PAYLOAD, "a text frame must be UTF-8")
             return
         taken = self.factory._limiter.take(self.user_id)
-        if isinstance(taken, defer.Deferred) or self._taking is not None:
+        if isinstance(taken, defer.Deferred) or not self._takes.idle:
             self._take_in_turn(taken, payload, text)
             return
         self._after_take(taken, payload, text)
@@ -516,25 +560,12 @@ class ServerProtocol(WebSocketServerProtocol):
         """Handle the frame once its token's answer is in and every earlier
         frame was handled: the cluster's shared bucket answers later
         (broker/limits.py), and frames still go on in the order they came."""
-        previous = self._taking
-        mine: defer.Deferred = defer.Deferred()
-        self._taking = mine
 
-        def run(_: Any) -> None:
+        def run() -> defer.Deferred:
             d = taken if isinstance(taken, defer.Deferred) else defer.succeed(taken)
-            d.addCallback(self._after_take, payload, text)
-            d.addErrback(lambda f: _log.failure("handling a frame failed", f))
-            d.addBoth(lambda _: mine.callback(None))
+            return d.addCallback(self._after_take, payload, text)
 
-        def finished(_: Any) -> None:
-            if self._taking is mine:
-                self._taking = None
-
-        mine.addCallback(finished)
-        if previous is None:
-            run(None)
-        else:
-            previous.addCallback(run)
+        self._takes.run(run)
 
     def _after_take(self, wait: float, payload: bytes, text: str) -> None:
         """Handle a frame once its rate-limit token was asked for."""
@@ -591,37 +622,17 @@ class ServerProtocol(WebSocketServerProtocol):
             d = self.factory._presence.watch(self, list(frame.users))
             d.addErrback(self._control_failed, "watch")
             return
-        self._after_reads(lambda: self._on_read(frame).addErrback(self._control_failed, "read"))
-
-    def _after_reads(self, action: Callable[[], Any]) -> None:
-        """Run ``action`` (which handles its own errors) once every earlier
-        read frame of this connection was handled: reads go one after the
-        other, and a refusal decided on sight waits for the reads before it,
-        so the client gets their answers in the order it sent the frames."""
-        mine: defer.Deferred = defer.Deferred()
-        previous, self._reads = self._reads, mine
-
-        def run(_: Any) -> None:
-            d = defer.maybeDeferred(action)
-            d.addErrback(lambda f: _log.failure("handling a frame failed", f))
-            d.addBoth(lambda _: mine.callback(None))
-
-        def finished(_: Any) -> None:
-            if self._reads is mine:
-                self._reads = None
-
-        mine.addCallback(finished)
-        if previous is None:
-            run(None)
-        else:
-            previous.addCallback(run)
+        # Reads go one after the other, and a refusal decided on sight waits
+        # for the reads before it, so the client gets their answers in the
+        # order it sent the frames.
+        self._reads.run(lambda: self._on_read(frame).addErrback(self._control_failed, "read"))
 
     def _refuse_in_turn(self, refusal: Refusal, retry_after_ms: int | None = None) -> None:
         """``_refuse``, after the read frames still being handled (if any)."""
-        if self._reads is None:
+        if self._reads.idle:
             self._refuse(refusal, retry_after_ms)
         else:
-            self._after_reads(lambda: self._refuse(refusal, retry_after_ms))
+            self._reads.run(lambda: self._refuse(refusal, retry_after_ms))
 
     def _on_read(self, frame: ReadFrame) -> defer.Deferred:
         store = self.factory._store
