@@ -25,7 +25,7 @@ from wsserver.broker.seen import LastSeen
 from wsserver.messages import MAX_WATCH, WatchFrame, parse_control_frame
 from wsserver.presence import (
     CONTACTS,
-    CONTACTS_EVERY,
+    CONTACTS_PER_RECHECK,
     EVERYONE,
     GRACE,
     OFF,
@@ -721,24 +721,29 @@ class HubTests(unittest.TestCase):
         self.assertEqual(hub.watched(), 398)
 
     def test_the_periodic_recheck_withdraws_contacts_gone(self):
-        """No event came (a row changed by hand): every CONTACTS_EVERY-th
-        recheck (not each one: it costs a query per watcher) asks the store
-        again and withdraws bob."""
+        """No event came (a row changed by hand): the recheck asks the store
+        again about CONTACTS_PER_RECHECK watchers each time, in turn (not all
+        at once: a query per watcher), and withdraws bob from each."""
+        watchers = CONTACTS_PER_RECHECK * 2 + 5
         self.state = {"bob": (True, 5000)}
         self.contacts = {"bob"}
-        hub, alice = self.hub(CONTACTS), FakeConn("alice")
+        hub = self.hub(CONTACTS)
         asked: list[str] = []
         inner = hub._contacts
         hub._contacts = lambda user, candidates: (asked.append(user), inner(user, candidates))[1]
-        hub.watch(alice, ["bob"])
+        conns = [FakeConn(f"w{i}") for i in range(watchers)]
+        for conn in conns:
+            hub.watch(conn, ["bob"])
         asked.clear()
         self.contacts = set()
-        for _ in range(CONTACTS_EVERY - 1):
+        per_turn = []
+        for _ in range(3):
             self.clock.advance(RECHECK)
-        self.assertEqual((len(alice.frames), asked), (1, []))
-        self.clock.advance(RECHECK)
-        self.assertEqual(asked, ["alice"])
-        self.assertEqual(alice.frames[-1], ("bob", False, "1970-01-01T00:00:00.000Z"))
+            per_turn.append(len(asked))
+            asked.clear()
+        self.assertEqual(per_turn, [CONTACTS_PER_RECHECK, CONTACTS_PER_RECHECK, 5])
+        epoch = ("bob", False, "1970-01-01T00:00:00.000Z")
+        self.assertEqual([c.frames[-1] for c in conns], [epoch] * watchers)
         self.assertEqual(hub.watched(), 0)
 
     def test_everyone_and_off_need_no_recheck_of_contacts(self):
@@ -793,7 +798,7 @@ class HubTests(unittest.TestCase):
             before = (len(alice.frames), len(dave.frames))
             hub.changed("bob", False, 9000)
             hub.contacts_changed(["bob"])
-            self.clock.advance(RECHECK * CONTACTS_EVERY)
+            self.clock.advance(RECHECK * 3)
             self.assertEqual((len(alice.frames), len(dave.frames)), before, policy)
             hub.stop()
 

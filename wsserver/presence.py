@@ -15,8 +15,8 @@ What watchers were last sent (``sent``) is what a new watcher is told too.
 
 Under ``contacts`` the users a connection may see are decided at its
 ``watch`` and again when contacts may have gone (``contacts_changed``: a
-group member left or was removed) and every ``CONTACTS_EVERY`` rechecks (a
-backstop): a user no longer
+group member left or was removed) and, as a backstop, for
+``CONTACTS_PER_RECHECK`` watchers at each ``RECHECK`` in turn: a user no longer
 a contact is withdrawn and reported offline since the epoch.  What the hub
 keeps of a user goes when nobody on this node watches them.
 """
@@ -43,11 +43,11 @@ POLICIES = (CONTACTS, EVERYONE, OFF)
 GRACE = 1.0  # seconds an offline is held before watchers hear of it
 INTERVAL = 1.0  # seconds between two frames about one user
 RECHECK = 10.0  # seconds between two reads of the watched users' state
-# Every CONTACTS_EVERY-th recheck (5 minutes) also asks the store again who
-# may be watched: a backstop only (group and account events withdraw at
-# once), so it costs an idle node one query per watching user per 5 minutes,
-# not per 10 s.
-CONTACTS_EVERY = 30
+# Each recheck also asks the store again who may be watched for this many
+# watching users, in turn: a backstop only (group and account events
+# withdraw at once), so an idle node's database gets at most 2 such queries a
+# second however many users watch, never one per watcher at once.
+CONTACTS_PER_RECHECK = 20
 NEVER = 0  # the ``since`` (ms) of a user never seen online: 1970-01-01T00:00:00.000Z
 
 State = tuple[bool, int]  # (online, since in ms)
@@ -101,7 +101,7 @@ class PresenceHub:
         self._users: dict[str, _Watched] = {}
         self._watching: dict[Any, tuple[str, ...]] = {}  # conn -> users it may see
         self._turns: dict[Any, int] = {}  # conn -> its latest watch frame's number
-        self._rechecks = 0
+        self._contacts_turn = 0  # where the backstop goes on among the watchers
         self._rechecker = LoopingCall(self.recheck)
         self._rechecker.clock = clock
 
@@ -320,10 +320,13 @@ class PresenceHub:
         d.addErrback(
             lambda f: _log.warn("rechecking presence failed: {why}", why=f.getErrorMessage())
         )
-        self._rechecks += 1
-        if self.policy != CONTACTS or self._rechecks % CONTACTS_EVERY:
+        if self.policy != CONTACTS or not self._watching:
             return d
-        return defer.gatherResults([d, self._check_contacts(list(self._watching))])
+        conns = list(self._watching)
+        start = self._contacts_turn % len(conns)
+        turn = (conns[start:] + conns[:start])[:CONTACTS_PER_RECHECK]
+        self._contacts_turn = start + len(turn)
+        return defer.gatherResults([d, self._check_contacts(turn)])
 
     def stop(self) -> None:
         if self._rechecker.running:
