@@ -495,6 +495,14 @@ def _write_batch(
 ) -> list[Any]:
     """Apply a batch of writes in one transaction; one result per op."""
     results: list[Any] = [None] * len(ops)
+    # Messages first: the stream head stays locked from here to the commit.
+    # Every writer that takes it takes it before the rows it changes (a
+    # membership change settles messages' status under it, a deletion
+    # removes conversations rows under it): this batch's status marks and
+    # conversations upserts come after it too, or the two could each hold
+    # what the other waits for (a deadlock PostgreSQL would end by failing
+    # one of them).
+    _insert_messages(txn, ops, results, known_users, known_convs, fresh_convs)
     delivered = sorted({msg_id for kind, arg in ops if kind == "delivered" for msg_id in arg})
     if delivered:
         txn.execute(_SQL_DELIVERED, (delivered,))
@@ -504,8 +512,6 @@ def _write_batch(
                 "UPDATE messages SET status = 'delivered', recipients = %s WHERE id = %s",
                 (arg[1], arg[0]),
             )
-    # Messages last: the stream head stays locked from here to the commit.
-    _insert_messages(txn, ops, results, known_users, known_convs, fresh_convs)
     # Cursor moves after the stream lock, in the order membership changes
     # take their locks (stream head, then the member's row): no deadlock.
     moves = cursor_moves(ops)
@@ -608,6 +614,13 @@ def _remove_account(cur: Any, user_id: str, now_ms: int) -> None:
         "message_reads",  # the receipts the user sent (schema 5)
     ):
         cur.execute(f"DELETE FROM {table} WHERE user_id = %s", (user_id,))  # noqa: S608
+    # The stream lock before the conversations rows and the groups (a message
+    # batch takes it before it upserts conversations rows: taken after them,
+    # a batch writing a reply to this user and this deletion could each wait
+    # for the other), and before account_events' (the order every writer
+    # takes them in).
+    cur.execute("SELECT last_id FROM stream_head FOR UPDATE")
+    locked_head = cur.fetchone()[0]
     # Its conversations rows, both ways (the peers' found through its own).
     cur.execute(
         "DELETE FROM conversations WHERE peer = %s AND user_id IN"
@@ -615,10 +628,8 @@ def _remove_account(cur: Any, user_id: str, now_ms: int) -> None:
         (user_id, user_id),
     )
     cur.execute("DELETE FROM conversations WHERE user_id = %s", (user_id,))
-    # Leave every group under the stream lock (as membership changes do),
-    # taken before account_events' (the order every writer takes them in).
-    cur.execute("SELECT last_id FROM stream_head FOR UPDATE")
-    leave_all_groups(cur, user_id, cur.fetchone()[0], now_ms, _sql, _add_event)
+    # Leave every group under the stream lock (as membership changes do).
+    leave_all_groups(cur, user_id, locked_head, now_ms, _sql, _add_event)
     # The head after the table lock: a batch committed before the event is
     # below it, so the pollers' purge (above it) and this deletion meet.
     cur.execute("LOCK TABLE account_events IN EXCLUSIVE MODE")
