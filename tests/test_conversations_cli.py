@@ -82,7 +82,7 @@ class ConversationsCliTests(ServedCase):
         self.assertEqual(len(lines), 2, out)
         self.assertRegex(lines[0], rf"^\[\S+Z\] alice \[verified\] #{three}: three$")
         self.assertRegex(lines[1], rf"^\[\S+Z\] bob \[verified\] #{four}: four$")
-        hint = f"wsserver-client history --with alice --before {three} --limit 2"
+        hint = f"wsserver-client --user bob history --with alice --before {three} --limit 2"
         self.assertEqual(err, f"wsserver-client: older messages: {hint}\n")
         code, out, err = yield self.cli(*hint.split()[1:], user="bob")
         self.assertEqual((code, err), (0, ""))
@@ -221,6 +221,29 @@ class ConversationsCliTests(ServedCase):
         self.assertEqual(line, f"your message #{second} was read by bob")
         listen.transport.signalProcess(signal.SIGTERM)
         self.assertEqual((yield self.line_with(chat, "offline")), "bob went offline")
+        chat.transport.closeStdin()
+        self.assertEqual((yield within(chat.ended, WAIT)), 0, chat.err)
+
+    @defer.inlineCallbacks
+    def test_chat_watches_again_when_the_partner_first_writes(self):
+        """bob never wrote to alice: her chat's banner says he is offline or
+        not visible, though his listen is on; his first message makes her
+        chat watch again (under contacts he is visible from then), and 'bob
+        came online' follows (a new user saw the chat stay silent)."""
+        yield self.users("alice", "bob")
+        listen = self.spawn("listen", "--no-receipts", user="bob")
+        yield listen.err_line("listening as bob")
+        chat = self.spawn("chat", "--with", "bob")
+        banner = yield within(chat.lines.get(), WAIT)
+        self.assertEqual(
+            banner,
+            "chatting with bob (bob is offline, or not visible to you until they"
+            " write to you); end with Ctrl-D",
+        )
+        yield self.send_as("bob", "alice", "now you see me")
+        self.assertEqual((yield self.line_with(chat, "came online")), "bob came online")
+        listen.transport.signalProcess(signal.SIGTERM)
+        yield within(listen.ended, WAIT)
         chat.transport.closeStdin()
         self.assertEqual((yield within(chat.ended, WAIT)), 0, chat.err)
 

@@ -419,7 +419,10 @@ def cmd_chat(args: argparse.Namespace, reactor: Any) -> Any:
         # The partner's presence is in the banner, then a line on each change.
         first = _show_partner(client, args.to)
         client.watch([args.to])
+        _watch_again_when_heard(client, args.to)
         shown = yield first.addTimeout(TIMEOUT, reactor).addErrback(lambda _: None)
+        if shown == "offline":  # never seen, or not visible (yet) to this user
+            shown = "offline, or not visible to you until they write to you"
         state = f" ({safe(args.to)} is {shown})" if shown else ""
     out(f"chatting with {safe(args.to)}{state}; end with Ctrl-D")
     sending: list[defer.Deferred] = []
@@ -449,6 +452,23 @@ def cmd_chat(args: argparse.Namespace, reactor: Any) -> Any:
     yield client.close()
     if refused:  # each was shown as it happened; the status tells a script
         raise UsageError(f"{len(refused)} of {len(sending)} messages not sent")
+
+
+def _watch_again_when_heard(client: Client, partner: str) -> None:
+    """chat: the partner's first message makes them visible under
+    PRESENCE=contacts (the server decides at a watch), so the watch is sent
+    again then, once."""
+    shown = client.on_message
+    heard: list[bool] = []
+
+    def message(frame: dict, verified: bool | None) -> None:
+        if shown is not None:
+            shown(frame, verified)
+        if frame.get("from") == partner and not heard:
+            heard.append(True)
+            client.watch([partner])
+
+    client.on_message = message
 
 
 def presence_text(frame: dict) -> str:
@@ -520,9 +540,11 @@ def cmd_history(args: argparse.Namespace, reactor: Any) -> Any:
         note(f"no messages with {peer}" + (f" before #{args.before}" if args.before else ""))
     if page.more:
         limit = f" --limit {args.limit}" if args.limit is not None else ""
+        # --user too, so that the line works pasted as it is (the user may
+        # have come from WSSERVER_USER, which another shell may not have).
         note(
-            f"older messages: wsserver-client history --with {shlex.quote(peer)} "
-            f"--before {page.oldest}{limit}"
+            f"older messages: wsserver-client --user {shlex.quote(client.user_id)} history"
+            f" --with {shlex.quote(peer)} --before {page.oldest}{limit}"
         )
 
 

@@ -427,6 +427,7 @@ function connect() {
   socket.onclose = (event) => {
     if (session.socket !== socket) return;
     session.socket = null;
+    chat.disconnected();
     if (event.code === 4003 || event.code === 4004) {
       // Never retried: this key was revoked, the account deleted, or this
       // session signed out (section 9).
@@ -638,6 +639,10 @@ function onSystem(frame) {
   // A read receipt or a watch list refused for the rate limit goes out
   // again by itself: no notice (it is no message of the user's).
   if (frame.code === "rate_limited" && !frame.nonce && chat.refused(frame.retry_after_ms)) return;
+  // A refusal without a nonce that is not the rate limit's is a read the
+  // server did not take (the page's messages all have a nonce, and its
+  // watch lists are well formed): not the user's doing, so no notice.
+  if (frame.code === "invalid_message" && !frame.nonce) return;
   const pending = frame.nonce ? session.outbox.get(frame.nonce) : undefined;
   if (pending && frame.code === "rate_limited") {
     // Refused before it was stored: it goes out again, with the same nonce,

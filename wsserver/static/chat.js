@@ -204,16 +204,17 @@ export function noteMessage(frame, incoming) {
 }
 
 // A history page: the others' messages it says we never reported read
-// ("read": false) are reported now if on screen, else counted unread.  Only
-// those the server surely takes: a direct message to us that was delivered
-// (to this or another of our connections) and broadcasts; a group message
-// may be above our delivery cursor while its replay is under way, and a
-// refused read would show a notice.
+// ("read": false) are reported now if on screen, else counted unread: a
+// direct message to us that was delivered (to this or another of our
+// connections), a group message, a broadcast.  (A group message may still
+// be above our delivery point while a reconnect's replay is under way: the
+// server refuses that read, and the page drops the refusal without a notice,
+// see onSystem in app.js.)
 export function noteHistory(frames) {
   for (const frame of frames) {
     if (frame.read !== false || frame.from === env.me() || typeof frame.id !== "number") continue;
     const direct = frame.to === env.me() && frame.status === "delivered";
-    if (!direct && frame.to !== "broadcast") continue;
+    if (!direct && frame.to !== "broadcast" && !frame.to.startsWith("#")) continue;
     const entry = conv(convOf(frame));
     if (shown(entry.id) && document.visibilityState === "visible") sendRead(frame.id);
     else if (!entry.unread.includes(frame.id)) entry.unread.push(frame.id);
@@ -314,6 +315,16 @@ export function onPresence(frame) {
   for (const dot of document.querySelectorAll(`.dot[data-user="${CSS.escape(frame.user)}"]`)) {
     dot.dataset.online = String(frame.online === true);
     dot.title = frame.online === true ? "online" : "offline";
+  }
+}
+
+// The connection is lost: nobody is known to be online until the next
+// watch answers (the dots go grey rather than claim what is not known).
+export function disconnected() {
+  state.online.clear();
+  for (const node of document.querySelectorAll(".dot[data-user]")) {
+    node.dataset.online = "false";
+    node.title = "unknown while offline";
   }
 }
 
@@ -443,9 +454,11 @@ async function onAddMember(event) {
   event.preventDefault();
   const id = state.open;
   const member = $("add-id").value.trim();
-  sideError("");
+  // Shown beside the field: the list (and its error line) is hidden at 420 px.
+  const addError = (text) => ($("add-error").textContent = text);
+  addError("");
   if (!id || !id.startsWith("#")) return;
-  if (!USER_ID.test(member)) return sideError("a user id is 1 to 64 of A-Z a-z 0-9 _ . -");
+  if (!USER_ID.test(member)) return addError("a user id is 1 to 64 of A-Z a-z 0-9 _ . -");
   try {
     const group = await env.api("POST", `/groups/${encodeURIComponent(id)}/members`, { user_id: member });
     state.groups.set(id, group);
@@ -454,7 +467,7 @@ async function onAddMember(event) {
     showHeader();
     watch();
   } catch (err) {
-    sideError(`could not add ${member}: ${err.message}`);
+    addError(`could not add ${member}: ${err.message}`);
   }
 }
 
@@ -547,7 +560,9 @@ function showHeader() {
   else sub.textContent = id;
   members.replaceChildren();
   members.hidden = !group;
-  $("add-form").hidden = !group;
+  // Only the owner may add (the server answers not_owner to anyone else).
+  $("add-form").hidden = !group || group.owner !== env.me();
+  $("add-error").textContent = "";
   if (group) {
     for (const member of group.members) {
       const item = document.createElement("li");
