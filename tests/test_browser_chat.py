@@ -405,6 +405,30 @@ class ChatWebClientTests(BrowserCase):
             "not read after the reload",
         )
 
+        # The same for a group message (a new user found it never read):
+        # alice makes #pair with bob, writes to it while bob looks elsewhere,
+        # bob reloads and opens the group.
+        alice.find_element(By.ID, "new-group").click()
+        alice.find_element(By.ID, "group-id").send_keys("pair")
+        alice.find_element(By.ID, "group-name").send_keys("Pair")
+        alice.find_element(By.ID, "group-members").send_keys("bob\n")
+        self.wait_for(alice, '#chat[data-open="#pair"]')
+        self.wait_for(bob, '#convs li[data-conv="#pair"]')
+        self.write(alice, "To the pair, before your reload.")
+        (fourth,) = self.wait_for(alice, "#log li.msg.out", text="To the pair")
+        self.outgoing_status(alice, "To the pair", "delivered")
+        self.until(bob, lambda p: self.unread(p, "#pair") == "1", "no unread count on the group")
+        self.open_page(bob, keep_session=True)
+        self.wait_for(bob, "#conn[data-state=online]")
+        self.open_conv(bob, "#pair")
+        self.wait_for(bob, "#log li.msg.in", text="To the pair")
+        self.until(
+            alice,
+            lambda p: fourth.find_element(By.CSS_SELECTOR, ".read").text == "read by Bob",
+            "the group message not read after the reload",
+        )
+        self.assertEqual(bob.find_element(By.ID, "add-form").is_displayed(), False)  # not owner
+
     def test_a_new_conversation_shows_presence_from_its_first_message(self):
         """With PRESENCE=contacts (the default) a user opened before any
         message between the two is shown offline; erin's first message makes
