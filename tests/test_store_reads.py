@@ -272,8 +272,10 @@ class ReadsContract:
 
     def test_upgrade_marks_who_wrote(self):
         """Version 6 marks the existing rows from the stored messages: alice
-        wrote bob (bob only received), carol wrote herself, nobody wrote
-        in dave's and bob's rows (no message left)."""
+        wrote bob (bob only received), carol wrote herself; dave's and bob's
+        messages are all gone (retention): who wrote can no longer be told,
+        so both rows keep the rule they had before (each may see the other),
+        as a reviewer asked (they lost each other's presence)."""
         rows = self.upgrade_from_5(
             [
                 "INSERT INTO messages (id, sender, recipient, content, verification,"
@@ -289,9 +291,9 @@ class ReadsContract:
             [
                 ("alice", "bob", True),
                 ("bob", "alice", False),
-                ("bob", "dave", False),
+                ("bob", "dave", True),
                 ("carol", "carol", True),
-                ("dave", "bob", False),
+                ("dave", "bob", True),
             ],
         )
 

@@ -14,3 +14,12 @@ UPDATE conversations SET wrote = 1 WHERE EXISTS (
         ELSE conversations.peer || ' ' || conversations.user_id END
     AND m.sender = conversations.user_id
 );
+-- A pair whose messages are all gone (retention, a deletion's) kept its
+-- rows: who wrote can no longer be told, so both keep the rule of version
+-- 5 (each may see the other) rather than lose each other's presence.
+UPDATE conversations SET wrote = 1 WHERE NOT EXISTS (
+    SELECT 1 FROM messages m
+    WHERE m.conv = CASE WHEN conversations.user_id <= conversations.peer
+        THEN conversations.user_id || ' ' || conversations.peer
+        ELSE conversations.peer || ' ' || conversations.user_id END
+);
