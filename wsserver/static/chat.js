@@ -16,6 +16,7 @@ const MAX_WATCH = 256; // the server's limit on a watch list
 // Receipts go out one at a time, this far apart: each costs a token of the
 // user's rate limit (5 a second by default, shared with their messages).
 const READ_GAP_MS = 300;
+const MAX_QUEUED_READS = 500; // receipts waiting to go out, at most
 const REFUSAL_WINDOW_MS = 5000; // a refusal refers to a frame sent this recently
 const $ = (id) => document.getElementById(id);
 
@@ -206,7 +207,9 @@ export function noteMessage(frame, incoming) {
 // A history page: the others' messages it says we never reported read
 // ("read": false) are reported now if on screen, else counted unread: a
 // direct message to us that was delivered (to this or another of our
-// connections), a group message, a broadcast.  (A group message may still
+// connections) or a group message.  Not broadcasts: scrolling back through
+// them would report every one ever sent, from before we registered too.
+// (A group message may still
 // be above our delivery point while a reconnect's replay is under way: the
 // server refuses that read, and the page drops the refusal without a notice,
 // see onSystem in app.js.)
@@ -214,7 +217,7 @@ export function noteHistory(frames) {
   for (const frame of frames) {
     if (frame.read !== false || frame.from === env.me() || typeof frame.id !== "number") continue;
     const direct = frame.to === env.me() && frame.status === "delivered";
-    if (!direct && frame.to !== "broadcast" && !frame.to.startsWith("#")) continue;
+    if (!direct && !frame.to.startsWith("#")) continue;
     const entry = conv(convOf(frame));
     if (shown(entry.id) && document.visibilityState === "visible") sendRead(frame.id);
     else if (!entry.unread.includes(frame.id)) entry.unread.push(frame.id);
@@ -243,6 +246,8 @@ function markShownRead() {
 
 function sendRead(id) {
   if (!state.reads.includes(id)) state.reads.push(id);
+  // Bounded: past MAX_QUEUED_READS waiting, the oldest are not reported.
+  if (state.reads.length > MAX_QUEUED_READS) state.reads.splice(0, state.reads.length - MAX_QUEUED_READS);
   drainReads(0);
 }
 
