@@ -28,6 +28,7 @@ const state = {
   names: new Map(), // user id -> display name (a string) once known
   asked: new Set(), // user ids whose name was asked for
   groups: new Map(), // group id -> {group_id, name, owner, members}
+  left: new Set(), // groups this user was removed from (or left) while here
   online: new Map(), // user id -> true/false, from presence frames
   watching: "", // the list last sent in a watch frame
   reads: [], // ids waiting to be reported read, in order
@@ -83,6 +84,7 @@ export function reset() {
     open: null,
     convs: new Map(),
     groups: new Map(),
+    left: new Set(),
     online: new Map(),
     watching: "",
     reads: [],
@@ -408,6 +410,7 @@ export function onGroup(frame) {
   const id = frame.group_id;
   if (frame.event === "removed" && frame.user_id === env.me()) {
     state.groups.delete(id);
+    state.left.add(id); // its header says so (sending there is refused)
     render();
     if (state.open === id) showHeader();
     return;
@@ -562,6 +565,7 @@ function showHeader() {
   if (id !== null && USER_ID.test(id) && id !== "broadcast" && id !== env.me()) title.prepend(dot(id), " ");
   if (id === null) sub.textContent = "every conversation, as it comes";
   else if (id === "broadcast") sub.textContent = "broadcast: to everyone connected";
+  else if (state.left.has(id) && !group) sub.textContent = `${id}: you are no longer a member`;
   else sub.textContent = id;
   members.replaceChildren();
   members.hidden = !group;
