@@ -497,6 +497,22 @@ class HubTests(unittest.TestCase):
         self.addCleanup(hub.stop)
         return hub
 
+    def slow_hub(self) -> tuple[PresenceHub, list[tuple[defer.Deferred, set[str]]]]:
+        """A hub under contacts whose store answers only when the test fires
+        each question's Deferred (``pending``: (Deferred, candidates))."""
+        pending: list[tuple[defer.Deferred, set[str]]] = []
+
+        def slow_contacts(user: str, candidates: list[str]) -> defer.Deferred:
+            d: defer.Deferred = defer.Deferred()
+            pending.append((d, set(candidates)))
+            return d
+
+        hub = PresenceHub(
+            self.clock, CONTACTS, lambda users: defer.succeed({}), slow_contacts, 1.0, 1.0
+        )
+        self.addCleanup(hub.stop)
+        return hub, pending
+
     def change(self, hub: PresenceHub, user: str, online: bool) -> None:
         ms = int(self.clock.seconds() * 1000)
         self.state[user] = (online, ms)
@@ -637,17 +653,7 @@ class HubTests(unittest.TestCase):
     def test_a_later_watch_wins_over_one_still_answering(self):
         """The first watch's contacts answer comes after the second watch's:
         only the second list is kept and answered."""
-        pending: list[defer.Deferred] = []
-
-        def slow_contacts(user: str, candidates: list[str]) -> defer.Deferred:
-            d: defer.Deferred = defer.Deferred()
-            pending.append((d, set(candidates)))
-            return d
-
-        hub = PresenceHub(
-            self.clock, CONTACTS, lambda users: defer.succeed({}), slow_contacts, 1.0, 1.0
-        )
-        self.addCleanup(hub.stop)
+        hub, pending = self.slow_hub()
         conn = FakeConn("alice")
         hub.watch(conn, ["bob"])
         hub.watch(conn, ["carol"])
@@ -759,17 +765,7 @@ class HubTests(unittest.TestCase):
     def test_a_watch_sent_meanwhile_decides_instead_of_the_recheck(self):
         """The recheck's answer comes after alice sent another watch: the
         later watch decides, the answer changes nothing."""
-        pending: list[tuple[defer.Deferred, set[str]]] = []
-
-        def slow_contacts(user: str, candidates: list[str]) -> defer.Deferred:
-            d: defer.Deferred = defer.Deferred()
-            pending.append((d, set(candidates)))
-            return d
-
-        hub = PresenceHub(
-            self.clock, CONTACTS, lambda users: defer.succeed({}), slow_contacts, 1.0, 1.0
-        )
-        self.addCleanup(hub.stop)
+        hub, pending = self.slow_hub()
         alice = FakeConn("alice")
         hub.watch(alice, ["bob"])
         pending[0][0].callback({"bob"})
