@@ -429,6 +429,23 @@ class ChatWebClientTests(BrowserCase):
         )
         self.assertEqual(bob.find_element(By.ID, "add-form").is_displayed(), False)  # not owner
 
+    def test_a_removed_member_sees_it_in_the_groups_header(self):
+        """carol (the CLI) makes #club with bob (the page) and writes to it;
+        bob opens it; carol removes him: his page's header says he is no
+        longer a member (a new user saw only the group's id, twice)."""
+        self.cli("carol", "keygen")
+        self.cli("carol", "register", "--name", "Carol C.")
+        bob = self.browser("bob")
+        self.register(bob, "bob", "Bob B.")
+        self.cli("carol", "group", "create", "club", "--name", "The Club", "bob")
+        self.cli("carol", "send", "--to", "#club", "Welcome to the club.")
+        self.wait_for(bob, '#convs li[data-conv="#club"]')
+        self.open_conv(bob, "#club")
+        self.wait_for(bob, "#conv-title", text="The Club")
+        self.wait_for(bob, "#log li.msg.in", text="Welcome to the club.")
+        self.cli("carol", "group", "remove", "club", "bob")
+        self.wait_for(bob, "#conv-sub", text="you are no longer a member")
+
     def test_a_new_conversation_shows_presence_from_its_first_message(self):
         """With PRESENCE=contacts (the default) a user opened before any
         message between the two is shown offline; erin's first message makes
