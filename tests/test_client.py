@@ -206,6 +206,28 @@ class ClientTests(ClientBase):
         self.assertEqual(ack["content"], "sent as the line dropped")
 
 
+class InboxTests(unittest.TestCase):
+    def test_a_burst_behind_a_slow_check_is_handled_in_order(self):
+        """The first received message waits for its signature check (a key
+        log fetched, say); 2,000 more come meanwhile and check at once.  When
+        the first is done, every one reaches on_message, in order, and the
+        inbox takes the next (Twisted's DeferredLock, used before, released
+        into the next waiter from inside the last one's callback: the stack
+        overflowed after about 120 and the inbox stayed locked for good)."""
+        client = wc.Client("http://h:8080", "alice", wc.generate_key())
+        gate: defer.Deferred = defer.Deferred()
+        client._verify = lambda frame: gate if frame["id"] == 1 else defer.succeed(None)
+        shown: list[int] = []
+        client.on_message = lambda frame, verified: shown.append(frame["id"])
+        for msg_id in range(1, 2002):
+            client._frame({"type": "message", "id": msg_id})
+        self.assertEqual(shown, [])
+        gate.callback(None)
+        self.assertEqual(shown, list(range(1, 2002)))
+        client._frame({"type": "message", "id": 2002})
+        self.assertEqual(shown[-1], 2002)
+
+
 class ServerUrlTests(unittest.TestCase):
     def test_server_url_must_be_a_bare_root(self):
         """Client refuses a server URL with a path, query, credentials or a bad

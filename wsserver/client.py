@@ -44,6 +44,7 @@ from twisted.web.http_headers import Headers
 from . import devices, keylog
 from .conversations import ConversationsMixin
 from .devices import CheckedLog, KeyLogNotice, SeenLogs
+from .inturn import InTurn
 from .keylog import KeyLogError
 from .messages import LOGIN_PREFIX, b64decode, is_user_id, signing_input
 
@@ -357,7 +358,7 @@ class Client(ConversationsMixin):
         self._wanted = False  # connect() called and close() not since
         self._connected: defer.Deferred | None = None
         self._retrying: Any = None  # the pending reconnect, if any
-        self._inbox = defer.DeferredLock()  # received messages are handled in order
+        self._inbox = InTurn("a received message")  # handled in the order they came
         self.last_id = 0  # highest message id received: the next since
         self._seen: set[int] = set()  # recent ids, to report each message once
         self._seen_order: deque[int] = deque()
@@ -883,8 +884,7 @@ class Client(ConversationsMixin):
         if self._conversation_frame(frame):
             return
         if kind == "message":
-            d = self._inbox.run(self._message, frame)
-            d.addErrback(lambda f: _log.failure("handling a message failed", f))
+            self._inbox.run(lambda: self._message(frame))
         elif kind == "ack":
             pending = self._unacked.pop(frame.get("nonce") or "", None)
             if pending is not None:

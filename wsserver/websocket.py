@@ -12,7 +12,6 @@ from __future__ import annotations
 import heapq
 import math
 import weakref
-from collections import deque
 from collections.abc import Callable
 from typing import Any
 
@@ -27,6 +26,7 @@ from zope.interface import implementer
 
 from .auth import Authenticator, AuthError, Session, verification_of
 from .broker import IBroker
+from .inturn import InTurn
 from .messages import (
     INVALID_SIGNATURE,
     UNSIGNED,
@@ -223,49 +223,6 @@ class _Flow:
         self._conn._paused = True
 
 
-class InTurn:
-    """Runs actions one after the other, each once the one before it is done
-    (an action may return a Deferred).  A loop over a queue, not a chain of
-    Deferreds: a long queue of actions that finish at once costs no stack
-    (a chain recursed once per link, and a flood of frames overflowed it)."""
-
-    def __init__(self) -> None:
-        self._queue: deque[Callable[[], Any]] = deque()
-        self._running = False
-
-    @property
-    def idle(self) -> bool:
-        """Nothing running and nothing waiting."""
-        return not self._running and not self._queue
-
-    def run(self, action: Callable[[], Any]) -> None:
-        self._queue.append(action)
-        if not self._running:
-            self._next()
-
-    def _next(self) -> None:
-        self._running = True
-        while self._queue:
-            d = defer.maybeDeferred(self._queue.popleft())
-            d.addErrback(lambda f: _log.failure("handling a frame failed", f))
-            # Whether the action's whole chain is done (``d.called`` is not
-            # enough: a fired Deferred may still wait on one its callback
-            # returned).  Done now: the loop goes on; done later: it resumes
-            # the loop then.
-            state = {"now": True, "done": False}
-
-            def done(_: Any, state: dict = state) -> None:
-                state["done"] = True
-                if not state["now"]:
-                    self._next()
-
-            d.addBoth(done)
-            state["now"] = False
-            if not state["done"]:
-                return
-        self._running = False
-
-
 class ServerProtocol(WebSocketServerProtocol):
     """One client connection of an authenticated user."""
 
@@ -290,8 +247,8 @@ class ServerProtocol(WebSocketServerProtocol):
         self._waiting: list[defer.Deferred] = []
         self._closed = defer.Deferred()
         self._out: Any = None  # what _write writes to (set when the connection opens)
-        self._takes = InTurn()  # frames waiting for the shared bucket, in order
-        self._reads = InTurn()  # read frames (and refusals behind them), in order
+        self._takes = InTurn("a frame")  # frames waiting for the shared bucket, in order
+        self._reads = InTurn("a frame")  # read frames (and refusals behind them), in order
 
     # -- what the broker sees ---------------------------------------------------
 
