@@ -7,6 +7,7 @@ import stat
 from pathlib import Path
 
 from twisted.internet import defer, reactor, task, tcp
+from twisted.internet.protocol import Factory, Protocol
 from twisted.trial import unittest
 
 from wsserver import client as wc
@@ -204,6 +205,54 @@ class ClientTests(ClientBase):
         stored = yield self.server.store.count_messages()
         self.assertEqual(stored, 3)
         self.assertEqual(ack["content"], "sent as the line dropped")
+
+    @defer.inlineCallbacks
+    def test_close_stops_a_reconnect_in_flight(self):
+        """close() while a reconnect's TCP connect is still pending cancels it
+        and schedules nothing more (it used to leave the attempt running, and
+        the connection it made stayed open with nobody to close it)."""
+        alice = yield self.make(self.server, "alice")
+        yield alice.connect()
+        attempts: list[defer.Deferred] = []
+        cancelled: list[defer.Deferred] = []
+
+        class Held:  # an endpoint whose connect never completes by itself
+            def connect(self, factory):
+                attempts.append(defer.Deferred(cancelled.append))
+                return attempts[-1]
+
+        alice._endpoint = Held
+        alice._conn.transport.abortConnection()
+        yield eventually(lambda: attempts, "a reconnect attempt")
+        yield alice.close()
+        self.assertEqual(cancelled, attempts)
+        self.assertIsNone(alice._retrying)
+
+    @defer.inlineCallbacks
+    def test_close_during_the_upgrade_closes_the_connection(self):
+        """close() after the TCP connect but before the server answered the
+        upgrade drops that connection, fires once it is gone, and fails the
+        pending connect() with CancelledError."""
+        accepted: list = []
+        lost: list = []
+
+        class Silent(Protocol):  # accepts, never answers the upgrade
+            def connectionMade(self):
+                accepted.append(self)
+
+            def connectionLost(self, reason=None):
+                lost.append(reason)
+
+        port = reactor.listenTCP(0, Factory.forProtocol(Silent), interface="127.0.0.1")
+        self.addCleanup(port.stopListening)
+        c = wc.Client(f"http://127.0.0.1:{port.getHost().port}", "alice", wc.generate_key())
+        c.token = "not.needed.here"  # no login: the upgrade is what hangs
+        connected = c.connect()
+        yield eventually(lambda: accepted, "the server accepted the connection")
+        yield c.close().addTimeout(10, reactor)
+        self.assertFailure(connected, defer.CancelledError)
+        yield connected
+        yield eventually(lambda: lost, "the server saw the connection go")
 
 
 class InboxTests(unittest.TestCase):

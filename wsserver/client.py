@@ -358,6 +358,8 @@ class Client(ConversationsMixin):
         self._wanted = False  # connect() called and close() not since
         self._connected: defer.Deferred | None = None
         self._retrying: Any = None  # the pending reconnect, if any
+        self._dialing: defer.Deferred | None = None  # the TCP connect in flight
+        self._opening: _Conn | None = None  # connected, its upgrade not answered yet
         self._inbox = InTurn("a received message")  # handled in the order they came
         self.last_id = 0  # highest message id received: the next since
         self._seen: set[int] = set()  # recent ids, to report each message once
@@ -735,6 +737,8 @@ class Client(ConversationsMixin):
         try:
             if self.token is None:
                 yield self.login()
+                if not self._wanted:
+                    return  # close() came during the login
             scheme = "wss" if self._secure else "ws"
             url = f"{scheme}://{self._host}:{self._port}/ws"
             if use_since:
@@ -746,11 +750,18 @@ class Client(ConversationsMixin):
             endpoint = self._endpoint()
             if self._tls is not None:
                 endpoint = endpoints.wrapClientTLS(self._tls, endpoint)
-            yield endpoint.connect(factory)
+            self._dialing = endpoint.connect(factory)
+            try:
+                conn = yield self._dialing
+            finally:
+                self._dialing = None
+            self._opening = conn
         except Exception as err:
             if not isinstance(err, ServerError | ConnectionProblem):
                 err = connection_problem(err, self.server)
             first = self._connected is not None and not self._connected.called
+            if not self._wanted and not first:
+                return  # close() stopped a reconnect: nothing to report
             hopeless = isinstance(err, ServerError) and (
                 err.status in (400, 401, 403, 404) or err.code == "invalid_challenge"
             )
@@ -794,6 +805,11 @@ class Client(ConversationsMixin):
             d.errback(err)
 
     def _opened(self, conn: _Conn) -> None:
+        if self._opening is conn:
+            self._opening = None
+        if not self._wanted:  # close() came during the upgrade
+            conn.sendClose(1000)
+            return
         self._conn = conn
         for frame, _ in list(self._unacked.values()):
             conn.sendMessage(json.dumps(frame).encode("utf-8"))  # same nonce: no double
@@ -806,6 +822,8 @@ class Client(ConversationsMixin):
     def _closed(self, conn: Any, code: int | None, reason: str | None = None) -> None:
         if self._conn is conn:
             self._conn = None
+        if self._opening is conn:
+            self._opening = None
         if conn._closed_by_us is not None and not conn._closed_by_us.called:
             conn._closed_by_us.callback(code)
         if not self._wanted:
@@ -864,18 +882,36 @@ class Client(ConversationsMixin):
         return True
 
     def close(self) -> defer.Deferred:
-        """Close the WebSocket for good (no reconnect); fire when it is closed."""
+        """Close the WebSocket for good (no reconnect); fire when it is closed.
+
+        A connect or reconnect still in progress is stopped (a ``connect()``
+        not yet fired fails with ``CancelledError``), so nothing stays open.
+        """
         self._wanted = False
+        connecting, self._connected = self._connected, None
+        if connecting is not None and connecting.called:
+            connecting = None
         self._stop_reads()
         if self._retrying is not None and self._retrying.active():
             self._retrying.cancel()
         self._retrying = None
+        if self._dialing is not None:  # a connect in flight: stop it
+            self._dialing.cancel()
+        opening, self._opening = self._opening, None
         conn, self._conn = self._conn, None
-        if conn is None or conn.state == _Conn.STATE_CLOSED:
-            return defer.succeed(None)
-        conn._closed_by_us = defer.Deferred()
-        conn.sendClose(1000)
-        return conn._closed_by_us
+        if conn is None and opening is not None and opening.state != _Conn.STATE_CLOSED:
+            # Connected, the upgrade not answered: nothing to close politely.
+            opening._closed_by_us = defer.Deferred()
+            opening.transport.abortConnection()
+            closed = opening._closed_by_us
+        elif conn is None or conn.state == _Conn.STATE_CLOSED:
+            closed = defer.succeed(None)
+        else:
+            conn._closed_by_us = closed = defer.Deferred()
+            conn.sendClose(1000)
+        if connecting is not None:
+            connecting.errback(defer.CancelledError("close() before the connection opened"))
+        return closed
 
     # -- frames -------------------------------------------------------------------
 
