@@ -11,7 +11,9 @@ from typing import Any
 
 from nacl.signing import SigningKey
 from twisted.internet import defer
+from twisted.trial import unittest
 
+from wsserver import cli
 from wsserver import client as wc
 from wsserver.store.reads import ALREADY_READ, READ
 
@@ -350,3 +352,15 @@ class ConversationsLibraryTests(ServedCase):
         page = yield reader.history("alice")
         self.assertEqual([(f["content"], ok) for f, ok in page.messages], [("read me", True)])
         self.assertNotEqual(reader.token, "not.a.token")
+
+
+class GroupLineTests(unittest.TestCase):
+    def test_a_removal_line_does_not_guess_who_acted(self):
+        """listen's line for a group frame: a removal frame does not say
+        whether the member left or was removed, so the line says neither."""
+        frame = {"type": "group", "group_id": "#team", "user_id": "bob"}
+        self.assertEqual(
+            cli.group_event({**frame, "event": "removed"}),
+            "group #team: bob is no longer a member",
+        )
+        self.assertEqual(cli.group_event({**frame, "event": "added"}), "group #team: bob was added")

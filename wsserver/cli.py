@@ -339,8 +339,10 @@ def _print_frames(client: Client, as_json: bool, receipts: bool = True) -> None:
 
 
 def group_event(frame: dict) -> str:
-    """A ``group`` frame as a line: ``#team: bob was added``."""
-    event = {"added": "was added", "removed": "was removed"}.get(frame.get("event"))
+    """A ``group`` frame as a line: ``#team: bob was added``.  A ``removed``
+    frame does not say who acted (the member left, or the owner removed
+    them), so its line does not either."""
+    event = {"added": "was added", "removed": "is no longer a member"}.get(frame.get("event"))
     what = event or f"event {safe(frame.get('event'))}"
     return f"group {safe(frame.get('group_id'))}: {safe(frame.get('user_id'))} {what}"
 
