@@ -73,6 +73,22 @@ class BenchArithmeticTests(unittest.TestCase):
         cluster["lost"] = 2
         self.assertEqual(cli.targets({"cluster": cluster})[-1][1], "2 / 0")  # T6 counts it
 
+    def test_t8_compares_latency_with_the_relay_at_the_same_rate(self):
+        """T8 is the latency workload's CPU per message over relay-latency's
+        (the bare relay under the same offered load), met up to 2.0x; without
+        relay-latency in the run it is not judged."""
+        latency = {"cpu_us_per_msg": 312.0, "p99_ms": 2.0, "lost": 0, "refused": 0}
+        relay = {"cpu_us_per_msg": 156.0, "lost": 0, "refused": 0}
+        t8 = "T8 latency CPU/msg vs relay-latency"
+        rows = {row[0]: (row[1], row[3]) for row in cli.targets({"latency": latency})}
+        self.assertNotIn(t8, rows)
+        results = {"latency": latency, "relay-latency": relay}
+        rows = {row[0]: (row[1], row[3]) for row in cli.targets(results)}
+        self.assertEqual(rows[t8], ("2.00x", True))
+        latency["cpu_us_per_msg"] = 313.0
+        rows = {row[0]: (row[1], row[3]) for row in cli.targets(results)}
+        self.assertEqual(rows[t8], ("2.01x", False))
+
     def test_cpu_delta_counts_every_process_by_group(self):
         """CPU between two meter readings is summed per group (the key before
         ':'); a process that started during the run is counted whole, one that
@@ -109,6 +125,8 @@ class BenchServicesTests(unittest.TestCase):
         self.assertNotIn("cluster", names)
         self.assertNotIn("workers", names)
         self.assertIn("direct-unsigned", names)
+        self.assertIn("relay-latency", names)  # T8's ceiling, also in --quick
+        self.assertNotIn("latency-unsigned", names)  # asked for by name only
         self.assertIn("cluster left out: PostgreSQL does not answer", err.getvalue())
         self.assertIn("workers left out: Redis does not answer", err.getvalue())
 

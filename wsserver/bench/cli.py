@@ -41,6 +41,8 @@ WORKLOADS = (
     "direct",
     "direct-unsigned",
     "latency",
+    "relay-latency",
+    "latency-unsigned",
     "broadcast",
     "idle",
     "login",
@@ -50,6 +52,8 @@ WORKLOADS = (
     "history",
 )
 SERVICE_WORKLOADS = ("cluster", "workers")  # in ``all`` only when their services answer
+OPTIONAL_WORKLOADS = ("latency-unsigned",)  # never in ``all``: asked for by name
+OPEN_LOOP = ("latency", "relay-latency", "latency-unsigned")  # a fixed offered rate
 TICKS = os.sysconf("SC_CLK_TCK")
 OPEN_LIMITS = [
     "--message-rate-limit",
@@ -571,6 +575,30 @@ class Bench:
             return self._latency_while_expiring(rate)
         return self._with_server(
             "latency", lambda s: self._pairs(s, "latency", True, rate, server=s)
+        )
+
+    def _latency_rate(self) -> float:
+        """The ``latency`` load's rate per sender (--rate spread over the pairs)."""
+        return self.args.rate / (20 if self.quick else self.args.pairs)
+
+    def relay_latency(self) -> dict:
+        """T8's ceiling: the bare relay under the ``latency`` load (signed
+        frames, which it forwards unread) at the same offered rate."""
+        relay = Relay()
+        try:
+            return self._pairs(
+                relay, "relay-latency", signed=True, rate=self._latency_rate(), relay=True
+            )
+        finally:
+            relay.stop()
+
+    def latency_unsigned(self) -> dict:
+        """``latency`` with unsigned frames: the server's cost at the same rate
+        without the verify."""
+        rate = self._latency_rate()
+        return self._with_server(
+            "latency-unsigned",
+            lambda s: self._pairs(s, "latency-unsigned", False, rate, server=s),
         )
 
     def _latency_while_expiring(self, rate: float) -> dict:
@@ -1338,6 +1366,11 @@ def targets(r: dict) -> list[tuple[str, str, str, bool | None]]:
         rows.append(
             ("T7 cluster CPU/msg vs single node", f"{ratio:.2f}x", "<= 2.50x", ratio <= 2.5)
         )
+    if "latency" in r and "relay-latency" in r:
+        ratio = r["latency"]["cpu_us_per_msg"] / r["relay-latency"]["cpu_us_per_msg"]
+        rows.append(
+            ("T8 latency CPU/msg vs relay-latency", f"{ratio:.2f}x", "<= 2.00x", ratio <= 2.0)
+        )
     if "soak" in r:
         soak = r["soak"]
         growth = soak["rss_growth_pct"]
@@ -1531,7 +1564,15 @@ def write_plot(path: str, results: dict, samples: dict, commit: str = "") -> Non
                 2.0 * results["relay"]["cpu_us_per_msg"],
             )
         )
-    for name in ("verify", "relay"):
+    if "latency" in results and "relay-latency" in results:
+        bars.append(
+            (
+                "latency (open loop)\nT8: 2 x relay-latency",
+                results["latency"]["cpu_us_per_msg"],
+                2.0 * results["relay-latency"]["cpu_us_per_msg"],
+            )
+        )
+    for name in ("verify", "relay", "relay-latency"):
         if name in results:
             key = "us_per_verify" if name == "verify" else "cpu_us_per_msg"
             bars.append((f"{name}\n(ceiling)", results[name][key], None))
@@ -1548,7 +1589,7 @@ def write_plot(path: str, results: dict, samples: dict, commit: str = "") -> Non
         if values and label != "relay":
             ordered = sorted(v / 1000 for v in values)
             ys = [i / len(ordered) for i in range(len(ordered))]
-            shown = label if label == "latency" else f"{label} (saturated)"
+            shown = label if label in OPEN_LOOP else f"{label} (saturated)"
             lat.plot(ordered, ys, label=shown)
     lat.axvline(5.0, color="#cc3311", linestyle="--", label="T3: p99 <= 5 ms")
     lat.axhline(0.99, color="#999999", linewidth=0.5)
@@ -1687,7 +1728,7 @@ def make_parser() -> argparse.ArgumentParser:
 def all_workloads(args: argparse.Namespace) -> list[str]:
     """The workloads of ``all``: cluster and workers only when their services
     answer (given with --database/--broker, or the local defaults)."""
-    names = [n for n in WORKLOADS if n not in SERVICE_WORKLOADS]
+    names = [n for n in WORKLOADS if n not in SERVICE_WORKLOADS + OPTIONAL_WORKLOADS]
     database = args.database or services.DEFAULT_DATABASE
     broker = args.broker or services.DEFAULT_BROKER
     why = services.unavailable(database, broker)
