@@ -33,7 +33,7 @@ from typing import Any
 
 from nacl.signing import SigningKey
 
-from . import services
+from . import connects, services
 
 WORKLOADS = (
     "verify",
@@ -44,6 +44,8 @@ WORKLOADS = (
     "broadcast",
     "idle",
     "login",
+    "relay-connect",
+    "connect",
     "cluster",
     "workers",
     "soak",
@@ -870,6 +872,12 @@ class Bench:
 
         return self._with_server("login", run)
 
+    def relay_connect(self) -> dict:
+        return connects.relay_connect_workload(self)
+
+    def connect(self) -> dict:
+        return connects.connect_workload(self)
+
     # -- history (T10) ---------------------------------------------------------------
 
     def history(self) -> dict:
@@ -1377,6 +1385,9 @@ def targets(r: dict) -> list[tuple[str, str, str, bool | None]]:
                         (ratio <= 1.5 and p99 <= 20.0) if judged else None,
                     )
                 )
+    t11 = connects.target_row(r)
+    if t11 is not None:
+        rows.append(t11)
     lost = sum(v.get("lost", 0) for v in r.values() if isinstance(v, dict))
     unexpected = sum(
         v.get("refused", 0) + v.get("closed_early", 0) + v.get("errors", 0)
