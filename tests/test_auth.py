@@ -264,6 +264,50 @@ class LoginTests(unittest.TestCase):
         self.assertEqual(reads, [])
 
     @defer.inlineCallbacks
+    def login_token(self) -> defer.Deferred:
+        challenge, _ = yield self.auth.challenge({"user_id": "alice"})
+        token, _ = yield self.auth.login({"user_id": "alice", "signature": self.sign(challenge)})
+        return token
+
+    @defer.inlineCallbacks
+    def test_a_login_leaves_the_keys_for_the_connect(self):
+        """The keys a login read are cached: the token it issues is checked
+        (as /ws does) without reading the database again."""
+        yield self.register()
+        token = yield self.login_token()
+
+        def no_read(user_id: str) -> defer.Deferred:
+            return defer.fail(AssertionError(f"read the keys of {user_id} again"))
+
+        self.patch(self.store, "user_keys", no_read)
+        session = yield self.auth.session(token)
+        self.assertEqual(
+            (session.user_id, session.key_id), ("alice", keylog.key_id(bytes(self.key.verify_key)))
+        )
+
+    @defer.inlineCallbacks
+    def test_a_login_racing_an_account_change_caches_nothing(self):
+        """A login whose key read came before an account change the node
+        handled while the login was under way (a revocation, a deletion) keeps
+        nothing it read: the token's check reads the keys again."""
+        yield self.register()
+        for change in (lambda: self.auth.key_revoked("alice"), lambda: self.auth.forget("bob")):
+            self.auth._keys.clear()
+            challenge, _ = yield self.auth.challenge({"user_id": "alice"})
+            consume = self.store.consume_challenge
+            held: defer.Deferred = defer.Deferred()
+
+            def late(*args, consume=consume, held=held):
+                return held.addCallback(lambda _: consume(*args))
+
+            self.patch(self.store, "consume_challenge", late)
+            logging_in = self.auth.login({"user_id": "alice", "signature": self.sign(challenge)})
+            change()  # the account event arrives meanwhile
+            held.callback(None)
+            yield logging_in
+            self.assertNotIn("alice", self.auth._keys)
+
+    @defer.inlineCallbacks
     def test_challenge_format_and_login(self):
         """The challenge is wsserver-login-v1:<id>:<43 base64url chars>; signing it logs in."""
         yield self.register()

@@ -411,6 +411,7 @@ class Authenticator:
         """Finish a login with a challenge signed by any active key of the user
         (``key_id``, optional, says which): fire with (token, exp)."""
         user_id = _user_id_field(body)
+        epoch = self.epoch
         # Read from the database, not the cache: a key revoked or a sign-out
         # everywhere made through another node a moment ago (which this node
         # learns of within a second) already counts for a new login.
@@ -455,6 +456,11 @@ class Authenticator:
             raise AuthError("no_challenge", "no live challenge: ask for a new one")
         if outcome != CHALLENGE_OK or not matched:
             raise AuthError("invalid_signature", "the signature does not match the challenge")
+        # The token is about to open a WebSocket: what was read is what its
+        # check needs, so keep it, unless an account change was handled since
+        # the read began (then the read may come from before the change).
+        if epoch == self.epoch and user_id not in self._deleted:
+            self._cache_keys(user_id, state)
         return self.tokens.issue(user_id, matched[-1], state.gen)
 
     # -- token checks ------------------------------------------------------------
@@ -525,14 +531,18 @@ class Authenticator:
                 return None
             state = _Keys({k.key_id: VerifyKey(k.public_key) for k in found.keys}, found.token_gen)
             if epoch == self.epoch:
-                self._keys[user_id] = state
-                if len(self._keys) > _KEY_CACHE_SIZE:
-                    self._keys.popitem(last=False)
+                self._cache_keys(user_id, state)
                 return state
             # An account change was handled while this read was out: what it
             # read may come from before the change, so it is not cached, and
             # is read again.
         return state
+
+    def _cache_keys(self, user_id: str, state: _Keys) -> None:
+        self._keys[user_id] = state
+        self._keys.move_to_end(user_id)
+        if len(self._keys) > _KEY_CACHE_SIZE:
+            self._keys.popitem(last=False)
 
     @defer.inlineCallbacks
     def verify_key(self, user_id: str) -> defer.Deferred:
