@@ -1631,7 +1631,12 @@ def make_parser() -> argparse.ArgumentParser:
             "Workloads, method, targets and past figures: docs/performance.md in the source tree."
         ),
     )
-    parser.add_argument("workload", choices=("all", *WORKLOADS))
+    parser.add_argument(
+        "workload",
+        nargs="+",
+        choices=("all", *WORKLOADS),
+        help="one or more, run in this order in one run (e.g. relay-connect connect)",
+    )
     parser.add_argument("--quick", action="store_true", help="every workload briefly")
     parser.add_argument("--duration", type=float, help="seconds per workload")
     parser.add_argument("--json", help="write every figure to this file")
@@ -1717,7 +1722,7 @@ def all_workloads(args: argparse.Namespace) -> list[str]:
 def main(argv: list[str] | None = None) -> int:
     args = make_parser().parse_args(argv)
     raise_fd_limit()
-    names = all_workloads(args) if args.workload == "all" else [args.workload]
+    names = all_workloads(args) if "all" in args.workload else args.workload
     where = machine()  # the commit the run starts with (the code it has loaded)
     bench = Bench(args)
     started = time.monotonic()
