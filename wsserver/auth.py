@@ -58,6 +58,9 @@ MIN_SECRET_BYTES = 32
 # sharing a database (and its secret) may disagree on the time by that much.
 IAT_LEEWAY = 30
 _KEY_CACHE_SIZE = 10_000
+# Tokens whose signature was checked, remembered (about 0.5 KiB each): the
+# JWT decode is about 60 µs of an authenticated connect (docs/performance.md).
+_CHECKED_TOKENS = 4096
 _DELETED_KEPT = 10_000  # ids of users deleted while this node runs, newest kept
 # Seconds between two sweeps of the signed-out tokens that have expired.
 _PRUNE_EVERY = 60.0
@@ -156,6 +159,8 @@ class Tokens:
         self._secret = secret
         self._ttl = ttl
         self._clock = clock
+        # Tokens checked already: token -> (claims, iat, nbf), oldest first.
+        self._checked: dict[str, tuple[Claims, int, int]] = {}
 
     @property
     def ttl(self) -> int:
@@ -187,7 +192,30 @@ class Tokens:
     def claims(self, token: str) -> Claims:
         """The ``Claims`` of a valid token (signature, issuer, times), else
         ``AuthError('unauthorized')``.  Whether it was signed out or its key
-        revoked is the ``Authenticator``'s to say."""
+        revoked is the ``Authenticator``'s to say.
+
+        A token whose signature and claims were checked once is remembered
+        (the exact string, bounded): a reconnect with it skips the JWT decode
+        and the HMAC, while its times are checked on the clock every time."""
+        checked = self._checked.get(token)
+        if checked is None:
+            checked = self._decode(token)
+            if len(self._checked) >= _CHECKED_TOKENS:
+                del self._checked[next(iter(self._checked))]  # the oldest
+            self._checked[token] = checked
+        claims, iat, nbf = checked
+        now = self._clock.seconds()
+        # RFC 8725 section 3.10 / RFC 7519 4.1.4-4.1.6: not before nbf, not
+        # issued (much) later than now, not at or after exp.
+        if nbf > now or iat > now + IAT_LEEWAY:
+            raise AuthError("unauthorized", "token not valid yet")
+        if claims.exp <= now:
+            raise AuthError("unauthorized", "token expired")
+        return claims
+
+    def _decode(self, token: str) -> tuple[Claims, int, int]:
+        """(claims, iat, nbf) of a token whose signature, issuer and claim
+        types hold, else ``AuthError('unauthorized')``; times not checked."""
         try:
             claims = jwt.decode(
                 token,
@@ -212,14 +240,7 @@ class Tokens:
             raise AuthError("unauthorized", "invalid token")
         if not isinstance(jti, str) or (kid is not None and not isinstance(kid, str)) or gen < 0:
             raise AuthError("unauthorized", "invalid token")
-        now = self._clock.seconds()
-        # RFC 8725 section 3.10 / RFC 7519 4.1.4-4.1.6: not before nbf, not
-        # issued (much) later than now, not at or after exp.
-        if nbf > now or iat > now + IAT_LEEWAY:
-            raise AuthError("unauthorized", "token not valid yet")
-        if exp <= now:
-            raise AuthError("unauthorized", "token expired")
-        return Claims(sub, exp, jti, kid, gen)
+        return Claims(sub, exp, jti, kid, gen), iat, nbf
 
 
 def _is_int(value: object) -> bool:
