@@ -128,6 +128,43 @@ class TokenTests(unittest.TestCase):
         with self.assertRaises(auth.AuthError):
             self.tokens.check(token)
 
+    def test_a_token_checked_before_still_expires_on_the_clock(self):
+        """A token remembered from an earlier check (a reconnect) is still
+        refused at its expiry time, and still not valid before its nbf."""
+        token, _ = self.tokens.issue("alice")
+        self.assertEqual(self.tokens.check(token)[0], "alice")
+        self.assertIn(token, self.tokens._checked)
+        self.clock.advance(3600)
+        with self.assertRaises(auth.AuthError) as caught:
+            self.tokens.check(token)
+        self.assertEqual(caught.exception.message, "token expired")
+        now = int(self.clock.seconds())
+        claims = {"sub": "bob", "iat": now, "exp": now + 60, "nbf": now + 30}
+        early = jwt.encode({**claims, "iss": "wsserver", "jti": "y"}, SECRET, algorithm="HS256")
+        for _ in range(2):  # refused the first time, and when remembered
+            with self.assertRaises(auth.AuthError) as caught:
+                self.tokens.check(early)
+            self.assertEqual(caught.exception.message, "token not valid yet")
+        self.clock.advance(30)
+        self.assertEqual(self.tokens.check(early)[0], "bob")
+
+    def test_a_remembered_token_does_not_vouch_for_a_forgery(self):
+        """A token with a remembered token's header and payload but another
+        signature is checked in full, and refused; the remembered tokens are
+        bounded, the oldest dropped first."""
+        token, _ = self.tokens.issue("alice")
+        self.tokens.check(token)
+        head, body, sig = token.split(".")
+        forged = f"{head}.{body}.{'A' * len(sig)}"
+        with self.assertRaises(auth.AuthError):
+            self.tokens.check(forged)
+        self.assertNotIn(forged, self.tokens._checked)
+        self.patch(auth, "_CHECKED_TOKENS", 3)
+        issued = [self.tokens.issue(f"u{i}")[0] for i in range(3)]
+        for t in issued:
+            self.tokens.check(t)
+        self.assertEqual(list(self.tokens._checked), issued)
+
     def test_forged_and_other_algorithms_refused(self):
         """Another secret, alg none, HS512, a missing claim, a wrong issuer and garbage
         (a lone surrogate included) fail as unauthorized."""
@@ -262,6 +299,50 @@ class LoginTests(unittest.TestCase):
         self.assertEqual(list(state.keys), [before.keys[0].key_id])
         self.assertEqual(list(self.auth._keys["alice"].keys), [before.keys[0].key_id])
         self.assertEqual(reads, [])
+
+    @defer.inlineCallbacks
+    def login_token(self) -> defer.Deferred:
+        challenge, _ = yield self.auth.challenge({"user_id": "alice"})
+        token, _ = yield self.auth.login({"user_id": "alice", "signature": self.sign(challenge)})
+        return token
+
+    @defer.inlineCallbacks
+    def test_a_login_leaves_the_keys_for_the_connect(self):
+        """The keys a login read are cached: the token it issues is checked
+        (as /ws does) without reading the database again."""
+        yield self.register()
+        token = yield self.login_token()
+
+        def no_read(user_id: str) -> defer.Deferred:
+            return defer.fail(AssertionError(f"read the keys of {user_id} again"))
+
+        self.patch(self.store, "user_keys", no_read)
+        session = yield self.auth.session(token)
+        self.assertEqual(
+            (session.user_id, session.key_id), ("alice", keylog.key_id(bytes(self.key.verify_key)))
+        )
+
+    @defer.inlineCallbacks
+    def test_a_login_racing_an_account_change_caches_nothing(self):
+        """A login whose key read came before an account change the node
+        handled while the login was under way (a revocation, a deletion) keeps
+        nothing it read: the token's check reads the keys again."""
+        yield self.register()
+        for change in (lambda: self.auth.key_revoked("alice"), lambda: self.auth.forget("bob")):
+            self.auth._keys.clear()
+            challenge, _ = yield self.auth.challenge({"user_id": "alice"})
+            consume = self.store.consume_challenge
+            held: defer.Deferred = defer.Deferred()
+
+            def late(*args, consume=consume, held=held):
+                return held.addCallback(lambda _: consume(*args))
+
+            self.patch(self.store, "consume_challenge", late)
+            logging_in = self.auth.login({"user_id": "alice", "signature": self.sign(challenge)})
+            change()  # the account event arrives meanwhile
+            held.callback(None)
+            yield logging_in
+            self.assertNotIn("alice", self.auth._keys)
 
     @defer.inlineCallbacks
     def test_challenge_format_and_login(self):

@@ -371,6 +371,40 @@ class BenchSoakTests(unittest.TestCase):
         self.assertEqual(plot.read_bytes()[:8], b"\x89PNG\r\n\x1a\n")
 
 
+class BenchConnectTests(unittest.TestCase):
+    """The connect workload (T11) and its relay-connect ceiling."""
+
+    def test_connect_and_relay_connect_in_one_run(self):
+        """A 2-second run of both: connects happen on each, none fails, every
+        connect of wsserver came back with the live message (the ids it
+        learnt became its next since), and T11 is judged from the two."""
+        out = Path(self.mktemp())
+        with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
+            code = cli.main(["relay-connect", "connect", "--duration", "2", "--json", str(out)])
+        self.assertEqual(code, 0)
+        data = json.loads(out.read_text())
+        for name in ("relay-connect", "connect"):
+            figures = data["results"][name]
+            self.assertGreater(figures["connects"], 10, name)
+            self.assertEqual(figures["errors"], 0, name)
+            self.assertGreater(figures["cpu_us_per_connect"], 0, name)
+        rows = {row["target"]: row for row in data["targets"]}
+        self.assertIn("T11 connect CPU vs relay-connect", rows)
+
+    def test_t11_row(self):
+        rows = {
+            row[0]: row
+            for row in cli.targets(
+                {
+                    "connect": {"cpu_us_per_connect": 1500.0},
+                    "relay-connect": {"cpu_us_per_connect": 1000.0},
+                }
+            )
+        }
+        self.assertEqual(rows["T11 connect CPU vs relay-connect"][1:], ("1.50x", "<= 2.00x", True))
+        self.assertNotIn("T11 connect CPU vs relay-connect", dict.fromkeys(cli.targets({})))
+
+
 class BenchHistoryTests(unittest.TestCase):
     """The history workload (T10): pages, replays and the replay's query plans."""
 

@@ -970,6 +970,47 @@ class LogoutRaceTests(Base):
             self.assertEqual(self.error(result), (401, "unauthorized"), user_id)
 
 
+class LoginCacheTests(Base):
+    """A login caches the keys it read for the connect that follows (on the
+    node that logged in); an account change made through another node drops
+    them there as its event arrives."""
+
+    @defer.inlineCallbacks
+    def login_at(self, base: str, user_id: str, key: SigningKey) -> Any:
+        """A token from a login through the node at ``base``."""
+        _, body = yield self.request("POST", "/auth/login", {"user_id": user_id}, base=base)
+        signature = b64(key.sign(body["challenge"].encode()).signature)
+        login = {"user_id": user_id, "challenge": body["challenge"], "signature": signature}
+        code, answer = yield self.request("POST", "/auth/login?verify=true", login, base=base)
+        self.assertEqual(code, 200, answer)
+        return answer["token"]
+
+    @defer.inlineCallbacks
+    def test_a_key_revoked_after_a_login_is_refused_where_it_logged_in(self):
+        """The last node logs alice in with her second key (its keys cached
+        there by the login), the first node revokes that key: every node,
+        the last one included, refuses the token at /ws (401)."""
+        first = yield self.server.register("alice")
+        second = yield self.add_key("alice", first)
+        token = yield self.login_at(self.server.node_bases[-1], "alice", second)
+        yield self.revoke("alice", second, first)
+        yield self.ws_refuses(token)
+        yield self.ws_accepts((yield self.token("alice", first)))
+
+    @defer.inlineCallbacks
+    def test_a_user_deleted_after_a_login_is_refused_where_it_logged_in(self):
+        """The last node logs alice in (her keys cached there by the login),
+        the first node deletes her: every node refuses the token at /ws."""
+        key = yield self.server.register("alice")
+        token = yield self.login_at(self.server.node_bases[-1], "alice", key)
+        log = yield self.log("alice")
+        statement = keylog.delete_string("alice", len(log["entries"]))
+        body = {"key_id": kid(key), "signature": b64(key.sign(statement.encode()).signature)}
+        result = yield self.request("DELETE", "/auth/users/alice", body)
+        self.assertEqual(result, (200, {"deleted": True}))
+        yield self.ws_refuses(token)
+
+
 class PropagationTests(Base):
     @defer.inlineCallbacks
     def test_the_node_that_made_the_change_applies_it_at_once(self):

@@ -37,7 +37,14 @@ from zope.interface import implementedBy
 import wsserver
 import wsserver.websocket as ws_module
 from wsserver import broker, internals, web
-from wsserver.websocket import UNMASK_NATIVE_FROM, ServerFactory, ServerProtocol, use_fast_unmasking
+from wsserver.websocket import (
+    OPTIONS_NOT_FORMATTED,
+    UNMASK_NATIVE_FROM,
+    ServerFactory,
+    ServerProtocol,
+    skip_unlogged_option_dumps,
+    use_fast_unmasking,
+)
 
 from .support import ROOT, LiveServer, _Collect, twistd_env, within
 
@@ -415,6 +422,29 @@ class AutobahnCanaryTests(unittest.TestCase):
         self.assertEqual(proto.factory.got[1], (big, True))
         self.assertEqual(len(made), 1)
 
+    def test_autobahns_option_dump_goes_through_our_formatter(self):
+        """With ``skip_unlogged_option_dumps`` on, opening a protocol calls the
+        module-level ``pformat`` of ``autobahn.websocket.protocol`` with the
+        list of its options (which ours leaves unformatted at txaio's default
+        level): the day Autobahn formats that dump some other way, this fails
+        (and the ~190 µs per connect are back, docs/performance.md, T11)."""
+        original = autobahn_protocol.pformat
+        self.addCleanup(setattr, autobahn_protocol, "pformat", original)
+        skip_unlogged_option_dumps()
+        installed = autobahn_protocol.pformat
+        seen = []
+
+        def counting(obj: Any, *args: Any, **kwargs: Any) -> str:
+            seen.append(obj)
+            return installed(obj, *args, **kwargs)
+
+        autobahn_protocol.pformat = counting
+        _open_recorder(self)
+        dumps = [obj for obj in seen if isinstance(obj, list)]
+        self.assertEqual(len(dumps), 1, seen)
+        self.assertIn("autoPingInterval", [option[0] for option in dumps[0]])
+        self.assertEqual(installed(dumps[0]), OPTIONS_NOT_FORMATTED)
+
     def test_on_message_end_gets_what_autobahn_collected(self):
         """Our ``onMessageEnd`` override (it skips Autobahn's per-message observer
         event) hands over exactly the message Autobahn assembled, fragmented or
@@ -476,6 +506,7 @@ print(json.dumps({
     "switch": sys.getswitchinterval(),
     "frozen": gc.get_freeze_count(),
     "fast": bool(getattr(p.create_xor_masker, "wsserver_fast", False)),
+    "lazy": bool(getattr(p.pformat, "wsserver_lazy", False)),
 }))
 """
 
@@ -487,9 +518,12 @@ class ProcessTuningTests(unittest.TestCase):
     def test_an_in_process_service_leaves_the_interpreter_alone(self):
         """Building and starting a WsServerService in a process (as every
         in-process test does) changes neither the GIL switch interval, nor the
-        gc freeze count, nor Autobahn's masker."""
+        gc freeze count, nor Autobahn's masker, nor its ``pformat``."""
         masker = autobahn_protocol.create_xor_masker
         self.addCleanup(setattr, autobahn_protocol, "create_xor_masker", masker)
+        formatter = autobahn_protocol.pformat
+        self.addCleanup(setattr, autobahn_protocol, "pformat", formatter)
+        native_format = autobahn_protocol.pformat = _native_pformat()
         interval = sys.getswitchinterval()
         self.addCleanup(sys.setswitchinterval, interval)
         frozen = gc.get_freeze_count()
@@ -504,13 +538,15 @@ class ProcessTuningTests(unittest.TestCase):
         self.assertEqual(sys.getswitchinterval(), 0.005)
         self.assertEqual(gc.get_freeze_count(), 0)
         self.assertIs(autobahn_protocol.create_xor_masker, native)
+        self.assertIs(autobahn_protocol.pformat, native_format)
         yield server.stop()
 
     @defer.inlineCallbacks
     def test_twistds_path_tunes_the_process(self):
         """The plugin's ``makeService`` (what ``twistd wsserver`` calls) sets the
-        switch interval to 0.5 ms, freezes the start-up heap and installs the
-        fast unmasker, in a process of its own."""
+        switch interval to 0.5 ms, freezes the start-up heap, installs the
+        fast unmasker and leaves Autobahn's unlogged option dumps unformatted,
+        in a process of its own."""
         proc = _Collect()
         db = os.path.abspath(self.mktemp() + ".db")
         args = ["--port", "tcp:0:interface=127.0.0.1", "--database", db]
@@ -527,6 +563,13 @@ class ProcessTuningTests(unittest.TestCase):
         self.assertEqual(report["switch"], 0.0005)
         self.assertGreater(report["frozen"], 0)
         self.assertTrue(report["fast"])
+        self.assertTrue(report["lazy"])
+
+
+def _native_pformat() -> Any:
+    from pprint import pformat
+
+    return pformat
 
 
 def _native_masker() -> Any:

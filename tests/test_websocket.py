@@ -11,16 +11,20 @@ import sqlite3
 
 import autobahn.websocket.protocol as autobahn_protocol
 import jwt
-from autobahn.twisted.websocket import WebSocketServerFactory
+import txaio
+from autobahn.twisted.websocket import WebSocketServerFactory, WebSocketServerProtocol
 from autobahn.websocket.xormasker import create_xor_masker as native_masker
 from twisted.internet import defer, reactor, task
+from twisted.internet.testing import StringTransport
 from twisted.trial import unittest
 
 from wsserver.store import is_postgres
 from wsserver.websocket import (
+    OPTIONS_NOT_FORMATTED,
     UNMASK_NATIVE_FROM,
     ExpiryWatch,
     Unmasker,
+    skip_unlogged_option_dumps,
     text_frame,
     use_fast_unmasking,
 )
@@ -644,6 +648,34 @@ class FramingTests(unittest.TestCase):
             self.assertEqual(b"".join(ours.process(p) for p in pieces), expected)
             self.assertEqual(b"".join(theirs.process(p) for p in pieces), expected)
             self.assertEqual(ours.pointer(), size)
+
+    def test_option_dumps_are_formatted_only_when_logged(self):
+        """With txaio's log level above debug, Autobahn's per-connection dump
+        of its options (a list) is not formatted; at debug it is, as before;
+        anything else (its timings, a dict) always is; installing twice
+        changes nothing; a connection still opens and works."""
+        original = autobahn_protocol.pformat
+        self.addCleanup(setattr, autobahn_protocol, "pformat", original)
+        level = txaio.get_global_log_level()
+        self.addCleanup(txaio.set_global_log_level, level)
+        skip_unlogged_option_dumps()
+        installed = autobahn_protocol.pformat
+        skip_unlogged_option_dumps()
+        self.assertIs(autobahn_protocol.pformat, installed)
+        options = [("autoPingInterval", 0, "WebSocketServerFactory")]
+        txaio.set_global_log_level("info")
+        self.assertEqual(installed(options), OPTIONS_NOT_FORMATTED)
+        self.assertEqual(installed({"a": 1}), original({"a": 1}))
+        txaio.set_global_log_level("debug")
+        self.assertEqual(installed(options), original(options))
+        txaio.set_global_log_level("info")
+        factory = WebSocketServerFactory()
+        factory.protocol = WebSocketServerProtocol
+        factory.setProtocolOptions(openHandshakeTimeout=0, autoPingInterval=0)
+        proto = factory.buildProtocol(None)
+        transport = StringTransport()
+        proto.makeConnection(transport)  # runs _connectionMade, which dumps
+        self.assertEqual(proto.autoPingInterval, factory.autoPingInterval)
 
     def test_use_fast_unmasking_routes_by_size(self):
         """Small frames get Unmasker, large ones Autobahn's masker; installing

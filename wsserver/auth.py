@@ -58,6 +58,9 @@ MIN_SECRET_BYTES = 32
 # sharing a database (and its secret) may disagree on the time by that much.
 IAT_LEEWAY = 30
 _KEY_CACHE_SIZE = 10_000
+# Tokens whose signature was checked, remembered (about 0.5 KiB each): the
+# JWT decode is about 60 µs of an authenticated connect (docs/performance.md).
+_CHECKED_TOKENS = 4096
 _DELETED_KEPT = 10_000  # ids of users deleted while this node runs, newest kept
 # Seconds between two sweeps of the signed-out tokens that have expired.
 _PRUNE_EVERY = 60.0
@@ -156,6 +159,8 @@ class Tokens:
         self._secret = secret
         self._ttl = ttl
         self._clock = clock
+        # Tokens checked already: token -> (claims, iat, nbf), oldest first.
+        self._checked: dict[str, tuple[Claims, int, int]] = {}
 
     @property
     def ttl(self) -> int:
@@ -187,7 +192,30 @@ class Tokens:
     def claims(self, token: str) -> Claims:
         """The ``Claims`` of a valid token (signature, issuer, times), else
         ``AuthError('unauthorized')``.  Whether it was signed out or its key
-        revoked is the ``Authenticator``'s to say."""
+        revoked is the ``Authenticator``'s to say.
+
+        A token whose signature and claims were checked once is remembered
+        (the exact string, bounded): a reconnect with it skips the JWT decode
+        and the HMAC, while its times are checked on the clock every time."""
+        checked = self._checked.get(token)
+        if checked is None:
+            checked = self._decode(token)
+            if len(self._checked) >= _CHECKED_TOKENS:
+                del self._checked[next(iter(self._checked))]  # the oldest
+            self._checked[token] = checked
+        claims, iat, nbf = checked
+        now = self._clock.seconds()
+        # RFC 8725 section 3.10 / RFC 7519 4.1.4-4.1.6: not before nbf, not
+        # issued (much) later than now, not at or after exp.
+        if nbf > now or iat > now + IAT_LEEWAY:
+            raise AuthError("unauthorized", "token not valid yet")
+        if claims.exp <= now:
+            raise AuthError("unauthorized", "token expired")
+        return claims
+
+    def _decode(self, token: str) -> tuple[Claims, int, int]:
+        """(claims, iat, nbf) of a token whose signature, issuer and claim
+        types hold, else ``AuthError('unauthorized')``; times not checked."""
         try:
             claims = jwt.decode(
                 token,
@@ -212,14 +240,7 @@ class Tokens:
             raise AuthError("unauthorized", "invalid token")
         if not isinstance(jti, str) or (kid is not None and not isinstance(kid, str)) or gen < 0:
             raise AuthError("unauthorized", "invalid token")
-        now = self._clock.seconds()
-        # RFC 8725 section 3.10 / RFC 7519 4.1.4-4.1.6: not before nbf, not
-        # issued (much) later than now, not at or after exp.
-        if nbf > now or iat > now + IAT_LEEWAY:
-            raise AuthError("unauthorized", "token not valid yet")
-        if exp <= now:
-            raise AuthError("unauthorized", "token expired")
-        return Claims(sub, exp, jti, kid, gen)
+        return Claims(sub, exp, jti, kid, gen), iat, nbf
 
 
 def _is_int(value: object) -> bool:
@@ -411,6 +432,7 @@ class Authenticator:
         """Finish a login with a challenge signed by any active key of the user
         (``key_id``, optional, says which): fire with (token, exp)."""
         user_id = _user_id_field(body)
+        epoch = self.epoch
         # Read from the database, not the cache: a key revoked or a sign-out
         # everywhere made through another node a moment ago (which this node
         # learns of within a second) already counts for a new login.
@@ -455,6 +477,11 @@ class Authenticator:
             raise AuthError("no_challenge", "no live challenge: ask for a new one")
         if outcome != CHALLENGE_OK or not matched:
             raise AuthError("invalid_signature", "the signature does not match the challenge")
+        # The token is about to open a WebSocket: what was read is what its
+        # check needs, so keep it, unless an account change was handled since
+        # the read began (then the read may come from before the change).
+        if epoch == self.epoch and user_id not in self._deleted:
+            self._cache_keys(user_id, state)
         return self.tokens.issue(user_id, matched[-1], state.gen)
 
     # -- token checks ------------------------------------------------------------
@@ -525,14 +552,18 @@ class Authenticator:
                 return None
             state = _Keys({k.key_id: VerifyKey(k.public_key) for k in found.keys}, found.token_gen)
             if epoch == self.epoch:
-                self._keys[user_id] = state
-                if len(self._keys) > _KEY_CACHE_SIZE:
-                    self._keys.popitem(last=False)
+                self._cache_keys(user_id, state)
                 return state
             # An account change was handled while this read was out: what it
             # read may come from before the change, so it is not cached, and
             # is read again.
         return state
+
+    def _cache_keys(self, user_id: str, state: _Keys) -> None:
+        self._keys[user_id] = state
+        self._keys.move_to_end(user_id)
+        if len(self._keys) > _KEY_CACHE_SIZE:
+            self._keys.popitem(last=False)
 
     @defer.inlineCallbacks
     def verify_key(self, user_id: str) -> defer.Deferred:

@@ -16,6 +16,7 @@ from collections.abc import Callable
 from typing import Any
 
 import autobahn.websocket.protocol as autobahn_protocol
+import txaio
 from autobahn.twisted.websocket import WebSocketServerFactory, WebSocketServerProtocol
 from autobahn.websocket.protocol import WebSocketProtocol
 from twisted.internet import defer
@@ -139,6 +140,37 @@ def use_fast_unmasking() -> None:
 
     create_xor_masker.wsserver_fast = True  # type: ignore[attr-defined]
     autobahn_protocol.create_xor_masker = create_xor_masker
+
+
+# What Autobahn's per-connection dump of its options says instead, when the
+# debug line that carries it is not logged.
+OPTIONS_NOT_FORMATTED = "(options not formatted: Autobahn's debug logging is off)"
+
+
+def skip_unlogged_option_dumps() -> None:
+    """Make Autobahn stop formatting its options for a debug line nobody logs.
+
+    Every connection's ``_connectionMade`` builds the list of its options and
+    passes ``pformat`` of it to ``self.log.debug``, a no-op unless txaio's log
+    level is debug or trace (wsserver never sets it): measured ~190 µs per
+    connect here, about a tenth of an authenticated connect (T11,
+    docs/performance.md).  Autobahn reaches ``pformat`` through the
+    module-level name of ``autobahn.websocket.protocol``; this replaces that
+    name, once, for the whole process, with one that formats a list (that
+    dump) only when the debug level is on, and anything else (Autobahn's
+    timings, a dict) always, as before.
+    """
+    formatter = autobahn_protocol.pformat
+    if getattr(formatter, "wsserver_lazy", False):
+        return
+
+    def pformat(obj: Any, *args: Any, **kwargs: Any) -> str:
+        if isinstance(obj, list) and txaio.get_global_log_level() not in ("debug", "trace"):
+            return OPTIONS_NOT_FORMATTED
+        return formatter(obj, *args, **kwargs)
+
+    pformat.wsserver_lazy = True  # type: ignore[attr-defined]
+    autobahn_protocol.pformat = pformat
 
 
 class ExpiryWatch:

@@ -33,7 +33,7 @@ from typing import Any
 
 from nacl.signing import SigningKey
 
-from . import services
+from . import connects, services
 
 WORKLOADS = (
     "verify",
@@ -46,6 +46,8 @@ WORKLOADS = (
     "broadcast",
     "idle",
     "login",
+    "relay-connect",
+    "connect",
     "cluster",
     "workers",
     "soak",
@@ -898,6 +900,12 @@ class Bench:
 
         return self._with_server("login", run)
 
+    def relay_connect(self) -> dict:
+        return connects.relay_connect_workload(self)
+
+    def connect(self) -> dict:
+        return connects.connect_workload(self)
+
     # -- history (T10) ---------------------------------------------------------------
 
     def history(self) -> dict:
@@ -1410,6 +1418,9 @@ def targets(r: dict) -> list[tuple[str, str, str, bool | None]]:
                         (ratio <= 1.5 and p99 <= 20.0) if judged else None,
                     )
                 )
+    t11 = connects.target_row(r)
+    if t11 is not None:
+        rows.append(t11)
     lost = sum(v.get("lost", 0) for v in r.values() if isinstance(v, dict))
     unexpected = sum(
         v.get("refused", 0) + v.get("closed_early", 0) + v.get("errors", 0)
@@ -1661,7 +1672,12 @@ def make_parser() -> argparse.ArgumentParser:
             "Workloads, method, targets and past figures: docs/performance.md in the source tree."
         ),
     )
-    parser.add_argument("workload", choices=("all", *WORKLOADS))
+    parser.add_argument(
+        "workload",
+        nargs="+",
+        choices=("all", *WORKLOADS),
+        help="one or more, run in this order in one run (e.g. relay-connect connect)",
+    )
     parser.add_argument("--quick", action="store_true", help="every workload briefly")
     parser.add_argument("--duration", type=float, help="seconds per workload")
     parser.add_argument("--json", help="write every figure to this file")
@@ -1747,7 +1763,7 @@ def all_workloads(args: argparse.Namespace) -> list[str]:
 def main(argv: list[str] | None = None) -> int:
     args = make_parser().parse_args(argv)
     raise_fd_limit()
-    names = all_workloads(args) if args.workload == "all" else [args.workload]
+    names = all_workloads(args) if "all" in args.workload else args.workload
     where = machine()  # the commit the run starts with (the code it has loaded)
     bench = Bench(args)
     started = time.monotonic()

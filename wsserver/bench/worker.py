@@ -832,7 +832,15 @@ def main() -> None:
     elif kind == "replays":
         run_replays(job)
     else:
-        kinds = {"pairs": Pairs, "broadcast": Broadcast, "idle": Idle, "soak": Soak}
+        from .connects import Connects
+
+        kinds = {
+            "pairs": Pairs,
+            "broadcast": Broadcast,
+            "idle": Idle,
+            "soak": Soak,
+            "connect": Connects,
+        }
         run_twisted(job, kinds[kind])
 
 
