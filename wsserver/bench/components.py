@@ -9,7 +9,7 @@ can be split without sampling noise.  The WebSocket layer, the Deferreds,
 routing and the store hand-off run inside the reactor and are measured with
 py-spy instead (the same section).
 
-    python -m wsserver.bench.components [--rounds 7] [--number 20000]
+    python -m wsserver.bench.components [--rounds 7] [--number 20000] [--interleaved]
 """
 
 from __future__ import annotations
@@ -121,11 +121,43 @@ def steps() -> list[tuple[str, Callable[[], object]]]:
     ]
 
 
+def interleaved(rounds: int, number: int) -> tuple[float, float]:
+    """A verify's µs alone (in a loop, as ``wsserver-bench verify`` times it)
+    and between the other steps of the path, three times each, as a server
+    runs it (other code in between evicts what the verify keeps warm):
+    the time of steps + verify less that of the steps alone."""
+    named = dict(steps())
+    verify_step = named["verify (PyNaCl)"]
+    others = [fn for name, fn in named.items() if "verify" not in name]
+
+    def path() -> None:
+        for _ in range(3):
+            for fn in others:
+                fn()
+
+    def path_and_verify() -> None:
+        path()
+        verify_step()
+
+    def median(fn: Callable[[], object]) -> float:
+        times = timeit.repeat(fn, number=number, repeat=rounds)
+        return statistics.median(times) / number * 1e6
+
+    return median(verify_step), median(path_and_verify) - median(path)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rounds", type=int, default=7)
     parser.add_argument("--number", type=int, default=20000)
+    parser.add_argument(
+        "--interleaved", action="store_true", help="a verify alone and between the other steps"
+    )
     args = parser.parse_args()
+    if args.interleaved:
+        alone, between = interleaved(args.rounds, max(1, args.number // 10))
+        print(f"{alone:8.2f} µs  verify alone\n{between:8.2f} µs  verify between the path's steps")
+        return
     for name, fn in steps():
         number = max(1, args.number // 20) if "verify" in name else args.number
         times = timeit.repeat(fn, number=number, repeat=args.rounds)
