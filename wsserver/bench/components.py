@@ -121,29 +121,40 @@ def steps() -> list[tuple[str, Callable[[], object]]]:
     ]
 
 
-def interleaved(rounds: int, number: int) -> tuple[float, float]:
-    """A verify's µs alone (in a loop, as ``wsserver-bench verify`` times it)
-    and between the other steps of the path, three times each, as a server
-    runs it (other code in between evicts what the verify keeps warm):
-    the time of steps + verify less that of the steps alone."""
+def interleaved(rounds: int, number: int) -> tuple[float, float, float]:
+    """A verify's µs alone (in a loop, as ``wsserver-bench verify`` times it),
+    between the other steps of the path, three times each, as a server runs
+    it (other code in between evicts what the verify keeps warm), and eight
+    verifies in a row after eight such paths: each the time of paths +
+    verifies less that of the paths alone, per message."""
     named = dict(steps())
     verify_step = named["verify (PyNaCl)"]
     others = [fn for name, fn in named.items() if "verify" not in name]
 
-    def path() -> None:
-        for _ in range(3):
-            for fn in others:
-                fn()
+    def paths() -> None:
+        for _ in range(8):
+            for _ in range(3):
+                for fn in others:
+                    fn()
 
-    def path_and_verify() -> None:
-        path()
-        verify_step()
+    def each_between() -> None:
+        for _ in range(8):
+            for _ in range(3):
+                for fn in others:
+                    fn()
+            verify_step()
 
-    def median(fn: Callable[[], object]) -> float:
+    def in_a_row() -> None:
+        paths()
+        for _ in range(8):
+            verify_step()
+
+    def median(fn: Callable[[], object], per: int) -> float:
         times = timeit.repeat(fn, number=number, repeat=rounds)
-        return statistics.median(times) / number * 1e6
+        return statistics.median(times) / number / per * 1e6
 
-    return median(verify_step), median(path_and_verify) - median(path)
+    base = median(paths, 8)
+    return median(verify_step, 1), median(each_between, 8) - base, median(in_a_row, 8) - base
 
 
 def main() -> None:
@@ -155,8 +166,10 @@ def main() -> None:
     )
     args = parser.parse_args()
     if args.interleaved:
-        alone, between = interleaved(args.rounds, max(1, args.number // 10))
-        print(f"{alone:8.2f} µs  verify alone\n{between:8.2f} µs  verify between the path's steps")
+        alone, between, in_a_row = interleaved(args.rounds, max(1, args.number // 80))
+        print(f"{alone:8.2f} µs  verify alone")
+        print(f"{between:8.2f} µs  verify between the path's steps")
+        print(f"{in_a_row:8.2f} µs  verify, eight in a row after eight paths")
         return
     for name, fn in steps():
         number = max(1, args.number // 20) if "verify" in name else args.number
