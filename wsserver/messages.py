@@ -14,7 +14,7 @@ import re
 import time
 import unicodedata
 from dataclasses import dataclass, field
-from typing import Any, NamedTuple
+from typing import Any
 
 BROADCAST = "broadcast"
 SYSTEM = "system"
@@ -241,10 +241,9 @@ def nonce_from_raw(payload: bytes) -> str | None:
     return found.group(1).decode("ascii") if found else None
 
 
-class Draft(NamedTuple):
-    """A parsed, well-formed client message, not yet verified or stored (a
-    named tuple, immutable: built for every frame, it costs 0.3 µs where a
-    frozen dataclass cost 0.85)."""
+@dataclass(frozen=True, slots=True)
+class Draft:
+    """A parsed, well-formed client message, not yet verified or stored."""
 
     recipient: str
     content: str

@@ -17,7 +17,7 @@ from __future__ import annotations
 import re
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, NamedTuple
+from typing import Any
 
 from twisted.internet.interfaces import IReactorTime
 from zope.interface import Attribute, Interface
@@ -83,13 +83,9 @@ EVENT_SIGNED_OUT = "signed_out"  # detail: the revoked token's jti
 EVENT_SIGNED_OUT_ALL = "signed_out_all"  # detail: the new token generation
 
 
-class NewMessage(NamedTuple):
-    """What the server has accepted and wants stored.
-
-    A named tuple, immutable like the frozen dataclasses around it: built for
-    every message, where a frozen dataclass's ``__init__`` (one
-    ``object.__setattr__`` a field) cost 1.5 µs against 0.3 (docs/performance.md,
-    "The signed path (T1)")."""
+@dataclass(frozen=True, slots=True)
+class NewMessage:
+    """What the server has accepted and wants stored."""
 
     sender: str
     recipient: str
