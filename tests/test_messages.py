@@ -151,6 +151,28 @@ class FormatTests(unittest.TestCase):
         self.assertEqual((ack["type"], ack["status"], ack["id"]), ("ack", "pending", 7))
         self.assertEqual(set(ack) - {"type"}, set(frame_) - {"type"})
 
+    def test_dumps_is_the_standard_compact_encoding(self):
+        """dumps gives exactly json.dumps(ensure_ascii=False, separators=(",", ":"))
+        as UTF-8, for every kind of value a frame or body holds (the C encoder
+        is built once instead of per call)."""
+        values = [
+            {},
+            [],
+            "text",
+            7,
+            None,
+            {"id": 2**63 - 1, "neg": -1, "big": 10**30, "f": 1.5, "e": 1e300, "z": -0.0},
+            {"t": True, "f": False, "n": None, "l": [1, [2, [3, {"d": {}}]]]},
+            {"content": 'é€😀 \n\t"\\ \u2028 \x00\x1f\x7f', "ключ": "значение"},
+            {"nan": float("nan"), "inf": [float("inf"), -float("inf")]},
+            [{"a": 1}, {"a": 2}, "x" * 5000],
+        ]
+        for value in values:
+            expected = json.dumps(value, ensure_ascii=False, separators=(",", ":"))
+            self.assertEqual(m.dumps(value), expected.encode("utf-8"))
+        # Twice: nothing is left behind by the first call.
+        self.assertEqual(m.dumps(values[6]), m.dumps(values[6]))
+
     def test_system_frame_shape(self):
         """A system frame is shaped like a message from 'system'."""
         f = json.loads(m.system_frame("alice", "rate_limited", "slow down", 0, "c-1", 200))
@@ -225,6 +247,17 @@ class InvalidUnicodeTests(unittest.TestCase):
                 self.assertIn("Unicode", str(ctx.exception))
         self.assertEqual(m.loads_object(json.dumps({"c": "\U0001f600"}))["c"], "\U0001f600")
         self.assertEqual(m.loads_object(b'{"c": "\\\\ud800"}')["c"], "\\ud800")
+
+    def test_a_lone_surrogate_in_text_is_refused_and_ascii_text_passes(self):
+        """Text (not bytes) handed to loads_object may hold a surrogate itself,
+        not only as an escape: refused with non-ASCII text around it too; ASCII
+        text (which cannot hold one) and text with proper characters parse."""
+        for text in ('{"c": "\ud800"}', '{"c": "é\udfff"}', '{"c": "😀", "d": ["\udc00"]}'):
+            with self.assertRaises(m.InvalidJSON) as ctx:
+                m.loads_object(text)
+            self.assertIn("Unicode", str(ctx.exception))
+        self.assertEqual(m.loads_object('{"c": "plain"}'), {"c": "plain"})
+        self.assertEqual(m.loads_object('{"c": "é😀"}'), {"c": "é😀"})
 
     def test_content_holding_u0000_is_invalid_message(self):
         """U+0000 anywhere in content (which PostgreSQL's text cannot store) is
