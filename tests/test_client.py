@@ -44,6 +44,16 @@ def reactor_quiet(seconds: float = 20):
         yield task.deferLater(reactor, 0.05, lambda: None)
 
 
+def _recording(method, into: list):
+    """``method`` wrapped to note its instance in ``into`` first."""
+
+    def recorded(self, *args, **kwargs):
+        into.append(self)
+        return method(self, *args, **kwargs)
+
+    return recorded
+
+
 class Inbox:
     """Collects what a client reports."""
 
@@ -227,6 +237,28 @@ class ClientTests(ClientBase):
         yield alice.close()
         self.assertEqual(cancelled, attempts)
         self.assertIsNone(alice._retrying)
+
+    @defer.inlineCallbacks
+    def test_connect_close_connect_makes_one_connection(self):
+        """connect(), close() while its login is under way, connect() again:
+        only the second makes a connection (the first dial, its login
+        answered after close(), used to dial on, since the client wanted a
+        connection again, and a second one stayed open that close() never
+        reached)."""
+        alice = yield self.make(self.server, "alice")
+        made: list = []
+        dials: list[defer.Deferred] = []
+        self.patch(wc._Conn, "connectionMade", _recording(wc._Conn.connectionMade, made))
+        dial = alice._dial
+        alice._dial = lambda *a, **k: dials.append(dial(*a, **k)) or dials[-1]
+        first = alice.connect()  # logs in first: the token is None
+        yield alice.close()
+        self.assertFailure(first, defer.CancelledError)
+        yield first
+        yield alice.connect()
+        yield defer.DeferredList(dials)  # both dials have ended
+        self.assertEqual(len(dials), 2)
+        self.assertEqual(len(made), 1)
 
     @defer.inlineCallbacks
     def test_close_during_the_upgrade_closes_the_connection(self):

@@ -359,6 +359,9 @@ class Client(ConversationsMixin):
         self._connected: defer.Deferred | None = None
         self._retrying: Any = None  # the pending reconnect, if any
         self._dialing: defer.Deferred | None = None  # the TCP connect in flight
+        # Bumped by close(): a dial or a connection of an earlier session
+        # (connect() ... close()) is stale and must not come alive after it.
+        self._session = 0
         self._opening: _Conn | None = None  # connected, its upgrade not answered yet
         self._inbox = InTurn("a received message")  # handled in the order they came
         self.last_id = 0  # highest message id received: the next since
@@ -729,15 +732,20 @@ class Client(ConversationsMixin):
         self._dial(use_since=since is not None)
         return self._connected
 
+    def _current(self, session: int) -> bool:
+        """True while ``session`` is this client's and close() was not called."""
+        return self._wanted and session == self._session
+
     @defer.inlineCallbacks
     def _dial(self, use_since: bool = True, attempt: int = 0) -> Any:
         self._retrying = None
-        if not self._wanted:
+        session = self._session
+        if not self._current(session):
             return
         try:
             if self.token is None:
                 yield self.login()
-                if not self._wanted:
+                if not self._current(session):
                     return  # close() came during the login
             scheme = "wss" if self._secure else "ws"
             url = f"{scheme}://{self._host}:{self._port}/ws"
@@ -746,17 +754,24 @@ class Client(ConversationsMixin):
             factory = WebSocketClientFactory(url, headers={"Authorization": f"Bearer {self.token}"})
             factory.protocol = _Conn
             factory._wsclient = self
+            factory._session = session
             factory.setProtocolOptions(autoPingInterval=20, autoPingTimeout=10)
             endpoint = self._endpoint()
             if self._tls is not None:
                 endpoint = endpoints.wrapClientTLS(self._tls, endpoint)
-            self._dialing = endpoint.connect(factory)
+            dialing = self._dialing = endpoint.connect(factory)
             try:
-                conn = yield self._dialing
+                conn = yield dialing
             finally:
-                self._dialing = None
+                if self._dialing is dialing:
+                    self._dialing = None
+            if not self._current(session):  # close() came meanwhile
+                conn.transport.abortConnection()
+                return
             self._opening = conn
         except Exception as err:
+            if session != self._session:
+                return  # a dial close() stopped: a later connect() reports its own
             if not isinstance(err, ServerError | ConnectionProblem):
                 err = connection_problem(err, self.server)
             first = self._connected is not None and not self._connected.called
@@ -807,7 +822,7 @@ class Client(ConversationsMixin):
     def _opened(self, conn: _Conn) -> None:
         if self._opening is conn:
             self._opening = None
-        if not self._wanted:  # close() came during the upgrade
+        if not self._current(conn.factory._session):  # close() came during the upgrade
             conn.sendClose(1000)
             return
         self._conn = conn
@@ -826,7 +841,7 @@ class Client(ConversationsMixin):
             self._opening = None
         if conn._closed_by_us is not None and not conn._closed_by_us.called:
             conn._closed_by_us.callback(code)
-        if not self._wanted:
+        if not self._current(conn.factory._session):
             return
         if not conn._was_open:  # the server refused the upgrade itself
             if self._connected is not None and not self._connected.called:
@@ -888,6 +903,7 @@ class Client(ConversationsMixin):
         not yet fired fails with ``CancelledError``), so nothing stays open.
         """
         self._wanted = False
+        self._session += 1
         connecting, self._connected = self._connected, None
         if connecting is not None and connecting.called:
             connecting = None
