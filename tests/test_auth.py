@@ -165,6 +165,18 @@ class TokenTests(unittest.TestCase):
             self.tokens.check(t)
         self.assertEqual(list(self.tokens._checked), issued)
 
+    def test_a_long_token_is_checked_but_not_remembered(self):
+        """A valid token longer than ours can be (an extra claim padding it)
+        is accepted, checked in full each time, and never remembered: what
+        an attacker holding a token can put in the memo stays small."""
+        now = int(self.clock.seconds())
+        claims = {"sub": "alice", "iat": now, "exp": now + 60, "iss": "wsserver", "jti": "x"}
+        long = jwt.encode({**claims, "pad": "p" * 2000}, SECRET, algorithm="HS256")
+        self.assertGreater(len(long), 2000)
+        for _ in range(2):
+            self.assertEqual(self.tokens.check(long)[0], "alice")
+        self.assertEqual(len(self.tokens._checked), 0)
+
     def test_forged_and_other_algorithms_refused(self):
         """Another secret, alg none, HS512, a missing claim, a wrong issuer and garbage
         (a lone surrogate included) fail as unauthorized."""

@@ -61,6 +61,10 @@ _KEY_CACHE_SIZE = 10_000
 # Tokens whose signature was checked, remembered (about 0.5 KiB each): the
 # JWT decode is about 60 µs of an authenticated connect (docs/performance.md).
 _CHECKED_TOKENS = 4096
+# Only tokens of at most this many characters are remembered (ours are about
+# 300): the memo's bound in memory holds whatever spellings a JWT library
+# might accept for one signature.
+_REMEMBERED_TOKEN_CHARS = 1024
 _DELETED_KEPT = 10_000  # ids of users deleted while this node runs, newest kept
 # Seconds between two sweeps of the signed-out tokens that have expired.
 _PRUNE_EVERY = 60.0
@@ -160,7 +164,7 @@ class Tokens:
         self._ttl = ttl
         self._clock = clock
         # Tokens checked already: token -> (claims, iat, nbf), oldest first.
-        self._checked: dict[str, tuple[Claims, int, int]] = {}
+        self._checked: OrderedDict[str, tuple[Claims, int, int]] = OrderedDict()
 
     @property
     def ttl(self) -> int:
@@ -196,13 +200,15 @@ class Tokens:
 
         A token whose signature and claims were checked once is remembered
         (the exact string, bounded): a reconnect with it skips the JWT decode
-        and the HMAC, while its times are checked on the clock every time."""
+        and the HMAC, while its times are checked on the clock every time.
+        Tokens longer than ours can be are checked in full every time."""
         checked = self._checked.get(token)
         if checked is None:
             checked = self._decode(token)
-            if len(self._checked) >= _CHECKED_TOKENS:
-                del self._checked[next(iter(self._checked))]  # the oldest
-            self._checked[token] = checked
+            if len(token) <= _REMEMBERED_TOKEN_CHARS:
+                if len(self._checked) >= _CHECKED_TOKENS:
+                    self._checked.popitem(last=False)  # the oldest
+                self._checked[token] = checked
         claims, iat, nbf = checked
         now = self._clock.seconds()
         # RFC 8725 section 3.10 / RFC 7519 4.1.4-4.1.6: not before nbf, not
