@@ -88,6 +88,9 @@ class BenchArithmeticTests(unittest.TestCase):
         latency["cpu_us_per_msg"] = 313.0
         rows = {row[0]: (row[1], row[3]) for row in cli.targets(results)}
         self.assertEqual(rows[t8], ("2.01x", False))
+        # latency --expire shares its server with retention: not T8's figure.
+        latency["expired"] = 1000
+        self.assertNotIn(t8, {row[0] for row in cli.targets(results)})
 
     def test_cpu_delta_counts_every_process_by_group(self):
         """CPU between two meter readings is summed per group (the key before
@@ -260,6 +263,14 @@ class BenchOutputTests(unittest.TestCase):
         self.assertNotIn("`", text)
         self.assertIn("docs/performance.md", text)
 
+    def test_all_alone_and_each_workload_once(self):
+        """``all`` with other names, or a name given twice (whose second run
+        would replace the first's figures), is refused before anything runs."""
+        for argv in (["all", "connect"], ["connect", "relay-connect", "connect"]):
+            with contextlib.redirect_stderr(io.StringIO()) as err, self.assertRaises(SystemExit):
+                cli.main(argv)
+            self.assertIn("error:", err.getvalue())
+
     def test_missed_target_says_where_it_is_explained(self):
         """A report with a target not met points to docs/performance.md; the
         targets are there (T1-T7), and nothing points to a BENCHMARK.md that a
@@ -387,6 +398,7 @@ class BenchConnectTests(unittest.TestCase):
             figures = data["results"][name]
             self.assertGreater(figures["connects"], 10, name)
             self.assertEqual(figures["errors"], 0, name)
+            self.assertEqual(figures["replayed"], 0, name)  # since was each one's last id
             self.assertGreater(figures["cpu_us_per_connect"], 0, name)
         rows = {row["target"]: row for row in data["targets"]}
         self.assertIn("T11 connect CPU vs relay-connect", rows)

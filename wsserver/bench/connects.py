@@ -54,6 +54,8 @@ class Connects:
         self.seq = 0
         self.connects = 0
         self.errors = 0
+        self.replayed = 0  # messages before the probe (none expected: since is the last id)
+        self.nonce = ""
         self.unexpected: list[str] = []
         self.latencies_us: list[int] = []
 
@@ -94,7 +96,8 @@ class Connects:
         self.conn = conn
         self.seq += 1
         user = self.current["user"]
-        frame = {"to": user, "content": "c", "nonce": f"k{os.getpid()}-{self.seq}"}
+        self.nonce = f"k{os.getpid()}-{self.seq}"
+        frame = {"to": user, "content": "c", "nonce": self.nonce}
         conn.sendMessage(json.dumps(frame, separators=(",", ":")).encode())
 
     def _failed(self, failure: Failure) -> None:
@@ -110,9 +113,13 @@ class Connects:
             return
         if kind != b"message":
             self.errors += 1
+            self.answered = True  # counted: closed() must not count it again
             if len(self.unexpected) < 5:
                 self.unexpected.append(payload[:200].decode("utf-8", "replace"))
             conn.sendClose(1000)
+            return
+        if f'"nonce":"{self.nonce}"'.encode() not in payload:
+            self.replayed += 1  # not the probe (a message replayed first): wait on
             return
         self.answered = True
         self.latencies_us.append((time.monotonic_ns() - self.started_ns) // 1000)
@@ -134,6 +141,7 @@ class Connects:
         return {
             "connects": self.connects,
             "errors": self.errors,
+            "replayed": self.replayed,
             "unexpected": self.unexpected,
             "latencies_us": self.latencies_us,
         }
@@ -171,6 +179,7 @@ def measure(bench: Any, target: Any, label: str, users: list[Any], relay: bool) 
         "cpu_us_per_connect": run.cpu * 1e6 / connects if connects else float("nan"),
         "cpu_system_share": run.system / run.cpu if run.cpu else 0.0,
         "errors": sum(r["errors"] for r in run.results),
+        "replayed": sum(r["replayed"] for r in run.results),
         **latency_figures(latencies),
     }
     unexpected = [u for r in run.results for u in r["unexpected"]]
