@@ -3,10 +3,15 @@ the connection named in the client's ``X-Bench-Partner`` header.  No auth, no
 parsing, no storage: what a WebSocket frame in and a frame out cost.
 
     python -m wsserver.bench.relay PORT
+
+With ``WSSERVER_BENCH_LEAN_RELAY=1`` in its environment the relay takes the
+one Autobahn tuning wsserver applies on connects (its option dump left
+unformatted when not logged): T11 against a ceiling as lean as the server.
 """
 
 from __future__ import annotations
 
+import os
 import sys
 from typing import Any
 
@@ -33,6 +38,10 @@ class Relay(WebSocketServerProtocol):
 
 
 def main() -> None:
+    if os.environ.get("WSSERVER_BENCH_LEAN_RELAY") == "1":
+        from ..websocket import skip_unlogged_option_dumps
+
+        skip_unlogged_option_dumps()
     factory = WebSocketServerFactory()
     factory.protocol = Relay
     factory.users = {}
