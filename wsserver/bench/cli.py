@@ -1667,7 +1667,7 @@ def make_parser() -> argparse.ArgumentParser:
         description=(
             "Start wsserver as a user would (twistd -n wsserver, fresh database), "
             "drive it from client processes, measure its CPU and memory from /proc, "
-            "and print the figures against the targets T1-T7."
+            "and print the figures against the targets T1-T11."
         ),
         epilog=(
             "Workloads, method, targets and past figures: docs/performance.md in the source tree."
