@@ -260,6 +260,7 @@ _CLOSE_REASONS = {
 class _Conn(WebSocketClientProtocol):
     _was_open = False
     _closed_by_us: defer.Deferred | None = None
+    _session = 0  # the client's session it was dialled in (Client._session)
 
     def onOpen(self) -> None:
         self._was_open = True
@@ -754,7 +755,6 @@ class Client(ConversationsMixin):
             factory = WebSocketClientFactory(url, headers={"Authorization": f"Bearer {self.token}"})
             factory.protocol = _Conn
             factory._wsclient = self
-            factory._session = session
             factory.setProtocolOptions(autoPingInterval=20, autoPingTimeout=10)
             endpoint = self._endpoint()
             if self._tls is not None:
@@ -765,6 +765,7 @@ class Client(ConversationsMixin):
             finally:
                 if self._dialing is dialing:
                     self._dialing = None
+            conn._session = session  # before any frame: connect fires on the TCP connect
             if not self._current(session):  # close() came meanwhile
                 conn.transport.abortConnection()
                 return
@@ -822,7 +823,7 @@ class Client(ConversationsMixin):
     def _opened(self, conn: _Conn) -> None:
         if self._opening is conn:
             self._opening = None
-        if not self._current(conn.factory._session):  # close() came during the upgrade
+        if not self._current(conn._session):  # close() came during the upgrade
             conn.sendClose(1000)
             return
         self._conn = conn
@@ -841,7 +842,7 @@ class Client(ConversationsMixin):
             self._opening = None
         if conn._closed_by_us is not None and not conn._closed_by_us.called:
             conn._closed_by_us.callback(code)
-        if not self._current(conn.factory._session):
+        if not self._current(conn._session):
             return
         if not conn._was_open:  # the server refused the upgrade itself
             if self._connected is not None and not self._connected.called:
