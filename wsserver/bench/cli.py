@@ -547,9 +547,15 @@ class Bench:
         return figures
 
     def relay(self) -> dict:
+        return self._with_relay(
+            lambda r: self._pairs(r, "relay", signed=False, rate=None, relay=True)
+        )
+
+    def _with_relay(self, run: Any) -> dict:
+        """``run(relay)`` against a bare relay started for it, stopped after."""
         relay = Relay()
         try:
-            return self._pairs(relay, "relay", signed=False, rate=None, relay=True)
+            return run(relay)
         finally:
             relay.stop()
 
@@ -571,8 +577,7 @@ class Bench:
         )
 
     def latency(self) -> dict:
-        pairs = 20 if self.quick else self.args.pairs
-        rate = self.args.rate / pairs
+        rate = self._latency_rate()
         if self.args.expire:
             return self._latency_while_expiring(rate)
         return self._with_server(
@@ -586,13 +591,10 @@ class Bench:
     def relay_latency(self) -> dict:
         """T8's ceiling: the bare relay under the ``latency`` load (signed
         frames, which it forwards unread) at the same offered rate."""
-        relay = Relay()
-        try:
-            return self._pairs(
-                relay, "relay-latency", signed=True, rate=self._latency_rate(), relay=True
-            )
-        finally:
-            relay.stop()
+        rate = self._latency_rate()
+        return self._with_relay(
+            lambda r: self._pairs(r, "relay-latency", signed=True, rate=rate, relay=True)
+        )
 
     def latency_unsigned(self) -> dict:
         """``latency`` with unsigned frames: the server's cost at the same rate

@@ -205,14 +205,10 @@ def connect_workload(bench: Any) -> dict:
 
 def relay_connect_workload(bench: Any) -> dict:
     """``relay-connect``: the same clients against the bare Autobahn relay."""
-    from .cli import Relay, User
+    from .cli import User
 
     users = [User(f"c{i}", "", "x") for i in range(user_count(bench))]
-    relay = Relay()
-    try:
-        return measure(bench, relay, "relay-connect", users, relay=True)
-    finally:
-        relay.stop()
+    return bench._with_relay(lambda r: measure(bench, r, "relay-connect", users, relay=True))
 
 
 def target_row(r: dict) -> tuple[str, str, str, bool | None] | None:
