@@ -326,7 +326,10 @@ class ChatWebClientTests(BrowserCase):
         self.assertEqual(layout["shown"], ["sidebar"])
         self.assertFalse(layout["wide"])
         self.open_conv(bob, "alice")
-        self.assertEqual(self.shown(bob), ["Hi Bob, a team is coming.", "Direct again."])
+        # The conversation's messages are drawn once its history has come.
+        wanted = ["Hi Bob, a team is coming.", "Direct again."]
+        self.until(bob, lambda p: self.shown(p) == wanted, "the conversation's messages")
+        self.assertEqual(self.shown(bob), wanted)
         self.assertEqual(bob.execute_script(OVERLAP_JS)["hits"], [])
         narrow = os.environ.get("WSSERVER_SCREENSHOT_NARROW")
         if narrow:  # to look at: bob's page at 420 px
